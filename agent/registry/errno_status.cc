@@ -1,0 +1,85 @@
+#include "agent/registry/errno_status.h"
+
+#include <cerrno>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+
+namespace dmapin {
+namespace {
+
+struct ErrnoEntry {
+  int err;
+  absl::string_view name;
+  absl::StatusCode code;
+};
+
+constexpr ErrnoEntry kErrnos[] = {
+    {EINVAL, "EINVAL", absl::StatusCode::kInvalidArgument},
+    {EBUSY, "EBUSY", absl::StatusCode::kFailedPrecondition},
+    {ENOENT, "ENOENT", absl::StatusCode::kNotFound},
+    {ENOMEM, "ENOMEM", absl::StatusCode::kResourceExhausted},
+    {EFAULT, "EFAULT", absl::StatusCode::kInternal},
+    {EPERM, "EPERM", absl::StatusCode::kPermissionDenied},
+    {ENXIO, "ENXIO", absl::StatusCode::kFailedPrecondition},
+    {EEXIST, "EEXIST", absl::StatusCode::kAlreadyExists},
+    {ENOTTY, "ENOTTY", absl::StatusCode::kUnimplemented},
+    {ENODEV, "ENODEV", absl::StatusCode::kUnavailable},
+    {EIO, "EIO", absl::StatusCode::kInternal},
+    {EAGAIN, "EAGAIN", absl::StatusCode::kUnavailable},
+    {EACCES, "EACCES", absl::StatusCode::kPermissionDenied},
+    {EBADF, "EBADF", absl::StatusCode::kNotFound},
+    {ENOSPC, "ENOSPC", absl::StatusCode::kResourceExhausted},
+    {EOVERFLOW, "EOVERFLOW", absl::StatusCode::kOutOfRange},
+    {ENOSYS, "ENOSYS", absl::StatusCode::kUnimplemented},
+};
+
+const ErrnoEntry* FindEntry(int err) {
+  for (const ErrnoEntry& entry : kErrnos) {
+    if (entry.err == err) return &entry;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+absl::StatusCode StatusCodeForErrno(int err) {
+  const ErrnoEntry* entry = FindEntry(err);
+  return entry != nullptr ? entry->code : absl::StatusCode::kUnknown;
+}
+
+absl::Status ErrnoStatus(int err, absl::string_view reason) {
+  return ErrnoStatus(err, StatusCodeForErrno(err), reason);
+}
+
+absl::Status ErrnoStatus(int err, absl::StatusCode code, absl::string_view reason) {
+  std::string name = ErrnoName(err);
+  absl::Status status(code, absl::StrCat(name, ": ", reason));
+  status.SetPayload(kErrnoPayloadUrl, absl::Cord(name));
+  return status;
+}
+
+int ErrnoOf(const absl::Status& status) {
+  if (status.ok()) return 0;
+  std::optional<absl::Cord> payload = status.GetPayload(kErrnoPayloadUrl);
+  if (payload.has_value()) {
+    std::optional<int> err = ErrnoFromName(std::string(*payload));
+    if (err.has_value()) return *err;
+  }
+  return EIO;
+}
+
+std::string ErrnoName(int err) {
+  const ErrnoEntry* entry = FindEntry(err);
+  if (entry != nullptr) return std::string(entry->name);
+  return absl::StrCat("E", err);
+}
+
+std::optional<int> ErrnoFromName(absl::string_view name) {
+  for (const ErrnoEntry& entry : kErrnos) {
+    if (entry.name == name) return entry.err;
+  }
+  return std::nullopt;
+}
+
+}  // namespace dmapin

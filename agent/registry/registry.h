@@ -1,0 +1,228 @@
+// The region registry: dmapin's implementation of the pre-registration contract
+// (../shared/spec/registry-semantics.md, "the spec" below).
+//
+// Threading model:
+//  - Writers (contexts, containers, register/unregister, release, teardown) are serialized by one
+//    mutex. They never wait for readers except in a grace period after unpublishing something.
+//  - The DMA hot path (Map, Unmap, Translate, Lookup, Find, ReadSession) takes no lock. It reads
+//    immutable snapshots inside an epoch read section (see epoch.h), so it never blocks on a
+//    writer and never sees a half-built or freed region. Counters are atomics.
+//  - A thread inside a ReadSession must not call a writer method (it would wait for itself).
+//
+// The registry knows nothing of gRPC or persistence: it answers with errno statuses (errno_status.h).
+#ifndef DMAPIN_AGENT_REGISTRY_REGISTRY_H_
+#define DMAPIN_AGENT_REGISTRY_REGISTRY_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "agent/registry/epoch.h"
+#include "agent/registry/pin_backend.h"
+
+namespace dmapin {
+
+struct ContextOptions {
+  // RLIMIT_MEMLOCK of the context in bytes; nullopt = unlimited.
+  std::optional<uint64_t> memlock_limit_bytes;
+  // With CAP_IPC_LOCK the memlock limit is waived but pages are still counted (spec §2.5).
+  bool cap_ipc_lock = false;
+};
+
+struct ContainerOptions {
+  // Page size of the container's DMA window (4 KiB, 64 KiB, 16 MiB, ...): a power of two.
+  uint64_t iommu_page_size = 4096;
+  // The DMA window [window_start, window_start + window_size).
+  uint64_t window_start = 0;
+  uint64_t window_size = uint64_t{1} << 40;
+};
+
+// A copy of one region's state, as seen at the moment it was read.
+struct RegionInfo {
+  ContextId context = 0;
+  uint64_t ua = 0;
+  uint64_t size = 0;
+  uint64_t entries = 0;
+  uint64_t used = 0;
+  uint64_t mapped = 0;
+  // Largest IOMMU page size the backing allows (spec §8).
+  uint64_t max_iommu_page_size = 0;
+  bool pending_release = false;
+  std::vector<ContainerId> holders;  // sorted
+  std::vector<uint64_t> hpas;        // filled only when asked for
+};
+
+struct ContextInfo {
+  ContextId id = 0;
+  ContextOptions options;
+  uint64_t locked_bytes = 0;
+  uint64_t regions = 0;
+  std::vector<ContainerId> containers;  // containers bound to this context, sorted
+};
+
+struct ContainerInfo {
+  ContainerId id = 0;
+  ContainerOptions options;
+  std::optional<ContextId> context;  // set once the container first registered memory
+  uint64_t held_regions = 0;
+  uint64_t installed_entries = 0;
+};
+
+// Counts of degraded and notable paths, for metrics.
+struct RegistryStats {
+  uint64_t registers_ok = 0;
+  uint64_t registers_failed = 0;
+  uint64_t unregisters_ok = 0;
+  uint64_t unregisters_failed = 0;
+  uint64_t unregister_ebusy = 0;
+  uint64_t pin_failures = 0;
+  uint64_t maps_ok = 0;
+  uint64_t maps_failed = 0;
+  uint64_t map_rollbacks = 0;
+  uint64_t unmaps = 0;
+  uint64_t pending_releases_started = 0;
+  uint64_t pending_releases_completed = 0;
+  uint64_t grace_periods = 0;
+};
+
+class Registry {
+ public:
+  struct Region;
+  struct Context;
+  struct Container;
+  struct Topology;
+
+  // `backend` must outlive the registry.
+  explicit Registry(PinBackend* backend);
+  ~Registry();  // Unpins everything still registered.
+
+  Registry(const Registry&) = delete;
+  Registry& operator=(const Registry&) = delete;
+
+  PinBackend* backend() const { return backend_; }
+  uint64_t page_size() const { return page_size_; }
+
+  // --- Contexts and containers (writers) ---------------------------------------------------
+  // EEXIST if the id is taken.
+  absl::Status CreateContext(ContextId id, const ContextOptions& options);
+  // Spec §4: releases every region of the context and unpins every page, whatever the counters
+  // say; containers bound to the context lose their mappings and holdings and are released too.
+  absl::Status TeardownContext(ContextId id);
+  // EINVAL for a bad page size or window; EEXIST if the id is taken.
+  absl::Status CreateContainer(ContainerId id, const ContainerOptions& options);
+  // Spec §4: clears every mapping of the container, unregisters what it holds (regions still
+  // mapped by other containers stay *pending release*), and removes the container.
+  absl::Status ReleaseContainer(ContainerId id);
+
+  // --- Registration (writers; spec §2, §3) ---------------------------------------------------
+  absl::Status Register(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
+  absl::Status Unregister(ContainerId container, uint64_t ua, uint64_t size);
+
+  // --- DMA hot path (lock-free; spec §7) -----------------------------------------------------
+  absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size);
+  absl::Status Unmap(ContainerId container, uint64_t iova, uint64_t size);
+
+  // --- Lookup and translation (lock-free; spec §6) -------------------------------------------
+  // EFAULT (OUT_OF_RANGE) outside every region; ENOENT for an unknown context.
+  absl::StatusOr<uint64_t> Translate(ContextId context, uint64_t ua) const;
+  // The region containing all of [ua, ua + size), or nullopt.
+  absl::StatusOr<std::optional<RegionInfo>> Lookup(ContextId context, uint64_t ua,
+                                                   uint64_t size) const;
+  // The region starting at `ua` with exactly `entries` pages, or nullopt.
+  absl::StatusOr<std::optional<RegionInfo>> Find(ContextId context, uint64_t ua,
+                                                 uint64_t entries) const;
+
+  // --- Introspection -------------------------------------------------------------------------
+  // All regions (of one context when given), ordered by (context, ua).
+  std::vector<RegionInfo> ListRegions(std::optional<ContextId> context = std::nullopt,
+                                      bool with_hpas = false) const;
+  absl::StatusOr<ContextInfo> GetContext(ContextId id) const;
+  std::vector<ContextInfo> ListContexts() const;
+  absl::StatusOr<ContainerInfo> GetContainer(ContainerId id) const;
+  std::vector<ContainerInfo> ListContainers() const;
+  RegistryStats stats() const;
+
+  // Checks every invariant of spec §10 (and the backend's pin counts where it can tell).
+  // Meaningful when no operation is in flight; takes the writer lock.
+  absl::Status CheckInvariants() const;
+
+  // Batched, cached translation inside one read section, for loops on the hot path. The cache
+  // of the last region hit makes sequential translation within a region a bounds check and an
+  // array load. Must not outlive the registry; its thread must not call writer methods.
+  class ReadSession {
+   public:
+    ReadSession(const Registry& registry, ContextId context);
+    ReadSession(const ReadSession&) = delete;
+    ReadSession& operator=(const ReadSession&) = delete;
+
+    // False when the context is unknown.
+    bool valid() const { return context_ != nullptr; }
+
+    // The physical address of `ua`; false when `ua` lies outside every region.
+    inline bool TryTranslate(uint64_t ua, uint64_t* hpa);
+
+    absl::StatusOr<uint64_t> Translate(uint64_t ua);
+
+   private:
+    bool TranslateSlow(uint64_t ua, uint64_t* hpa);
+
+    EpochReadLock lock_;
+    const Registry& registry_;
+    const Context* context_ = nullptr;
+    // Cached last region: [cached_ua_, cached_ua_ + cached_bytes_).
+    uint64_t cached_ua_ = 0;
+    uint64_t cached_bytes_ = 0;
+    const uint64_t* cached_hpas_ = nullptr;
+  };
+
+ private:
+  friend class ReadSession;
+
+  const Topology* topology() const;
+  // Publishes a new topology and frees the old one after a grace period.
+  void PublishTopology(std::unique_ptr<Topology> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WaitForReaders() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  absl::Status UnregisterLocked(Container* container, Region* region, bool* busy)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveRegionLocked(Region* region) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ClearContainerEntries(Container* container);
+  void RemoveContainerLocked(Container* container) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CompletePendingRelease(ContextId context, uint64_t ua, uint64_t entries);
+  void MaybeCompletePendingReleases(absl::Span<Region* const> touched);
+  absl::Status ValidateRange(uint64_t ua, uint64_t size, const char* what) const;
+  RegionInfo Describe(const Region& region, bool with_hpas) const;
+
+  PinBackend* const backend_;
+  const uint64_t page_size_;
+  const uint32_t page_shift_;
+
+  mutable absl::Mutex mu_;
+  // The current topology (contexts and containers by id); replaced copy-on-write by writers.
+  std::atomic<const Topology*> topology_{nullptr};
+
+  struct AtomicStats;
+  std::unique_ptr<AtomicStats> stats_;
+};
+
+// --- Inline fast path ------------------------------------------------------------------------
+
+inline bool Registry::ReadSession::TryTranslate(uint64_t ua, uint64_t* hpa) {
+  const uint64_t offset = ua - cached_ua_;
+  if (offset < cached_bytes_) {
+    const uint64_t mask = registry_.page_size_ - 1;
+    *hpa = cached_hpas_[offset >> registry_.page_shift_] | (ua & mask);
+    return true;
+  }
+  return TranslateSlow(ua, hpa);
+}
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_AGENT_REGISTRY_REGISTRY_H_
