@@ -61,7 +61,7 @@ absl::Status ErrnoStatus(int err, absl::StatusCode code, absl::string_view reaso
 
 int ErrnoOf(const absl::Status& status) {
   if (status.ok()) return 0;
-  std::optional<absl::Cord> payload = status.GetPayload(kErrnoPayloadUrl);
+  absl::optional<absl::Cord> payload = status.GetPayload(kErrnoPayloadUrl);
   if (payload.has_value()) {
     std::optional<int> err = ErrnoFromName(std::string(*payload));
     if (err.has_value()) return *err;

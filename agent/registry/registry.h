@@ -9,7 +9,8 @@
 //    writer and never sees a half-built or freed region. Counters are atomics.
 //  - A thread inside a ReadSession must not call a writer method (it would wait for itself).
 //
-// The registry knows nothing of gRPC or persistence: it answers with errno statuses (errno_status.h).
+// The registry knows nothing of gRPC or persistence: it answers with errno statuses
+// (errno_status.h).
 #ifndef DMAPIN_AGENT_REGISTRY_REGISTRY_H_
 #define DMAPIN_AGENT_REGISTRY_REGISTRY_H_
 
@@ -23,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "agent/registry/epoch.h"
 #include "agent/registry/pin_backend.h"
 
@@ -183,21 +185,42 @@ class Registry {
 
  private:
   friend class ReadSession;
+  // Key of a region whose pending release may be completable after a read section ends.
+  struct PendingRelease {
+    ContextId context;
+    uint64_t ua;
+    uint64_t entries;
+  };
 
+ public:
+  // Internal; public only so helpers in registry.cc can name them.
+  struct Retired;
+
+ private:
   const Topology* topology() const;
   // Publishes a new topology and frees the old one after a grace period.
   void PublishTopology(std::unique_ptr<Topology> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WaitForReaders() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  absl::Status UnregisterLocked(Container* container, Region* region, bool* busy)
+  absl::Status RegisterImpl(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
+  absl::Status UnregisterImpl(ContainerId container, uint64_t ua, uint64_t size);
+  absl::Status UnregisterLocked(Container* container, Region* region, bool* busy, Retired* retired)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RemoveRegionLocked(Region* region) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveRegionLocked(Region* region, Retired* retired) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool TryCompletePendingLocked(Region* region, Retired* retired)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CompletePendingReleases(absl::Span<const PendingRelease> candidates);
   void ClearContainerEntries(Container* container);
-  void RemoveContainerLocked(Container* container) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void CompletePendingRelease(ContextId context, uint64_t ua, uint64_t entries);
-  void MaybeCompletePendingReleases(absl::Span<Region* const> touched);
+  absl::Status MapImpl(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
+                       std::vector<PendingRelease>* pending);
+  absl::Status CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
+                             const char* what) const;
   absl::Status ValidateRange(uint64_t ua, uint64_t size, const char* what) const;
   RegionInfo Describe(const Region& region, bool with_hpas) const;
+  ContextInfo DescribeContextLocked(const Context& context) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  ContainerInfo DescribeContainerLocked(Container& container) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   PinBackend* const backend_;
   const uint64_t page_size_;

@@ -36,8 +36,8 @@ absl::Status CheckRanges(const std::vector<SimRange>& ranges, uint64_t page_size
 
 absl::StatusOr<std::unique_ptr<SimBackend>> SimBackend::Create(SimBackendOptions options) {
   if (options.page_size < 4096 || !absl::has_single_bit(options.page_size)) {
-    return ErrnoStatus(EINVAL, absl::StrFormat("page size %u is not a power of two >= 4096",
-                                               options.page_size));
+    return ErrnoStatus(
+        EINVAL, absl::StrFormat("page size %u is not a power of two >= 4096", options.page_size));
   }
   absl::Status status = CheckRanges(options.holes, options.page_size, "hole");
   if (status.ok()) status = CheckRanges(options.readonly, options.page_size, "read-only");
@@ -93,8 +93,8 @@ absl::Status SimBackend::PinPages(ContextId context, uint64_t ua, absl::Span<uin
   for (size_t i = 0; i < hpas.size(); ++i) {
     const uint64_t page_ua = ua + (i << page_shift_);
     if (InRanges(options_.holes, page_ua)) {
-      return ErrnoStatus(EFAULT, absl::StrFormat("page 0x%x is not mapped (simulated hole)",
-                                                 page_ua));
+      return ErrnoStatus(EFAULT,
+                         absl::StrFormat("page 0x%x is not mapped (simulated hole)", page_ua));
     }
     if (InRanges(options_.readonly, page_ua)) {
       return ErrnoStatus(EFAULT, absl::StrFormat("page 0x%x is read-only (simulated)", page_ua));

@@ -46,8 +46,8 @@ class SimBackend final : public PinBackend {
 
   uint64_t page_size() const override { return options_.page_size; }
   std::string name() const override { return "sim"; }
-  absl::Status PinPages(ContextId context, uint64_t ua, absl::Span<uint64_t> hpas,
-                        uint64_t* pinned, uint32_t* backing_page_shift) override;
+  absl::Status PinPages(ContextId context, uint64_t ua, absl::Span<uint64_t> hpas, uint64_t* pinned,
+                        uint32_t* backing_page_shift) override;
   void UnpinPages(ContextId context, uint64_t ua, absl::Span<const uint64_t> hpas) override;
   absl::StatusOr<uint64_t> PinCount(ContextId context, uint64_t page_ua) const override;
   absl::StatusOr<uint64_t> TotalPinnedPages() const override;

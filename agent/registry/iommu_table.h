@@ -1,0 +1,129 @@
+// IommuTable<T>: a container's IOMMU entries (one per IOMMU page of its DMA window), each an
+// atomic pointer to what it maps.
+//
+// Like a hardware TCE/IO page table it is sparse and allocated on first use: interior levels and
+// leaves are installed with compare-and-swap, so concurrent map/unmap calls need no lock, and
+// nothing is freed before the table itself (the owner destroys it after a grace period).
+#ifndef DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_
+#define DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+namespace dmapin {
+
+template <typename T>
+class IommuTable {
+ public:
+  static constexpr uint32_t kBitsPerLevel = 9;
+  static constexpr uint32_t kFanout = 1u << kBitsPerLevel;
+
+  // A table of `entries` slots (entries >= 1).
+  explicit IommuTable(uint64_t entries) : levels_(LevelsFor(entries)), entries_(entries) {}
+  ~IommuTable() { FreeSubtree(root_.load(std::memory_order_relaxed), levels_); }
+
+  IommuTable(const IommuTable&) = delete;
+  IommuTable& operator=(const IommuTable&) = delete;
+
+  uint64_t entries() const { return entries_; }
+
+  // Atomically replaces entry `index` (< entries()) and returns what it held.
+  T* Exchange(uint64_t index, T* value) {
+    std::atomic<T*>* slot = Slot(index, /*create=*/value != nullptr);
+    if (slot == nullptr) return nullptr;  // Never allocated: nothing installed there.
+    return slot->exchange(value, std::memory_order_acq_rel);
+  }
+
+  // The current value of entry `index`.
+  T* Get(uint64_t index) const {
+    std::atomic<T*>* slot = const_cast<IommuTable*>(this)->Slot(index, /*create=*/false);
+    return slot == nullptr ? nullptr : slot->load(std::memory_order_acquire);
+  }
+
+  // Calls fn(index, slot) for every allocated slot holding a non-null value, in index order.
+  void ForEachInstalled(const std::function<void(uint64_t, std::atomic<T*>&)>& fn) {
+    Visit(root_.load(std::memory_order_acquire), levels_, 0, fn);
+  }
+
+ private:
+  // A level-1 node is a leaf of kFanout entries; a level-n node holds kFanout level-(n-1) nodes.
+  struct Leaf {
+    std::atomic<T*> entries[kFanout] = {};
+  };
+  struct Interior {
+    std::atomic<void*> children[kFanout] = {};
+  };
+
+  static uint32_t LevelsFor(uint64_t entries) {
+    uint32_t levels = 1;
+    while (levels * kBitsPerLevel < 64 && ((entries - 1) >> (levels * kBitsPerLevel)) != 0) {
+      ++levels;
+    }
+    return levels;
+  }
+
+  template <typename Node>
+  static void* InstallOrGet(std::atomic<void*>* where) {
+    void* current = where->load(std::memory_order_acquire);
+    if (current != nullptr) return current;
+    Node* fresh = new Node;
+    if (where->compare_exchange_strong(current, fresh, std::memory_order_acq_rel)) return fresh;
+    delete fresh;  // Another thread won the race; use its node.
+    return current;
+  }
+
+  std::atomic<T*>* Slot(uint64_t index, bool create) {
+    std::atomic<void*>* where = &root_;
+    for (uint32_t level = levels_; level > 1; --level) {
+      void* node = create ? InstallOrGet<Interior>(where) : where->load(std::memory_order_acquire);
+      if (node == nullptr) return nullptr;
+      const uint32_t shift = (level - 1) * kBitsPerLevel;
+      where = &static_cast<Interior*>(node)->children[(index >> shift) & (kFanout - 1)];
+    }
+    void* leaf = create ? InstallOrGet<Leaf>(where) : where->load(std::memory_order_acquire);
+    if (leaf == nullptr) return nullptr;
+    return &static_cast<Leaf*>(leaf)->entries[index & (kFanout - 1)];
+  }
+
+  void Visit(void* node, uint32_t level, uint64_t base,
+             const std::function<void(uint64_t, std::atomic<T*>&)>& fn) {
+    if (node == nullptr) return;
+    if (level == 1) {
+      Leaf* leaf = static_cast<Leaf*>(node);
+      for (uint32_t i = 0; i < kFanout; ++i) {
+        if (leaf->entries[i].load(std::memory_order_acquire) != nullptr) {
+          fn(base + i, leaf->entries[i]);
+        }
+      }
+      return;
+    }
+    Interior* interior = static_cast<Interior*>(node);
+    const uint32_t shift = (level - 1) * kBitsPerLevel;
+    for (uint32_t i = 0; i < kFanout; ++i) {
+      Visit(interior->children[i].load(std::memory_order_acquire), level - 1,
+            base + (static_cast<uint64_t>(i) << shift), fn);
+    }
+  }
+
+  static void FreeSubtree(void* node, uint32_t level) {
+    if (node == nullptr) return;
+    if (level == 1) {
+      delete static_cast<Leaf*>(node);
+      return;
+    }
+    Interior* interior = static_cast<Interior*>(node);
+    for (auto& child : interior->children) {
+      FreeSubtree(child.load(std::memory_order_relaxed), level - 1);
+    }
+    delete interior;
+  }
+
+  const uint32_t levels_;
+  const uint64_t entries_;
+  std::atomic<void*> root_{nullptr};
+};
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_

@@ -1,0 +1,1008 @@
+#include "agent/registry/registry.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <map>
+#include <thread>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/numeric/bits.h"
+#include "absl/strings/str_format.h"
+#include "agent/registry/errno_status.h"
+#include "agent/registry/iommu_table.h"
+#include "agent/registry/page_index.h"
+
+namespace dmapin {
+
+// --- State ------------------------------------------------------------------------------------
+// Fields marked "writer" are guarded by Registry::mu_; the rest are immutable after publication
+// or atomic, and may be read inside an epoch read section.
+
+struct Registry::Region {
+  ContextId context = 0;
+  uint64_t ua = 0;
+  uint64_t entries = 0;
+  uint64_t last_byte = 0;  // ua + size - 1 (ua + size may be exactly 2^64)
+  uint32_t max_iommu_shift = 0;
+  std::unique_ptr<uint64_t[]> hpas;
+  std::atomic<uint64_t> mapped{1};  // biased, spec §5
+  std::atomic<uint64_t> used{1};
+  std::atomic<bool> pending_release{false};
+  // Sorted holders, replaced copy-on-write so readers can describe the region without a lock.
+  std::atomic<const std::vector<ContainerId>*> holders{nullptr};
+
+  ~Region() { delete holders.load(std::memory_order_relaxed); }
+  const std::vector<ContainerId>& Holders() const {
+    return *holders.load(std::memory_order_acquire);
+  }
+};
+
+struct Registry::Context {
+  Context(ContextId id, const ContextOptions& options, uint32_t page_number_bits)
+      : id(id), options(options), index(page_number_bits) {}
+  const ContextId id;
+  const ContextOptions options;
+  PageIndex<Region> index;
+  std::map<uint64_t, std::unique_ptr<Region>> regions;  // writer; by ua
+  uint64_t locked_pages = 0;                            // writer
+  std::vector<ContainerId> containers;                  // writer; bound containers, sorted
+};
+
+struct Registry::Container {
+  Container(ContainerId id, const ContainerOptions& options)
+      : id(id),
+        options(options),
+        iommu_shift(static_cast<uint32_t>(absl::countr_zero(options.iommu_page_size))),
+        table(options.window_size >> iommu_shift) {}
+  const ContainerId id;
+  const ContainerOptions options;
+  const uint32_t iommu_shift;
+  std::atomic<Context*> context{nullptr};  // bound on first successful registration
+  IommuTable<Region> table;
+  std::vector<Region*> held;  // writer
+};
+
+struct Registry::Topology {
+  absl::flat_hash_map<ContextId, Context*> contexts;
+  absl::flat_hash_map<ContainerId, Container*> containers;
+};
+
+// Counters. The hot-path ones are sharded per thread so concurrent mappers do not share a line.
+struct Registry::AtomicStats {
+  static constexpr int kShards = 16;
+  struct alignas(64) HotShard {
+    std::atomic<uint64_t> maps_ok{0};
+    std::atomic<uint64_t> unmaps{0};
+  };
+  HotShard hot[kShards];
+  std::atomic<uint64_t> registers_ok{0}, registers_failed{0}, unregisters_ok{0},
+      unregisters_failed{0}, unregister_ebusy{0}, pin_failures{0}, maps_failed{0}, map_rollbacks{0},
+      pending_releases_started{0}, pending_releases_completed{0}, grace_periods{0};
+
+  HotShard& Shard() {
+    static std::atomic<uint32_t> next_shard{0};
+    thread_local const uint32_t shard = next_shard.fetch_add(1) % kShards;
+    return hot[shard];
+  }
+  static void Bump(std::atomic<uint64_t>& counter) {
+    counter.fetch_add(1, std::memory_order_relaxed);
+  }
+};
+
+namespace {
+
+uint64_t Sum(const std::atomic<uint64_t>& counter) {
+  return counter.load(std::memory_order_relaxed);
+}
+
+// mapped_inc of spec §5: increments unless the region is released (0).
+bool MappedInc(std::atomic<uint64_t>& mapped) {
+  uint64_t value = mapped.load(std::memory_order_relaxed);
+  do {
+    if (value == 0) return false;
+  } while (!mapped.compare_exchange_weak(value, value + 1, std::memory_order_acq_rel,
+                                         std::memory_order_relaxed));
+  return true;
+}
+
+// mapped_dec of spec §5: decrements unless the value is 1. Returns the new value.
+uint64_t MappedDec(std::atomic<uint64_t>& mapped) {
+  uint64_t value = mapped.load(std::memory_order_relaxed);
+  do {
+    if (value <= 1) return value;
+  } while (!mapped.compare_exchange_weak(value, value - 1, std::memory_order_acq_rel,
+                                         std::memory_order_relaxed));
+  return value - 1;
+}
+
+template <typename T>
+void InsertSorted(std::vector<T>& values, T value) {
+  values.insert(std::lower_bound(values.begin(), values.end(), value), value);
+}
+
+template <typename T>
+void EraseValue(std::vector<T>& values, T value) {
+  values.erase(std::remove(values.begin(), values.end(), value), values.end());
+}
+
+}  // namespace
+
+// What writers unpublished, to be freed after one grace period.
+struct Registry::Retired {
+  PageIndex<Region>::Garbage nodes;
+  std::vector<std::unique_ptr<Region>> regions;  // pages still pinned
+  std::vector<const std::vector<ContainerId>*> holder_lists;
+};
+
+// --- Construction -----------------------------------------------------------------------------
+
+Registry::Registry(PinBackend* backend)
+    : backend_(backend),
+      page_size_(backend->page_size()),
+      page_shift_(static_cast<uint32_t>(absl::countr_zero(backend->page_size()))),
+      stats_(std::make_unique<AtomicStats>()) {
+  topology_.store(new Topology, std::memory_order_release);
+}
+
+Registry::~Registry() {
+  const Topology* topology = topology_.load(std::memory_order_acquire);
+  for (const auto& [id, container] : topology->containers) delete container;
+  for (const auto& [id, context] : topology->contexts) {
+    for (auto& [ua, region] : context->regions) {
+      backend_->UnpinPages(context->id, region->ua,
+                           absl::MakeConstSpan(region->hpas.get(), region->entries));
+    }
+    delete context;
+  }
+  delete topology;
+}
+
+const Registry::Topology* Registry::topology() const {
+  return topology_.load(std::memory_order_acquire);
+}
+
+void Registry::WaitForReaders() const {
+  EpochDomain::Global().Synchronize();
+  AtomicStats::Bump(stats_->grace_periods);
+}
+
+namespace {
+
+// Frees everything in `retired`; the caller has waited for readers.
+void FreeRetired(PinBackend* backend, Registry::Retired& retired) {
+  retired.nodes.Free();
+  for (auto& region : retired.regions) {
+    backend->UnpinPages(region->context, region->ua,
+                        absl::MakeConstSpan(region->hpas.get(), region->entries));
+  }
+  retired.regions.clear();
+  for (const auto* list : retired.holder_lists) delete list;
+  retired.holder_lists.clear();
+}
+
+void SetHolders(Registry::Region* region, std::vector<ContainerId> holders,
+                Registry::Retired* retired) {
+  const auto* old = region->holders.exchange(new std::vector<ContainerId>(std::move(holders)),
+                                             std::memory_order_acq_rel);
+  if (old != nullptr) retired->holder_lists.push_back(old);
+}
+
+absl::Status ReadSectionMisuse(const char* method) {
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "Registry::%s called inside a read section (it would wait for itself)", method));
+}
+
+}  // namespace
+
+void Registry::PublishTopology(std::unique_ptr<Topology> next) {
+  const Topology* old = topology_.exchange(next.release(), std::memory_order_acq_rel);
+  WaitForReaders();
+  delete old;
+}
+
+// --- Contexts and containers ------------------------------------------------------------------
+
+absl::Status Registry::CreateContext(ContextId id, const ContextOptions& options) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("CreateContext");
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  if (current->contexts.contains(id)) {
+    return ErrnoStatus(EEXIST, absl::StrFormat("memory context %d already exists", id));
+  }
+  auto next = std::make_unique<Topology>(*current);
+  next->contexts[id] = new Context(id, options, 64 - page_shift_);
+  PublishTopology(std::move(next));
+  return absl::OkStatus();
+}
+
+absl::Status Registry::CreateContainer(ContainerId id, const ContainerOptions& options) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("CreateContainer");
+  if (options.iommu_page_size < 4096 || !absl::has_single_bit(options.iommu_page_size)) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("IOMMU page size 0x%x is not a power of two >= "
+                                               "4 KiB",
+                                               options.iommu_page_size));
+  }
+  const uint64_t page_mask = options.iommu_page_size - 1;
+  if (options.window_size == 0 || (options.window_start & page_mask) != 0 ||
+      (options.window_size & page_mask) != 0 ||
+      options.window_start + options.window_size - 1 < options.window_start) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("DMA window [0x%x, +0x%x) is empty, wraps, or is "
+                                               "not aligned to the IOMMU page size 0x%x",
+                                               options.window_start, options.window_size,
+                                               options.iommu_page_size));
+  }
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  if (current->containers.contains(id)) {
+    return ErrnoStatus(EEXIST, absl::StrFormat("container %d already exists", id));
+  }
+  auto next = std::make_unique<Topology>(*current);
+  next->containers[id] = new Container(id, options);
+  PublishTopology(std::move(next));
+  return absl::OkStatus();
+}
+
+void Registry::ClearContainerEntries(Container* container) {
+  container->table.ForEachInstalled([](uint64_t, std::atomic<Region*>& slot) {
+    Region* old = slot.exchange(nullptr, std::memory_order_acq_rel);
+    if (old != nullptr) MappedDec(old->mapped);
+  });
+}
+
+absl::Status Registry::ReleaseContainer(ContainerId id) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("ReleaseContainer");
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto it = current->containers.find(id);
+  if (it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", id));
+  }
+  std::unique_ptr<Container> container(it->second);
+  auto next = std::make_unique<Topology>(*current);
+  next->containers.erase(id);
+  // After this grace period no map or unmap can still be working on the container.
+  PublishTopology(std::move(next));
+
+  ClearContainerEntries(container.get());
+  Retired retired;
+  Context* context = container->context.load(std::memory_order_relaxed);
+  for (Region* region : std::vector<Region*>(container->held)) {
+    bool busy = false;
+    UnregisterLocked(container.get(), region, &busy, &retired).IgnoreError();
+    if (busy) {
+      // Another container still maps it: keep the reference as *pending release* (spec §4).
+      std::vector<ContainerId> holders = region->Holders();
+      EraseValue(holders, container->id);
+      SetHolders(region, std::move(holders), &retired);
+      region->pending_release.store(true, std::memory_order_release);
+      AtomicStats::Bump(stats_->pending_releases_started);
+    }
+  }
+  if (context != nullptr) {
+    EraseValue(context->containers, id);
+    // Clearing our entries may have been the last use of regions pending from earlier releases.
+    std::vector<Region*> completable;
+    for (auto& [ua, region] : context->regions) {
+      if (region->pending_release.load(std::memory_order_acquire)) {
+        completable.push_back(region.get());
+      }
+    }
+    for (Region* region : completable) TryCompletePendingLocked(region, &retired);
+  }
+  WaitForReaders();
+  FreeRetired(backend_, retired);
+  return absl::OkStatus();
+}
+
+absl::Status Registry::TeardownContext(ContextId id) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("TeardownContext");
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto it = current->contexts.find(id);
+  if (it == current->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
+  }
+  std::unique_ptr<Context> context(it->second);
+  auto next = std::make_unique<Topology>(*current);
+  next->contexts.erase(id);
+  std::vector<std::unique_ptr<Container>> containers;
+  for (ContainerId container_id : context->containers) {
+    auto container_it = next->containers.find(container_id);
+    if (container_it == next->containers.end()) continue;
+    containers.emplace_back(container_it->second);
+    next->containers.erase(container_it);
+  }
+  PublishTopology(std::move(next));
+  // Nobody can reach the context or its containers now: release everything, whatever the
+  // counters say (spec §4).
+  for (auto& container : containers) ClearContainerEntries(container.get());
+  for (auto& [ua, region] : context->regions) {
+    region->mapped.store(0, std::memory_order_release);
+    backend_->UnpinPages(context->id, region->ua,
+                         absl::MakeConstSpan(region->hpas.get(), region->entries));
+  }
+  return absl::OkStatus();
+}
+
+// --- Register / unregister --------------------------------------------------------------------
+
+absl::Status Registry::ValidateRange(uint64_t ua, uint64_t size, const char* what) const {
+  const uint64_t mask = page_size_ - 1;
+  if (size == 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s of ua=0x%x: size is 0", what, ua));
+  }
+  if ((ua & mask) != 0 || (size & mask) != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s of ua=0x%x size=0x%x: not a multiple of the "
+                                               "page size 0x%x",
+                                               what, ua, size, page_size_));
+  }
+  if (ua + (size - 1) < ua) {
+    return ErrnoStatus(
+        EINVAL, absl::StrFormat("%s of ua=0x%x size=0x%x: range wraps past 2^64", what, ua, size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Registry::Register(ContainerId container_id, ContextId context_id, uint64_t ua,
+                                uint64_t size) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("Register");
+  absl::Status status = RegisterImpl(container_id, context_id, ua, size);
+  AtomicStats::Bump(status.ok() ? stats_->registers_ok : stats_->registers_failed);
+  return status;
+}
+
+absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
+                                    uint64_t size) {
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto container_it = current->containers.find(container_id);
+  if (container_it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+  }
+  auto context_it = current->contexts.find(context_id);
+  if (context_it == current->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+  }
+  Container* container = container_it->second;
+  Context* context = context_it->second;
+  Context* bound = container->context.load(std::memory_order_relaxed);
+  if (bound != nullptr && bound != context) {
+    return ErrnoStatus(EPERM, absl::StrFormat("container %d is bound to memory context %d, not %d",
+                                              container_id, bound->id, context_id));
+  }
+  // §2.1
+  if (absl::Status status = ValidateRange(ua, size, "register"); !status.ok()) return status;
+  const uint64_t entries = size >> page_shift_;
+  const uint64_t last_byte = ua + (size - 1);
+
+  Retired retired;
+  auto bind = [&] {
+    if (bound == nullptr) {
+      container->context.store(context, std::memory_order_release);
+      InsertSorted(context->containers, container_id);
+    }
+  };
+
+  auto same_start = context->regions.find(ua);
+  if (same_start != context->regions.end() && same_start->second->entries == entries) {
+    Region* region = same_start->second.get();
+    // §2.2: once per container.
+    if (std::find(container->held.begin(), container->held.end(), region) !=
+        container->held.end()) {
+      return ErrnoStatus(EBUSY,
+                         absl::StrFormat("container %d already holds region ua=0x%x size=0x%x",
+                                         container_id, ua, size));
+    }
+    // §2.3: another user of an existing region; nothing is pinned or accounted. A region pending
+    // release is adopted: the pending reference becomes this container's.
+    if (!region->pending_release.exchange(false, std::memory_order_acq_rel)) {
+      region->used.fetch_add(1, std::memory_order_acq_rel);
+    }
+    std::vector<ContainerId> holders = region->Holders();
+    InsertSorted(holders, container_id);
+    SetHolders(region, std::move(holders), &retired);
+    container->held.push_back(region);
+    bind();
+    WaitForReaders();
+    FreeRetired(backend_, retired);
+    return absl::OkStatus();
+  }
+
+  // §2.4: overlap with any region of the context.
+  auto next = context->regions.upper_bound(ua);
+  if (next != context->regions.end() && next->second->ua <= last_byte) {
+    return ErrnoStatus(
+        EINVAL, absl::StrFormat("range ua=0x%x size=0x%x overlaps region "
+                                "ua=0x%x size=0x%x",
+                                ua, size, next->second->ua, next->second->entries << page_shift_));
+  }
+  if (next != context->regions.begin()) {
+    const Region& prev = *std::prev(next)->second;
+    if (prev.last_byte >= ua) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("range ua=0x%x size=0x%x overlaps region "
+                                                 "ua=0x%x size=0x%x",
+                                                 ua, size, prev.ua, prev.entries << page_shift_));
+    }
+  }
+
+  // §2.5: memlock.
+  if (context->options.memlock_limit_bytes.has_value() && !context->options.cap_ipc_lock) {
+    const uint64_t limit_pages = *context->options.memlock_limit_bytes >> page_shift_;
+    if (context->locked_pages + entries > limit_pages ||
+        context->locked_pages + entries < entries) {
+      return ErrnoStatus(
+          ENOMEM, absl::StrFormat("memlock limit of context %d exceeded: %d pages locked + %d "
+                                  "requested > limit %d pages (%d bytes)",
+                                  context_id, context->locked_pages, entries, limit_pages,
+                                  *context->options.memlock_limit_bytes));
+    }
+  }
+
+  // §2.6: pin every page; roll back on failure.
+  auto region = std::make_unique<Region>();
+  region->context = context_id;
+  region->ua = ua;
+  region->entries = entries;
+  region->last_byte = last_byte;
+  region->hpas.reset(new uint64_t[entries]);
+  uint64_t pinned = 0;
+  uint32_t backing_shift = page_shift_;
+  absl::Status pin_status = backend_->PinPages(
+      context_id, ua, absl::MakeSpan(region->hpas.get(), entries), &pinned, &backing_shift);
+  if (!pin_status.ok()) {
+    backend_->UnpinPages(context_id, ua,
+                         absl::MakeConstSpan(region->hpas.get(), std::min(pinned, entries)));
+    AtomicStats::Bump(stats_->pin_failures);
+    return pin_status;
+  }
+  // §8: the IOMMU page limit is the smallest backing page, capped by the natural alignment.
+  const uint32_t alignment_shift = static_cast<uint32_t>(absl::countr_zero(ua | size));
+  region->max_iommu_shift = std::min(backing_shift, alignment_shift);
+  region->holders.store(new std::vector<ContainerId>{container_id}, std::memory_order_release);
+
+  // §2.7: publish.
+  Region* published = region.get();
+  context->regions.emplace(ua, std::move(region));
+  context->index.Assign(ua >> page_shift_, entries, published, &retired.nodes);
+  context->locked_pages += entries;
+  container->held.push_back(published);
+  bind();
+  WaitForReaders();
+  FreeRetired(backend_, retired);
+  return absl::OkStatus();
+}
+
+absl::Status Registry::UnregisterLocked(Container* container, Region* region, bool* busy,
+                                        Retired* retired) {
+  *busy = false;
+  std::vector<ContainerId> holders = region->Holders();
+  if (holders.size() > 1) {
+    // §3.3: other users remain.
+    EraseValue(holders, container->id);
+    SetHolders(region, std::move(holders), retired);
+    EraseValue(container->held, region);
+    region->used.fetch_sub(1, std::memory_order_acq_rel);
+    return absl::OkStatus();
+  }
+  // §3.4: last user; only an unmapped region (mapped == 1) may go, and it goes atomically to 0 so
+  // no new mapping can start.
+  uint64_t expected = 1;
+  if (!region->mapped.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+    *busy = true;
+    return ErrnoStatus(EBUSY, absl::StrFormat("region ua=0x%x size=0x%x still has %d DMA "
+                                              "mapping(s); unmap and retry",
+                                              region->ua, region->entries << page_shift_,
+                                              expected == 0 ? 0 : expected - 1));
+  }
+  EraseValue(container->held, region);
+  SetHolders(region, {}, retired);
+  RemoveRegionLocked(region, retired);
+  return absl::OkStatus();
+}
+
+void Registry::RemoveRegionLocked(Region* region, Retired* retired) {
+  // §3.5: unpublish; pages are unpinned after the grace period (FreeRetired).
+  region->used.store(0, std::memory_order_release);
+  Context* context = topology()->contexts.at(region->context);
+  context->index.Assign(region->ua >> page_shift_, region->entries, nullptr, &retired->nodes);
+  context->locked_pages -= region->entries;
+  auto it = context->regions.find(region->ua);
+  retired->regions.push_back(std::move(it->second));
+  context->regions.erase(it);
+}
+
+bool Registry::TryCompletePendingLocked(Region* region, Retired* retired) {
+  if (!region->pending_release.load(std::memory_order_acquire)) return false;
+  uint64_t expected = 1;
+  if (!region->mapped.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+    return false;
+  }
+  region->pending_release.store(false, std::memory_order_release);
+  RemoveRegionLocked(region, retired);
+  AtomicStats::Bump(stats_->pending_releases_completed);
+  return true;
+}
+
+absl::Status Registry::Unregister(ContainerId container_id, uint64_t ua, uint64_t size) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("Unregister");
+  absl::Status status = UnregisterImpl(container_id, ua, size);
+  if (status.ok()) {
+    AtomicStats::Bump(stats_->unregisters_ok);
+  } else {
+    AtomicStats::Bump(stats_->unregisters_failed);
+    if (ErrnoOf(status) == EBUSY) AtomicStats::Bump(stats_->unregister_ebusy);
+  }
+  return status;
+}
+
+absl::Status Registry::UnregisterImpl(ContainerId container_id, uint64_t ua, uint64_t size) {
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto container_it = current->containers.find(container_id);
+  if (container_it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+  }
+  // §3.1
+  if (absl::Status status = ValidateRange(ua, size, "unregister"); !status.ok()) return status;
+  Container* container = container_it->second;
+  const uint64_t entries = size >> page_shift_;
+  // §3.2: exact match held by this container; no bisecting.
+  Region* region = nullptr;
+  for (Region* held : container->held) {
+    if (held->ua == ua && held->entries == entries) region = held;
+  }
+  if (region == nullptr) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d holds no region ua=0x%x size=0x%x",
+                                               container_id, ua, size));
+  }
+  Retired retired;
+  bool busy = false;
+  absl::Status status = UnregisterLocked(container, region, &busy, &retired);
+  if (!status.ok()) return status;
+  WaitForReaders();
+  FreeRetired(backend_, retired);
+  return absl::OkStatus();
+}
+
+void Registry::CompletePendingReleases(absl::Span<const PendingRelease> candidates) {
+  absl::MutexLock lock(&mu_);
+  Retired retired;
+  const Topology* current = topology();
+  for (const PendingRelease& candidate : candidates) {
+    auto context_it = current->contexts.find(candidate.context);
+    if (context_it == current->contexts.end()) continue;
+    auto region_it = context_it->second->regions.find(candidate.ua);
+    if (region_it == context_it->second->regions.end() ||
+        region_it->second->entries != candidate.entries) {
+      continue;
+    }
+    TryCompletePendingLocked(region_it->second.get(), &retired);
+  }
+  if (retired.regions.empty() && retired.holder_lists.empty() && retired.nodes.size() == 0) return;
+  WaitForReaders();
+  FreeRetired(backend_, retired);
+}
+
+// --- Map / unmap ------------------------------------------------------------------------------
+
+absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size) {
+  std::vector<PendingRelease> pending;
+  absl::Status status = MapImpl(container_id, iova, ua, size, &pending);
+  if (status.ok()) {
+    AtomicStats::Bump(stats_->Shard().maps_ok);
+  } else {
+    AtomicStats::Bump(stats_->maps_failed);
+  }
+  if (!pending.empty() && !EpochDomain::InReadSection()) CompletePendingReleases(pending);
+  return status;
+}
+
+absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
+                                     const char* what) const {
+  const uint64_t mask = container.options.iommu_page_size - 1;
+  if (size == 0 || (iova & mask) != 0 || (size & mask) != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s iova=0x%x size=0x%x: zero or not a multiple "
+                                               "of the IOMMU page size 0x%x",
+                                               what, iova, size, mask + 1));
+  }
+  const ContainerOptions& window = container.options;
+  if (iova < window.window_start || size > window.window_size ||
+      iova - window.window_start > window.window_size - size) {
+    return ErrnoStatus(ENXIO,
+                       absl::StrFormat("%s iova=0x%x size=0x%x lies outside the DMA window "
+                                       "[0x%x, +0x%x)",
+                                       what, iova, size, window.window_start, window.window_size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
+                               std::vector<PendingRelease>* pending) {
+  EpochReadLock read_lock;
+  const Topology* current = topology();
+  auto container_it = current->containers.find(container_id);
+  if (container_it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+  }
+  Container* container = container_it->second;
+  // §7.1
+  const Context* context = container->context.load(std::memory_order_acquire);
+  if (context == nullptr) {
+    return ErrnoStatus(EPERM,
+                       absl::StrFormat("container %d has never registered memory", container_id));
+  }
+  // §7.2, §7.3
+  if (absl::Status status = CheckDmaRange(*container, iova, size, "map"); !status.ok()) {
+    return status;
+  }
+  const uint32_t iommu_shift = container->iommu_shift;
+  const uint64_t iommu_page = uint64_t{1} << iommu_shift;
+  if ((ua & (iommu_page - 1)) != 0 || ua + (size - 1) < ua) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("map ua=0x%x size=0x%x: not aligned to the IOMMU "
+                                               "page size 0x%x or wraps",
+                                               ua, size, iommu_page));
+  }
+  const uint64_t pages = size >> iommu_shift;
+  const uint64_t first_entry = (iova - container->options.window_start) >> iommu_shift;
+  auto dec = [&](Region* region) {
+    if (MappedDec(region->mapped) == 1 && region->pending_release.load(std::memory_order_acquire)) {
+      pending->push_back({region->context, region->ua, region->entries});
+    }
+  };
+  // §7.4
+  Region* cached = nullptr;
+  for (uint64_t i = 0; i < pages; ++i) {
+    const uint64_t page_ua = ua + (i << iommu_shift);
+    const uint64_t page_last = page_ua + (iommu_page - 1);
+    Region* region = cached;
+    if (region == nullptr || page_ua < region->ua || page_last > region->last_byte) {
+      region = context->index.Lookup(page_ua >> page_shift_);
+    }
+    absl::Status failure;
+    if (region == nullptr || page_last > region->last_byte) {
+      failure = ErrnoStatus(EINVAL, absl::StrFormat("map: IOMMU page ua=0x%x size=0x%x is not "
+                                                    "inside one registered region",
+                                                    page_ua, iommu_page));
+    } else if (region->max_iommu_shift < iommu_shift) {
+      failure = ErrnoStatus(
+          EINVAL, absl::StrFormat("map: region ua=0x%x allows IOMMU pages up to "
+                                  "0x%x, not 0x%x",
+                                  region->ua, uint64_t{1} << region->max_iommu_shift, iommu_page));
+    } else if (!MappedInc(region->mapped)) {
+      failure =
+          ErrnoStatus(ENXIO, absl::StrFormat("map: region ua=0x%x is being released", region->ua));
+    }
+    if (!failure.ok()) {
+      // §7.5: clear what this call installed.
+      for (uint64_t j = 0; j < i; ++j) {
+        Region* old = container->table.Exchange(first_entry + j, nullptr);
+        if (old != nullptr) dec(old);
+      }
+      if (i > 0) AtomicStats::Bump(stats_->map_rollbacks);
+      return failure;
+    }
+    cached = region;
+    Region* old = container->table.Exchange(first_entry + i, region);
+    if (old != nullptr) dec(old);  // A remap moves the count.
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t size) {
+  std::vector<PendingRelease> pending;
+  absl::Status status;
+  {
+    EpochReadLock read_lock;
+    const Topology* current = topology();
+    auto container_it = current->containers.find(container_id);
+    if (container_it == current->containers.end()) {
+      return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+    }
+    Container* container = container_it->second;
+    status = CheckDmaRange(*container, iova, size, "unmap");
+    if (!status.ok()) return status;
+    const uint64_t pages = size >> container->iommu_shift;
+    const uint64_t first_entry = (iova - container->options.window_start) >> container->iommu_shift;
+    for (uint64_t i = 0; i < pages; ++i) {
+      Region* old = container->table.Exchange(first_entry + i, nullptr);
+      if (old != nullptr && MappedDec(old->mapped) == 1 &&
+          old->pending_release.load(std::memory_order_acquire)) {
+        pending.push_back({old->context, old->ua, old->entries});
+      }
+    }
+  }
+  AtomicStats::Bump(stats_->Shard().unmaps);
+  if (!pending.empty() && !EpochDomain::InReadSection()) CompletePendingReleases(pending);
+  return status;
+}
+
+// --- Lookup / translate -----------------------------------------------------------------------
+
+absl::StatusOr<uint64_t> Registry::Translate(ContextId context_id, uint64_t ua) const {
+  ReadSession session(*this, context_id);
+  if (!session.valid()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+  }
+  return session.Translate(ua);
+}
+
+RegionInfo Registry::Describe(const Region& region, bool with_hpas) const {
+  RegionInfo info;
+  info.context = region.context;
+  info.ua = region.ua;
+  info.entries = region.entries;
+  info.size = region.entries << page_shift_;
+  info.used = region.used.load(std::memory_order_acquire);
+  info.mapped = region.mapped.load(std::memory_order_acquire);
+  info.max_iommu_page_size = uint64_t{1} << region.max_iommu_shift;
+  info.pending_release = region.pending_release.load(std::memory_order_acquire);
+  info.holders = region.Holders();
+  if (with_hpas) info.hpas.assign(region.hpas.get(), region.hpas.get() + region.entries);
+  return info;
+}
+
+absl::StatusOr<std::optional<RegionInfo>> Registry::Lookup(ContextId context_id, uint64_t ua,
+                                                           uint64_t size) const {
+  EpochReadLock read_lock;
+  auto it = topology()->contexts.find(context_id);
+  if (it == topology()->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+  }
+  // §6: the whole non-empty interval must lie in one region.
+  if (size == 0 || ua + (size - 1) < ua) return std::optional<RegionInfo>();
+  const Region* region = it->second->index.Lookup(ua >> page_shift_);
+  if (region == nullptr || ua + (size - 1) > region->last_byte) return std::optional<RegionInfo>();
+  return std::optional<RegionInfo>(Describe(*region, /*with_hpas=*/false));
+}
+
+absl::StatusOr<std::optional<RegionInfo>> Registry::Find(ContextId context_id, uint64_t ua,
+                                                         uint64_t entries) const {
+  EpochReadLock read_lock;
+  auto it = topology()->contexts.find(context_id);
+  if (it == topology()->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+  }
+  const Region* region = it->second->index.Lookup(ua >> page_shift_);
+  if (region == nullptr || region->ua != ua || region->entries != entries) {
+    return std::optional<RegionInfo>();
+  }
+  return std::optional<RegionInfo>(Describe(*region, /*with_hpas=*/false));
+}
+
+Registry::ReadSession::ReadSession(const Registry& registry, ContextId context)
+    : registry_(registry) {
+  const Topology* current = registry.topology();
+  auto it = current->contexts.find(context);
+  if (it != current->contexts.end()) context_ = it->second;
+}
+
+bool Registry::ReadSession::TranslateSlow(uint64_t ua, uint64_t* hpa) {
+  if (context_ == nullptr) return false;
+  const Region* region = context_->index.Lookup(ua >> registry_.page_shift_);
+  if (region == nullptr) return false;
+  cached_ua_ = region->ua;
+  cached_bytes_ = region->entries << registry_.page_shift_;
+  cached_hpas_ = region->hpas.get();
+  *hpa =
+      cached_hpas_[(ua - cached_ua_) >> registry_.page_shift_] | (ua & (registry_.page_size_ - 1));
+  return true;
+}
+
+absl::StatusOr<uint64_t> Registry::ReadSession::Translate(uint64_t ua) {
+  uint64_t hpa = 0;
+  if (TryTranslate(ua, &hpa)) return hpa;
+  return ErrnoStatus(EFAULT, absl::StatusCode::kOutOfRange,
+                     absl::StrFormat("translate: ua=0x%x is outside every registered region", ua));
+}
+
+// --- Introspection ----------------------------------------------------------------------------
+
+std::vector<RegionInfo> Registry::ListRegions(std::optional<ContextId> context_id,
+                                              bool with_hpas) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<const Context*> contexts;
+  for (const auto& [id, context] : topology()->contexts) {
+    if (!context_id.has_value() || *context_id == id) contexts.push_back(context);
+  }
+  std::sort(contexts.begin(), contexts.end(),
+            [](const Context* a, const Context* b) { return a->id < b->id; });
+  std::vector<RegionInfo> regions;
+  for (const Context* context : contexts) {
+    for (const auto& [ua, region] : context->regions) {
+      regions.push_back(Describe(*region, with_hpas));
+    }
+  }
+  return regions;
+}
+
+absl::StatusOr<ContextInfo> Registry::GetContext(ContextId id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = topology()->contexts.find(id);
+  if (it == topology()->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
+  }
+  return DescribeContextLocked(*it->second);
+}
+
+ContextInfo Registry::DescribeContextLocked(const Context& context) const {
+  ContextInfo info;
+  info.id = context.id;
+  info.options = context.options;
+  info.locked_bytes = context.locked_pages << page_shift_;
+  info.regions = context.regions.size();
+  info.containers = context.containers;
+  return info;
+}
+
+std::vector<ContextInfo> Registry::ListContexts() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<ContextInfo> contexts;
+  for (const auto& [id, context] : topology()->contexts) {
+    contexts.push_back(DescribeContextLocked(*context));
+  }
+  std::sort(contexts.begin(), contexts.end(),
+            [](const ContextInfo& a, const ContextInfo& b) { return a.id < b.id; });
+  return contexts;
+}
+
+ContainerInfo Registry::DescribeContainerLocked(Container& container) const {
+  ContainerInfo info;
+  info.id = container.id;
+  info.options = container.options;
+  const Context* context = container.context.load(std::memory_order_acquire);
+  if (context != nullptr) info.context = context->id;
+  info.held_regions = container.held.size();
+  container.table.ForEachInstalled(
+      [&info](uint64_t, std::atomic<Region*>&) { ++info.installed_entries; });
+  return info;
+}
+
+absl::StatusOr<ContainerInfo> Registry::GetContainer(ContainerId id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = topology()->containers.find(id);
+  if (it == topology()->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", id));
+  }
+  return DescribeContainerLocked(*it->second);
+}
+
+std::vector<ContainerInfo> Registry::ListContainers() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<ContainerInfo> containers;
+  for (const auto& [id, container] : topology()->containers) {
+    containers.push_back(DescribeContainerLocked(*container));
+  }
+  std::sort(containers.begin(), containers.end(),
+            [](const ContainerInfo& a, const ContainerInfo& b) { return a.id < b.id; });
+  return containers;
+}
+
+RegistryStats Registry::stats() const {
+  RegistryStats stats;
+  for (const auto& shard : stats_->hot) {
+    stats.maps_ok += Sum(shard.maps_ok);
+    stats.unmaps += Sum(shard.unmaps);
+  }
+  stats.registers_ok = Sum(stats_->registers_ok);
+  stats.registers_failed = Sum(stats_->registers_failed);
+  stats.unregisters_ok = Sum(stats_->unregisters_ok);
+  stats.unregisters_failed = Sum(stats_->unregisters_failed);
+  stats.unregister_ebusy = Sum(stats_->unregister_ebusy);
+  stats.pin_failures = Sum(stats_->pin_failures);
+  stats.maps_failed = Sum(stats_->maps_failed);
+  stats.map_rollbacks = Sum(stats_->map_rollbacks);
+  stats.pending_releases_started = Sum(stats_->pending_releases_started);
+  stats.pending_releases_completed = Sum(stats_->pending_releases_completed);
+  stats.grace_periods = Sum(stats_->grace_periods);
+  return stats;
+}
+
+// --- Invariants (spec §10) --------------------------------------------------------------------
+
+absl::Status Registry::CheckInvariants() const {
+  absl::MutexLock lock(&mu_);
+  const Topology* current = topology();
+  // Installed entries per region, over every container.
+  absl::flat_hash_map<const Region*, uint64_t> installed;
+  for (const auto& [id, container] : current->containers) {
+    container->table.ForEachInstalled([&installed](uint64_t, std::atomic<Region*>& slot) {
+      ++installed[slot.load(std::memory_order_acquire)];
+    });
+  }
+  absl::flat_hash_map<const Region*, uint64_t> holders_seen;
+  for (const auto& [id, container] : current->containers) {
+    for (const Region* region : container->held) {
+      ++holders_seen[region];
+      const Context* bound = container->context.load(std::memory_order_acquire);
+      if (bound == nullptr || bound->id != region->context) {
+        return absl::InternalError(absl::StrFormat(
+            "invariant: container %d holds region ua=0x%x of another context", id, region->ua));
+      }
+    }
+  }
+  uint64_t total_pages = 0;
+  for (const auto& [id, context] : current->contexts) {
+    uint64_t locked = 0;
+    const Region* prev = nullptr;
+    for (const auto& [ua, owned] : context->regions) {
+      const Region* region = owned.get();
+      const std::string name =
+          absl::StrFormat("context %d region ua=0x%x entries=%d", id, region->ua, region->entries);
+      // §10.1
+      if (prev != nullptr && prev->last_byte >= region->ua) {
+        return absl::InternalError("invariant 1: overlap at " + name);
+      }
+      prev = region;
+      // §10.2
+      const uint64_t used = region->used.load(std::memory_order_acquire);
+      const uint64_t mapped = region->mapped.load(std::memory_order_acquire);
+      if (used < 1 || mapped < 1) {
+        return absl::InternalError(
+            absl::StrFormat("invariant 2: %s has used=%d mapped=%d", name, used, mapped));
+      }
+      auto installed_it = installed.find(region);
+      const uint64_t entries_in = installed_it == installed.end() ? 0 : installed_it->second;
+      if (mapped - 1 != entries_in) {
+        return absl::InternalError(
+            absl::StrFormat("invariant 2: %s has mapped=%d but %d installed IOMMU entries", name,
+                            mapped, entries_in));
+      }
+      installed.erase(region);
+      // §10.5
+      const bool pending = region->pending_release.load(std::memory_order_acquire);
+      auto seen_it = holders_seen.find(region);
+      const uint64_t holders = seen_it == holders_seen.end() ? 0 : seen_it->second;
+      if (holders != region->Holders().size()) {
+        return absl::InternalError(
+            absl::StrFormat("invariant 5: %s lists %d holders but %d containers hold it", name,
+                            region->Holders().size(), holders));
+      }
+      if (used != holders + (pending ? 1 : 0)) {
+        return absl::InternalError(absl::StrFormat("invariant 5: %s has used=%d with %d holders%s",
+                                                   name, used, holders,
+                                                   pending ? " + pending release" : ""));
+      }
+      // The index maps exactly the region's pages to it.
+      const uint64_t first_page = region->ua >> page_shift_;
+      const uint64_t last_page = region->last_byte >> page_shift_;
+      if (context->index.Lookup(first_page) != region ||
+          context->index.Lookup(last_page) != region ||
+          (first_page > 0 && context->index.Lookup(first_page - 1) == region) ||
+          (last_page + 1 != 0 && context->index.Lookup(last_page + 1) == region)) {
+        return absl::InternalError("index does not map exactly the pages of " + name);
+      }
+      // §10.4 (where the backend can tell).
+      for (uint64_t i = 0; i < region->entries; ++i) {
+        absl::StatusOr<uint64_t> count =
+            backend_->PinCount(context->id, region->ua + (i << page_shift_));
+        if (!count.ok()) break;
+        if (*count != 1) {
+          return absl::InternalError(
+              absl::StrFormat("invariant 4: page 0x%x of %s is pinned %d times",
+                              region->ua + (i << page_shift_), name, *count));
+        }
+      }
+      locked += region->entries;
+    }
+    // §10.3
+    if (locked != context->locked_pages) {
+      return absl::InternalError(
+          absl::StrFormat("invariant 3: context %d accounts %d locked pages, regions have %d", id,
+                          context->locked_pages, locked));
+    }
+    total_pages += locked;
+  }
+  if (!installed.empty()) {
+    return absl::InternalError(absl::StrFormat(
+        "invariant 2: %d IOMMU entries point at no listed region", installed.size()));
+  }
+  absl::StatusOr<uint64_t> total = backend_->TotalPinnedPages();
+  if (total.ok() && *total != total_pages) {
+    return absl::InternalError(absl::StrFormat(
+        "invariant 4: backend has %d pages pinned, registry accounts for %d", *total, total_pages));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmapin
