@@ -1,0 +1,57 @@
+#include "agent/registry/iommu_table.h"
+
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace dmapin {
+namespace {
+
+TEST(IommuTableTest, ExchangeInstallsAndClears) {
+  IommuTable<int> table(uint64_t{1} << 28);
+  int a = 1, b = 2;
+  EXPECT_EQ(table.Exchange(5, &a), nullptr);
+  EXPECT_EQ(table.Get(5), &a);
+  EXPECT_EQ(table.Exchange(5, &b), &a);
+  EXPECT_EQ(table.Exchange((uint64_t{1} << 28) - 1, &a), nullptr);
+  EXPECT_EQ(table.Exchange(5, nullptr), &b);
+  EXPECT_EQ(table.Get(5), nullptr);
+  // Clearing a never-allocated entry allocates nothing and finds nothing.
+  EXPECT_EQ(table.Exchange(12345678, nullptr), nullptr);
+}
+
+TEST(IommuTableTest, ForEachInstalledVisitsInOrder) {
+  IommuTable<int> table(1 << 20);
+  int a = 1;
+  for (uint64_t index : {7ull, 3ull, 600000ull, 512ull}) table.Exchange(index, &a);
+  std::vector<uint64_t> seen;
+  table.ForEachInstalled([&](uint64_t index, std::atomic<int*>&) { seen.push_back(index); });
+  EXPECT_EQ(seen, (std::vector<uint64_t>{3, 7, 512, 600000}));
+}
+
+TEST(IommuTableTest, SmallAndHugeTables) {
+  IommuTable<int> one(1);
+  int a = 1;
+  EXPECT_EQ(one.Exchange(0, &a), nullptr);
+  EXPECT_EQ(one.Get(0), &a);
+  IommuTable<int> huge(~uint64_t{0});
+  EXPECT_EQ(huge.Exchange(~uint64_t{0} - 1, &a), nullptr);
+  EXPECT_EQ(huge.Get(~uint64_t{0} - 1), &a);
+}
+
+TEST(IommuTableTest, ConcurrentInstallsInOneLeafAllLand) {
+  IommuTable<int> table(1 << 24);
+  std::vector<int> values(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t i = t; i < 4096; i += 4) table.Exchange(i, &values[t]);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (uint64_t i = 0; i < 4096; ++i) ASSERT_EQ(table.Get(i), &values[i % 4]) << i;
+}
+
+}  // namespace
+}  // namespace dmapin
