@@ -88,8 +88,8 @@ void EpochDomain::Enter() {
     holder.slot->epoch.store(epoch, std::memory_order_relaxed);
     std::atomic_signal_fence(std::memory_order_seq_cst);
   } else {
-    holder.slot->epoch.store(epoch, std::memory_order_seq_cst);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // Without membarrier the reader pays a full barrier: a locked exchange.
+    holder.slot->epoch.exchange(epoch, std::memory_order_seq_cst);
   }
 }
 
@@ -107,17 +107,14 @@ void EpochDomain::Exit() {
 void EpochDomain::Synchronize() {
   ABSL_RAW_CHECK(!InReadSection(), "EpochDomain::Synchronize called inside a read section");
   // Readers entering from now on see the epoch after `retired` and anything published before.
-  const uint64_t retired = global_epoch_.fetch_add(1, std::memory_order_acq_rel);
-  if (use_membarrier_) {
-    syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
-  } else {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-  }
+  // (A seq_cst read-modify-write: the full barrier of the fallback path.)
+  const uint64_t retired = global_epoch_.fetch_add(1, std::memory_order_seq_cst);
+  if (use_membarrier_) syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
   const int slots = slots_in_use_high_water_.load(std::memory_order_acquire);
   for (int i = 0; i < slots; ++i) {
     int spins = 0;
     for (;;) {
-      const uint64_t epoch = slots_[i].epoch.load(std::memory_order_acquire);
+      const uint64_t epoch = slots_[i].epoch.load(std::memory_order_seq_cst);
       if (epoch == 0 || epoch > retired) break;
       if (++spins > 64) sched_yield();
     }

@@ -6,30 +6,30 @@
 namespace dmapin {
 
 void FaultInjectingBackend::FailNthPagePin(uint64_t n, int err) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   fail_at_count_ = pages_pinned_ + n;
   fail_at_count_errno_ = err;
 }
 
 void FaultInjectingBackend::FailPageAt(uint64_t page_ua, int err) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   fail_page_ua_ = page_ua;
   fail_page_errno_ = err;
 }
 
 void FaultInjectingBackend::ClearFaults() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   fail_at_count_ = 0;
   fail_page_ua_.reset();
 }
 
 uint64_t FaultInjectingBackend::pages_pinned() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return pages_pinned_;
 }
 
 uint64_t FaultInjectingBackend::injected_failures() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return injected_failures_;
 }
 
@@ -56,12 +56,12 @@ absl::Status FaultInjectingBackend::PinPages(ContextId context, uint64_t ua,
                                              uint32_t* backing_page_shift) {
   std::optional<std::pair<uint64_t, int>> fault;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     fault = FirstFault(ua, hpas.size());
   }
   if (!fault.has_value()) {
     absl::Status status = base_->PinPages(context, ua, hpas, pinned, backing_page_shift);
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     pages_pinned_ += *pinned;
     return status;
   }
@@ -69,7 +69,7 @@ absl::Status FaultInjectingBackend::PinPages(ContextId context, uint64_t ua,
   const uint64_t good = fault->first;
   absl::Status status =
       base_->PinPages(context, ua, hpas.subspan(0, good), pinned, backing_page_shift);
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   pages_pinned_ += *pinned;
   if (!status.ok()) return status;
   ++injected_failures_;

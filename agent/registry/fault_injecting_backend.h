@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "absl/synchronization/mutex.h"
 #include "agent/registry/pin_backend.h"
+#include "common/mutex.h"
 
 namespace dmapin {
 
@@ -40,7 +40,7 @@ class FaultInjectingBackend final : public PinBackend {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   PinBackend* const base_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   uint64_t pages_pinned_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t fail_at_count_ ABSL_GUARDED_BY(mu_) = 0;  // 0 = off
   int fail_at_count_errno_ ABSL_GUARDED_BY(mu_) = 0;

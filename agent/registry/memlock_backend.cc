@@ -4,6 +4,7 @@
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -66,6 +67,15 @@ std::string UnescapeMountField(absl::string_view field) {
     }
   }
   return out;
+}
+
+// mlock/munlock as raw system calls: the sanitizers' interceptors turn the libc functions into
+// no-ops ("mlock is unsupported"), which would make pinning silently do nothing under ASan/TSan.
+int Mlock(uint64_t ua, uint64_t size) {
+  return static_cast<int>(syscall(SYS_mlock, reinterpret_cast<void*>(ua), size));
+}
+int Munlock(uint64_t ua, uint64_t size) {
+  return static_cast<int>(syscall(SYS_munlock, reinterpret_cast<void*>(ua), size));
 }
 
 // MADV_POPULATE_WRITE, retried when interrupted (it may return EINTR/EAGAIN on a signal or a
@@ -328,7 +338,7 @@ MemlockBackend::MemlockBackend(PagemapReader pagemap, uint64_t page_size)
       page_shift_(static_cast<uint32_t>(absl::countr_zero(page_size))) {}
 
 MemlockBackend::~MemlockBackend() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<uint64_t> pages;
   pages.reserve(lock_counts_.size());
   for (const auto& [page_ua, count] : lock_counts_) pages.push_back(page_ua);
@@ -338,7 +348,7 @@ MemlockBackend::~MemlockBackend() {
   while (i < pages.size()) {
     size_t j = i + 1;
     while (j < pages.size() && pages[j] == pages[j - 1] + page_size_) ++j;
-    munlock(reinterpret_cast<void*>(pages[i]), (j - i) * page_size_);
+    Munlock(pages[i], (j - i) * page_size_);
     i = j;
   }
 }
@@ -424,8 +434,8 @@ absl::StatusOr<uint32_t> MemlockBackend::BackingPageShift(uint64_t ua, uint64_t 
 }
 
 absl::Status MemlockBackend::LockPages(ContextId context, uint64_t ua, uint64_t pages) {
-  absl::MutexLock lock(&mu_);
-  if (mlock(reinterpret_cast<void*>(ua), pages * page_size_) != 0) {
+  MutexLock lock(&mu_);
+  if (Mlock(ua, pages * page_size_) != 0) {
     const int err = errno;
     // mlock may have locked a prefix; drop it where no other pin holds the page.
     MunlockUnlockedRuns(ua, pages);
@@ -441,12 +451,12 @@ absl::Status MemlockBackend::LockPages(ContextId context, uint64_t ua, uint64_t 
 }
 
 void MemlockBackend::UnlockPages(ContextId context, uint64_t ua, uint64_t pages) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   uint64_t run_start = 0;
   uint64_t run_pages = 0;
   auto flush = [&] {
     // Failure means the pages were unmapped already, which unlocked them too.
-    if (run_pages != 0) munlock(reinterpret_cast<void*>(run_start), run_pages * page_size_);
+    if (run_pages != 0) Munlock(run_start, run_pages * page_size_);
     run_pages = 0;
   };
   for (uint64_t i = 0; i < pages; ++i) {
@@ -480,7 +490,7 @@ void MemlockBackend::MunlockUnlockedRuns(uint64_t ua, uint64_t pages) {
     }
     uint64_t j = i + 1;
     while (j < pages && !lock_counts_.contains(ua + j * page_size_)) ++j;
-    munlock(reinterpret_cast<void*>(ua + i * page_size_), (j - i) * page_size_);
+    Munlock(ua + i * page_size_, (j - i) * page_size_);
     i = j;
   }
 }
@@ -543,18 +553,18 @@ void MemlockBackend::UnpinPages(ContextId context, uint64_t ua, absl::Span<const
 }
 
 absl::StatusOr<uint64_t> MemlockBackend::PinCount(ContextId context, uint64_t page_ua) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = pins_.find({context, page_ua});
   return it == pins_.end() ? 0 : it->second;
 }
 
 absl::StatusOr<uint64_t> MemlockBackend::TotalPinnedPages() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return total_pins_;
 }
 
 uint64_t MemlockBackend::LockedPages() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return lock_counts_.size();
 }
 

@@ -27,9 +27,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "agent/registry/pin_backend.h"
+#include "common/mutex.h"
 
 namespace dmapin {
 
@@ -149,7 +149,7 @@ class MemlockBackend final : public PinBackend {
 
   // Held across mlock/munlock so a page's count and its lock state change together: otherwise an
   // unpin's munlock could race with another pin's mlock and leave a counted page unlocked.
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   // Pins per (context, page), for PinCount and the invariant checker.
   absl::flat_hash_map<std::pair<ContextId, uint64_t>, uint64_t> pins_ ABSL_GUARDED_BY(mu_);
   // Pins per page over all contexts; the page is mlocked while this is non-zero.

@@ -205,7 +205,7 @@ void Registry::PublishTopology(std::unique_ptr<Topology> next) {
 
 absl::Status Registry::CreateContext(ContextId id, const ContextOptions& options) {
   if (EpochDomain::InReadSection()) return ReadSectionMisuse("CreateContext");
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   if (current->contexts.contains(id)) {
     return ErrnoStatus(EEXIST, absl::StrFormat("memory context %d already exists", id));
@@ -232,7 +232,7 @@ absl::Status Registry::CreateContainer(ContainerId id, const ContainerOptions& o
                                                options.window_start, options.window_size,
                                                options.iommu_page_size));
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   if (current->containers.contains(id)) {
     return ErrnoStatus(EEXIST, absl::StrFormat("container %d already exists", id));
@@ -252,7 +252,7 @@ void Registry::ClearContainerEntries(Container* container) {
 
 absl::Status Registry::ReleaseContainer(ContainerId id) {
   if (EpochDomain::InReadSection()) return ReadSectionMisuse("ReleaseContainer");
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   auto it = current->containers.find(id);
   if (it == current->containers.end()) {
@@ -297,7 +297,7 @@ absl::Status Registry::ReleaseContainer(ContainerId id) {
 
 absl::Status Registry::TeardownContext(ContextId id) {
   if (EpochDomain::InReadSection()) return ReadSectionMisuse("TeardownContext");
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   auto it = current->contexts.find(id);
   if (it == current->contexts.end()) {
@@ -354,7 +354,7 @@ absl::Status Registry::Register(ContainerId container_id, ContextId context_id, 
 
 absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
                                     uint64_t size) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   auto container_it = current->containers.find(container_id);
   if (container_it == current->containers.end()) {
@@ -537,7 +537,7 @@ absl::Status Registry::Unregister(ContainerId container_id, uint64_t ua, uint64_
 }
 
 absl::Status Registry::UnregisterImpl(ContainerId container_id, uint64_t ua, uint64_t size) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   auto container_it = current->containers.find(container_id);
   if (container_it == current->containers.end()) {
@@ -566,7 +566,7 @@ absl::Status Registry::UnregisterImpl(ContainerId container_id, uint64_t ua, uin
 }
 
 void Registry::CompletePendingReleases(absl::Span<const PendingRelease> candidates) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   Retired retired;
   const Topology* current = topology();
   for (const PendingRelease& candidate : candidates) {
@@ -800,7 +800,7 @@ absl::StatusOr<uint64_t> Registry::ReadSession::Translate(uint64_t ua) {
 
 std::vector<RegionInfo> Registry::ListRegions(std::optional<ContextId> context_id,
                                               bool with_hpas) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<const Context*> contexts;
   for (const auto& [id, context] : topology()->contexts) {
     if (!context_id.has_value() || *context_id == id) contexts.push_back(context);
@@ -817,7 +817,7 @@ std::vector<RegionInfo> Registry::ListRegions(std::optional<ContextId> context_i
 }
 
 absl::StatusOr<ContextInfo> Registry::GetContext(ContextId id) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = topology()->contexts.find(id);
   if (it == topology()->contexts.end()) {
     return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
@@ -836,7 +836,7 @@ ContextInfo Registry::DescribeContextLocked(const Context& context) const {
 }
 
 std::vector<ContextInfo> Registry::ListContexts() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<ContextInfo> contexts;
   for (const auto& [id, context] : topology()->contexts) {
     contexts.push_back(DescribeContextLocked(*context));
@@ -859,7 +859,7 @@ ContainerInfo Registry::DescribeContainerLocked(Container& container) const {
 }
 
 absl::StatusOr<ContainerInfo> Registry::GetContainer(ContainerId id) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = topology()->containers.find(id);
   if (it == topology()->containers.end()) {
     return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", id));
@@ -868,7 +868,7 @@ absl::StatusOr<ContainerInfo> Registry::GetContainer(ContainerId id) const {
 }
 
 std::vector<ContainerInfo> Registry::ListContainers() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<ContainerInfo> containers;
   for (const auto& [id, container] : topology()->containers) {
     containers.push_back(DescribeContainerLocked(*container));
@@ -901,7 +901,7 @@ RegistryStats Registry::stats() const {
 // --- Invariants (spec §10) --------------------------------------------------------------------
 
 absl::Status Registry::CheckInvariants() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const Topology* current = topology();
   // Installed entries per region, over every container.
   absl::flat_hash_map<const Region*, uint64_t> installed;

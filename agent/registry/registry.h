@@ -23,10 +23,10 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "agent/registry/epoch.h"
 #include "agent/registry/pin_backend.h"
+#include "common/mutex.h"
 
 namespace dmapin {
 
@@ -226,7 +226,7 @@ class Registry {
   const uint64_t page_size_;
   const uint32_t page_shift_;
 
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   // The current topology (contexts and containers by id); replaced copy-on-write by writers.
   std::atomic<const Topology*> topology_{nullptr};
 

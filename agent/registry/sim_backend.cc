@@ -105,7 +105,7 @@ absl::Status SimBackend::PinPages(ContextId context, uint64_t ua, absl::Span<uin
     if (page_backing_shift < shift) shift = page_backing_shift;
     hpas[i] = FakeHpa(context, page_ua);
     if (options_.track_pins) {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       ++pin_counts_[{context, page_ua}];
       ++total_pinned_;
     }
@@ -117,7 +117,7 @@ absl::Status SimBackend::PinPages(ContextId context, uint64_t ua, absl::Span<uin
 
 void SimBackend::UnpinPages(ContextId context, uint64_t ua, absl::Span<const uint64_t> hpas) {
   if (!options_.track_pins) return;
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (size_t i = 0; i < hpas.size(); ++i) {
     auto it = pin_counts_.find({context, ua + (i << page_shift_)});
     if (it == pin_counts_.end()) continue;  // The checker reports the imbalance via PinCount.
@@ -128,14 +128,14 @@ void SimBackend::UnpinPages(ContextId context, uint64_t ua, absl::Span<const uin
 
 absl::StatusOr<uint64_t> SimBackend::PinCount(ContextId context, uint64_t page_ua) const {
   if (!options_.track_pins) return absl::UnimplementedError("pin tracking is off");
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = pin_counts_.find({context, page_ua});
   return it == pin_counts_.end() ? 0 : it->second;
 }
 
 absl::StatusOr<uint64_t> SimBackend::TotalPinnedPages() const {
   if (!options_.track_pins) return absl::UnimplementedError("pin tracking is off");
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return total_pinned_;
 }
 

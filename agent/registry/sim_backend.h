@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
 #include "agent/registry/pin_backend.h"
+#include "common/mutex.h"
 
 namespace dmapin {
 
@@ -63,7 +63,7 @@ class SimBackend final : public PinBackend {
   const SimBackendOptions options_;
   const uint32_t page_shift_;
 
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   absl::flat_hash_map<std::pair<ContextId, uint64_t>, uint64_t> pin_counts_ ABSL_GUARDED_BY(mu_);
   uint64_t total_pinned_ ABSL_GUARDED_BY(mu_) = 0;
 };
