@@ -599,12 +599,18 @@ absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua,
 }
 
 absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
-                                     const char* what) const {
+                                     std::optional<uint64_t> ua, const char* what) const {
+  // §7.2 before §7.3: alignment (of ua too, for map) comes before the window.
   const uint64_t mask = container.options.iommu_page_size - 1;
   if (size == 0 || (iova & mask) != 0 || (size & mask) != 0) {
     return ErrnoStatus(EINVAL, absl::StrFormat("%s iova=0x%x size=0x%x: zero or not a multiple "
                                                "of the IOMMU page size 0x%x",
                                                what, iova, size, mask + 1));
+  }
+  if (ua.has_value() && ((*ua & mask) != 0 || *ua + (size - 1) < *ua)) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s ua=0x%x size=0x%x: not a multiple of the IOMMU "
+                                               "page size 0x%x, or wraps past 2^64",
+                                               what, *ua, size, mask + 1));
   }
   const ContainerOptions& window = container.options;
   if (iova < window.window_start || size > window.window_size ||
@@ -633,16 +639,11 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
                        absl::StrFormat("container %d has never registered memory", container_id));
   }
   // §7.2, §7.3
-  if (absl::Status status = CheckDmaRange(*container, iova, size, "map"); !status.ok()) {
+  if (absl::Status status = CheckDmaRange(*container, iova, size, ua, "map"); !status.ok()) {
     return status;
   }
   const uint32_t iommu_shift = container->iommu_shift;
   const uint64_t iommu_page = uint64_t{1} << iommu_shift;
-  if ((ua & (iommu_page - 1)) != 0 || ua + (size - 1) < ua) {
-    return ErrnoStatus(EINVAL, absl::StrFormat("map ua=0x%x size=0x%x: not aligned to the IOMMU "
-                                               "page size 0x%x or wraps",
-                                               ua, size, iommu_page));
-  }
   const uint64_t pages = size >> iommu_shift;
   const uint64_t first_entry = (iova - container->options.window_start) >> iommu_shift;
   auto dec = [&](Region* region) {
@@ -700,7 +701,7 @@ absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t s
       return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
     }
     Container* container = container_it->second;
-    status = CheckDmaRange(*container, iova, size, "unmap");
+    status = CheckDmaRange(*container, iova, size, std::nullopt, "unmap");
     if (!status.ok()) return status;
     const uint64_t pages = size >> container->iommu_shift;
     const uint64_t first_entry = (iova - container->options.window_start) >> container->iommu_shift;

@@ -214,7 +214,7 @@ class Registry {
   absl::Status MapImpl(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
                        std::vector<PendingRelease>* pending);
   absl::Status CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
-                             const char* what) const;
+                             std::optional<uint64_t> ua, const char* what) const;
   absl::Status ValidateRange(uint64_t ua, uint64_t size, const char* what) const;
   RegionInfo Describe(const Region& region, bool with_hpas) const;
   ContextInfo DescribeContextLocked(const Context& context) const

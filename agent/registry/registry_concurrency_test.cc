@@ -62,6 +62,7 @@ TEST_F(RegistryConcurrencyTest, TranslateDuringRegisterUnregisterChurn) {
       }
     });
   }
+  while (translations.load() == 0) std::this_thread::yield();
   // Writer: churn regions in the gaps.
   for (int round = 0; round < 300; ++round) {
     const uint64_t slot = round % 64;

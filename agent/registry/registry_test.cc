@@ -261,6 +261,8 @@ TEST_F(RegistryTest, MapChecksInOrder) {
   EXPECT_ERRNO(registry_->Map(1, 0, kBase, 0), EINVAL);
   EXPECT_ERRNO(registry_->Map(1, 0x1000, kBase, k64K), EINVAL);
   EXPECT_ERRNO(registry_->Map(1, 0, kBase + 0x1000, k64K), EINVAL);
+  EXPECT_ERRNO(registry_->Map(1, uint64_t{1} << 41, kBase + 0x1000, k64K),
+               EINVAL);  // before window
   EXPECT_ERRNO(registry_->Map(1, uint64_t{1} << 40, kBase, k64K), ENXIO);
   EXPECT_ERRNO(registry_->Map(1, (uint64_t{1} << 40) - k64K, kBase, 2 * k64K), ENXIO);
   EXPECT_ERRNO(registry_->Map(1, 0, kBase + k1M, k64K), EINVAL);  // unregistered memory
