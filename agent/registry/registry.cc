@@ -586,9 +586,12 @@ void Registry::CompletePendingReleases(absl::Span<const PendingRelease> candidat
 
 // --- Map / unmap ------------------------------------------------------------------------------
 
-absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size) {
+absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
+                           uint64_t* cleared_pages) {
   std::vector<PendingRelease> pending;
-  absl::Status status = MapImpl(container_id, iova, ua, size, &pending);
+  uint64_t cleared = 0;
+  absl::Status status = MapImpl(container_id, iova, ua, size, &pending, &cleared);
+  if (cleared_pages != nullptr) *cleared_pages = cleared;
   if (status.ok()) {
     AtomicStats::Bump(stats_->Shard().maps_ok);
   } else {
@@ -624,7 +627,7 @@ absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, 
 }
 
 absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
-                               std::vector<PendingRelease>* pending) {
+                               std::vector<PendingRelease>* pending, uint64_t* cleared_pages) {
   EpochReadLock read_lock;
   const Topology* current = topology();
   auto container_it = current->containers.find(container_id);
@@ -681,6 +684,7 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
         if (old != nullptr) dec(old);
       }
       if (i > 0) AtomicStats::Bump(stats_->map_rollbacks);
+      *cleared_pages = i;
       return failure;
     }
     cached = region;

@@ -127,7 +127,11 @@ class Registry {
   absl::Status Unregister(ContainerId container, uint64_t ua, uint64_t size);
 
   // --- DMA hot path (lock-free; spec §7) -----------------------------------------------------
-  absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size);
+  // On failure, the first *cleared_pages IOMMU entries of the range were cleared (spec §7.5:
+  // whatever they mapped before this call is gone); the rest of the range is unchanged. Callers
+  // that mirror the mappings (the agent's durable state) need this; others pass nothing.
+  absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
+                   uint64_t* cleared_pages = nullptr);
   absl::Status Unmap(ContainerId container, uint64_t iova, uint64_t size);
 
   // --- Lookup and translation (lock-free; spec §6) -------------------------------------------
@@ -212,7 +216,7 @@ class Registry {
   void CompletePendingReleases(absl::Span<const PendingRelease> candidates);
   void ClearContainerEntries(Container* container);
   absl::Status MapImpl(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
-                       std::vector<PendingRelease>* pending);
+                       std::vector<PendingRelease>* pending, uint64_t* cleared_pages);
   absl::Status CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
                              std::optional<uint64_t> ua, const char* what) const;
   absl::Status ValidateRange(uint64_t ua, uint64_t size, const char* what) const;

@@ -246,7 +246,9 @@ TEST_F(RegistryTest, MapCountsOneEntryPerIommuPageAndRollsBack) {
   ASSERT_TRUE(registry_->Map(10, 0, kBase, k64K).ok());
   EXPECT_EQ(Region(kBase, k1M).mapped, 17u);
   // Crossing the region's end: nothing of this call stays installed.
-  EXPECT_ERRNO(registry_->Map(10, 0x100000, kBase + k1M - 0x2000, 0x4000), EINVAL);
+  uint64_t cleared = 99;
+  EXPECT_ERRNO(registry_->Map(10, 0x100000, kBase + k1M - 0x2000, 0x4000, &cleared), EINVAL);
+  EXPECT_EQ(cleared, 2u);  // two pages were installed, then cleared again
   EXPECT_EQ(Region(kBase, k1M).mapped, 17u);
   EXPECT_EQ(registry_->stats().map_rollbacks, 1u);
   // Unmap of a partly installed range clears only what is installed.
