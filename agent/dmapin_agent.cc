@@ -1,0 +1,242 @@
+// dmapin-agent: the node agent. Serves the node's region registry over gRPC on TCP (central
+// service, admins) and on a Unix socket (VMMs on the node: the DMA hot path), with reflection and
+// grpc.health.v1 on both. Every acknowledged change is durable in --state_dir before the reply;
+// on start the registry is rebuilt from it, checked, and only then served.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "agent/node/node_agent.h"
+#include "agent/registry/memlock_backend.h"
+#include "agent/registry/sim_backend.h"
+#include "agent/service/node_agent_service.h"
+#include "agent/store/state_store.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+
+ABSL_FLAG(std::string, node_name, "",
+          "Name of this node (default: $NODE_NAME, as set from the downward API, else the host "
+          "name).");
+ABSL_FLAG(std::string, tcp_address, "0.0.0.0:7470",
+          "TCP address for the central service and admins (host:port); empty disables TCP.");
+ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock",
+          "Unix socket for the VMMs on this node (the DMA hot path); empty disables it.");
+ABSL_FLAG(std::string, state_dir, "/var/lib/dmapin/agent",
+          "Directory of the agent's durable state (state.db). Must survive agent restarts.");
+ABSL_FLAG(bool, state_sync_full, false,
+          "fsync the state store at every commit (survives power loss). Default: survive process "
+          "crashes (kill -9) only, which is what pinned memory needs: a node that loses power "
+          "loses its pins too.");
+ABSL_FLAG(std::string, backend, "sim",
+          "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests) or "
+          "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root).");
+ABSL_FLAG(uint64_t, sim_page_size, 65536, "sim backend: the node's page size in bytes.");
+ABSL_FLAG(std::string, sim_holes, "",
+          "sim backend: unpinnable ranges, comma-separated ua:size (C notation), e.g. "
+          "0x10050000:0x10000.");
+ABSL_FLAG(std::string, sim_readonly, "", "sim backend: read-only ranges, like --sim_holes.");
+ABSL_FLAG(std::string, sim_huge, "",
+          "sim backend: huge-page ranges, comma-separated ua:size:huge_page_size.");
+
+namespace dmapin {
+namespace {
+
+absl::StatusOr<uint64_t> ParseNumber(absl::string_view text) {
+  uint64_t value = 0;
+  if (absl::StartsWith(text, "0x") || absl::StartsWith(text, "0X")) {
+    if (absl::SimpleHexAtoi(text.substr(2), &value)) return value;
+  } else if (absl::SimpleAtoi(text, &value)) {
+    return value;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("bad number \"", text, "\""));
+}
+
+// Parses "ua:size[:page],..." into tuples of `fields` numbers.
+absl::StatusOr<std::vector<std::vector<uint64_t>>> ParseRanges(absl::string_view flag,
+                                                               absl::string_view text,
+                                                               size_t fields) {
+  std::vector<std::vector<uint64_t>> ranges;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    std::vector<absl::string_view> parts = absl::StrSplit(item, ':');
+    if (parts.size() != fields) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": \"", item, "\" needs ", fields, " colon-separated numbers"));
+    }
+    std::vector<uint64_t> numbers;
+    for (absl::string_view part : parts) {
+      absl::StatusOr<uint64_t> number = ParseNumber(part);
+      if (!number.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", flag, ": ", number.status().message()));
+      }
+      numbers.push_back(*number);
+    }
+    ranges.push_back(std::move(numbers));
+  }
+  return ranges;
+}
+
+absl::StatusOr<std::unique_ptr<PinBackend>> MakeBackend() {
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  if (backend == "memlock") {
+    absl::StatusOr<std::unique_ptr<MemlockBackend>> memlock = MemlockBackend::Create();
+    if (!memlock.ok()) return memlock.status();
+    return std::unique_ptr<PinBackend>(std::move(*memlock));
+  }
+  if (backend != "sim") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend=", backend, ": expected 'sim' or 'memlock'"));
+  }
+  SimBackendOptions options{.page_size = absl::GetFlag(FLAGS_sim_page_size)};
+  auto holes = ParseRanges("sim_holes", absl::GetFlag(FLAGS_sim_holes), 2);
+  if (!holes.ok()) return holes.status();
+  for (const auto& range : *holes) options.holes.push_back({range[0], range[1]});
+  auto readonly = ParseRanges("sim_readonly", absl::GetFlag(FLAGS_sim_readonly), 2);
+  if (!readonly.ok()) return readonly.status();
+  for (const auto& range : *readonly) options.readonly.push_back({range[0], range[1]});
+  auto huge = ParseRanges("sim_huge", absl::GetFlag(FLAGS_sim_huge), 3);
+  if (!huge.ok()) return huge.status();
+  for (const auto& range : *huge) options.huge.push_back({range[0], range[1], range[2]});
+  absl::StatusOr<std::unique_ptr<SimBackend>> sim = SimBackend::Create(std::move(options));
+  if (!sim.ok()) return sim.status();
+  return std::unique_ptr<PinBackend>(std::move(*sim));
+}
+
+std::vector<std::string> DetectBackends() {
+  std::vector<std::string> backends = {"sim"};
+  if (MemlockBackend::Create().ok()) backends.push_back("memlock");
+  return backends;
+}
+
+std::string NodeName() {
+  std::string name = absl::GetFlag(FLAGS_node_name);
+  if (!name.empty()) return name;
+  if (const char* env = std::getenv("NODE_NAME"); env != nullptr && *env != '\0') return env;
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
+int Run() {
+  const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
+  absl::StatusOr<std::unique_ptr<PinBackend>> backend = MakeBackend();
+  if (!backend.ok()) {
+    std::fprintf(stderr, "dmapin-agent: backend: %s\n", backend.status().ToString().c_str());
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<StateStore>> store =
+      StateStore::Open(state_dir, {.sync_full = absl::GetFlag(FLAGS_state_sync_full)});
+  if (!store.ok()) {
+    std::fprintf(stderr, "dmapin-agent: state store %s: %s\n", state_dir.c_str(),
+                 store.status().ToString().c_str());
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<NodeAgent>> agent =
+      NodeAgent::Create({.node_name = NodeName(),
+                         .backend = backend->get(),
+                         .store = store->get(),
+                         .available_backends = DetectBackends()});
+  if (!agent.ok()) {
+    std::fprintf(stderr, "dmapin-agent: recovery from %s failed, refusing to serve: %s\n",
+                 state_dir.c_str(), agent.status().ToString().c_str());
+    return 1;
+  }
+
+  NodeAgentService service(agent->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::vector<std::string> listening;
+  const std::string tcp = absl::GetFlag(FLAGS_tcp_address);
+  int tcp_port = 0;
+  if (!tcp.empty()) {
+    builder.AddListeningPort(tcp, grpc::InsecureServerCredentials(), &tcp_port);
+    listening.push_back(tcp);
+  }
+  const std::string uds = absl::GetFlag(FLAGS_uds_path);
+  if (!uds.empty()) {
+    std::error_code ignored;
+    std::filesystem::create_directories(std::filesystem::path(uds).parent_path(), ignored);
+    std::filesystem::remove(uds, ignored);  // a stale socket from a previous run
+    builder.AddListeningPort("unix:" + uds, grpc::InsecureServerCredentials());
+    listening.push_back("unix:" + uds);
+  }
+  if (listening.empty()) {
+    std::fprintf(stderr, "dmapin-agent: neither --tcp_address nor --uds_path is set\n");
+    return 2;
+  }
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || (!tcp.empty() && tcp_port == 0)) {
+    std::fprintf(stderr, "dmapin-agent: could not listen on %s\n",
+                 absl::StrJoin(listening, ", ").c_str());
+    return 1;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
+               NodeName().c_str(), (*backend)->name().c_str(), state_dir.c_str(),
+               absl::StrJoin(listening, ", ").c_str(), tcp_port);
+
+  // SIGTERM/SIGINT end the agent gracefully; the health status follows the store's health.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::atomic<bool> stopping{false};
+  std::thread watchdog([&] {
+    bool serving = true;
+    while (!stopping.load()) {
+      const bool healthy = (*agent)->healthy();
+      if (healthy != serving) {
+        health->SetServingStatus(healthy);
+        serving = healthy;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+  int signal = 0;
+  sigwait(&signals, &signal);
+  std::fprintf(stderr, "dmapin-agent: signal %d, shutting down\n", signal);
+  stopping = true;
+  watchdog.join();
+  health->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmapin
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "dmapin node agent: serves the node's DMA pre-registration registry over gRPC.\n"
+      "Usage: dmapin-agent [--backend=sim|memlock] [--state_dir=DIR] [--tcp_address=HOST:PORT]"
+      " [--uds_path=PATH]");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "dmapin_agent");
+  };
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+  return dmapin::Run();
+}

@@ -1,0 +1,623 @@
+#include "agent/node/node_agent.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "agent/registry/errno_status.h"
+
+namespace dmapin {
+namespace {
+
+constexpr uint64_t kDefaultWindowSize = uint64_t{1} << 40;
+
+absl::Status Annotate(const absl::Status& status, absl::string_view context) {
+  if (status.ok()) return status;
+  absl::Status annotated(status.code(), absl::StrCat(status.message(), " (", context, ")"));
+  status.ForEachPayload([&annotated](absl::string_view url, const absl::Cord& payload) {
+    annotated.SetPayload(url, payload);
+  });
+  return annotated;
+}
+
+ContextOptions ToOptions(const ContextSpec& spec) {
+  return ContextOptions{.memlock_limit_bytes = spec.memlock_limit_bytes,
+                        .cap_ipc_lock = spec.cap_ipc_lock};
+}
+
+}  // namespace
+
+absl::Status ValidateName(absl::string_view what, absl::string_view name) {
+  if (name.empty() || name.size() > 128) {
+    return ErrnoStatus(
+        EINVAL, absl::StrFormat("%s name must be 1-128 characters, got %d", what, name.size()));
+  }
+  for (char c : name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '/' || c == '-';
+    if (!ok) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("%s name \"%s\" has a character outside "
+                                                 "[A-Za-z0-9._/-]",
+                                                 what, absl::CHexEscape(std::string(name))));
+    }
+  }
+  return absl::OkStatus();
+}
+
+NodeAgent::NodeAgent(NodeAgentOptions options)
+    : options_(std::move(options)), registry_(std::make_unique<Registry>(options_.backend)) {}
+
+NodeAgent::~NodeAgent() = default;
+
+absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions options) {
+  if (options.backend == nullptr) return absl::InvalidArgumentError("NodeAgent needs a backend");
+  std::unique_ptr<NodeAgent> agent(new NodeAgent(std::move(options)));
+  if (absl::Status status = agent->Recover(); !status.ok()) return status;
+  return agent;
+}
+
+// --- Recovery ---------------------------------------------------------------------------------
+
+absl::Status NodeAgent::Recover() {
+  if (options_.store == nullptr) return absl::OkStatus();
+  absl::StatusOr<PersistedState> state = options_.store->Load();
+  if (!state.ok()) return Annotate(state.status(), "recovery: loading the state store");
+  MutexLock control(&control_mu_);
+  MutexLock names(&names_mu_);
+  uint64_t max_id = 0;
+  for (const StoredContext& stored : state->contexts) {
+    ContextSpec spec{.name = stored.name,
+                     .memlock_limit_bytes = stored.memlock_limit_bytes,
+                     .cap_ipc_lock = stored.cap_ipc_lock,
+                     .backing = stored.backing};
+    if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
+      return Annotate(status, absl::StrCat("recovery: context ", stored.name));
+    }
+    auto entry = std::make_shared<ContextEntry>();
+    entry->id = stored.id;
+    entry->spec = std::move(spec);
+    contexts_[stored.name] = entry;
+    context_names_[stored.id] = stored.name;
+    max_id = std::max(max_id, stored.id);
+  }
+  for (const StoredContainer& stored : state->containers) {
+    ContainerSpec spec{.name = stored.name,
+                       .iommu_page_size = stored.iommu_page_size,
+                       .window_start = stored.window_start,
+                       .window_size = stored.window_size};
+    ContainerOptions options{.iommu_page_size = stored.iommu_page_size,
+                             .window_start = stored.window_start,
+                             .window_size = stored.window_size};
+    if (absl::Status status = registry_->CreateContainer(stored.id, options); !status.ok()) {
+      return Annotate(status, absl::StrCat("recovery: container ", stored.name));
+    }
+    auto entry = std::make_shared<ContainerEntry>();
+    entry->id = stored.id;
+    entry->name = stored.name;
+    entry->spec = std::move(spec);
+    containers_[stored.name] = entry;
+    container_names_[stored.id] = stored.name;
+    max_id = std::max(max_id, stored.id);
+  }
+  auto context_of = [&](const std::string& name) -> absl::StatusOr<ContextEntry*> {
+    auto it = contexts_.find(name);
+    if (it == contexts_.end()) {
+      return absl::DataLossError(absl::StrCat("recovery: unknown context ", name));
+    }
+    return it->second.get();
+  };
+  // Holds in commit order, so that the first holder pins as it did originally.
+  for (const StoredHold& hold : state->holds) {
+    auto container = containers_.find(hold.container);
+    absl::StatusOr<ContextEntry*> context = context_of(hold.context);
+    if (container == containers_.end() || !context.ok()) {
+      return absl::DataLossError(absl::StrFormat("recovery: hold of %s on %s names a missing row",
+                                                 hold.container, hold.context));
+    }
+    absl::Status status =
+        registry_->Register(container->second->id, (*context)->id, hold.ua, hold.size);
+    if (!status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: re-registering ua=0x%x size=0x%x for "
+                                              "container %s",
+                                              hold.ua, hold.size, hold.container));
+    }
+    container->second->bound.store(*context, std::memory_order_release);
+  }
+  // Regions pending release: registered by a temporary holder, mapped below, then let go.
+  std::vector<ContainerId> temporary;
+  uint64_t next_temporary = max_id + 1;
+  for (const StoredPending& pending : state->pending) {
+    absl::StatusOr<ContextEntry*> context = context_of(pending.context);
+    if (!context.ok()) return context.status();
+    const ContainerId id = next_temporary++;
+    absl::Status status =
+        registry_->CreateContainer(id, {.iommu_page_size = registry_->page_size()});
+    if (status.ok()) status = registry_->Register(id, (*context)->id, pending.ua, pending.size);
+    if (!status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
+                                              pending.ua, pending.size, pending.context));
+    }
+    temporary.push_back(id);
+    MutexLock lock(&(*context)->pending_mu);
+    (*context)->pending.emplace_back(pending.ua, pending.size);
+    (*context)->has_pending.store(true, std::memory_order_release);
+  }
+  for (const StoredMapping& mapping : state->mappings) {
+    auto container = containers_.find(mapping.container);
+    if (container == containers_.end()) {
+      return absl::DataLossError(
+          absl::StrCat("recovery: mapping of unknown container ", mapping.container));
+    }
+    absl::Status status =
+        registry_->Map(container->second->id, mapping.iova, mapping.ua, mapping.size);
+    if (!status.ok()) {
+      return Annotate(status,
+                      absl::StrFormat("recovery: re-mapping iova=0x%x ua=0x%x size=0x%x "
+                                      "of container %s",
+                                      mapping.iova, mapping.ua, mapping.size, mapping.container));
+    }
+  }
+  for (ContainerId id : temporary) {
+    if (absl::Status status = registry_->ReleaseContainer(id); !status.ok()) return status;
+  }
+  for (const StoredPending& pending : state->pending) {
+    ContextEntry* context = *context_of(pending.context);
+    absl::StatusOr<std::optional<RegionInfo>> region =
+        registry_->Find(context->id, pending.ua, pending.size / registry_->page_size());
+    if (!region.ok() || !region->has_value() || !(*region)->pending_release) {
+      return absl::DataLossError(absl::StrFormat(
+          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but no "
+          "mapping keeps it",
+          pending.ua, pending.size, pending.context));
+    }
+  }
+  next_id_ = next_temporary;
+  auto next_id = state->meta.find(std::string(kMetaNextId));
+  uint64_t persisted_next = 0;
+  if (next_id != state->meta.end() && absl::SimpleAtoi(next_id->second, &persisted_next)) {
+    next_id_ = std::max(next_id_, persisted_next);
+  }
+  return Annotate(registry_->CheckInvariants(), "recovery: invariants after rebuild");
+}
+
+// --- Helpers ----------------------------------------------------------------------------------
+
+std::shared_ptr<NodeAgent::ContainerEntry> NodeAgent::FindContainer(absl::string_view name) const {
+  MutexLock lock(&names_mu_);
+  auto it = containers_.find(name);
+  return it == containers_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<NodeAgent::ContextEntry> NodeAgent::FindContext(absl::string_view name) const {
+  MutexLock lock(&names_mu_);
+  auto it = contexts_.find(name);
+  return it == contexts_.end() ? nullptr : it->second;
+}
+
+namespace {
+
+absl::Status NoSuchContainer(absl::string_view name) {
+  return ErrnoStatus(ENOENT, absl::StrFormat("container \"%s\" does not exist", name));
+}
+
+absl::Status NoSuchContext(absl::string_view name) {
+  return ErrnoStatus(ENOENT, absl::StrFormat("memory context \"%s\" does not exist", name));
+}
+
+}  // namespace
+
+absl::Status NodeAgent::CheckWritable() const {
+  if (store_failed_.load(std::memory_order_acquire)) {
+    return ErrnoStatus(EIO, absl::StatusCode::kUnavailable,
+                       "the state store failed earlier; this agent refuses changes until it is "
+                       "restarted and rebuilds from what was acknowledged");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::Persist(const Mutation& mutation) {
+  if (options_.store == nullptr || mutation.empty()) return absl::OkStatus();
+  absl::Status status = options_.store->Commit(mutation);
+  if (status.ok()) return status;
+  store_failed_.store(true, std::memory_order_release);
+  store_commit_failures_.fetch_add(1, std::memory_order_relaxed);
+  return ErrnoStatus(EIO, absl::StatusCode::kUnavailable,
+                     absl::StrCat("applied but could not be made durable, so not acknowledged; "
+                                  "the agent now refuses changes until restarted: ",
+                                  status.message()));
+}
+
+void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context_name,
+                               Mutation* mutation) {
+  std::vector<std::pair<uint64_t, uint64_t>> now;
+  for (const RegionInfo& region : registry_->ListRegions(context.id)) {
+    if (region.pending_release) now.emplace_back(region.ua, region.size);
+  }
+  for (const auto& [ua, size] : context.pending) {
+    if (std::find(now.begin(), now.end(), std::make_pair(ua, size)) == now.end()) {
+      mutation->RemovePending(context_name, ua, size);
+    }
+  }
+  for (const auto& [ua, size] : now) {
+    if (std::find(context.pending.begin(), context.pending.end(), std::make_pair(ua, size)) ==
+        context.pending.end()) {
+      mutation->PutPending(context_name, ua, size);
+    }
+  }
+  context.has_pending.store(!now.empty(), std::memory_order_release);
+  context.pending = std::move(now);
+}
+
+std::string NodeAgent::ContextName(ContextId id) const {
+  MutexLock lock(&names_mu_);
+  auto it = context_names_.find(id);
+  return it == context_names_.end() ? absl::StrCat("#", id) : it->second;
+}
+
+std::string NodeAgent::ContainerName(ContainerId id) const {
+  MutexLock lock(&names_mu_);
+  auto it = container_names_.find(id);
+  return it == container_names_.end() ? absl::StrCat("#", id) : it->second;
+}
+
+RegionView NodeAgent::ToView(RegionInfo info) const {
+  RegionView view;
+  view.context = ContextName(info.context);
+  for (ContainerId id : info.holders) view.containers.push_back(ContainerName(id));
+  std::sort(view.containers.begin(), view.containers.end());
+  view.info = std::move(info);
+  return view;
+}
+
+ContextView NodeAgent::ToView(const ContextInfo& info) const {
+  ContextView view;
+  view.name = ContextName(info.id);
+  if (std::shared_ptr<ContextEntry> entry = FindContext(view.name)) view.spec = entry->spec;
+  view.locked_bytes = info.locked_bytes;
+  view.regions = info.regions;
+  for (ContainerId id : info.containers) view.containers.push_back(ContainerName(id));
+  std::sort(view.containers.begin(), view.containers.end());
+  return view;
+}
+
+ContainerView NodeAgent::ToView(const ContainerInfo& info) const {
+  ContainerView view;
+  view.name = ContainerName(info.id);
+  view.options = info.options;
+  if (info.context.has_value()) view.context = ContextName(*info.context);
+  view.held_regions = info.held_regions;
+  view.installed_entries = info.installed_entries;
+  return view;
+}
+
+// --- Contexts ---------------------------------------------------------------------------------
+
+absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
+  if (absl::Status status = ValidateName("context", spec.name); !status.ok()) return status;
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  if (FindContext(spec.name) != nullptr) {
+    return ErrnoStatus(EEXIST, absl::StrFormat("memory context \"%s\" already exists", spec.name));
+  }
+  const ContextId id = next_id_++;
+  if (absl::Status status = registry_->CreateContext(id, ToOptions(spec)); !status.ok()) {
+    return status;
+  }
+  Mutation mutation;
+  mutation.PutContext(StoredContext{.name = spec.name,
+                                    .id = id,
+                                    .memlock_limit_bytes = spec.memlock_limit_bytes,
+                                    .cap_ipc_lock = spec.cap_ipc_lock,
+                                    .backing = spec.backing});
+  mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
+  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  auto entry = std::make_shared<ContextEntry>();
+  entry->id = id;
+  entry->spec = spec;
+  {
+    MutexLock names(&names_mu_);
+    contexts_[spec.name] = std::move(entry);
+    context_names_[id] = spec.name;
+  }
+  ContextView view;
+  view.name = spec.name;
+  view.spec = spec;
+  return view;
+}
+
+absl::StatusOr<ContextView> NodeAgent::GetContext(absl::string_view name) const {
+  std::shared_ptr<ContextEntry> entry = FindContext(name);
+  if (entry == nullptr) return NoSuchContext(name);
+  absl::StatusOr<ContextInfo> info = registry_->GetContext(entry->id);
+  if (!info.ok()) return info.status();
+  return ToView(*info);
+}
+
+std::vector<ContextView> NodeAgent::ListContexts() const {
+  std::vector<ContextView> views;
+  for (const ContextInfo& info : registry_->ListContexts()) views.push_back(ToView(info));
+  std::sort(views.begin(), views.end(),
+            [](const ContextView& a, const ContextView& b) { return a.name < b.name; });
+  return views;
+}
+
+absl::Status NodeAgent::TeardownContext(absl::string_view name) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContextEntry> context = FindContext(name);
+  if (context == nullptr) return NoSuchContext(name);
+  absl::StatusOr<ContextInfo> info = registry_->GetContext(context->id);
+  if (!info.ok()) return info.status();
+  // Stop the bound containers' DMA paths first (in id order, the only multi-lock order).
+  std::vector<std::shared_ptr<ContainerEntry>> bound;
+  for (ContainerId id : info->containers) {
+    if (auto entry = FindContainer(ContainerName(id))) bound.push_back(std::move(entry));
+  }
+  std::vector<std::unique_ptr<MutexLock>> dma_locks;
+  for (auto& entry : bound) dma_locks.push_back(std::make_unique<MutexLock>(&entry->dma_mu));
+  MutexLock pending(&context->pending_mu);
+
+  if (absl::Status status = registry_->TeardownContext(context->id); !status.ok()) return status;
+  Mutation mutation;
+  mutation.DeleteContext(name);
+  for (auto& entry : bound) {
+    entry->released = true;
+    mutation.DeleteContainer(entry->name);
+  }
+  absl::Status persisted = Persist(mutation);
+  {
+    MutexLock names(&names_mu_);
+    for (auto& entry : bound) {
+      containers_.erase(entry->name);
+      container_names_.erase(entry->id);
+    }
+    contexts_.erase(name);
+    context_names_.erase(context->id);
+  }
+  return persisted;
+}
+
+// --- Containers -------------------------------------------------------------------------------
+
+absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& spec) {
+  if (absl::Status status = ValidateName("container", spec.name); !status.ok()) return status;
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  if (FindContainer(spec.name) != nullptr) {
+    return ErrnoStatus(EEXIST, absl::StrFormat("container \"%s\" already exists", spec.name));
+  }
+  ContainerOptions options{
+      .iommu_page_size = spec.iommu_page_size != 0 ? spec.iommu_page_size : registry_->page_size(),
+      .window_start = spec.window_start,
+      .window_size = spec.window_size != 0 ? spec.window_size : kDefaultWindowSize};
+  const ContainerId id = next_id_++;
+  if (absl::Status status = registry_->CreateContainer(id, options); !status.ok()) return status;
+  Mutation mutation;
+  mutation.PutContainer(StoredContainer{.name = spec.name,
+                                        .id = id,
+                                        .iommu_page_size = options.iommu_page_size,
+                                        .window_start = options.window_start,
+                                        .window_size = options.window_size});
+  mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
+  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  auto entry = std::make_shared<ContainerEntry>();
+  entry->id = id;
+  entry->name = spec.name;
+  entry->spec = spec;
+  {
+    MutexLock names(&names_mu_);
+    containers_[spec.name] = std::move(entry);
+    container_names_[id] = spec.name;
+  }
+  ContainerView view;
+  view.name = spec.name;
+  view.options = options;
+  return view;
+}
+
+absl::StatusOr<ContainerView> NodeAgent::GetContainer(absl::string_view name) const {
+  std::shared_ptr<ContainerEntry> entry = FindContainer(name);
+  if (entry == nullptr) return NoSuchContainer(name);
+  absl::StatusOr<ContainerInfo> info = registry_->GetContainer(entry->id);
+  if (!info.ok()) return info.status();
+  return ToView(*info);
+}
+
+std::vector<ContainerView> NodeAgent::ListContainers() const {
+  std::vector<ContainerView> views;
+  for (const ContainerInfo& info : registry_->ListContainers()) views.push_back(ToView(info));
+  std::sort(views.begin(), views.end(),
+            [](const ContainerView& a, const ContainerView& b) { return a.name < b.name; });
+  return views;
+}
+
+absl::Status NodeAgent::ReleaseContainer(absl::string_view name) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContainerEntry> entry = FindContainer(name);
+  if (entry == nullptr) return NoSuchContainer(name);
+  MutexLock dma(&entry->dma_mu);
+  ContextEntry* context = entry->bound.load(std::memory_order_acquire);
+  std::unique_ptr<MutexLock> pending;
+  if (context != nullptr) pending = std::make_unique<MutexLock>(&context->pending_mu);
+
+  if (absl::Status status = registry_->ReleaseContainer(entry->id); !status.ok()) return status;
+  entry->released = true;
+  Mutation mutation;
+  mutation.DeleteContainer(name);
+  if (context != nullptr) AddPendingDiffLocked(*context, mutation);
+  absl::Status persisted = Persist(mutation);
+  MutexLock names(&names_mu_);
+  containers_.erase(entry->name);
+  container_names_.erase(entry->id);
+  return persisted;
+}
+
+void NodeAgent::AddPendingDiffLocked(ContextEntry& context, Mutation& mutation) {
+  AddPendingDiff(context, ContextName(context.id), &mutation);
+}
+
+// --- Registration -----------------------------------------------------------------------------
+
+absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container_name,
+                                                     absl::string_view context_name, uint64_t ua,
+                                                     uint64_t size) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
+  if (container == nullptr) return NoSuchContainer(container_name);
+  std::shared_ptr<ContextEntry> context = FindContext(context_name);
+  if (context == nullptr) return NoSuchContext(context_name);
+  MutexLock pending(&context->pending_mu);
+  const bool had_pending = context->has_pending.load(std::memory_order_acquire);
+  if (absl::Status status = registry_->Register(container->id, context->id, ua, size);
+      !status.ok()) {
+    return status;
+  }
+  container->bound.store(context.get(), std::memory_order_release);
+  Mutation mutation;
+  mutation.AddHold(container_name, context_name, ua, size);
+  if (had_pending) AddPendingDiff(*context, std::string(context_name), &mutation);
+  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  absl::StatusOr<std::optional<RegionInfo>> region =
+      registry_->Find(context->id, ua, size / registry_->page_size());
+  if (!region.ok()) return region.status();
+  if (!region->has_value()) return absl::InternalError("registered region vanished");
+  return ToView(**region);
+}
+
+absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint64_t ua,
+                                         uint64_t size) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
+  if (container == nullptr) return NoSuchContainer(container_name);
+  if (absl::Status status = registry_->Unregister(container->id, ua, size); !status.ok()) {
+    return status;
+  }
+  ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  Mutation mutation;
+  mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
+  return Persist(mutation);
+}
+
+// --- DMA --------------------------------------------------------------------------------------
+
+absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, uint64_t ua,
+                               uint64_t size) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
+  if (container == nullptr) return NoSuchContainer(container_name);
+  MutexLock dma(&container->dma_mu);
+  if (container->released) return NoSuchContainer(container_name);
+  uint64_t cleared_pages = 0;
+  absl::Status status = registry_->Map(container->id, iova, ua, size, &cleared_pages);
+  Mutation mutation;
+  if (status.ok()) {
+    mutation.SetMapping(container_name, iova, size, ua);
+  } else if (cleared_pages > 0) {
+    // A failed map clears the entries it had reached (spec §7.5); record that too.
+    const uint64_t iommu_page = container->spec.iommu_page_size != 0
+                                    ? container->spec.iommu_page_size
+                                    : registry_->page_size();
+    mutation.ClearMappings(container_name, iova, cleared_pages * iommu_page);
+  }
+  ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
+    MutexLock pending(&context->pending_mu);
+    AddPendingDiff(*context, ContextName(context->id), &mutation);
+    if (absl::Status persisted = Persist(mutation); !persisted.ok()) return persisted;
+    return status;
+  }
+  if (absl::Status persisted = Persist(mutation); !persisted.ok()) return persisted;
+  return status;
+}
+
+absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
+  if (container == nullptr) return NoSuchContainer(container_name);
+  MutexLock dma(&container->dma_mu);
+  if (container->released) return NoSuchContainer(container_name);
+  if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
+    return status;
+  }
+  Mutation mutation;
+  mutation.ClearMappings(container_name, iova, size);
+  ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
+    MutexLock pending(&context->pending_mu);
+    AddPendingDiff(*context, ContextName(context->id), &mutation);
+    return Persist(mutation);
+  }
+  return Persist(mutation);
+}
+
+absl::StatusOr<std::vector<uint64_t>> NodeAgent::Translate(absl::string_view context_name,
+                                                           absl::Span<const uint64_t> uas) const {
+  std::shared_ptr<ContextEntry> context = FindContext(context_name);
+  if (context == nullptr) return NoSuchContext(context_name);
+  std::vector<uint64_t> hpas(uas.size());
+  Registry::ReadSession session(*registry_, context->id);
+  for (size_t i = 0; i < uas.size(); ++i) {
+    if (!session.TryTranslate(uas[i], &hpas[i])) {
+      return ErrnoStatus(EFAULT, absl::StatusCode::kOutOfRange,
+                         absl::StrFormat("translate: ua=0x%x (index %d) is outside every "
+                                         "registered region of \"%s\"",
+                                         uas[i], i, context_name));
+    }
+  }
+  return hpas;
+}
+
+absl::StatusOr<std::optional<RegionView>> NodeAgent::Lookup(absl::string_view context_name,
+                                                            uint64_t ua, uint64_t size) const {
+  std::shared_ptr<ContextEntry> context = FindContext(context_name);
+  if (context == nullptr) return NoSuchContext(context_name);
+  absl::StatusOr<std::optional<RegionInfo>> region = registry_->Lookup(context->id, ua, size);
+  if (!region.ok()) return region.status();
+  if (!region->has_value()) return std::optional<RegionView>();
+  return std::optional<RegionView>(ToView(std::move(**region)));
+}
+
+absl::StatusOr<std::vector<RegionView>> NodeAgent::ListRegions(absl::string_view context_name,
+                                                               bool with_hpas) const {
+  std::optional<ContextId> context_id;
+  if (!context_name.empty()) {
+    std::shared_ptr<ContextEntry> context = FindContext(context_name);
+    if (context == nullptr) return NoSuchContext(context_name);
+    context_id = context->id;
+  }
+  std::vector<RegionView> views;
+  for (RegionInfo& info : registry_->ListRegions(context_id, with_hpas)) {
+    views.push_back(ToView(std::move(info)));
+  }
+  return views;
+}
+
+NodeStatusView NodeAgent::Status() const {
+  NodeStatusView status;
+  status.node_name = options_.node_name;
+  status.backend = options_.backend->name();
+  status.available_backends = options_.available_backends;
+  status.page_size = registry_->page_size();
+  for (const ContextInfo& context : registry_->ListContexts()) {
+    ++status.contexts;
+    status.regions += context.regions;
+    status.locked_bytes += context.locked_bytes;
+  }
+  for (const ContainerInfo& container : registry_->ListContainers()) {
+    ++status.containers;
+    status.installed_entries += container.installed_entries;
+  }
+  status.counters = registry_->stats();
+  status.store_failed = store_failed_.load(std::memory_order_acquire);
+  status.store_commit_failures = store_commit_failures_.load(std::memory_order_relaxed);
+  return status;
+}
+
+}  // namespace dmapin

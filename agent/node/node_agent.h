@@ -1,0 +1,201 @@
+// NodeAgent: the node agent's core. It owns the names of memory contexts and containers, drives
+// the registry, and makes every acknowledged change durable in the StateStore before returning.
+// On start it rebuilds the registry from the store (re-pinning through the backend) and checks
+// the invariants before anyone is served.
+//
+// No gRPC here: agent/service translates between this class and the wire.
+#ifndef DMAPIN_AGENT_NODE_NODE_AGENT_H_
+#define DMAPIN_AGENT_NODE_NODE_AGENT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "agent/registry/pin_backend.h"
+#include "agent/registry/registry.h"
+#include "agent/store/state_store.h"
+#include "common/mutex.h"
+
+namespace dmapin {
+
+struct NodeAgentOptions {
+  std::string node_name;
+  // Not owned; must outlive the agent.
+  PinBackend* backend = nullptr;
+  // Not owned; nullptr runs without durability (tests of the translation layer only).
+  StateStore* store = nullptr;
+  // Backends this node could run, as detected at start (reported in the node status).
+  std::vector<std::string> available_backends;
+};
+
+struct ContextSpec {
+  std::string name;
+  std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
+  bool cap_ipc_lock = false;
+  int backing = 0;  // dmapin.v1.MemoryBacking
+};
+
+struct ContainerSpec {
+  std::string name;
+  uint64_t iommu_page_size = 0;  // 0 = the node's page size
+  uint64_t window_start = 0;
+  uint64_t window_size = 0;  // 0 = 2^40
+};
+
+struct ContextView {
+  std::string name;
+  ContextSpec spec;
+  uint64_t locked_bytes = 0;
+  uint64_t regions = 0;
+  std::vector<std::string> containers;
+};
+
+struct ContainerView {
+  std::string name;
+  ContainerOptions options;
+  std::string context;  // empty until bound
+  uint64_t held_regions = 0;
+  uint64_t installed_entries = 0;
+};
+
+struct RegionView {
+  std::string context;
+  std::vector<std::string> containers;
+  RegionInfo info;
+};
+
+struct NodeStatusView {
+  std::string node_name;
+  std::string backend;
+  std::vector<std::string> available_backends;
+  uint64_t page_size = 0;
+  uint64_t contexts = 0;
+  uint64_t containers = 0;
+  uint64_t regions = 0;
+  uint64_t locked_bytes = 0;
+  uint64_t installed_entries = 0;
+  RegistryStats counters;
+  // Degraded paths of the agent itself.
+  bool store_failed = false;  // changes are refused until a restart
+  uint64_t store_commit_failures = 0;
+};
+
+// Names are 1-128 characters from [A-Za-z0-9._/-]; EINVAL otherwise.
+absl::Status ValidateName(absl::string_view what, absl::string_view name);
+
+class NodeAgent {
+ public:
+  // Builds the agent and rebuilds its registry from the store. Fails (and serves nothing) if the
+  // persisted state cannot be restored exactly.
+  static absl::StatusOr<std::unique_ptr<NodeAgent>> Create(NodeAgentOptions options);
+  ~NodeAgent();
+
+  absl::StatusOr<ContextView> CreateContext(const ContextSpec& spec);
+  absl::StatusOr<ContextView> GetContext(absl::string_view name) const;
+  std::vector<ContextView> ListContexts() const;
+  absl::Status TeardownContext(absl::string_view name);
+
+  absl::StatusOr<ContainerView> CreateContainer(const ContainerSpec& spec);
+  absl::StatusOr<ContainerView> GetContainer(absl::string_view name) const;
+  std::vector<ContainerView> ListContainers() const;
+  absl::Status ReleaseContainer(absl::string_view name);
+
+  absl::StatusOr<RegionView> RegisterRegion(absl::string_view container, absl::string_view context,
+                                            uint64_t ua, uint64_t size);
+  absl::Status UnregisterRegion(absl::string_view container, uint64_t ua, uint64_t size);
+
+  absl::Status MapDma(absl::string_view container, uint64_t iova, uint64_t ua, uint64_t size);
+  absl::Status UnmapDma(absl::string_view container, uint64_t iova, uint64_t size);
+  absl::StatusOr<std::vector<uint64_t>> Translate(absl::string_view context,
+                                                  absl::Span<const uint64_t> uas) const;
+  absl::StatusOr<std::optional<RegionView>> Lookup(absl::string_view context, uint64_t ua,
+                                                   uint64_t size) const;
+  // Empty context: every context.
+  absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context,
+                                                      bool with_hpas) const;
+  NodeStatusView Status() const;
+
+  // False once the store failed: the agent must be restarted (health reports NOT_SERVING).
+  bool healthy() const { return !store_failed_.load(std::memory_order_acquire); }
+
+  // For tests and the invariant checks of the recovery path.
+  const Registry& registry() const { return *registry_; }
+  absl::Status CheckInvariants() const { return registry_->CheckInvariants(); }
+
+ private:
+  // One per container: its registry id and the lock that orders its map/unmap calls with their
+  // durable records (so the store sees them in the order the registry applied them).
+  struct ContextEntry;
+  struct ContainerEntry {
+    ContainerId id = 0;
+    std::string name;
+    ContainerSpec spec;
+    Mutex dma_mu;
+    // Set once the container is released or torn down; map/unmap then answer ENOENT.
+    bool released ABSL_GUARDED_BY(dma_mu) = false;
+    // The context the container is bound to (set on its first registration; the entry outlives
+    // any use here because teardown takes dma_mu before dropping the context).
+    std::atomic<ContextEntry*> bound{nullptr};
+  };
+  struct ContextEntry {
+    ContextId id = 0;
+    ContextSpec spec;
+    // Regions of this context pending release, as last persisted ((ua, size) pairs).
+    Mutex pending_mu;
+    std::vector<std::pair<uint64_t, uint64_t>> pending ABSL_GUARDED_BY(pending_mu);
+    // Fast check on the DMA path: is there anything pending that an unmap could complete?
+    std::atomic<bool> has_pending{false};
+  };
+
+  explicit NodeAgent(NodeAgentOptions options);
+  absl::Status Recover();
+
+  std::shared_ptr<ContainerEntry> FindContainer(absl::string_view name) const;
+  std::shared_ptr<ContextEntry> FindContext(absl::string_view name) const;
+  std::string ContextName(ContextId id) const;
+  std::string ContainerName(ContainerId id) const;
+  RegionView ToView(RegionInfo info) const;
+  ContextView ToView(const ContextInfo& info) const;
+  ContainerView ToView(const ContainerInfo& info) const;
+
+  // Makes `mutation` durable. A store that fails leaves memory ahead of disk; the agent then
+  // refuses further changes (EIO) and reports itself unhealthy, so that a restart rebuilds the
+  // registry from what was acknowledged.
+  absl::Status Persist(const Mutation& mutation);
+  absl::Status CheckWritable() const;
+  // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
+  // line with the registry. Holds context.pending_mu until the caller has committed.
+  void AddPendingDiff(ContextEntry& context, const std::string& context_name, Mutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  void AddPendingDiffLocked(ContextEntry& context, Mutation& mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+
+  const NodeAgentOptions options_;
+  std::unique_ptr<Registry> registry_;
+
+  // Serializes the control operations (everything but map/unmap/lookups) with their records.
+  mutable Mutex control_mu_;
+  // Name tables; writers hold control_mu_ and names_mu_, readers only names_mu_.
+  mutable Mutex names_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<ContextEntry>> contexts_
+      ABSL_GUARDED_BY(names_mu_);
+  absl::flat_hash_map<std::string, std::shared_ptr<ContainerEntry>> containers_
+      ABSL_GUARDED_BY(names_mu_);
+  absl::flat_hash_map<ContextId, std::string> context_names_ ABSL_GUARDED_BY(names_mu_);
+  absl::flat_hash_map<ContainerId, std::string> container_names_ ABSL_GUARDED_BY(names_mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(control_mu_) = 1;
+
+  std::atomic<bool> store_failed_{false};
+  std::atomic<uint64_t> store_commit_failures_{0};
+};
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_AGENT_NODE_NODE_AGENT_H_

@@ -1,0 +1,79 @@
+// The gRPC face of the node agent: translates dmapin.v1.NodeAgent calls to NodeAgent (the core)
+// and absl::Status errors to gRPC statuses. Callback API: no thread per call.
+#ifndef DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_
+#define DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_
+
+#include "absl/status/status.h"
+#include "agent/node/node_agent.h"
+#include "dmapin/v1/agent.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+
+namespace dmapin {
+
+// The gRPC status for an errno status: same code, same message ("EBUSY: ...").
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// The trailing-metadata key carrying the errno name of a failed call.
+inline constexpr char kErrnoTrailer[] = "dmapin-errno";
+
+class NodeAgentService final : public v1::NodeAgent::CallbackService {
+ public:
+  // `agent` must outlive the service.
+  explicit NodeAgentService(NodeAgent* agent) : agent_(agent) {}
+
+  grpc::ServerUnaryReactor* CreateContext(grpc::CallbackServerContext* context,
+                                          const v1::CreateContextRequest* request,
+                                          v1::Context* response) override;
+  grpc::ServerUnaryReactor* GetContext(grpc::CallbackServerContext* context,
+                                       const v1::GetContextRequest* request,
+                                       v1::Context* response) override;
+  grpc::ServerUnaryReactor* ListContexts(grpc::CallbackServerContext* context,
+                                         const v1::ListContextsRequest* request,
+                                         v1::ListContextsResponse* response) override;
+  grpc::ServerUnaryReactor* TeardownContext(grpc::CallbackServerContext* context,
+                                            const v1::TeardownContextRequest* request,
+                                            v1::TeardownContextResponse* response) override;
+  grpc::ServerUnaryReactor* CreateContainer(grpc::CallbackServerContext* context,
+                                            const v1::CreateContainerRequest* request,
+                                            v1::Container* response) override;
+  grpc::ServerUnaryReactor* GetContainer(grpc::CallbackServerContext* context,
+                                         const v1::GetContainerRequest* request,
+                                         v1::Container* response) override;
+  grpc::ServerUnaryReactor* ListContainers(grpc::CallbackServerContext* context,
+                                           const v1::ListContainersRequest* request,
+                                           v1::ListContainersResponse* response) override;
+  grpc::ServerUnaryReactor* ReleaseContainer(grpc::CallbackServerContext* context,
+                                             const v1::ReleaseContainerRequest* request,
+                                             v1::ReleaseContainerResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterRegion(grpc::CallbackServerContext* context,
+                                           const v1::RegisterRegionRequest* request,
+                                           v1::Region* response) override;
+  grpc::ServerUnaryReactor* UnregisterRegion(grpc::CallbackServerContext* context,
+                                             const v1::UnregisterRegionRequest* request,
+                                             v1::UnregisterRegionResponse* response) override;
+  grpc::ServerUnaryReactor* MapDma(grpc::CallbackServerContext* context,
+                                   const v1::MapDmaRequest* request,
+                                   v1::MapDmaResponse* response) override;
+  grpc::ServerUnaryReactor* UnmapDma(grpc::CallbackServerContext* context,
+                                     const v1::UnmapDmaRequest* request,
+                                     v1::UnmapDmaResponse* response) override;
+  grpc::ServerUnaryReactor* Translate(grpc::CallbackServerContext* context,
+                                      const v1::TranslateRequest* request,
+                                      v1::TranslateResponse* response) override;
+  grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* context,
+                                   const v1::LookupRequest* request,
+                                   v1::LookupResponse* response) override;
+  grpc::ServerUnaryReactor* ListRegions(grpc::CallbackServerContext* context,
+                                        const v1::ListRegionsRequest* request,
+                                        v1::ListRegionsResponse* response) override;
+  grpc::ServerUnaryReactor* GetNodeStatus(grpc::CallbackServerContext* context,
+                                          const v1::GetNodeStatusRequest* request,
+                                          v1::NodeStatus* response) override;
+
+ private:
+  NodeAgent* const agent_;
+};
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_
