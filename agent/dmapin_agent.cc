@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/memlock_backend.h"
 #include "agent/registry/sim_backend.h"
@@ -48,6 +49,9 @@ ABSL_FLAG(bool, state_sync_full, false,
 ABSL_FLAG(std::string, backend, "sim",
           "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests) or "
           "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root).");
+ABSL_FLAG(std::string, hugetlbfs_dir, "",
+          "memlock backend: hugetlbfs mount for MEMORY_BACKING_HUGETLBFS contexts (default: the "
+          "first hugetlbfs mount).");
 ABSL_FLAG(uint64_t, sim_page_size, 65536, "sim backend: the node's page size in bytes.");
 ABSL_FLAG(std::string, sim_holes, "",
           "sim backend: unpinnable ranges, comma-separated ua:size (C notation), e.g. "
@@ -149,10 +153,16 @@ int Run() {
                  store.status().ToString().c_str());
     return 1;
   }
+  // With real pinning the agent maps the contexts' memory itself.
+  std::unique_ptr<ContextMemoryProvider> memory;
+  if ((*backend)->name() == "memlock") {
+    memory = NewBackedMemoryProvider(absl::GetFlag(FLAGS_hugetlbfs_dir));
+  }
   absl::StatusOr<std::unique_ptr<NodeAgent>> agent =
       NodeAgent::Create({.node_name = NodeName(),
                          .backend = backend->get(),
                          .store = store->get(),
+                         .memory_provider = memory.get(),
                          .available_backends = DetectBackends()});
   if (!agent.ok()) {
     std::fprintf(stderr, "dmapin-agent: recovery from %s failed, refusing to serve: %s\n",

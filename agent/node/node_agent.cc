@@ -73,11 +73,21 @@ absl::Status NodeAgent::Recover() {
     ContextSpec spec{.name = stored.name,
                      .memlock_limit_bytes = stored.memlock_limit_bytes,
                      .cap_ipc_lock = stored.cap_ipc_lock,
-                     .backing = stored.backing};
+                     .backing = stored.backing,
+                     .memory_bytes = stored.mem_size};
     if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
       return Annotate(status, absl::StrCat("recovery: context ", stored.name));
     }
     auto entry = std::make_shared<ContextEntry>();
+    if (stored.mem_size > 0) {
+      // Back where the registrations expect it.
+      absl::StatusOr<std::unique_ptr<ContextMemory>> memory =
+          AllocateMemory(stored.name, spec, stored.mem_ua);
+      if (!memory.ok()) {
+        return Annotate(memory.status(), absl::StrCat("recovery: memory of context ", stored.name));
+      }
+      entry->memory = std::move(*memory);
+    }
     entry->id = stored.id;
     entry->spec = std::move(spec);
     contexts_[stored.name] = entry;
@@ -276,7 +286,10 @@ RegionView NodeAgent::ToView(RegionInfo info) const {
 ContextView NodeAgent::ToView(const ContextInfo& info) const {
   ContextView view;
   view.name = ContextName(info.id);
-  if (std::shared_ptr<ContextEntry> entry = FindContext(view.name)) view.spec = entry->spec;
+  if (std::shared_ptr<ContextEntry> entry = FindContext(view.name)) {
+    view.spec = entry->spec;
+    if (entry->memory != nullptr) view.memory_ua = entry->memory->ua();
+  }
   view.locked_bytes = info.locked_bytes;
   view.regions = info.regions;
   for (ContainerId id : info.containers) view.containers.push_back(ContainerName(id));
@@ -296,12 +309,36 @@ ContainerView NodeAgent::ToView(const ContainerInfo& info) const {
 
 // --- Contexts ---------------------------------------------------------------------------------
 
+absl::StatusOr<std::unique_ptr<ContextMemory>> NodeAgent::AllocateMemory(absl::string_view name,
+                                                                         const ContextSpec& spec,
+                                                                         uint64_t at) {
+  if (options_.memory_provider == nullptr) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": memory_bytes needs a backend with "
+                                               "agent-owned memory (memlock); the %s backend "
+                                               "takes addresses as given",
+                                               name, options_.backend->name()));
+  }
+  if (spec.memory_bytes % registry_->page_size() != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": memory_bytes %d is not a multiple "
+                                               "of the page size %d",
+                                               name, spec.memory_bytes, registry_->page_size()));
+  }
+  return options_.memory_provider->Allocate(name, spec.backing, spec.memory_bytes, at);
+}
+
 absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
   if (absl::Status status = ValidateName("context", spec.name); !status.ok()) return status;
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   if (FindContext(spec.name) != nullptr) {
     return ErrnoStatus(EEXIST, absl::StrFormat("memory context \"%s\" already exists", spec.name));
+  }
+  std::unique_ptr<ContextMemory> memory;
+  if (spec.memory_bytes > 0) {
+    absl::StatusOr<std::unique_ptr<ContextMemory>> allocated =
+        AllocateMemory(spec.name, spec, /*at=*/0);
+    if (!allocated.ok()) return allocated.status();
+    memory = std::move(*allocated);
   }
   const ContextId id = next_id_++;
   if (absl::Status status = registry_->CreateContext(id, ToOptions(spec)); !status.ok()) {
@@ -312,20 +349,24 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
                                     .id = id,
                                     .memlock_limit_bytes = spec.memlock_limit_bytes,
                                     .cap_ipc_lock = spec.cap_ipc_lock,
-                                    .backing = spec.backing});
+                                    .backing = spec.backing,
+                                    .mem_ua = memory != nullptr ? memory->ua() : 0,
+                                    .mem_size = memory != nullptr ? memory->size() : 0});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
   if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  ContextView view;
+  view.name = spec.name;
+  view.spec = spec;
+  view.memory_ua = memory != nullptr ? memory->ua() : 0;
   auto entry = std::make_shared<ContextEntry>();
   entry->id = id;
   entry->spec = spec;
+  entry->memory = std::move(memory);
   {
     MutexLock names(&names_mu_);
     contexts_[spec.name] = std::move(entry);
     context_names_[id] = spec.name;
   }
-  ContextView view;
-  view.name = spec.name;
-  view.spec = spec;
   return view;
 }
 

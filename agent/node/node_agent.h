@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "agent/node/context_memory.h"
 #include "agent/registry/pin_backend.h"
 #include "agent/registry/registry.h"
 #include "agent/store/state_store.h"
@@ -31,6 +32,9 @@ struct NodeAgentOptions {
   PinBackend* backend = nullptr;
   // Not owned; nullptr runs without durability (tests of the translation layer only).
   StateStore* store = nullptr;
+  // Not owned; maps memory for contexts created with memory_bytes (memlock backend). nullptr:
+  // contexts name memory by address only (sim backend).
+  ContextMemoryProvider* memory_provider = nullptr;
   // Backends this node could run, as detected at start (reported in the node status).
   std::vector<std::string> available_backends;
 };
@@ -40,6 +44,8 @@ struct ContextSpec {
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
   int backing = 0;  // dmapin.v1.MemoryBacking
+  // Memory the agent maps for the context (0: none). Needs a memory provider.
+  uint64_t memory_bytes = 0;
 };
 
 struct ContainerSpec {
@@ -52,6 +58,7 @@ struct ContainerSpec {
 struct ContextView {
   std::string name;
   ContextSpec spec;
+  uint64_t memory_ua = 0;  // where the agent mapped the context's memory, if it did
   uint64_t locked_bytes = 0;
   uint64_t regions = 0;
   std::vector<std::string> containers;
@@ -147,6 +154,7 @@ class NodeAgent {
   struct ContextEntry {
     ContextId id = 0;
     ContextSpec spec;
+    std::unique_ptr<ContextMemory> memory;  // null unless spec.memory_bytes > 0
     // Regions of this context pending release, as last persisted ((ua, size) pairs).
     Mutex pending_mu;
     std::vector<std::pair<uint64_t, uint64_t>> pending ABSL_GUARDED_BY(pending_mu);
@@ -156,6 +164,9 @@ class NodeAgent {
 
   explicit NodeAgent(NodeAgentOptions options);
   absl::Status Recover();
+  absl::StatusOr<std::unique_ptr<ContextMemory>> AllocateMemory(absl::string_view name,
+                                                                const ContextSpec& spec,
+                                                                uint64_t at);
 
   std::shared_ptr<ContainerEntry> FindContainer(absl::string_view name) const;
   std::shared_ptr<ContextEntry> FindContext(absl::string_view name) const;

@@ -7,7 +7,9 @@
 #include <filesystem>
 #include <string>
 
+#include "agent/node/context_memory.h"
 #include "agent/registry/errno_status.h"
+#include "agent/registry/memlock_backend.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/store/state_store.h"
 #include "gtest/gtest.h"
@@ -213,6 +215,61 @@ TEST_F(NodeAgentTest, StatusCountsEverything) {
   EXPECT_EQ(status.locked_bytes, k1M);
   EXPECT_EQ(status.installed_entries, 2u);
   EXPECT_EQ(status.counters.maps_ok, 1u);
+}
+
+}  // namespace
+}  // namespace dmapin
+
+namespace dmapin {
+namespace {
+
+// The memlock backend: real pins of memory the agent maps; a restart re-maps the memory at the
+// same address and re-pins exactly what was acknowledged (VmLck tells).
+TEST(NodeAgentMemlockTest, RestartRemapsMemoryAndRepinsExactly) {
+  absl::StatusOr<std::unique_ptr<MemlockBackend>> probe = MemlockBackend::Create();
+  if (!probe.ok()) GTEST_SKIP() << "memlock backend unavailable (needs root): " << probe.status();
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / ("memlock_agent_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  const uint64_t ps = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t vmlck_before = *ReadVmLckBytes();
+  uint64_t ua = 0;
+  for (int round = 0; round < 2; ++round) {
+    auto backend = MemlockBackend::Create();
+    ASSERT_TRUE(backend.ok());
+    auto store = StateStore::Open(dir.string());
+    ASSERT_TRUE(store.ok()) << store.status();
+    std::unique_ptr<ContextMemoryProvider> provider = NewBackedMemoryProvider("");
+    auto agent = NodeAgent::Create({.node_name = "n",
+                                    .backend = backend->get(),
+                                    .store = store->get(),
+                                    .memory_provider = provider.get()});
+    ASSERT_TRUE(agent.ok()) << agent.status();
+    if (round == 0) {
+      auto context = (*agent)->CreateContext(
+          {.name = "vm", .backing = 2 /* memfd */, .memory_bytes = 256 * ps});
+      ASSERT_TRUE(context.ok()) << context.status();
+      ua = context->memory_ua;
+      ASSERT_NE(ua, 0u);
+      ASSERT_TRUE((*agent)->CreateContainer({.name = "c"}).ok());
+      ASSERT_TRUE((*agent)->RegisterRegion("c", "vm", ua, 64 * ps).ok());
+      ASSERT_TRUE((*agent)->RegisterRegion("c", "vm", ua + 128 * ps, 32 * ps).ok());
+      ASSERT_TRUE((*agent)->MapDma("c", 0, ua, 4 * ps).ok());
+    } else {
+      EXPECT_EQ((*agent)->GetContext("vm")->memory_ua, ua);
+      EXPECT_EQ((*agent)->GetContext("vm")->locked_bytes, 96 * ps);
+      EXPECT_EQ((*agent)->Lookup("vm", ua, ps)->value().info.mapped, 5u);
+    }
+    EXPECT_EQ(*ReadVmLckBytes() - vmlck_before, 96 * ps) << "round " << round;
+    absl::Status invariants = (*agent)->CheckInvariants();
+    EXPECT_TRUE(invariants.ok()) << invariants;
+    if (round == 1) {
+      ASSERT_TRUE((*agent)->TeardownContext("vm").ok());
+      EXPECT_EQ(*ReadVmLckBytes(), vmlck_before);
+    }
+    // Leaving scope unmaps and unpins, as a process exit would.
+  }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

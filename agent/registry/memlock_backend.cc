@@ -165,21 +165,44 @@ absl::Status PagemapReader::ReadHpas(uint64_t ua, absl::Span<uint64_t> hpas) con
 
 // --- BackedMemory -------------------------------------------------------------------------------
 
-absl::StatusOr<BackedMemory> BackedMemory::Anonymous(uint64_t size) {
+namespace {
+
+// mmap at `at` (0: anywhere). A fixed address must be free: the agent re-creates a context's
+// memory where it was before a restart, and never clobbers another mapping to get there.
+void* MapAt(uint64_t at, uint64_t size, int flags, int fd, int* err) {
+  if (at != 0) flags |= MAP_FIXED_NOREPLACE;
+  void* addr = mmap(reinterpret_cast<void*>(at), size, PROT_READ | PROT_WRITE, flags, fd, 0);
+  if (addr == MAP_FAILED) {
+    *err = errno;
+    return MAP_FAILED;
+  }
+  if (at != 0 && reinterpret_cast<uint64_t>(addr) != at) {  // kernels before 4.17 ignore the flag
+    munmap(addr, size);
+    *err = EEXIST;
+    return MAP_FAILED;
+  }
+  return addr;
+}
+
+}  // namespace
+
+absl::StatusOr<BackedMemory> BackedMemory::Anonymous(uint64_t size, uint64_t at) {
   const uint64_t ps = SystemPageSize();
   if (size == 0 || size % ps != 0) {
     return ErrnoStatus(EINVAL, absl::StrFormat("anonymous memory size %#x is not a positive "
                                                "multiple of the page size %#x",
                                                size, ps));
   }
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  int err = 0;
+  void* addr = MapAt(at, size, MAP_PRIVATE | MAP_ANONYMOUS, -1, &err);
   if (addr == MAP_FAILED) {
-    return ErrnoStatus(errno, absl::StrFormat("mmap(MAP_ANONYMOUS, size %#x)", size));
+    return ErrnoStatus(err, absl::StrFormat("mmap(MAP_ANONYMOUS, at %#x, size %#x)", at, size));
   }
   return BackedMemory(addr, size, -1, ps);
 }
 
-absl::StatusOr<BackedMemory> BackedMemory::Memfd(absl::string_view name, uint64_t size) {
+absl::StatusOr<BackedMemory> BackedMemory::Memfd(absl::string_view name, uint64_t size,
+                                                 uint64_t at) {
   const uint64_t ps = SystemPageSize();
   if (size == 0 || size % ps != 0) {
     return ErrnoStatus(EINVAL, absl::StrFormat("memfd size %#x is not a positive multiple of "
@@ -194,16 +217,18 @@ absl::StatusOr<BackedMemory> BackedMemory::Memfd(absl::string_view name, uint64_
     close(fd);
     return ErrnoStatus(err, absl::StrFormat("ftruncate(memfd %s, %#x)", name_str, size));
   }
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int err = 0;
+  void* addr = MapAt(at, size, MAP_SHARED, fd, &err);
   if (addr == MAP_FAILED) {
-    const int err = errno;
     close(fd);
-    return ErrnoStatus(err, absl::StrFormat("mmap(memfd %s, size %#x)", name_str, size));
+    return ErrnoStatus(err,
+                       absl::StrFormat("mmap(memfd %s, at %#x, size %#x)", name_str, at, size));
   }
   return BackedMemory(addr, size, fd, ps);
 }
 
-absl::StatusOr<BackedMemory> BackedMemory::HugetlbfsFile(absl::string_view dir, uint64_t size) {
+absl::StatusOr<BackedMemory> BackedMemory::HugetlbfsFile(absl::string_view dir, uint64_t size,
+                                                         uint64_t at) {
   const std::string dir_str(dir);
   struct statfs fs;
   if (statfs(dir_str.c_str(), &fs) != 0) {
@@ -231,9 +256,9 @@ absl::StatusOr<BackedMemory> BackedMemory::HugetlbfsFile(absl::string_view dir, 
     close(fd);
     return ErrnoStatus(err, absl::StrFormat("ftruncate(%s, %#x)", path, size));
   }
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int err = 0;
+  void* addr = MapAt(at, size, MAP_SHARED, fd, &err);
   if (addr == MAP_FAILED) {
-    const int err = errno;
     close(fd);
     // ENOMEM here usually means the pool (nr_hugepages) has too few free huge pages.
     return ErrnoStatus(

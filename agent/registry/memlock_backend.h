@@ -67,14 +67,18 @@ class PagemapReader {
 // Movable; unmapped (and its file closed) on destruction.
 class BackedMemory {
  public:
+  // Each factory maps at `at` when it is non-zero (EEXIST if anything is mapped there), so a
+  // restarted agent can put a context's memory back at the addresses its registrations name.
+
   // Private anonymous memory. `size` must be a positive multiple of PS.
-  static absl::StatusOr<BackedMemory> Anonymous(uint64_t size);
+  static absl::StatusOr<BackedMemory> Anonymous(uint64_t size, uint64_t at = 0);
   // Shared memory from memfd_create(name); fd() lets a VMM map the same pages.
-  static absl::StatusOr<BackedMemory> Memfd(absl::string_view name, uint64_t size);
+  static absl::StatusOr<BackedMemory> Memfd(absl::string_view name, uint64_t size, uint64_t at = 0);
   // A shared mapping of an unlinked file in the hugetlbfs mount `dir`. `size` must be a multiple
   // of the mount's huge page size. ENOENT if `dir` does not exist, EINVAL if it is not hugetlbfs,
   // ENOMEM if the pool has too few free huge pages.
-  static absl::StatusOr<BackedMemory> HugetlbfsFile(absl::string_view dir, uint64_t size);
+  static absl::StatusOr<BackedMemory> HugetlbfsFile(absl::string_view dir, uint64_t size,
+                                                    uint64_t at = 0);
 
   // The first hugetlbfs mount listed in /proc/self/mounts; ENOENT when there is none.
   static absl::StatusOr<std::string> FindHugetlbfsMount();

@@ -531,3 +531,25 @@ TEST_F(MemlockBackendTest, RegistryRegisterPinsAndUnregisterUnpins) {
 
 }  // namespace
 }  // namespace dmapin
+
+namespace dmapin {
+namespace {
+
+TEST(BackedMemoryFixedAddressTest, MapsAtAFreeAddressAndRefusesAnOccupiedOne) {
+  const uint64_t size = 16 * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  uint64_t ua = 0;
+  {
+    absl::StatusOr<BackedMemory> first = BackedMemory::Anonymous(size);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ua = first->ua();
+    absl::StatusOr<BackedMemory> clash = BackedMemory::Memfd("clash", size, ua);
+    EXPECT_EQ(ErrnoOf(clash.status()), EEXIST) << clash.status();
+  }
+  // Freed: the same address can be had again (as after an agent restart).
+  absl::StatusOr<BackedMemory> again = BackedMemory::Anonymous(size, ua);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->ua(), ua);
+}
+
+}  // namespace
+}  // namespace dmapin

@@ -24,6 +24,8 @@ void Fill(const ContextView& view, v1::Context* out) {
   out->set_backing(static_cast<v1::MemoryBacking>(view.spec.backing));
   out->set_locked_bytes(view.locked_bytes);
   out->set_regions(view.regions);
+  out->set_memory_ua(view.memory_ua);
+  out->set_memory_bytes(view.spec.memory_bytes);
   for (const std::string& container : view.containers) out->add_containers(container);
 }
 
@@ -64,7 +66,8 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
                                                           v1::Context* response) {
   ContextSpec spec{.name = request->name(),
                    .cap_ipc_lock = request->cap_ipc_lock(),
-                   .backing = request->backing()};
+                   .backing = request->backing(),
+                   .memory_bytes = request->memory_bytes()};
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
   absl::StatusOr<ContextView> view = agent_->CreateContext(spec);
   if (view.ok()) Fill(*view, response);
