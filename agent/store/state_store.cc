@@ -1,0 +1,940 @@
+#include "agent/store/state_store.h"
+
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <filesystem>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "agent/registry/errno_status.h"
+
+namespace dmapin {
+namespace {
+
+// Migration i takes the schema from version i to version i + 1; never edit a released one, append.
+constexpr const char* kMigrations[] = {
+    // Version 1.
+    R"sql(
+CREATE TABLE meta (
+  key TEXT PRIMARY KEY NOT NULL,
+  value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE contexts (
+  name TEXT PRIMARY KEY NOT NULL,
+  id INTEGER NOT NULL UNIQUE,
+  memlock_limit_bytes INTEGER,  -- NULL: unlimited
+  cap_ipc_lock INTEGER NOT NULL CHECK (cap_ipc_lock IN (0, 1)),
+  backing INTEGER NOT NULL,
+  mem_ua INTEGER NOT NULL,
+  mem_size INTEGER NOT NULL
+);
+
+CREATE TABLE containers (
+  name TEXT PRIMARY KEY NOT NULL,
+  id INTEGER NOT NULL UNIQUE,
+  iommu_page_size INTEGER NOT NULL,
+  window_start INTEGER NOT NULL,
+  window_size INTEGER NOT NULL
+);
+
+-- AUTOINCREMENT: seq never goes backwards, even after the newest hold is removed.
+CREATE TABLE holds (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  container TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
+  context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
+  ua INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  UNIQUE (container, context, ua, size)
+);
+CREATE INDEX holds_by_context ON holds (context);
+
+CREATE TABLE pending (
+  context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
+  ua INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  PRIMARY KEY (context, ua, size)
+) WITHOUT ROWID;
+
+-- iova: 8-byte big-endian, so that BLOB order (memcmp) is unsigned 64-bit order.
+CREATE TABLE mappings (
+  container TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
+  iova BLOB NOT NULL CHECK (typeof(iova) = 'blob' AND length(iova) = 8),
+  size INTEGER NOT NULL,
+  ua INTEGER NOT NULL,
+  PRIMARY KEY (container, iova)
+) WITHOUT ROWID;
+
+CREATE TABLE applied_decisions (
+  decision_id TEXT PRIMARY KEY NOT NULL,
+  epoch INTEGER NOT NULL,
+  result INTEGER NOT NULL,  -- errno, 0 = success
+  applied_at INTEGER NOT NULL  -- Unix time, milliseconds
+) WITHOUT ROWID;
+)sql",
+};
+
+constexpr int kCurrentSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
+
+// Upserts, not INSERT OR REPLACE: REPLACE deletes the old row first, which would cascade to the
+// holds, pending regions and mappings that reference it.
+constexpr const char* kSqlText[] = {
+    /* kBeginWrite */ "BEGIN IMMEDIATE",
+    /* kBeginRead */ "BEGIN",
+    /* kCommit */ "COMMIT",
+    /* kRollback */ "ROLLBACK",
+    /* kUpsertContext */
+    "INSERT INTO contexts (name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
+    "memlock_limit_bytes = excluded.memlock_limit_bytes, cap_ipc_lock = excluded.cap_ipc_lock, "
+    "backing = excluded.backing, mem_ua = excluded.mem_ua, mem_size = excluded.mem_size",
+    /* kDeleteContainersOfContext */
+    "DELETE FROM containers WHERE name IN (SELECT container FROM holds WHERE context = ?1)",
+    /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
+    /* kUpsertContainer */
+    "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size) "
+    "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
+    "iommu_page_size = excluded.iommu_page_size, window_start = excluded.window_start, "
+    "window_size = excluded.window_size",
+    /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
+    /* kInsertHold */ "INSERT INTO holds (container, context, ua, size) VALUES (?1, ?2, ?3, ?4)",
+    /* kDeleteHold */
+    "DELETE FROM holds WHERE container = ?1 AND context = ?2 AND ua = ?3 AND size = ?4",
+    /* kInsertPending */
+    "INSERT INTO pending (context, ua, size) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+    /* kDeletePending */ "DELETE FROM pending WHERE context = ?1 AND ua = ?2 AND size = ?3",
+    /* kMappingAtOrBefore */
+    "SELECT iova, size, ua FROM mappings WHERE container = ?1 AND iova <= ?2 "
+    "ORDER BY iova DESC LIMIT 1",
+    /* kMappingsStartingIn */
+    "SELECT iova, size, ua FROM mappings WHERE container = ?1 AND iova > ?2 AND iova <= ?3 "
+    "ORDER BY iova",
+    /* kDeleteMapping */ "DELETE FROM mappings WHERE container = ?1 AND iova = ?2",
+    /* kTrimMapping */ "UPDATE mappings SET size = ?3 WHERE container = ?1 AND iova = ?2",
+    /* kInsertMapping */ "INSERT INTO mappings (container, iova, size, ua) VALUES (?1, ?2, ?3, ?4)",
+    /* kInsertDecision */
+    "INSERT INTO applied_decisions (decision_id, epoch, result, applied_at) "
+    "VALUES (?1, ?2, ?3, ?4)",
+    /* kUpsertMeta */
+    "INSERT INTO meta (key, value) VALUES (?1, ?2) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    /* kSelectDecision */ "SELECT result FROM applied_decisions WHERE decision_id = ?1",
+    /* kLoadContexts */
+    "SELECT name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size FROM contexts",
+    /* kLoadContainers */
+    "SELECT name, id, iommu_page_size, window_start, window_size FROM containers",
+    /* kLoadHolds */ "SELECT container, context, ua, size, seq FROM holds ORDER BY seq",
+    /* kLoadPending */ "SELECT context, ua, size FROM pending",
+    /* kLoadMappings */ "SELECT container, iova, size, ua FROM mappings ORDER BY container, iova",
+    /* kLoadDecisions */
+    "SELECT decision_id, epoch, result, applied_at FROM applied_decisions ORDER BY decision_id",
+    /* kLoadMeta */ "SELECT key, value FROM meta",
+};
+
+constexpr int kNumStatements = sizeof(kSqlText) / sizeof(kSqlText[0]);
+
+const char* SqliteCodeName(int rc) {
+  switch (rc & 0xff) {
+    case SQLITE_ERROR:
+      return "SQLITE_ERROR";
+    case SQLITE_INTERNAL:
+      return "SQLITE_INTERNAL";
+    case SQLITE_PERM:
+      return "SQLITE_PERM";
+    case SQLITE_ABORT:
+      return "SQLITE_ABORT";
+    case SQLITE_BUSY:
+      return "SQLITE_BUSY";
+    case SQLITE_LOCKED:
+      return "SQLITE_LOCKED";
+    case SQLITE_NOMEM:
+      return "SQLITE_NOMEM";
+    case SQLITE_READONLY:
+      return "SQLITE_READONLY";
+    case SQLITE_IOERR:
+      return "SQLITE_IOERR";
+    case SQLITE_CORRUPT:
+      return "SQLITE_CORRUPT";
+    case SQLITE_FULL:
+      return "SQLITE_FULL";
+    case SQLITE_CANTOPEN:
+      return "SQLITE_CANTOPEN";
+    case SQLITE_PROTOCOL:
+      return "SQLITE_PROTOCOL";
+    case SQLITE_SCHEMA:
+      return "SQLITE_SCHEMA";
+    case SQLITE_CONSTRAINT:
+      return "SQLITE_CONSTRAINT";
+    case SQLITE_MISMATCH:
+      return "SQLITE_MISMATCH";
+    case SQLITE_MISUSE:
+      return "SQLITE_MISUSE";
+    case SQLITE_NOTADB:
+      return "SQLITE_NOTADB";
+    default:
+      return "SQLITE_?";
+  }
+}
+
+// An EIO status naming the SQLite error; DATA_LOSS when the file is damaged.
+absl::Status SqliteStatus(sqlite3* db, const std::string& path, int rc, absl::string_view what) {
+  const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  std::string message =
+      absl::StrCat(what, ": ", detail, " (", SqliteCodeName(rc), ", extended code ", rc, ")");
+  const int primary = rc & 0xff;
+  if (primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB) {
+    return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
+                       absl::StrCat("state database ", path,
+                                    " is damaged; restore it or move it away: ", message));
+  }
+  return ErrnoStatus(EIO, absl::StrCat("state database ", path, ": ", message));
+}
+
+// Resets a cached statement when it goes out of scope: a statement left mid-iteration would keep
+// its read transaction open.
+class ScopedReset {
+ public:
+  explicit ScopedReset(sqlite3_stmt* stmt) : stmt_(stmt) {}
+  ~ScopedReset() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+  ScopedReset(const ScopedReset&) = delete;
+  ScopedReset& operator=(const ScopedReset&) = delete;
+
+ private:
+  sqlite3_stmt* const stmt_;
+};
+
+// uint64 values travel as their int64 bit pattern.
+void BindU64(sqlite3_stmt* stmt, int index, uint64_t value) {
+  sqlite3_bind_int64(stmt, index, static_cast<sqlite3_int64>(value));
+}
+
+void BindText(sqlite3_stmt* stmt, int index, absl::string_view value) {
+  sqlite3_bind_text(stmt, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
+}
+
+void BindIova(sqlite3_stmt* stmt, int index, uint64_t iova) {
+  unsigned char bytes[8];
+  for (int i = 7; i >= 0; --i) {
+    bytes[i] = static_cast<unsigned char>(iova & 0xff);
+    iova >>= 8;
+  }
+  sqlite3_bind_blob(stmt, index, bytes, sizeof(bytes), SQLITE_TRANSIENT);
+}
+
+uint64_t ColumnU64(sqlite3_stmt* stmt, int index) {
+  return static_cast<uint64_t>(sqlite3_column_int64(stmt, index));
+}
+
+std::string ColumnText(sqlite3_stmt* stmt, int index) {
+  const unsigned char* text = sqlite3_column_text(stmt, index);
+  if (text == nullptr) return std::string();
+  return std::string(reinterpret_cast<const char*>(text),
+                     static_cast<size_t>(sqlite3_column_bytes(stmt, index)));
+}
+
+// False when the column is not an 8-byte blob (the CHECK constraint rules that out).
+bool ColumnIova(sqlite3_stmt* stmt, int index, uint64_t* iova) {
+  const auto* bytes = static_cast<const unsigned char*>(sqlite3_column_blob(stmt, index));
+  if (bytes == nullptr || sqlite3_column_bytes(stmt, index) != 8) return false;
+  uint64_t value = 0;
+  for (int i = 0; i < 8; ++i) value = (value << 8) | bytes[i];
+  *iova = value;
+  return true;
+}
+
+// [start, start + size) is non-empty and does not wrap past 2^64.
+bool ValidRange(uint64_t start, uint64_t size) { return size != 0 && start + (size - 1) >= start; }
+
+absl::Status Invalid(absl::string_view what) {
+  return ErrnoStatus(EINVAL, absl::StrCat("state store mutation: ", what));
+}
+
+absl::Status CheckName(absl::string_view kind, absl::string_view name) {
+  if (name.empty()) return Invalid(absl::StrCat("empty ", kind, " name"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckRange(absl::string_view kind, uint64_t start, uint64_t size) {
+  if (!ValidRange(start, size)) {
+    return Invalid(
+        absl::StrCat(kind, " 0x", absl::Hex(start), "+0x", absl::Hex(size), " is empty or wraps"));
+  }
+  return absl::OkStatus();
+}
+
+// One-off statements (pragmas): the first column of every row.
+absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, const std::string& path,
+                                                     const char* sql) {
+  sqlite3_stmt* stmt = nullptr;
+  int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr);
+  if (rc != SQLITE_OK) return SqliteStatus(db, path, rc, sql);
+  std::vector<std::string> rows;
+  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) rows.push_back(ColumnText(stmt, 0));
+  absl::Status status = rc == SQLITE_DONE ? absl::OkStatus() : SqliteStatus(db, path, rc, sql);
+  sqlite3_finalize(stmt);
+  if (!status.ok()) return status;
+  return rows;
+}
+
+}  // namespace
+
+enum StateStore::Sql : int {
+  kBeginWrite,
+  kBeginRead,
+  kCommit,
+  kRollback,
+  kUpsertContext,
+  kDeleteContainersOfContext,
+  kDeleteContext,
+  kUpsertContainer,
+  kDeleteContainer,
+  kInsertHold,
+  kDeleteHold,
+  kInsertPending,
+  kDeletePending,
+  kMappingAtOrBefore,
+  kMappingsStartingIn,
+  kDeleteMapping,
+  kTrimMapping,
+  kInsertMapping,
+  kInsertDecision,
+  kUpsertMeta,
+  kSelectDecision,
+  kLoadContexts,
+  kLoadContainers,
+  kLoadHolds,
+  kLoadPending,
+  kLoadMappings,
+  kLoadDecisions,
+  kLoadMeta,
+  kSqlCount,
+};
+
+// --- Mutation --------------------------------------------------------------------------------
+
+Mutation& Mutation::PutContext(StoredContext context) {
+  ops_.emplace_back(std::move(context));
+  return *this;
+}
+
+Mutation& Mutation::DeleteContext(absl::string_view name) {
+  ops_.emplace_back(DeleteContextOp{std::string(name)});
+  return *this;
+}
+
+Mutation& Mutation::PutContainer(StoredContainer container) {
+  ops_.emplace_back(std::move(container));
+  return *this;
+}
+
+Mutation& Mutation::DeleteContainer(absl::string_view name) {
+  ops_.emplace_back(DeleteContainerOp{std::string(name)});
+  return *this;
+}
+
+Mutation& Mutation::AddHold(absl::string_view container, absl::string_view context, uint64_t ua,
+                            uint64_t size) {
+  ops_.emplace_back(HoldOp{true, std::string(container), std::string(context), ua, size});
+  return *this;
+}
+
+Mutation& Mutation::RemoveHold(absl::string_view container, absl::string_view context, uint64_t ua,
+                               uint64_t size) {
+  ops_.emplace_back(HoldOp{false, std::string(container), std::string(context), ua, size});
+  return *this;
+}
+
+Mutation& Mutation::PutPending(absl::string_view context, uint64_t ua, uint64_t size) {
+  ops_.emplace_back(PendingOp{true, std::string(context), ua, size});
+  return *this;
+}
+
+Mutation& Mutation::RemovePending(absl::string_view context, uint64_t ua, uint64_t size) {
+  ops_.emplace_back(PendingOp{false, std::string(context), ua, size});
+  return *this;
+}
+
+Mutation& Mutation::SetMapping(absl::string_view container, uint64_t iova, uint64_t size,
+                               uint64_t ua) {
+  ops_.emplace_back(MappingOp{true, std::string(container), iova, size, ua});
+  return *this;
+}
+
+Mutation& Mutation::ClearMappings(absl::string_view container, uint64_t iova, uint64_t size) {
+  ops_.emplace_back(MappingOp{false, std::string(container), iova, size, 0});
+  return *this;
+}
+
+Mutation& Mutation::RecordDecision(absl::string_view decision_id, uint64_t epoch,
+                                   int result_errno) {
+  ops_.emplace_back(DecisionOp{std::string(decision_id), epoch, result_errno});
+  return *this;
+}
+
+Mutation& Mutation::PutMeta(absl::string_view key, absl::string_view value) {
+  ops_.emplace_back(MetaOp{std::string(key), std::string(value)});
+  return *this;
+}
+
+// --- StateStore ------------------------------------------------------------------------------
+
+int StateStore::CurrentSchemaVersion() { return kCurrentSchemaVersion; }
+
+absl::Status StateStore::Validate(const Mutation::Op& op) {
+  if (const auto* context = std::get_if<StoredContext>(&op)) {
+    return CheckName("context", context->name);
+  }
+  if (const auto* del = std::get_if<Mutation::DeleteContextOp>(&op)) {
+    return CheckName("context", del->name);
+  }
+  if (const auto* container = std::get_if<StoredContainer>(&op)) {
+    return CheckName("container", container->name);
+  }
+  if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
+    return CheckName("container", del->name);
+  }
+  if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
+    if (absl::Status s = CheckName("container", hold->container); !s.ok()) return s;
+    if (absl::Status s = CheckName("context", hold->context); !s.ok()) return s;
+    return CheckRange("hold", hold->ua, hold->size);
+  }
+  if (const auto* pending = std::get_if<Mutation::PendingOp>(&op)) {
+    if (absl::Status s = CheckName("context", pending->context); !s.ok()) return s;
+    return CheckRange("pending region", pending->ua, pending->size);
+  }
+  if (const auto* mapping = std::get_if<Mutation::MappingOp>(&op)) {
+    if (absl::Status s = CheckName("container", mapping->container); !s.ok()) return s;
+    if (absl::Status s = CheckRange("mapping iova", mapping->iova, mapping->size); !s.ok()) {
+      return s;
+    }
+    if (mapping->set) return CheckRange("mapping ua", mapping->ua, mapping->size);
+    return absl::OkStatus();
+  }
+  if (const auto* decision = std::get_if<Mutation::DecisionOp>(&op)) {
+    if (decision->decision_id.empty()) return Invalid("empty decision id");
+    return absl::OkStatus();
+  }
+  if (const auto* meta = std::get_if<Mutation::MetaOp>(&op)) {
+    if (meta->key.empty()) return Invalid("empty meta key");
+    if (meta->key == kMetaSchemaVersion) {
+      return Invalid(absl::StrCat("meta key \"", meta->key, "\" belongs to the store"));
+    }
+    return absl::OkStatus();
+  }
+  return Invalid("unknown operation");
+}
+
+StateStore::StateStore(std::string path, StateStoreOptions options, sqlite3* db)
+    : path_(std::move(path)), options_(std::move(options)), db_(db) {
+  static_assert(kSqlCount == kNumStatements, "kSqlText and Sql disagree");
+  static_assert(kSqlCount <= kMaxStatements, "raise kMaxStatements");
+}
+
+StateStore::~StateStore() {
+  MutexLock lock(&mu_);
+  for (sqlite3_stmt*& stmt : statements_) {
+    if (stmt != nullptr) sqlite3_finalize(stmt);
+    stmt = nullptr;
+  }
+  sqlite3_close_v2(db_);
+}
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir,
+                                                             StateStoreOptions options) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return ErrnoStatus(error.value(), absl::StrCat("cannot create the state directory ", dir, ": ",
+                                                   error.message()));
+  }
+  std::string path = absl::StrCat(dir, "/state.db");
+  sqlite3* db = nullptr;
+  // NOMUTEX: the store's own mutex serializes every use of the connection.
+  const int rc = sqlite3_open_v2(
+      path.c_str(), &db,
+      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE,
+      nullptr);
+  if (rc != SQLITE_OK) {
+    absl::Status status = SqliteStatus(db, path, rc, "open");
+    sqlite3_close_v2(db);
+    return status;
+  }
+  std::unique_ptr<StateStore> store(new StateStore(std::move(path), std::move(options), db));
+  {
+    MutexLock lock(&store->mu_);
+    if (absl::Status status = store->InitLocked(); !status.ok()) return status;
+  }
+  return store;
+}
+
+absl::Status StateStore::InitLocked() {
+  sqlite3_busy_timeout(db_, 5000);  // another process (an operator's sqlite3 shell) may read
+
+  // Before anything writes to the file. quick_check verifies the b-tree structure of every page
+  // (not the UNIQUE constraints or index contents, which the full integrity_check adds).
+  absl::StatusOr<std::vector<std::string>> check = QueryColumn(db_, path_, "PRAGMA quick_check");
+  if (!check.ok()) return check.status();
+  if (check->size() != 1 || (*check)[0] != "ok") {
+    std::vector<std::string> problems(check->begin(),
+                                      check->begin() + std::min<size_t>(check->size(), 5));
+    return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
+                       absl::StrCat("state database ", path_,
+                                    " is damaged (quick_check: ", absl::StrJoin(problems, "; "),
+                                    "); restore it or move it away"));
+  }
+
+  absl::StatusOr<std::vector<std::string>> mode =
+      QueryColumn(db_, path_, "PRAGMA journal_mode = WAL");
+  if (!mode.ok()) return mode.status();
+  if (mode->size() != 1 || (*mode)[0] != "wal") {
+    return ErrnoStatus(EIO, absl::StrCat("state database ", path_, ": cannot enable WAL (mode ",
+                                         absl::StrJoin(*mode, ","), ")"));
+  }
+  const char* sync =
+      options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL";
+  for (const char* pragma : {sync, "PRAGMA foreign_keys = ON"}) {
+    absl::StatusOr<std::vector<std::string>> done = QueryColumn(db_, path_, pragma);
+    if (!done.ok()) return done.status();
+  }
+  // A SQLite built without foreign keys ignores the pragma; the cascades depend on it.
+  absl::StatusOr<std::vector<std::string>> fk = QueryColumn(db_, path_, "PRAGMA foreign_keys");
+  if (!fk.ok()) return fk.status();
+  if (fk->size() != 1 || (*fk)[0] != "1") {
+    return ErrnoStatus(EIO, "this SQLite does not enforce foreign keys");
+  }
+  return MigrateLocked();
+}
+
+absl::Status StateStore::MigrateLocked() {
+  // One write transaction for the check and every step: two agents opening the same directory
+  // cannot both migrate, and a crash mid-migration leaves the old version intact.
+  if (absl::Status s = ExecLocked(kBeginWrite, "begin migration"); !s.ok()) return s;
+  auto fail = [this](absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    RollbackLocked();
+    return status;
+  };
+  absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
+      db_, path_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
+  if (!has_meta.ok()) return fail(has_meta.status());
+  int version = 0;
+  if (!has_meta->empty()) {
+    absl::StatusOr<std::vector<std::string>> value =
+        QueryColumn(db_, path_, "SELECT value FROM meta WHERE key = 'schema_version'");
+    if (!value.ok()) return fail(value.status());
+    if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
+      return fail(ErrnoStatus(
+          EIO, absl::StatusCode::kDataLoss,
+          absl::StrCat("state database ", path_, " has no valid schema_version in meta")));
+    }
+  }
+  if (version > kCurrentSchemaVersion) {
+    return fail(ErrnoStatus(
+        EIO, absl::StatusCode::kFailedPrecondition,
+        absl::StrCat("state database ", path_, " has schema version ", version,
+                     ", newer than this agent's ", kCurrentSchemaVersion, "; upgrade the agent")));
+  }
+  for (int v = version; v < kCurrentSchemaVersion; ++v) {
+    char* error = nullptr;
+    const int rc = sqlite3_exec(db_, kMigrations[v], nullptr, nullptr, &error);
+    if (rc != SQLITE_OK) {
+      std::string message = error != nullptr ? error : sqlite3_errstr(rc);
+      sqlite3_free(error);
+      return fail(ErrnoStatus(EIO, absl::StrCat("state database ", path_, ": migration to schema ",
+                                                v + 1, " failed: ", message)));
+    }
+  }
+  if (version != kCurrentSchemaVersion) {
+    absl::StatusOr<sqlite3_stmt*> meta = StatementLocked(kUpsertMeta);
+    if (!meta.ok()) return fail(meta.status());
+    BindText(*meta, 1, kMetaSchemaVersion);
+    BindText(*meta, 2, absl::StrCat(kCurrentSchemaVersion));
+    if (absl::Status s = RunLocked(*meta, "record schema version"); !s.ok()) return fail(s);
+  }
+  if (absl::Status s = ExecLocked(kCommit, "commit migration"); !s.ok()) return fail(s);
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::SqliteError(int rc, absl::string_view what) const {
+  return SqliteStatus(db_, path_, rc, what);
+}
+
+absl::StatusOr<sqlite3_stmt*> StateStore::StatementLocked(Sql sql) const {
+  sqlite3_stmt*& stmt = statements_[sql];
+  if (stmt == nullptr) {
+    const int rc =
+        sqlite3_prepare_v3(db_, kSqlText[sql], -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+    if (rc != SQLITE_OK) {
+      stmt = nullptr;
+      return SqliteError(rc, absl::StrCat("prepare \"", kSqlText[sql], "\""));
+    }
+  }
+  return stmt;
+}
+
+absl::Status StateStore::RunLocked(sqlite3_stmt* stmt, absl::string_view what,
+                                   uint64_t* rows) const {
+  ScopedReset reset(stmt);
+  const int rc = sqlite3_step(stmt);
+  if (rc != SQLITE_DONE) return SqliteError(rc, what);
+  if (rows != nullptr) *rows += static_cast<uint64_t>(sqlite3_changes(db_));
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::ExecLocked(Sql sql, absl::string_view what) const {
+  absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(sql);
+  if (!stmt.ok()) return stmt.status();
+  return RunLocked(*stmt, what);
+}
+
+void StateStore::RollbackLocked() const {
+  // A failed COMMIT (I/O error, ...) may already have rolled back.
+  if (sqlite3_get_autocommit(db_)) return;
+  // If even ROLLBACK fails, the next BEGIN fails too: every later commit reports EIO.
+  (void)ExecLocked(kRollback, "rollback");
+}
+
+absl::Status StateStore::Commit(const Mutation& mutation) {
+  if (mutation.empty()) return absl::OkStatus();
+  for (size_t i = 0; i < mutation.ops_.size(); ++i) {
+    if (absl::Status status = Validate(mutation.ops_[i]); !status.ok()) {
+      failed_commits_.fetch_add(1, std::memory_order_relaxed);
+      return status;
+    }
+  }
+
+  MutexLock lock(&mu_);
+  const int number = ++commit_number_;
+  if (absl::Status status = ExecLocked(kBeginWrite, "begin"); !status.ok()) {
+    failed_commits_.fetch_add(1, std::memory_order_relaxed);
+    return status;
+  }
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  uint64_t rows = 0;
+  absl::Status status;
+  for (size_t i = 0; i < mutation.ops_.size() && status.ok(); ++i) {
+    status = ApplyLocked(mutation.ops_[i], now_ms, &rows);
+    if (!status.ok()) {
+      // Keeps the code (DATA_LOSS for a damaged file) and adds which operation failed.
+      status = ErrnoStatus(
+          EIO, status.code(),
+          absl::StrCat("commit #", number, ", operation ", i + 1, " of ", mutation.ops_.size(),
+                       ": ", absl::StripPrefix(status.message(), "EIO: ")));
+    }
+  }
+  if (status.ok() && options_.fail_commit_hook) {
+    absl::Status injected = options_.fail_commit_hook(number);
+    if (!injected.ok()) {
+      status = ErrnoStatus(
+          EIO, absl::StrCat("commit #", number, ": injected failure: ", injected.ToString()));
+    }
+  }
+  if (status.ok()) status = ExecLocked(kCommit, absl::StrCat("commit #", number));
+  if (!status.ok()) {
+    RollbackLocked();
+    failed_commits_.fetch_add(1, std::memory_order_relaxed);
+    return status;
+  }
+  commits_.fetch_add(1, std::memory_order_relaxed);
+  rows_written_.fetch_add(rows, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uint64_t* rows) {
+  if (const auto* context = std::get_if<StoredContext>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kUpsertContext);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, context->name);
+    BindU64(*stmt, 2, context->id);
+    if (context->memlock_limit_bytes.has_value()) {
+      BindU64(*stmt, 3, *context->memlock_limit_bytes);
+    } else {
+      sqlite3_bind_null(*stmt, 3);
+    }
+    sqlite3_bind_int(*stmt, 4, context->cap_ipc_lock ? 1 : 0);
+    sqlite3_bind_int(*stmt, 5, context->backing);
+    BindU64(*stmt, 6, context->mem_ua);
+    BindU64(*stmt, 7, context->mem_size);
+    return RunLocked(*stmt, absl::StrCat("put context \"", context->name, "\""), rows);
+  }
+  if (const auto* del = std::get_if<Mutation::DeleteContextOp>(&op)) {
+    // The containers first: their holds are what ties them to the context.
+    absl::StatusOr<sqlite3_stmt*> containers = StatementLocked(kDeleteContainersOfContext);
+    if (!containers.ok()) return containers.status();
+    BindText(*containers, 1, del->name);
+    absl::Status status = RunLocked(
+        *containers, absl::StrCat("delete the containers of context \"", del->name, "\""), rows);
+    if (!status.ok()) return status;
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kDeleteContext);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, del->name);
+    return RunLocked(*stmt, absl::StrCat("delete context \"", del->name, "\""), rows);
+  }
+  if (const auto* container = std::get_if<StoredContainer>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kUpsertContainer);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, container->name);
+    BindU64(*stmt, 2, container->id);
+    BindU64(*stmt, 3, container->iommu_page_size);
+    BindU64(*stmt, 4, container->window_start);
+    BindU64(*stmt, 5, container->window_size);
+    return RunLocked(*stmt, absl::StrCat("put container \"", container->name, "\""), rows);
+  }
+  if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kDeleteContainer);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, del->name);
+    return RunLocked(*stmt, absl::StrCat("delete container \"", del->name, "\""), rows);
+  }
+  if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(hold->add ? kInsertHold : kDeleteHold);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, hold->container);
+    BindText(*stmt, 2, hold->context);
+    BindU64(*stmt, 3, hold->ua);
+    BindU64(*stmt, 4, hold->size);
+    return RunLocked(*stmt,
+                     absl::StrCat(hold->add ? "add" : "remove", " hold of container \"",
+                                  hold->container, "\" on context \"", hold->context, "\" ua=0x",
+                                  absl::Hex(hold->ua), " size=0x", absl::Hex(hold->size)),
+                     rows);
+  }
+  if (const auto* pending = std::get_if<Mutation::PendingOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt =
+        StatementLocked(pending->add ? kInsertPending : kDeletePending);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, pending->context);
+    BindU64(*stmt, 2, pending->ua);
+    BindU64(*stmt, 3, pending->size);
+    return RunLocked(*stmt,
+                     absl::StrCat(pending->add ? "put" : "remove", " pending region of context \"",
+                                  pending->context, "\" ua=0x", absl::Hex(pending->ua), " size=0x",
+                                  absl::Hex(pending->size)),
+                     rows);
+  }
+  if (const auto* mapping = std::get_if<Mutation::MappingOp>(&op)) {
+    absl::Status status =
+        ClearMappingRangeLocked(mapping->container, mapping->iova, mapping->size, rows);
+    if (!status.ok() || !mapping->set) return status;
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kInsertMapping);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, mapping->container);
+    BindIova(*stmt, 2, mapping->iova);
+    BindU64(*stmt, 3, mapping->size);
+    BindU64(*stmt, 4, mapping->ua);
+    return RunLocked(*stmt,
+                     absl::StrCat("set mapping of container \"", mapping->container, "\" iova=0x",
+                                  absl::Hex(mapping->iova), " size=0x", absl::Hex(mapping->size)),
+                     rows);
+  }
+  if (const auto* decision = std::get_if<Mutation::DecisionOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kInsertDecision);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, decision->decision_id);
+    BindU64(*stmt, 2, decision->epoch);
+    sqlite3_bind_int(*stmt, 3, decision->result);
+    sqlite3_bind_int64(*stmt, 4, now_ms);
+    return RunLocked(*stmt, absl::StrCat("record decision \"", decision->decision_id, "\""), rows);
+  }
+  if (const auto* meta = std::get_if<Mutation::MetaOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kUpsertMeta);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, meta->key);
+    BindText(*stmt, 2, meta->value);
+    return RunLocked(*stmt, absl::StrCat("put meta \"", meta->key, "\""), rows);
+  }
+  return ErrnoStatus(EINVAL, "unknown mutation operation");
+}
+
+absl::Status StateStore::ClearMappingRangeLocked(const std::string& container, uint64_t iova,
+                                                 uint64_t size, uint64_t* rows) {
+  // Inclusive ends throughout: a range may end at 2^64 - 1, where iova + size wraps to 0.
+  const uint64_t last = iova + (size - 1);
+  std::vector<StoredMapping> overlapping;
+  auto collect = [&](Sql sql, bool with_last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> absl::Status {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(sql);
+    if (!stmt.ok()) return stmt.status();
+    ScopedReset reset(*stmt);
+    BindText(*stmt, 1, container);
+    BindIova(*stmt, 2, iova);
+    if (with_last) BindIova(*stmt, 3, last);
+    int rc;
+    while ((rc = sqlite3_step(*stmt)) == SQLITE_ROW) {
+      StoredMapping row;
+      row.container = container;
+      if (!ColumnIova(*stmt, 0, &row.iova)) {
+        return SqliteStatus(nullptr, path_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
+      }
+      row.size = ColumnU64(*stmt, 1);
+      row.ua = ColumnU64(*stmt, 2);
+      if (row.size == 0) continue;  // never written; would confuse the arithmetic below
+      const uint64_t row_last = row.iova + (row.size - 1);
+      if (row_last >= iova) overlapping.push_back(std::move(row));
+    }
+    if (rc != SQLITE_DONE) return SqliteError(rc, "find overlapping mappings");
+    return absl::OkStatus();
+  };
+  // Rows never overlap, so only the last row starting at or before `iova` can reach into the
+  // range from the left; every other overlapping row starts inside (iova, last].
+  if (absl::Status s = collect(kMappingAtOrBefore, false); !s.ok()) return s;
+  if (absl::Status s = collect(kMappingsStartingIn, true); !s.ok()) return s;
+
+  for (const StoredMapping& row : overlapping) {
+    const uint64_t row_last = row.iova + (row.size - 1);
+    const std::string what =
+        absl::StrCat("trim mapping of container \"", container, "\" iova=0x", absl::Hex(row.iova));
+    absl::StatusOr<sqlite3_stmt*> stmt =
+        StatementLocked(row.iova < iova ? kTrimMapping : kDeleteMapping);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, container);
+    BindIova(*stmt, 2, row.iova);
+    if (row.iova < iova) BindU64(*stmt, 3, iova - row.iova);  // keep the left part
+    if (absl::Status s = RunLocked(*stmt, what, rows); !s.ok()) return s;
+    if (row_last > last) {  // keep the right part, as its own row
+      absl::StatusOr<sqlite3_stmt*> insert = StatementLocked(kInsertMapping);
+      if (!insert.ok()) return insert.status();
+      const uint64_t start = last + 1;
+      BindText(*insert, 1, container);
+      BindIova(*insert, 2, start);
+      BindU64(*insert, 3, row_last - last);
+      BindU64(*insert, 4, row.ua + (start - row.iova));
+      if (absl::Status s = RunLocked(*insert, what, rows); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PersistedState> StateStore::Load() const {
+  MutexLock lock(&mu_);
+  // One read transaction: a snapshot even if another process writes meanwhile.
+  if (absl::Status s = ExecLocked(kBeginRead, "begin load"); !s.ok()) return s;
+  PersistedState state;
+  absl::Status status = LoadLocked(&state);
+  if (status.ok()) status = ExecLocked(kCommit, "end load");
+  if (!status.ok()) {
+    RollbackLocked();
+    return status;
+  }
+  return state;
+}
+
+absl::Status StateStore::LoadLocked(PersistedState* state) const {
+  // Runs `sql`, calling `row` for each result row.
+  auto each = [this](Sql sql, const auto& row) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> absl::Status {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(sql);
+    if (!stmt.ok()) return stmt.status();
+    ScopedReset reset(*stmt);
+    int rc;
+    while ((rc = sqlite3_step(*stmt)) == SQLITE_ROW) {
+      if (absl::Status s = row(*stmt); !s.ok()) return s;
+    }
+    if (rc != SQLITE_DONE) return SqliteError(rc, absl::StrCat("load: ", kSqlText[sql]));
+    return absl::OkStatus();
+  };
+  absl::Status status = each(kLoadContexts, [&](sqlite3_stmt* stmt) {
+    StoredContext& c = state->contexts.emplace_back();
+    c.name = ColumnText(stmt, 0);
+    c.id = ColumnU64(stmt, 1);
+    if (sqlite3_column_type(stmt, 2) != SQLITE_NULL) c.memlock_limit_bytes = ColumnU64(stmt, 2);
+    c.cap_ipc_lock = sqlite3_column_int(stmt, 3) != 0;
+    c.backing = sqlite3_column_int(stmt, 4);
+    c.mem_ua = ColumnU64(stmt, 5);
+    c.mem_size = ColumnU64(stmt, 6);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadContainers, [&](sqlite3_stmt* stmt) {
+    StoredContainer& c = state->containers.emplace_back();
+    c.name = ColumnText(stmt, 0);
+    c.id = ColumnU64(stmt, 1);
+    c.iommu_page_size = ColumnU64(stmt, 2);
+    c.window_start = ColumnU64(stmt, 3);
+    c.window_size = ColumnU64(stmt, 4);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadHolds, [&](sqlite3_stmt* stmt) {
+    StoredHold& h = state->holds.emplace_back();
+    h.container = ColumnText(stmt, 0);
+    h.context = ColumnText(stmt, 1);
+    h.ua = ColumnU64(stmt, 2);
+    h.size = ColumnU64(stmt, 3);
+    h.seq = sqlite3_column_int64(stmt, 4);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadPending, [&](sqlite3_stmt* stmt) {
+    StoredPending& p = state->pending.emplace_back();
+    p.context = ColumnText(stmt, 0);
+    p.ua = ColumnU64(stmt, 1);
+    p.size = ColumnU64(stmt, 2);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadMappings, [&](sqlite3_stmt* stmt) {
+    StoredMapping& m = state->mappings.emplace_back();
+    m.container = ColumnText(stmt, 0);
+    if (!ColumnIova(stmt, 1, &m.iova)) {
+      return SqliteStatus(nullptr, path_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
+    }
+    m.size = ColumnU64(stmt, 2);
+    m.ua = ColumnU64(stmt, 3);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadDecisions, [&](sqlite3_stmt* stmt) {
+    StoredDecision& d = state->decisions.emplace_back();
+    d.decision_id = ColumnText(stmt, 0);
+    d.epoch = ColumnU64(stmt, 1);
+    d.result = sqlite3_column_int(stmt, 2);
+    d.applied_at = absl::FromUnixMillis(sqlite3_column_int64(stmt, 3));
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  status = each(kLoadMeta, [&](sqlite3_stmt* stmt) {
+    state->meta[ColumnText(stmt, 0)] = ColumnText(stmt, 1);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+
+  // Sorted here rather than in SQL: SQLite compares these uint64 columns as signed.
+  std::sort(state->contexts.begin(), state->contexts.end(),
+            [](const StoredContext& a, const StoredContext& b) { return a.id < b.id; });
+  std::sort(state->containers.begin(), state->containers.end(),
+            [](const StoredContainer& a, const StoredContainer& b) { return a.id < b.id; });
+  std::sort(state->pending.begin(), state->pending.end(),
+            [](const StoredPending& a, const StoredPending& b) {
+              return std::tie(a.context, a.ua, a.size) < std::tie(b.context, b.ua, b.size);
+            });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<int>> StateStore::DecisionResult(absl::string_view decision_id) const {
+  MutexLock lock(&mu_);
+  absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kSelectDecision);
+  if (!stmt.ok()) return stmt.status();
+  ScopedReset reset(*stmt);
+  BindText(*stmt, 1, decision_id);
+  const int rc = sqlite3_step(*stmt);
+  if (rc == SQLITE_ROW) return std::optional<int>(sqlite3_column_int(*stmt, 0));
+  if (rc == SQLITE_DONE) return std::optional<int>();
+  return SqliteError(rc, absl::StrCat("look up decision \"", decision_id, "\""));
+}
+
+StoreStats StateStore::stats() const {
+  StoreStats stats;
+  stats.commits = commits_.load(std::memory_order_relaxed);
+  stats.failed_commits = failed_commits_.load(std::memory_order_relaxed);
+  stats.rows_written = rows_written_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+}  // namespace dmapin

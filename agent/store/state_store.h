@@ -1,0 +1,321 @@
+// The node agent's durable state: an embedded SQLite database, `<dir>/state.db`.
+//
+// Contract. The agent applies an operation to the registry, describes the resulting row changes as
+// a Mutation, and calls Commit before it replies. When Commit returns OK the change survives a
+// kill -9 of the agent; a crash in the middle of a Commit leaves all of it or nothing of it (one
+// SQLite transaction). After a restart the agent replays Load() into a fresh registry.
+//
+// Durability levels (StateStoreOptions::sync_full):
+//  - false (default): WAL journal, synchronous=NORMAL. A committed transaction has been written to
+//    the WAL file (the kernel's page cache) before Commit returns, so it survives the process
+//    dying at any instant. A power loss or kernel crash can lose the most recent commits, never
+//    the database's consistency: the WAL is fsync'ed only at checkpoints.
+//  - true: WAL journal, synchronous=FULL. The WAL is fsync'ed at every commit, so acknowledged
+//    commits survive power loss too, at the cost of one fsync per Commit.
+//
+// Encoding. SQLite integers are signed 64-bit: uint64 values (ids, addresses, sizes) are stored as
+// their two's-complement bit pattern, so values >= 2^63 read back negative in the sqlite3 shell.
+// A mapping's iova is an 8-byte big-endian BLOB (hex(iova) in the shell) because range queries
+// need SQLite's order to be the unsigned order across the whole 64-bit IOVA space.
+//
+// Threading. One connection guarded by a mutex: every method is thread-safe and commits are
+// serialized. Not fork-safe: a child process must open its own StateStore.
+#ifndef DMAPIN_AGENT_STORE_STATE_STORE_H_
+#define DMAPIN_AGENT_STORE_STATE_STORE_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <variant>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "common/mutex.h"
+
+struct sqlite3;
+struct sqlite3_stmt;
+
+namespace dmapin {
+
+// Well-known meta keys. "schema_version" belongs to the store: Mutation::PutMeta rejects it.
+inline constexpr absl::string_view kMetaSchemaVersion = "schema_version";
+inline constexpr absl::string_view kMetaNodeName = "node_name";
+inline constexpr absl::string_view kMetaNextId = "next_id";
+
+// --- Rows ------------------------------------------------------------------------------------
+
+struct StoredContext {
+  std::string name;
+  uint64_t id = 0;
+  std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
+  bool cap_ipc_lock = false;
+  int backing = 0;
+  // The agent's own backing mapping for the memlock backend; 0/0 when there is none.
+  uint64_t mem_ua = 0;
+  uint64_t mem_size = 0;
+};
+
+struct StoredContainer {
+  std::string name;
+  uint64_t id = 0;
+  uint64_t iommu_page_size = 0;
+  uint64_t window_start = 0;
+  uint64_t window_size = 0;
+};
+
+// One container holding one region. `seq` orders holds by commit: replay registers in seq order so
+// that the first holder is the one that pins.
+struct StoredHold {
+  std::string container;
+  std::string context;
+  uint64_t ua = 0;
+  uint64_t size = 0;
+  int64_t seq = 0;
+};
+
+// A region pending release: held by no container, still mapped by some.
+struct StoredPending {
+  std::string context;
+  uint64_t ua = 0;
+  uint64_t size = 0;
+};
+
+// [iova, iova + size) of `container` maps [ua, ua + size). A container's rows never overlap.
+struct StoredMapping {
+  std::string container;
+  uint64_t iova = 0;
+  uint64_t size = 0;
+  uint64_t ua = 0;
+};
+
+// A decision of the central server, applied at most once; `result` is the errno (0 = success).
+struct StoredDecision {
+  std::string decision_id;
+  uint64_t epoch = 0;
+  int result = 0;
+  absl::Time applied_at;  // commit time, millisecond precision
+};
+
+inline bool operator==(const StoredContext& a, const StoredContext& b) {
+  return std::tie(a.name, a.id, a.memlock_limit_bytes, a.cap_ipc_lock, a.backing, a.mem_ua,
+                  a.mem_size) == std::tie(b.name, b.id, b.memlock_limit_bytes, b.cap_ipc_lock,
+                                          b.backing, b.mem_ua, b.mem_size);
+}
+inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
+  return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size) ==
+         std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size);
+}
+inline bool operator==(const StoredHold& a, const StoredHold& b) {
+  return std::tie(a.container, a.context, a.ua, a.size, a.seq) ==
+         std::tie(b.container, b.context, b.ua, b.size, b.seq);
+}
+inline bool operator==(const StoredPending& a, const StoredPending& b) {
+  return std::tie(a.context, a.ua, a.size) == std::tie(b.context, b.ua, b.size);
+}
+inline bool operator==(const StoredMapping& a, const StoredMapping& b) {
+  return std::tie(a.container, a.iova, a.size, a.ua) == std::tie(b.container, b.iova, b.size, b.ua);
+}
+inline bool operator==(const StoredDecision& a, const StoredDecision& b) {
+  return std::tie(a.decision_id, a.epoch, a.result, a.applied_at) ==
+         std::tie(b.decision_id, b.epoch, b.result, b.applied_at);
+}
+
+// Everything the store holds, as Load() reads it in one snapshot.
+struct PersistedState {
+  std::vector<StoredContext> contexts;      // by id
+  std::vector<StoredContainer> containers;  // by id
+  std::vector<StoredHold> holds;            // by seq
+  std::vector<StoredPending> pending;       // by (context, ua, size)
+  std::vector<StoredMapping> mappings;      // by (container, iova)
+  std::vector<StoredDecision> decisions;    // by decision_id
+  std::map<std::string, std::string> meta;  // includes "schema_version"
+};
+
+// --- Mutation --------------------------------------------------------------------------------
+
+// The row changes of one agent operation, applied by StateStore::Commit in one transaction, in the
+// order they were added. Deletes and removals of rows that do not exist are no-ops; an insert that
+// breaks a constraint (a hold or mapping naming an unknown container, a second identical hold, a
+// decision recorded twice, ...) fails the whole commit.
+class Mutation {
+ public:
+  // Insert, or update every column but the name.
+  Mutation& PutContext(StoredContext context);
+  // Deletes the context, its holds and pending regions, and every container holding one of its
+  // regions (with that container's holds and mappings), as Registry::TeardownContext releases the
+  // containers bound to the context. A bound container that holds nothing at the moment has no row
+  // tying it to the context: the caller deletes it with DeleteContainer.
+  Mutation& DeleteContext(absl::string_view name);
+  // Insert, or update every column but the name.
+  Mutation& PutContainer(StoredContainer container);
+  // Deletes the container with its holds and mappings.
+  Mutation& DeleteContainer(absl::string_view name);
+  // The hold gets the next seq. Container and context must exist.
+  Mutation& AddHold(absl::string_view container, absl::string_view context, uint64_t ua,
+                    uint64_t size);
+  Mutation& RemoveHold(absl::string_view container, absl::string_view context, uint64_t ua,
+                       uint64_t size);
+  // Idempotent. The context must exist.
+  Mutation& PutPending(absl::string_view context, uint64_t ua, uint64_t size);
+  Mutation& RemovePending(absl::string_view context, uint64_t ua, uint64_t size);
+  // Trims or splits every row of `container` overlapping [iova, iova + size), then inserts this
+  // one. Adjacent rows are not merged. The container must exist.
+  Mutation& SetMapping(absl::string_view container, uint64_t iova, uint64_t size, uint64_t ua);
+  // Trims or splits every row of `container` overlapping [iova, iova + size).
+  Mutation& ClearMappings(absl::string_view container, uint64_t iova, uint64_t size);
+  // Fails the commit if `decision_id` was already recorded. applied_at is the commit time.
+  Mutation& RecordDecision(absl::string_view decision_id, uint64_t epoch, int result_errno);
+  // Insert or overwrite.
+  Mutation& PutMeta(absl::string_view key, absl::string_view value);
+
+  bool empty() const { return ops_.empty(); }
+  size_t size() const { return ops_.size(); }
+
+ private:
+  friend class StateStore;
+
+  struct DeleteContextOp {
+    std::string name;
+  };
+  struct DeleteContainerOp {
+    std::string name;
+  };
+  struct HoldOp {
+    bool add;
+    std::string container;
+    std::string context;
+    uint64_t ua;
+    uint64_t size;
+  };
+  struct PendingOp {
+    bool add;
+    std::string context;
+    uint64_t ua;
+    uint64_t size;
+  };
+  struct MappingOp {
+    bool set;  // false: clear only
+    std::string container;
+    uint64_t iova;
+    uint64_t size;
+    uint64_t ua;
+  };
+  struct DecisionOp {
+    std::string decision_id;
+    uint64_t epoch;
+    int result;
+  };
+  struct MetaOp {
+    std::string key;
+    std::string value;
+  };
+  using Op = std::variant<StoredContext, DeleteContextOp, StoredContainer, DeleteContainerOp,
+                          HoldOp, PendingOp, MappingOp, DecisionOp, MetaOp>;
+
+  std::vector<Op> ops_;
+};
+
+// --- Store -----------------------------------------------------------------------------------
+
+struct StateStoreOptions {
+  // synchronous=FULL (survives power loss) instead of NORMAL (survives process crashes); see the
+  // top of this file.
+  bool sync_full = false;
+  // Fault injection for tests (in the spirit of LevelDB's Env): called with the 1-based number of
+  // each transaction the store attempts, after the mutation's rows were written and before COMMIT.
+  // A non-OK status makes that Commit roll back and fail with EIO. Runs under the store's lock: it
+  // must not call the store.
+  std::function<absl::Status(int commit_number)> fail_commit_hook;
+};
+
+// Counters for metrics.
+struct StoreStats {
+  uint64_t commits = 0;         // successful
+  uint64_t failed_commits = 0;  // rejected, rolled back, or failed to commit
+  // Rows inserted, updated or deleted directly by successful commits (cascaded deletes not
+  // counted).
+  uint64_t rows_written = 0;
+};
+
+class StateStore {
+ public:
+  // Opens (creating if needed) `dir` and `dir/state.db`, runs quick_check, and migrates the schema
+  // to the current version. A damaged file fails with DATA_LOSS (errno EIO) naming the file; a
+  // schema newer than this binary fails with FAILED_PRECONDITION.
+  static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir,
+                                                          StateStoreOptions options = {});
+
+  ~StateStore();  // Closes the connection (checkpointing the WAL when it is the last one).
+  StateStore(const StateStore&) = delete;
+  StateStore& operator=(const StateStore&) = delete;
+
+  // Applies `mutation` in one transaction (BEGIN IMMEDIATE ... COMMIT). OK means durable as
+  // described at the top of this file. Errors: EINVAL for a malformed operation (nothing is
+  // written), otherwise EIO naming the SQLite error, after rolling everything back. An empty
+  // mutation is a no-op that starts no transaction.
+  absl::Status Commit(const Mutation& mutation);
+
+  absl::StatusOr<PersistedState> Load() const;
+
+  // The result errno recorded for `decision_id`, or nullopt if it was never applied.
+  absl::StatusOr<std::optional<int>> DecisionResult(absl::string_view decision_id) const;
+
+  StoreStats stats() const;
+
+  // The database file.
+  const std::string& path() const { return path_; }
+
+  // The schema version this binary writes.
+  static int CurrentSchemaVersion();
+
+ private:
+  // Ids of the cached statements (defined in the .cc).
+  enum Sql : int;
+  static constexpr int kMaxStatements = 32;
+
+  StateStore(std::string path, StateStoreOptions options, sqlite3* db);
+
+  absl::Status InitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status MigrateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<sqlite3_stmt*> StatementLocked(Sql sql) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs a statement that returns no rows; adds the rows it changed to `*rows` when given.
+  absl::Status RunLocked(sqlite3_stmt* stmt, absl::string_view what, uint64_t* rows = nullptr) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ExecLocked(Sql sql, absl::string_view what) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RollbackLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static absl::Status Validate(const Mutation::Op& op);
+  absl::Status ApplyLocked(const Mutation::Op& op, int64_t now_ms, uint64_t* rows)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ClearMappingRangeLocked(const std::string& container, uint64_t iova, uint64_t size,
+                                       uint64_t* rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status LoadLocked(PersistedState* state) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status SqliteError(int rc, absl::string_view what) const;
+
+  const std::string path_;
+  const StateStoreOptions options_;
+
+  mutable Mutex mu_;
+  sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);
+  // Prepared statements, prepared on first use and kept for the connection's lifetime.
+  mutable std::array<sqlite3_stmt*, kMaxStatements> statements_ ABSL_GUARDED_BY(mu_) = {};
+  int commit_number_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Atomics so that a metrics scrape never waits behind an fsync.
+  std::atomic<uint64_t> commits_{0};
+  std::atomic<uint64_t> failed_commits_{0};
+  std::atomic<uint64_t> rows_written_{0};
+};
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_AGENT_STORE_STATE_STORE_H_
