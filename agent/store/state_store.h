@@ -26,6 +26,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -40,6 +41,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "common/mutex.h"
 
 struct sqlite3;
@@ -245,6 +247,8 @@ struct StoreStats {
   // Rows inserted, updated or deleted directly by successful commits (cascaded deletes not
   // counted).
   uint64_t rows_written = 0;
+  // SQLite transactions; fewer than commits when concurrent commits were grouped.
+  uint64_t transactions = 0;
 };
 
 class StateStore {
@@ -283,7 +287,13 @@ class StateStore {
   enum Sql : int;
   static constexpr int kMaxStatements = 32;
 
+  struct Writer;
+  static constexpr size_t kMaxOpsPerTransaction = 4096;
+
   StateStore(std::string path, StateStoreOptions options, sqlite3* db);
+  // One transaction for all of `mutations`; all or nothing.
+  absl::Status CommitLocked(absl::Span<const Mutation* const> mutations)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Status InitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MigrateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -304,6 +314,10 @@ class StateStore {
   const std::string path_;
   const StateStoreOptions options_;
 
+  // Callers waiting to commit; the front one commits for the group (see Commit).
+  Mutex queue_mu_;
+  std::deque<Writer*> writers_ ABSL_GUARDED_BY(queue_mu_);
+
   mutable Mutex mu_;
   sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);
   // Prepared statements, prepared on first use and kept for the connection's lifetime.
@@ -314,6 +328,7 @@ class StateStore {
   std::atomic<uint64_t> commits_{0};
   std::atomic<uint64_t> failed_commits_{0};
   std::atomic<uint64_t> rows_written_{0};
+  std::atomic<uint64_t> transactions_{0};
 };
 
 }  // namespace dmapin

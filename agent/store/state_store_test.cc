@@ -667,6 +667,38 @@ TEST_F(StateStoreTest, ConcurrentCommitsAndReads) {
   EXPECT_EQ(store_->stats().commits, uint64_t{kThreads * kPerThread} + 1);
 }
 
+TEST_F(StateStoreTest, ConcurrentCommitsAreGroupedAndABadOneFailsAlone) {
+  Basic();
+  constexpr int kThreads = 8;
+  constexpr int kPerThread = 200;
+  std::vector<std::thread> threads;
+  std::atomic<int> bad_failed{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([this, t, &bad_failed] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const uint64_t ua = (uint64_t(t) << 32) + uint64_t(i) * kPage;
+        if (t == 0 && i % 50 == 0) {
+          // Names a container that does not exist: this commit alone must fail.
+          absl::Status status = store_->Commit(Mutation().AddHold("no-such", "vm", ua, kPage));
+          if (!status.ok()) bad_failed.fetch_add(1);
+          continue;
+        }
+        absl::Status status = store_->Commit(Mutation().AddHold("c1", "vm", ua, kPage));
+        EXPECT_TRUE(status.ok()) << status;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(bad_failed.load(), kPerThread / 50);
+  PersistedState state = Load();
+  EXPECT_EQ(state.holds.size(), size_t{kThreads * kPerThread - kPerThread / 50});
+  const StoreStats stats = store_->stats();
+  // Grouping is opportunistic; with 8 writers some transactions must have carried several.
+  EXPECT_LT(stats.transactions, stats.commits);
+  RecordProperty("commits", static_cast<int>(stats.commits));
+  RecordProperty("transactions", static_cast<int>(stats.transactions));
+}
+
 // --- Crash safety ------------------------------------------------------------------------------
 
 constexpr char kCounter[] = "crash_counter";
