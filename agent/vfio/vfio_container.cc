@@ -1,0 +1,612 @@
+#include "agent/vfio/vfio_container.h"
+
+#include <fcntl.h>
+#include <linux/vfio.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <utility>
+
+#include "absl/numeric/bits.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "agent/registry/errno_status.h"
+
+namespace dmapin {
+namespace {
+
+constexpr int kOpenFlags = O_RDWR | O_CLOEXEC;
+constexpr uint32_t kMapFlags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+// The default 32-bit window of a v2 container is created with 4 KiB TCEs (IOMMU_PAGE_SHIFT_4K in
+// vfio_iommu_spapr_tce.c); TCE_GET_INFO has no field for it.
+constexpr uint64_t kSpaprDefaultWindowPageSize = 4096;
+
+const char* IommuTypeName(uint32_t type) {
+  switch (type) {
+    case VFIO_TYPE1v2_IOMMU:
+      return "VFIO_TYPE1v2_IOMMU";
+    case VFIO_SPAPR_TCE_v2_IOMMU:
+      return "VFIO_SPAPR_TCE_v2_IOMMU";
+    default:
+      return "unknown IOMMU type";
+  }
+}
+
+// The errno of a kernel result, never 0 (a negative result is always -errno).
+absl::Status KernelError(int result, absl::string_view reason) {
+  return ErrnoStatus(-result, reason);
+}
+
+bool RangesOverlap(uint64_t a, uint64_t a_size, uint64_t b, uint64_t b_size) {
+  return a < b + b_size && b < a + a_size;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// VfioContainerDriver
+
+VfioContainerDriver::VfioContainerDriver(VfioKernel* kernel, uint32_t iommu_type, std::string name)
+    : kernel_(kernel), iommu_type_(iommu_type), name_(std::move(name)) {}
+
+VfioContainerDriver::~VfioContainerDriver() {
+  // Subclasses close in their own destructors (ResetState is virtual); this is a backstop.
+  MutexLock lock(&mu_);
+  if (container_fd_ >= 0) CloseLocked().IgnoreError();
+}
+
+absl::Status VfioContainerDriver::Open(absl::Span<const std::string> group_paths) {
+  MutexLock lock(&mu_);
+  if (container_fd_ >= 0) {
+    return ErrnoStatus(EBUSY,
+                       absl::StrFormat("%s container already open (fd %d)", name_, container_fd_));
+  }
+  if (group_paths.empty()) {
+    return ErrnoStatus(EINVAL, absl::StrCat(name_,
+                                            ": no IOMMU group to attach; the kernel "
+                                            "refuses VFIO_SET_IOMMU on an empty container"));
+  }
+
+  // Every failure closes what was opened so far.
+  absl::Status status = OpenLocked(group_paths);
+  if (!status.ok()) CloseLocked().IgnoreError();  // The open error is the one that matters.
+  return status;
+}
+
+absl::Status VfioContainerDriver::OpenLocked(absl::Span<const std::string> group_paths) {
+  const int fd = kernel_->Open(kVfioContainerPath, kOpenFlags);
+  if (fd < 0) return KernelError(fd, absl::StrCat("open ", kVfioContainerPath));
+  container_fd_ = fd;
+
+  absl::StatusOr<int> version =
+      ContainerIoctl(VFIO_GET_API_VERSION, nullptr, "VFIO_GET_API_VERSION");
+  if (!version.ok()) return version.status();
+  if (*version != VFIO_API_VERSION) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("VFIO_GET_API_VERSION on %s is %d, this build "
+                                               "speaks %d",
+                                               kVfioContainerPath, *version, VFIO_API_VERSION));
+  }
+  const std::string check = absl::StrFormat("VFIO_CHECK_EXTENSION(%s)", IommuTypeName(iommu_type_));
+  absl::StatusOr<int> supported =
+      ContainerIoctl(VFIO_CHECK_EXTENSION, IoctlIntArg(iommu_type_), check);
+  if (!supported.ok()) return supported.status();
+  if (*supported <= 0) {
+    return ErrnoStatus(ENOTTY, absl::StrFormat("%s = 0: no VFIO IOMMU driver for %s is loaded "
+                                               "(vfio_iommu_spapr_tce / vfio_iommu_type1)",
+                                               check, IommuTypeName(iommu_type_)));
+  }
+
+  for (const std::string& path : group_paths) {
+    const int group_fd = kernel_->Open(path.c_str(), kOpenFlags);
+    if (group_fd < 0) return KernelError(group_fd, absl::StrCat("open VFIO group ", path));
+    group_fds_.push_back(group_fd);
+
+    struct vfio_group_status group_status;
+    std::memset(&group_status, 0, sizeof(group_status));
+    group_status.argsz = sizeof(group_status);
+    int result = kernel_->Ioctl(group_fd, VFIO_GROUP_GET_STATUS, &group_status);
+    if (result < 0) {
+      return KernelError(result,
+                         absl::StrFormat("VFIO_GROUP_GET_STATUS on %s (fd %d)", path, group_fd));
+    }
+    if ((group_status.flags & VFIO_GROUP_FLAGS_VIABLE) == 0) {
+      // The kernel would answer EPERM to SET_CONTAINER; say why before it does.
+      return ErrnoStatus(EPERM, absl::StrFormat("VFIO group %s is not viable (flags 0x%x): "
+                                                "bind every device of the IOMMU group to "
+                                                "vfio-pci or unbind it from its host driver",
+                                                path, group_status.flags));
+    }
+    int container = container_fd_;
+    result = kernel_->Ioctl(group_fd, VFIO_GROUP_SET_CONTAINER, &container);
+    if (result < 0) {
+      return KernelError(result, absl::StrFormat("VFIO_GROUP_SET_CONTAINER(container fd %d) on "
+                                                 "%s (fd %d)",
+                                                 container_fd_, path, group_fd));
+    }
+  }
+
+  absl::StatusOr<int> set =
+      ContainerIoctl(VFIO_SET_IOMMU, IoctlIntArg(iommu_type_),
+                     absl::StrFormat("VFIO_SET_IOMMU(%s)", IommuTypeName(iommu_type_)));
+  if (!set.ok()) return set.status();
+
+  absl::StatusOr<VfioDmaWindow> window = QueryWindow();
+  if (!window.ok()) return window.status();
+  window_ = *window;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<VfioDmaWindow> VfioContainerDriver::DmaWindow() const {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("DmaWindow");
+  if (!open.ok()) return open;
+  return window_;
+}
+
+absl::Status VfioContainerDriver::Close() {
+  MutexLock lock(&mu_);
+  return CloseLocked();
+}
+
+absl::Status VfioContainerDriver::CloseLocked() {
+  absl::Status first;
+  // Groups first: closing a group detaches it from the container; the container then goes with
+  // its last reference and the kernel unmaps and unpins everything it still holds.
+  for (auto it = group_fds_.rbegin(); it != group_fds_.rend(); ++it) {
+    const int result = kernel_->Close(*it);
+    if (result < 0 && first.ok()) {
+      first = KernelError(result, absl::StrFormat("close VFIO group fd %d", *it));
+    }
+  }
+  group_fds_.clear();
+  if (container_fd_ >= 0) {
+    const int result = kernel_->Close(container_fd_);
+    if (result < 0 && first.ok()) {
+      first = KernelError(result, absl::StrFormat("close VFIO container fd %d", container_fd_));
+    }
+    container_fd_ = -1;
+  }
+  window_ = VfioDmaWindow();
+  ResetState();
+  return first;
+}
+
+bool VfioContainerDriver::is_open() const {
+  MutexLock lock(&mu_);
+  return container_fd_ >= 0;
+}
+
+int VfioContainerDriver::container_fd() const {
+  MutexLock lock(&mu_);
+  return container_fd_;
+}
+
+absl::StatusOr<int> VfioContainerDriver::ContainerIoctl(unsigned long request,  // NOLINT
+                                                        void* arg, absl::string_view what) {
+  const int result = kernel_->Ioctl(container_fd_, request, arg);
+  if (result < 0) {
+    return KernelError(result, absl::StrFormat("%s on container fd %d", what, container_fd_));
+  }
+  return result;
+}
+
+absl::Status VfioContainerDriver::CheckOpen(absl::string_view operation) const {
+  if (container_fd_ >= 0) return absl::OkStatus();
+  return ErrnoStatus(EBADF, absl::StatusCode::kFailedPrecondition,
+                     absl::StrFormat("%s: %s container is not open", operation, name_));
+}
+
+// ---------------------------------------------------------------------------------------------
+// SpaprTceV2Driver
+
+SpaprTceV2Driver::SpaprTceV2Driver(VfioKernel* kernel)
+    : VfioContainerDriver(kernel, VFIO_SPAPR_TCE_v2_IOMMU, kVfioSpaprV2Backend) {}
+
+SpaprTceV2Driver::~SpaprTceV2Driver() { Close().IgnoreError(); }
+
+absl::StatusOr<VfioDmaWindow> SpaprTceV2Driver::QueryWindow() {
+  struct vfio_iommu_spapr_tce_info info;
+  std::memset(&info, 0, sizeof(info));
+  info.argsz = sizeof(info);  // Large enough for the ddw part: the kernel fills it when it can.
+  absl::StatusOr<int> result =
+      ContainerIoctl(VFIO_IOMMU_SPAPR_TCE_GET_INFO, &info,
+                     absl::StrFormat("VFIO_IOMMU_SPAPR_TCE_GET_INFO(argsz=%u)", info.argsz));
+  if (!result.ok()) return result.status();
+  if (info.dma32_window_size == 0) {
+    return ErrnoStatus(ENODEV, absl::StrFormat("VFIO_IOMMU_SPAPR_TCE_GET_INFO on container fd %d "
+                                               "reports an empty 32-bit DMA window",
+                                               container_fd_));
+  }
+  VfioDmaWindow window;
+  window.start = info.dma32_window_start;
+  window.size = info.dma32_window_size;
+  window.iommu_page_size = kSpaprDefaultWindowPageSize;
+  window.page_size_bitmap = kSpaprDefaultWindowPageSize;
+  if ((info.flags & VFIO_IOMMU_SPAPR_INFO_DDW) != 0) window.page_size_bitmap |= info.ddw.pgsizes;
+  return window;
+}
+
+absl::Status SpaprTceV2Driver::RegisterMemory(uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("RegisterMemory");
+  if (!open.ok()) return open;
+  struct vfio_iommu_spapr_register_memory reg;
+  std::memset(&reg, 0, sizeof(reg));
+  reg.argsz = sizeof(reg);
+  reg.flags = 0;  // The kernel rejects any flag (EINVAL).
+  reg.vaddr = ua;
+  reg.size = size;
+  return ContainerIoctl(
+             VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg,
+             absl::StrFormat("VFIO_IOMMU_SPAPR_REGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
+      .status();
+}
+
+absl::Status SpaprTceV2Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("UnregisterMemory");
+  if (!open.ok()) return open;
+  // No EBUSY check here on purpose: see the header. The registry refuses the last unregister of a
+  // mapped region (spec §3.4) before it gets this far; a 0 from the kernel is not proof that no
+  // TCE still points into the region.
+  struct vfio_iommu_spapr_register_memory reg;
+  std::memset(&reg, 0, sizeof(reg));
+  reg.argsz = sizeof(reg);
+  reg.flags = 0;
+  reg.vaddr = ua;
+  reg.size = size;
+  return ContainerIoctl(
+             VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
+             absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
+      .status();
+}
+
+absl::Status SpaprTceV2Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("MapDma");
+  if (!open.ok()) return open;
+  struct vfio_iommu_type1_dma_map map;
+  std::memset(&map, 0, sizeof(map));
+  map.argsz = sizeof(map);
+  map.flags = kMapFlags;
+  map.vaddr = ua;
+  map.iova = iova;
+  map.size = size;
+  return ContainerIoctl(VFIO_IOMMU_MAP_DMA, &map,
+                        absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)",
+                                        iova, ua, size))
+      .status();
+}
+
+absl::Status SpaprTceV2Driver::UnmapDma(uint64_t iova, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("UnmapDma");
+  if (!open.ok()) return open;
+  struct vfio_iommu_type1_dma_unmap unmap;
+  std::memset(&unmap, 0, sizeof(unmap));
+  unmap.argsz = sizeof(unmap);
+  unmap.flags = 0;  // SPAPR supports no unmap flag.
+  unmap.iova = iova;
+  unmap.size = size;
+  return ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap,
+                        absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)", iova, size))
+      .status();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Type1Driver
+
+Type1Driver::Type1Driver(VfioKernel* kernel, Type1Options options)
+    : VfioContainerDriver(kernel, VFIO_TYPE1v2_IOMMU, kVfioType1Backend),
+      options_(std::move(options)) {}
+
+Type1Driver::~Type1Driver() { Close().IgnoreError(); }
+
+void Type1Driver::ResetState() {
+  reserved_ = VfioIovaRange();
+  usable_.clear();
+  pins_by_iova_.clear();
+}
+
+absl::Status Type1Driver::ReadIommuInfo(uint64_t* pgsizes, std::vector<VfioIovaRange>* ranges,
+                                        bool* have_ranges) {
+  // uint64_t storage keeps the struct and the capability chain naturally aligned.
+  std::vector<uint64_t> buffer((sizeof(struct vfio_iommu_type1_info) + 7) / 8, 0);
+  auto* info = reinterpret_cast<struct vfio_iommu_type1_info*>(buffer.data());
+  info->argsz = sizeof(struct vfio_iommu_type1_info);
+  for (int attempt = 0;; ++attempt) {
+    const uint32_t argsz = info->argsz;
+    absl::StatusOr<int> result = ContainerIoctl(
+        VFIO_IOMMU_GET_INFO, info, absl::StrFormat("VFIO_IOMMU_GET_INFO(argsz=%u)", argsz));
+    if (!result.ok()) return result.status();
+    // The kernel raises argsz when the capabilities do not fit; ask once more with room for them.
+    if (info->argsz <= argsz || attempt > 0) break;
+    const uint32_t wanted = info->argsz;
+    buffer.assign((wanted + 7) / 8, 0);
+    info = reinterpret_cast<struct vfio_iommu_type1_info*>(buffer.data());
+    info->argsz = wanted;
+  }
+  if ((info->flags & VFIO_IOMMU_INFO_PGSIZES) == 0 || info->iova_pgsizes == 0) {
+    return ErrnoStatus(ENODEV, absl::StrFormat("VFIO_IOMMU_GET_INFO on container fd %d reports no "
+                                               "IOMMU page sizes (flags 0x%x)",
+                                               container_fd_, info->flags));
+  }
+  *pgsizes = info->iova_pgsizes;
+  *have_ranges = false;
+  ranges->clear();
+  if ((info->flags & VFIO_IOMMU_INFO_CAPS) == 0 || info->cap_offset == 0) return absl::OkStatus();
+
+  // Walk the capability chain; offsets are from the start of the info struct.
+  const size_t total = std::min<size_t>(info->argsz, buffer.size() * 8);
+  const auto* base = reinterpret_cast<const uint8_t*>(buffer.data());
+  uint32_t offset = info->cap_offset;
+  for (int hops = 0; offset != 0 && hops < 64; ++hops) {
+    if (offset < sizeof(struct vfio_iommu_type1_info) ||
+        offset + sizeof(struct vfio_info_cap_header) > total || offset % 4 != 0) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("VFIO_IOMMU_GET_INFO capability at offset %u "
+                                                 "lies outside the %u-byte answer",
+                                                 offset, total));
+    }
+    struct vfio_info_cap_header header;
+    std::memcpy(&header, base + offset, sizeof(header));
+    if (header.id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE) {
+      struct vfio_iommu_type1_info_cap_iova_range cap;
+      const size_t head = offsetof(struct vfio_iommu_type1_info_cap_iova_range, iova_ranges);
+      if (offset + head > total) break;
+      std::memcpy(&cap, base + offset, head);
+      const size_t need = head + static_cast<size_t>(cap.nr_iovas) * sizeof(struct vfio_iova_range);
+      if (offset + need > total) {
+        return ErrnoStatus(EINVAL, absl::StrFormat("VFIO_IOMMU_GET_INFO IOVA range capability "
+                                                   "claims %u ranges past the answer's end",
+                                                   cap.nr_iovas));
+      }
+      for (uint32_t i = 0; i < cap.nr_iovas; ++i) {
+        struct vfio_iova_range range;
+        std::memcpy(&range, base + offset + head + i * sizeof(range), sizeof(range));
+        ranges->push_back(VfioIovaRange{range.start, range.end});
+      }
+      *have_ranges = true;
+    }
+    offset = header.next;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<VfioDmaWindow> Type1Driver::QueryWindow() {
+  uint64_t pgsizes = 0;
+  bool have_ranges = false;
+  std::vector<VfioIovaRange> ranges;
+  absl::Status status = ReadIommuInfo(&pgsizes, &ranges, &have_ranges);
+  if (!status.ok()) return status;
+  const uint64_t page = pgsizes & (~pgsizes + 1);  // the smallest IOMMU page
+  const uint64_t mask = page - 1;
+
+  if (!have_ranges) {
+    if (options_.fallback_iova_limit < 2 * page) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("fallback IOVA limit 0x%x is too small",
+                                                 options_.fallback_iova_limit));
+    }
+    ranges.push_back(VfioIovaRange{0, options_.fallback_iova_limit - 1});
+  }
+  if (ranges.empty()) {
+    return ErrnoStatus(ENODEV, absl::StrFormat("VFIO_IOMMU_GET_INFO on container fd %d reports no "
+                                               "usable IOVA range",
+                                               container_fd_));
+  }
+  // The pin range sits at the top of the highest range. IOVAs at or above 2^63 are never used,
+  // which keeps the exclusive ends below in 64 bits.
+  const VfioIovaRange* top = &ranges[0];
+  for (const VfioIovaRange& range : ranges) {
+    if (range.last > top->last) top = &range;
+  }
+  const uint64_t kIovaCeiling = uint64_t{1} << 63;
+  const uint64_t top_start = (top->start + mask) & ~mask;
+  const uint64_t top_end = (std::min(top->last, kIovaCeiling - 1) + 1) & ~mask;  // exclusive
+  if (top_end <= top_start) {
+    return ErrnoStatus(ENOSPC, absl::StrFormat("highest usable IOVA range [0x%x, 0x%x] holds no "
+                                               "IOMMU page",
+                                               top->start, top->last));
+  }
+  const uint64_t wanted = options_.reserved_iova_size != 0
+                              ? (options_.reserved_iova_size + mask) & ~mask
+                              : ((top_end - top_start) / 2) & ~mask;
+  if (wanted == 0 || wanted > top_end - top_start || options_.reserved_iova_size > kIovaCeiling) {
+    return ErrnoStatus(ENOSPC, absl::StrFormat("reserved pin range of 0x%x bytes does not fit in "
+                                               "the highest usable IOVA range [0x%x, 0x%x]",
+                                               options_.reserved_iova_size, top->start, top->last));
+  }
+  reserved_ = VfioIovaRange{top_end - wanted, top_end - 1};
+  usable_ = ranges;
+
+  // The guest window: from the lowest usable IOVA up to the pin range. Holes inside it (e.g.
+  // the x86 MSI window) stay holes: MAP_DMA there fails with the kernel's EINVAL.
+  uint64_t low = top_start;
+  for (const VfioIovaRange& range : ranges) low = std::min(low, (range.start + mask) & ~mask);
+  VfioDmaWindow window;
+  window.start = low;
+  window.size = reserved_.start - low;
+  window.iommu_page_size = page;
+  window.page_size_bitmap = pgsizes;
+  return window;
+}
+
+absl::StatusOr<uint64_t> Type1Driver::AllocatePinIova(uint64_t size) const {
+  const uint64_t mask = window_.iommu_page_size - 1;
+  const uint64_t rounded = (size + mask) & ~mask;
+  uint64_t candidate = reserved_.start;
+  for (const auto& [iova, pin] : pins_by_iova_) {
+    if (iova >= candidate && iova - candidate >= rounded) break;
+    candidate = std::max(candidate, (iova + pin.size + mask) & ~mask);
+  }
+  if (candidate > reserved_.last || reserved_.last - candidate + 1 < rounded) {
+    return ErrnoStatus(ENOSPC, absl::StrFormat("reserved pin range [0x%x, 0x%x] has no room for "
+                                               "0x%x more bytes",
+                                               reserved_.start, reserved_.last, size));
+  }
+  return candidate;
+}
+
+absl::Status Type1Driver::CheckGuestRange(absl::string_view what, uint64_t iova,
+                                          uint64_t size) const {
+  const uint64_t end = iova + size;
+  if (end < iova || iova < window_.start || end > window_.start + window_.size) {
+    return ErrnoStatus(
+        ENXIO, absl::StrFormat("%s(iova=0x%x, size=0x%x): outside the guest DMA "
+                               "window [0x%x, 0x%x) (the pin range above it is "
+                               "reserved)",
+                               what, iova, size, window_.start, window_.start + window_.size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Type1Driver::RegisterMemory(uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("RegisterMemory");
+  if (!open.ok()) return open;
+  const uint64_t mask = window_.iommu_page_size - 1;
+  if (size == 0 || ua + size < ua || ((ua | size) & mask) != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): not a "
+                                               "non-empty range aligned to the IOMMU page 0x%x",
+                                               ua, size, window_.iommu_page_size));
+  }
+  for (const auto& [iova, pin] : pins_by_iova_) {
+    if (pin.ua == ua && pin.size == size) {
+      return ErrnoStatus(EBUSY, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): already "
+                                                "registered in this container (pin iova 0x%x)",
+                                                ua, size, iova));
+    }
+    if (RangesOverlap(ua, size, pin.ua, pin.size)) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): overlaps "
+                                                 "the registered region vaddr=0x%x size=0x%x",
+                                                 ua, size, pin.ua, pin.size));
+    }
+  }
+  absl::StatusOr<uint64_t> iova = AllocatePinIova(size);
+  if (!iova.ok()) return iova.status();
+
+  struct vfio_iommu_type1_dma_map map;
+  std::memset(&map, 0, sizeof(map));
+  map.argsz = sizeof(map);
+  map.flags = kMapFlags;
+  map.vaddr = ua;
+  map.iova = *iova;
+  map.size = size;
+  absl::StatusOr<int> result = ContainerIoctl(
+      VFIO_IOMMU_MAP_DMA, &map,
+      absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x) [pin range]", *iova, ua,
+                      size));
+  if (!result.ok()) return result.status();
+  pins_by_iova_[*iova] = Pin{ua, size};
+  return absl::OkStatus();
+}
+
+absl::Status Type1Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("UnregisterMemory");
+  if (!open.ok()) return open;
+  const uint64_t mask = window_.iommu_page_size - 1;
+  if (size == 0 || ua + size < ua || ((ua | size) & mask) != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("UnregisterMemory(vaddr=0x%x, size=0x%x): not a "
+                                               "non-empty range aligned to the IOMMU page 0x%x",
+                                               ua, size, window_.iommu_page_size));
+  }
+  auto it = pins_by_iova_.begin();
+  while (it != pins_by_iova_.end() && !(it->second.ua == ua && it->second.size == size)) ++it;
+  if (it == pins_by_iova_.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("UnregisterMemory(vaddr=0x%x, size=0x%x): not "
+                                               "registered in this container",
+                                               ua, size));
+  }
+  // No EBUSY while guest mappings use the region: they hold their own pins in type1, so this only
+  // drops the pin-range mapping. The registry enforces spec §3.4 before calling.
+  struct vfio_iommu_type1_dma_unmap unmap;
+  std::memset(&unmap, 0, sizeof(unmap));
+  unmap.argsz = sizeof(unmap);
+  unmap.flags = 0;
+  unmap.iova = it->first;
+  unmap.size = size;
+  const std::string what = absl::StrFormat(
+      "VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x) [pin range of vaddr=0x%x]", it->first, size, ua);
+  absl::StatusOr<int> result = ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap, what);
+  if (!result.ok()) return result.status();
+  pins_by_iova_.erase(it);
+  // The kernel writes back how much it unmapped; anything but the whole region means the kernel's
+  // view and ours disagreed (the record is dropped either way: the kernel no longer has it).
+  if (unmap.size != size) {
+    return ErrnoStatus(EIO, absl::StrFormat("%s on container fd %d unmapped 0x%x bytes", what,
+                                            container_fd_, unmap.size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Type1Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("MapDma");
+  if (!open.ok()) return open;
+  absl::Status range = CheckGuestRange("MapDma", iova, size);
+  if (!range.ok()) return range;
+  struct vfio_iommu_type1_dma_map map;
+  std::memset(&map, 0, sizeof(map));
+  map.argsz = sizeof(map);
+  map.flags = kMapFlags;
+  map.vaddr = ua;
+  map.iova = iova;
+  map.size = size;
+  return ContainerIoctl(VFIO_IOMMU_MAP_DMA, &map,
+                        absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)",
+                                        iova, ua, size))
+      .status();
+}
+
+absl::Status Type1Driver::UnmapDma(uint64_t iova, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("UnmapDma");
+  if (!open.ok()) return open;
+  absl::Status range = CheckGuestRange("UnmapDma", iova, size);
+  if (!range.ok()) return range;
+  struct vfio_iommu_type1_dma_unmap unmap;
+  std::memset(&unmap, 0, sizeof(unmap));
+  unmap.argsz = sizeof(unmap);
+  unmap.flags = 0;
+  unmap.iova = iova;
+  unmap.size = size;
+  return ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap,
+                        absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)", iova, size))
+      .status();
+}
+
+absl::StatusOr<VfioIovaRange> Type1Driver::ReservedIovaRange() const {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("ReservedIovaRange");
+  if (!open.ok()) return open;
+  return reserved_;
+}
+
+absl::StatusOr<std::vector<VfioIovaRange>> Type1Driver::UsableIovaRanges() const {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("UsableIovaRanges");
+  if (!open.ok()) return open;
+  return usable_;
+}
+
+absl::StatusOr<uint64_t> Type1Driver::PinIova(uint64_t ua, uint64_t size) const {
+  MutexLock lock(&mu_);
+  for (const auto& [iova, pin] : pins_by_iova_) {
+    if (pin.ua == ua && pin.size == size) return iova;
+  }
+  return ErrnoStatus(ENOENT, absl::StrFormat("vaddr=0x%x size=0x%x is not registered", ua, size));
+}
+
+std::unique_ptr<VfioContainerDriver> NewVfioContainerDriver(absl::string_view backend,
+                                                            VfioKernel* kernel,
+                                                            Type1Options type1_options) {
+  if (backend == kVfioSpaprV2Backend) return std::make_unique<SpaprTceV2Driver>(kernel);
+  if (backend == kVfioType1Backend) {
+    return std::make_unique<Type1Driver>(kernel, std::move(type1_options));
+  }
+  return nullptr;
+}
+
+}  // namespace dmapin
