@@ -229,7 +229,8 @@ absl::Status NodeAgent::CheckWritable() const {
   return absl::OkStatus();
 }
 
-absl::Status NodeAgent::Persist(const Mutation& mutation) {
+absl::Status NodeAgent::Persist(Mutation& mutation, const DecisionTag* decision) {
+  if (decision != nullptr) mutation.RecordDecision(decision->id, decision->epoch, 0);
   if (options_.store == nullptr || mutation.empty()) return absl::OkStatus();
   absl::Status status = options_.store->Commit(mutation);
   if (status.ok()) return status;
@@ -386,7 +387,7 @@ std::vector<ContextView> NodeAgent::ListContexts() const {
   return views;
 }
 
-absl::Status NodeAgent::TeardownContext(absl::string_view name) {
+absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTag* decision) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContextEntry> context = FindContext(name);
@@ -409,7 +410,7 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name) {
     entry->released = true;
     mutation.DeleteContainer(entry->name);
   }
-  absl::Status persisted = Persist(mutation);
+  absl::Status persisted = Persist(mutation, decision);
   {
     MutexLock names(&names_mu_);
     for (auto& entry : bound) {
@@ -476,7 +477,7 @@ std::vector<ContainerView> NodeAgent::ListContainers() const {
   return views;
 }
 
-absl::Status NodeAgent::ReleaseContainer(absl::string_view name) {
+absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionTag* decision) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> entry = FindContainer(name);
@@ -491,7 +492,7 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name) {
   Mutation mutation;
   mutation.DeleteContainer(name);
   if (context != nullptr) AddPendingDiffLocked(*context, mutation);
-  absl::Status persisted = Persist(mutation);
+  absl::Status persisted = Persist(mutation, decision);
   MutexLock names(&names_mu_);
   containers_.erase(entry->name);
   container_names_.erase(entry->id);
@@ -506,7 +507,7 @@ void NodeAgent::AddPendingDiffLocked(ContextEntry& context, Mutation& mutation) 
 
 absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container_name,
                                                      absl::string_view context_name, uint64_t ua,
-                                                     uint64_t size) {
+                                                     uint64_t size, const DecisionTag* decision) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
@@ -523,7 +524,7 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   Mutation mutation;
   mutation.AddHold(container_name, context_name, ua, size);
   if (had_pending) AddPendingDiff(*context, std::string(context_name), &mutation);
-  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
   absl::StatusOr<std::optional<RegionInfo>> region =
       registry_->Find(context->id, ua, size / registry_->page_size());
   if (!region.ok()) return region.status();
@@ -532,7 +533,7 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
 }
 
 absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint64_t ua,
-                                         uint64_t size) {
+                                         uint64_t size, const DecisionTag* decision) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
@@ -543,7 +544,56 @@ absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint6
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   Mutation mutation;
   mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
-  return Persist(mutation);
+  return Persist(mutation, decision);
+}
+
+// --- Decisions --------------------------------------------------------------------------------
+
+DecisionOutcome NodeAgent::ApplyDecision(const DecisionSpec& decision) {
+  if (decision.tag.id.empty()) {
+    return {ErrnoStatus(EINVAL, "decision without an id"), false};
+  }
+  MutexLock lock(&decision_mu_);
+  if (options_.store != nullptr) {
+    absl::StatusOr<std::optional<int>> recorded = options_.store->DecisionResult(decision.tag.id);
+    if (!recorded.ok()) return {recorded.status(), false};
+    if (recorded->has_value()) {
+      const int err = **recorded;
+      return {err == 0 ? absl::OkStatus()
+                       : ErrnoStatus(err, absl::StrFormat("decision %s was answered %s before",
+                                                          decision.tag.id, ErrnoName(err))),
+              true};
+    }
+  }
+  absl::Status status;
+  switch (decision.kind) {
+    case DecisionKind::kRegister:
+      status = RegisterRegion(decision.container, decision.context, decision.ua, decision.size,
+                              &decision.tag)
+                   .status();
+      break;
+    case DecisionKind::kUnregister:
+      status = UnregisterRegion(decision.container, decision.ua, decision.size, &decision.tag);
+      break;
+    case DecisionKind::kReleaseContainer:
+      status = ReleaseContainer(decision.container, &decision.tag);
+      break;
+    case DecisionKind::kTeardownContext:
+      status = TeardownContext(decision.context, &decision.tag);
+      break;
+    default:
+      status =
+          ErrnoStatus(EINVAL, absl::StrFormat("decision %s has unknown kind %d", decision.tag.id,
+                                              static_cast<int>(decision.kind)));
+  }
+  // A refusal is an answer too: record it so a repeat gets the same one. (A store failure is
+  // not an answer; the repeat will be tried again after the restart.)
+  if (!status.ok() && ErrnoOf(status) != EIO && options_.store != nullptr) {
+    Mutation record;
+    record.RecordDecision(decision.tag.id, decision.tag.epoch, ErrnoOf(status));
+    if (absl::Status persisted = Persist(record); !persisted.ok()) return {persisted, false};
+  }
+  return {status, false};
 }
 
 // --- DMA --------------------------------------------------------------------------------------

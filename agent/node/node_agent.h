@@ -94,6 +94,34 @@ struct NodeStatusView {
   uint64_t store_commit_failures = 0;
 };
 
+// A central-service decision being applied: recorded in the same transaction as its effect, so a
+// repeated id is answered from the record and never applied twice.
+struct DecisionTag {
+  std::string id;
+  uint64_t epoch = 0;
+};
+
+enum class DecisionKind {
+  kRegister = 1,
+  kUnregister = 2,
+  kReleaseContainer = 3,
+  kTeardownContext = 4
+};
+
+struct DecisionSpec {
+  DecisionTag tag;
+  DecisionKind kind = DecisionKind::kRegister;
+  std::string context;
+  std::string container;
+  uint64_t ua = 0;
+  uint64_t size = 0;
+};
+
+struct DecisionOutcome {
+  absl::Status status;     // what applying it answered (or answered the first time)
+  bool duplicate = false;  // answered from the record of an earlier application
+};
+
 // Names are 1-128 characters from [A-Za-z0-9._/-]; EINVAL otherwise.
 absl::Status ValidateName(absl::string_view what, absl::string_view name);
 
@@ -107,16 +135,21 @@ class NodeAgent {
   absl::StatusOr<ContextView> CreateContext(const ContextSpec& spec);
   absl::StatusOr<ContextView> GetContext(absl::string_view name) const;
   std::vector<ContextView> ListContexts() const;
-  absl::Status TeardownContext(absl::string_view name);
+  absl::Status TeardownContext(absl::string_view name, const DecisionTag* decision = nullptr);
 
   absl::StatusOr<ContainerView> CreateContainer(const ContainerSpec& spec);
   absl::StatusOr<ContainerView> GetContainer(absl::string_view name) const;
   std::vector<ContainerView> ListContainers() const;
-  absl::Status ReleaseContainer(absl::string_view name);
+  absl::Status ReleaseContainer(absl::string_view name, const DecisionTag* decision = nullptr);
 
   absl::StatusOr<RegionView> RegisterRegion(absl::string_view container, absl::string_view context,
-                                            uint64_t ua, uint64_t size);
-  absl::Status UnregisterRegion(absl::string_view container, uint64_t ua, uint64_t size);
+                                            uint64_t ua, uint64_t size,
+                                            const DecisionTag* decision = nullptr);
+  absl::Status UnregisterRegion(absl::string_view container, uint64_t ua, uint64_t size,
+                                const DecisionTag* decision = nullptr);
+
+  // Applies a central-service decision at most once (see DecisionTag).
+  DecisionOutcome ApplyDecision(const DecisionSpec& decision);
 
   absl::Status MapDma(absl::string_view container, uint64_t iova, uint64_t ua, uint64_t size);
   absl::Status UnmapDma(absl::string_view container, uint64_t iova, uint64_t size);
@@ -179,7 +212,7 @@ class NodeAgent {
   // Makes `mutation` durable. A store that fails leaves memory ahead of disk; the agent then
   // refuses further changes (EIO) and reports itself unhealthy, so that a restart rebuilds the
   // registry from what was acknowledged.
-  absl::Status Persist(const Mutation& mutation);
+  absl::Status Persist(Mutation& mutation, const DecisionTag* decision = nullptr);
   absl::Status CheckWritable() const;
   // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
   // line with the registry. Holds context.pending_mu until the caller has committed.
@@ -193,6 +226,8 @@ class NodeAgent {
 
   // Serializes the control operations (everything but map/unmap/lookups) with their records.
   mutable Mutex control_mu_;
+  // Serializes decisions, so a repeated id cannot race its first application.
+  Mutex decision_mu_;
   // Name tables; writers hold control_mu_ and names_mu_, readers only names_mu_.
   mutable Mutex names_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<ContextEntry>> contexts_

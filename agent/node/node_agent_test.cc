@@ -202,6 +202,44 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
   EXPECT_TRUE(agent_->healthy());
 }
 
+TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {
+  Setup("vm-1", {"c1"});
+  DecisionSpec reg{.tag = {.id = "d-1", .epoch = 7},
+                   .kind = DecisionKind::kRegister,
+                   .context = "vm-1",
+                   .container = "c1",
+                   .ua = kBase,
+                   .size = k1M};
+  DecisionOutcome first = agent_->ApplyDecision(reg);
+  ASSERT_TRUE(first.status.ok()) << first.status;
+  EXPECT_FALSE(first.duplicate);
+  DecisionOutcome again = agent_->ApplyDecision(reg);
+  EXPECT_TRUE(again.status.ok());
+  EXPECT_TRUE(again.duplicate);
+  EXPECT_EQ(agent_->Lookup("vm-1", kBase, k1M)->value().info.used, 1u);
+
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
+  DecisionSpec unreg{.tag = {.id = "d-2", .epoch = 7},
+                     .kind = DecisionKind::kUnregister,
+                     .container = "c1",
+                     .ua = kBase,
+                     .size = k1M};
+  EXPECT_EQ(ErrnoOf(agent_->ApplyDecision(unreg).status), EBUSY);
+  Restart();
+  // Both answers survive the restart; the repeat is not applied again.
+  DecisionOutcome repeat = agent_->ApplyDecision(reg);
+  EXPECT_TRUE(repeat.duplicate);
+  DecisionOutcome busy = agent_->ApplyDecision(unreg);
+  EXPECT_TRUE(busy.duplicate);
+  EXPECT_EQ(ErrnoOf(busy.status), EBUSY);
+  // A retry is a new decision.
+  ASSERT_TRUE(agent_->UnmapDma("c1", 0, k64K).ok());
+  unreg.tag.id = "d-3";
+  EXPECT_TRUE(agent_->ApplyDecision(unreg).status.ok());
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase, k1M)->has_value());
+  EXPECT_EQ(ErrnoOf(agent_->ApplyDecision({.tag = {.id = ""}}).status), EINVAL);
+}
+
 TEST_F(NodeAgentTest, StatusCountsEverything) {
   Setup("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
