@@ -22,6 +22,9 @@ namespace dmapin {
 
 template <typename T>
 class PageIndex {
+ private:
+  struct Node;  // declared ahead for Garbage (clang wants it before use in a member declaration)
+
  public:
   static constexpr uint32_t kBitsPerLevel = 8;
   static constexpr uint32_t kFanout = 1u << kBitsPerLevel;
@@ -41,7 +44,7 @@ class PageIndex {
 
    private:
     friend class PageIndex;
-    std::vector<typename PageIndex::Node*> nodes_;
+    std::vector<Node*> nodes_;
   };
 
   // `page_number_bits`: width of the keys (64 - log2(page size)).

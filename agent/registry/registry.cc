@@ -352,6 +352,30 @@ absl::Status Registry::Register(ContainerId container_id, ContextId context_id, 
   return status;
 }
 
+absl::Status Registry::BindContainer(ContainerId container_id, ContextId context_id) {
+  MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto container_it = current->containers.find(container_id);
+  if (container_it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+  }
+  auto context_it = current->contexts.find(context_id);
+  if (context_it == current->contexts.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+  }
+  Container* container = container_it->second;
+  Context* context = context_it->second;
+  Context* bound = container->context.load(std::memory_order_relaxed);
+  if (bound == context) return absl::OkStatus();
+  if (bound != nullptr) {
+    return ErrnoStatus(EPERM, absl::StrFormat("container %d is bound to memory context %d, not %d",
+                                              container_id, bound->id, context_id));
+  }
+  container->context.store(context, std::memory_order_release);
+  InsertSorted(context->containers, container_id);
+  return absl::OkStatus();
+}
+
 absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
                                     uint64_t size) {
   MutexLock lock(&mu_);
@@ -610,9 +634,9 @@ absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, 
                                                "of the IOMMU page size 0x%x",
                                                what, iova, size, mask + 1));
   }
-  if (ua.has_value() && ((*ua & mask) != 0 || *ua + (size - 1) < *ua)) {
+  if (ua.has_value() && (*ua & mask) != 0) {
     return ErrnoStatus(EINVAL, absl::StrFormat("%s ua=0x%x size=0x%x: not a multiple of the IOMMU "
-                                               "page size 0x%x, or wraps past 2^64",
+                                               "page size 0x%x",
                                                what, *ua, size, mask + 1));
   }
   const ContainerOptions& window = container.options;
@@ -644,6 +668,14 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
   // §7.2, §7.3
   if (absl::Status status = CheckDmaRange(*container, iova, size, ua, "map"); !status.ok()) {
     return status;
+  }
+  // §7.4: a ua range that wraps past 2^64 cannot lie inside any region. Checked after the window
+  // (a wrap is a lookup failure, not an alignment error) and before the loop, whose page
+  // addresses would otherwise wrap into low memory.
+  if (ua + (size - 1) < ua) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("map ua=0x%x size=0x%x: range wraps past 2^64, so "
+                                               "it is not inside registered memory",
+                                               ua, size));
   }
   const uint32_t iommu_shift = container->iommu_shift;
   const uint64_t iommu_page = uint64_t{1} << iommu_shift;

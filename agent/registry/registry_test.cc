@@ -268,6 +268,11 @@ TEST_F(RegistryTest, MapChecksInOrder) {
   EXPECT_ERRNO(registry_->Map(1, uint64_t{1} << 40, kBase, k64K), ENXIO);
   EXPECT_ERRNO(registry_->Map(1, (uint64_t{1} << 40) - k64K, kBase, 2 * k64K), ENXIO);
   EXPECT_ERRNO(registry_->Map(1, 0, kBase + k1M, k64K), EINVAL);  // unregistered memory
+  // A ua range wrapping past 2^64 fails the lookup (step 4), so the window (step 3) comes first;
+  // inside the window the wrap must not reach the region at kBase through low addresses.
+  const uint64_t wrapping_ua = uint64_t{0} - k64K;
+  EXPECT_ERRNO(registry_->Map(1, uint64_t{1} << 40, wrapping_ua, 2 * k64K), ENXIO);
+  EXPECT_ERRNO(registry_->Map(1, 0, wrapping_ua, kBase + k64K), EINVAL);
   EXPECT_ERRNO(registry_->Unmap(1, 0x1000, k64K), EINVAL);
   EXPECT_ERRNO(registry_->Unmap(1, uint64_t{1} << 40, k64K), ENXIO);
   EXPECT_EQ(Region(kBase, k1M).mapped, 1u);
