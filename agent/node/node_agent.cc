@@ -108,6 +108,19 @@ absl::Status NodeAgent::Recover() {
     auto entry = std::make_shared<ContainerEntry>();
     entry->id = stored.id;
     entry->name = stored.name;
+    if (!stored.context.empty()) {
+      // Bound by an earlier registration, possibly to regions it no longer holds.
+      auto context = contexts_.find(stored.context);
+      if (context == contexts_.end()) {
+        return absl::DataLossError(absl::StrFormat(
+            "recovery: container %s is bound to missing context %s", stored.name, stored.context));
+      }
+      if (absl::Status status = registry_->BindContainer(stored.id, context->second->id);
+          !status.ok()) {
+        return Annotate(status, absl::StrCat("recovery: binding container ", stored.name));
+      }
+      entry->bound.store(context->second.get(), std::memory_order_release);
+    }
     entry->spec = std::move(spec);
     containers_[stored.name] = entry;
     container_names_[stored.id] = stored.name;
@@ -520,8 +533,10 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
       !status.ok()) {
     return status;
   }
-  container->bound.store(context.get(), std::memory_order_release);
   Mutation mutation;
+  if (container->bound.exchange(context.get(), std::memory_order_acq_rel) == nullptr) {
+    mutation.BindContainer(container_name, context_name);
+  }
   mutation.AddHold(container_name, context_name, ua, size);
   if (had_pending) AddPendingDiff(*context, std::string(context_name), &mutation);
   if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;

@@ -122,6 +122,11 @@ class Registry {
   // mapped by other containers stay *pending release*), and removes the container.
   absl::Status ReleaseContainer(ContainerId id);
 
+  // Binds a container that never registered memory to `context`, as its first Register would
+  // (spec §1), for an agent restoring its state after a restart. OK if already bound there; EPERM
+  // if bound to another context; ENOENT for an unknown container or context.
+  absl::Status BindContainer(ContainerId container, ContextId context);
+
   // --- Registration (writers; spec §2, §3) ---------------------------------------------------
   absl::Status Register(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
   absl::Status Unregister(ContainerId container, uint64_t ua, uint64_t size);

@@ -79,6 +79,13 @@ CREATE TABLE applied_decisions (
   applied_at INTEGER NOT NULL  -- Unix time, milliseconds
 ) WITHOUT ROWID;
 )sql",
+    // Version 2: the memory context a container is bound to (spec §1: from its first registration
+    // on, even after it lets every region go). Backfilled from the holds.
+    R"sql(
+ALTER TABLE containers ADD COLUMN context TEXT REFERENCES contexts (name) ON DELETE CASCADE;
+UPDATE containers SET context =
+  (SELECT context FROM holds WHERE holds.container = containers.name ORDER BY seq LIMIT 1);
+)sql",
 };
 
 constexpr int kCurrentSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
@@ -96,7 +103,7 @@ constexpr const char* kSqlText[] = {
     "memlock_limit_bytes = excluded.memlock_limit_bytes, cap_ipc_lock = excluded.cap_ipc_lock, "
     "backing = excluded.backing, mem_ua = excluded.mem_ua, mem_size = excluded.mem_size",
     /* kDeleteContainersOfContext */
-    "DELETE FROM containers WHERE name IN (SELECT container FROM holds WHERE context = ?1)",
+    "DELETE FROM containers WHERE context = ?1",
     /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
     /* kUpsertContainer */
     "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size) "
@@ -104,6 +111,7 @@ constexpr const char* kSqlText[] = {
     "iommu_page_size = excluded.iommu_page_size, window_start = excluded.window_start, "
     "window_size = excluded.window_size",
     /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
+    /* kBindContainer */ "UPDATE containers SET context = ?2 WHERE name = ?1",
     /* kInsertHold */ "INSERT INTO holds (container, context, ua, size) VALUES (?1, ?2, ?3, ?4)",
     /* kDeleteHold */
     "DELETE FROM holds WHERE container = ?1 AND context = ?2 AND ua = ?3 AND size = ?4",
@@ -129,7 +137,7 @@ constexpr const char* kSqlText[] = {
     /* kLoadContexts */
     "SELECT name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size FROM contexts",
     /* kLoadContainers */
-    "SELECT name, id, iommu_page_size, window_start, window_size FROM containers",
+    "SELECT name, id, iommu_page_size, window_start, window_size, context FROM containers",
     /* kLoadHolds */ "SELECT container, context, ua, size, seq FROM holds ORDER BY seq",
     /* kLoadPending */ "SELECT context, ua, size FROM pending",
     /* kLoadMappings */ "SELECT container, iova, size, ua FROM mappings ORDER BY container, iova",
@@ -298,6 +306,7 @@ enum StateStore::Sql : int {
   kDeleteContext,
   kUpsertContainer,
   kDeleteContainer,
+  kBindContainer,
   kInsertHold,
   kDeleteHold,
   kInsertPending,
@@ -339,6 +348,11 @@ Mutation& Mutation::PutContainer(StoredContainer container) {
 
 Mutation& Mutation::DeleteContainer(absl::string_view name) {
   ops_.emplace_back(DeleteContainerOp{std::string(name)});
+  return *this;
+}
+
+Mutation& Mutation::BindContainer(absl::string_view container, absl::string_view context) {
+  ops_.emplace_back(BindOp{std::string(container), std::string(context)});
   return *this;
 }
 
@@ -402,6 +416,10 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
   }
   if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
     return CheckName("container", del->name);
+  }
+  if (const auto* bind = std::get_if<Mutation::BindOp>(&op)) {
+    if (absl::Status s = CheckName("container", bind->container); !s.ok()) return s;
+    return CheckName("context", bind->context);
   }
   if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
     if (absl::Status s = CheckName("container", hold->container); !s.ok()) return s;
@@ -721,7 +739,7 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     return RunLocked(*stmt, absl::StrCat("put context \"", context->name, "\""), rows);
   }
   if (const auto* del = std::get_if<Mutation::DeleteContextOp>(&op)) {
-    // The containers first: their holds are what ties them to the context.
+    // The containers first, explicitly: their holds and mappings go with them.
     absl::StatusOr<sqlite3_stmt*> containers = StatementLocked(kDeleteContainersOfContext);
     if (!containers.ok()) return containers.status();
     BindText(*containers, 1, del->name);
@@ -748,6 +766,16 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     if (!stmt.ok()) return stmt.status();
     BindText(*stmt, 1, del->name);
     return RunLocked(*stmt, absl::StrCat("delete container \"", del->name, "\""), rows);
+  }
+  if (const auto* bind = std::get_if<Mutation::BindOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kBindContainer);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, bind->container);
+    BindText(*stmt, 2, bind->context);
+    return RunLocked(
+        *stmt,
+        absl::StrCat("bind container \"", bind->container, "\" to context \"", bind->context, "\""),
+        rows);
   }
   if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
     absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(hold->add ? kInsertHold : kDeleteHold);
@@ -913,6 +941,7 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     c.iommu_page_size = ColumnU64(stmt, 2);
     c.window_start = ColumnU64(stmt, 3);
     c.window_size = ColumnU64(stmt, 4);
+    if (sqlite3_column_type(stmt, 5) != SQLITE_NULL) c.context = ColumnText(stmt, 5);
     return absl::OkStatus();
   });
   if (!status.ok()) return status;

@@ -73,6 +73,9 @@ struct StoredContainer {
   uint64_t iommu_page_size = 0;
   uint64_t window_start = 0;
   uint64_t window_size = 0;
+  // The memory context the container is bound to (Mutation::BindContainer); empty while unbound.
+  // PutContainer does not change it.
+  std::string context;
 };
 
 // One container holding one region. `seq` orders holds by commit: replay registers in seq order so
@@ -114,8 +117,8 @@ inline bool operator==(const StoredContext& a, const StoredContext& b) {
                                           b.backing, b.mem_ua, b.mem_size);
 }
 inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
-  return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size) ==
-         std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size);
+  return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context) ==
+         std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size, b.context);
 }
 inline bool operator==(const StoredHold& a, const StoredHold& b) {
   return std::tie(a.container, a.context, a.ua, a.size, a.seq) ==
@@ -153,13 +156,15 @@ class Mutation {
  public:
   // Insert, or update every column but the name.
   Mutation& PutContext(StoredContext context);
-  // Deletes the context, its holds and pending regions, and every container holding one of its
-  // regions (with that container's holds and mappings), as Registry::TeardownContext releases the
-  // containers bound to the context. A bound container that holds nothing at the moment has no row
-  // tying it to the context: the caller deletes it with DeleteContainer.
+  // Deletes the context, its holds and pending regions, and every container bound to it (with that
+  // container's holds and mappings), as Registry::TeardownContext releases the containers bound to
+  // the context.
   Mutation& DeleteContext(absl::string_view name);
-  // Insert, or update every column but the name.
+  // Insert, or update every column but the name and the binding.
   Mutation& PutContainer(StoredContainer container);
+  // Records that `container` is bound to `context` (its first registration). Deleting the context
+  // deletes the container too.
+  Mutation& BindContainer(absl::string_view container, absl::string_view context);
   // Deletes the container with its holds and mappings.
   Mutation& DeleteContainer(absl::string_view name);
   // The hold gets the next seq. Container and context must exist.
@@ -192,6 +197,10 @@ class Mutation {
   struct DeleteContainerOp {
     std::string name;
   };
+  struct BindOp {
+    std::string container;
+    std::string context;
+  };
   struct HoldOp {
     bool add;
     std::string container;
@@ -222,7 +231,7 @@ class Mutation {
     std::string value;
   };
   using Op = std::variant<StoredContext, DeleteContextOp, StoredContainer, DeleteContainerOp,
-                          HoldOp, PendingOp, MappingOp, DecisionOp, MetaOp>;
+                          BindOp, HoldOp, PendingOp, MappingOp, DecisionOp, MetaOp>;
 
   std::vector<Op> ops_;
 };

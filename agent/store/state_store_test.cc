@@ -283,6 +283,11 @@ TEST_F(StateStoreTest, DeleteContextCascadesToItsContainers) {
              .PutContext(Context("other", 11))
              .PutContainer(Container("c3", 3))
              .PutContainer(Container("idle", 4))
+             .PutContainer(Container("bound-idle", 5))
+             .BindContainer("c1", "vm")
+             .BindContainer("c2", "vm")
+             .BindContainer("c3", "other")
+             .BindContainer("bound-idle", "vm")  // bound, but holds nothing now
              .AddHold("c1", "vm", 0x10000, 0x10000)
              .AddHold("c2", "vm", 0x10000, 0x10000)
              .AddHold("c3", "other", 0x10000, 0x10000)
@@ -294,8 +299,9 @@ TEST_F(StateStoreTest, DeleteContextCascadesToItsContainers) {
   Commit(Mutation().DeleteContext("vm"));
   PersistedState state = Load();
   EXPECT_EQ(state.contexts, (std::vector<StoredContext>{Context("other", 11)}));
-  EXPECT_EQ(state.containers,
-            (std::vector<StoredContainer>{Container("c3", 3), Container("idle", 4)}));
+  StoredContainer c3 = Container("c3", 3);
+  c3.context = "other";
+  EXPECT_EQ(state.containers, (std::vector<StoredContainer>{c3, Container("idle", 4)}));
   ASSERT_EQ(state.holds.size(), 1u);
   EXPECT_EQ(state.holds[0].container, "c3");
   EXPECT_EQ(state.pending, (std::vector<StoredPending>{{"other", 0x80000, 0x1000}}));
@@ -488,6 +494,7 @@ TEST_F(StateStoreTest, MalformedOperationsAreRejectedUpFront) {
       Mutation().PutMeta("", "v"),
       Mutation().RecordDecision("", 1, 0),
       Mutation().PutContext(Context("", 1)),
+      Mutation().PutMeta("k", "v").BindContainer("c1", ""),
   };
   for (const Mutation& mutation : bad) {
     absl::Status status = store_->Commit(mutation);
