@@ -1,13 +1,15 @@
 // dmapin-agent: the node agent. Serves the node's region registry over gRPC on TCP (central
 // service, admins) and on a Unix socket (VMMs on the node: the DMA hot path), with reflection and
-// grpc.health.v1 on both. Every acknowledged change is durable in --state_dir before the reply;
-// on start the registry is rebuilt from it, checked, and only then served.
+// grpc.health.v1 on both, and its own Prometheus metrics over HTTP (--metrics_address, /metrics;
+// see agent/service/agent_metrics.h). Every acknowledged change is durable in --state_dir before
+// the reply; on start the registry is rebuilt from it, checked, and only then served.
 #include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -15,7 +17,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
@@ -23,15 +24,19 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/memlock_backend.h"
 #include "agent/registry/sim_backend.h"
+#include "agent/service/agent_metrics.h"
 #include "agent/service/node_agent_service.h"
 #include "agent/store/state_store.h"
+#include "common/flags.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "prometheus/exposer.h"
 
 ABSL_FLAG(std::string, node_name, "",
           "Name of this node (default: $NODE_NAME, as set from the downward API, else the host "
@@ -40,6 +45,11 @@ ABSL_FLAG(std::string, tcp_address, "0.0.0.0:7470",
           "TCP address for the central service and admins (host:port); empty disables TCP.");
 ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock",
           "Unix socket for the VMMs on this node (the DMA hot path); empty disables it.");
+ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9470",
+          "HTTP address (host:port) serving the agent's Prometheus metrics at /metrics: "
+          "per-context and per-container pinned bytes, regions and mappings, registry and "
+          "state-store counters, per-method RPC latency and errors. Port 0 picks a free port "
+          "(logged). Empty disables metrics, including their recording on the RPC path.");
 ABSL_FLAG(std::string, state_dir, "/var/lib/dmapin/agent",
           "Directory of the agent's durable state (state.db). Must survive agent restarts.");
 ABSL_FLAG(bool, state_sync_full, false,
@@ -124,6 +134,16 @@ absl::StatusOr<std::unique_ptr<PinBackend>> MakeBackend() {
   return std::unique_ptr<PinBackend>(std::move(*sim));
 }
 
+// Starts the HTTP server for /metrics. prometheus-cpp (civetweb) reports a failed bind by throwing;
+// this is the one place the agent meets a throwing library, so the exception ends here.
+absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(const std::string& address) {
+  try {
+    return std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics: ", e.what()));
+  }
+}
+
 std::vector<std::string> DetectBackends() {
   std::vector<std::string> backends = {"sim"};
   if (MemlockBackend::Create().ok()) backends.push_back("memlock");
@@ -140,6 +160,14 @@ std::string NodeName() {
 }
 
 int Run() {
+  // SIGTERM/SIGINT are taken by sigwait below. Block them before any thread starts (gRPC, the
+  // metrics server): threads inherit the mask, and one that did not block them would take the
+  // signal's default action and kill the agent without a graceful shutdown.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<PinBackend>> backend = MakeBackend();
   if (!backend.ok()) {
@@ -170,7 +198,27 @@ int Run() {
     return 1;
   }
 
-  NodeAgentService service(agent->get());
+  // Metrics are recorded only when they are served.
+  const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  std::unique_ptr<AgentMetrics> metrics;
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int metrics_port = 0;
+  if (!metrics_address.empty()) {
+    metrics = std::make_unique<AgentMetrics>(
+        AgentMetricsOptions{.agent = agent->get(), .store = store->get()});
+    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
+    if (!started.ok()) {
+      std::fprintf(stderr, "dmapin-agent: --metrics_address=%s: %s\n", metrics_address.c_str(),
+                   started.status().ToString().c_str());
+      return 1;
+    }
+    exposer = std::move(*started);
+    exposer->RegisterCollectable(metrics->collectable());
+    const std::vector<int> ports = exposer->GetListeningPorts();
+    if (!ports.empty()) metrics_port = ports.front();
+  }
+
+  NodeAgentService service(agent->get(), metrics.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -202,16 +250,15 @@ int Run() {
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
+  if (exposer != nullptr) {
+    std::fprintf(stderr, "dmapin-agent: metrics on http://%s/metrics (metrics port %d)\n",
+                 metrics_address.c_str(), metrics_port);
+  }
   std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
                NodeName().c_str(), (*backend)->name().c_str(), state_dir.c_str(),
                absl::StrJoin(listening, ", ").c_str(), tcp_port);
 
   // SIGTERM/SIGINT end the agent gracefully; the health status follows the store's health.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::atomic<bool> stopping{false};
   std::thread watchdog([&] {
     bool serving = true;
@@ -231,6 +278,8 @@ int Run() {
   watchdog.join();
   health->SetServingStatus(false);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // The exposer's threads read the metrics, which read the agent: stop them first.
+  exposer.reset();
   return 0;
 }
 
@@ -241,12 +290,17 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "dmapin node agent: serves the node's DMA pre-registration registry over gRPC.\n"
       "Usage: dmapin-agent [--backend=sim|memlock] [--state_dir=DIR] [--tcp_address=HOST:PORT]"
-      " [--uds_path=PATH]");
+      " [--uds_path=PATH] [--metrics_address=HOST:PORT]");
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view file) {
     return absl::StrContains(file, "dmapin_agent");
   };
   absl::SetFlagsUsageConfig(usage);
-  absl::ParseCommandLine(argc, argv);
+  dmapin::ParseFlagsOrExit(argc, argv);
+  // Debian's Abseil is built with absl::Mutex deadlock detection on: every lock taken while
+  // another is held updates a global lock graph under a global lock. gRPC's internals lock
+  // absl::Mutexes on every call, so this costs the DMA hot path CPU for a debugging aid (our own
+  // code uses dmapin::Mutex, which is not affected). Turn it off, as release builds of Abseil do.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   return dmapin::Run();
 }

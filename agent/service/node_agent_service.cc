@@ -4,56 +4,23 @@
 #include <utility>
 
 #include "agent/registry/errno_status.h"
+#include "agent/service/proto_convert.h"
 
 namespace dmapin {
-namespace {
 
-// Finishes the call with `status`, naming the errno in the trailers too.
-grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
-  if (!status.ok()) context->AddTrailingMetadata(kErrnoTrailer, ErrnoName(ErrnoOf(status)));
+grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* context,
+                                                   const absl::Status& status, RpcMethod method,
+                                                   AgentMetrics::Clock::time_point start) {
+  int err = 0;
+  if (!status.ok()) {
+    err = ErrnoOf(status);
+    context->AddTrailingMetadata(kErrnoTrailer, ErrnoName(err));
+  }
+  if (metrics_ != nullptr) metrics_->RecordRpc(method, AgentMetrics::Clock::now() - start, err);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
-
-void Fill(const ContextView& view, v1::Context* out) {
-  out->set_name(view.name);
-  out->set_memlock_unlimited(!view.spec.memlock_limit_bytes.has_value());
-  out->set_memlock_limit_bytes(view.spec.memlock_limit_bytes.value_or(0));
-  out->set_cap_ipc_lock(view.spec.cap_ipc_lock);
-  out->set_backing(static_cast<v1::MemoryBacking>(view.spec.backing));
-  out->set_locked_bytes(view.locked_bytes);
-  out->set_regions(view.regions);
-  out->set_memory_ua(view.memory_ua);
-  out->set_memory_bytes(view.spec.memory_bytes);
-  for (const std::string& container : view.containers) out->add_containers(container);
-}
-
-void Fill(const ContainerView& view, v1::Container* out) {
-  out->set_name(view.name);
-  out->set_iommu_page_size(view.options.iommu_page_size);
-  out->set_window_start(view.options.window_start);
-  out->set_window_size(view.options.window_size);
-  out->set_context(view.context);
-  out->set_held_regions(view.held_regions);
-  out->set_installed_entries(view.installed_entries);
-}
-
-void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
-  out->set_context(view.context);
-  out->set_ua(view.info.ua);
-  out->set_size(view.info.size);
-  out->set_entries(view.info.entries);
-  out->set_used(view.info.used);
-  out->set_mapped(view.info.mapped);
-  out->set_page_size(page_size);
-  out->set_max_iommu_page_size(view.info.max_iommu_page_size);
-  out->set_pending_release(view.info.pending_release);
-  for (const std::string& container : view.containers) out->add_containers(container);
-  for (uint64_t hpa : view.info.hpas) out->add_hpas(hpa);
-}
-
-}  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
@@ -64,6 +31,7 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerContext* context,
                                                           const v1::CreateContextRequest* request,
                                                           v1::Context* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   ContextSpec spec{.name = request->name(),
                    .cap_ipc_lock = request->cap_ipc_lock(),
                    .backing = request->backing(),
@@ -71,119 +39,139 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
   absl::StatusOr<ContextView> view = agent_->CreateContext(spec);
   if (view.ok()) Fill(*view, response);
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kCreateContext, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::GetContext(grpc::CallbackServerContext* context,
                                                        const v1::GetContextRequest* request,
                                                        v1::Context* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<ContextView> view = agent_->GetContext(request->name());
   if (view.ok()) Fill(*view, response);
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kGetContext, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::ListContexts(grpc::CallbackServerContext* context,
                                                          const v1::ListContextsRequest*,
                                                          v1::ListContextsResponse* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   for (const ContextView& view : agent_->ListContexts()) Fill(view, response->add_contexts());
-  return Finish(context, absl::OkStatus());
+  return Finish(context, absl::OkStatus(), RpcMethod::kListContexts, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::TeardownContext(
     grpc::CallbackServerContext* context, const v1::TeardownContextRequest* request,
     v1::TeardownContextResponse*) {
-  return Finish(context, agent_->TeardownContext(request->name()));
+  const AgentMetrics::Clock::time_point start = Start();
+  return Finish(context, agent_->TeardownContext(request->name()), RpcMethod::kTeardownContext,
+                start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::CreateContainer(
     grpc::CallbackServerContext* context, const v1::CreateContainerRequest* request,
     v1::Container* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<ContainerView> view =
       agent_->CreateContainer({.name = request->name(),
                                .iommu_page_size = request->iommu_page_size(),
                                .window_start = request->window_start(),
                                .window_size = request->window_size()});
   if (view.ok()) Fill(*view, response);
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kCreateContainer, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::GetContainer(grpc::CallbackServerContext* context,
                                                          const v1::GetContainerRequest* request,
                                                          v1::Container* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<ContainerView> view = agent_->GetContainer(request->name());
   if (view.ok()) Fill(*view, response);
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kGetContainer, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::ListContainers(grpc::CallbackServerContext* context,
                                                            const v1::ListContainersRequest*,
                                                            v1::ListContainersResponse* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   for (const ContainerView& view : agent_->ListContainers()) {
     Fill(view, response->add_containers());
   }
-  return Finish(context, absl::OkStatus());
+  return Finish(context, absl::OkStatus(), RpcMethod::kListContainers, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::ReleaseContainer(
     grpc::CallbackServerContext* context, const v1::ReleaseContainerRequest* request,
     v1::ReleaseContainerResponse*) {
-  return Finish(context, agent_->ReleaseContainer(request->name()));
+  const AgentMetrics::Clock::time_point start = Start();
+  return Finish(context, agent_->ReleaseContainer(request->name()), RpcMethod::kReleaseContainer,
+                start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::RegisterRegion(grpc::CallbackServerContext* context,
                                                            const v1::RegisterRegionRequest* request,
                                                            v1::Region* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<RegionView> view = agent_->RegisterRegion(request->container(), request->context(),
                                                            request->ua(), request->size());
   if (view.ok()) Fill(*view, agent_->registry().page_size(), response);
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kRegisterRegion, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::UnregisterRegion(
     grpc::CallbackServerContext* context, const v1::UnregisterRegionRequest* request,
     v1::UnregisterRegionResponse*) {
+  const AgentMetrics::Clock::time_point start = Start();
   return Finish(context,
-                agent_->UnregisterRegion(request->container(), request->ua(), request->size()));
+                agent_->UnregisterRegion(request->container(), request->ua(), request->size()),
+                RpcMethod::kUnregisterRegion, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::MapDma(grpc::CallbackServerContext* context,
                                                    const v1::MapDmaRequest* request,
                                                    v1::MapDmaResponse*) {
-  return Finish(context, agent_->MapDma(request->container(), request->iova(), request->ua(),
-                                        request->size()));
+  const AgentMetrics::Clock::time_point start = Start();
+  return Finish(
+      context,
+      agent_->MapDma(request->container(), request->iova(), request->ua(), request->size()),
+      RpcMethod::kMapDma, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::UnmapDma(grpc::CallbackServerContext* context,
                                                      const v1::UnmapDmaRequest* request,
                                                      v1::UnmapDmaResponse*) {
-  return Finish(context, agent_->UnmapDma(request->container(), request->iova(), request->size()));
+  const AgentMetrics::Clock::time_point start = Start();
+  return Finish(context, agent_->UnmapDma(request->container(), request->iova(), request->size()),
+                RpcMethod::kUnmapDma, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::Translate(grpc::CallbackServerContext* context,
                                                       const v1::TranslateRequest* request,
                                                       v1::TranslateResponse* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<std::vector<uint64_t>> hpas = agent_->Translate(
       request->context(), absl::MakeConstSpan(request->uas().data(), request->uas().size()));
   if (hpas.ok()) {
     response->mutable_hpas()->Add(hpas->begin(), hpas->end());
   }
-  return Finish(context, hpas.status());
+  return Finish(context, hpas.status(), RpcMethod::kTranslate, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::Lookup(grpc::CallbackServerContext* context,
                                                    const v1::LookupRequest* request,
                                                    v1::LookupResponse* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<std::optional<RegionView>> view =
       agent_->Lookup(request->context(), request->ua(), request->size());
   if (view.ok() && view->has_value()) {
     Fill(**view, agent_->registry().page_size(), response->mutable_region());
   }
-  return Finish(context, view.status());
+  return Finish(context, view.status(), RpcMethod::kLookup, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerContext* context,
                                                         const v1::ListRegionsRequest* request,
                                                         v1::ListRegionsResponse* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<std::vector<RegionView>> views =
       agent_->ListRegions(request->context(), request->with_hpas());
   if (views.ok()) {
@@ -191,12 +179,13 @@ grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerCont
       Fill(view, agent_->registry().page_size(), response->add_regions());
     }
   }
-  return Finish(context, views.status());
+  return Finish(context, views.status(), RpcMethod::kListRegions, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerContext* context,
                                                           const v1::GetNodeStatusRequest*,
                                                           v1::NodeStatus* response) {
+  const AgentMetrics::Clock::time_point start = Start();
   NodeStatusView status = agent_->Status();
   response->set_node_name(status.node_name);
   response->set_backend(status.backend);
@@ -225,7 +214,7 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   counters->set_pending_releases_completed(status.counters.pending_releases_completed);
   counters->set_store_commit_failures(status.store_commit_failures);
   response->set_store_failed(status.store_failed);
-  return Finish(context, absl::OkStatus());
+  return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }
 
 }  // namespace dmapin

@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "agent/node/node_agent.h"
+#include "agent/service/agent_metrics.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
@@ -18,8 +19,10 @@ inline constexpr char kErrnoTrailer[] = "dmapin-errno";
 
 class NodeAgentService final : public v1::NodeAgent::CallbackService {
  public:
-  // `agent` must outlive the service.
-  explicit NodeAgentService(NodeAgent* agent) : agent_(agent) {}
+  // `agent` must outlive the service; so must `metrics` when given (nullptr: no metrics). With
+  // metrics, every call records its method, handler latency and errno (AgentMetrics::RecordRpc).
+  explicit NodeAgentService(NodeAgent* agent, AgentMetrics* metrics = nullptr)
+      : agent_(agent), metrics_(metrics) {}
 
   grpc::ServerUnaryReactor* CreateContext(grpc::CallbackServerContext* context,
                                           const v1::CreateContextRequest* request,
@@ -71,7 +74,16 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
                                           v1::NodeStatus* response) override;
 
  private:
+  // When the handler started (read only with metrics: the clock costs nothing otherwise).
+  AgentMetrics::Clock::time_point Start() const {
+    return metrics_ != nullptr ? AgentMetrics::Clock::now() : AgentMetrics::Clock::time_point();
+  }
+  // Finishes the call with `status` (naming the errno in the trailers too) and records it.
+  grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status,
+                                   RpcMethod method, AgentMetrics::Clock::time_point start);
+
   NodeAgent* const agent_;
+  AgentMetrics* const metrics_;
 };
 
 }  // namespace dmapin

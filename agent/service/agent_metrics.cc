@@ -1,0 +1,340 @@
+#include "agent/service/agent_metrics.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <map>
+#include <string>
+#include <utility>
+
+#include "absl/status/statusor.h"
+#include "agent/registry/errno_status.h"
+#include "prometheus/client_metric.h"
+#include "prometheus/metric_type.h"
+#include "prometheus/text_serializer.h"
+
+namespace dmapin {
+namespace {
+
+constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
+    "CreateContext",   "GetContext",       "ListContexts",   "TeardownContext",
+    "CreateContainer", "GetContainer",     "ListContainers", "ReleaseContainer",
+    "RegisterRegion",  "UnregisterRegion", "MapDma",         "UnmapDma",
+    "Translate",       "Lookup",           "ListRegions",    "GetNodeStatus",
+};
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+// Builds one family sample by sample. Labels are given sorted by name.
+class FamilyBuilder {
+ public:
+  FamilyBuilder(std::string name, std::string help, MetricType type) {
+    family_.name = std::move(name);
+    family_.help = std::move(help);
+    family_.type = type;
+  }
+
+  FamilyBuilder& Add(double value, std::vector<ClientMetric::Label> labels = {}) {
+    ClientMetric metric;
+    metric.label = std::move(labels);
+    if (family_.type == MetricType::Counter) {
+      metric.counter.value = value;
+    } else {
+      metric.gauge.value = value;
+    }
+    family_.metric.push_back(std::move(metric));
+    return *this;
+  }
+
+  // Appends the family to `out` (even without samples: the HELP/TYPE lines document it).
+  void MoveTo(std::vector<MetricFamily>& out) { out.push_back(std::move(family_)); }
+
+ private:
+  MetricFamily family_;
+};
+
+void AddScalar(std::vector<MetricFamily>& out, std::string name, std::string help, MetricType type,
+               double value) {
+  FamilyBuilder(std::move(name), std::move(help), type).Add(value).MoveTo(out);
+}
+
+// CPU seconds and resident bytes of this process, as the standard process_* series.
+void AddProcessMetrics(std::vector<MetricFamily>& out) {
+  rusage usage = {};
+  if (getrusage(RUSAGE_SELF, &usage) == 0) {
+    const double cpu = static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+                       static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+    AddScalar(out, "process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+              MetricType::Counter, cpu);
+  }
+  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
+    unsigned long size_pages = 0;
+    unsigned long resident_pages = 0;
+    if (std::fscanf(statm, "%lu %lu", &size_pages, &resident_pages) == 2) {
+      AddScalar(out, "process_resident_memory_bytes", "Resident memory size in bytes.",
+                MetricType::Gauge,
+                static_cast<double>(resident_pages) * static_cast<double>(sysconf(_SC_PAGESIZE)));
+    }
+    std::fclose(statm);
+  }
+}
+
+}  // namespace
+
+absl::string_view RpcMethodName(RpcMethod method) {
+  const int index = static_cast<int>(method);
+  if (index < 0 || index >= kRpcMethodCount) return "unknown";
+  return kMethodNames[index];
+}
+
+// The Collectable handed to the exposer: the RPC registry's families plus the state families.
+class AgentMetrics::Collector final : public prometheus::Collectable {
+ public:
+  explicit Collector(const AgentMetrics* metrics) : metrics_(metrics) {}
+  std::vector<MetricFamily> Collect() const override { return metrics_->Collect(); }
+
+ private:
+  const AgentMetrics* const metrics_;
+};
+
+const std::vector<double>& AgentMetrics::LatencyBuckets() {
+  static const std::vector<double>* const kBuckets =
+      new std::vector<double>{10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3,   2.5e-3,
+                              5e-3,  10e-3, 25e-3, 50e-3,  100e-3, 250e-3, 500e-3, 1.0};
+  return *kBuckets;
+}
+
+AgentMetrics::AgentMetrics(AgentMetricsOptions options)
+    : options_(std::move(options)), rpc_registry_(std::make_shared<prometheus::Registry>()) {
+  duration_family_ =
+      &prometheus::BuildHistogram()
+           .Name("dmapin_agent_rpc_duration_seconds")
+           .Help(
+               "Time the agent spent handling a dmapin.v1.NodeAgent call (registry work and "
+               "durable commit; transport and (de)serialization excluded), by method.")
+           .Register(*rpc_registry_);
+  errors_family_ = &prometheus::BuildCounter()
+                        .Name("dmapin_agent_rpc_errors_total")
+                        .Help("dmapin.v1.NodeAgent calls that failed, by method and errno.")
+                        .Register(*rpc_registry_);
+  for (int method = 0; method < kRpcMethodCount; ++method) {
+    durations_[method] =
+        &duration_family_->Add({{"method", std::string(kMethodNames[method])}}, LatencyBuckets());
+    for (std::atomic<prometheus::Counter*>& slot : errors_[method]) {
+      slot.store(nullptr, std::memory_order_relaxed);
+    }
+  }
+  collector_ = std::make_shared<Collector>(this);
+}
+
+AgentMetrics::~AgentMetrics() = default;
+
+prometheus::Counter* AgentMetrics::ErrorCounter(int method, int err) {
+  const int slot = err > 0 && err < kErrnoSlots ? err : 0;
+  std::atomic<prometheus::Counter*>& cached = errors_[method][slot];
+  prometheus::Counter* counter = cached.load(std::memory_order_acquire);
+  if (counter != nullptr) return counter;
+  MutexLock lock(&errors_mu_);
+  counter = cached.load(std::memory_order_relaxed);
+  if (counter == nullptr) {
+    counter = &errors_family_->Add({{"method", std::string(kMethodNames[method])},
+                                    {"errno", slot == 0 ? "EUNKNOWN" : ErrnoName(slot)}});
+    cached.store(counter, std::memory_order_release);
+  }
+  return counter;
+}
+
+void AgentMetrics::RecordRpc(RpcMethod method, Clock::duration latency, int err) {
+  const int index = static_cast<int>(method);
+  if (index < 0 || index >= kRpcMethodCount) return;
+  durations_[index]->Observe(std::chrono::duration<double>(latency).count());
+  if (err != 0) ErrorCounter(index, err)->Increment();
+}
+
+std::vector<MetricFamily> AgentMetrics::Collect() const {
+  std::vector<MetricFamily> families = rpc_registry_->Collect();
+  std::vector<MetricFamily> state = CollectState();
+  families.insert(families.end(), std::make_move_iterator(state.begin()),
+                  std::make_move_iterator(state.end()));
+  return families;
+}
+
+std::string AgentMetrics::TextExposition() const {
+  return prometheus::TextSerializer().Serialize(Collect());
+}
+
+std::vector<MetricFamily> AgentMetrics::CollectState() const {
+  const NodeAgent& agent = *options_.agent;
+  const NodeStatusView status = agent.Status();
+  const std::vector<ContextView> contexts = agent.ListContexts();
+  const std::vector<ContainerView> containers = agent.ListContainers();
+  absl::StatusOr<std::vector<RegionView>> regions = agent.ListRegions("", /*with_hpas=*/false);
+
+  // Sums over the regions, by context and by holding container.
+  struct ContextSums {
+    uint64_t users = 0;
+    uint64_t installed = 0;
+  };
+  struct ContainerSums {
+    uint64_t pinned_bytes = 0;
+    uint64_t users = 0;
+  };
+  std::map<std::string, ContextSums> by_context;
+  std::map<std::string, ContainerSums> by_container;
+  if (regions.ok()) {
+    for (const RegionView& region : *regions) {
+      ContextSums& context = by_context[region.context];
+      context.users += region.info.used;
+      // `mapped` is biased by one (spec §5); 0 only for a region on its way out.
+      context.installed += region.info.mapped > 0 ? region.info.mapped - 1 : 0;
+      for (const std::string& holder : region.containers) {
+        ContainerSums& container = by_container[holder];
+        container.pinned_bytes += region.info.size;
+        container.users += region.info.used;
+      }
+    }
+  }
+
+  std::vector<MetricFamily> out;
+  FamilyBuilder("dmapin_agent_info", "The agent's node, pinning backend and version (always 1).",
+                MetricType::Gauge)
+      .Add(1,
+           {{"backend", status.backend}, {"node", status.node_name}, {"version", options_.version}})
+      .MoveTo(out);
+  AddScalar(out, "dmapin_agent_page_size_bytes", "The node's page size (pinning granule).",
+            MetricType::Gauge, static_cast<double>(status.page_size));
+  AddScalar(out, "dmapin_agent_contexts", "Memory contexts on the node.", MetricType::Gauge,
+            static_cast<double>(status.contexts));
+  AddScalar(out, "dmapin_agent_containers", "VFIO containers on the node.", MetricType::Gauge,
+            static_cast<double>(status.containers));
+  AddScalar(out, "dmapin_agent_regions", "Registered regions on the node.", MetricType::Gauge,
+            static_cast<double>(status.regions));
+  AddScalar(out, "dmapin_agent_locked_bytes", "Bytes pinned (locked) on the node.",
+            MetricType::Gauge, static_cast<double>(status.locked_bytes));
+  AddScalar(out, "dmapin_agent_installed_mappings",
+            "IOMMU entries installed across all containers.", MetricType::Gauge,
+            static_cast<double>(status.installed_entries));
+  AddScalar(out, "dmapin_agent_store_failed",
+            "1 after a state-store failure: the agent refuses changes until it is restarted.",
+            MetricType::Gauge, status.store_failed ? 1 : 0);
+  if (options_.store != nullptr) {
+    const StoreStats store = options_.store->stats();
+    AddScalar(out, "dmapin_agent_store_commits_total", "Successful commits of the state store.",
+              MetricType::Counter, static_cast<double>(store.commits));
+    AddScalar(out, "dmapin_agent_store_failed_commits_total",
+              "Commits of the state store that were rejected, rolled back or failed.",
+              MetricType::Counter, static_cast<double>(store.failed_commits));
+    AddScalar(out, "dmapin_agent_store_transactions_total",
+              "SQLite transactions of the state store; fewer than commits when concurrent commits "
+              "were grouped into one transaction.",
+              MetricType::Counter, static_cast<double>(store.transactions));
+    AddScalar(out, "dmapin_agent_store_rows_written_total",
+              "Rows inserted, updated or deleted by successful state-store commits.",
+              MetricType::Counter, static_cast<double>(store.rows_written));
+  }
+
+  const RegistryStats& c = status.counters;
+  const struct {
+    const char* name;
+    const char* help;
+    uint64_t value;
+  } kCounters[] = {
+      {"dmapin_agent_registers_total", "Successful region registrations.", c.registers_ok},
+      {"dmapin_agent_register_failures_total", "Failed region registrations.", c.registers_failed},
+      {"dmapin_agent_unregisters_total", "Successful region unregistrations.", c.unregisters_ok},
+      {"dmapin_agent_unregister_failures_total", "Failed region unregistrations (EBUSY included).",
+       c.unregisters_failed},
+      {"dmapin_agent_unregister_ebusy_total",
+       "Unregistrations refused with EBUSY because DMA mappings remained.", c.unregister_ebusy},
+      {"dmapin_agent_pin_failures_total", "Registrations whose pages could not be pinned.",
+       c.pin_failures},
+      {"dmapin_agent_maps_total", "Successful DMA map calls.", c.maps_ok},
+      {"dmapin_agent_map_failures_total", "Failed DMA map calls.", c.maps_failed},
+      {"dmapin_agent_map_rollbacks_total",
+       "Failed DMA map calls that cleared entries they had installed.", c.map_rollbacks},
+      {"dmapin_agent_unmaps_total", "Successful DMA unmap calls.", c.unmaps},
+      {"dmapin_agent_pending_releases_started_total",
+       "Regions that became pending release (unheld, still mapped).", c.pending_releases_started},
+      {"dmapin_agent_pending_releases_completed_total",
+       "Pending-release regions released after their last unmap.", c.pending_releases_completed},
+      {"dmapin_agent_grace_periods_total", "Epoch grace periods the registry's writers waited for.",
+       c.grace_periods},
+  };
+  for (const auto& counter : kCounters) {
+    AddScalar(out, counter.name, counter.help, MetricType::Counter,
+              static_cast<double>(counter.value));
+  }
+
+  FamilyBuilder locked("dmapin_agent_context_locked_bytes", "Bytes the context has pinned.",
+                       MetricType::Gauge);
+  FamilyBuilder context_regions("dmapin_agent_context_regions",
+                                "Regions registered in the context.", MetricType::Gauge);
+  FamilyBuilder context_users("dmapin_agent_context_region_users",
+                              "Sum of the use counts (holding registrations) of the context's "
+                              "regions.",
+                              MetricType::Gauge);
+  FamilyBuilder context_installed("dmapin_agent_context_installed_mappings",
+                                  "IOMMU entries installed on the context's regions (sum of "
+                                  "mapped - 1).",
+                                  MetricType::Gauge);
+  FamilyBuilder context_containers("dmapin_agent_context_containers",
+                                   "Containers bound to the context.", MetricType::Gauge);
+  FamilyBuilder limit("dmapin_agent_context_memlock_limit_bytes",
+                      "The context's memlock limit (RLIMIT_MEMLOCK); absent when unlimited.",
+                      MetricType::Gauge);
+  FamilyBuilder unlimited("dmapin_agent_context_memlock_unlimited",
+                          "1 when the context's memlock limit is unlimited.", MetricType::Gauge);
+  for (const ContextView& context : contexts) {
+    if (context.name.empty()) continue;  // torn down while we listed
+    const std::vector<ClientMetric::Label> labels = {{"context", context.name}};
+    const ContextSums sums = by_context[context.name];
+    locked.Add(static_cast<double>(context.locked_bytes), labels);
+    context_regions.Add(static_cast<double>(context.regions), labels);
+    context_users.Add(static_cast<double>(sums.users), labels);
+    context_installed.Add(static_cast<double>(sums.installed), labels);
+    context_containers.Add(static_cast<double>(context.containers.size()), labels);
+    const bool is_unlimited = !context.spec.memlock_limit_bytes.has_value();
+    if (!is_unlimited) limit.Add(static_cast<double>(*context.spec.memlock_limit_bytes), labels);
+    unlimited.Add(is_unlimited ? 1 : 0, labels);
+  }
+  locked.MoveTo(out);
+  context_regions.MoveTo(out);
+  context_users.MoveTo(out);
+  context_installed.MoveTo(out);
+  context_containers.MoveTo(out);
+  limit.MoveTo(out);
+  unlimited.MoveTo(out);
+
+  FamilyBuilder pinned("dmapin_agent_container_pinned_bytes",
+                       "Bytes of the regions the container holds (pinned for it).",
+                       MetricType::Gauge);
+  FamilyBuilder container_regions("dmapin_agent_container_regions", "Regions the container holds.",
+                                  MetricType::Gauge);
+  FamilyBuilder container_users("dmapin_agent_container_region_users",
+                                "Sum of the use counts of the regions the container holds.",
+                                MetricType::Gauge);
+  FamilyBuilder container_installed("dmapin_agent_container_installed_mappings",
+                                    "IOMMU entries installed in the container.", MetricType::Gauge);
+  for (const ContainerView& container : containers) {
+    if (container.name.empty()) continue;  // released while we listed
+    const std::vector<ClientMetric::Label> labels = {{"container", container.name},
+                                                     {"context", container.context}};
+    const ContainerSums sums = by_container[container.name];
+    pinned.Add(static_cast<double>(sums.pinned_bytes), labels);
+    container_regions.Add(static_cast<double>(container.held_regions), labels);
+    container_users.Add(static_cast<double>(sums.users), labels);
+    container_installed.Add(static_cast<double>(container.installed_entries), labels);
+  }
+  pinned.MoveTo(out);
+  container_regions.MoveTo(out);
+  container_users.MoveTo(out);
+  container_installed.MoveTo(out);
+
+  AddProcessMetrics(out);
+  return out;
+}
+
+}  // namespace dmapin

@@ -1,0 +1,60 @@
+#include "agent/service/proto_convert.h"
+
+#include <string>
+
+namespace dmapin {
+
+void Fill(const ContextView& view, v1::Context* out) {
+  out->set_name(view.name);
+  out->set_memlock_unlimited(!view.spec.memlock_limit_bytes.has_value());
+  out->set_memlock_limit_bytes(view.spec.memlock_limit_bytes.value_or(0));
+  out->set_cap_ipc_lock(view.spec.cap_ipc_lock);
+  out->set_backing(static_cast<v1::MemoryBacking>(view.spec.backing));
+  out->set_locked_bytes(view.locked_bytes);
+  out->set_regions(view.regions);
+  out->set_memory_ua(view.memory_ua);
+  out->set_memory_bytes(view.spec.memory_bytes);
+  for (const std::string& container : view.containers) out->add_containers(container);
+}
+
+void Fill(const ContainerView& view, v1::Container* out) {
+  out->set_name(view.name);
+  out->set_iommu_page_size(view.options.iommu_page_size);
+  out->set_window_start(view.options.window_start);
+  out->set_window_size(view.options.window_size);
+  out->set_context(view.context);
+  out->set_held_regions(view.held_regions);
+  out->set_installed_entries(view.installed_entries);
+}
+
+void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
+  out->set_context(view.context);
+  out->set_ua(view.info.ua);
+  out->set_size(view.info.size);
+  out->set_entries(view.info.entries);
+  out->set_used(view.info.used);
+  out->set_mapped(view.info.mapped);
+  out->set_page_size(page_size);
+  out->set_max_iommu_page_size(view.info.max_iommu_page_size);
+  out->set_pending_release(view.info.pending_release);
+  for (const std::string& container : view.containers) out->add_containers(container);
+  for (uint64_t hpa : view.info.hpas) out->add_hpas(hpa);
+}
+
+void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
+  out->set_registers_ok(status.counters.registers_ok);
+  out->set_registers_failed(status.counters.registers_failed);
+  out->set_unregisters_ok(status.counters.unregisters_ok);
+  out->set_unregisters_failed(status.counters.unregisters_failed);
+  out->set_unregister_ebusy(status.counters.unregister_ebusy);
+  out->set_pin_failures(status.counters.pin_failures);
+  out->set_maps_ok(status.counters.maps_ok);
+  out->set_maps_failed(status.counters.maps_failed);
+  out->set_map_rollbacks(status.counters.map_rollbacks);
+  out->set_unmaps(status.counters.unmaps);
+  out->set_pending_releases_started(status.counters.pending_releases_started);
+  out->set_pending_releases_completed(status.counters.pending_releases_completed);
+  out->set_store_commit_failures(status.store_commit_failures);
+}
+
+}  // namespace dmapin
