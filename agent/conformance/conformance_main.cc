@@ -5,8 +5,16 @@
 //   --cases=../shared/spec/conformance-cases.json
 //       --cases=agent/conformance/cases/dma_map.json,agent/conformance/cases/lifecycle.json
 //
+// --target=grpc runs every case against a freshly started dmapin-agent over its Unix socket
+// (--agent_binary; under `bazel run` the agent among the runner's runfiles is the default):
+//
+//   bazel run //agent/conformance:conformance_runner -- --target=grpc
+//       --cases=agent/conformance/cases/lifecycle.json
+//
 // Exit status: 0 when every case passed, 1 when some failed, 2 for a bad command line or a case
 // file that cannot be read or parsed.
+#include <unistd.h>
+
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -21,6 +29,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "agent/conformance/case_file.h"
+#include "agent/conformance/grpc_target.h"
 #include "agent/conformance/in_process_target.h"
 #include "agent/conformance/runner.h"
 
@@ -28,9 +37,12 @@ ABSL_FLAG(std::vector<std::string>, cases, {},
           "Case files to run (format dmapin-conformance/1); repeat the flag or give a comma "
           "separated list. Relative paths are taken from the directory `bazel run` started in.");
 ABSL_FLAG(std::string, target, "in-process",
-          "What to run the cases against. Only \"in-process\" (a Registry over a SimBackend, "
-          "fresh for every case) for now; \"grpc\" (a freshly started node agent per case) comes "
-          "with the node agent.");
+          "What to run the cases against: \"in-process\" (a Registry over a SimBackend, fresh "
+          "for every case) or \"grpc\" (a freshly started dmapin-agent per case, over its Unix "
+          "socket).");
+ABSL_FLAG(std::string, agent_binary, "",
+          "--target=grpc: the dmapin-agent executable. Default: $DMAPIN_AGENT_BINARY, else the "
+          "agent among this runner's runfiles (bazel run).");
 ABSL_FLAG(bool, verbose, false, "Print every case's name with PASS or FAIL.");
 
 namespace {
@@ -69,6 +81,25 @@ std::string ResolvePath(const std::string& path) {
   return absl::StrCat(working_dir, "/", path);
 }
 
+// The agent for --target=grpc: the flag (relative to where `bazel run` started), else
+// $DMAPIN_AGENT_BINARY, else the runfiles' agent/dmapin-agent (bazel run starts in the runfiles
+// tree of the workspace; argv[0].runfiles otherwise). Empty when none is found.
+std::string FindAgentBinary(const char* argv0) {
+  const std::string flag = absl::GetFlag(FLAGS_agent_binary);
+  if (!flag.empty()) return ResolvePath(flag);
+  if (const char* env = std::getenv("DMAPIN_AGENT_BINARY"); env != nullptr && *env != '\0') {
+    return ResolvePath(env);
+  }
+  const std::string candidates[] = {
+      "agent/dmapin-agent",
+      absl::StrCat(argv0, ".runfiles/dmapin/agent/dmapin-agent"),
+  };
+  for (const std::string& candidate : candidates) {
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -81,8 +112,8 @@ int main(int argc, char** argv) {
   absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(
       "Runs dmapin conformance case files against a registry target.\n"
-      "  conformance_runner --cases=FILE[,FILE...] [--cases=FILE] [--target=in-process] "
-      "[--verbose]");
+      "  conformance_runner --cases=FILE[,FILE...] [--cases=FILE] [--target=in-process|grpc] "
+      "[--agent_binary=PATH] [--verbose]");
   const std::vector<std::string> case_args = CollectCaseArgs(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() > 1) {
@@ -106,9 +137,23 @@ int main(int argc, char** argv) {
   const std::string target = absl::GetFlag(FLAGS_target);
   if (target == "in-process") {
     factory = dmapin::conformance::InProcessTargetFactory();
+  } else if (target == "grpc") {
+    dmapin::conformance::GrpcTargetOptions grpc_options;
+    grpc_options.agent_binary = FindAgentBinary(argv[0]);
+    if (grpc_options.agent_binary.empty()) {
+      std::cerr << "conformance_runner: --target=grpc needs --agent_binary=PATH (no agent found "
+                   "in $DMAPIN_AGENT_BINARY or the runfiles)\n";
+      return kExitUsage;
+    }
+    if (access(grpc_options.agent_binary.c_str(), X_OK) != 0) {
+      std::cerr << "conformance_runner: --agent_binary=" << grpc_options.agent_binary
+                << " is not an executable\n";
+      return kExitUsage;
+    }
+    factory = dmapin::conformance::GrpcTargetFactory(grpc_options);
   } else {
     std::cerr << "conformance_runner: unknown --target=" << target
-              << " (only \"in-process\" for now; \"grpc\" comes with the node agent)\n";
+              << " (\"in-process\" or \"grpc\")\n";
     return kExitUsage;
   }
 

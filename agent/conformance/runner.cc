@@ -7,10 +7,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "agent/registry/errno_status.h"
 
 namespace dmapin {
@@ -155,6 +157,13 @@ std::optional<Mismatch> RunCheck(ConformanceTarget& target, const Step& step) {
   return comparison.Result();
 }
 
+// A failure entry: lines after the first (an agent's log, ...) are indented by four spaces, so
+// that every entry starts with "FAIL" and nothing else does.
+std::string OneEntry(absl::string_view text) {
+  absl::string_view trimmed = absl::StripTrailingAsciiWhitespace(text);
+  return absl::StrReplaceAll(trimmed, {{"\n", "\n    "}});
+}
+
 std::optional<Mismatch> RunStep(ConformanceTarget& target, const Case& test_case,
                                 const Step& step) {
   switch (step.op) {
@@ -198,8 +207,8 @@ std::vector<std::string> RunCase(const Case& test_case, const TargetFactory& fac
   absl::StatusOr<std::unique_ptr<ConformanceTarget>> target = factory(test_case);
   if (!target.ok() || *target == nullptr) {
     failures.push_back(
-        absl::StrCat("FAIL ", test_case.name, " setup: wanted a target, got ",
-                     target.ok() ? std::string("none") : target.status().ToString()));
+        OneEntry(absl::StrCat("FAIL ", test_case.name, " setup: wanted a target, got ",
+                              target.ok() ? std::string("none") : target.status().ToString())));
     return failures;
   }
   for (size_t i = 0; i < test_case.steps.size(); ++i) {
@@ -215,9 +224,15 @@ std::vector<std::string> RunCase(const Case& test_case, const TargetFactory& fac
       }
     }
     if (mismatch.has_value()) {
-      failures.push_back(absl::StrCat("FAIL ", test_case.name, " step ", i, " (", OpName(step.op),
-                                      "): wanted ", mismatch->wanted, ", got ", mismatch->got));
+      failures.push_back(
+          OneEntry(absl::StrCat("FAIL ", test_case.name, " step ", i, " (", OpName(step.op),
+                                "): wanted ", mismatch->wanted, ", got ", mismatch->got)));
     }
+  }
+  const absl::Status closed = (*target)->Close();
+  if (!closed.ok()) {
+    failures.push_back(OneEntry(absl::StrCat(
+        "FAIL ", test_case.name, " close: wanted a clean end, got ", closed.ToString())));
   }
   return failures;
 }

@@ -1,10 +1,13 @@
 // Runs conformance cases against targets and reports the failures.
 //
 // Every case runs on a fresh target from the factory. After each step the runner compares the
-// answer with the case's expectation and asks the target to check its invariants (spec §10).
+// answer with the case's expectation and asks the target to check its invariants (spec §10);
+// after the last step it closes the target (ConformanceTarget::Close).
 // Output, one line per failing step:
 //   FAIL <case> step <i> (<op>): wanted <expected>, got <actual>
-// (steps count from 0), a `FAIL <case> setup: ...` line when no target could be built, with
+// (steps count from 0; a message that spans lines, such as an agent's log, continues on lines
+// indented by four spaces), a `FAIL <case> setup: ...` line when no target could be built, a
+// `FAIL <case> close: ...` line when closing the target failed, with
 // `verbose` a `PASS <case>` / `FAIL <case>` line per case, and finally `N passed, M failed`
 // (counted in cases).
 #ifndef DMAPIN_AGENT_CONFORMANCE_RUNNER_H_

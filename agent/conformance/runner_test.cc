@@ -143,8 +143,8 @@ TEST(RunnerTest, TranslateLookupAndRegionMismatches) {
 // A target that answers every op with a fixed status and can report an invariant violation.
 class FakeTarget : public ConformanceTarget {
  public:
-  FakeTarget(absl::Status answer, absl::Status invariants)
-      : answer_(std::move(answer)), invariants_(std::move(invariants)) {}
+  FakeTarget(absl::Status answer, absl::Status invariants, absl::Status close = absl::OkStatus())
+      : answer_(std::move(answer)), invariants_(std::move(invariants)), close_(std::move(close)) {}
 
   std::string name() const override { return "fake"; }
   absl::Status CreateContainer(absl::string_view, const ContainerSettings&) override {
@@ -174,15 +174,19 @@ class FakeTarget : public ConformanceTarget {
   }
   absl::StatusOr<ContextState> GetContextState(absl::string_view) override { return answer_; }
   absl::Status CheckInvariants() override { return invariants_; }
+  absl::Status Close() override { return close_; }
 
  private:
   absl::Status answer_;
   absl::Status invariants_;
+  absl::Status close_;
 };
 
-TargetFactory FakeFactory(absl::Status answer, absl::Status invariants) {
-  return [answer, invariants](const Case&) -> absl::StatusOr<std::unique_ptr<ConformanceTarget>> {
-    return std::unique_ptr<ConformanceTarget>(new FakeTarget(answer, invariants));
+TargetFactory FakeFactory(absl::Status answer, absl::Status invariants,
+                          absl::Status close = absl::OkStatus()) {
+  return [answer, invariants,
+          close](const Case&) -> absl::StatusOr<std::unique_ptr<ConformanceTarget>> {
+    return std::unique_ptr<ConformanceTarget>(new FakeTarget(answer, invariants, close));
   };
 }
 
@@ -222,6 +226,20 @@ TEST(RunnerTest, StatusWithoutErrnoIsShownWhole) {
               ElementsAre("FAIL one step 0 (register): wanted OK, got EIO (UNAVAILABLE: agent is "
                           "down)",
                           "0 passed, 1 failed"));
+}
+
+TEST(RunnerTest, CloseFailureIsAFailureWithIndentedContinuationLines) {
+  std::ostringstream out;
+  RunCounts counts = RunCases(
+      ParseInline(kOneRegister),
+      FakeFactory(absl::OkStatus(), absl::OkStatus(),
+                  absl::UnavailableError("the agent died; its log ends:\nline 1\nline 2\n")),
+      out);
+  EXPECT_EQ(counts.failed, 1);
+  EXPECT_THAT(Lines(out.str()),
+              ElementsAre("FAIL one close: wanted a clean end, got UNAVAILABLE: the agent died; "
+                          "its log ends:",
+                          "    line 1", "    line 2", "0 passed, 1 failed"));
 }
 
 TEST(RunnerTest, SetupFailureIsAFailure) {

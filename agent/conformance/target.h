@@ -16,7 +16,7 @@
 // errno-carrying absl::Status (recover the errno with dmapin::ErrnoOf(), errno_status.h).
 //
 // The interface holds no registry types, so that a target that runs each case against a freshly
-// started node agent over gRPC can implement it as well as the in-process one.
+// started node agent over gRPC (grpc_target.h) implements it as well as the in-process one.
 #ifndef DMAPIN_AGENT_CONFORMANCE_TARGET_H_
 #define DMAPIN_AGENT_CONFORMANCE_TARGET_H_
 
@@ -97,6 +97,10 @@ class ConformanceTarget {
 
   // The invariants of spec §10, checked after every step where the target can tell.
   virtual absl::Status CheckInvariants() { return absl::OkStatus(); }
+
+  // Ends the case after its last step (the runner calls it once; the target is dropped after).
+  // An error fails the case: e.g. a node agent that died or did not stop cleanly.
+  virtual absl::Status Close() { return absl::OkStatus(); }
 };
 
 // Builds a fresh target for one case from its node settings (Case::steps are not used).
