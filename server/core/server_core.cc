@@ -1,0 +1,1165 @@
+#include "server/core/server_core.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "agent/registry/errno_status.h"
+
+namespace dmapin {
+namespace {
+
+constexpr char kDrainLabel[] = "dmapin.dev/drain";
+
+std::string Rfc3339(absl::Time time) {
+  if (time == absl::InfinitePast() || time == absl::Time()) return "";
+  return absl::FormatTime(absl::RFC3339_full, time, absl::UTCTimeZone());
+}
+
+std::string KindName(v1::IntentKind kind) {
+  switch (kind) {
+    case v1::INTENT_KIND_REGISTER:
+      return "register";
+    case v1::INTENT_KIND_UNREGISTER:
+      return "unregister";
+    case v1::INTENT_KIND_RELEASE_CONTAINER:
+      return "release_container";
+    case v1::INTENT_KIND_TEARDOWN_CONTEXT:
+      return "teardown_context";
+    default:
+      return "unspecified";
+  }
+}
+
+v1::DecisionKind DecisionKindOf(v1::IntentKind kind) {
+  switch (kind) {
+    case v1::INTENT_KIND_REGISTER:
+      return v1::DECISION_KIND_REGISTER;
+    case v1::INTENT_KIND_UNREGISTER:
+      return v1::DECISION_KIND_UNREGISTER;
+    case v1::INTENT_KIND_RELEASE_CONTAINER:
+      return v1::DECISION_KIND_RELEASE_CONTAINER;
+    case v1::INTENT_KIND_TEARDOWN_CONTEXT:
+      return v1::DECISION_KIND_TEARDOWN_CONTEXT;
+    default:
+      return v1::DECISION_KIND_UNSPECIFIED;
+  }
+}
+
+bool Pursued(const v1::Intent& intent) {
+  switch (intent.state()) {
+    case v1::INTENT_STATE_PENDING:
+    case v1::INTENT_STATE_APPLYING:
+    case v1::INTENT_STATE_RETRYING:
+      return true;
+    case v1::INTENT_STATE_SATISFIED:
+      // A registration is desired state: it is kept, and restored if it goes away.
+      return intent.kind() == v1::INTENT_KIND_REGISTER;
+    default:
+      return false;
+  }
+}
+
+bool Live(const v1::Intent& intent) {
+  return Pursued(intent) || intent.state() == v1::INTENT_STATE_SATISFIED;
+}
+
+RegionKey KeyOfIntent(const v1::Intent& intent) {
+  return RegionKey{intent.context(), intent.ua(), intent.size()};
+}
+
+// Page tokens of the admin lists: the last key of the previous page, base-10 fields joined by '|'.
+std::string RegionToken(const std::string& node, const RegionKey& key) {
+  return absl::StrCat(node, "|", key.context, "|", key.ua, "|", key.size);
+}
+
+}  // namespace
+
+// --- EventSubscription ------------------------------------------------------------------------
+
+std::optional<v1::Event> EventSubscription::Next(absl::Duration timeout) {
+  MutexLock lock(&mu_);
+  const absl::Time deadline = absl::Now() + timeout;
+  while (queue_.empty() && !closed_) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return std::nullopt;
+    cv_.wait_for(mu_, absl::ToChronoNanoseconds(left));
+  }
+  if (queue_.empty()) return std::nullopt;
+  v1::Event event = std::move(queue_.front());
+  queue_.pop_front();
+  return event;
+}
+
+void EventSubscription::Close() {
+  MutexLock lock(&mu_);
+  closed_ = true;
+  listener_ = nullptr;
+  cv_.notify_all();
+}
+
+bool EventSubscription::closed() const {
+  MutexLock lock(&mu_);
+  return closed_;
+}
+
+uint64_t EventSubscription::dropped() const {
+  MutexLock lock(&mu_);
+  return dropped_;
+}
+
+void EventSubscription::Push(const v1::Event& event) {
+  if (!node_filter_.empty() && event.node() != node_filter_) return;
+  std::function<void()> listener;
+  {
+    MutexLock lock(&mu_);
+    if (closed_) return;
+    if (queue_.size() >= kMaxQueued) {
+      queue_.pop_front();
+      ++dropped_;
+    }
+    queue_.push_back(event);
+    cv_.notify_one();
+    listener = listener_;
+  }
+  if (listener) listener();
+}
+
+std::optional<v1::Event> EventSubscription::TryNext() {
+  MutexLock lock(&mu_);
+  if (queue_.empty()) return std::nullopt;
+  v1::Event event = std::move(queue_.front());
+  queue_.pop_front();
+  return event;
+}
+
+void EventSubscription::SetListener(std::function<void()> listener) {
+  MutexLock lock(&mu_);
+  listener_ = std::move(listener);
+}
+
+// --- Construction and loading -----------------------------------------------------------------
+
+ServerCore::ServerCore(ServerCoreOptions options) : options_(std::move(options)) {
+  rng_.seed(options_.random_seed != 0 ? options_.random_seed
+                                      : static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
+}
+
+absl::StatusOr<std::unique_ptr<ServerCore>> ServerCore::Create(ServerCoreOptions options) {
+  if (options.store == nullptr) return absl::InvalidArgumentError("ServerCore needs a store");
+  std::unique_ptr<ServerCore> core(new ServerCore(std::move(options)));
+  if (absl::Status status = core->Load(); !status.ok()) return status;
+  core->loop_ = std::thread([raw = core.get()] { raw->Loop(); });
+  return core;
+}
+
+ServerCore::~ServerCore() {
+  {
+    MutexLock lock(&loop_mu_);
+    stopping_ = true;
+    loop_cv_.notify_all();
+  }
+  if (loop_.joinable()) loop_.join();
+  MutexLock lock(&mu_);
+  for (auto& weak : subscribers_) {
+    if (auto subscription = weak.lock()) subscription->Close();
+  }
+}
+
+absl::Status ServerCore::Load() {
+  absl::StatusOr<uint64_t> epoch = options_.store->BumpEpoch();
+  if (!epoch.ok()) return epoch.status();
+  epoch_ = *epoch;
+  MutexLock lock(&mu_);
+  absl::StatusOr<std::vector<v1::Policy>> policies = options_.store->LoadPolicies();
+  if (!policies.ok()) return policies.status();
+  for (v1::Policy& policy : *policies) policies_[policy.name()] = std::move(policy);
+  absl::StatusOr<std::vector<v1::Intent>> intents = options_.store->LoadIntents();
+  if (!intents.ok()) return intents.status();
+  for (v1::Intent& intent : *intents) {
+    IntentEntry entry;
+    // Whatever was in flight before the restart is re-evaluated against fresh snapshots.
+    if (intent.state() == v1::INTENT_STATE_APPLYING) {
+      intent.set_state(v1::INTENT_STATE_PENDING);
+    }
+    entry.intent = std::move(intent);
+    entry.retry = MergeRetrySettings(PolicyListLocked());
+    const std::string id = entry.intent.id();
+    intents_[id] = std::move(entry);
+    ++intent_sequence_;
+  }
+  absl::StatusOr<std::vector<NodeAdminState>> nodes = options_.store->LoadNodeStates();
+  if (!nodes.ok()) return nodes.status();
+  for (NodeAdminState& state : *nodes) {
+    if (state.drain_active) {
+      DrainState& drain = drains_[state.name];
+      drain.active = true;
+      absl::Time started;
+      std::string error;
+      if (absl::ParseTime(absl::RFC3339_full, state.drain_started, &started, &error)) {
+        drain.started = started;
+      }
+    }
+    node_admin_[state.name] = std::move(state);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ServerCore::CommitLocked(const ServerMutation& mutation) {
+  if (mutation.empty()) return absl::OkStatus();
+  absl::Status status = options_.store->Commit(mutation);
+  if (!status.ok()) ++counters_.store_failures;
+  return status;
+}
+
+void ServerCore::Wake() {
+  MutexLock lock(&loop_mu_);
+  wake_ = true;
+  loop_cv_.notify_all();
+}
+
+void ServerCore::Loop() {
+  for (;;) {
+    {
+      MutexLock lock(&loop_mu_);
+      if (!stopping_ && !wake_) {
+        loop_cv_.wait_for(loop_mu_, absl::ToChronoNanoseconds(options_.reconcile_interval));
+      }
+      if (stopping_) return;
+      wake_ = false;
+    }
+    ReconcileNow();
+  }
+}
+
+// --- Reconciliation ---------------------------------------------------------------------------
+
+void ServerCore::ReconcileNow() {
+  std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>> outbox;
+  {
+    MutexLock lock(&mu_);
+    const absl::Time start = absl::Now();
+    ServerMutation mutation;
+    ReconcileLocked(start, &mutation, &outbox);
+    // Durable before anything is sent: a decision the server forgot could not be told apart
+    // from one it never made.
+    if (!CommitLocked(mutation).ok()) {
+      // Nothing is sent; the decisions are forgotten and the next pass tries again.
+      for (auto& [session, message] : outbox) {
+        const std::string& decision_id = message.decision().id();
+        auto intent = intents_.find(inflight_[decision_id]);
+        if (intent != intents_.end()) intent->second.inflight_decision.clear();
+        inflight_.erase(decision_id);
+        inflight_records_.erase(decision_id);
+      }
+      outbox.clear();
+    }
+    ++counters_.reconcile_passes;
+    counters_.reconcile_seconds_recent.push_back(absl::ToDoubleSeconds(absl::Now() - start));
+    if (counters_.reconcile_seconds_recent.size() > 4096) {
+      counters_.reconcile_seconds_recent.erase(counters_.reconcile_seconds_recent.begin(),
+                                               counters_.reconcile_seconds_recent.begin() + 2048);
+    }
+    counters_.stream_messages_sent += outbox.size();
+  }
+  for (auto& [session, message] : outbox) session->Send(message);
+}
+
+bool ServerCore::SatisfiedLocked(const v1::Intent& intent, const NodeReport& node) const {
+  switch (intent.kind()) {
+    case v1::INTENT_KIND_REGISTER:
+      return node.Holds(KeyOfIntent(intent), intent.container());
+    case v1::INTENT_KIND_UNREGISTER:
+      return !node.Holds(KeyOfIntent(intent), intent.container());
+    case v1::INTENT_KIND_RELEASE_CONTAINER:
+      return node.containers.count(intent.container()) == 0;
+    case v1::INTENT_KIND_TEARDOWN_CONTEXT:
+      return node.contexts.count(intent.context()) == 0;
+    default:
+      return false;
+  }
+}
+
+void ServerCore::SetStateLocked(IntentEntry& entry, v1::IntentState state, absl::Time now,
+                                ServerMutation* mutation) {
+  v1::Intent& intent = entry.intent;
+  if (intent.state() == state) return;
+  intent.set_state(state);
+  intent.set_update_time(Rfc3339(now));
+  if (state != v1::INTENT_STATE_RETRYING) {
+    intent.clear_retrying_since();
+    intent.clear_next_attempt_time();
+  }
+  mutation->PutIntent(intent);
+}
+
+void ServerCore::ReconcileLocked(
+    absl::Time now, ServerMutation* mutation,
+    std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>>* outbox) {
+  for (auto& [name, drain] : drains_) {
+    if (drain.active) AddDrainIntentsLocked(name, now, mutation);
+  }
+  for (auto& [id, entry] : intents_) {
+    v1::Intent& intent = entry.intent;
+    if (!Pursued(intent)) continue;
+    const NodeReport* node = fleet_.Find(intent.node());
+    const bool reported = node != nullptr && node->reports > 0;
+    if (intent.state() == v1::INTENT_STATE_SATISFIED) {
+      // Only a report newer than the confirmation can show a divergence.
+      if (!reported || !node->connected || node->reports <= entry.reports_at_result ||
+          SatisfiedLocked(intent, *node)) {
+        continue;
+      }
+      SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+      EmitLocked("intent_diverged", intent.node(), id, "", "", "reported state no longer holds",
+                 now);
+    }
+    if (reported && node->connected && entry.inflight_decision.empty() &&
+        SatisfiedLocked(intent, *node)) {
+      entry.reports_at_result = node->reports;
+      SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
+      EmitLocked("intent_satisfied", intent.node(), id, "", "OK", "", now);
+      continue;
+    }
+    if (!entry.inflight_decision.empty()) {
+      if (now - entry.inflight_since < options_.decision_timeout) continue;
+      ++counters_.decisions_timed_out;
+      inflight_.erase(entry.inflight_decision);
+      inflight_records_.erase(entry.inflight_decision);
+      entry.inflight_decision.clear();
+    }
+    auto session = sessions_.find(intent.node());
+    if (!reported || !node->connected || session == sessions_.end()) {
+      if (intent.state() == v1::INTENT_STATE_APPLYING) {
+        SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+      }
+      continue;
+    }
+    if (intent.state() == v1::INTENT_STATE_RETRYING && now < entry.next_attempt) continue;
+
+    absl::StatusOr<uint64_t> number = options_.store->NextId();
+    if (!number.ok()) {
+      ++counters_.store_failures;
+      return;
+    }
+    const std::string decision_id = absl::StrCat("d-", *number);
+    v1::ServerMessage message;
+    v1::Decision* decision = message.mutable_decision();
+    decision->set_id(decision_id);
+    decision->set_epoch(epoch_);
+    decision->set_kind(DecisionKindOf(intent.kind()));
+    decision->set_context(intent.context());
+    decision->set_container(intent.container());
+    decision->set_ua(intent.ua());
+    decision->set_size(intent.size());
+    v1::DecisionRecord record;
+    record.set_id(decision_id);
+    record.set_epoch(epoch_);
+    record.set_intent_id(id);
+    record.set_node(intent.node());
+    record.set_kind(KindName(intent.kind()));
+    record.set_sent_time(Rfc3339(now));
+    mutation->PutDecision(record);
+    inflight_[decision_id] = id;
+    inflight_records_[decision_id] = record;
+    entry.inflight_decision = decision_id;
+    entry.inflight_since = now;
+    intent.set_attempts(intent.attempts() + 1);
+    intent.set_last_decision_id(decision_id);
+    intent.set_update_time(Rfc3339(now));
+    if (intent.state() != v1::INTENT_STATE_RETRYING) intent.set_state(v1::INTENT_STATE_APPLYING);
+    mutation->PutIntent(intent);
+    ++counters_.decisions_sent[KindName(intent.kind())];
+    EmitLocked("decision_sent", intent.node(), id, decision_id, "", KindName(intent.kind()), now);
+    outbox->emplace_back(session->second, std::move(message));
+  }
+  for (auto& [name, drain] : drains_) {
+    if (!drain.active) continue;
+    const NodeReport* node = fleet_.Find(name);
+    bool busy = node == nullptr || !node->regions.empty();
+    for (const auto& [id, entry] : intents_) {
+      if (entry.intent.node() == name && entry.intent.labels().count(kDrainLabel) > 0 &&
+          Pursued(entry.intent)) {
+        busy = true;
+      }
+    }
+    if (!busy) {
+      drain.active = false;
+      drain.finished = now;
+      NodeAdminState& admin = node_admin_[name];
+      admin.name = name;
+      admin.drain_active = false;
+      mutation->PutNodeState(admin);
+      EmitLocked("drain_finished", name, "", "", "OK", "every region is unregistered", now);
+    }
+  }
+}
+
+void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionResult& result,
+                                    absl::Time now, ServerMutation* mutation) {
+  auto inflight = inflight_.find(result.decision_id());
+  if (inflight == inflight_.end()) return;  // timed out, or from before a reconnect
+  const std::string intent_id = inflight->second;
+  inflight_.erase(inflight);
+  v1::DecisionRecord record = std::move(inflight_records_[result.decision_id()]);
+  inflight_records_.erase(result.decision_id());
+  const std::string outcome = result.errno_value() == 0 ? "OK" : result.errno_name();
+  record.set_result(outcome);
+  record.set_result_time(Rfc3339(now));
+  record.set_message(result.message());
+  mutation->PutDecision(record);
+
+  auto it = intents_.find(intent_id);
+  if (it == intents_.end()) return;
+  IntentEntry& entry = it->second;
+  v1::Intent& intent = entry.intent;
+  ++counters_.decision_results[absl::StrCat(KindName(intent.kind()), "/", outcome)];
+  if (entry.inflight_decision != result.decision_id()) return;
+  entry.inflight_decision.clear();
+  intent.set_last_errno(result.errno_value());
+  intent.set_last_errno_name(outcome);
+  intent.set_last_message(result.message());
+  EmitLocked("decision_result", node, intent_id, result.decision_id(), outcome, result.message(),
+             now);
+  if (!Pursued(intent)) {  // withdrawn or superseded while in flight
+    mutation->PutIntent(intent);
+    return;
+  }
+  const NodeReport* report = fleet_.Find(node);
+  const bool already_done =
+      intent.kind() != v1::INTENT_KIND_REGISTER && result.errno_value() == ENOENT;
+  if (result.errno_value() == 0 || already_done) {
+    entry.reports_at_result = report != nullptr ? report->reports : 0;
+    SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
+    mutation->PutIntent(intent);
+    EmitLocked("intent_satisfied", node, intent_id, result.decision_id(), outcome, "", now);
+    return;
+  }
+  if (result.errno_value() == EBUSY) {
+    ++counters_.ebusy_retries;
+    if (intent.state() != v1::INTENT_STATE_RETRYING) {
+      intent.set_state(v1::INTENT_STATE_RETRYING);
+      intent.set_retrying_since(Rfc3339(now));
+    }
+    entry.next_attempt = now + EbusyBackoff(entry.retry, intent.attempts(), rng_());
+    intent.set_next_attempt_time(Rfc3339(entry.next_attempt));
+    intent.set_update_time(Rfc3339(now));
+    mutation->PutIntent(intent);
+    EmitLocked("intent_retrying", node, intent_id, result.decision_id(), outcome,
+               absl::StrCat("next attempt ", Rfc3339(entry.next_attempt)), now);
+    return;
+  }
+  SetStateLocked(entry, v1::INTENT_STATE_FAILED, now, mutation);
+  mutation->PutIntent(intent);
+  EmitLocked("intent_failed", node, intent_id, result.decision_id(), outcome, result.message(),
+             now);
+}
+
+// --- Control streams --------------------------------------------------------------------------
+
+v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
+                                       std::shared_ptr<AgentSession> session) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  const NodeReport* before = fleet_.Find(hello.node_name());
+  const bool restarted = before == nullptr || before->hello.incarnation() != hello.incarnation();
+  fleet_.Connect(hello, now);
+  sessions_[hello.node_name()] = std::move(session);
+  ++counters_.agent_connects;
+  // Answers to decisions sent on an older stream will not come: re-evaluate after the snapshot.
+  for (auto& [id, entry] : intents_) {
+    if (entry.intent.node() == hello.node_name() && !entry.inflight_decision.empty()) {
+      inflight_.erase(entry.inflight_decision);
+      inflight_records_.erase(entry.inflight_decision);
+      entry.inflight_decision.clear();
+    }
+  }
+  EmitLocked("node_connected", hello.node_name(), "", "", "",
+             restarted ? "new agent incarnation" : "reconnected", now);
+  v1::Welcome welcome;
+  welcome.set_server_epoch(epoch_);
+  welcome.set_report_interval_ms(options_.report_interval_ms);
+  return welcome;
+}
+
+void ServerCore::AgentMessage(const std::string& node, const AgentSession* session,
+                              const v1::AgentMessage& message) {
+  const absl::Time now = absl::Now();
+  bool wake = false;
+  {
+    MutexLock lock(&mu_);
+    auto current = sessions_.find(node);
+    if (current == sessions_.end() || current->second.get() != session) return;
+    ++counters_.stream_messages_received;
+    ServerMutation mutation;
+    switch (message.body_case()) {
+      case v1::AgentMessage::kSnapshot:
+        fleet_.ApplySnapshot(node, message.snapshot(), now);
+        wake = true;
+        break;
+      case v1::AgentMessage::kDelta:
+        fleet_.ApplyDelta(node, message.delta(), now);
+        wake = true;
+        break;
+      case v1::AgentMessage::kResult:
+        HandleResultLocked(node, message.result(), now, &mutation);
+        wake = true;
+        break;
+      default:
+        fleet_.Touch(node, now);
+        break;
+    }
+    CommitLocked(mutation).IgnoreError();  // counted in store_failures; the next pass retries
+  }
+  if (wake) Wake();
+}
+
+void ServerCore::AgentDisconnected(const std::string& node, const AgentSession* session) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  auto current = sessions_.find(node);
+  if (current == sessions_.end() || current->second.get() != session) return;
+  sessions_.erase(current);
+  fleet_.Disconnect(node, now);
+  ++counters_.agent_disconnects;
+  for (auto& [id, entry] : intents_) {
+    if (entry.intent.node() == node && !entry.inflight_decision.empty()) {
+      inflight_.erase(entry.inflight_decision);
+      inflight_records_.erase(entry.inflight_decision);
+      entry.inflight_decision.clear();
+    }
+  }
+  EmitLocked("node_disconnected", node, "", "", "", "", now);
+}
+
+// --- Events -----------------------------------------------------------------------------------
+
+void ServerCore::EmitLocked(const std::string& type, const std::string& node,
+                            const std::string& intent_id, const std::string& decision_id,
+                            const std::string& result, const std::string& message, absl::Time now) {
+  if (subscribers_.empty()) return;
+  v1::Event event;
+  event.set_time(Rfc3339(now));
+  event.set_type(type);
+  event.set_node(node);
+  event.set_intent_id(intent_id);
+  event.set_decision_id(decision_id);
+  event.set_result(result);
+  event.set_message(message);
+  auto it = subscribers_.begin();
+  while (it != subscribers_.end()) {
+    std::shared_ptr<EventSubscription> subscription = it->lock();
+    if (subscription == nullptr || subscription->closed()) {
+      it = subscribers_.erase(it);
+      continue;
+    }
+    subscription->Push(event);
+    ++it;
+  }
+}
+
+std::shared_ptr<EventSubscription> ServerCore::Subscribe(const std::string& node_filter) {
+  auto subscription = std::make_shared<EventSubscription>(node_filter);
+  MutexLock lock(&mu_);
+  subscribers_.push_back(subscription);
+  return subscription;
+}
+
+// --- Policies ---------------------------------------------------------------------------------
+
+std::vector<v1::Policy> ServerCore::PolicyListLocked() const {
+  std::vector<v1::Policy> list;
+  for (const auto& [name, policy] : policies_) list.push_back(policy);
+  return list;
+}
+
+absl::StatusOr<v1::Policy> ServerCore::SetPolicy(v1::Policy policy) {
+  if (absl::Status status = ValidatePolicy(policy); !status.ok()) return status;
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  auto existing = policies_.find(policy.name());
+  policy.set_revision(existing == policies_.end() ? 1 : existing->second.revision() + 1);
+  policy.set_update_time(Rfc3339(now));
+  ServerMutation mutation;
+  mutation.PutPolicy(policy);
+  if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
+  policies_[policy.name()] = policy;
+  // New retry settings apply to the intents from now on.
+  const std::vector<v1::Policy> list = PolicyListLocked();
+  for (auto& [id, entry] : intents_) {
+    const NodeReport* node = fleet_.Find(entry.intent.node());
+    std::map<std::string, std::string> labels;
+    if (node != nullptr) labels.insert(node->hello.labels().begin(), node->hello.labels().end());
+    entry.retry = MergeRetrySettings(MatchingPolicies(list, labels));
+  }
+  EmitLocked("policy_set", "", "", "", "", policy.name(), now);
+  return policy;
+}
+
+absl::StatusOr<v1::Policy> ServerCore::GetPolicy(const std::string& name) const {
+  MutexLock lock(&mu_);
+  auto it = policies_.find(name);
+  if (it == policies_.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("policy \"%s\" does not exist", name));
+  }
+  return it->second;
+}
+
+std::vector<v1::Policy> ServerCore::ListPolicies() const {
+  MutexLock lock(&mu_);
+  return PolicyListLocked();
+}
+
+absl::Status ServerCore::DeletePolicy(const std::string& name) {
+  MutexLock lock(&mu_);
+  if (policies_.count(name) == 0) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("policy \"%s\" does not exist", name));
+  }
+  ServerMutation mutation;
+  mutation.DeletePolicy(name);
+  if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
+  policies_.erase(name);
+  EmitLocked("policy_deleted", "", "", "", "", name, absl::Now());
+  return absl::OkStatus();
+}
+
+// --- Intents ----------------------------------------------------------------------------------
+
+bool ServerCore::NodeKnownLocked(const std::string& name) const {
+  return fleet_.Find(name) != nullptr || node_admin_.count(name) > 0;
+}
+
+NodeFacts ServerCore::FactsLocked(const std::string& name) const {
+  NodeFacts facts;
+  facts.name = name;
+  facts.known = NodeKnownLocked(name);
+  auto admin = node_admin_.find(name);
+  facts.cordoned = admin != node_admin_.end() && admin->second.cordoned;
+  const NodeReport* node = fleet_.Find(name);
+  if (node != nullptr) {
+    facts.labels.insert(node->hello.labels().begin(), node->hello.labels().end());
+    // What is pinned now counts, whoever registered it.
+    for (const auto& [key, region] : node->regions) {
+      facts.AddRequiredRegion(key.context, key.ua, key.size);
+    }
+  }
+  for (const auto& [id, entry] : intents_) {
+    const v1::Intent& intent = entry.intent;
+    if (intent.node() == name && intent.kind() == v1::INTENT_KIND_REGISTER && Live(intent)) {
+      facts.AddRequiredRegion(intent.context(), intent.ua(), intent.size());
+    }
+  }
+  return facts;
+}
+
+FleetFacts ServerCore::FleetFactsLocked() const {
+  FleetFacts fleet;
+  std::set<std::string> names;
+  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
+  for (const auto& [name, admin] : node_admin_) names.insert(name);
+  for (const std::string& name : names) fleet.nodes.push_back(FactsLocked(name));
+  return fleet;
+}
+
+absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentRequest& request,
+                                                       const v1::EbusyRetry& retry, absl::Time now,
+                                                       ServerMutation* mutation) {
+  absl::StatusOr<uint64_t> number = options_.store->NextId();
+  if (!number.ok()) return number.status();
+  v1::Intent intent;
+  intent.set_id(absl::StrCat("i-", *number));
+  intent.set_kind(request.kind());
+  intent.set_node(request.node());
+  intent.set_context(request.context());
+  intent.set_container(request.container());
+  intent.set_ua(request.ua());
+  intent.set_size(request.size());
+  *intent.mutable_labels() = request.labels();
+  intent.set_state(v1::INTENT_STATE_PENDING);
+  intent.set_create_time(Rfc3339(now));
+  intent.set_update_time(Rfc3339(now));
+  // A later intent replaces the live ones it contradicts or repeats.
+  for (auto& [id, entry] : intents_) {
+    const v1::Intent& other = entry.intent;
+    if (other.node() != intent.node() || !Live(other)) continue;
+    bool replaced = false;
+    switch (intent.kind()) {
+      case v1::INTENT_KIND_REGISTER:
+      case v1::INTENT_KIND_UNREGISTER:
+        replaced = (other.kind() == v1::INTENT_KIND_REGISTER ||
+                    other.kind() == v1::INTENT_KIND_UNREGISTER) &&
+                   other.container() == intent.container() &&
+                   KeyOfIntent(other) == KeyOfIntent(intent);
+        break;
+      case v1::INTENT_KIND_RELEASE_CONTAINER:
+        replaced = other.container() == intent.container() &&
+                   other.kind() != v1::INTENT_KIND_TEARDOWN_CONTEXT;
+        break;
+      case v1::INTENT_KIND_TEARDOWN_CONTEXT:
+        replaced = other.context() == intent.context();
+        break;
+      default:
+        break;
+    }
+    if (!replaced) continue;
+    if (!entry.inflight_decision.empty()) {
+      inflight_.erase(entry.inflight_decision);
+      inflight_records_.erase(entry.inflight_decision);
+      entry.inflight_decision.clear();
+    }
+    SetStateLocked(entry, v1::INTENT_STATE_SUPERSEDED, now, mutation);
+    entry.intent.set_last_message(absl::StrCat("superseded by ", intent.id()));
+    mutation->PutIntent(entry.intent);
+  }
+  mutation->PutIntent(intent);
+  IntentEntry entry;
+  entry.intent = intent;
+  entry.retry = retry;
+  intents_[intent.id()] = std::move(entry);
+  ++intent_sequence_;
+  return intent;
+}
+
+absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
+    const v1::CreateIntentRequest& request) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  const NodeReport* node = fleet_.Find(request.node());
+  const uint64_t page_size = node != nullptr ? node->hello.page_size() : 0;
+  if (absl::Status status = ValidateIntentRequest(request, page_size); !status.ok()) {
+    return status;
+  }
+  const std::vector<v1::Policy> list = PolicyListLocked();
+  AdmissionResult admission = Admit(request, FactsLocked(request.node()), FleetFactsLocked(), list);
+  if (!admission.status.ok()) {
+    EmitLocked("intent_rejected", request.node(), "", "", "", admission.status.ToString(), now);
+    return admission.status;
+  }
+  v1::CreateIntentResponse response;
+  for (const std::string& name : admission.admitted_by) response.add_admitted_by(name);
+  response.set_admission(admission.explanation);
+  if (request.dry_run()) {
+    v1::Intent* preview = response.mutable_intent();
+    preview->set_kind(request.kind());
+    preview->set_node(request.node());
+    preview->set_context(request.context());
+    preview->set_container(request.container());
+    preview->set_ua(request.ua());
+    preview->set_size(request.size());
+    *preview->mutable_labels() = request.labels();
+    preview->set_state(v1::INTENT_STATE_PENDING);
+    return response;
+  }
+  // Changes go to memory only after the store took them; on failure restore the old entries.
+  std::map<std::string, IntentEntry> saved = intents_;
+  auto saved_inflight = inflight_;
+  auto saved_records = inflight_records_;
+  ServerMutation mutation;
+  absl::StatusOr<v1::Intent> intent = AddIntentLocked(request, admission.retry, now, &mutation);
+  absl::Status committed = intent.ok() ? CommitLocked(mutation) : intent.status();
+  if (!committed.ok()) {
+    intents_ = std::move(saved);
+    inflight_ = std::move(saved_inflight);
+    inflight_records_ = std::move(saved_records);
+    return committed;
+  }
+  *response.mutable_intent() = *intent;
+  EmitLocked("intent_created", intent->node(), intent->id(), "", "", KindName(intent->kind()), now);
+  Wake();
+  return response;
+}
+
+absl::StatusOr<v1::Intent> ServerCore::GetIntent(const std::string& id) const {
+  MutexLock lock(&mu_);
+  auto it = intents_.find(id);
+  if (it == intents_.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("intent \"%s\" does not exist", id));
+  }
+  return it->second.intent;
+}
+
+namespace {
+
+// Orders intent ids by their number ("i-12" before "i-100").
+uint64_t IntentNumber(const std::string& id) {
+  uint64_t number = 0;
+  (void)absl::SimpleAtoi(absl::StripPrefix(id, "i-"), &number);
+  return number;
+}
+
+uint32_t PageSize(uint32_t requested) {
+  if (requested == 0) return 100;
+  return std::min<uint32_t>(requested, 1000);
+}
+
+}  // namespace
+
+absl::StatusOr<v1::ListIntentsResponse> ServerCore::ListIntents(
+    const v1::ListIntentsRequest& request) const {
+  uint64_t after = 0;
+  if (!request.page_token().empty() && !absl::SimpleAtoi(request.page_token(), &after)) {
+    return ErrnoStatus(EINVAL, absl::StrCat("page_token \"", request.page_token(),
+                                            "\" is not a token this server issued"));
+  }
+  MutexLock lock(&mu_);
+  std::vector<const v1::Intent*> selected;
+  for (const auto& [id, entry] : intents_) {
+    const v1::Intent& intent = entry.intent;
+    if (!request.node().empty() && intent.node() != request.node()) continue;
+    if (request.state() != v1::INTENT_STATE_UNSPECIFIED && intent.state() != request.state()) {
+      continue;
+    }
+    if (IntentNumber(intent.id()) <= after) continue;
+    selected.push_back(&intent);
+  }
+  std::sort(selected.begin(), selected.end(), [](const v1::Intent* a, const v1::Intent* b) {
+    return IntentNumber(a->id()) < IntentNumber(b->id());
+  });
+  v1::ListIntentsResponse response;
+  const uint32_t page = PageSize(request.page_size());
+  for (size_t i = 0; i < selected.size() && i < page; ++i) *response.add_intents() = *selected[i];
+  if (selected.size() > page) {
+    response.set_next_page_token(absl::StrCat(IntentNumber(selected[page - 1]->id())));
+  }
+  return response;
+}
+
+absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  auto it = intents_.find(id);
+  if (it == intents_.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("intent \"%s\" does not exist", id));
+  }
+  IntentEntry& entry = it->second;
+  if (entry.intent.state() == v1::INTENT_STATE_WITHDRAWN) return entry.intent;
+  IntentEntry saved = entry;
+  ServerMutation mutation;
+  SetStateLocked(entry, v1::INTENT_STATE_WITHDRAWN, now, &mutation);
+  if (absl::Status status = CommitLocked(mutation); !status.ok()) {
+    entry = std::move(saved);
+    return status;
+  }
+  if (!entry.inflight_decision.empty()) {
+    // The answer is still recorded when it comes; the intent just stops being pursued.
+    entry.inflight_decision.clear();
+  }
+  EmitLocked("intent_withdrawn", entry.intent.node(), id, "", "", "", now);
+  return entry.intent;
+}
+
+// --- Nodes ------------------------------------------------------------------------------------
+
+v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
+  v1::Node view;
+  view.set_name(name);
+  const NodeReport* node = fleet_.Find(name);
+  if (node != nullptr) {
+    *view.mutable_labels() = node->hello.labels();
+    view.set_connection(node->connected ? v1::CONNECTION_STATE_CONNECTED
+                                        : v1::CONNECTION_STATE_DISCONNECTED);
+    view.set_last_seen(Rfc3339(node->last_seen));
+    view.set_backend(node->hello.backend());
+    view.set_page_size(node->hello.page_size());
+    view.set_pinned_bytes(node->pinned_bytes());
+    view.set_regions(node->regions.size());
+    view.set_used_sum(node->used_sum());
+    view.set_installed_mappings(node->installed_mappings());
+    view.set_incarnation(node->hello.incarnation());
+  } else {
+    view.set_connection(v1::CONNECTION_STATE_DISCONNECTED);
+  }
+  auto admin = node_admin_.find(name);
+  view.set_cordoned(admin != node_admin_.end() && admin->second.cordoned);
+  const NodeFacts facts = FactsLocked(name);
+  view.set_required_bytes(facts.required_bytes);
+  const std::vector<v1::Policy> list = PolicyListLocked();
+  const BudgetUse budget = TightestBudget(facts, FleetFactsLocked(), list);
+  view.set_budget_bytes(budget.budget_bytes);
+  view.set_budget_used_ratio(budget.used_ratio);
+  auto drain = drains_.find(name);
+  if (drain != drains_.end()) {
+    v1::DrainProgress* progress = view.mutable_drain();
+    progress->set_active(drain->second.active);
+    progress->set_regions_total(drain->second.regions_total);
+    progress->set_regions_remaining(node != nullptr ? node->regions.size() : 0);
+    uint64_t retrying = 0;
+    for (const auto& [id, entry] : intents_) {
+      if (entry.intent.node() == name && entry.intent.labels().count(kDrainLabel) > 0 &&
+          entry.intent.state() == v1::INTENT_STATE_RETRYING) {
+        ++retrying;
+      }
+    }
+    progress->set_regions_retrying(retrying);
+    progress->set_started(Rfc3339(drain->second.started));
+    progress->set_finished(Rfc3339(drain->second.finished));
+  }
+  return view;
+}
+
+std::vector<v1::Node> ServerCore::ListNodes() const {
+  MutexLock lock(&mu_);
+  std::set<std::string> names;
+  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
+  for (const auto& [name, admin] : node_admin_) names.insert(name);
+  std::vector<v1::Node> nodes;
+  for (const std::string& name : names) nodes.push_back(NodeViewLocked(name));
+  return nodes;
+}
+
+absl::StatusOr<v1::Node> ServerCore::GetNode(const std::string& name) const {
+  MutexLock lock(&mu_);
+  if (!NodeKnownLocked(name)) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("node \"%s\" has never connected", name));
+  }
+  return NodeViewLocked(name);
+}
+
+absl::StatusOr<v1::Node> ServerCore::SetCordon(const std::string& name, bool cordoned) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  if (!NodeKnownLocked(name)) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("node \"%s\" has never connected", name));
+  }
+  NodeAdminState state = node_admin_[name];
+  state.name = name;
+  state.cordoned = cordoned;
+  ServerMutation mutation;
+  mutation.PutNodeState(state);
+  if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
+  node_admin_[name] = state;
+  EmitLocked(cordoned ? "node_cordoned" : "node_uncordoned", name, "", "", "", "", now);
+  return NodeViewLocked(name);
+}
+
+void ServerCore::AddDrainIntentsLocked(const std::string& name, absl::Time now,
+                                       ServerMutation* mutation) {
+  const NodeReport* node = fleet_.Find(name);
+  if (node == nullptr || node->reports == 0) return;
+  for (const auto& [key, region] : node->regions) {
+    for (const std::string& container : region.containers()) {
+      bool covered = false;
+      for (const auto& [id, entry] : intents_) {
+        const v1::Intent& intent = entry.intent;
+        if (intent.node() == name && intent.kind() == v1::INTENT_KIND_UNREGISTER &&
+            intent.container() == container && KeyOfIntent(intent) == key && Pursued(intent)) {
+          covered = true;
+          break;
+        }
+      }
+      if (covered) continue;
+      v1::CreateIntentRequest request;
+      request.set_kind(v1::INTENT_KIND_UNREGISTER);
+      request.set_node(name);
+      request.set_context(key.context);
+      request.set_container(container);
+      request.set_ua(key.ua);
+      request.set_size(key.size);
+      (*request.mutable_labels())[kDrainLabel] = "true";
+      const std::vector<v1::Policy> list = PolicyListLocked();
+      std::map<std::string, std::string> labels(node->hello.labels().begin(),
+                                                node->hello.labels().end());
+      absl::StatusOr<v1::Intent> intent = AddIntentLocked(
+          request, MergeRetrySettings(MatchingPolicies(list, labels)), now, mutation);
+      if (intent.ok()) {
+        EmitLocked("intent_created", name, intent->id(), "", "", "unregister (drain)", now);
+      }
+    }
+  }
+}
+
+absl::StatusOr<v1::Node> ServerCore::DrainNode(const std::string& name) {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  if (!NodeKnownLocked(name)) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("node \"%s\" has never connected", name));
+  }
+  NodeAdminState state = node_admin_[name];
+  state.name = name;
+  state.cordoned = true;
+  state.drain_active = true;
+  state.drain_started = Rfc3339(now);
+  std::map<std::string, IntentEntry> saved = intents_;
+  ServerMutation mutation;
+  mutation.PutNodeState(state);
+  AddDrainIntentsLocked(name, now, &mutation);
+  if (absl::Status status = CommitLocked(mutation); !status.ok()) {
+    intents_ = std::move(saved);
+    return status;
+  }
+  node_admin_[name] = state;
+  DrainState& drain = drains_[name];
+  drain.active = true;
+  drain.started = now;
+  drain.finished = absl::Time();
+  const NodeReport* node = fleet_.Find(name);
+  drain.regions_total = node != nullptr ? node->regions.size() : 0;
+  EmitLocked("drain_started", name, "", "", "",
+             absl::StrCat(drain.regions_total, " regions to unregister"), now);
+  Wake();
+  return NodeViewLocked(name);
+}
+
+// --- Regions and decisions --------------------------------------------------------------------
+
+namespace {
+
+void FillRegion(const std::string& node, const v1::Region& region, v1::FleetRegion* out) {
+  out->set_node(node);
+  out->set_context(region.context());
+  out->set_ua(region.ua());
+  out->set_size(region.size());
+  out->set_used(region.used());
+  out->set_mapped(region.mapped());
+  out->set_pending_release(region.pending_release());
+  *out->mutable_containers() = region.containers();
+}
+
+}  // namespace
+
+absl::StatusOr<v1::ListRegionsFleetResponse> ServerCore::ListRegions(
+    const v1::ListRegionsFleetRequest& request) const {
+  MutexLock lock(&mu_);
+  const uint32_t page = PageSize(request.page_size());
+  v1::ListRegionsFleetResponse response;
+  std::string last_token;
+  bool past_token = request.page_token().empty();
+  for (const auto& [name, node] : fleet_.nodes()) {
+    if (!request.node().empty() && name != request.node()) continue;
+    for (const auto& [key, region] : node.regions) {
+      if (!request.context().empty() && key.context != request.context()) continue;
+      const std::string token = RegionToken(name, key);
+      if (!past_token) {
+        if (token == request.page_token()) past_token = true;
+        continue;
+      }
+      if (static_cast<uint32_t>(response.regions_size()) == page) {
+        response.set_next_page_token(last_token);
+        return response;
+      }
+      v1::FleetRegion* out = response.add_regions();
+      FillRegion(name, region, out);
+      for (const auto& [id, entry] : intents_) {
+        const v1::Intent& intent = entry.intent;
+        if (intent.node() == name && KeyOfIntent(intent) == key &&
+            intent.state() == v1::INTENT_STATE_RETRYING) {
+          out->set_retrying_since(intent.retrying_since());
+          out->set_attempts(intent.attempts());
+        }
+      }
+      last_token = token;
+    }
+  }
+  if (!past_token) {
+    return ErrnoStatus(EINVAL, absl::StrCat("page_token \"", request.page_token(),
+                                            "\" does not name a region any more; start over"));
+  }
+  return response;
+}
+
+absl::StatusOr<v1::FleetRegion> ServerCore::GetRegion(
+    const v1::GetRegionFleetRequest& request) const {
+  MutexLock lock(&mu_);
+  const NodeReport* node = fleet_.Find(request.node());
+  if (node == nullptr) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("node \"%s\" has never connected", request.node()));
+  }
+  const RegionKey key{request.context(), request.ua(), request.size()};
+  auto it = node->regions.find(key);
+  if (it == node->regions.end()) {
+    return ErrnoStatus(
+        ENOENT, absl::StrFormat("node \"%s\" reports no region %s ua=0x%x "
+                                "size=0x%x",
+                                request.node(), request.context(), request.ua(), request.size()));
+  }
+  v1::FleetRegion region;
+  FillRegion(request.node(), it->second, &region);
+  for (const auto& [id, entry] : intents_) {
+    const v1::Intent& intent = entry.intent;
+    if (intent.node() == request.node() && KeyOfIntent(intent) == key &&
+        intent.state() == v1::INTENT_STATE_RETRYING) {
+      region.set_retrying_since(intent.retrying_since());
+      region.set_attempts(intent.attempts());
+    }
+  }
+  return region;
+}
+
+absl::StatusOr<v1::ListDecisionsResponse> ServerCore::ListDecisions(
+    const v1::ListDecisionsRequest& request) const {
+  DecisionQuery query;
+  query.node = request.node();
+  query.intent_id = request.intent_id();
+  query.page_size = request.page_size();
+  query.page_token = request.page_token();
+  absl::StatusOr<DecisionPage> page = options_.store->ListDecisions(query);
+  if (!page.ok()) return page.status();
+  v1::ListDecisionsResponse response;
+  for (v1::DecisionRecord& record : page->decisions) *response.add_decisions() = std::move(record);
+  response.set_next_page_token(page->next_page_token);
+  return response;
+}
+
+// --- Metrics ----------------------------------------------------------------------------------
+
+FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
+  const absl::Time now = absl::Now();
+  MutexLock lock(&mu_);
+  FleetMetricsSnapshot snapshot;
+  const FleetFacts fleet = FleetFactsLocked();
+  const std::vector<v1::Policy> list = PolicyListLocked();
+  size_t regions_left = max_regions;
+  for (const auto& [name, node] : fleet_.nodes()) {
+    FleetMetricsSnapshot::NodeMetrics metrics;
+    metrics.name = name;
+    metrics.connected = node.connected;
+    metrics.pinned_bytes = node.pinned_bytes();
+    metrics.regions = node.regions.size();
+    metrics.used_sum = node.used_sum();
+    metrics.installed_mappings = node.installed_mappings();
+    const NodeFacts facts = FactsLocked(name);
+    metrics.required_bytes = facts.required_bytes;
+    const BudgetUse budget = TightestBudget(facts, fleet, list);
+    metrics.budget_bytes = budget.budget_bytes;
+    metrics.budget_used_bytes = budget.used_bytes;
+    metrics.counters = node.counters;
+    for (const auto& [context_name, context] : node.contexts) metrics.contexts.push_back(context);
+    for (const auto& [container_name, container] : node.containers) {
+      metrics.containers.push_back(container);
+    }
+    for (const auto& [key, region] : node.regions) {
+      if (regions_left == 0) break;
+      metrics.regions_detail.push_back(region);
+      --regions_left;
+    }
+    snapshot.nodes.push_back(std::move(metrics));
+  }
+  absl::Time oldest = now;
+  for (const auto& [id, entry] : intents_) {
+    const v1::Intent& intent = entry.intent;
+    ++snapshot.intents_by_state[v1::IntentState_Name(intent.state())];
+    if (intent.state() == v1::INTENT_STATE_PENDING || intent.state() == v1::INTENT_STATE_APPLYING ||
+        intent.state() == v1::INTENT_STATE_RETRYING) {
+      absl::Time created;
+      std::string error;
+      if (absl::ParseTime(absl::RFC3339_full, intent.create_time(), &created, &error)) {
+        oldest = std::min(oldest, created);
+      }
+    }
+  }
+  snapshot.oldest_pending_intent_seconds = absl::ToDoubleSeconds(now - oldest);
+  snapshot.agents_connected = fleet_.connected();
+  snapshot.counters = counters_;
+  uint64_t dropped = 0;
+  for (const auto& weak : subscribers_) {
+    if (auto subscription = weak.lock()) dropped += subscription->dropped();
+  }
+  snapshot.counters.events_dropped = dropped;
+  return snapshot;
+}
+
+}  // namespace dmapin

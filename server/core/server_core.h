@@ -1,0 +1,245 @@
+// ServerCore: the central service's brain. It holds the fleet policy and the admins' intents
+// (durable in a ServerStore before any answer), what every agent reports (FleetState), and a
+// level-triggered reconciler that compares the two and sends decisions to the agents, retrying
+// EBUSY with backoff. The gRPC services only translate to and from it.
+#ifndef DMAPIN_SERVER_CORE_SERVER_CORE_H_
+#define DMAPIN_SERVER_CORE_SERVER_CORE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/mutex.h"
+#include "dmapin/v1/admin.pb.h"
+#include "dmapin/v1/control.pb.h"
+#include "server/fleet/fleet_state.h"
+#include "server/policy/policy.h"
+#include "server/store/server_store.h"
+
+namespace dmapin {
+
+// One agent's control stream, as the core sees it.
+class AgentSession {
+ public:
+  virtual ~AgentSession() = default;
+  // Queues a message for the agent; never blocks. False once the stream is gone.
+  virtual bool Send(const v1::ServerMessage& message) = 0;
+};
+
+// A WatchEvents subscriber's queue. Bounded: a subscriber that does not keep up loses the oldest
+// events (counted), never slows the server.
+class EventSubscription {
+ public:
+  explicit EventSubscription(std::string node_filter) : node_filter_(std::move(node_filter)) {}
+  // The next event, waiting up to `timeout`; nullopt on timeout or once closed.
+  std::optional<v1::Event> Next(absl::Duration timeout);
+  // The next event if one is queued.
+  std::optional<v1::Event> TryNext();
+  // Called (outside the subscription's lock, on the emitting thread) after each queued event,
+  // so a streaming reactor can write without a thread of its own. Cleared by Close.
+  void SetListener(std::function<void()> listener);
+  void Close();
+  bool closed() const;
+  uint64_t dropped() const;
+
+ private:
+  friend class ServerCore;
+  static constexpr size_t kMaxQueued = 10000;
+  void Push(const v1::Event& event);
+
+  const std::string node_filter_;
+  mutable Mutex mu_;
+  std::condition_variable_any cv_;
+  std::deque<v1::Event> queue_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  std::function<void()> listener_ ABSL_GUARDED_BY(mu_);
+};
+
+struct ServerCoreOptions {
+  ServerStore* store = nullptr;  // not owned
+  absl::Duration reconcile_interval = absl::Milliseconds(20);
+  // A decision without a result after this long is considered lost; the intent is re-evaluated.
+  absl::Duration decision_timeout = absl::Seconds(30);
+  uint64_t report_interval_ms = 1000;
+  uint64_t random_seed = 0;  // 0: from the clock
+};
+
+// Counters of the control plane, for metrics.
+struct ServerCounters {
+  std::map<std::string, uint64_t> decisions_sent;    // by kind
+  std::map<std::string, uint64_t> decision_results;  // by "kind/RESULT" (RESULT = OK or errno)
+  uint64_t ebusy_retries = 0;
+  uint64_t decisions_timed_out = 0;
+  uint64_t stream_messages_received = 0;
+  uint64_t stream_messages_sent = 0;
+  uint64_t agent_connects = 0;
+  uint64_t agent_disconnects = 0;
+  uint64_t events_dropped = 0;
+  uint64_t store_failures = 0;
+  uint64_t reconcile_passes = 0;
+  // Reconcile pass durations in seconds, bucketed by the metrics layer.
+  std::vector<double> reconcile_seconds_recent;
+};
+
+// A consistent copy of what metrics export.
+struct FleetMetricsSnapshot {
+  struct NodeMetrics {
+    std::string name;
+    bool connected = false;
+    uint64_t pinned_bytes = 0;
+    uint64_t regions = 0;
+    uint64_t used_sum = 0;
+    uint64_t installed_mappings = 0;
+    uint64_t required_bytes = 0;
+    uint64_t budget_bytes = 0;
+    uint64_t budget_used_bytes = 0;
+    v1::RegistryCounters counters;
+    std::vector<v1::Context> contexts;
+    std::vector<v1::Container> containers;
+    std::vector<v1::Region> regions_detail;  // bounded by the caller's per-region cap
+  };
+  std::vector<NodeMetrics> nodes;
+  std::map<std::string, uint64_t> intents_by_state;
+  double oldest_pending_intent_seconds = 0;
+  uint64_t agents_connected = 0;
+  ServerCounters counters;
+};
+
+class ServerCore {
+ public:
+  static absl::StatusOr<std::unique_ptr<ServerCore>> Create(ServerCoreOptions options);
+  ~ServerCore();
+
+  uint64_t epoch() const { return epoch_; }
+
+  // --- Control streams -----------------------------------------------------------------------
+  // A stream said hello; replaces any older session of the node.
+  v1::Welcome AgentConnected(const v1::Hello& hello, std::shared_ptr<AgentSession> session);
+  // A message of an established session (ignored if the session was replaced since).
+  void AgentMessage(const std::string& node, const AgentSession* session,
+                    const v1::AgentMessage& message);
+  void AgentDisconnected(const std::string& node, const AgentSession* session);
+
+  // --- Admin ---------------------------------------------------------------------------------
+  absl::StatusOr<v1::Policy> SetPolicy(v1::Policy policy);
+  absl::StatusOr<v1::Policy> GetPolicy(const std::string& name) const;
+  std::vector<v1::Policy> ListPolicies() const;
+  absl::Status DeletePolicy(const std::string& name);
+
+  absl::StatusOr<v1::CreateIntentResponse> CreateIntent(const v1::CreateIntentRequest& request);
+  absl::StatusOr<v1::Intent> GetIntent(const std::string& id) const;
+  absl::StatusOr<v1::ListIntentsResponse> ListIntents(const v1::ListIntentsRequest& request) const;
+  absl::StatusOr<v1::Intent> WithdrawIntent(const std::string& id);
+
+  std::vector<v1::Node> ListNodes() const;
+  absl::StatusOr<v1::Node> GetNode(const std::string& name) const;
+  absl::StatusOr<v1::Node> SetCordon(const std::string& name, bool cordoned);
+  absl::StatusOr<v1::Node> DrainNode(const std::string& name);
+
+  absl::StatusOr<v1::ListRegionsFleetResponse> ListRegions(
+      const v1::ListRegionsFleetRequest& request) const;
+  absl::StatusOr<v1::FleetRegion> GetRegion(const v1::GetRegionFleetRequest& request) const;
+  absl::StatusOr<v1::ListDecisionsResponse> ListDecisions(
+      const v1::ListDecisionsRequest& request) const;
+
+  std::shared_ptr<EventSubscription> Subscribe(const std::string& node_filter);
+
+  // --- Metrics and tests ---------------------------------------------------------------------
+  FleetMetricsSnapshot MetricsSnapshot(size_t max_regions) const;
+  // Runs one reconcile pass now (the background loop also runs them).
+  void ReconcileNow();
+
+ private:
+  struct IntentEntry {
+    v1::Intent intent;
+    v1::EbusyRetry retry;
+    absl::Time next_attempt = absl::InfinitePast();
+    std::string inflight_decision;
+    absl::Time inflight_since;
+    // The node's report count when the agent confirmed the intent; a later report that
+    // disagrees means the state diverged.
+    uint64_t reports_at_result = 0;
+  };
+  struct DrainState {
+    bool active = false;
+    absl::Time started;
+    absl::Time finished;
+    uint64_t regions_total = 0;
+  };
+
+  explicit ServerCore(ServerCoreOptions options);
+  absl::Status Load();
+  void Loop();
+
+  void ReconcileLocked(
+      absl::Time now, ServerMutation* mutation,
+      std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>>* outbox)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HandleResultLocked(const std::string& node, const v1::DecisionResult& result, absl::Time now,
+                          ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CommitLocked(const ServerMutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetStateLocked(IntentEntry& entry, v1::IntentState state, absl::Time now,
+                      ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool SatisfiedLocked(const v1::Intent& intent, const NodeReport& node) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // New intent: supersedes what it replaces, is stored and announced.
+  absl::StatusOr<v1::Intent> AddIntentLocked(const v1::CreateIntentRequest& request,
+                                             const v1::EbusyRetry& retry, absl::Time now,
+                                             ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  NodeFacts FactsLocked(const std::string& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  FleetFacts FleetFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Node NodeViewLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool NodeKnownLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,
+                  const std::string& decision_id, const std::string& result,
+                  const std::string& message, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AddDrainIntentsLocked(const std::string& node, absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<std::string> PoliciesSnapshotLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<v1::Policy> PolicyListLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const ServerCoreOptions options_;
+  uint64_t epoch_ = 0;
+
+  mutable Mutex mu_;
+  std::map<std::string, v1::Policy> policies_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, IntentEntry> intents_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, NodeAdminState> node_admin_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, DrainState> drains_ ABSL_GUARDED_BY(mu_);
+  FleetState fleet_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<AgentSession>> sessions_ ABSL_GUARDED_BY(mu_);
+  // Decision id -> intent id, for decisions sent and not yet answered.
+  std::map<std::string, std::string> inflight_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, v1::DecisionRecord> inflight_records_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::weak_ptr<EventSubscription>> subscribers_ ABSL_GUARDED_BY(mu_);
+  ServerCounters counters_ ABSL_GUARDED_BY(mu_);
+  std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
+  uint64_t intent_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // creation order for stable listing
+
+  // Reconcile loop.
+  Mutex loop_mu_;
+  std::condition_variable_any loop_cv_;
+  bool stopping_ ABSL_GUARDED_BY(loop_mu_) = false;
+  bool wake_ ABSL_GUARDED_BY(loop_mu_) = false;
+  std::thread loop_;
+  void Wake();
+};
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_SERVER_CORE_SERVER_CORE_H_

@@ -1,0 +1,79 @@
+// FleetState: what the agents report, per node — their hello, connection, contexts, containers,
+// regions with counters — fed by the control streams (snapshots and deltas) and read by the
+// reconciler, the admin API and the metrics. Not thread-safe: ServerCore owns it under its lock.
+#ifndef DMAPIN_SERVER_FLEET_FLEET_STATE_H_
+#define DMAPIN_SERVER_FLEET_FLEET_STATE_H_
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "dmapin/v1/control.pb.h"
+
+namespace dmapin {
+
+// A region on a node: (context, ua, size).
+struct RegionKey {
+  std::string context;
+  uint64_t ua = 0;
+  uint64_t size = 0;
+  bool operator<(const RegionKey& other) const {
+    return std::tie(context, ua, size) < std::tie(other.context, other.ua, other.size);
+  }
+  bool operator==(const RegionKey& other) const {
+    return context == other.context && ua == other.ua && size == other.size;
+  }
+};
+
+struct NodeReport {
+  std::string name;
+  v1::Hello hello;
+  bool connected = false;
+  absl::Time last_seen;
+  absl::Time connected_since;
+  // Counts every snapshot or delta applied: lets the reconciler know a report is newer than a
+  // decision result.
+  uint64_t reports = 0;
+  uint64_t version = 0;
+  std::map<std::string, v1::Context> contexts;
+  std::map<std::string, v1::Container> containers;
+  std::map<RegionKey, v1::Region> regions;
+  v1::RegistryCounters counters;
+
+  // Sums over the reported regions.
+  uint64_t pinned_bytes() const;
+  uint64_t used_sum() const;
+  uint64_t installed_mappings() const;
+  // Does `container` hold the region?
+  bool Holds(const RegionKey& key, const std::string& container) const;
+};
+
+class FleetState {
+ public:
+  // A stream said hello: the node is connected (its previous report is kept until the snapshot
+  // replaces it).
+  NodeReport& Connect(const v1::Hello& hello, absl::Time now);
+  void Disconnect(const std::string& node, absl::Time now);
+  // Replaces everything the node reported.
+  void ApplySnapshot(const std::string& node, const v1::Snapshot& snapshot, absl::Time now);
+  void ApplyDelta(const std::string& node, const v1::Delta& delta, absl::Time now);
+  void Touch(const std::string& node, absl::Time now);
+
+  const NodeReport* Find(const std::string& node) const;
+  const std::map<std::string, NodeReport>& nodes() const { return nodes_; }
+  size_t connected() const;
+
+ private:
+  std::map<std::string, NodeReport> nodes_;
+};
+
+RegionKey KeyOf(const v1::Region& region);
+
+}  // namespace dmapin
+
+#endif  // DMAPIN_SERVER_FLEET_FLEET_STATE_H_
