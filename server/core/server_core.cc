@@ -307,7 +307,9 @@ void ServerCore::ReconcileLocked(
     v1::Intent& intent = entry.intent;
     if (!Pursued(intent)) continue;
     const NodeReport* node = fleet_.Find(intent.node());
-    const bool reported = node != nullptr && node->reports > 0;
+    // Only a snapshot of the current connection counts: the report kept from before a reconnect
+    // may miss what the agent applied since.
+    const bool reported = node != nullptr && node->synced;
     if (intent.state() == v1::INTENT_STATE_SATISFIED) {
       // Only a report newer than the confirmation can show a divergence.
       if (!reported || !node->connected || node->reports <= entry.reports_at_result ||
@@ -380,7 +382,7 @@ void ServerCore::ReconcileLocked(
   for (auto& [name, drain] : drains_) {
     if (!drain.active) continue;
     const NodeReport* node = fleet_.Find(name);
-    bool busy = node == nullptr || !node->regions.empty();
+    bool busy = node == nullptr || !node->synced || !node->regions.empty();
     for (const auto& [id, entry] : intents_) {
       if (entry.intent.node() == name && entry.intent.labels().count(kDrainLabel) > 0 &&
           Pursued(entry.intent)) {
@@ -939,14 +941,19 @@ absl::StatusOr<v1::Node> ServerCore::SetCordon(const std::string& name, bool cor
 void ServerCore::AddDrainIntentsLocked(const std::string& name, absl::Time now,
                                        ServerMutation* mutation) {
   const NodeReport* node = fleet_.Find(name);
-  if (node == nullptr || node->reports == 0) return;
+  if (node == nullptr || !node->synced) return;
   for (const auto& [key, region] : node->regions) {
     for (const std::string& container : region.containers()) {
       bool covered = false;
       for (const auto& [id, entry] : intents_) {
         const v1::Intent& intent = entry.intent;
+        // The agent reports after it answers: an unregister it confirmed still shows in the
+        // report until the next one.
+        const bool awaiting_report = intent.state() == v1::INTENT_STATE_SATISFIED &&
+                                     node->reports <= entry.reports_at_result;
         if (intent.node() == name && intent.kind() == v1::INTENT_KIND_UNREGISTER &&
-            intent.container() == container && KeyOfIntent(intent) == key && Pursued(intent)) {
+            intent.container() == container && KeyOfIntent(intent) == key &&
+            (Pursued(intent) || awaiting_report)) {
           covered = true;
           break;
         }

@@ -40,6 +40,7 @@ NodeReport& FleetState::Connect(const v1::Hello& hello, absl::Time now) {
   node.name = hello.node_name();
   node.hello = hello;
   node.connected = true;
+  node.synced = false;
   node.connected_since = now;
   node.last_seen = now;
   return node;
@@ -67,6 +68,7 @@ void FleetState::ApplySnapshot(const std::string& name, const v1::Snapshot& snap
   node.counters = snapshot.counters();
   node.version = snapshot.version();
   node.last_seen = now;
+  node.synced = true;
   ++node.reports;
 }
 

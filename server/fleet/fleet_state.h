@@ -39,6 +39,9 @@ struct NodeReport {
   // Counts every snapshot or delta applied: lets the reconciler know a report is newer than a
   // decision result.
   uint64_t reports = 0;
+  // A snapshot arrived on the current connection. Until then the report is the one from before
+  // a reconnect, possibly stale: nothing should be decided from it.
+  bool synced = false;
   uint64_t version = 0;
   std::map<std::string, v1::Context> contexts;
   std::map<std::string, v1::Container> containers;
@@ -55,8 +58,8 @@ struct NodeReport {
 
 class FleetState {
  public:
-  // A stream said hello: the node is connected (its previous report is kept until the snapshot
-  // replaces it).
+  // A stream said hello: the node is connected (its previous report is kept, not synced, until
+  // the snapshot replaces it).
   NodeReport& Connect(const v1::Hello& hello, absl::Time now);
   void Disconnect(const std::string& node, absl::Time now);
   // Replaces everything the node reported.

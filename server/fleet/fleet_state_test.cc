@@ -56,5 +56,26 @@ TEST(FleetStateTest, SnapshotThenDeltasTrackRegionsAndCounters) {
   EXPECT_TRUE(node->regions.empty());
 }
 
+TEST(FleetStateTest, ReconnectKeepsTheOldReportUnsyncedUntilTheSnapshot) {
+  FleetState fleet;
+  v1::Hello hello;
+  hello.set_node_name("n1");
+  EXPECT_FALSE(fleet.Connect(hello, absl::FromUnixSeconds(1)).synced);
+  v1::Snapshot snapshot;
+  *snapshot.add_regions() = MakeRegion("vm", 0x10000, 0x10000, 1, 1, {"c1"});
+  fleet.ApplySnapshot("n1", snapshot, absl::FromUnixSeconds(2));
+  const NodeReport* node = fleet.Find("n1");
+  ASSERT_NE(node, nullptr);
+  EXPECT_TRUE(node->synced);
+  fleet.Disconnect("n1", absl::FromUnixSeconds(3));
+  fleet.Connect(hello, absl::FromUnixSeconds(4));
+  EXPECT_TRUE(node->connected);
+  EXPECT_FALSE(node->synced);
+  EXPECT_EQ(node->regions.size(), 1u) << "kept for display until the snapshot";
+  fleet.ApplySnapshot("n1", v1::Snapshot(), absl::FromUnixSeconds(5));
+  EXPECT_TRUE(node->synced);
+  EXPECT_TRUE(node->regions.empty());
+}
+
 }  // namespace
 }  // namespace dmapin
