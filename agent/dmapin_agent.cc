@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -25,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "agent/control/control_client.h"
 #include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/memlock_backend.h"
@@ -69,9 +71,33 @@ ABSL_FLAG(std::string, sim_holes, "",
 ABSL_FLAG(std::string, sim_readonly, "", "sim backend: read-only ranges, like --sim_holes.");
 ABSL_FLAG(std::string, sim_huge, "",
           "sim backend: huge-page ranges, comma-separated ua:size:huge_page_size.");
+ABSL_FLAG(std::string, server, "",
+          "gRPC address of the central service (dmapin-server), e.g. dmapin-server:7480. The "
+          "agent holds one control stream to it, reconnecting with backoff; it serves its node "
+          "whether or not the server is reachable. Empty: no central service.");
+ABSL_FLAG(std::vector<std::string>, node_labels, {},
+          "Labels of this node reported to the central service, comma-separated key=value "
+          "(e.g. pool=a,zone=z1); the server's policies select nodes by them.");
+ABSL_FLAG(uint32_t, report_interval_ms, 1000,
+          "How often to send the central service counter deltas or a heartbeat (the server's "
+          "Welcome may override it).");
 
 namespace dmapin {
 namespace {
+
+absl::StatusOr<std::map<std::string, std::string>> ParseLabels(
+    const std::vector<std::string>& pairs) {
+  std::map<std::string, std::string> labels;
+  for (const std::string& pair : pairs) {
+    std::vector<std::string> kv = absl::StrSplit(pair, absl::MaxSplits('=', 1));
+    if (kv.size() != 2 || kv[0].empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--node_labels: \"", pair, "\" is not key=value"));
+    }
+    labels[kv[0]] = kv[1];
+  }
+  return labels;
+}
 
 absl::StatusOr<uint64_t> ParseNumber(absl::string_view text) {
   uint64_t value = 0;
@@ -248,6 +274,29 @@ int Run() {
                  absl::StrJoin(listening, ", ").c_str());
     return 1;
   }
+  // The control stream starts once the node is served: decisions may arrive at once.
+  std::unique_ptr<ControlClient> control;
+  if (const std::string address = absl::GetFlag(FLAGS_server); !address.empty()) {
+    absl::StatusOr<std::map<std::string, std::string>> labels =
+        ParseLabels(absl::GetFlag(FLAGS_node_labels));
+    if (!labels.ok()) {
+      std::fprintf(stderr, "dmapin-agent: %s\n", labels.status().ToString().c_str());
+      return 2;
+    }
+    control = std::make_unique<ControlClient>(
+        agent->get(), ControlClientOptions{.server_address = address,
+                                           .labels = std::move(*labels),
+                                           .report_interval = std::chrono::milliseconds(
+                                               absl::GetFlag(FLAGS_report_interval_ms)),
+                                           .keepalive_time = std::chrono::seconds(30)});
+    if (absl::Status status = control->Start(); !status.ok()) {
+      std::fprintf(stderr, "dmapin-agent: control stream to %s: %s\n", address.c_str(),
+                   status.ToString().c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "dmapin-agent: control stream to the central service at %s\n",
+                 address.c_str());
+  }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
   if (exposer != nullptr) {
@@ -277,6 +326,7 @@ int Run() {
   stopping = true;
   watchdog.join();
   health->SetServingStatus(false);
+  if (control != nullptr) control->Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // The exposer's threads read the metrics, which read the agent: stop them first.
   exposer.reset();

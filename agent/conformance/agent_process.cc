@@ -1,10 +1,13 @@
 #include "agent/conformance/agent_process.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,6 +24,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "grpcpp/generic/generic_stub.h"
 
@@ -394,6 +399,63 @@ absl::StatusOr<std::vector<std::string>> RawBidiCall(const std::shared_ptr<grpc:
   Drain(cq);
   if (!status.ok()) return FromGrpcStatus(status);
   return responses;
+}
+
+absl::StatusOr<std::string> ScrapeMetrics(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", strerror(errno)));
+  sockaddr_in address = {};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("cannot connect to metrics port ", port));
+  }
+  const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return absl::UnavailableError("cannot send the metrics request");
+  }
+  std::string response;
+  char buffer[16384];
+  ssize_t n = 0;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
+  close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  if (body == std::string::npos) return absl::UnavailableError("malformed metrics response");
+  return response.substr(body + 4);
+}
+
+std::optional<double> MetricValue(absl::string_view exposition, absl::string_view name,
+                                  const std::map<std::string, std::string>& labels) {
+  for (absl::string_view line : absl::StrSplit(exposition, '\n')) {
+    if (!absl::ConsumePrefix(&line, name) || line.empty()) continue;
+    absl::string_view label_text;
+    if (line[0] == '{') {
+      const size_t close = line.find('}');
+      if (close == absl::string_view::npos) continue;
+      label_text = line.substr(1, close - 1);
+      line.remove_prefix(close + 1);
+    }
+    if (line.empty() || line[0] != ' ') continue;  // a longer name with this prefix
+    bool all = true;
+    for (const auto& [key, value] : labels) {
+      all = all && absl::StrContains(label_text, absl::StrCat(key, "=\"", value, "\""));
+    }
+    double number = 0;
+    if (all && absl::SimpleAtod(absl::StripAsciiWhitespace(line), &number)) return number;
+  }
+  return std::nullopt;
+}
+
+int PortFromLog(absl::string_view log, absl::string_view what) {
+  const std::string marker = absl::StrCat("(", what, " port ");
+  const size_t at = log.find(marker);
+  if (at == absl::string_view::npos) return 0;
+  absl::string_view rest = log.substr(at + marker.size());
+  int port = 0;
+  return absl::SimpleAtoi(rest.substr(0, rest.find(')')), &port) ? port : 0;
 }
 
 absl::StatusOr<int> HealthCheck(const std::shared_ptr<grpc::Channel>& channel,

@@ -1,5 +1,6 @@
 // Runs a dmapin-agent binary as a child process for tests and the gRPC conformance target:
 // start it, wait until it serves, watch that it stays alive, stop it (SIGTERM, then SIGKILL).
+// dmapin-server logs the same "serving on ... (tcp port N)" line, so it runs the server too.
 //
 // Also the small raw-gRPC helpers the tests need without generated stubs: Debian ships no C++
 // code for grpc.health.v1 or grpc.reflection, so those calls go through grpc::GenericStub with
@@ -10,6 +11,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -134,6 +136,17 @@ absl::StatusOr<std::vector<std::string>> RawBidiCall(const std::shared_ptr<grpc:
 absl::StatusOr<int> HealthCheck(const std::shared_ptr<grpc::Channel>& channel,
                                 absl::string_view service, absl::Duration timeout);
 inline constexpr int kHealthServing = 1;
+
+// The body of GET http://127.0.0.1:<port>/metrics (a dmapin-agent's or dmapin-server's metrics).
+absl::StatusOr<std::string> ScrapeMetrics(int port);
+
+// The value of the series `name` whose labels include every pair of `labels`, in a Prometheus
+// text exposition; nullopt when no such series is there. With several matches, the first.
+std::optional<double> MetricValue(absl::string_view exposition, absl::string_view name,
+                                  const std::map<std::string, std::string>& labels = {});
+
+// The port N of the first "(<what> port N)" in `log` (e.g. what = "metrics"), or 0.
+int PortFromLog(absl::string_view log, absl::string_view what);
 
 // The absl status of a gRPC status (same code and message).
 absl::Status FromGrpcStatus(const grpc::Status& status);

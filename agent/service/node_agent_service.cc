@@ -11,21 +11,11 @@ namespace dmapin {
 grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* context,
                                                    const absl::Status& status, RpcMethod method,
                                                    AgentMetrics::Clock::time_point start) {
-  int err = 0;
-  if (!status.ok()) {
-    err = ErrnoOf(status);
-    context->AddTrailingMetadata(kErrnoTrailer, ErrnoName(err));
+  if (metrics_ != nullptr) {
+    metrics_->RecordRpc(method, AgentMetrics::Clock::now() - start,
+                        status.ok() ? 0 : ErrnoOf(status));
   }
-  if (metrics_ != nullptr) metrics_->RecordRpc(method, AgentMetrics::Clock::now() - start, err);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
-
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  // absl and gRPC share the canonical code numbering.
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  return FinishUnary(context, status);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerContext* context,

@@ -6,16 +6,11 @@
 #include "absl/status/status.h"
 #include "agent/node/node_agent.h"
 #include "agent/service/agent_metrics.h"
+#include "common/grpc_status.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
 namespace dmapin {
-
-// The gRPC status for an errno status: same code, same message ("EBUSY: ...").
-grpc::Status ToGrpcStatus(const absl::Status& status);
-
-// The trailing-metadata key carrying the errno name of a failed call.
-inline constexpr char kErrnoTrailer[] = "dmapin-errno";
 
 class NodeAgentService final : public v1::NodeAgent::CallbackService {
  public:

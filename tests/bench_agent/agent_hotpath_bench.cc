@@ -59,6 +59,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "agent/conformance/agent_process.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
@@ -127,43 +128,8 @@ double SelfCpuSeconds() {
 
 // --- The agent's /metrics ------------------------------------------------------------------------
 
-// GET http://127.0.0.1:<port>/metrics (the body), over loopback.
-absl::StatusOr<std::string> ScrapeMetrics(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::InternalError("socket failed");
-  sockaddr_in address = {};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return absl::UnavailableError(absl::StrCat("cannot connect to metrics port ", port));
-  }
-  const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return absl::UnavailableError("cannot send the metrics request");
-  }
-  std::string response;
-  char buffer[16384];
-  ssize_t n = 0;
-  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
-  close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  if (body == std::string::npos) return absl::UnavailableError("malformed metrics response");
-  return response.substr(body + 4);
-}
-
-// The value of the unlabelled series `name` in an exposition, or nullopt.
-std::optional<double> MetricValue(absl::string_view text, absl::string_view name) {
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.size() > name.size() && absl::StartsWith(line, name) && line[name.size()] == ' ') {
-      double value = 0;
-      if (absl::SimpleAtod(line.substr(name.size() + 1), &value)) return value;
-    }
-  }
-  return std::nullopt;
-}
+using conformance::MetricValue;
+using conformance::ScrapeMetrics;
 
 struct StoreCounts {
   double commits = 0;

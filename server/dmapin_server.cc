@@ -1,0 +1,163 @@
+// dmapin-server: the fleet's control plane. Serves dmapin.v1.Admin (for admins, with grpcurl
+// through reflection) and dmapin.v1.Control (one stream per node agent) on one gRPC port, and the
+// fleet's Prometheus metrics on /metrics. Policies and intents are durable in an embedded SQLite
+// database in --state_dir before any answer.
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/flags.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "prometheus/exposer.h"
+#include "server/core/server_core.h"
+#include "server/metrics/server_metrics.h"
+#include "server/service/admin_service.h"
+#include "server/service/control_service.h"
+#include "server/store/sqlite_server_store.h"
+
+ABSL_FLAG(std::string, grpc_address, "0.0.0.0:7480",
+          "gRPC address (host:port) for admins (dmapin.v1.Admin, reflection, health) and the node "
+          "agents' control streams (dmapin.v1.Control). Port 0 picks a free port (logged).");
+ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9480",
+          "HTTP address (host:port) serving the fleet's Prometheus metrics at /metrics. Port 0 "
+          "picks a free port (logged). Empty disables metrics.");
+ABSL_FLAG(std::string, state_dir, "/var/lib/dmapin/server",
+          "Directory of the server's durable state (server.db): policies, intents, decision "
+          "records, node admin state.");
+ABSL_FLAG(bool, state_sync_full, false,
+          "fsync the state database at every commit (survives power loss, not only kill -9).");
+ABSL_FLAG(uint32_t, report_interval_ms, 1000,
+          "How often agents report counter deltas or heartbeats (sent to them in Welcome).");
+ABSL_FLAG(uint32_t, reconcile_interval_ms, 20,
+          "How often the reconciler compares admitted intents with what agents report, at most "
+          "(changes wake it at once).");
+ABSL_FLAG(uint32_t, decision_timeout_ms, 30000,
+          "A decision unanswered this long is considered lost and its intent re-evaluated.");
+ABSL_FLAG(bool, per_region_metrics, false,
+          "Export one series per region (bounded by --max_region_series). Off by default: at "
+          "fleet scale per-region series are the cardinality that hurts Prometheus.");
+ABSL_FLAG(uint32_t, max_region_series, 1000, "Cap on per-region series when they are enabled.");
+
+namespace dmapin {
+namespace {
+
+int Run() {
+  // SIGTERM/SIGINT are taken by sigwait below; block them before any thread starts so no thread
+  // takes their default action.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
+  absl::StatusOr<std::unique_ptr<SqliteServerStore>> store = SqliteServerStore::Open(
+      state_dir, SqliteServerStoreOptions{.sync_full = absl::GetFlag(FLAGS_state_sync_full)});
+  if (!store.ok()) {
+    std::fprintf(stderr, "dmapin-server: state store %s: %s\n", state_dir.c_str(),
+                 store.status().ToString().c_str());
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(ServerCoreOptions{
+      .store = store->get(),
+      .reconcile_interval = absl::Milliseconds(absl::GetFlag(FLAGS_reconcile_interval_ms)),
+      .decision_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_decision_timeout_ms)),
+      .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms)});
+  if (!core.ok()) {
+    std::fprintf(stderr, "dmapin-server: loading %s failed, refusing to serve: %s\n",
+                 state_dir.c_str(), core.status().ToString().c_str());
+    return 1;
+  }
+
+  const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  std::unique_ptr<ServerMetrics> metrics;
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int metrics_port = 0;
+  if (!metrics_address.empty()) {
+    metrics = std::make_unique<ServerMetrics>(
+        core->get(),
+        ServerMetricsOptions{.per_region_series = absl::GetFlag(FLAGS_per_region_metrics),
+                             .max_region_series = absl::GetFlag(FLAGS_max_region_series)});
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(metrics_address, /*num_threads=*/1);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "dmapin-server: --metrics_address=%s: %s\n", metrics_address.c_str(),
+                   e.what());
+      return 1;
+    }
+    exposer->RegisterCollectable(metrics->collectable());
+    const std::vector<int> ports = exposer->GetListeningPorts();
+    if (!ports.empty()) metrics_port = ports.front();
+  }
+
+  AdminService admin(core->get());
+  ControlService control(core->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  const std::string address = absl::GetFlag(FLAGS_grpc_address);
+  int port = 0;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  // Agents ping every 30 s on a stream the server rarely writes to; accept that instead of
+  // answering with GOAWAY (too_many_pings).
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.RegisterService(&admin);
+  builder.RegisterService(&control);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    std::fprintf(stderr, "dmapin-server: could not listen on %s\n", address.c_str());
+    return 1;
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  if (exposer != nullptr) {
+    std::fprintf(stderr, "dmapin-server: metrics on http://%s/metrics (metrics port %d)\n",
+                 metrics_address.c_str(), metrics_port);
+  }
+  std::fprintf(stderr, "dmapin-server: epoch %llu, state %s, serving on %s (tcp port %d)\n",
+               static_cast<unsigned long long>((*core)->epoch()), state_dir.c_str(),
+               address.c_str(), port);
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  std::fprintf(stderr, "dmapin-server: signal %d, shutting down\n", signal);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // The exposer's threads read the metrics, which read the core: stop them first.
+  exposer.reset();
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmapin
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "dmapin central service: fleet pinning policy, register/unregister decisions to the node "
+      "agents, EBUSY retries, drains, and the fleet's counters as Prometheus metrics.\n"
+      "Usage: dmapin-server [--grpc_address=HOST:PORT] [--metrics_address=HOST:PORT] "
+      "[--state_dir=DIR]");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "dmapin_server");
+  };
+  absl::SetFlagsUsageConfig(usage);
+  dmapin::ParseFlagsOrExit(argc, argv);
+  // As in the agent: Debian's Abseil has deadlock detection on, which costs gRPC's locks CPU.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  return dmapin::Run();
+}

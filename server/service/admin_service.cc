@@ -1,0 +1,199 @@
+#include "server/service/admin_service.h"
+
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "common/grpc_status.h"
+#include "common/mutex.h"
+
+namespace dmapin {
+namespace {
+
+// Answers with `result`'s value (copied into `response`) or its error.
+template <typename T>
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::StatusOr<T> result,
+                                T* response) {
+  if (result.ok()) *response = std::move(*result);
+  return FinishUnary(context, result.status());
+}
+
+// WatchEvents: writes the subscription's events one at a time, woken by the subscription's
+// listener, so an idle watcher costs no thread. Owned by shared pointers (its own until OnDone,
+// and the listener's for the length of a call) because the listener runs on the core's threads
+// and may race with the end of the call.
+class EventWriter final : public grpc::ServerWriteReactor<v1::Event> {
+ public:
+  static EventWriter* Start(std::shared_ptr<EventSubscription> subscription) {
+    auto writer = std::shared_ptr<EventWriter>(new EventWriter(std::move(subscription)));
+    writer->self_ = writer;
+    writer->subscription_->SetListener([weak = std::weak_ptr<EventWriter>(writer)] {
+      if (std::shared_ptr<EventWriter> alive = weak.lock()) alive->MaybeWrite();
+    });
+    writer->MaybeWrite();
+    return writer.get();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      MutexLock lock(&mu_);
+      writing_ = false;
+    }
+    if (!ok) {
+      Stop(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the event stream broke"));
+      return;
+    }
+    MaybeWrite();
+  }
+
+  void OnCancel() override { Stop(grpc::Status::CANCELLED); }
+
+  void OnDone() override {
+    subscription_->Close();
+    self_.reset();  // may delete this
+  }
+
+ private:
+  explicit EventWriter(std::shared_ptr<EventSubscription> subscription)
+      : subscription_(std::move(subscription)) {}
+
+  void MaybeWrite() {
+    MutexLock lock(&mu_);
+    if (writing_ || finished_) return;
+    std::optional<v1::Event> event = subscription_->TryNext();
+    if (!event.has_value()) {
+      if (subscription_->closed()) FinishLocked(grpc::Status::OK);
+      return;
+    }
+    current_ = std::move(*event);
+    writing_ = true;
+    StartWrite(&current_);
+  }
+
+  void Stop(const grpc::Status& status) {
+    // Clears the listener first: after Close it is never called again.
+    subscription_->Close();
+    MutexLock lock(&mu_);
+    FinishLocked(status);
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  const std::shared_ptr<EventSubscription> subscription_;
+  std::shared_ptr<EventWriter> self_;  // released by OnDone
+  Mutex mu_;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  v1::Event current_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* AdminService::SetPolicy(grpc::CallbackServerContext* context,
+                                                  const v1::SetPolicyRequest* request,
+                                                  v1::Policy* response) {
+  return Reply(context, core_->SetPolicy(request->policy()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::GetPolicy(grpc::CallbackServerContext* context,
+                                                  const v1::GetPolicyRequest* request,
+                                                  v1::Policy* response) {
+  return Reply(context, core_->GetPolicy(request->name()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListPolicies(grpc::CallbackServerContext* context,
+                                                     const v1::ListPoliciesRequest*,
+                                                     v1::ListPoliciesResponse* response) {
+  for (v1::Policy& policy : core_->ListPolicies()) *response->add_policies() = std::move(policy);
+  return FinishUnary(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdminService::DeletePolicy(grpc::CallbackServerContext* context,
+                                                     const v1::DeletePolicyRequest* request,
+                                                     v1::DeletePolicyResponse*) {
+  return FinishUnary(context, core_->DeletePolicy(request->name()));
+}
+
+grpc::ServerUnaryReactor* AdminService::CreateIntent(grpc::CallbackServerContext* context,
+                                                     const v1::CreateIntentRequest* request,
+                                                     v1::CreateIntentResponse* response) {
+  return Reply(context, core_->CreateIntent(*request), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::GetIntent(grpc::CallbackServerContext* context,
+                                                  const v1::GetIntentRequest* request,
+                                                  v1::Intent* response) {
+  return Reply(context, core_->GetIntent(request->id()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListIntents(grpc::CallbackServerContext* context,
+                                                    const v1::ListIntentsRequest* request,
+                                                    v1::ListIntentsResponse* response) {
+  return Reply(context, core_->ListIntents(*request), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::WithdrawIntent(grpc::CallbackServerContext* context,
+                                                       const v1::WithdrawIntentRequest* request,
+                                                       v1::Intent* response) {
+  return Reply(context, core_->WithdrawIntent(request->id()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListNodes(grpc::CallbackServerContext* context,
+                                                  const v1::ListNodesRequest*,
+                                                  v1::ListNodesResponse* response) {
+  for (v1::Node& node : core_->ListNodes()) *response->add_nodes() = std::move(node);
+  return FinishUnary(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdminService::GetNode(grpc::CallbackServerContext* context,
+                                                const v1::GetNodeRequest* request,
+                                                v1::Node* response) {
+  return Reply(context, core_->GetNode(request->name()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::CordonNode(grpc::CallbackServerContext* context,
+                                                   const v1::CordonNodeRequest* request,
+                                                   v1::Node* response) {
+  return Reply(context, core_->SetCordon(request->name(), true), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::UncordonNode(grpc::CallbackServerContext* context,
+                                                     const v1::UncordonNodeRequest* request,
+                                                     v1::Node* response) {
+  return Reply(context, core_->SetCordon(request->name(), false), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::DrainNode(grpc::CallbackServerContext* context,
+                                                  const v1::DrainNodeRequest* request,
+                                                  v1::Node* response) {
+  return Reply(context, core_->DrainNode(request->name()), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListRegions(grpc::CallbackServerContext* context,
+                                                    const v1::ListRegionsFleetRequest* request,
+                                                    v1::ListRegionsFleetResponse* response) {
+  return Reply(context, core_->ListRegions(*request), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::GetRegion(grpc::CallbackServerContext* context,
+                                                  const v1::GetRegionFleetRequest* request,
+                                                  v1::FleetRegion* response) {
+  return Reply(context, core_->GetRegion(*request), response);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListDecisions(grpc::CallbackServerContext* context,
+                                                      const v1::ListDecisionsRequest* request,
+                                                      v1::ListDecisionsResponse* response) {
+  return Reply(context, core_->ListDecisions(*request), response);
+}
+
+grpc::ServerWriteReactor<v1::Event>* AdminService::WatchEvents(
+    grpc::CallbackServerContext*, const v1::WatchEventsRequest* request) {
+  return EventWriter::Start(core_->Subscribe(request->node()));
+}
+
+}  // namespace dmapin
