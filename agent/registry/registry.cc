@@ -814,16 +814,26 @@ Registry::ReadSession::ReadSession(const Registry& registry, ContextId context)
   if (it != current->contexts.end()) context_ = it->second;
 }
 
-bool Registry::ReadSession::TranslateSlow(uint64_t ua, uint64_t* hpa) {
+bool Registry::ReadSession::CacheRegionOf(uint64_t ua) {
   if (context_ == nullptr) return false;
   const Region* region = context_->index.Lookup(ua >> registry_.page_shift_);
   if (region == nullptr) return false;
   cached_ua_ = region->ua;
   cached_bytes_ = region->entries << registry_.page_shift_;
   cached_hpas_ = region->hpas.get();
+  return true;
+}
+
+bool Registry::ReadSession::TranslateSlow(uint64_t ua, uint64_t* hpa) {
+  if (!CacheRegionOf(ua)) return false;
   *hpa =
       cached_hpas_[(ua - cached_ua_) >> registry_.page_shift_] | (ua & (registry_.page_size_ - 1));
   return true;
+}
+
+size_t Registry::ReadSession::TranslatePages(uint64_t ua, absl::Span<uint64_t> hpas) {
+  uint64_t* out = hpas.data();
+  return VisitPages(ua, hpas.size(), [&out](uint64_t hpa) { *out++ = hpa; });
 }
 
 absl::StatusOr<uint64_t> Registry::ReadSession::Translate(uint64_t ua) {

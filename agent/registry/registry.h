@@ -14,6 +14,7 @@
 #ifndef DMAPIN_AGENT_REGISTRY_REGISTRY_H_
 #define DMAPIN_AGENT_REGISTRY_REGISTRY_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -180,8 +181,21 @@ class Registry {
 
     absl::StatusOr<uint64_t> Translate(uint64_t ua);
 
+    // Calls fn(hpa) for the consecutive pages ua, ua + PS, ... (at most `pages`; each hpa with
+    // ua's offset within its page), in order, across adjacent regions, and stops at the first
+    // page outside every region. Returns how many pages it visited. For DMA maps of contiguous
+    // guest memory (filling TCEs or IOPTEs): one bounds check per region instead of one per page,
+    // and an inner loop the compiler can vectorize with fn.
+    template <typename Fn>
+    uint64_t VisitPages(uint64_t ua, uint64_t pages, Fn&& fn);
+
+    // VisitPages into hpas[0], hpas[1], ...; returns how many were translated.
+    size_t TranslatePages(uint64_t ua, absl::Span<uint64_t> hpas);
+
    private:
     bool TranslateSlow(uint64_t ua, uint64_t* hpa);
+    // Points the cache at the region containing `ua`; false when there is none.
+    bool CacheRegionOf(uint64_t ua);
 
     EpochReadLock lock_;
     const Registry& registry_;
@@ -253,6 +267,25 @@ inline bool Registry::ReadSession::TryTranslate(uint64_t ua, uint64_t* hpa) {
     return true;
   }
   return TranslateSlow(ua, hpa);
+}
+
+template <typename Fn>
+uint64_t Registry::ReadSession::VisitPages(uint64_t ua, uint64_t pages, Fn&& fn) {
+  const uint32_t shift = registry_.page_shift_;
+  const uint64_t in_page = ua & (registry_.page_size_ - 1);
+  uint64_t done = 0;
+  while (done < pages) {
+    if (ua - cached_ua_ >= cached_bytes_ && !CacheRegionOf(ua)) break;
+    const uint64_t first = (ua - cached_ua_) >> shift;
+    const uint64_t run = std::min<uint64_t>((cached_bytes_ >> shift) - first, pages - done);
+    const uint64_t* from = cached_hpas_ + first;
+    for (uint64_t i = 0; i < run; ++i) fn(from[i] | in_page);
+    done += run;
+    const uint64_t next = ua + (run << shift);
+    if (next < ua) break;  // the run ended at 2^64
+    ua = next;
+  }
+  return done;
 }
 
 }  // namespace dmapin

@@ -336,6 +336,23 @@ TEST_F(RegistryTest, TranslateKeepsOffsetAndDistinctPages) {
   EXPECT_FALSE(Registry::ReadSession(*registry_, 99).valid());
 }
 
+TEST_F(RegistryTest, TranslatePagesRunsAcrossAdjacentRegionsAndStopsAtAGap) {
+  // [kBase, +1M) and [kBase + 1M, +128K) are adjacent; a gap follows.
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase + k1M, 2 * k64K).ok());
+  Registry::ReadSession session(*registry_, kCtx);
+  std::vector<uint64_t> hpas(40, 0);
+  const uint64_t start = kBase + 3 * k64K + 0x123;  // the offset is kept on every page
+  const size_t done = session.TranslatePages(start, absl::MakeSpan(hpas));
+  EXPECT_EQ(done, 16u - 3u + 2u);
+  for (size_t i = 0; i < done; ++i) {
+    EXPECT_EQ(hpas[i], sim_->FakeHpa(kCtx, kBase + (3 + i) * k64K) + 0x123) << i;
+  }
+  EXPECT_EQ(session.TranslatePages(kBase - k64K, absl::MakeSpan(hpas)), 0u);
+  EXPECT_EQ(session.TranslatePages(kBase, absl::MakeSpan(hpas).first(5)), 5u);
+  EXPECT_EQ(Registry::ReadSession(*registry_, 99).TranslatePages(kBase, absl::MakeSpan(hpas)), 0u);
+}
+
 TEST_F(RegistryTest, WriterCallsInsideReadSessionAreRefused) {
   Registry::ReadSession session(*registry_, kCtx);
   EXPECT_EQ(registry_->Register(1, kCtx, kBase, k1M).code(), absl::StatusCode::kFailedPrecondition);

@@ -2,8 +2,9 @@
 // same run:
 //  a) translate of random addresses over 10,000 regions: the kernel's newest-first list walk
 //     (mm_iommu_lookup + mm_iommu_ua_to_hpa) vs Registry::Translate and ReadSession::TryTranslate.
-//  b) sequential translate through one 1 GiB region: ReadSession::TryTranslate vs a bare array
-//     load loop over an hpas-sized array.
+//  b) sequential translate through one 1 GiB region: ReadSession::TryTranslate per address, and
+//     ReadSession::VisitPages over the whole range, vs a bare array load loop over an
+//     hpas-sized array.
 //  c) map+unmap of one IOMMU page through a pre-registered region vs pinning per map
 //     (mlock + /proc/self/pagemap + munlock; needs root).
 //  d) translate throughput of 2 reader threads vs 1 while a writer registers/unregisters at
@@ -317,6 +318,23 @@ void BM_SeqSession(benchmark::State& state) {
   SetPerPage(state, "seq_translate_1gib/array_baseline", timer.NsPer(state.iterations()));
 }
 
+// The batched form a DMA map of contiguous guest memory uses: VisitPages over the whole range,
+// the same sum in the visitor.
+void BM_SeqSessionPages(benchmark::State& state) {
+  const Fixture& f = GetFixture();
+  Registry::ReadSession session(*f.registry, kSeqContext);
+  LoopTimer timer;
+  for (auto _ : state) {
+    uint64_t sum = 0;
+    const uint64_t visited =
+        session.VisitPages(kSeqBase, kSeqPages, [&sum](uint64_t hpa) { sum += hpa; });
+    benchmark::DoNotOptimize(sum);
+    benchmark::DoNotOptimize(visited);
+  }
+  state.SetItemsProcessed(state.iterations() * kSeqPages);
+  SetPerPage(state, "seq_translate_1gib/array_baseline", timer.NsPer(state.iterations()));
+}
+
 // The same two loops with every element forced through a register one at a time (no SIMD for
 // the array loop), to show the cost per element without vectorization.
 void BM_SeqArrayOpaque(benchmark::State& state) {
@@ -541,6 +559,8 @@ void RegisterBenchmarks() {
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("seq_translate_1gib/read_session", BM_SeqSession)
       ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("seq_translate_1gib/read_session_pages", BM_SeqSessionPages)
+      ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("seq_translate_1gib/array_baseline_opaque", BM_SeqArrayOpaque)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("seq_translate_1gib/read_session_opaque", BM_SeqSessionOpaque)
@@ -598,6 +618,8 @@ void PrintSummary() {
                "session", "translate_random_10k/read_session", 500);
   PrintSeq("seq_translate_1gib", "seq_translate_1gib/array_baseline",
            "seq_translate_1gib/read_session", 2.0);
+  PrintSeq("seq_translate_1gib_pages (ReadSession::VisitPages)",
+           "seq_translate_1gib/array_baseline", "seq_translate_1gib/read_session_pages", 2.0);
   PrintSeq("seq_translate_1gib_opaque (informational, no SIMD)",
            "seq_translate_1gib/array_baseline_opaque", "seq_translate_1gib/read_session_opaque",
            2.0);
