@@ -34,6 +34,8 @@
 #include "agent/service/agent_metrics.h"
 #include "agent/service/node_agent_service.h"
 #include "agent/store/state_store.h"
+#include "agent/vfio/vfio_detect.h"
+#include "agent/vfio/vfio_kernel.h"
 #include "common/flags.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -170,9 +172,14 @@ absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(const std::str
   }
 }
 
+// What this node could run, reported in GetNodeStatus and to the central service. The VFIO
+// backends are detected (VFIO_CHECK_EXTENSION on /dev/vfio/vfio) but the agent does not pin
+// through them yet: --backend takes sim or memlock.
 std::vector<std::string> DetectBackends() {
   std::vector<std::string> backends = {"sim"};
   if (MemlockBackend::Create().ok()) backends.push_back("memlock");
+  RealVfioKernel kernel;
+  for (std::string& vfio : DetectVfioBackends(kernel)) backends.push_back(std::move(vfio));
   return backends;
 }
 
