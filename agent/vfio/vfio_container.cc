@@ -308,6 +308,7 @@ void Type1Driver::ResetState() {
   reserved_ = VfioIovaRange();
   usable_.clear();
   pins_by_iova_.clear();
+  guest_maps_.clear();
 }
 
 absl::Status Type1Driver::ReadIommuInfo(uint64_t* pgsizes, std::vector<VfioIovaRange>* ranges,
@@ -541,12 +542,7 @@ absl::Status Type1Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
   return absl::OkStatus();
 }
 
-absl::Status Type1Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
-  MutexLock lock(&mu_);
-  absl::Status open = CheckOpen("MapDma");
-  if (!open.ok()) return open;
-  absl::Status range = CheckGuestRange("MapDma", iova, size);
-  if (!range.ok()) return range;
+absl::Status Type1Driver::MapLocked(uint64_t iova, uint64_t ua, uint64_t size) {
   struct vfio_iommu_type1_dma_map map;
   std::memset(&map, 0, sizeof(map));
   map.argsz = sizeof(map);
@@ -554,10 +550,59 @@ absl::Status Type1Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
   map.vaddr = ua;
   map.iova = iova;
   map.size = size;
-  return ContainerIoctl(VFIO_IOMMU_MAP_DMA, &map,
-                        absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)",
-                                        iova, ua, size))
-      .status();
+  absl::Status status =
+      ContainerIoctl(
+          VFIO_IOMMU_MAP_DMA, &map,
+          absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)", iova, ua, size))
+          .status();
+  if (status.ok()) guest_maps_[iova] = GuestMapping{.size = size, .ua = ua};
+  return status;
+}
+
+absl::Status Type1Driver::ClearGuestRangeLocked(uint64_t iova, uint64_t size) {
+  const uint64_t end = iova + size;  // inside the guest window: no wrap
+  auto it = guest_maps_.upper_bound(iova);
+  if (it != guest_maps_.begin() && std::prev(it)->first + std::prev(it)->second.size > iova) --it;
+  while (it != guest_maps_.end() && it->first < end) {
+    const uint64_t map_iova = it->first;
+    const GuestMapping mapping = it->second;
+    struct vfio_iommu_type1_dma_unmap unmap;
+    std::memset(&unmap, 0, sizeof(unmap));
+    unmap.argsz = sizeof(unmap);
+    unmap.iova = map_iova;
+    unmap.size = mapping.size;
+    absl::Status status =
+        ContainerIoctl(
+            VFIO_IOMMU_UNMAP_DMA, &unmap,
+            absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)", map_iova, mapping.size))
+            .status();
+    if (!status.ok()) return status;
+    it = guest_maps_.erase(it);
+    // Type1 cannot unmap part of a mapping: map back what lies outside [iova, end).
+    if (map_iova < iova) {
+      if (absl::Status s = MapLocked(map_iova, mapping.ua, iova - map_iova); !s.ok()) return s;
+    }
+    const uint64_t map_end = map_iova + mapping.size;
+    if (map_end > end) {
+      absl::Status s = MapLocked(end, mapping.ua + (end - map_iova), map_end - end);
+      if (!s.ok()) return s;
+    }
+    // The next mapping after this one (a left part put back at map_iova is behind us, a right
+    // part at `end` ends the loop).
+    it = guest_maps_.upper_bound(map_iova);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Type1Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("MapDma");
+  if (!open.ok()) return open;
+  absl::Status range = CheckGuestRange("MapDma", iova, size);
+  if (!range.ok()) return range;
+  // A remap replaces what was there (spec §7.4), which type1 answers EEXIST to: clear first.
+  if (absl::Status cleared = ClearGuestRangeLocked(iova, size); !cleared.ok()) return cleared;
+  return MapLocked(iova, ua, size);
 }
 
 absl::Status Type1Driver::UnmapDma(uint64_t iova, uint64_t size) {
@@ -566,15 +611,7 @@ absl::Status Type1Driver::UnmapDma(uint64_t iova, uint64_t size) {
   if (!open.ok()) return open;
   absl::Status range = CheckGuestRange("UnmapDma", iova, size);
   if (!range.ok()) return range;
-  struct vfio_iommu_type1_dma_unmap unmap;
-  std::memset(&unmap, 0, sizeof(unmap));
-  unmap.argsz = sizeof(unmap);
-  unmap.flags = 0;
-  unmap.iova = iova;
-  unmap.size = size;
-  return ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap,
-                        absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)", iova, size))
-      .status();
+  return ClearGuestRangeLocked(iova, size);
 }
 
 absl::StatusOr<VfioIovaRange> Type1Driver::ReservedIovaRange() const {

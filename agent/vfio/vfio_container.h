@@ -181,11 +181,15 @@ struct Type1Options {
 // registered plus mapped bytes, or MAP_DMA fails with ENOMEM. The registry's counters stay the
 // source of truth; the kernel's locked_vm is not.
 //
-// Differences from SPAPR the agent must respect: MAP_DMA over an IOVA that is already mapped is
-// EEXIST (unmap first; a TCE would simply be overwritten), and UNMAP_DMA may not bisect an
-// earlier MapDma (EINVAL); the type1 kernel does not check that `ua` is registered (the registry's
-// lookup, spec §7.4, is the gate), and does not give the EBUSY of spec §3.4 either (the guest
-// mappings hold their own pins, so unregistering only drops the pin-range mapping).
+// The kernel answers MAP_DMA over an IOVA that is already mapped with EEXIST (a TCE would simply
+// be overwritten) and refuses an UNMAP_DMA that bisects an earlier mapping (EINVAL). The driver
+// hides both so its MapDma/UnmapDma behave like SPAPR's (spec §7: a remap replaces, any aligned
+// range unmaps): it remembers its guest mappings, unmaps what a new map overlaps first, and maps
+// back the parts of a bisected mapping that lie outside the range. Those parts are briefly
+// unmapped, so a device doing DMA into them at that moment faults; VMMs do not bisect in
+// practice. The type1 kernel does not check that `ua` is registered (the registry's lookup, spec
+// §7.4, is the gate), and does not give the EBUSY of spec §3.4 either (the guest mappings hold
+// their own pins, so unregistering only drops the pin-range mapping).
 class Type1Driver final : public VfioContainerDriver {
  public:
   // `kernel` must outlive the driver.
@@ -221,6 +225,13 @@ class Type1Driver final : public VfioContainerDriver {
                              bool* have_ranges) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // First fit in the pin range, aligned to the IOMMU page.
   absl::StatusOr<uint64_t> AllocatePinIova(uint64_t size) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // MAP_DMA of one guest mapping, remembered in guest_maps_.
+  absl::Status MapLocked(uint64_t iova, uint64_t ua, uint64_t size)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unmaps every guest mapping overlapping [iova, iova + size) and maps back their parts outside
+  // it.
+  absl::Status ClearGuestRangeLocked(uint64_t iova, uint64_t size)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // ENXIO unless [iova, iova + size) lies inside the guest window (and so outside the pin range).
   absl::Status CheckGuestRange(absl::string_view what, uint64_t iova, uint64_t size) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -230,6 +241,12 @@ class Type1Driver final : public VfioContainerDriver {
   std::vector<VfioIovaRange> usable_ ABSL_GUARDED_BY(mu_);
   // Pin-range iova -> region registered there.
   std::map<uint64_t, Pin> pins_by_iova_ ABSL_GUARDED_BY(mu_);
+  // Guest iova -> the kernel mapping that starts there (they never overlap).
+  struct GuestMapping {
+    uint64_t size = 0;
+    uint64_t ua = 0;
+  };
+  std::map<uint64_t, GuestMapping> guest_maps_ ABSL_GUARDED_BY(mu_);
 };
 
 // A driver for a backend name from DetectVfioBackends() ("vfio-spapr-v2", "vfio-type1"), or
