@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -34,6 +35,7 @@
 #include "agent/service/agent_metrics.h"
 #include "agent/service/node_agent_service.h"
 #include "agent/store/state_store.h"
+#include "agent/vfio/vfio_container.h"
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
 #include "common/flags.h"
@@ -61,8 +63,10 @@ ABSL_FLAG(bool, state_sync_full, false,
           "crashes (kill -9) only, which is what pinned memory needs: a node that loses power "
           "loses its pins too.");
 ABSL_FLAG(std::string, backend, "sim",
-          "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests) or "
-          "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root).");
+          "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests), "
+          "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root), or "
+          "'vfio-type1' / 'vfio-spapr-v2' (memlock plus a real VFIO container per container, "
+          "opened on the IOMMU groups CreateContainer names; needs /dev/vfio and root).");
 ABSL_FLAG(std::string, hugetlbfs_dir, "",
           "memlock backend: hugetlbfs mount for MEMORY_BACKING_HUGETLBFS contexts (default: the "
           "first hugetlbfs mount).");
@@ -136,16 +140,23 @@ absl::StatusOr<std::vector<std::vector<uint64_t>>> ParseRanges(absl::string_view
   return ranges;
 }
 
+bool IsVfioBackend(absl::string_view backend) {
+  return backend == kVfioType1Backend || backend == kVfioSpaprV2Backend;
+}
+
 absl::StatusOr<std::unique_ptr<PinBackend>> MakeBackend() {
   const std::string backend = absl::GetFlag(FLAGS_backend);
-  if (backend == "memlock") {
+  // The VFIO backends pin in the kernel through the container; the registry's own pins and
+  // frame numbers come from memlock (the agent maps the contexts' memory itself).
+  if (backend == "memlock" || IsVfioBackend(backend)) {
     absl::StatusOr<std::unique_ptr<MemlockBackend>> memlock = MemlockBackend::Create();
     if (!memlock.ok()) return memlock.status();
     return std::unique_ptr<PinBackend>(std::move(*memlock));
   }
   if (backend != "sim") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend=", backend, ": expected 'sim' or 'memlock'"));
+    return absl::InvalidArgumentError(absl::StrCat("--backend=", backend,
+                                                   ": expected sim, memlock, ", kVfioType1Backend,
+                                                   " or ", kVfioSpaprV2Backend));
   }
   SimBackendOptions options{.page_size = absl::GetFlag(FLAGS_sim_page_size)};
   auto holes = ParseRanges("sim_holes", absl::GetFlag(FLAGS_sim_holes), 2);
@@ -172,9 +183,8 @@ absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(const std::str
   }
 }
 
-// What this node could run, reported in GetNodeStatus and to the central service. The VFIO
-// backends are detected (VFIO_CHECK_EXTENSION on /dev/vfio/vfio) but the agent does not pin
-// through them yet: --backend takes sim or memlock.
+// What this node could run, reported in GetNodeStatus and to the central service (the VFIO
+// backends by VFIO_CHECK_EXTENSION on /dev/vfio/vfio).
 std::vector<std::string> DetectBackends() {
   std::vector<std::string> backends = {"sim"};
   if (MemlockBackend::Create().ok()) backends.push_back("memlock");
@@ -219,12 +229,28 @@ int Run() {
   if ((*backend)->name() == "memlock") {
     memory = NewBackedMemoryProvider(absl::GetFlag(FLAGS_hugetlbfs_dir));
   }
+  const std::string backend_flag = absl::GetFlag(FLAGS_backend);
+  RealVfioKernel vfio_kernel;
+  std::function<absl::StatusOr<std::unique_ptr<VfioContainerDriver>>(
+      const std::vector<std::string>&)>
+      open_vfio_container;
+  if (IsVfioBackend(backend_flag)) {
+    open_vfio_container = [&vfio_kernel, backend_flag](const std::vector<std::string>& groups)
+        -> absl::StatusOr<std::unique_ptr<VfioContainerDriver>> {
+      std::unique_ptr<VfioContainerDriver> driver =
+          NewVfioContainerDriver(backend_flag, &vfio_kernel);
+      if (absl::Status status = driver->Open(groups); !status.ok()) return status;
+      return driver;
+    };
+  }
   absl::StatusOr<std::unique_ptr<NodeAgent>> agent =
       NodeAgent::Create({.node_name = NodeName(),
                          .backend = backend->get(),
                          .store = store->get(),
                          .memory_provider = memory.get(),
-                         .available_backends = DetectBackends()});
+                         .available_backends = DetectBackends(),
+                         .vfio_backend = IsVfioBackend(backend_flag) ? backend_flag : "",
+                         .open_vfio_container = std::move(open_vfio_container)});
   if (!agent.ok()) {
     std::fprintf(stderr, "dmapin-agent: recovery from %s failed, refusing to serve: %s\n",
                  state_dir.c_str(), agent.status().ToString().c_str());

@@ -99,13 +99,22 @@ absl::Status NodeAgent::Recover() {
                        .iommu_page_size = stored.iommu_page_size,
                        .window_start = stored.window_start,
                        .window_size = stored.window_size};
+    spec.vfio_groups = stored.vfio_groups;
     ContainerOptions options{.iommu_page_size = stored.iommu_page_size,
                              .window_start = stored.window_start,
                              .window_size = stored.window_size};
+    auto entry = std::make_shared<ContainerEntry>();
+    if (!stored.vfio_groups.empty()) {
+      // The kernel dropped the container with the old process: open it again, on the same
+      // window (OpenVfioContainer refuses a window that changed).
+      absl::StatusOr<std::unique_ptr<VfioContainerDriver>> vfio = OpenVfioContainer(spec, &options);
+      if (!vfio.ok())
+        return Annotate(vfio.status(), absl::StrCat("recovery: container ", stored.name));
+      entry->vfio = std::move(*vfio);
+    }
     if (absl::Status status = registry_->CreateContainer(stored.id, options); !status.ok()) {
       return Annotate(status, absl::StrCat("recovery: container ", stored.name));
     }
-    auto entry = std::make_shared<ContainerEntry>();
     entry->id = stored.id;
     entry->name = stored.name;
     if (!stored.context.empty()) {
@@ -143,6 +152,9 @@ absl::Status NodeAgent::Recover() {
     }
     absl::Status status =
         registry_->Register(container->second->id, (*context)->id, hold.ua, hold.size);
+    if (status.ok() && container->second->vfio != nullptr) {
+      status = container->second->vfio->RegisterMemory(hold.ua, hold.size);
+    }
     if (!status.ok()) {
       return Annotate(status, absl::StrFormat("recovery: re-registering ua=0x%x size=0x%x for "
                                               "container %s",
@@ -177,6 +189,9 @@ absl::Status NodeAgent::Recover() {
     }
     absl::Status status =
         registry_->Map(container->second->id, mapping.iova, mapping.ua, mapping.size);
+    if (status.ok() && container->second->vfio != nullptr) {
+      status = container->second->vfio->MapDma(mapping.iova, mapping.ua, mapping.size);
+    }
     if (!status.ok()) {
       return Annotate(status,
                       absl::StrFormat("recovery: re-mapping iova=0x%x ua=0x%x size=0x%x "
@@ -315,6 +330,9 @@ ContainerView NodeAgent::ToView(const ContainerInfo& info) const {
   ContainerView view;
   view.name = ContainerName(info.id);
   view.options = info.options;
+  if (std::shared_ptr<ContainerEntry> entry = FindContainer(view.name)) {
+    view.vfio_groups = entry->spec.vfio_groups;
+  }
   if (info.context.has_value()) view.context = ContextName(*info.context);
   view.held_regions = info.held_regions;
   view.installed_entries = info.installed_entries;
@@ -421,6 +439,7 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   mutation.DeleteContext(name);
   for (auto& entry : bound) {
     entry->released = true;
+    CloseVfioContainer(*entry);
     mutation.DeleteContainer(entry->name);
   }
   absl::Status persisted = Persist(mutation, decision);
@@ -449,17 +468,24 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
       .iommu_page_size = spec.iommu_page_size != 0 ? spec.iommu_page_size : registry_->page_size(),
       .window_start = spec.window_start,
       .window_size = spec.window_size != 0 ? spec.window_size : kDefaultWindowSize};
-  const ContainerId id = next_id_++;
+  auto entry = std::make_shared<ContainerEntry>();
+  if (options_.open_vfio_container != nullptr || !spec.vfio_groups.empty()) {
+    absl::StatusOr<std::unique_ptr<VfioContainerDriver>> vfio = OpenVfioContainer(spec, &options);
+    if (!vfio.ok()) return vfio.status();
+    entry->vfio = std::move(*vfio);
+  }
+  const ContainerId id = next_id_;
   if (absl::Status status = registry_->CreateContainer(id, options); !status.ok()) return status;
+  ++next_id_;
   Mutation mutation;
   mutation.PutContainer(StoredContainer{.name = spec.name,
                                         .id = id,
                                         .iommu_page_size = options.iommu_page_size,
                                         .window_start = options.window_start,
-                                        .window_size = options.window_size});
+                                        .window_size = options.window_size,
+                                        .vfio_groups = spec.vfio_groups});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
   if (absl::Status status = Persist(mutation); !status.ok()) return status;
-  auto entry = std::make_shared<ContainerEntry>();
   entry->id = id;
   entry->name = spec.name;
   entry->spec = spec;
@@ -471,7 +497,52 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   ContainerView view;
   view.name = spec.name;
   view.options = options;
+  view.vfio_groups = spec.vfio_groups;
   return view;
+}
+
+absl::StatusOr<std::unique_ptr<VfioContainerDriver>> NodeAgent::OpenVfioContainer(
+    const ContainerSpec& spec, ContainerOptions* options) {
+  if (options_.open_vfio_container == nullptr) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("container \"%s\" names VFIO groups, but the %s "
+                                               "backend has no VFIO containers",
+                                               spec.name, options_.backend->name()));
+  }
+  if (spec.vfio_groups.empty()) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("container \"%s\" names no VFIO group; the %s "
+                                               "backend needs at least one (e.g. /dev/vfio/26)",
+                                               spec.name, options_.vfio_backend));
+  }
+  absl::StatusOr<std::unique_ptr<VfioContainerDriver>> vfio =
+      options_.open_vfio_container(spec.vfio_groups);
+  if (!vfio.ok()) return Annotate(vfio.status(), absl::StrCat("container \"", spec.name, "\""));
+  absl::StatusOr<VfioDmaWindow> window = (*vfio)->DmaWindow();
+  if (!window.ok()) return window.status();
+  // The kernel's window is the container's; a caller that names one must name that one.
+  auto mismatch = [&](const char* what, uint64_t asked, uint64_t kernel) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("container \"%s\": %s 0x%x differs from the "
+                                               "kernel's 0x%x",
+                                               spec.name, what, asked, kernel));
+  };
+  if (spec.iommu_page_size != 0 && spec.iommu_page_size != window->iommu_page_size) {
+    return mismatch("iommu_page_size", spec.iommu_page_size, window->iommu_page_size);
+  }
+  if (spec.window_start != 0 && spec.window_start != window->start) {
+    return mismatch("window_start", spec.window_start, window->start);
+  }
+  if (spec.window_size != 0 && spec.window_size != window->size) {
+    return mismatch("window_size", spec.window_size, window->size);
+  }
+  *options = {.iommu_page_size = window->iommu_page_size,
+              .window_start = window->start,
+              .window_size = window->size};
+  return vfio;
+}
+
+void NodeAgent::CloseVfioContainer(ContainerEntry& entry) {
+  if (entry.vfio == nullptr) return;
+  if (!entry.vfio->Close().ok()) vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+  entry.vfio.reset();
 }
 
 absl::StatusOr<ContainerView> NodeAgent::GetContainer(absl::string_view name) const {
@@ -502,6 +573,7 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
 
   if (absl::Status status = registry_->ReleaseContainer(entry->id); !status.ok()) return status;
   entry->released = true;
+  CloseVfioContainer(*entry);
   Mutation mutation;
   mutation.DeleteContainer(name);
   if (context != nullptr) AddPendingDiffLocked(*context, mutation);
@@ -529,8 +601,18 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   if (context == nullptr) return NoSuchContext(context_name);
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
+  // The kernel first: undoing its registration is a plain unregister, while the registry's first
+  // registration also binds the container, which nothing undoes.
+  if (container->vfio != nullptr) {
+    if (absl::Status status = container->vfio->RegisterMemory(ua, size); !status.ok()) {
+      return status;
+    }
+  }
   if (absl::Status status = registry_->Register(container->id, context->id, ua, size);
       !status.ok()) {
+    if (container->vfio != nullptr && !container->vfio->UnregisterMemory(ua, size).ok()) {
+      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+    }
     return status;
   }
   Mutation mutation;
@@ -553,10 +635,20 @@ absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint6
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
+  // The registry first: it answers the EBUSY of spec §3.4, which Linux 5.1+ no longer does.
   if (absl::Status status = registry_->Unregister(container->id, ua, size); !status.ok()) {
     return status;
   }
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  if (container->vfio != nullptr) {
+    if (absl::Status status = container->vfio->UnregisterMemory(ua, size); !status.ok()) {
+      // Give the container its hold back, so registry and kernel still agree.
+      if (!registry_->Register(container->id, context->id, ua, size).ok()) {
+        vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+      }
+      return status;
+    }
+  }
   Mutation mutation;
   mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
   return Persist(mutation, decision);
@@ -622,15 +714,31 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
   if (container->released) return NoSuchContainer(container_name);
   uint64_t cleared_pages = 0;
   absl::Status status = registry_->Map(container->id, iova, ua, size, &cleared_pages);
+  uint64_t cleared_bytes = 0;
+  if (!status.ok() && cleared_pages > 0) {
+    absl::StatusOr<ContainerInfo> info = registry_->GetContainer(container->id);
+    cleared_bytes = cleared_pages * (info.ok() ? info->options.iommu_page_size : 0);
+  }
+  if (container->vfio != nullptr) {
+    if (status.ok()) {
+      if (absl::Status kernel = container->vfio->MapDma(iova, ua, size); !kernel.ok()) {
+        // The registry's entries of the range go too, as after any failed map (spec §7.5).
+        if (!registry_->Unmap(container->id, iova, size).ok()) {
+          vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+        }
+        status = kernel;
+        cleared_bytes = size;
+      }
+    } else if (cleared_bytes > 0 && !container->vfio->UnmapDma(iova, cleared_bytes).ok()) {
+      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
   Mutation mutation;
   if (status.ok()) {
     mutation.SetMapping(container_name, iova, size, ua);
-  } else if (cleared_pages > 0) {
+  } else if (cleared_bytes > 0) {
     // A failed map clears the entries it had reached (spec §7.5); record that too.
-    const uint64_t iommu_page = container->spec.iommu_page_size != 0
-                                    ? container->spec.iommu_page_size
-                                    : registry_->page_size();
-    mutation.ClearMappings(container_name, iova, cleared_pages * iommu_page);
+    mutation.ClearMappings(container_name, iova, cleared_bytes);
   }
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
@@ -649,6 +757,11 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   if (container == nullptr) return NoSuchContainer(container_name);
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
+  // The kernel first: once the registry drops the entries, a region may be released and its
+  // pages unpinned, so the device must no longer reach them.
+  if (container->vfio != nullptr) {
+    if (absl::Status status = container->vfio->UnmapDma(iova, size); !status.ok()) return status;
+  }
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
     return status;
   }
@@ -708,7 +821,7 @@ absl::StatusOr<std::vector<RegionView>> NodeAgent::ListRegions(absl::string_view
 NodeStatusView NodeAgent::Status() const {
   NodeStatusView status;
   status.node_name = options_.node_name;
-  status.backend = options_.backend->name();
+  status.backend = options_.vfio_backend.empty() ? options_.backend->name() : options_.vfio_backend;
   status.available_backends = options_.available_backends;
   status.page_size = registry_->page_size();
   for (const ContextInfo& context : registry_->ListContexts()) {
@@ -723,6 +836,7 @@ NodeStatusView NodeAgent::Status() const {
   status.counters = registry_->stats();
   status.store_failed = store_failed_.load(std::memory_order_acquire);
   status.store_commit_failures = store_commit_failures_.load(std::memory_order_relaxed);
+  status.vfio_inconsistencies = vfio_inconsistencies_.load(std::memory_order_relaxed);
   return status;
 }
 

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +23,7 @@
 #include "agent/registry/pin_backend.h"
 #include "agent/registry/registry.h"
 #include "agent/store/state_store.h"
+#include "agent/vfio/vfio_container.h"
 #include "common/mutex.h"
 
 namespace dmapin {
@@ -37,6 +39,16 @@ struct NodeAgentOptions {
   ContextMemoryProvider* memory_provider = nullptr;
   // Backends this node could run, as detected at start (reported in the node status).
   std::vector<std::string> available_backends;
+  // The VFIO backend in use ("vfio-type1", "vfio-spapr-v2"), reported as the node's backend; empty
+  // for sim and memlock.
+  std::string vfio_backend;
+  // The VFIO backends: opens the kernel side of a container (a VFIO container with these IOMMU
+  // groups, e.g. "/dev/vfio/26"). Every registration, mapping and release of the container then
+  // goes to the kernel too, and its DMA window is the kernel's. Null (sim, memlock): containers
+  // exist in the registry only.
+  std::function<absl::StatusOr<std::unique_ptr<VfioContainerDriver>>(
+      const std::vector<std::string>& groups)>
+      open_vfio_container;
 };
 
 struct ContextSpec {
@@ -53,6 +65,10 @@ struct ContainerSpec {
   uint64_t iommu_page_size = 0;  // 0 = the node's page size
   uint64_t window_start = 0;
   uint64_t window_size = 0;  // 0 = 2^40
+  // VFIO backends: the IOMMU groups the container attaches (at least one); the window and the
+  // IOMMU page size then come from the kernel (values given here must match them). Empty
+  // otherwise.
+  std::vector<std::string> vfio_groups;
 };
 
 struct ContextView {
@@ -67,6 +83,7 @@ struct ContextView {
 struct ContainerView {
   std::string name;
   ContainerOptions options;
+  std::vector<std::string> vfio_groups;
   std::string context;  // empty until bound
   uint64_t held_regions = 0;
   uint64_t installed_entries = 0;
@@ -92,6 +109,9 @@ struct NodeStatusView {
   // Degraded paths of the agent itself.
   bool store_failed = false;  // changes are refused until a restart
   uint64_t store_commit_failures = 0;
+  // VFIO backends: kernel calls that failed where the registry could not be rolled back, and
+  // closes of released containers that failed.
+  uint64_t vfio_inconsistencies = 0;
 };
 
 // A central-service decision being applied: recorded in the same transaction as its effect, so a
@@ -183,6 +203,9 @@ class NodeAgent {
     // The context the container is bound to (set on its first registration; the entry outlives
     // any use here because teardown takes dma_mu before dropping the context).
     std::atomic<ContextEntry*> bound{nullptr};
+    // The kernel's container (VFIO backends), else null. Set before the entry is published;
+    // closed by release and teardown under dma_mu (the driver serializes its own ioctls).
+    std::unique_ptr<VfioContainerDriver> vfio;
   };
   struct ContextEntry {
     ContextId id = 0;
@@ -197,6 +220,12 @@ class NodeAgent {
 
   explicit NodeAgent(NodeAgentOptions options);
   absl::Status Recover();
+  // Opens the kernel side of a new or recovered container and fits `options` to its window.
+  absl::StatusOr<std::unique_ptr<VfioContainerDriver>> OpenVfioContainer(const ContainerSpec& spec,
+                                                                         ContainerOptions* options);
+  // Closes the kernel side of a released container; a close error is counted, not returned (the
+  // registry has already let the container go).
+  void CloseVfioContainer(ContainerEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.dma_mu);
   absl::StatusOr<std::unique_ptr<ContextMemory>> AllocateMemory(absl::string_view name,
                                                                 const ContextSpec& spec,
                                                                 uint64_t at);
@@ -240,6 +269,8 @@ class NodeAgent {
 
   std::atomic<bool> store_failed_{false};
   std::atomic<uint64_t> store_commit_failures_{0};
+  // Kernel (VFIO) calls that failed after the registry had changed and could not be undone.
+  std::atomic<uint64_t> vfio_inconsistencies_{0};
 };
 
 }  // namespace dmapin

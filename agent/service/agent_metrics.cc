@@ -220,6 +220,10 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
   AddScalar(out, "dmapin_agent_store_failed",
             "1 after a state-store failure: the agent refuses changes until it is restarted.",
             MetricType::Gauge, status.store_failed ? 1 : 0);
+  AddScalar(out, "dmapin_agent_vfio_inconsistencies_total",
+            "VFIO backends: kernel calls that failed after the registry changed and could not be "
+            "rolled back, and failed closes of released containers.",
+            MetricType::Counter, static_cast<double>(status.vfio_inconsistencies));
   if (options_.store != nullptr) {
     const StoreStats store = options_.store->stats();
     AddScalar(out, "dmapin_agent_store_commits_total", "Successful commits of the state store.",

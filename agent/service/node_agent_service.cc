@@ -61,11 +61,12 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContainer(
     grpc::CallbackServerContext* context, const v1::CreateContainerRequest* request,
     v1::Container* response) {
   const AgentMetrics::Clock::time_point start = Start();
-  absl::StatusOr<ContainerView> view =
-      agent_->CreateContainer({.name = request->name(),
-                               .iommu_page_size = request->iommu_page_size(),
-                               .window_start = request->window_start(),
-                               .window_size = request->window_size()});
+  absl::StatusOr<ContainerView> view = agent_->CreateContainer(
+      {.name = request->name(),
+       .iommu_page_size = request->iommu_page_size(),
+       .window_start = request->window_start(),
+       .window_size = request->window_size(),
+       .vfio_groups = {request->vfio_groups().begin(), request->vfio_groups().end()}});
   if (view.ok()) Fill(*view, response);
   return Finish(context, view.status(), RpcMethod::kCreateContainer, start);
 }
@@ -203,6 +204,7 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   counters->set_pending_releases_started(status.counters.pending_releases_started);
   counters->set_pending_releases_completed(status.counters.pending_releases_completed);
   counters->set_store_commit_failures(status.store_commit_failures);
+  counters->set_vfio_inconsistencies(status.vfio_inconsistencies);
   response->set_store_failed(status.store_failed);
   return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }

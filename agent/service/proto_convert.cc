@@ -25,6 +25,7 @@ void Fill(const ContainerView& view, v1::Container* out) {
   out->set_context(view.context);
   out->set_held_regions(view.held_regions);
   out->set_installed_entries(view.installed_entries);
+  for (const std::string& group : view.vfio_groups) out->add_vfio_groups(group);
 }
 
 void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
@@ -55,6 +56,7 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_pending_releases_started(status.counters.pending_releases_started);
   out->set_pending_releases_completed(status.counters.pending_releases_completed);
   out->set_store_commit_failures(status.store_commit_failures);
+  out->set_vfio_inconsistencies(status.vfio_inconsistencies);
 }
 
 }  // namespace dmapin

@@ -9,9 +9,11 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "agent/registry/errno_status.h"
 
@@ -80,9 +82,12 @@ CREATE TABLE applied_decisions (
 ) WITHOUT ROWID;
 )sql",
     // Version 2: the memory context a container is bound to (spec §1: from its first registration
-    // on, even after it lets every region go). Backfilled from the holds.
+    // on, even after it lets every region go), backfilled from the holds; a VFIO container's
+    // IOMMU groups.
     R"sql(
 ALTER TABLE containers ADD COLUMN context TEXT REFERENCES contexts (name) ON DELETE CASCADE;
+-- VFIO backends: the container's IOMMU group paths, comma-separated ('' for sim and memlock).
+ALTER TABLE containers ADD COLUMN vfio_groups TEXT NOT NULL DEFAULT '';
 UPDATE containers SET context =
   (SELECT context FROM holds WHERE holds.container = containers.name ORDER BY seq LIMIT 1);
 )sql",
@@ -106,10 +111,10 @@ constexpr const char* kSqlText[] = {
     "DELETE FROM containers WHERE context = ?1",
     /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
     /* kUpsertContainer */
-    "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size) "
-    "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
+    "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size, vfio_groups) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
     "iommu_page_size = excluded.iommu_page_size, window_start = excluded.window_start, "
-    "window_size = excluded.window_size",
+    "window_size = excluded.window_size, vfio_groups = excluded.vfio_groups",
     /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
     /* kBindContainer */ "UPDATE containers SET context = ?2 WHERE name = ?1",
     /* kInsertHold */ "INSERT INTO holds (container, context, ua, size) VALUES (?1, ?2, ?3, ?4)",
@@ -137,7 +142,8 @@ constexpr const char* kSqlText[] = {
     /* kLoadContexts */
     "SELECT name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size FROM contexts",
     /* kLoadContainers */
-    "SELECT name, id, iommu_page_size, window_start, window_size, context FROM containers",
+    "SELECT name, id, iommu_page_size, window_start, window_size, context, vfio_groups "
+    "FROM containers",
     /* kLoadHolds */ "SELECT container, context, ua, size, seq FROM holds ORDER BY seq",
     /* kLoadPending */ "SELECT context, ua, size FROM pending",
     /* kLoadMappings */ "SELECT container, iova, size, ua FROM mappings ORDER BY container, iova",
@@ -412,6 +418,12 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
     return CheckName("context", del->name);
   }
   if (const auto* container = std::get_if<StoredContainer>(&op)) {
+    for (const std::string& group : container->vfio_groups) {
+      if (group.empty() || absl::StrContains(group, ',')) {
+        return Invalid(absl::StrCat("container \"", container->name, "\": VFIO group path \"",
+                                    group, "\" is empty or has a comma"));
+      }
+    }
     return CheckName("container", container->name);
   }
   if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
@@ -759,6 +771,7 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     BindU64(*stmt, 3, container->iommu_page_size);
     BindU64(*stmt, 4, container->window_start);
     BindU64(*stmt, 5, container->window_size);
+    BindText(*stmt, 6, absl::StrJoin(container->vfio_groups, ","));
     return RunLocked(*stmt, absl::StrCat("put container \"", container->name, "\""), rows);
   }
   if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
@@ -942,6 +955,8 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     c.window_start = ColumnU64(stmt, 3);
     c.window_size = ColumnU64(stmt, 4);
     if (sqlite3_column_type(stmt, 5) != SQLITE_NULL) c.context = ColumnText(stmt, 5);
+    const std::string groups = ColumnText(stmt, 6);
+    if (!groups.empty()) c.vfio_groups = absl::StrSplit(groups, ',');
     return absl::OkStatus();
   });
   if (!status.ok()) return status;

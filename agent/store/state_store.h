@@ -76,6 +76,8 @@ struct StoredContainer {
   // The memory context the container is bound to (Mutation::BindContainer); empty while unbound.
   // PutContainer does not change it.
   std::string context;
+  // VFIO backends: the IOMMU group paths the container attaches; empty otherwise.
+  std::vector<std::string> vfio_groups;
 };
 
 // One container holding one region. `seq` orders holds by commit: replay registers in seq order so
@@ -117,8 +119,9 @@ inline bool operator==(const StoredContext& a, const StoredContext& b) {
                                           b.backing, b.mem_ua, b.mem_size);
 }
 inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
-  return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context) ==
-         std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size, b.context);
+  return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context,
+                  a.vfio_groups) == std::tie(b.name, b.id, b.iommu_page_size, b.window_start,
+                                             b.window_size, b.context, b.vfio_groups);
 }
 inline bool operator==(const StoredHold& a, const StoredHold& b) {
   return std::tie(a.container, a.context, a.ua, a.size, a.seq) ==

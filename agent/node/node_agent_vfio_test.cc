@@ -1,0 +1,187 @@
+// NodeAgent over the VFIO backends, with the scripted fake kernel (agent/vfio/fake_vfio_kernel.h)
+// standing in for /dev/vfio: every registry change reaches the kernel, a kernel refusal leaves
+// the registry and the store unchanged, and a restart reopens the containers and replays.
+#include <linux/vfio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "agent/node/node_agent.h"
+#include "agent/registry/errno_status.h"
+#include "agent/registry/sim_backend.h"
+#include "agent/store/state_store.h"
+#include "agent/vfio/fake_vfio_kernel.h"
+#include "agent/vfio/vfio_container.h"
+#include "gtest/gtest.h"
+
+namespace dmapin {
+namespace {
+
+constexpr uint64_t k4K = 0x1000;
+constexpr uint64_t k64K = 0x10000;
+constexpr uint64_t k1M = 0x100000;
+constexpr uint64_t kBase = 0x10000000;
+const std::vector<std::string> kGroups = {"/dev/vfio/7"};
+
+class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           ("node_agent_vfio_test_" + std::to_string(getpid()));
+    std::filesystem::remove_all(dir_);
+    Restart();
+  }
+  void TearDown() override {
+    if (agent_ != nullptr) {
+      absl::Status invariants = agent_->CheckInvariants();
+      EXPECT_TRUE(invariants.ok()) << invariants;
+    }
+    agent_.reset();
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  bool spapr() const { return std::string(GetParam()) == kVfioSpaprV2Backend; }
+
+  // A restart: the process's pins and the kernel's containers die with it; the store stays.
+  void Restart() {
+    agent_.reset();
+    store_.reset();
+    kernel_ = std::make_unique<FakeVfioKernel>();
+    sim_ = *SimBackend::Create({.page_size = k64K});
+    store_ = *StateStore::Open(dir_.string());
+    const std::string backend = GetParam();
+    absl::StatusOr<std::unique_ptr<NodeAgent>> agent = NodeAgent::Create(
+        {.node_name = "node-a",
+         .backend = sim_.get(),
+         .store = store_.get(),
+         .vfio_backend = backend,
+         .open_vfio_container = [this, backend](const std::vector<std::string>& groups)
+             -> absl::StatusOr<std::unique_ptr<VfioContainerDriver>> {
+           std::unique_ptr<VfioContainerDriver> driver =
+               NewVfioContainerDriver(backend, kernel_.get());
+           if (absl::Status status = driver->Open(groups); !status.ok()) return status;
+           return driver;
+         }});
+    ASSERT_TRUE(agent.ok()) << agent.status();
+    agent_ = std::move(*agent);
+  }
+
+  // IOMMU pages the kernel has installed for guest mappings.
+  uint64_t KernelMappedBytes() const {
+    if (spapr()) return kernel_->SpaprTces().size() * k4K;
+    uint64_t bytes = 0;
+    for (const FakeType1Dma& dma : kernel_->Type1Dmas()) {
+      if (dma.iova < (uint64_t{1} << 32)) bytes += dma.size;  // below the type1 pin range
+    }
+    return bytes;
+  }
+  // Regions the kernel holds pre-registered (SPAPR) or pinned in the pin range (type1).
+  size_t KernelRegions() const {
+    if (spapr()) return kernel_->SpaprRegions().size();
+    size_t pins = 0;
+    for (const FakeType1Dma& dma : kernel_->Type1Dmas()) pins += dma.iova >= (uint64_t{1} << 32);
+    return pins;
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<FakeVfioKernel> kernel_;
+  std::unique_ptr<SimBackend> sim_;
+  std::unique_ptr<StateStore> store_;
+  std::unique_ptr<NodeAgent> agent_;
+};
+
+TEST_P(NodeAgentVfioTest, ContainersNeedGroupsAndTakeTheKernelsWindow) {
+  EXPECT_EQ(ErrnoOf(agent_->CreateContainer({.name = "c"}).status()), EINVAL);
+  EXPECT_EQ(
+      ErrnoOf(agent_->CreateContainer({.name = "c", .vfio_groups = {"/dev/vfio/99"}}).status()),
+      ENOENT);
+  EXPECT_EQ(
+      ErrnoOf(
+          agent_->CreateContainer({.name = "c", .iommu_page_size = 1 << 24, .vfio_groups = kGroups})
+              .status()),
+      EINVAL);
+  EXPECT_TRUE(kernel_->OpenFds().empty()) << "a refused container leaked descriptors";
+  absl::StatusOr<ContainerView> view =
+      agent_->CreateContainer({.name = "c", .vfio_groups = kGroups});
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(view->vfio_groups, kGroups);
+  EXPECT_EQ(view->options.iommu_page_size, k4K);  // both fakes offer 4 KiB IOMMU pages
+  EXPECT_GT(view->options.window_size, 0u);
+  EXPECT_EQ(agent_->Status().backend, GetParam());
+}
+
+TEST_P(NodeAgentVfioTest, EveryChangeReachesTheKernelAndEbusyComesFromTheRegistry) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  EXPECT_EQ(KernelRegions(), 1u);
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 4 * k4K).ok());
+  EXPECT_EQ(KernelMappedBytes(), 4 * k4K);
+  // A remap of part of the range and a partial unmap, as the registry allows them.
+  ASSERT_TRUE(agent_->MapDma("c", 2 * k4K, kBase + 8 * k4K, 4 * k4K).ok());
+  EXPECT_EQ(KernelMappedBytes(), 6 * k4K);
+  ASSERT_TRUE(agent_->UnmapDma("c", k4K, k4K).ok());
+  EXPECT_EQ(KernelMappedBytes(), 5 * k4K);
+
+  // Spec §3.4 from the registry, whatever the kernel would answer.
+  EXPECT_EQ(ErrnoOf(agent_->UnregisterRegion("c", kBase, k1M)), EBUSY);
+  EXPECT_EQ(KernelRegions(), 1u);
+  ASSERT_TRUE(agent_->UnmapDma("c", 0, 6 * k4K).ok());
+  EXPECT_EQ(KernelMappedBytes(), 0u);
+  ASSERT_TRUE(agent_->UnregisterRegion("c", kBase, k1M).ok());
+  EXPECT_EQ(KernelRegions(), 0u);
+
+  ASSERT_TRUE(agent_->ReleaseContainer("c").ok());
+  EXPECT_TRUE(kernel_->OpenFds().empty()) << "the released container is still open";
+}
+
+TEST_P(NodeAgentVfioTest, AKernelRefusalChangesNothing) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  // SPAPR pre-registers with REGISTER_MEMORY; type1 pins with MAP_DMA into its pin range.
+  kernel_->InjectIoctlErrno(spapr() ? VFIO_IOMMU_SPAPR_REGISTER_MEMORY : VFIO_IOMMU_MAP_DMA, 1,
+                            ENOMEM);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase, k1M).status()), ENOMEM);
+  EXPECT_TRUE(agent_->ListRegions("", false)->empty());
+  EXPECT_TRUE(agent_->GetContainer("c")->context.empty()) << "a refused register bound it";
+
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  kernel_->InjectIoctlErrno(VFIO_IOMMU_MAP_DMA, 1, EFAULT);
+  EXPECT_EQ(ErrnoOf(agent_->MapDma("c", 0, kBase, 2 * k4K)), EFAULT);
+  EXPECT_EQ((*agent_->ListRegions("", false))[0].info.mapped, 1u);
+  EXPECT_EQ(KernelMappedBytes(), 0u);
+
+  kernel_->InjectIoctlErrno(VFIO_IOMMU_UNMAP_DMA, 1, EIO);
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 2 * k4K).ok());
+  EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", 0, 2 * k4K)), EIO);
+  EXPECT_EQ((*agent_->ListRegions("", false))[0].info.mapped, 3u) << "the registry unmapped";
+  EXPECT_EQ(KernelMappedBytes(), 2 * k4K);
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+}
+
+TEST_P(NodeAgentVfioTest, RestartReopensTheContainersAndReplays) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "idle", .vfio_groups = {"/dev/vfio/8"}}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 3 * k4K).ok());
+  Restart();
+  EXPECT_EQ(KernelRegions(), 1u);
+  EXPECT_EQ(KernelMappedBytes(), 3 * k4K);
+  EXPECT_EQ(kernel_->OpenFds().size(), 4u) << "two containers, each with its group";
+  EXPECT_EQ((*agent_->ListRegions("", false))[0].info.mapped, 4u);
+  ASSERT_TRUE(agent_->UnmapDma("c", 0, 3 * k4K).ok());
+  ASSERT_TRUE(agent_->UnregisterRegion("c", kBase, k1M).ok());
+  EXPECT_EQ(KernelRegions(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, NodeAgentVfioTest,
+                         ::testing::Values(kVfioSpaprV2Backend, kVfioType1Backend));
+
+}  // namespace
+}  // namespace dmapin
