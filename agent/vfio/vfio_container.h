@@ -84,9 +84,11 @@ class VfioContainerDriver {
   // The window guest mappings may use, as read from the kernel by Open().
   absl::StatusOr<VfioDmaWindow> DmaWindow() const;
 
-  // Closes the groups (which detaches them from the container) and then the container. The
-  // kernel then drops every mapping and pre-registration of the container. Returns the first
-  // close error, but closes everything regardless. OK if already closed.
+  // Closes the groups (which detaches them from the container) and then the container. Once no
+  // device fd of the groups is open either (a VMM holds those), the kernel drops every mapping
+  // and pre-registration of the container; until then they, and their pins, stay (seen under
+  // QEMU, tests/qemu_vfio). Returns the first close error, but closes everything regardless. OK
+  // if already closed.
   absl::Status Close();
 
   bool is_open() const;
