@@ -39,6 +39,7 @@
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
 #include "common/flags.h"
+#include "common/net.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -334,10 +335,11 @@ int Run() {
   health->SetServingStatus(true);
   if (exposer != nullptr) {
     std::fprintf(stderr, "dmapin-agent: metrics on http://%s/metrics (metrics port %d)\n",
-                 metrics_address.c_str(), metrics_port);
+                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
+  if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
   std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
-               NodeName().c_str(), (*backend)->name().c_str(), state_dir.c_str(),
+               NodeName().c_str(), (*agent)->Status().backend.c_str(), state_dir.c_str(),
                absl::StrJoin(listening, ", ").c_str(), tcp_port);
 
   // SIGTERM/SIGINT end the agent gracefully; the health status follows the store's health.

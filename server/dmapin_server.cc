@@ -19,6 +19,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/flags.h"
+#include "common/net.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -126,11 +127,11 @@ int Run() {
   server->GetHealthCheckService()->SetServingStatus(true);
   if (exposer != nullptr) {
     std::fprintf(stderr, "dmapin-server: metrics on http://%s/metrics (metrics port %d)\n",
-                 metrics_address.c_str(), metrics_port);
+                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
   std::fprintf(stderr, "dmapin-server: epoch %llu, state %s, serving on %s (tcp port %d)\n",
                static_cast<unsigned long long>((*core)->epoch()), state_dir.c_str(),
-               address.c_str(), port);
+               WithPort(address, port).c_str(), port);
 
   int signal = 0;
   sigwait(&signals, &signal);

@@ -19,9 +19,11 @@
 //   dmapin_agent_page_size_bytes                     gauge
 //   dmapin_agent_contexts / _containers / _regions   gauge
 //   dmapin_agent_locked_bytes                        gauge, bytes pinned on the node
-//   dmapin_agent_installed_mappings                  gauge, IOMMU entries installed (all
-//   containers) dmapin_agent_store_failed                        gauge 0/1 (1: changes refused
-//   until restart) dmapin_agent_store_commits_total                 counter (only with a store)
+//   dmapin_agent_installed_mappings                  gauge, IOMMU entries installed
+//   dmapin_agent_store_failed                        gauge 0/1 (1: changes refused until restart)
+//   dmapin_agent_vfio_inconsistencies_total          counter (VFIO backends: kernel and registry
+//                                                    may disagree; restart the agent)
+//   dmapin_agent_store_commits_total                 counter (only with a store)
 //   dmapin_agent_store_failed_commits_total          counter (only with a store)
 //   dmapin_agent_store_transactions_total            counter (only with a store; < commits when
 //                                                    group commit batched concurrent commits)
