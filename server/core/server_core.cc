@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -189,6 +190,7 @@ absl::Status ServerCore::Load() {
     entry.intent = std::move(intent);
     entry.retry = MergeRetrySettings(PolicyListLocked());
     const std::string id = entry.intent.id();
+    node_intents_[entry.intent.node()].push_back(id);
     intents_[id] = std::move(entry);
     ++intent_sequence_;
   }
@@ -303,89 +305,47 @@ void ServerCore::ReconcileLocked(
   for (auto& [name, drain] : drains_) {
     if (drain.active) AddDrainIntentsLocked(name, now, mutation);
   }
-  for (auto& [id, entry] : intents_) {
-    v1::Intent& intent = entry.intent;
-    if (!Pursued(intent)) continue;
-    const NodeReport* node = fleet_.Find(intent.node());
-    // Only a snapshot of the current connection counts: the report kept from before a reconnect
-    // may miss what the agent applied since.
-    const bool reported = node != nullptr && node->synced;
-    if (intent.state() == v1::INTENT_STATE_SATISFIED) {
-      // Only a report newer than the confirmation can show a divergence.
-      if (!reported || !node->connected || node->reports <= entry.reports_at_result ||
-          SatisfiedLocked(intent, *node)) {
-        continue;
-      }
-      SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
-      EmitLocked("intent_diverged", intent.node(), id, "", "", "reported state no longer holds",
-                 now);
+  // Which intents to look at: a full pass now and then (a safety net), else only those that can
+  // change without news from their node (pending, applying, retrying: new intents, timeouts and
+  // backoffs) and those of the nodes that reported, connected or disconnected since the last
+  // pass. A satisfied intent only changes when its node reports, so a pass costs what changed,
+  // not O(intents): at fleet scale every Delta wakes the loop.
+  std::set<std::string> candidates;
+  if (now - last_full_pass_ >= kFullPassInterval) {
+    last_full_pass_ = now;
+    for (const auto& [id, entry] : intents_) candidates.insert(candidates.end(), id);
+  } else {
+    candidates = active_intents_;
+    for (const std::string& node : dirty_nodes_) {
+      for (const std::string& id : NodeIntentsLocked(node)) candidates.insert(id);
     }
-    if (reported && node->connected && entry.inflight_decision.empty() &&
-        SatisfiedLocked(intent, *node)) {
-      entry.reports_at_result = node->reports;
-      SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
-      EmitLocked("intent_satisfied", intent.node(), id, "", "OK", "", now);
+  }
+  dirty_nodes_.clear();
+  for (const std::string& id : candidates) {
+    auto it = intents_.find(id);
+    if (it == intents_.end()) {
+      active_intents_.erase(id);
       continue;
     }
-    if (!entry.inflight_decision.empty()) {
-      if (now - entry.inflight_since < options_.decision_timeout) continue;
-      ++counters_.decisions_timed_out;
-      inflight_.erase(entry.inflight_decision);
-      inflight_records_.erase(entry.inflight_decision);
-      entry.inflight_decision.clear();
+    const bool ok = ReconcileIntentLocked(id, it->second, now, mutation, outbox);
+    const v1::Intent& intent = it->second.intent;
+    if (Pursued(intent) && intent.state() != v1::INTENT_STATE_SATISFIED) {
+      active_intents_.insert(id);
+    } else {
+      active_intents_.erase(id);
     }
-    auto session = sessions_.find(intent.node());
-    if (!reported || !node->connected || session == sessions_.end()) {
-      if (intent.state() == v1::INTENT_STATE_APPLYING) {
-        SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
-      }
-      continue;
-    }
-    if (intent.state() == v1::INTENT_STATE_RETRYING && now < entry.next_attempt) continue;
-
-    absl::StatusOr<uint64_t> number = options_.store->NextId();
-    if (!number.ok()) {
-      ++counters_.store_failures;
+    if (!ok) {
+      last_full_pass_ = absl::InfinitePast();  // the rest waits for the next (full) pass
       return;
     }
-    const std::string decision_id = absl::StrCat("d-", *number);
-    v1::ServerMessage message;
-    v1::Decision* decision = message.mutable_decision();
-    decision->set_id(decision_id);
-    decision->set_epoch(epoch_);
-    decision->set_kind(DecisionKindOf(intent.kind()));
-    decision->set_context(intent.context());
-    decision->set_container(intent.container());
-    decision->set_ua(intent.ua());
-    decision->set_size(intent.size());
-    v1::DecisionRecord record;
-    record.set_id(decision_id);
-    record.set_epoch(epoch_);
-    record.set_intent_id(id);
-    record.set_node(intent.node());
-    record.set_kind(KindName(intent.kind()));
-    record.set_sent_time(Rfc3339(now));
-    mutation->PutDecision(record);
-    inflight_[decision_id] = id;
-    inflight_records_[decision_id] = record;
-    entry.inflight_decision = decision_id;
-    entry.inflight_since = now;
-    intent.set_attempts(intent.attempts() + 1);
-    intent.set_last_decision_id(decision_id);
-    intent.set_update_time(Rfc3339(now));
-    if (intent.state() != v1::INTENT_STATE_RETRYING) intent.set_state(v1::INTENT_STATE_APPLYING);
-    mutation->PutIntent(intent);
-    ++counters_.decisions_sent[KindName(intent.kind())];
-    EmitLocked("decision_sent", intent.node(), id, decision_id, "", KindName(intent.kind()), now);
-    outbox->emplace_back(session->second, std::move(message));
   }
   for (auto& [name, drain] : drains_) {
     if (!drain.active) continue;
     const NodeReport* node = fleet_.Find(name);
     bool busy = node == nullptr || !node->synced || !node->regions.empty();
-    for (const auto& [id, entry] : intents_) {
-      if (entry.intent.node() == name && entry.intent.labels().count(kDrainLabel) > 0 &&
-          Pursued(entry.intent)) {
+    for (const std::string& id : NodeIntentsLocked(name)) {
+      const IntentEntry& entry = intents_.at(id);
+      if (entry.intent.labels().count(kDrainLabel) > 0 && Pursued(entry.intent)) {
         busy = true;
       }
     }
@@ -399,6 +359,85 @@ void ServerCore::ReconcileLocked(
       EmitLocked("drain_finished", name, "", "", "OK", "every region is unregistered", now);
     }
   }
+}
+
+bool ServerCore::ReconcileIntentLocked(
+    const std::string& id, IntentEntry& entry, absl::Time now, ServerMutation* mutation,
+    std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>>* outbox) {
+  v1::Intent& intent = entry.intent;
+  if (!Pursued(intent)) return true;
+  const NodeReport* node = fleet_.Find(intent.node());
+  // Only a snapshot of the current connection counts: the report kept from before a reconnect
+  // may miss what the agent applied since.
+  const bool reported = node != nullptr && node->synced;
+  if (intent.state() == v1::INTENT_STATE_SATISFIED) {
+    // Only a report newer than the confirmation can show a divergence.
+    if (!reported || !node->connected || node->reports <= entry.reports_at_result ||
+        SatisfiedLocked(intent, *node)) {
+      return true;
+    }
+    SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+    EmitLocked("intent_diverged", intent.node(), id, "", "", "reported state no longer holds", now);
+  }
+  if (reported && node->connected && entry.inflight_decision.empty() &&
+      SatisfiedLocked(intent, *node)) {
+    entry.reports_at_result = node->reports;
+    SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
+    EmitLocked("intent_satisfied", intent.node(), id, "", "OK", "", now);
+    return true;
+  }
+  if (!entry.inflight_decision.empty()) {
+    if (now - entry.inflight_since < options_.decision_timeout) return true;
+    ++counters_.decisions_timed_out;
+    inflight_.erase(entry.inflight_decision);
+    inflight_records_.erase(entry.inflight_decision);
+    entry.inflight_decision.clear();
+  }
+  auto session = sessions_.find(intent.node());
+  if (!reported || !node->connected || session == sessions_.end()) {
+    if (intent.state() == v1::INTENT_STATE_APPLYING) {
+      SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+    }
+    return true;
+  }
+  if (intent.state() == v1::INTENT_STATE_RETRYING && now < entry.next_attempt) return true;
+
+  absl::StatusOr<uint64_t> number = options_.store->NextId();
+  if (!number.ok()) {
+    ++counters_.store_failures;
+    return false;
+  }
+  const std::string decision_id = absl::StrCat("d-", *number);
+  v1::ServerMessage message;
+  v1::Decision* decision = message.mutable_decision();
+  decision->set_id(decision_id);
+  decision->set_epoch(epoch_);
+  decision->set_kind(DecisionKindOf(intent.kind()));
+  decision->set_context(intent.context());
+  decision->set_container(intent.container());
+  decision->set_ua(intent.ua());
+  decision->set_size(intent.size());
+  v1::DecisionRecord record;
+  record.set_id(decision_id);
+  record.set_epoch(epoch_);
+  record.set_intent_id(id);
+  record.set_node(intent.node());
+  record.set_kind(KindName(intent.kind()));
+  record.set_sent_time(Rfc3339(now));
+  mutation->PutDecision(record);
+  inflight_[decision_id] = id;
+  inflight_records_[decision_id] = record;
+  entry.inflight_decision = decision_id;
+  entry.inflight_since = now;
+  intent.set_attempts(intent.attempts() + 1);
+  intent.set_last_decision_id(decision_id);
+  intent.set_update_time(Rfc3339(now));
+  if (intent.state() != v1::INTENT_STATE_RETRYING) intent.set_state(v1::INTENT_STATE_APPLYING);
+  mutation->PutIntent(intent);
+  ++counters_.decisions_sent[KindName(intent.kind())];
+  EmitLocked("decision_sent", intent.node(), id, decision_id, "", KindName(intent.kind()), now);
+  outbox->emplace_back(session->second, std::move(message));
+  return true;
 }
 
 void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionResult& result,
@@ -470,11 +509,13 @@ v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
   const NodeReport* before = fleet_.Find(hello.node_name());
   const bool restarted = before == nullptr || before->hello.incarnation() != hello.incarnation();
   fleet_.Connect(hello, now);
+  dirty_nodes_.insert(hello.node_name());
   sessions_[hello.node_name()] = std::move(session);
   ++counters_.agent_connects;
   // Answers to decisions sent on an older stream will not come: re-evaluate after the snapshot.
-  for (auto& [id, entry] : intents_) {
-    if (entry.intent.node() == hello.node_name() && !entry.inflight_decision.empty()) {
+  for (const std::string& id : NodeIntentsLocked(hello.node_name())) {
+    IntentEntry& entry = intents_.at(id);
+    if (!entry.inflight_decision.empty()) {
       inflight_.erase(entry.inflight_decision);
       inflight_records_.erase(entry.inflight_decision);
       entry.inflight_decision.clear();
@@ -501,14 +542,17 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
     switch (message.body_case()) {
       case v1::AgentMessage::kSnapshot:
         fleet_.ApplySnapshot(node, message.snapshot(), now);
+        dirty_nodes_.insert(node);
         wake = true;
         break;
       case v1::AgentMessage::kDelta:
         fleet_.ApplyDelta(node, message.delta(), now);
+        dirty_nodes_.insert(node);
         wake = true;
         break;
       case v1::AgentMessage::kResult:
         HandleResultLocked(node, message.result(), now, &mutation);
+        dirty_nodes_.insert(node);
         wake = true;
         break;
       default:
@@ -527,9 +571,11 @@ void ServerCore::AgentDisconnected(const std::string& node, const AgentSession* 
   if (current == sessions_.end() || current->second.get() != session) return;
   sessions_.erase(current);
   fleet_.Disconnect(node, now);
+  dirty_nodes_.insert(node);
   ++counters_.agent_disconnects;
-  for (auto& [id, entry] : intents_) {
-    if (entry.intent.node() == node && !entry.inflight_decision.empty()) {
+  for (const std::string& id : NodeIntentsLocked(node)) {
+    IntentEntry& entry = intents_.at(id);
+    if (!entry.inflight_decision.empty()) {
       inflight_.erase(entry.inflight_decision);
       inflight_records_.erase(entry.inflight_decision);
       entry.inflight_decision.clear();
@@ -649,13 +695,47 @@ NodeFacts ServerCore::FactsLocked(const std::string& name) const {
       facts.AddRequiredRegion(key.context, key.ua, key.size);
     }
   }
-  for (const auto& [id, entry] : intents_) {
-    const v1::Intent& intent = entry.intent;
-    if (intent.node() == name && intent.kind() == v1::INTENT_KIND_REGISTER && Live(intent)) {
+  for (const std::string& id : NodeIntentsLocked(name)) {
+    const v1::Intent& intent = intents_.at(id).intent;
+    if (intent.kind() == v1::INTENT_KIND_REGISTER && Live(intent)) {
       facts.AddRequiredRegion(intent.context(), intent.ua(), intent.size());
     }
   }
   return facts;
+}
+
+uint64_t ServerCore::RequiredBytesLocked(const NodeReport& node) const {
+  // FactsLocked(node.name).required_bytes without building the set of every region: reported
+  // regions are unique by key already; only the intents' regions need deduplicating.
+  const auto add = [](uint64_t a, uint64_t b) {
+    return b > std::numeric_limits<uint64_t>::max() - a ? std::numeric_limits<uint64_t>::max()
+                                                        : a + b;
+  };
+  uint64_t bytes = 0;
+  for (const auto& [key, region] : node.regions) bytes = add(bytes, key.size);
+  std::set<RequiredRegion> extra;
+  for (const std::string& id : NodeIntentsLocked(node.name)) {
+    const v1::Intent& intent = intents_.at(id).intent;
+    if (intent.kind() != v1::INTENT_KIND_REGISTER || !Live(intent)) continue;
+    if (node.regions.count(KeyOfIntent(intent)) > 0) continue;
+    if (extra.insert(RequiredRegion{intent.context(), intent.ua(), intent.size()}).second) {
+      bytes = add(bytes, intent.size());
+    }
+  }
+  return bytes;
+}
+
+const std::vector<std::string>& ServerCore::NodeIntentsLocked(const std::string& node) const {
+  static const std::vector<std::string>* const kNone = new std::vector<std::string>();
+  auto it = node_intents_.find(node);
+  return it == node_intents_.end() ? *kNone : it->second;
+}
+
+FleetFacts ServerCore::FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const {
+  for (const v1::Policy& policy : policies) {
+    if (policy.pinned_bytes_budget() != 0) return FleetFactsLocked();
+  }
+  return FleetFacts();
 }
 
 FleetFacts ServerCore::FleetFactsLocked() const {
@@ -669,7 +749,7 @@ FleetFacts ServerCore::FleetFactsLocked() const {
 
 absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentRequest& request,
                                                        const v1::EbusyRetry& retry, absl::Time now,
-                                                       ServerMutation* mutation) {
+                                                       ServerMutation* mutation, IntentUndo* undo) {
   absl::StatusOr<uint64_t> number = options_.store->NextId();
   if (!number.ok()) return number.status();
   v1::Intent intent;
@@ -684,10 +764,11 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
   intent.set_state(v1::INTENT_STATE_PENDING);
   intent.set_create_time(Rfc3339(now));
   intent.set_update_time(Rfc3339(now));
-  // A later intent replaces the live ones it contradicts or repeats.
-  for (auto& [id, entry] : intents_) {
+  // A later intent replaces the live ones it contradicts or repeats (on its node).
+  for (const std::string& id : NodeIntentsLocked(intent.node())) {
+    IntentEntry& entry = intents_.at(id);
     const v1::Intent& other = entry.intent;
-    if (other.node() != intent.node() || !Live(other)) continue;
+    if (!Live(other)) continue;
     bool replaced = false;
     switch (intent.kind()) {
       case v1::INTENT_KIND_REGISTER:
@@ -708,7 +789,14 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
         break;
     }
     if (!replaced) continue;
+    if (undo != nullptr) undo->replaced.emplace_back(id, entry);
     if (!entry.inflight_decision.empty()) {
+      if (undo != nullptr) {
+        auto inflight = inflight_.find(entry.inflight_decision);
+        if (inflight != inflight_.end()) undo->inflight.emplace_back(*inflight);
+        auto record = inflight_records_.find(entry.inflight_decision);
+        if (record != inflight_records_.end()) undo->records.emplace_back(*record);
+      }
       inflight_.erase(entry.inflight_decision);
       inflight_records_.erase(entry.inflight_decision);
       entry.inflight_decision.clear();
@@ -722,8 +810,29 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
   entry.intent = intent;
   entry.retry = retry;
   intents_[intent.id()] = std::move(entry);
+  node_intents_[intent.node()].push_back(intent.id());
+  active_intents_.insert(intent.id());
+  if (undo != nullptr) undo->added.push_back(intent.id());
   ++intent_sequence_;
   return intent;
+}
+
+void ServerCore::RollbackLocked(IntentUndo& undo) {
+  for (auto it = undo.replaced.rbegin(); it != undo.replaced.rend(); ++it) {
+    intents_[it->first] = std::move(it->second);
+  }
+  for (auto it = undo.added.rbegin(); it != undo.added.rend(); ++it) {
+    auto added = intents_.find(*it);
+    if (added == intents_.end()) continue;
+    std::vector<std::string>& ids = node_intents_[added->second.intent.node()];
+    if (!ids.empty() && ids.back() == *it) ids.pop_back();
+    active_intents_.erase(*it);
+    intents_.erase(added);
+    --intent_sequence_;
+  }
+  for (auto& [decision, intent] : undo.inflight) inflight_[decision] = std::move(intent);
+  for (auto& [decision, record] : undo.records) inflight_records_[decision] = std::move(record);
+  undo = IntentUndo();
 }
 
 absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
@@ -736,7 +845,8 @@ absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
     return status;
   }
   const std::vector<v1::Policy> list = PolicyListLocked();
-  AdmissionResult admission = Admit(request, FactsLocked(request.node()), FleetFactsLocked(), list);
+  AdmissionResult admission =
+      Admit(request, FactsLocked(request.node()), FleetFactsIfBudgetedLocked(list), list);
   if (!admission.status.ok()) {
     EmitLocked("intent_rejected", request.node(), "", "", "", admission.status.ToString(), now);
     return admission.status;
@@ -756,17 +866,15 @@ absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
     preview->set_state(v1::INTENT_STATE_PENDING);
     return response;
   }
-  // Changes go to memory only after the store took them; on failure restore the old entries.
-  std::map<std::string, IntentEntry> saved = intents_;
-  auto saved_inflight = inflight_;
-  auto saved_records = inflight_records_;
+  // Memory keeps the change only once the store took it; on failure the undo log restores the
+  // entries it touched (a copy of every intent would make each CreateIntent O(intents)).
+  IntentUndo undo;
   ServerMutation mutation;
-  absl::StatusOr<v1::Intent> intent = AddIntentLocked(request, admission.retry, now, &mutation);
+  absl::StatusOr<v1::Intent> intent =
+      AddIntentLocked(request, admission.retry, now, &mutation, &undo);
   absl::Status committed = intent.ok() ? CommitLocked(mutation) : intent.status();
   if (!committed.ok()) {
-    intents_ = std::move(saved);
-    inflight_ = std::move(saved_inflight);
-    inflight_records_ = std::move(saved_records);
+    RollbackLocked(undo);
     return committed;
   }
   *response.mutable_intent() = *intent;
@@ -880,7 +988,7 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
   const NodeFacts facts = FactsLocked(name);
   view.set_required_bytes(facts.required_bytes);
   const std::vector<v1::Policy> list = PolicyListLocked();
-  const BudgetUse budget = TightestBudget(facts, FleetFactsLocked(), list);
+  const BudgetUse budget = TightestBudget(facts, FleetFactsIfBudgetedLocked(list), list);
   view.set_budget_bytes(budget.budget_bytes);
   view.set_budget_used_ratio(budget.used_ratio);
   auto drain = drains_.find(name);
@@ -890,8 +998,9 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
     progress->set_regions_total(drain->second.regions_total);
     progress->set_regions_remaining(node != nullptr ? node->regions.size() : 0);
     uint64_t retrying = 0;
-    for (const auto& [id, entry] : intents_) {
-      if (entry.intent.node() == name && entry.intent.labels().count(kDrainLabel) > 0 &&
+    for (const std::string& id : NodeIntentsLocked(name)) {
+      const IntentEntry& entry = intents_.at(id);
+      if (entry.intent.labels().count(kDrainLabel) > 0 &&
           entry.intent.state() == v1::INTENT_STATE_RETRYING) {
         ++retrying;
       }
@@ -939,13 +1048,14 @@ absl::StatusOr<v1::Node> ServerCore::SetCordon(const std::string& name, bool cor
 }
 
 void ServerCore::AddDrainIntentsLocked(const std::string& name, absl::Time now,
-                                       ServerMutation* mutation) {
+                                       ServerMutation* mutation, IntentUndo* undo) {
   const NodeReport* node = fleet_.Find(name);
   if (node == nullptr || !node->synced) return;
   for (const auto& [key, region] : node->regions) {
     for (const std::string& container : region.containers()) {
       bool covered = false;
-      for (const auto& [id, entry] : intents_) {
+      for (const std::string& id : NodeIntentsLocked(name)) {
+        const IntentEntry& entry = intents_.at(id);
         const v1::Intent& intent = entry.intent;
         // The agent reports after it answers: an unregister it confirmed still shows in the
         // report until the next one.
@@ -971,7 +1081,7 @@ void ServerCore::AddDrainIntentsLocked(const std::string& name, absl::Time now,
       std::map<std::string, std::string> labels(node->hello.labels().begin(),
                                                 node->hello.labels().end());
       absl::StatusOr<v1::Intent> intent = AddIntentLocked(
-          request, MergeRetrySettings(MatchingPolicies(list, labels)), now, mutation);
+          request, MergeRetrySettings(MatchingPolicies(list, labels)), now, mutation, undo);
       if (intent.ok()) {
         EmitLocked("intent_created", name, intent->id(), "", "", "unregister (drain)", now);
       }
@@ -990,12 +1100,12 @@ absl::StatusOr<v1::Node> ServerCore::DrainNode(const std::string& name) {
   state.cordoned = true;
   state.drain_active = true;
   state.drain_started = Rfc3339(now);
-  std::map<std::string, IntentEntry> saved = intents_;
+  IntentUndo undo;
   ServerMutation mutation;
   mutation.PutNodeState(state);
-  AddDrainIntentsLocked(name, now, &mutation);
+  AddDrainIntentsLocked(name, now, &mutation, &undo);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) {
-    intents_ = std::move(saved);
+    RollbackLocked(undo);
     return status;
   }
   node_admin_[name] = state;
@@ -1117,22 +1227,34 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
   const absl::Time now = absl::Now();
   MutexLock lock(&mu_);
   FleetMetricsSnapshot snapshot;
-  const FleetFacts fleet = FleetFactsLocked();
   const std::vector<v1::Policy> list = PolicyListLocked();
+  const bool budgeted = std::any_of(list.begin(), list.end(), [](const v1::Policy& policy) {
+    return policy.pinned_bytes_budget() != 0;
+  });
+  const FleetFacts fleet = budgeted ? FleetFactsLocked() : FleetFacts();
   size_t regions_left = max_regions;
+  // Everything below runs under the core's lock, which stalls the control streams: at fleet
+  // scale (a million regions) it must stay one cheap pass over the regions.
   for (const auto& [name, node] : fleet_.nodes()) {
     FleetMetricsSnapshot::NodeMetrics metrics;
     metrics.name = name;
     metrics.connected = node.connected;
-    metrics.pinned_bytes = node.pinned_bytes();
     metrics.regions = node.regions.size();
-    metrics.used_sum = node.used_sum();
-    metrics.installed_mappings = node.installed_mappings();
-    const NodeFacts facts = FactsLocked(name);
-    metrics.required_bytes = facts.required_bytes;
-    const BudgetUse budget = TightestBudget(facts, fleet, list);
-    metrics.budget_bytes = budget.budget_bytes;
-    metrics.budget_used_bytes = budget.used_bytes;
+    // NodeReport's pinned_bytes(), used_sum() and installed_mappings(), in one pass.
+    for (const auto& [key, region] : node.regions) {
+      metrics.pinned_bytes += region.size();
+      metrics.used_sum += region.used();
+      if (region.mapped() > 0) metrics.installed_mappings += region.mapped() - 1;
+    }
+    if (budgeted) {
+      const NodeFacts facts = FactsLocked(name);
+      metrics.required_bytes = facts.required_bytes;
+      const BudgetUse budget = TightestBudget(facts, fleet, list);
+      metrics.budget_bytes = budget.budget_bytes;
+      metrics.budget_used_bytes = budget.used_bytes;
+    } else {
+      metrics.required_bytes = RequiredBytesLocked(node);
+    }
     metrics.counters = node.counters;
     for (const auto& [context_name, context] : node.contexts) metrics.contexts.push_back(context);
     for (const auto& [container_name, container] : node.containers) {

@@ -174,6 +174,14 @@ class ServerCore {
     // disagrees means the state diverged.
     uint64_t reports_at_result = 0;
   };
+  // What AddIntentLocked changed, so that a failed commit can put memory back as it was
+  // without copying every intent beforehand.
+  struct IntentUndo {
+    std::vector<std::pair<std::string, IntentEntry>> replaced;        // previous versions, in order
+    std::vector<std::pair<std::string, std::string>> inflight;        // erased inflight_ entries
+    std::vector<std::pair<std::string, v1::DecisionRecord>> records;  // and their records
+    std::vector<std::string> added;                                   // new intent ids, in order
+  };
   struct DrainState {
     bool active = false;
     absl::Time started;
@@ -189,6 +197,11 @@ class ServerCore {
       absl::Time now, ServerMutation* mutation,
       std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>>* outbox)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One intent of a pass; false when the store failed (the pass stops there).
+  bool ReconcileIntentLocked(
+      const std::string& id, IntentEntry& entry, absl::Time now, ServerMutation* mutation,
+      std::vector<std::pair<std::shared_ptr<AgentSession>, v1::ServerMessage>>* outbox)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleResultLocked(const std::string& node, const v1::DecisionResult& result, absl::Time now,
                           ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CommitLocked(const ServerMutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -197,9 +210,20 @@ class ServerCore {
   bool SatisfiedLocked(const v1::Intent& intent, const NodeReport& node) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // New intent: supersedes what it replaces, is stored and announced.
+  // With `undo`, records what it changes for RollbackLocked.
   absl::StatusOr<v1::Intent> AddIntentLocked(const v1::CreateIntentRequest& request,
                                              const v1::EbusyRetry& retry, absl::Time now,
-                                             ServerMutation* mutation)
+                                             ServerMutation* mutation, IntentUndo* undo = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RollbackLocked(IntentUndo& undo) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The ids of `node`'s intents (any state), oldest first.
+  const std::vector<std::string>& NodeIntentsLocked(const std::string& node) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pool budgets are the only policy rule that needs the whole fleet's facts; without one,
+  // admission and budget views get an empty FleetFacts instead of an O(fleet) computation.
+  // FactsLocked(node.name).required_bytes, cheaply (for metrics).
+  uint64_t RequiredBytesLocked(const NodeReport& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  FleetFacts FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   NodeFacts FactsLocked(const std::string& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   FleetFacts FleetFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -208,8 +232,8 @@ class ServerCore {
   void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,
                   const std::string& decision_id, const std::string& result,
                   const std::string& message, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void AddDrainIntentsLocked(const std::string& node, absl::Time now, ServerMutation* mutation)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AddDrainIntentsLocked(const std::string& node, absl::Time now, ServerMutation* mutation,
+                             IntentUndo* undo = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<std::string> PoliciesSnapshotLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<v1::Policy> PolicyListLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -219,6 +243,16 @@ class ServerCore {
   mutable Mutex mu_;
   std::map<std::string, v1::Policy> policies_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, IntentEntry> intents_ ABSL_GUARDED_BY(mu_);
+  // Intent ids by node, in creation order: what concerns one node without scanning every
+  // intent. Intents are never forgotten, so ids are only appended (and removed by a rollback).
+  std::map<std::string, std::vector<std::string>> node_intents_ ABSL_GUARDED_BY(mu_);
+  // What a reconcile pass looks at besides a periodic full pass (see ReconcileLocked): intents
+  // that may need attention without news from their node (a superset of the pending, applying
+  // and retrying ones), and nodes that reported, connected or disconnected since the last pass.
+  static constexpr absl::Duration kFullPassInterval = absl::Seconds(1);
+  std::set<std::string> active_intents_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> dirty_nodes_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_full_pass_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   std::map<std::string, NodeAdminState> node_admin_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, DrainState> drains_ ABSL_GUARDED_BY(mu_);
   FleetState fleet_ ABSL_GUARDED_BY(mu_);

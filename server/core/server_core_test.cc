@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
@@ -374,6 +375,86 @@ TEST_F(ServerCoreTest, RegisterIntentSendsOneDecisionAndIsSatisfied) {
   const FleetMetricsSnapshot metrics = core_->MetricsSnapshot(100);
   EXPECT_EQ(metrics.counters.decisions_sent.at("register"), 2u);
   EXPECT_EQ(metrics.counters.decision_results.at("register/OK"), 1u);
+}
+
+// Delegates to a real store; Commit fails while `fail` is set.
+class FlakyStore : public ServerStore {
+ public:
+  explicit FlakyStore(ServerStore* base) : base_(base) {}
+  absl::Status Commit(const ServerMutation& mutation) override {
+    if (fail) return absl::UnavailableError("EIO: injected commit failure");
+    return base_->Commit(mutation);
+  }
+  absl::StatusOr<std::vector<v1::Policy>> LoadPolicies() const override {
+    return base_->LoadPolicies();
+  }
+  absl::StatusOr<std::vector<v1::Intent>> LoadIntents() const override {
+    return base_->LoadIntents();
+  }
+  absl::StatusOr<std::vector<NodeAdminState>> LoadNodeStates() const override {
+    return base_->LoadNodeStates();
+  }
+  absl::StatusOr<DecisionPage> ListDecisions(const DecisionQuery& query) const override {
+    return base_->ListDecisions(query);
+  }
+  absl::StatusOr<std::vector<v1::DecisionRecord>> LoadInFlightDecisions() const override {
+    return base_->LoadInFlightDecisions();
+  }
+  absl::StatusOr<uint64_t> PruneDecisions(uint64_t keep_last_n) override {
+    return base_->PruneDecisions(keep_last_n);
+  }
+  absl::StatusOr<uint64_t> BumpEpoch() override { return base_->BumpEpoch(); }
+  absl::StatusOr<uint64_t> NextIds(uint64_t n) override { return base_->NextIds(n); }
+
+  std::atomic<bool> fail{false};
+
+ private:
+  ServerStore* const base_;
+};
+
+// CreateIntent keeps a change in memory only once the store took it: a failed commit of an
+// intent that supersedes one in flight leaves the old intent, its in-flight decision and the
+// node's intent index as they were (an undo log, not a copy of every intent).
+TEST_F(ServerCoreTest, FailedCommitOfASupersedingIntentRestoresMemory) {
+  core_.reset();
+  FlakyStore flaky(store_.get());
+  ServerCoreOptions options;
+  options.store = &flaky;
+  options.reconcile_interval = absl::Milliseconds(2);
+  options.decision_timeout = absl::Seconds(60);
+  options.random_seed = 42;
+  absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(options);
+  ASSERT_TRUE(core.ok()) << core.status();
+  core_ = std::move(*core);
+
+  auto a = Connect("node-a", {});
+  const v1::Intent first = MustCreate(Register("node-a", 0x100000, kMiB));
+  std::vector<v1::Decision> decisions = WaitDecisions(a, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  ASSERT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_APPLYING);
+
+  flaky.fail = true;
+  absl::StatusOr<v1::CreateIntentResponse> failed =
+      core_->CreateIntent(Unregister("node-a", 0x100000, kMiB));
+  flaky.fail = false;
+  EXPECT_FALSE(failed.ok());
+  EXPECT_EQ(Intents().size(), 1u) << "the failed intent is not kept";
+  EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_APPLYING);
+  // The restored in-flight decision's answer still counts, and nothing is sent again.
+  Answer("node-a", a, decisions[0], 0);
+  EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_SATISFIED);
+  SendSnapshot("node-a", a, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
+  Settle();
+  EXPECT_EQ(a->decision_count(), 1u);
+
+  // A later intent on the node supersedes it normally.
+  const v1::Intent second = MustCreate(Unregister("node-a", 0x100000, kMiB));
+  EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_SUPERSEDED);
+  EXPECT_EQ(Intents().size(), 2u);
+  decisions = WaitDecisions(a, 2);
+  ASSERT_EQ(decisions.size(), 2u);
+  EXPECT_EQ(decisions[1].kind(), v1::DECISION_KIND_UNREGISTER);
+  core_.reset();  // before `flaky` goes
 }
 
 TEST_F(ServerCoreTest, RegisterIntentIsKeptAndRestoredWhenTheRegionGoes) {

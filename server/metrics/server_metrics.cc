@@ -285,7 +285,7 @@ void CollectFleet(const FleetMetricsSnapshot& snapshot, const ServerMetricsOptio
                                     "IOMMU entries installed in the container.", MetricType::Gauge);
 
   // Not "_region_users": that is the fleet total's name.
-  FamilyBuilder region_users("dmapin_fleet_region_use_count",
+  FamilyBuilder region_users("dmapin_fleet_region_used",
                              "Use count (`used`) of the region: its holding registrations.",
                              MetricType::Gauge);
   FamilyBuilder region_installed("dmapin_fleet_region_installed_mappings",

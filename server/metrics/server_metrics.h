@@ -80,7 +80,7 @@
 //   dmapin_fleet_container_installed_mappings        gauge, IOMMU entries installed in it
 //  Per region (labels node, context, ua (hex), size (bytes, decimal); only with
 //  per_region_series, at most max_region_series regions per scrape)
-//   dmapin_fleet_region_use_count                    gauge, `used` (not _region_users: that
+//   dmapin_fleet_region_used                         gauge, `used` (not _region_users: that
 //                                                    name is the fleet total's)
 //   dmapin_fleet_region_installed_mappings           gauge, mapped - 1
 //   dmapin_fleet_region_containers                   gauge, containers holding it

@@ -562,7 +562,7 @@ TEST_F(ServerMetricsTest, ExpositionIsWellFormed) {
           "dmapin_fleet_container_regions", "dmapin_server_intents"}) {
       EXPECT_EQ(names.count(name), 1u) << name;
     }
-    EXPECT_EQ(names.count("dmapin_fleet_region_use_count"), per_region ? 1u : 0u);
+    EXPECT_EQ(names.count("dmapin_fleet_region_used"), per_region ? 1u : 0u);
     EXPECT_EQ(names.count("dmapin_fleet_region_series_omitted"), per_region ? 1u : 0u);
     // Our own families follow the naming scheme.
     for (const std::string& name : names) {
@@ -578,7 +578,7 @@ TEST_F(ServerMetricsTest, PerRegionSeriesAreOptInAndCapped) {
   {
     ServerMetrics metrics(core_.get());
     const std::string text = metrics.TextExposition();
-    EXPECT_TRUE(SamplesOf(text, "dmapin_fleet_region_use_count").empty());
+    EXPECT_TRUE(SamplesOf(text, "dmapin_fleet_region_used").empty());
     EXPECT_EQ(Value(text, "dmapin_fleet_region_series_omitted"), std::nullopt);
   }
   {
@@ -595,7 +595,7 @@ TEST_F(ServerMetricsTest, PerRegionSeriesAreOptInAndCapped) {
                                {"node", node.name},
                                {"size", absl::StrCat(region.size())},
                                {"ua", absl::StrCat("0x", absl::Hex(region.ua()))}};
-        EXPECT_EQ(Value(text, "dmapin_fleet_region_use_count", labels), D(region.used()));
+        EXPECT_EQ(Value(text, "dmapin_fleet_region_used", labels), D(region.used()));
         EXPECT_EQ(Value(text, "dmapin_fleet_region_installed_mappings", labels),
                   D(region.mapped() - 1));
         EXPECT_EQ(Value(text, "dmapin_fleet_region_containers", labels),
@@ -604,9 +604,9 @@ TEST_F(ServerMetricsTest, PerRegionSeriesAreOptInAndCapped) {
       }
     }
     EXPECT_EQ(regions, 3u);
-    EXPECT_EQ(SamplesOf(text, "dmapin_fleet_region_use_count").size(), 3u);
+    EXPECT_EQ(SamplesOf(text, "dmapin_fleet_region_used").size(), 3u);
     EXPECT_EQ(
-        Value(text, "dmapin_fleet_region_use_count",
+        Value(text, "dmapin_fleet_region_used",
               {{"context", "vm-1"}, {"node", "node-a"}, {"size", "524288"}, {"ua", "0x10000000"}}),
         2);
   }
@@ -615,7 +615,7 @@ TEST_F(ServerMetricsTest, PerRegionSeriesAreOptInAndCapped) {
     const std::string text = metrics.TextExposition();
     SCOPED_TRACE(text);
     for (const char* name :
-         {"dmapin_fleet_region_use_count", "dmapin_fleet_region_installed_mappings",
+         {"dmapin_fleet_region_used", "dmapin_fleet_region_installed_mappings",
           "dmapin_fleet_region_containers", "dmapin_fleet_region_pending_release"}) {
       EXPECT_EQ(SamplesOf(text, name).size(), 1u) << name;
     }
