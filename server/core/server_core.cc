@@ -381,6 +381,9 @@ bool ServerCore::ReconcileIntentLocked(
   }
   if (reported && node->connected && entry.inflight_decision.empty() &&
       SatisfiedLocked(intent, *node)) {
+    // A report from before the intent may be stale (the VMM may have changed the node behind
+    // the server's back): wait for the agent's next delta or heartbeat to confirm it.
+    if (node->confirmations <= entry.confirmations_at_creation) return true;
     entry.reports_at_result = node->reports;
     SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
     EmitLocked("intent_satisfied", intent.node(), id, "", "OK", "", now);
@@ -471,8 +474,11 @@ void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionR
     return;
   }
   const NodeReport* report = fleet_.Find(node);
-  const bool already_done =
-      intent.kind() != v1::INTENT_KIND_REGISTER && result.errno_value() == ENOENT;
+  // What the intent asks for already holds: the container holds the region (a register's
+  // EBUSY, spec §2.2), or the registration, container or context is already gone (ENOENT).
+  const bool already_done = intent.kind() == v1::INTENT_KIND_REGISTER
+                                ? result.errno_value() == EBUSY
+                                : result.errno_value() == ENOENT;
   if (result.errno_value() == 0 || already_done) {
     entry.reports_at_result = report != nullptr ? report->reports : 0;
     SetStateLocked(entry, v1::INTENT_STATE_SATISFIED, now, mutation);
@@ -542,11 +548,13 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
     switch (message.body_case()) {
       case v1::AgentMessage::kSnapshot:
         fleet_.ApplySnapshot(node, message.snapshot(), now);
+        awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
         break;
       case v1::AgentMessage::kDelta:
         fleet_.ApplyDelta(node, message.delta(), now);
+        awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
         break;
@@ -554,6 +562,13 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
         HandleResultLocked(node, message.result(), now, &mutation);
         dirty_nodes_.insert(node);
         wake = true;
+        break;
+      case v1::AgentMessage::kHeartbeat:
+        fleet_.Confirm(node, now);
+        if (awaiting_confirmation_.erase(node) > 0) {
+          dirty_nodes_.insert(node);
+          wake = true;
+        }
         break;
       default:
         fleet_.Touch(node, now);
@@ -809,6 +824,10 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
   IntentEntry entry;
   entry.intent = intent;
   entry.retry = retry;
+  if (const NodeReport* report = fleet_.Find(intent.node()); report != nullptr) {
+    entry.confirmations_at_creation = report->confirmations;
+  }
+  awaiting_confirmation_.insert(intent.node());
   intents_[intent.id()] = std::move(entry);
   node_intents_[intent.node()].push_back(intent.id());
   active_intents_.insert(intent.id());

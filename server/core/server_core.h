@@ -173,6 +173,9 @@ class ServerCore {
     // The node's report count when the agent confirmed the intent; a later report that
     // disagrees means the state diverged.
     uint64_t reports_at_result = 0;
+    // The node's confirmations when the intent was admitted: it is satisfied without a decision
+    // only by a state the agent confirmed after that.
+    uint64_t confirmations_at_creation = 0;
   };
   // What AddIntentLocked changed, so that a failed commit can put memory back as it was
   // without copying every intent beforehand.
@@ -252,6 +255,9 @@ class ServerCore {
   static constexpr absl::Duration kFullPassInterval = absl::Seconds(1);
   std::set<std::string> active_intents_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> dirty_nodes_ ABSL_GUARDED_BY(mu_);
+  // Nodes with intents waiting for a confirmation newer than themselves: their next heartbeat
+  // makes them dirty (other heartbeats wake nothing).
+  std::set<std::string> awaiting_confirmation_ ABSL_GUARDED_BY(mu_);
   absl::Time last_full_pass_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   std::map<std::string, NodeAdminState> node_admin_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, DrainState> drains_ ABSL_GUARDED_BY(mu_);

@@ -222,6 +222,13 @@ class ServerCoreTest : public ::testing::Test {
         SnapshotMessage(regions, ++snapshot_version_, extra_contexts, extra_containers));
   }
 
+  // What an agent sends every report interval when nothing changed.
+  void SendHeartbeat(const std::string& node, const std::shared_ptr<FakeSession>& session) {
+    v1::AgentMessage heartbeat;
+    heartbeat.mutable_heartbeat()->set_sequence(++heartbeat_sequence_);
+    core_->AgentMessage(node, session.get(), heartbeat);
+  }
+
   void Answer(const std::string& node, const std::shared_ptr<FakeSession>& session,
               const v1::Decision& decision, int err) {
     core_->AgentMessage(node, session.get(), ResultMessage(decision, err));
@@ -294,6 +301,7 @@ class ServerCoreTest : public ::testing::Test {
   std::unique_ptr<SqliteServerStore> store_;
   std::unique_ptr<ServerCore> core_;
   uint64_t snapshot_version_ = 0;
+  uint64_t heartbeat_sequence_ = 0;
 };
 
 // Reads events until one of `type` arrives (nullopt after 5 s); `seen` collects every type read.
@@ -476,6 +484,50 @@ TEST_F(ServerCoreTest, RegisterIntentIsKeptAndRestoredWhenTheRegionGoes) {
   EXPECT_EQ(MustGetIntent(created.id()).attempts(), 2u);
 }
 
+TEST_F(ServerCoreTest, AReportOlderThanTheIntentIsNotTrusted) {
+  // The report says c1 holds the region; the VMM then unregisters it on the agent directly.
+  auto a = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
+  const v1::Intent held = MustCreate(Register("node-a", 0x100000, kMiB));
+  Settle();
+  EXPECT_NE(MustGetIntent(held.id()).state(), v1::INTENT_STATE_SATISFIED)
+      << "satisfied from a report older than the intent";
+  EXPECT_EQ(a->decision_count(), 0u) << "the report says it holds: wait for a confirmation";
+  // The agent's next delta shows the region gone: the register is sent.
+  v1::AgentMessage delta;
+  delta.mutable_delta()->set_version(++snapshot_version_);
+  v1::RegionKey* removed = delta.mutable_delta()->add_removed_regions();
+  removed->set_context("vm-1");
+  removed->set_ua(0x100000);
+  removed->set_size(kMiB);
+  core_->AgentMessage("node-a", a.get(), delta);
+  std::vector<v1::Decision> decisions = WaitDecisions(a, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  EXPECT_EQ(decisions[0].kind(), v1::DECISION_KIND_REGISTER);
+
+  // Where the report was right, a heartbeat confirms it: satisfied without a decision.
+  auto b = Connect("node-b", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
+  const v1::Intent confirmed = MustCreate(Register("node-b", 0x100000, kMiB));
+  Settle();
+  EXPECT_NE(MustGetIntent(confirmed.id()).state(), v1::INTENT_STATE_SATISFIED);
+  SendHeartbeat("node-b", b);
+  ASSERT_TRUE(Eventually(
+      [&] { return MustGetIntent(confirmed.id()).state() == v1::INTENT_STATE_SATISFIED; }));
+  EXPECT_EQ(b->decision_count(), 0u);
+}
+
+TEST_F(ServerCoreTest, RegisterAnsweredEbusyIsAlreadyHeld) {
+  // The agent holds the region although the server's view does not show it yet: the register's
+  // EBUSY (spec §2.2: this container already holds it) means the intent holds.
+  auto a = Connect("node-a", {});
+  const v1::Intent intent = MustCreate(Register("node-a", 0x100000, kMiB));
+  std::vector<v1::Decision> decisions = WaitDecisions(a, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  Answer("node-a", a, decisions[0], EBUSY);
+  EXPECT_EQ(MustGetIntent(intent.id()).state(), v1::INTENT_STATE_SATISFIED);
+  Settle();
+  EXPECT_EQ(a->decision_count(), 1u) << "retried a register the agent already holds";
+}
+
 TEST_F(ServerCoreTest, LaterIntentSupersedesAndListingPages) {
   auto a = Connect("node-a", {});
   const v1::Intent first = MustCreate(Register("node-a", 0x100000, kMiB));
@@ -509,12 +561,13 @@ TEST_F(ServerCoreTest, LaterIntentSupersedesAndListingPages) {
   v1::ListIntentsRequest bad_token;
   bad_token.set_page_token("not-a-token");
   EXPECT_EQ(core_->ListIntents(bad_token).status().code(), absl::StatusCode::kInvalidArgument);
-  // The agent does not hold the region: the unregister holds already, without a decision, and
-  // the superseded register is not sent any more (the background loop may have sent it once
-  // before the unregister arrived: attempts says).
+  // The agent does not hold the region: once it confirms that state (its next heartbeat), the
+  // unregister holds without a decision, and the superseded register is not sent any more (the
+  // background loop may have sent it once before the unregister arrived: attempts says).
   const uint32_t register_attempts = superseded.attempts();
   EXPECT_LE(register_attempts, 1u);
   WaitDecisions(a, 3 + register_attempts);
+  SendHeartbeat("node-a", a);
   ASSERT_TRUE(
       Eventually([&] { return MustGetIntent(second.id()).state() == v1::INTENT_STATE_SATISFIED; }));
   Settle();

@@ -70,6 +70,7 @@ void FleetState::ApplySnapshot(const std::string& name, const v1::Snapshot& snap
   node.last_seen = now;
   node.synced = true;
   ++node.reports;
+  ++node.confirmations;
 }
 
 void FleetState::ApplyDelta(const std::string& name, const v1::Delta& delta, absl::Time now) {
@@ -93,6 +94,14 @@ void FleetState::ApplyDelta(const std::string& name, const v1::Delta& delta, abs
   node.version = delta.version();
   node.last_seen = now;
   ++node.reports;
+  ++node.confirmations;
+}
+
+void FleetState::Confirm(const std::string& name, absl::Time now) {
+  auto it = nodes_.find(name);
+  if (it == nodes_.end()) return;
+  it->second.last_seen = now;
+  ++it->second.confirmations;
 }
 
 void FleetState::Touch(const std::string& name, absl::Time now) {

@@ -39,6 +39,10 @@ struct NodeReport {
   // Counts every snapshot or delta applied: lets the reconciler know a report is newer than a
   // decision result.
   uint64_t reports = 0;
+  // Counts every snapshot, delta and heartbeat: each confirms the reported state as of its
+  // arrival (a heartbeat says nothing changed). A report older than an intent says nothing about
+  // what the agent holds now.
+  uint64_t confirmations = 0;
   // A snapshot arrived on the current connection. Until then the report is the one from before
   // a reconnect, possibly stale: nothing should be decided from it.
   bool synced = false;
@@ -66,6 +70,8 @@ class FleetState {
   void ApplySnapshot(const std::string& node, const v1::Snapshot& snapshot, absl::Time now);
   void ApplyDelta(const std::string& node, const v1::Delta& delta, absl::Time now);
   void Touch(const std::string& node, absl::Time now);
+  // A heartbeat: the state is still the one last reported.
+  void Confirm(const std::string& node, absl::Time now);
 
   const NodeReport* Find(const std::string& node) const;
   const std::map<std::string, NodeReport>& nodes() const { return nodes_; }

@@ -161,14 +161,17 @@ class FakeSession : public AgentSession {
     return true;
   }
 
-  // The first decision sent, waiting up to 10 s for it (a background pass may still be sending).
-  std::optional<v1::Decision> WaitForDecision() {
+  // The first decision of `kind` sent, waiting up to 10 s for it (a background pass may still be
+  // sending).
+  std::optional<v1::Decision> WaitForDecision(v1::DecisionKind kind) {
     const absl::Time deadline = absl::Now() + absl::Seconds(10);
     while (absl::Now() < deadline) {
       {
         MutexLock lock(&mu_);
         for (const v1::ServerMessage& message : sent_) {
-          if (message.has_decision()) return message.decision();
+          if (message.has_decision() && message.decision().kind() == kind) {
+            return message.decision();
+          }
         }
       }
       absl::SleepFor(absl::Milliseconds(1));
@@ -263,8 +266,9 @@ class ServerMetricsTest : public ::testing::Test {
   // Two nodes. node-a (pool a, connected): contexts vm-1 (limit 64 pages, one region of 8 pages
   // held by two containers, 2 entries installed) and vm-2 (unlimited, one region of 4 pages, 1
   // entry). node-b (pool b): one context and region, then disconnected. A policy budgets pool a
-  // at 1 GiB. A register intent on node-a is answered EBUSY (retried in an hour); an unregister
-  // intent on node-b stays pending.
+  // at 1 GiB. On node-a a register intent stays in flight and an unregister intent of vm-1's
+  // (mapped) region is answered EBUSY (retried in an hour); an unregister intent on node-b stays
+  // pending.
   void Fleet() {
     v1::Snapshot a;
     *a.add_contexts() = MakeContext("vm-1", 64 * k64K, 8 * k64K, 1, {"vm-1/vfio-0", "vm-1/vfio-1"});
@@ -307,6 +311,16 @@ class ServerMetricsTest : public ::testing::Test {
     auto created = core_->CreateIntent(reg);
     ASSERT_TRUE(created.ok()) << created.status();
 
+    v1::CreateIntentRequest busy;
+    busy.set_kind(v1::INTENT_KIND_UNREGISTER);
+    busy.set_node("node-a");
+    busy.set_context("vm-1");
+    busy.set_container("vm-1/vfio-0");
+    busy.set_ua(kBase);
+    busy.set_size(8 * k64K);
+    created = core_->CreateIntent(busy);
+    ASSERT_TRUE(created.ok()) << created.status();
+
     v1::CreateIntentRequest unreg;
     unreg.set_kind(v1::INTENT_KIND_UNREGISTER);
     unreg.set_node("node-b");
@@ -318,9 +332,10 @@ class ServerMetricsTest : public ::testing::Test {
     ASSERT_TRUE(created.ok()) << created.status();
 
     core_->ReconcileNow();
-    std::optional<v1::Decision> decision = session_a_->WaitForDecision();
+    std::optional<v1::Decision> decision =
+        session_a_->WaitForDecision(v1::DECISION_KIND_UNREGISTER);
     ASSERT_TRUE(decision.has_value());
-    ASSERT_EQ(decision->kind(), v1::DECISION_KIND_REGISTER);
+    ASSERT_TRUE(session_a_->WaitForDecision(v1::DECISION_KIND_REGISTER).has_value());
     v1::AgentMessage answer;
     answer.mutable_result()->set_decision_id(decision->id());
     answer.mutable_result()->set_epoch(decision->epoch());
@@ -458,6 +473,7 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
   EXPECT_EQ(Value(text, "dmapin_server_agents_connected"), D(snapshot.agents_connected));
   EXPECT_EQ(Value(text, "dmapin_server_agents_connected"), 1);
   EXPECT_EQ(Value(text, "dmapin_server_intents", {{"state", "retrying"}}), 1);
+  EXPECT_EQ(Value(text, "dmapin_server_intents", {{"state", "applying"}}), 1);
   EXPECT_EQ(Value(text, "dmapin_server_intents", {{"state", "pending"}}), 1);
   // Every state is there, even without intents.
   for (const char* state :
@@ -479,12 +495,13 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
   EXPECT_EQ(Value(text, "dmapin_server_decisions_sent_total", {{"kind", "register"}}), 1);
   EXPECT_EQ(Value(text, "dmapin_server_decisions_sent_total", {{"kind", "register"}}),
             D(c.decisions_sent.at("register")));
+  EXPECT_EQ(Value(text, "dmapin_server_decisions_sent_total", {{"kind", "unregister"}}), 1);
   EXPECT_EQ(Value(text, "dmapin_server_decisions_sent_total", {{"kind", "teardown_context"}}), 0);
   EXPECT_EQ(Value(text, "dmapin_server_decision_results_total",
-                  {{"kind", "register"}, {"result", "EBUSY"}}),
-            D(c.decision_results.at("register/EBUSY")));
+                  {{"kind", "unregister"}, {"result", "EBUSY"}}),
+            D(c.decision_results.at("unregister/EBUSY")));
   EXPECT_EQ(Value(text, "dmapin_server_decision_results_total",
-                  {{"kind", "register"}, {"result", "EBUSY"}}),
+                  {{"kind", "unregister"}, {"result", "EBUSY"}}),
             1);
   EXPECT_EQ(SamplesOf(text, "dmapin_server_decision_results_total").size(), 1u);
   EXPECT_EQ(Value(text, "dmapin_server_ebusy_retries_total"), D(c.ebusy_retries));
@@ -495,7 +512,7 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
   EXPECT_EQ(Value(text, "dmapin_server_stream_messages_received_total"),
             3);  // 2 snapshots, 1 result
   EXPECT_EQ(Value(text, "dmapin_server_stream_messages_sent_total"), D(c.stream_messages_sent));
-  EXPECT_EQ(Value(text, "dmapin_server_stream_messages_sent_total"), 1);
+  EXPECT_EQ(Value(text, "dmapin_server_stream_messages_sent_total"), 2);
   EXPECT_EQ(Value(text, "dmapin_server_agent_connects_total"), 2);
   EXPECT_EQ(Value(text, "dmapin_server_agent_disconnects_total"), 1);
   EXPECT_EQ(Value(text, "dmapin_server_watch_events_dropped"), 0);
@@ -506,7 +523,7 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
 // Results with odd errno names collapse into EUNKNOWN rather than growing the label set.
 TEST_F(ServerMetricsTest, MalformedErrnoNamesCollapse) {
   ASSERT_NO_FATAL_FAILURE(Fleet());
-  // A second decision (the register intent's EBUSY retry is an hour away), answered with a
+  // Another decision (the unregister intent's EBUSY retry is an hour away), answered with a
   // made-up errno name.
   v1::CreateIntentRequest request;
   request.set_kind(v1::INTENT_KIND_RELEASE_CONTAINER);
