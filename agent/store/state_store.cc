@@ -16,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "agent/registry/errno_status.h"
+#include "common/sqlite_util.h"
 
 namespace dmapin {
 namespace {
@@ -154,86 +155,9 @@ constexpr const char* kSqlText[] = {
 
 constexpr int kNumStatements = sizeof(kSqlText) / sizeof(kSqlText[0]);
 
-const char* SqliteCodeName(int rc) {
-  switch (rc & 0xff) {
-    case SQLITE_ERROR:
-      return "SQLITE_ERROR";
-    case SQLITE_INTERNAL:
-      return "SQLITE_INTERNAL";
-    case SQLITE_PERM:
-      return "SQLITE_PERM";
-    case SQLITE_ABORT:
-      return "SQLITE_ABORT";
-    case SQLITE_BUSY:
-      return "SQLITE_BUSY";
-    case SQLITE_LOCKED:
-      return "SQLITE_LOCKED";
-    case SQLITE_NOMEM:
-      return "SQLITE_NOMEM";
-    case SQLITE_READONLY:
-      return "SQLITE_READONLY";
-    case SQLITE_IOERR:
-      return "SQLITE_IOERR";
-    case SQLITE_CORRUPT:
-      return "SQLITE_CORRUPT";
-    case SQLITE_FULL:
-      return "SQLITE_FULL";
-    case SQLITE_CANTOPEN:
-      return "SQLITE_CANTOPEN";
-    case SQLITE_PROTOCOL:
-      return "SQLITE_PROTOCOL";
-    case SQLITE_SCHEMA:
-      return "SQLITE_SCHEMA";
-    case SQLITE_CONSTRAINT:
-      return "SQLITE_CONSTRAINT";
-    case SQLITE_MISMATCH:
-      return "SQLITE_MISMATCH";
-    case SQLITE_MISUSE:
-      return "SQLITE_MISUSE";
-    case SQLITE_NOTADB:
-      return "SQLITE_NOTADB";
-    default:
-      return "SQLITE_?";
-  }
-}
-
-// An EIO status naming the SQLite error; DATA_LOSS when the file is damaged.
-absl::Status SqliteStatus(sqlite3* db, const std::string& path, int rc, absl::string_view what) {
-  const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
-  std::string message =
-      absl::StrCat(what, ": ", detail, " (", SqliteCodeName(rc), ", extended code ", rc, ")");
-  const int primary = rc & 0xff;
-  if (primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB) {
-    return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
-                       absl::StrCat("state database ", path,
-                                    " is damaged; restore it or move it away: ", message));
-  }
-  return ErrnoStatus(EIO, absl::StrCat("state database ", path, ": ", message));
-}
-
-// Resets a cached statement when it goes out of scope: a statement left mid-iteration would keep
-// its read transaction open.
-class ScopedReset {
- public:
-  explicit ScopedReset(sqlite3_stmt* stmt) : stmt_(stmt) {}
-  ~ScopedReset() {
-    sqlite3_reset(stmt_);
-    sqlite3_clear_bindings(stmt_);
-  }
-  ScopedReset(const ScopedReset&) = delete;
-  ScopedReset& operator=(const ScopedReset&) = delete;
-
- private:
-  sqlite3_stmt* const stmt_;
-};
-
 // uint64 values travel as their int64 bit pattern.
 void BindU64(sqlite3_stmt* stmt, int index, uint64_t value) {
   sqlite3_bind_int64(stmt, index, static_cast<sqlite3_int64>(value));
-}
-
-void BindText(sqlite3_stmt* stmt, int index, absl::string_view value) {
-  sqlite3_bind_text(stmt, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
 }
 
 void BindIova(sqlite3_stmt* stmt, int index, uint64_t iova) {
@@ -247,13 +171,6 @@ void BindIova(sqlite3_stmt* stmt, int index, uint64_t iova) {
 
 uint64_t ColumnU64(sqlite3_stmt* stmt, int index) {
   return static_cast<uint64_t>(sqlite3_column_int64(stmt, index));
-}
-
-std::string ColumnText(sqlite3_stmt* stmt, int index) {
-  const unsigned char* text = sqlite3_column_text(stmt, index);
-  if (text == nullptr) return std::string();
-  return std::string(reinterpret_cast<const char*>(text),
-                     static_cast<size_t>(sqlite3_column_bytes(stmt, index)));
 }
 
 // False when the column is not an 8-byte blob (the CHECK constraint rules that out).
@@ -284,20 +201,6 @@ absl::Status CheckRange(absl::string_view kind, uint64_t start, uint64_t size) {
         absl::StrCat(kind, " 0x", absl::Hex(start), "+0x", absl::Hex(size), " is empty or wraps"));
   }
   return absl::OkStatus();
-}
-
-// One-off statements (pragmas): the first column of every row.
-absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, const std::string& path,
-                                                     const char* sql) {
-  sqlite3_stmt* stmt = nullptr;
-  int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr);
-  if (rc != SQLITE_OK) return SqliteStatus(db, path, rc, sql);
-  std::vector<std::string> rows;
-  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) rows.push_back(ColumnText(stmt, 0));
-  absl::Status status = rc == SQLITE_DONE ? absl::OkStatus() : SqliteStatus(db, path, rc, sql);
-  sqlite3_finalize(stmt);
-  if (!status.ok()) return status;
-  return rows;
 }
 
 }  // namespace
@@ -465,7 +368,10 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
 }
 
 StateStore::StateStore(std::string path, StateStoreOptions options, sqlite3* db)
-    : path_(std::move(path)), options_(std::move(options)), db_(db) {
+    : path_(std::move(path)),
+      database_(absl::StrCat("state database ", path_)),
+      options_(std::move(options)),
+      db_(db) {
   static_assert(kSqlCount == kNumStatements, "kSqlText and Sql disagree");
   static_assert(kSqlCount <= kMaxStatements, "raise kMaxStatements");
 }
@@ -495,7 +401,7 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE,
       nullptr);
   if (rc != SQLITE_OK) {
-    absl::Status status = SqliteStatus(db, path, rc, "open");
+    absl::Status status = SqliteStatus(db, absl::StrCat("state database ", path), rc, "open");
     sqlite3_close_v2(db);
     return status;
   }
@@ -512,32 +418,33 @@ absl::Status StateStore::InitLocked() {
 
   // Before anything writes to the file. quick_check verifies the b-tree structure of every page
   // (not the UNIQUE constraints or index contents, which the full integrity_check adds).
-  absl::StatusOr<std::vector<std::string>> check = QueryColumn(db_, path_, "PRAGMA quick_check");
+  absl::StatusOr<std::vector<std::string>> check =
+      QueryColumn(db_, database_, "PRAGMA quick_check");
   if (!check.ok()) return check.status();
   if (check->size() != 1 || (*check)[0] != "ok") {
     std::vector<std::string> problems(check->begin(),
                                       check->begin() + std::min<size_t>(check->size(), 5));
-    return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
-                       absl::StrCat("state database ", path_,
-                                    " is damaged (quick_check: ", absl::StrJoin(problems, "; "),
-                                    "); restore it or move it away"));
+    return ErrnoStatus(
+        EIO, absl::StatusCode::kDataLoss,
+        absl::StrCat(database_, " is damaged (quick_check: ", absl::StrJoin(problems, "; "),
+                     "); restore it or move it away"));
   }
 
   absl::StatusOr<std::vector<std::string>> mode =
-      QueryColumn(db_, path_, "PRAGMA journal_mode = WAL");
+      QueryColumn(db_, database_, "PRAGMA journal_mode = WAL");
   if (!mode.ok()) return mode.status();
   if (mode->size() != 1 || (*mode)[0] != "wal") {
-    return ErrnoStatus(EIO, absl::StrCat("state database ", path_, ": cannot enable WAL (mode ",
-                                         absl::StrJoin(*mode, ","), ")"));
+    return ErrnoStatus(
+        EIO, absl::StrCat(database_, ": cannot enable WAL (mode ", absl::StrJoin(*mode, ","), ")"));
   }
   const char* sync =
       options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL";
   for (const char* pragma : {sync, "PRAGMA foreign_keys = ON"}) {
-    absl::StatusOr<std::vector<std::string>> done = QueryColumn(db_, path_, pragma);
+    absl::StatusOr<std::vector<std::string>> done = QueryColumn(db_, database_, pragma);
     if (!done.ok()) return done.status();
   }
   // A SQLite built without foreign keys ignores the pragma; the cascades depend on it.
-  absl::StatusOr<std::vector<std::string>> fk = QueryColumn(db_, path_, "PRAGMA foreign_keys");
+  absl::StatusOr<std::vector<std::string>> fk = QueryColumn(db_, database_, "PRAGMA foreign_keys");
   if (!fk.ok()) return fk.status();
   if (fk->size() != 1 || (*fk)[0] != "1") {
     return ErrnoStatus(EIO, "this SQLite does not enforce foreign keys");
@@ -554,24 +461,23 @@ absl::Status StateStore::MigrateLocked() {
     return status;
   };
   absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
-      db_, path_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
+      db_, database_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
   if (!has_meta.ok()) return fail(has_meta.status());
   int version = 0;
   if (!has_meta->empty()) {
     absl::StatusOr<std::vector<std::string>> value =
-        QueryColumn(db_, path_, "SELECT value FROM meta WHERE key = 'schema_version'");
+        QueryColumn(db_, database_, "SELECT value FROM meta WHERE key = 'schema_version'");
     if (!value.ok()) return fail(value.status());
     if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
-      return fail(ErrnoStatus(
-          EIO, absl::StatusCode::kDataLoss,
-          absl::StrCat("state database ", path_, " has no valid schema_version in meta")));
+      return fail(ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
+                              absl::StrCat(database_, " has no valid schema_version in meta")));
     }
   }
   if (version > kCurrentSchemaVersion) {
     return fail(ErrnoStatus(
         EIO, absl::StatusCode::kFailedPrecondition,
-        absl::StrCat("state database ", path_, " has schema version ", version,
-                     ", newer than this agent's ", kCurrentSchemaVersion, "; upgrade the agent")));
+        absl::StrCat(database_, " has schema version ", version, ", newer than this agent's ",
+                     kCurrentSchemaVersion, "; upgrade the agent")));
   }
   for (int v = version; v < kCurrentSchemaVersion; ++v) {
     char* error = nullptr;
@@ -579,8 +485,8 @@ absl::Status StateStore::MigrateLocked() {
     if (rc != SQLITE_OK) {
       std::string message = error != nullptr ? error : sqlite3_errstr(rc);
       sqlite3_free(error);
-      return fail(ErrnoStatus(EIO, absl::StrCat("state database ", path_, ": migration to schema ",
-                                                v + 1, " failed: ", message)));
+      return fail(ErrnoStatus(
+          EIO, absl::StrCat(database_, ": migration to schema ", v + 1, " failed: ", message)));
     }
   }
   if (version != kCurrentSchemaVersion) {
@@ -595,7 +501,7 @@ absl::Status StateStore::MigrateLocked() {
 }
 
 absl::Status StateStore::SqliteError(int rc, absl::string_view what) const {
-  return SqliteStatus(db_, path_, rc, what);
+  return SqliteStatus(db_, database_, rc, what);
 }
 
 absl::StatusOr<sqlite3_stmt*> StateStore::StatementLocked(Sql sql) const {
@@ -867,7 +773,7 @@ absl::Status StateStore::ClearMappingRangeLocked(const std::string& container, u
       StoredMapping row;
       row.container = container;
       if (!ColumnIova(*stmt, 0, &row.iova)) {
-        return SqliteStatus(nullptr, path_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
+        return SqliteStatus(nullptr, database_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
       }
       row.size = ColumnU64(*stmt, 1);
       row.ua = ColumnU64(*stmt, 2);
@@ -982,7 +888,7 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     StoredMapping& m = state->mappings.emplace_back();
     m.container = ColumnText(stmt, 0);
     if (!ColumnIova(stmt, 1, &m.iova)) {
-      return SqliteStatus(nullptr, path_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
+      return SqliteStatus(nullptr, database_, SQLITE_CORRUPT, "mapping iova is not 8 bytes");
     }
     m.size = ColumnU64(stmt, 2);
     m.ua = ColumnU64(stmt, 3);

@@ -324,6 +324,7 @@ class StateStore {
   absl::Status SqliteError(int rc, absl::string_view what) const;
 
   const std::string path_;
+  const std::string database_;  // "state database <path>", for errors
   const StateStoreOptions options_;
 
   // Callers waiting to commit; the front one commits for the group (see Commit).

@@ -18,6 +18,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "agent/registry/errno_status.h"
+#include "common/sqlite_util.h"
 
 namespace dmapin {
 namespace {
@@ -132,94 +133,8 @@ constexpr const char* kSqlText[] = {
 
 constexpr int kNumStatements = sizeof(kSqlText) / sizeof(kSqlText[0]);
 
-const char* SqliteCodeName(int rc) {
-  switch (rc & 0xff) {
-    case SQLITE_ERROR:
-      return "SQLITE_ERROR";
-    case SQLITE_INTERNAL:
-      return "SQLITE_INTERNAL";
-    case SQLITE_PERM:
-      return "SQLITE_PERM";
-    case SQLITE_ABORT:
-      return "SQLITE_ABORT";
-    case SQLITE_BUSY:
-      return "SQLITE_BUSY";
-    case SQLITE_LOCKED:
-      return "SQLITE_LOCKED";
-    case SQLITE_NOMEM:
-      return "SQLITE_NOMEM";
-    case SQLITE_READONLY:
-      return "SQLITE_READONLY";
-    case SQLITE_IOERR:
-      return "SQLITE_IOERR";
-    case SQLITE_CORRUPT:
-      return "SQLITE_CORRUPT";
-    case SQLITE_FULL:
-      return "SQLITE_FULL";
-    case SQLITE_CANTOPEN:
-      return "SQLITE_CANTOPEN";
-    case SQLITE_PROTOCOL:
-      return "SQLITE_PROTOCOL";
-    case SQLITE_SCHEMA:
-      return "SQLITE_SCHEMA";
-    case SQLITE_CONSTRAINT:
-      return "SQLITE_CONSTRAINT";
-    case SQLITE_MISMATCH:
-      return "SQLITE_MISMATCH";
-    case SQLITE_MISUSE:
-      return "SQLITE_MISUSE";
-    case SQLITE_NOTADB:
-      return "SQLITE_NOTADB";
-    default:
-      return "SQLITE_?";
-  }
-}
-
-absl::Status Damaged(const std::string& path, absl::string_view detail) {
-  return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
-                     absl::StrCat("server database ", path, " is damaged (", detail,
-                                  "); restore it or move it away"));
-}
-
-// An EIO status naming the SQLite error; DATA_LOSS when the file is damaged.
-absl::Status SqliteStatus(sqlite3* db, const std::string& path, int rc, absl::string_view what) {
-  const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
-  std::string message =
-      absl::StrCat(what, ": ", detail, " (", SqliteCodeName(rc), ", extended code ", rc, ")");
-  const int primary = rc & 0xff;
-  if (primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB) return Damaged(path, message);
-  return ErrnoStatus(EIO, absl::StrCat("server database ", path, ": ", message));
-}
-
-// Resets a cached statement when it goes out of scope: a statement left mid-iteration would keep
-// its read transaction open.
-class ScopedReset {
- public:
-  explicit ScopedReset(sqlite3_stmt* stmt) : stmt_(stmt) {}
-  ~ScopedReset() {
-    sqlite3_reset(stmt_);
-    sqlite3_clear_bindings(stmt_);
-  }
-  ScopedReset(const ScopedReset&) = delete;
-  ScopedReset& operator=(const ScopedReset&) = delete;
-
- private:
-  sqlite3_stmt* const stmt_;
-};
-
-void BindText(sqlite3_stmt* stmt, int index, absl::string_view value) {
-  sqlite3_bind_text(stmt, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
-}
-
 void BindBlob(sqlite3_stmt* stmt, int index, const std::string& value) {
   sqlite3_bind_blob(stmt, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
-}
-
-std::string ColumnText(sqlite3_stmt* stmt, int index) {
-  const unsigned char* text = sqlite3_column_text(stmt, index);
-  if (text == nullptr) return std::string();
-  return std::string(reinterpret_cast<const char*>(text),
-                     static_cast<size_t>(sqlite3_column_bytes(stmt, index)));
 }
 
 // Parses the BLOB in column `index` into `message`.
@@ -228,20 +143,6 @@ bool ColumnProto(sqlite3_stmt* stmt, int index, google::protobuf::MessageLite* m
   const int size = sqlite3_column_bytes(stmt, index);
   if (data == nullptr) return size == 0 && message->ParseFromString(std::string());
   return message->ParseFromArray(data, size);
-}
-
-// One-off statements (pragmas): the first column of every row.
-absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, const std::string& path,
-                                                     const char* sql) {
-  sqlite3_stmt* stmt = nullptr;
-  int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr);
-  if (rc != SQLITE_OK) return SqliteStatus(db, path, rc, sql);
-  std::vector<std::string> rows;
-  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) rows.push_back(ColumnText(stmt, 0));
-  absl::Status status = rc == SQLITE_DONE ? absl::OkStatus() : SqliteStatus(db, path, rc, sql);
-  sqlite3_finalize(stmt);
-  if (!status.ok()) return status;
-  return rows;
 }
 
 absl::Status Invalid(absl::string_view what) {
@@ -367,7 +268,10 @@ int SqliteServerStore::CurrentSchemaVersion() { return kCurrentSchemaVersion; }
 
 SqliteServerStore::SqliteServerStore(std::string path, SqliteServerStoreOptions options,
                                      sqlite3* db)
-    : path_(std::move(path)), options_(std::move(options)), db_(db) {
+    : path_(std::move(path)),
+      database_(absl::StrCat("server database ", path_)),
+      options_(std::move(options)),
+      db_(db) {
   static_assert(kSqlCount == kNumStatements, "kSqlText and Sql disagree");
   static_assert(kSqlCount <= kMaxStatements, "raise kMaxStatements");
 }
@@ -398,7 +302,7 @@ absl::StatusOr<std::unique_ptr<SqliteServerStore>> SqliteServerStore::Open(
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE,
       nullptr);
   if (rc != SQLITE_OK) {
-    absl::Status status = SqliteStatus(db, path, rc, "open");
+    absl::Status status = SqliteStatus(db, absl::StrCat("server database ", path), rc, "open");
     sqlite3_close_v2(db);
     return status;
   }
@@ -415,22 +319,24 @@ absl::Status SqliteServerStore::InitLocked() {
   sqlite3_busy_timeout(db_, 5000);  // an operator's sqlite3 shell may be reading
 
   // Before anything writes to the file.
-  absl::StatusOr<std::vector<std::string>> check = QueryColumn(db_, path_, "PRAGMA quick_check");
+  absl::StatusOr<std::vector<std::string>> check =
+      QueryColumn(db_, database_, "PRAGMA quick_check");
   if (!check.ok()) return check.status();
   if (check->size() != 1 || (*check)[0] != "ok") {
     std::vector<std::string> problems(check->begin(),
                                       check->begin() + std::min<size_t>(check->size(), 5));
-    return Damaged(path_, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
+    return SqliteDamaged(database_, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
   }
   absl::StatusOr<std::vector<std::string>> mode =
-      QueryColumn(db_, path_, "PRAGMA journal_mode = WAL");
+      QueryColumn(db_, database_, "PRAGMA journal_mode = WAL");
   if (!mode.ok()) return mode.status();
   if (mode->size() != 1 || (*mode)[0] != "wal") {
-    return ErrnoStatus(EIO, absl::StrCat("server database ", path_, ": cannot enable WAL (mode ",
-                                         absl::StrJoin(*mode, ","), ")"));
+    return ErrnoStatus(
+        EIO, absl::StrCat(database_, ": cannot enable WAL (mode ", absl::StrJoin(*mode, ","), ")"));
   }
-  absl::StatusOr<std::vector<std::string>> sync = QueryColumn(
-      db_, path_, options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL");
+  absl::StatusOr<std::vector<std::string>> sync =
+      QueryColumn(db_, database_,
+                  options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL");
   if (!sync.ok()) return sync.status();
   return MigrateLocked();
 }
@@ -444,22 +350,22 @@ absl::Status SqliteServerStore::MigrateLocked() {
     return status;
   };
   absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
-      db_, path_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
+      db_, database_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
   if (!has_meta.ok()) return fail(has_meta.status());
   int version = 0;
   if (!has_meta->empty()) {
     absl::StatusOr<std::vector<std::string>> value =
-        QueryColumn(db_, path_, "SELECT value FROM meta WHERE key = 'schema_version'");
+        QueryColumn(db_, database_, "SELECT value FROM meta WHERE key = 'schema_version'");
     if (!value.ok()) return fail(value.status());
     if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
-      return fail(Damaged(path_, "no valid schema_version in meta"));
+      return fail(SqliteDamaged(database_, "no valid schema_version in meta"));
     }
   }
   if (version > kCurrentSchemaVersion) {
-    return fail(ErrnoStatus(EIO, absl::StatusCode::kFailedPrecondition,
-                            absl::StrCat("server database ", path_, " has schema version ", version,
-                                         ", newer than this server's ", kCurrentSchemaVersion,
-                                         "; upgrade the server")));
+    return fail(ErrnoStatus(
+        EIO, absl::StatusCode::kFailedPrecondition,
+        absl::StrCat(database_, " has schema version ", version, ", newer than this server's ",
+                     kCurrentSchemaVersion, "; upgrade the server")));
   }
   for (int v = version; v < kCurrentSchemaVersion; ++v) {
     char* error = nullptr;
@@ -467,8 +373,8 @@ absl::Status SqliteServerStore::MigrateLocked() {
     if (rc != SQLITE_OK) {
       std::string message = error != nullptr ? error : sqlite3_errstr(rc);
       sqlite3_free(error);
-      return fail(ErrnoStatus(EIO, absl::StrCat("server database ", path_, ": migration to schema ",
-                                                v + 1, " failed: ", message)));
+      return fail(ErrnoStatus(
+          EIO, absl::StrCat(database_, ": migration to schema ", v + 1, " failed: ", message)));
     }
   }
   if (version != kCurrentSchemaVersion) {
@@ -482,7 +388,7 @@ absl::Status SqliteServerStore::MigrateLocked() {
 }
 
 absl::Status SqliteServerStore::SqliteError(int rc, absl::string_view what) const {
-  return SqliteStatus(db_, path_, rc, what);
+  return SqliteStatus(db_, database_, rc, what);
 }
 
 absl::StatusOr<sqlite3_stmt*> SqliteServerStore::StatementLocked(int sql) const {
@@ -549,8 +455,9 @@ absl::StatusOr<uint64_t> SqliteServerStore::MetaU64Locked(absl::string_view key,
       [&](sqlite3_stmt* stmt) {
         const std::string text = ColumnText(stmt, 0);
         if (!absl::SimpleAtoi(text, &value)) {
-          return Damaged(path_, absl::StrCat("meta ", key, " = \"", absl::CHexEscape(text),
-                                             "\" is not a number"));
+          return SqliteDamaged(
+              database_,
+              absl::StrCat("meta ", key, " = \"", absl::CHexEscape(text), "\" is not a number"));
         }
         return absl::OkStatus();
       });
@@ -747,7 +654,8 @@ absl::StatusOr<std::vector<v1::Policy>> SqliteServerStore::LoadPolicies() const 
   std::vector<v1::Policy> policies;
   absl::Status status = EachRowLocked(kLoadPolicies, nullptr, [&](sqlite3_stmt* stmt) {
     if (!ColumnProto(stmt, 1, &policies.emplace_back())) {
-      return Damaged(path_, absl::StrCat("policy \"", ColumnText(stmt, 0), "\" does not parse"));
+      return SqliteDamaged(database_,
+                           absl::StrCat("policy \"", ColumnText(stmt, 0), "\" does not parse"));
     }
     return absl::OkStatus();
   });
@@ -760,7 +668,8 @@ absl::StatusOr<std::vector<v1::Intent>> SqliteServerStore::LoadIntents() const {
   std::vector<v1::Intent> intents;
   absl::Status status = EachRowLocked(kLoadIntents, nullptr, [&](sqlite3_stmt* stmt) {
     if (!ColumnProto(stmt, 1, &intents.emplace_back())) {
-      return Damaged(path_, absl::StrCat("intent \"", ColumnText(stmt, 0), "\" does not parse"));
+      return SqliteDamaged(database_,
+                           absl::StrCat("intent \"", ColumnText(stmt, 0), "\" does not parse"));
     }
     return absl::OkStatus();
   });
@@ -815,7 +724,8 @@ absl::StatusOr<DecisionPage> SqliteServerStore::ListDecisions(const DecisionQuer
         last_id = ColumnText(stmt, 0);
         last_ns = sqlite3_column_int64(stmt, 2);
         if (!ColumnProto(stmt, 1, &page.decisions.emplace_back())) {
-          return Damaged(path_, absl::StrCat("decision \"", last_id, "\" does not parse"));
+          return SqliteDamaged(database_,
+                               absl::StrCat("decision \"", last_id, "\" does not parse"));
         }
         return absl::OkStatus();
       });
@@ -830,7 +740,8 @@ absl::StatusOr<std::vector<v1::DecisionRecord>> SqliteServerStore::LoadInFlightD
   std::vector<v1::DecisionRecord> decisions;
   absl::Status status = EachRowLocked(kLoadInFlight, nullptr, [&](sqlite3_stmt* stmt) {
     if (!ColumnProto(stmt, 1, &decisions.emplace_back())) {
-      return Damaged(path_, absl::StrCat("decision \"", ColumnText(stmt, 0), "\" does not parse"));
+      return SqliteDamaged(database_,
+                           absl::StrCat("decision \"", ColumnText(stmt, 0), "\" does not parse"));
     }
     return absl::OkStatus();
   });
@@ -865,7 +776,7 @@ absl::StatusOr<uint64_t> SqliteServerStore::BumpEpoch() {
     absl::StatusOr<uint64_t> stored = MetaU64Locked(kMetaEpoch, 0);
     if (!stored.ok()) return stored.status();
     if (*stored == std::numeric_limits<uint64_t>::max()) {
-      return Damaged(path_, "the epoch is at its maximum");
+      return SqliteDamaged(database_, "the epoch is at its maximum");
     }
     epoch = *stored + 1;
     return PutMetaLocked(kMetaEpoch, absl::StrCat(epoch));
@@ -891,11 +802,10 @@ absl::StatusOr<uint64_t> SqliteServerStore::NextIds(uint64_t n) {
     absl::StatusOr<uint64_t> stored = MetaU64Locked(kMetaIdBlockEnd, 1);
     if (!stored.ok()) return stored.status();
     const uint64_t size = std::max(n, options_.id_block_size);
-    if (*stored == 0) return Damaged(path_, "meta id_block_end is 0");
+    if (*stored == 0) return SqliteDamaged(database_, "meta id_block_end is 0");
     if (*stored > std::numeric_limits<uint64_t>::max() - size) {
       return ErrnoStatus(
-          EOVERFLOW, absl::StrCat("server database ", path_, ": the id counter is exhausted (at ",
-                                  *stored, ")"));
+          EOVERFLOW, absl::StrCat(database_, ": the id counter is exhausted (at ", *stored, ")"));
     }
     first = *stored;
     end = first + size;

@@ -129,6 +129,7 @@ class SqliteServerStore final : public ServerStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string path_;
+  const std::string database_;  // "server database <path>", for errors
   const SqliteServerStoreOptions options_;
 
   // Callers waiting to commit; the front one commits for the group.
