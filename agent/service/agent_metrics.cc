@@ -1,15 +1,12 @@
 #include "agent/service/agent_metrics.h"
 
-#include <sys/resource.h>
-#include <unistd.h>
-
-#include <cstdio>
 #include <map>
 #include <string>
 #include <utility>
 
 #include "absl/status/statusor.h"
 #include "agent/registry/errno_status.h"
+#include "common/metrics_util.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"
 #include "prometheus/text_serializer.h"
@@ -27,60 +24,6 @@ constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
 using prometheus::ClientMetric;
 using prometheus::MetricFamily;
 using prometheus::MetricType;
-
-// Builds one family sample by sample. Labels are given sorted by name.
-class FamilyBuilder {
- public:
-  FamilyBuilder(std::string name, std::string help, MetricType type) {
-    family_.name = std::move(name);
-    family_.help = std::move(help);
-    family_.type = type;
-  }
-
-  FamilyBuilder& Add(double value, std::vector<ClientMetric::Label> labels = {}) {
-    ClientMetric metric;
-    metric.label = std::move(labels);
-    if (family_.type == MetricType::Counter) {
-      metric.counter.value = value;
-    } else {
-      metric.gauge.value = value;
-    }
-    family_.metric.push_back(std::move(metric));
-    return *this;
-  }
-
-  // Appends the family to `out` (even without samples: the HELP/TYPE lines document it).
-  void MoveTo(std::vector<MetricFamily>& out) { out.push_back(std::move(family_)); }
-
- private:
-  MetricFamily family_;
-};
-
-void AddScalar(std::vector<MetricFamily>& out, std::string name, std::string help, MetricType type,
-               double value) {
-  FamilyBuilder(std::move(name), std::move(help), type).Add(value).MoveTo(out);
-}
-
-// CPU seconds and resident bytes of this process, as the standard process_* series.
-void AddProcessMetrics(std::vector<MetricFamily>& out) {
-  rusage usage = {};
-  if (getrusage(RUSAGE_SELF, &usage) == 0) {
-    const double cpu = static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-                       static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
-    AddScalar(out, "process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
-              MetricType::Counter, cpu);
-  }
-  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
-    unsigned long size_pages = 0;
-    unsigned long resident_pages = 0;
-    if (std::fscanf(statm, "%lu %lu", &size_pages, &resident_pages) == 2) {
-      AddScalar(out, "process_resident_memory_bytes", "Resident memory size in bytes.",
-                MetricType::Gauge,
-                static_cast<double>(resident_pages) * static_cast<double>(sysconf(_SC_PAGESIZE)));
-    }
-    std::fclose(statm);
-  }
-}
 
 }  // namespace
 

@@ -1,10 +1,6 @@
 #include "server/metrics/server_metrics.h"
 
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdio>
 #include <iterator>
 #include <map>
 #include <string>
@@ -14,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "common/metrics_util.h"
 #include "dmapin/v1/admin.pb.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"
@@ -31,61 +28,7 @@ using Labels = std::vector<ClientMetric::Label>;
 constexpr absl::string_view kDecisionKinds[] = {"register", "unregister", "release_container",
                                                 "teardown_context"};
 
-// Builds one family sample by sample. Labels are given sorted by name.
-class FamilyBuilder {
- public:
-  FamilyBuilder(std::string name, std::string help, MetricType type) {
-    family_.name = std::move(name);
-    family_.help = std::move(help);
-    family_.type = type;
-  }
-
-  FamilyBuilder& Add(double value, Labels labels = {}) {
-    ClientMetric metric;
-    metric.label = std::move(labels);
-    if (family_.type == MetricType::Counter) {
-      metric.counter.value = value;
-    } else {
-      metric.gauge.value = value;
-    }
-    family_.metric.push_back(std::move(metric));
-    return *this;
-  }
-
-  // Appends the family to `out` (even without samples: the HELP/TYPE lines document it).
-  void MoveTo(std::vector<MetricFamily>& out) { out.push_back(std::move(family_)); }
-
- private:
-  MetricFamily family_;
-};
-
-void AddScalar(std::vector<MetricFamily>& out, std::string name, std::string help, MetricType type,
-               double value) {
-  FamilyBuilder(std::move(name), std::move(help), type).Add(value).MoveTo(out);
-}
-
 double D(uint64_t value) { return static_cast<double>(value); }
-
-// CPU seconds and resident bytes of this process, as the standard process_* series.
-void AddProcessMetrics(std::vector<MetricFamily>& out) {
-  rusage usage = {};
-  if (getrusage(RUSAGE_SELF, &usage) == 0) {
-    const double cpu = static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-                       static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
-    AddScalar(out, "process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
-              MetricType::Counter, cpu);
-  }
-  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
-    unsigned long size_pages = 0;
-    unsigned long resident_pages = 0;
-    if (std::fscanf(statm, "%lu %lu", &size_pages, &resident_pages) == 2) {
-      AddScalar(out, "process_resident_memory_bytes", "Resident memory size in bytes.",
-                MetricType::Gauge,
-                static_cast<double>(resident_pages) * static_cast<double>(sysconf(_SC_PAGESIZE)));
-    }
-    std::fclose(statm);
-  }
-}
 
 // "pending" for "INTENT_STATE_PENDING".
 std::string StateLabel(absl::string_view enum_name) {
