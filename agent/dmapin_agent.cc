@@ -19,14 +19,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/mutex.h"
 #include "agent/control/control_client.h"
 #include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
@@ -372,20 +369,12 @@ int Run() {
 }  // namespace dmapin
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  dmapin::InitBinary(
+      argc, argv,
       "dmapin node agent: serves the node's DMA pre-registration registry over gRPC.\n"
-      "Usage: dmapin-agent [--backend=sim|memlock] [--state_dir=DIR] [--tcp_address=HOST:PORT]"
-      " [--uds_path=PATH] [--metrics_address=HOST:PORT]");
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::StrContains(file, "dmapin_agent");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  dmapin::ParseFlagsOrExit(argc, argv);
-  // Debian's Abseil is built with absl::Mutex deadlock detection on: every lock taken while
-  // another is held updates a global lock graph under a global lock. gRPC's internals lock
-  // absl::Mutexes on every call, so this costs the DMA hot path CPU for a debugging aid (our own
-  // code uses dmapin::Mutex, which is not affected). Turn it off, as release builds of Abseil do.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+      "Usage: dmapin-agent [--backend=sim|memlock|vfio-type1|vfio-spapr-v2] [--state_dir=DIR] "
+      "[--tcp_address=HOST:PORT] [--uds_path=PATH] [--metrics_address=HOST:PORT] "
+      "[--server=HOST:PORT]",
+      "dmapin_agent");
   return dmapin::Run();
 }

@@ -2,10 +2,14 @@
 
 #include <cstdlib>
 #include <iostream>
+#include <string>
 
 #include "absl/flags/internal/parse.h"
 #include "absl/flags/internal/usage.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dmapin {
 
@@ -20,6 +24,19 @@ std::vector<char*> ParseFlagsOrExit(int argc, char** argv) {
     std::cout.flush();
     std::exit(0);
   }
+  return positional;
+}
+
+std::vector<char*> InitBinary(int argc, char** argv, absl::string_view usage,
+                              absl::string_view flags_file) {
+  absl::SetProgramUsageMessage(usage);
+  absl::FlagsUsageConfig config;
+  config.contains_help_flags = [file = std::string(flags_file)](absl::string_view path) {
+    return absl::StrContains(path, file);
+  };
+  absl::SetFlagsUsageConfig(config);
+  std::vector<char*> positional = ParseFlagsOrExit(argc, argv);
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   return positional;
 }
 

@@ -12,11 +12,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/flags.h"
 #include "common/net.h"
@@ -147,18 +143,12 @@ int Run() {
 }  // namespace dmapin
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  dmapin::InitBinary(
+      argc, argv,
       "dmapin central service: fleet pinning policy, register/unregister decisions to the node "
       "agents, EBUSY retries, drains, and the fleet's counters as Prometheus metrics.\n"
       "Usage: dmapin-server [--grpc_address=HOST:PORT] [--metrics_address=HOST:PORT] "
-      "[--state_dir=DIR]");
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::StrContains(file, "dmapin_server");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  dmapin::ParseFlagsOrExit(argc, argv);
-  // As in the agent: Debian's Abseil has deadlock detection on, which costs gRPC's locks CPU.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+      "[--state_dir=DIR]",
+      "dmapin_server");
   return dmapin::Run();
 }

@@ -41,8 +41,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
@@ -1165,23 +1163,18 @@ int FleetDemo::Run(const sigset_t& signals) {
 }  // namespace dmapin
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  const std::vector<char*> positional = dmapin::InitBinary(
+      argc, argv,
       "A local dmapin fleet: dmapin-server and node agents (sim backend) on 127.0.0.1, simulated "
       "VMMs mapping DMA, policies and intents through the Admin API, EBUSY retries, and a live "
       "table of the nodes.\n"
       "Usage: fleet_demo [--duration=SECONDS] [--interval=SECONDS] [--nodes=N] "
-      "[--base_port=PORT] [--state_dir=DIR]");
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::StrContains(file, "fleet_demo");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  const std::vector<char*> positional = dmapin::ParseFlagsOrExit(argc, argv);
+      "[--base_port=PORT] [--state_dir=DIR]",
+      "fleet_demo");
   if (positional.size() > 1) {
     std::fprintf(stderr, "fleet_demo: unexpected argument: %s\n", positional[1]);
     return 2;
   }
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   // SIGTERM/SIGINT are taken by sigtimedwait in Run; blocked before any thread starts. The child
   // processes unblock them.
   sigset_t signals;
