@@ -424,10 +424,7 @@ absl::Status StateStore::InitLocked() {
   if (check->size() != 1 || (*check)[0] != "ok") {
     std::vector<std::string> problems(check->begin(),
                                       check->begin() + std::min<size_t>(check->size(), 5));
-    return ErrnoStatus(
-        EIO, absl::StatusCode::kDataLoss,
-        absl::StrCat(database_, " is damaged (quick_check: ", absl::StrJoin(problems, "; "),
-                     "); restore it or move it away"));
+    return SqliteDamaged(database_, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
   }
 
   absl::StatusOr<std::vector<std::string>> mode =
