@@ -1,8 +1,11 @@
 #include "common/sqlite_util.h"
 
+#include <algorithm>
 #include <cerrno>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "agent/registry/errno_status.h"
 
 namespace dmapin {
@@ -89,6 +92,78 @@ absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, absl::string_v
   sqlite3_finalize(stmt);
   if (!status.ok()) return status;
   return rows;
+}
+
+absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full) {
+  sqlite3_busy_timeout(db, 5000);
+  // quick_check verifies the b-tree structure of every page (not the UNIQUE constraints or index
+  // contents, which the full integrity_check adds).
+  absl::StatusOr<std::vector<std::string>> check = QueryColumn(db, database, "PRAGMA quick_check");
+  if (!check.ok()) return check.status();
+  if (check->size() != 1 || (*check)[0] != "ok") {
+    std::vector<std::string> problems(check->begin(),
+                                      check->begin() + std::min<size_t>(check->size(), 5));
+    return SqliteDamaged(database, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
+  }
+  absl::StatusOr<std::vector<std::string>> mode =
+      QueryColumn(db, database, "PRAGMA journal_mode = WAL");
+  if (!mode.ok()) return mode.status();
+  if (mode->size() != 1 || (*mode)[0] != "wal") {
+    return ErrnoStatus(
+        EIO, absl::StrCat(database, ": cannot enable WAL (mode ", absl::StrJoin(*mode, ","), ")"));
+  }
+  return QueryColumn(db, database,
+                     sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL")
+      .status();
+}
+
+absl::Status MigrateSchema(sqlite3* db, absl::string_view database,
+                           const std::vector<const char*>& migrations, absl::string_view program) {
+  auto exec = [&](const std::string& sql, absl::string_view what) {
+    char* error = nullptr;
+    const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error);
+    if (rc == SQLITE_OK) return absl::OkStatus();
+    const std::string message = error != nullptr ? error : sqlite3_errstr(rc);
+    sqlite3_free(error);
+    return ErrnoStatus(EIO, absl::StrCat(database, ": ", what, " failed: ", message));
+  };
+  if (absl::Status s = exec("BEGIN IMMEDIATE", "begin migration"); !s.ok()) return s;
+  auto fail = [&](absl::Status status) {
+    sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+    return status;
+  };
+  absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
+      db, database, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
+  if (!has_meta.ok()) return fail(has_meta.status());
+  const int current = static_cast<int>(migrations.size());
+  int version = 0;
+  if (!has_meta->empty()) {
+    absl::StatusOr<std::vector<std::string>> value =
+        QueryColumn(db, database, "SELECT value FROM meta WHERE key = 'schema_version'");
+    if (!value.ok()) return fail(value.status());
+    if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
+      return fail(SqliteDamaged(database, "no valid schema_version in meta"));
+    }
+  }
+  if (version > current) {
+    return fail(
+        ErrnoStatus(EIO, absl::StatusCode::kFailedPrecondition,
+                    absl::StrCat(database, " has schema version ", version, ", newer than this ",
+                                 program, "'s ", current, "; upgrade the ", program)));
+  }
+  for (int v = version; v < current; ++v) {
+    absl::Status s = exec(migrations[v], absl::StrCat("migration to schema ", v + 1));
+    if (!s.ok()) return fail(s);
+  }
+  if (version != current) {
+    absl::Status s =
+        exec(absl::StrCat("INSERT INTO meta (key, value) VALUES ('schema_version', '", current,
+                          "') ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+             "record schema version");
+    if (!s.ok()) return fail(s);
+  }
+  if (absl::Status s = exec("COMMIT", "commit migration"); !s.ok()) return fail(s);
+  return absl::OkStatus();
 }
 
 }  // namespace dmapin

@@ -48,6 +48,20 @@ std::string ColumnText(sqlite3_stmt* stmt, int index);
 absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, absl::string_view database,
                                                      const char* sql);
 
+// What a store does to a freshly opened connection, before anything writes: a busy timeout (an
+// operator's sqlite3 shell may be reading), quick_check (the b-tree of every page; DATA_LOSS when
+// damaged), WAL, and synchronous FULL (fsync every commit) or NORMAL (survive process crashes).
+absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full);
+
+// Brings the schema to version migrations.size(): migration i takes version i to i + 1 (never
+// edit a released one, append). The version lives in the table meta (key TEXT PRIMARY KEY, value
+// TEXT), which migration 0 must create, under the key "schema_version". One write transaction for
+// the check and every step: two processes opening the same file cannot both migrate, and a crash
+// mid-migration leaves the old version intact. A newer schema fails with FAILED_PRECONDITION
+// asking to upgrade `program` ("agent", "server").
+absl::Status MigrateSchema(sqlite3* db, absl::string_view database,
+                           const std::vector<const char*>& migrations, absl::string_view program);
+
 }  // namespace dmapin
 
 #endif  // DMAPIN_COMMON_SQLITE_UTIL_H_

@@ -414,87 +414,16 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
 }
 
 absl::Status StateStore::InitLocked() {
-  sqlite3_busy_timeout(db_, 5000);  // another process (an operator's sqlite3 shell) may read
-
-  // Before anything writes to the file. quick_check verifies the b-tree structure of every page
-  // (not the UNIQUE constraints or index contents, which the full integrity_check adds).
-  absl::StatusOr<std::vector<std::string>> check =
-      QueryColumn(db_, database_, "PRAGMA quick_check");
-  if (!check.ok()) return check.status();
-  if (check->size() != 1 || (*check)[0] != "ok") {
-    std::vector<std::string> problems(check->begin(),
-                                      check->begin() + std::min<size_t>(check->size(), 5));
-    return SqliteDamaged(database_, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
-  }
-
-  absl::StatusOr<std::vector<std::string>> mode =
-      QueryColumn(db_, database_, "PRAGMA journal_mode = WAL");
-  if (!mode.ok()) return mode.status();
-  if (mode->size() != 1 || (*mode)[0] != "wal") {
-    return ErrnoStatus(
-        EIO, absl::StrCat(database_, ": cannot enable WAL (mode ", absl::StrJoin(*mode, ","), ")"));
-  }
-  const char* sync =
-      options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL";
-  for (const char* pragma : {sync, "PRAGMA foreign_keys = ON"}) {
-    absl::StatusOr<std::vector<std::string>> done = QueryColumn(db_, database_, pragma);
-    if (!done.ok()) return done.status();
-  }
+  if (absl::Status s = PrepareDatabase(db_, database_, options_.sync_full); !s.ok()) return s;
   // A SQLite built without foreign keys ignores the pragma; the cascades depend on it.
-  absl::StatusOr<std::vector<std::string>> fk = QueryColumn(db_, database_, "PRAGMA foreign_keys");
+  absl::StatusOr<std::vector<std::string>> fk =
+      QueryColumn(db_, database_, "PRAGMA foreign_keys = ON");
+  if (fk.ok()) fk = QueryColumn(db_, database_, "PRAGMA foreign_keys");
   if (!fk.ok()) return fk.status();
   if (fk->size() != 1 || (*fk)[0] != "1") {
     return ErrnoStatus(EIO, "this SQLite does not enforce foreign keys");
   }
-  return MigrateLocked();
-}
-
-absl::Status StateStore::MigrateLocked() {
-  // One write transaction for the check and every step: two agents opening the same directory
-  // cannot both migrate, and a crash mid-migration leaves the old version intact.
-  if (absl::Status s = ExecLocked(kBeginWrite, "begin migration"); !s.ok()) return s;
-  auto fail = [this](absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    RollbackLocked();
-    return status;
-  };
-  absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
-      db_, database_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
-  if (!has_meta.ok()) return fail(has_meta.status());
-  int version = 0;
-  if (!has_meta->empty()) {
-    absl::StatusOr<std::vector<std::string>> value =
-        QueryColumn(db_, database_, "SELECT value FROM meta WHERE key = 'schema_version'");
-    if (!value.ok()) return fail(value.status());
-    if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
-      return fail(ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
-                              absl::StrCat(database_, " has no valid schema_version in meta")));
-    }
-  }
-  if (version > kCurrentSchemaVersion) {
-    return fail(ErrnoStatus(
-        EIO, absl::StatusCode::kFailedPrecondition,
-        absl::StrCat(database_, " has schema version ", version, ", newer than this agent's ",
-                     kCurrentSchemaVersion, "; upgrade the agent")));
-  }
-  for (int v = version; v < kCurrentSchemaVersion; ++v) {
-    char* error = nullptr;
-    const int rc = sqlite3_exec(db_, kMigrations[v], nullptr, nullptr, &error);
-    if (rc != SQLITE_OK) {
-      std::string message = error != nullptr ? error : sqlite3_errstr(rc);
-      sqlite3_free(error);
-      return fail(ErrnoStatus(
-          EIO, absl::StrCat(database_, ": migration to schema ", v + 1, " failed: ", message)));
-    }
-  }
-  if (version != kCurrentSchemaVersion) {
-    absl::StatusOr<sqlite3_stmt*> meta = StatementLocked(kUpsertMeta);
-    if (!meta.ok()) return fail(meta.status());
-    BindText(*meta, 1, kMetaSchemaVersion);
-    BindText(*meta, 2, absl::StrCat(kCurrentSchemaVersion));
-    if (absl::Status s = RunLocked(*meta, "record schema version"); !s.ok()) return fail(s);
-  }
-  if (absl::Status s = ExecLocked(kCommit, "commit migration"); !s.ok()) return fail(s);
-  return absl::OkStatus();
+  return MigrateSchema(db_, database_, {std::begin(kMigrations), std::end(kMigrations)}, "agent");
 }
 
 absl::Status StateStore::SqliteError(int rc, absl::string_view what) const {

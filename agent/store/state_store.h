@@ -308,7 +308,6 @@ class StateStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Status InitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status MigrateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<sqlite3_stmt*> StatementLocked(Sql sql) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs a statement that returns no rows; adds the rows it changed to `*rows` when given.
   absl::Status RunLocked(sqlite3_stmt* stmt, absl::string_view what, uint64_t* rows = nullptr) const

@@ -627,6 +627,98 @@ TEST_F(StateStoreTest, RefusesASchemaNewerThanItKnows) {
   EXPECT_TRUE(absl::StrContains(store.status().message(), "schema version 99")) << store.status();
 }
 
+// Schema version 1 as the first release wrote it (state_store.cc's first migration).
+constexpr const char* kSchemaV1 = R"sql(
+CREATE TABLE meta (
+  key TEXT PRIMARY KEY NOT NULL,
+  value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE contexts (
+  name TEXT PRIMARY KEY NOT NULL,
+  id INTEGER NOT NULL UNIQUE,
+  memlock_limit_bytes INTEGER,  -- NULL: unlimited
+  cap_ipc_lock INTEGER NOT NULL CHECK (cap_ipc_lock IN (0, 1)),
+  backing INTEGER NOT NULL,
+  mem_ua INTEGER NOT NULL,
+  mem_size INTEGER NOT NULL
+);
+
+CREATE TABLE containers (
+  name TEXT PRIMARY KEY NOT NULL,
+  id INTEGER NOT NULL UNIQUE,
+  iommu_page_size INTEGER NOT NULL,
+  window_start INTEGER NOT NULL,
+  window_size INTEGER NOT NULL
+);
+
+-- AUTOINCREMENT: seq never goes backwards, even after the newest hold is removed.
+CREATE TABLE holds (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  container TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
+  context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
+  ua INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  UNIQUE (container, context, ua, size)
+);
+CREATE INDEX holds_by_context ON holds (context);
+
+CREATE TABLE pending (
+  context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
+  ua INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  PRIMARY KEY (context, ua, size)
+) WITHOUT ROWID;
+
+-- iova: 8-byte big-endian, so that BLOB order (memcmp) is unsigned 64-bit order.
+CREATE TABLE mappings (
+  container TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
+  iova BLOB NOT NULL CHECK (typeof(iova) = 'blob' AND length(iova) = 8),
+  size INTEGER NOT NULL,
+  ua INTEGER NOT NULL,
+  PRIMARY KEY (container, iova)
+) WITHOUT ROWID;
+
+CREATE TABLE applied_decisions (
+  decision_id TEXT PRIMARY KEY NOT NULL,
+  epoch INTEGER NOT NULL,
+  result INTEGER NOT NULL,  -- errno, 0 = success
+  applied_at INTEGER NOT NULL  -- Unix time, milliseconds
+) WITHOUT ROWID;
+)sql";
+
+TEST_F(StateStoreTest, MigratesAVersion1DatabaseAndBackfillsBindings) {
+  store_.reset();
+  std::filesystem::remove_all(dir_);
+  std::filesystem::create_directories(dir_);
+  const std::string path = dir_ + "/state.db";
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  const std::string v1_rows = absl::StrCat(
+      kSchemaV1,
+      "INSERT INTO meta VALUES ('schema_version', '1');"
+      "INSERT INTO contexts VALUES ('vm', 1, NULL, 0, 0, 0, 0);"
+      "INSERT INTO containers VALUES ('held', 2, 65536, 0, 1099511627776);"
+      "INSERT INTO containers VALUES ('idle', 3, 65536, 0, 1099511627776);"
+      "INSERT INTO holds (container, context, ua, size) VALUES ('held', 'vm', 65536, 65536);");
+  char* error = nullptr;
+  ASSERT_EQ(sqlite3_exec(db, v1_rows.c_str(), nullptr, nullptr, &error), SQLITE_OK) << error;
+  sqlite3_close(db);
+
+  absl::StatusOr<std::unique_ptr<StateStore>> store = StateStore::Open(dir_, {});
+  ASSERT_TRUE(store.ok()) << store.status();
+  absl::StatusOr<PersistedState> state = (*store)->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(state->meta.at(std::string(kMetaSchemaVersion)),
+            absl::StrCat(StateStore::CurrentSchemaVersion()));
+  ASSERT_EQ(state->containers.size(), 2u);
+  EXPECT_EQ(state->containers[0].name, "held");
+  EXPECT_EQ(state->containers[0].context, "vm") << "the binding comes from the holds";
+  EXPECT_EQ(state->containers[1].context, "");
+  EXPECT_TRUE(state->containers[0].vfio_groups.empty());
+  ASSERT_EQ(state->holds.size(), 1u);
+}
+
 TEST_F(StateStoreTest, OpenCreatesNestedDirectories) {
   const std::string nested = dir_ + "/a/b/c";
   absl::StatusOr<std::unique_ptr<StateStore>> store = StateStore::Open(nested, {});

@@ -316,75 +316,8 @@ absl::StatusOr<std::unique_ptr<SqliteServerStore>> SqliteServerStore::Open(
 }
 
 absl::Status SqliteServerStore::InitLocked() {
-  sqlite3_busy_timeout(db_, 5000);  // an operator's sqlite3 shell may be reading
-
-  // Before anything writes to the file.
-  absl::StatusOr<std::vector<std::string>> check =
-      QueryColumn(db_, database_, "PRAGMA quick_check");
-  if (!check.ok()) return check.status();
-  if (check->size() != 1 || (*check)[0] != "ok") {
-    std::vector<std::string> problems(check->begin(),
-                                      check->begin() + std::min<size_t>(check->size(), 5));
-    return SqliteDamaged(database_, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
-  }
-  absl::StatusOr<std::vector<std::string>> mode =
-      QueryColumn(db_, database_, "PRAGMA journal_mode = WAL");
-  if (!mode.ok()) return mode.status();
-  if (mode->size() != 1 || (*mode)[0] != "wal") {
-    return ErrnoStatus(
-        EIO, absl::StrCat(database_, ": cannot enable WAL (mode ", absl::StrJoin(*mode, ","), ")"));
-  }
-  absl::StatusOr<std::vector<std::string>> sync =
-      QueryColumn(db_, database_,
-                  options_.sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL");
-  if (!sync.ok()) return sync.status();
-  return MigrateLocked();
-}
-
-absl::Status SqliteServerStore::MigrateLocked() {
-  // One write transaction for the check and every step: a crash mid-migration leaves the old
-  // version intact.
-  if (absl::Status s = ExecLocked(kBeginWrite, "begin migration"); !s.ok()) return s;
-  auto fail = [this](absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    RollbackLocked();
-    return status;
-  };
-  absl::StatusOr<std::vector<std::string>> has_meta = QueryColumn(
-      db_, database_, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'");
-  if (!has_meta.ok()) return fail(has_meta.status());
-  int version = 0;
-  if (!has_meta->empty()) {
-    absl::StatusOr<std::vector<std::string>> value =
-        QueryColumn(db_, database_, "SELECT value FROM meta WHERE key = 'schema_version'");
-    if (!value.ok()) return fail(value.status());
-    if (value->size() != 1 || !absl::SimpleAtoi((*value)[0], &version) || version < 1) {
-      return fail(SqliteDamaged(database_, "no valid schema_version in meta"));
-    }
-  }
-  if (version > kCurrentSchemaVersion) {
-    return fail(ErrnoStatus(
-        EIO, absl::StatusCode::kFailedPrecondition,
-        absl::StrCat(database_, " has schema version ", version, ", newer than this server's ",
-                     kCurrentSchemaVersion, "; upgrade the server")));
-  }
-  for (int v = version; v < kCurrentSchemaVersion; ++v) {
-    char* error = nullptr;
-    const int rc = sqlite3_exec(db_, kMigrations[v], nullptr, nullptr, &error);
-    if (rc != SQLITE_OK) {
-      std::string message = error != nullptr ? error : sqlite3_errstr(rc);
-      sqlite3_free(error);
-      return fail(ErrnoStatus(
-          EIO, absl::StrCat(database_, ": migration to schema ", v + 1, " failed: ", message)));
-    }
-  }
-  if (version != kCurrentSchemaVersion) {
-    if (absl::Status s = PutMetaLocked(kMetaSchemaVersion, absl::StrCat(kCurrentSchemaVersion));
-        !s.ok()) {
-      return fail(s);
-    }
-  }
-  if (absl::Status s = ExecLocked(kCommit, "commit migration"); !s.ok()) return fail(s);
-  return absl::OkStatus();
+  if (absl::Status s = PrepareDatabase(db_, database_, options_.sync_full); !s.ok()) return s;
+  return MigrateSchema(db_, database_, {std::begin(kMigrations), std::end(kMigrations)}, "server");
 }
 
 absl::Status SqliteServerStore::SqliteError(int rc, absl::string_view what) const {

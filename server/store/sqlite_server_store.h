@@ -100,7 +100,6 @@ class SqliteServerStore final : public ServerStore {
   SqliteServerStore(std::string path, SqliteServerStoreOptions options, sqlite3* db);
 
   absl::Status InitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status MigrateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<sqlite3_stmt*> StatementLocked(int sql) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status RunLocked(sqlite3_stmt* stmt, absl::string_view what) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
