@@ -101,9 +101,8 @@ absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_
   absl::StatusOr<std::vector<std::string>> check = QueryColumn(db, database, "PRAGMA quick_check");
   if (!check.ok()) return check.status();
   if (check->size() != 1 || (*check)[0] != "ok") {
-    std::vector<std::string> problems(check->begin(),
-                                      check->begin() + std::min<size_t>(check->size(), 5));
-    return SqliteDamaged(database, absl::StrCat("quick_check: ", absl::StrJoin(problems, "; ")));
+    check->resize(std::min<size_t>(check->size(), 5));  // the first few problems say enough
+    return SqliteDamaged(database, absl::StrCat("quick_check: ", absl::StrJoin(*check, "; ")));
   }
   absl::StatusOr<std::vector<std::string>> mode =
       QueryColumn(db, database, "PRAGMA journal_mode = WAL");

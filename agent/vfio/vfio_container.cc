@@ -299,8 +299,7 @@ absl::Status SpaprTceV2Driver::UnmapDma(uint64_t iova, uint64_t size) {
 // Type1Driver
 
 Type1Driver::Type1Driver(VfioKernel* kernel, Type1Options options)
-    : VfioContainerDriver(kernel, VFIO_TYPE1v2_IOMMU, kVfioType1Backend),
-      options_(std::move(options)) {}
+    : VfioContainerDriver(kernel, VFIO_TYPE1v2_IOMMU, kVfioType1Backend), options_(options) {}
 
 Type1Driver::~Type1Driver() { Close().IgnoreError(); }
 
@@ -641,7 +640,7 @@ std::unique_ptr<VfioContainerDriver> NewVfioContainerDriver(absl::string_view ba
                                                             Type1Options type1_options) {
   if (backend == kVfioSpaprV2Backend) return std::make_unique<SpaprTceV2Driver>(kernel);
   if (backend == kVfioType1Backend) {
-    return std::make_unique<Type1Driver>(kernel, std::move(type1_options));
+    return std::make_unique<Type1Driver>(kernel, type1_options);
   }
   return nullptr;
 }

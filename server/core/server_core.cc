@@ -145,14 +145,14 @@ void EventSubscription::SetListener(std::function<void()> listener) {
 
 // --- Construction and loading -----------------------------------------------------------------
 
-ServerCore::ServerCore(ServerCoreOptions options) : options_(std::move(options)) {
+ServerCore::ServerCore(ServerCoreOptions options) : options_(options) {
   rng_.seed(options_.random_seed != 0 ? options_.random_seed
                                       : static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
 }
 
 absl::StatusOr<std::unique_ptr<ServerCore>> ServerCore::Create(ServerCoreOptions options) {
   if (options.store == nullptr) return absl::InvalidArgumentError("ServerCore needs a store");
-  std::unique_ptr<ServerCore> core(new ServerCore(std::move(options)));
+  std::unique_ptr<ServerCore> core(new ServerCore(options));
   if (absl::Status status = core->Load(); !status.ok()) return status;
   core->loop_ = std::thread([raw = core.get()] { raw->Loop(); });
   return core;

@@ -17,7 +17,7 @@ class ControlService::Stream final
     : public grpc::ServerBidiReactor<v1::AgentMessage, v1::ServerMessage>,
       public AgentSession {
  public:
-  Stream(ControlService* service) : service_(service) {}
+  explicit Stream(ControlService* service) : service_(service) {}
 
   void Start(std::shared_ptr<Stream> self) {
     self_ = std::move(self);
