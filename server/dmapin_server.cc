@@ -44,6 +44,10 @@ ABSL_FLAG(uint32_t, reconcile_interval_ms, 20,
           "(changes wake it at once).");
 ABSL_FLAG(uint32_t, decision_timeout_ms, 30000,
           "A decision unanswered this long is considered lost and its intent re-evaluated.");
+ABSL_FLAG(uint64_t, decision_history, 100000,
+          "Decision records kept for ListDecisions (the newest; those in flight are always "
+          "kept); older ones are pruned every minute. 0 keeps all (the store then grows without "
+          "bound).");
 ABSL_FLAG(bool, per_region_metrics, false,
           "Export one series per region (bounded by --max_region_series). Off by default: at "
           "fleet scale per-region series are the cardinality that hurts Prometheus.");
@@ -73,7 +77,8 @@ int Run() {
       .store = store->get(),
       .reconcile_interval = absl::Milliseconds(absl::GetFlag(FLAGS_reconcile_interval_ms)),
       .decision_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_decision_timeout_ms)),
-      .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms)});
+      .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
+      .decision_history = absl::GetFlag(FLAGS_decision_history)});
   if (!core.ok()) {
     std::fprintf(stderr, "dmapin-server: loading %s failed, refusing to serve: %s\n",
                  state_dir.c_str(), core.status().ToString().c_str());

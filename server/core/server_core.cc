@@ -225,6 +225,7 @@ void ServerCore::Wake() {
 }
 
 void ServerCore::Loop() {
+  absl::Time next_prune = absl::Now() + options_.prune_interval;
   for (;;) {
     {
       MutexLock lock(&loop_mu_);
@@ -235,6 +236,22 @@ void ServerCore::Loop() {
       wake_ = false;
     }
     ReconcileNow();
+    if (absl::Now() >= next_prune) {
+      PruneDecisionHistory();
+      next_prune = absl::Now() + options_.prune_interval;
+    }
+  }
+}
+
+void ServerCore::PruneDecisionHistory() {
+  if (options_.decision_history == 0) return;
+  // The store is thread-safe: no need to hold mu_ (and stall the control plane) while it deletes.
+  absl::StatusOr<uint64_t> pruned = options_.store->PruneDecisions(options_.decision_history);
+  MutexLock lock(&mu_);
+  if (pruned.ok()) {
+    counters_.decisions_pruned += *pruned;
+  } else {
+    ++counters_.store_failures;
   }
 }
 

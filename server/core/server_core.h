@@ -76,6 +76,10 @@ struct ServerCoreOptions {
   absl::Duration decision_timeout = absl::Seconds(30);
   uint64_t report_interval_ms = 1000;
   uint64_t random_seed = 0;  // 0: from the clock
+  // Decision records kept for ListDecisions (the newest; those in flight are always kept). Older
+  // ones are pruned every prune_interval, so the store does not grow without bound. 0: keep all.
+  uint64_t decision_history = 100000;
+  absl::Duration prune_interval = absl::Minutes(1);
 };
 
 // Counters of the control plane, for metrics.
@@ -91,6 +95,7 @@ struct ServerCounters {
   uint64_t events_dropped = 0;
   uint64_t store_failures = 0;
   uint64_t reconcile_passes = 0;
+  uint64_t decisions_pruned = 0;  // decision records deleted by the history limit
   // Reconcile pass durations in seconds, bucketed by the metrics layer.
   std::vector<double> reconcile_seconds_recent;
 };
@@ -277,6 +282,8 @@ class ServerCore {
   bool stopping_ ABSL_GUARDED_BY(loop_mu_) = false;
   bool wake_ ABSL_GUARDED_BY(loop_mu_) = false;
   std::thread loop_;
+  // Deletes decision records beyond options_.decision_history (from the loop thread).
+  void PruneDecisionHistory();
   void Wake();
 };
 

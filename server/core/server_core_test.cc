@@ -188,13 +188,14 @@ class ServerCoreTest : public ::testing::Test {
     store_ = std::move(*store);
   }
 
-  void StartCore() {
+  void StartCore(const std::function<void(ServerCoreOptions&)>& tweak = nullptr) {
     ServerCoreOptions options;
     options.store = store_.get();
     // A fast background loop: any duplicate decision it would make shows up in the tests.
     options.reconcile_interval = absl::Milliseconds(2);
     options.decision_timeout = absl::Seconds(60);
     options.random_seed = 42;
+    if (tweak) tweak(options);
     absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(options);
     ASSERT_TRUE(core.ok()) << core.status();
     core_ = std::move(*core);
@@ -318,6 +319,26 @@ std::optional<v1::Event> WaitEvent(EventSubscription& subscription, const std::s
 }
 
 // --- (1) Register: one decision, satisfied by the result and the snapshot ---------------------
+
+TEST_F(ServerCoreTest, DecisionHistoryIsPrunedToItsLimit) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) {
+    options.decision_history = 2;
+    options.prune_interval = absl::Milliseconds(1);
+  });
+  auto a = Connect("node-a", {});
+  for (int i = 0; i < 5; ++i) MustCreate(Register("node-a", 0x100000 + i * kMiB, kMiB));
+  std::vector<v1::Decision> decisions = WaitDecisions(a, 5);
+  ASSERT_EQ(decisions.size(), 5u);
+  for (const v1::Decision& decision : decisions) Answer("node-a", a, decision, 0);
+  auto records = [&] {
+    absl::StatusOr<v1::ListDecisionsResponse> list = core_->ListDecisions({});
+    EXPECT_TRUE(list.ok()) << list.status();
+    return list.ok() ? list->decisions_size() : -1;
+  };
+  ASSERT_TRUE(Eventually([&] { return records() == 2; })) << records() << " records kept";
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.decisions_pruned, 3u);
+}
 
 TEST_F(ServerCoreTest, RegisterIntentSendsOneDecisionAndIsSatisfied) {
   auto a = Connect("node-a", {{"pool", "a"}});

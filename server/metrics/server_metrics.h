@@ -38,7 +38,8 @@
 //                                                    when a lossy subscriber goes away)
 //   dmapin_server_store_failures_total               counter, failed commits/id allocations
 //   dmapin_server_reconcile_passes_total             counter
-//   dmapin_server_reconcile_duration_seconds         histogram, 100 us .. 10 s
+//   dmapin_server_decision_records_pruned_total      counter, records deleted beyond
+//   --decision_history dmapin_server_reconcile_duration_seconds         histogram, 100 us .. 10 s
 //   dmapin_server_reconcile_durations_unobserved_total counter, passes missing from the histogram
 //   process_cpu_seconds_total, process_resident_memory_bytes   the standard process series
 //  Fleet totals (no labels; sums over the nodes below)
