@@ -21,6 +21,7 @@
 #include "agent/registry/sim_backend.h"
 #include "agent/service/node_agent_service.h"
 #include "agent/store/state_store.h"
+#include "common/exposition_parser.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -31,58 +32,10 @@ namespace {
 constexpr uint64_t k64K = 0x10000;
 constexpr uint64_t kBase = 0x10000000;
 
-using Labels = std::map<std::string, std::string>;
-
-struct Sample {
-  std::string name;
-  Labels labels;
-  double value = 0;
-};
-
-// Parses the text exposition format (as TextSerializer writes it: no escaped quotes in our
-// label values) into samples.
-std::vector<Sample> Parse(absl::string_view text) {
-  std::vector<Sample> samples;
-  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
-    if (line.front() == '#') continue;
-    Sample sample;
-    const size_t brace = line.find('{');
-    const size_t space = line.rfind(' ');
-    if (space == absl::string_view::npos) continue;
-    if (brace != absl::string_view::npos && brace < space) {
-      sample.name = std::string(line.substr(0, brace));
-      const size_t close = line.rfind('}');
-      absl::string_view labels = line.substr(brace + 1, close - brace - 1);
-      for (absl::string_view pair : absl::StrSplit(labels, "\",", absl::SkipEmpty())) {
-        const size_t eq = pair.find('=');
-        absl::string_view value = pair.substr(eq + 1);
-        if (!value.empty() && value.front() == '"') value.remove_prefix(1);
-        if (!value.empty() && value.back() == '"') value.remove_suffix(1);
-        sample.labels[std::string(pair.substr(0, eq))] = std::string(value);
-      }
-    } else {
-      sample.name = std::string(line.substr(0, space));
-    }
-    absl::string_view value = line.substr(space + 1);
-    if (value == "+Inf") {
-      sample.value = HUGE_VAL;
-    } else if (!absl::SimpleAtod(value, &sample.value)) {
-      ADD_FAILURE() << "unparsable sample line: " << line;
-      continue;
-    }
-    samples.push_back(std::move(sample));
-  }
-  return samples;
-}
-
-// The value of the series `name{labels}` (labels matched exactly), or nullopt.
-std::optional<double> Value(absl::string_view text, absl::string_view name,
-                            const Labels& labels = {}) {
-  for (const Sample& sample : Parse(text)) {
-    if (sample.name == name && sample.labels == labels) return sample.value;
-  }
-  return std::nullopt;
-}
+using exposition::Labels;
+using exposition::Parse;
+using exposition::Sample;
+using exposition::Value;
 
 // Whether any series of `name` carries label `key` = `value`.
 bool HasSeriesWith(absl::string_view text, absl::string_view name, absl::string_view key,
