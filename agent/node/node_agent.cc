@@ -202,16 +202,31 @@ absl::Status NodeAgent::Recover() {
   for (ContainerId id : temporary) {
     if (absl::Status status = registry_->ReleaseContainer(id); !status.ok()) return status;
   }
+  // A pending row whose region no mapping keeps any more: its last unmap was acknowledged in a
+  // call that did not see the region pending yet (it raced the unregister), so that call recorded
+  // the unmap without the release. The release is complete; the row goes.
+  Mutation completed;
   for (const StoredPending& pending : state->pending) {
     ContextEntry* context = *context_of(pending.context);
     absl::StatusOr<std::optional<RegionInfo>> region =
         registry_->Find(context->id, pending.ua, pending.size / registry_->page_size());
-    if (!region.ok() || !region->has_value() || !(*region)->pending_release) {
+    if (!region.ok()) return region.status();
+    if (!region->has_value()) {
+      completed.RemovePending(pending.context, pending.ua, pending.size);
+      MutexLock lock(&context->pending_mu);
+      auto& rows = context->pending;
+      rows.erase(std::remove(rows.begin(), rows.end(), std::make_pair(pending.ua, pending.size)),
+                 rows.end());
+      context->has_pending.store(!context->pending.empty(), std::memory_order_release);
+    } else if (!(*region)->pending_release) {
       return absl::DataLossError(absl::StrFormat(
-          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but no "
-          "mapping keeps it",
+          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but is "
+          "held by a container",
           pending.ua, pending.size, pending.context));
     }
+  }
+  if (absl::Status status = Persist(completed); !status.ok()) {
+    return Annotate(status, "recovery: removing completed pending releases");
   }
   next_id_ = next_temporary;
   auto next_id = state->meta.find(std::string(kMetaNextId));
@@ -260,7 +275,17 @@ absl::Status NodeAgent::CheckWritable() const {
 absl::Status NodeAgent::Persist(Mutation& mutation, const DecisionTag* decision) {
   if (decision != nullptr) mutation.RecordDecision(decision->id, decision->epoch, 0);
   if (options_.store == nullptr || mutation.empty()) return absl::OkStatus();
-  absl::Status status = options_.store->Commit(mutation);
+  return StoreOutcome(options_.store->Commit(mutation));
+}
+
+absl::Status NodeAgent::PersistMappingChange(const ContainerEntry& container, bool mapped,
+                                             uint64_t iova, uint64_t size, uint64_t ua) {
+  if (options_.store == nullptr) return absl::OkStatus();
+  return StoreOutcome(mapped ? options_.store->RecordMap(container.id, iova, size, ua)
+                             : options_.store->RecordClear(container.id, iova, size));
+}
+
+absl::Status NodeAgent::StoreOutcome(absl::Status status) {
   if (status.ok()) return status;
   store_failed_.store(true, std::memory_order_release);
   store_commit_failures_.fetch_add(1, std::memory_order_relaxed);
@@ -733,21 +758,29 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
       vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
     }
   }
-  Mutation mutation;
-  if (status.ok()) {
-    mutation.SetMapping(container_name, iova, size, ua);
-  } else if (cleared_bytes > 0) {
-    // A failed map clears the entries it had reached (spec §7.5); record that too.
-    mutation.ClearMappings(container_name, iova, cleared_bytes);
-  }
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
+    // The map may have moved a count off a region pending release: its rows change with it, in
+    // one transaction.
+    Mutation mutation;
+    if (status.ok()) {
+      mutation.SetMapping(container_name, iova, size, ua);
+    } else if (cleared_bytes > 0) {
+      mutation.ClearMappings(container_name, iova, cleared_bytes);
+    }
     MutexLock pending(&context->pending_mu);
     AddPendingDiff(*context, ContextName(context->id), &mutation);
     if (absl::Status persisted = Persist(mutation); !persisted.ok()) return persisted;
     return status;
   }
-  if (absl::Status persisted = Persist(mutation); !persisted.ok()) return persisted;
+  absl::Status persisted;
+  if (status.ok()) {
+    persisted = PersistMappingChange(*container, /*mapped=*/true, iova, size, ua);
+  } else if (cleared_bytes > 0) {
+    // A failed map clears the entries it had reached (spec §7.5); record that too.
+    persisted = PersistMappingChange(*container, /*mapped=*/false, iova, cleared_bytes);
+  }
+  if (!persisted.ok()) return persisted;
   return status;
 }
 
@@ -765,15 +798,16 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
     return status;
   }
-  Mutation mutation;
-  mutation.ClearMappings(container_name, iova, size);
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
+    // The unmap may have completed a pending release: record both in one transaction.
+    Mutation mutation;
+    mutation.ClearMappings(container_name, iova, size);
     MutexLock pending(&context->pending_mu);
     AddPendingDiff(*context, ContextName(context->id), &mutation);
     return Persist(mutation);
   }
-  return Persist(mutation);
+  return PersistMappingChange(*container, /*mapped=*/false, iova, size);
 }
 
 absl::StatusOr<std::vector<uint64_t>> NodeAgent::Translate(absl::string_view context_name,

@@ -242,6 +242,12 @@ class NodeAgent {
   // refuses further changes (EIO) and reports itself unhealthy, so that a restart rebuilds the
   // registry from what was acknowledged.
   absl::Status Persist(Mutation& mutation, const DecisionTag* decision = nullptr);
+  // The DMA hot path's record of one mapping change: a journal append, no transaction (see
+  // StateStore::RecordMap). mapped=false clears the range.
+  absl::Status PersistMappingChange(const ContainerEntry& container, bool mapped, uint64_t iova,
+                                    uint64_t size, uint64_t ua = 0);
+  // What the store answered, with the agent's reaction to a failure (see Persist).
+  absl::Status StoreOutcome(absl::Status status);
   absl::Status CheckWritable() const;
   // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
   // line with the registry. Holds context.pending_mu until the caller has committed.

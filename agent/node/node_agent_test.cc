@@ -185,9 +185,9 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
   Setup("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   const auto before = Snapshot(*agent_);
-  int commits = 0;
-  Restart({.fail_commit_hook = [&commits](int) {
-    return ++commits == 1 ? absl::UnavailableError("injected disk failure") : absl::OkStatus();
+  // The DMA path writes the mapping journal.
+  Restart({.fail_journal_append_hook = [](uint64_t) {
+    return absl::UnavailableError("injected disk failure");
   }});
   absl::Status status = agent_->MapDma("c1", 0, kBase, k64K);
   EXPECT_EQ(ErrnoOf(status), EIO) << status;
@@ -200,6 +200,34 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
   Restart();
   EXPECT_EQ(Snapshot(*agent_), before);  // the unacknowledged map is not there
   EXPECT_TRUE(agent_->healthy());
+}
+
+TEST_F(NodeAgentTest, PendingRowThatNoMappingKeepsIsDroppedAtRecovery) {
+  // What an unmap racing the unregister that made its region pending leaves behind: the pending
+  // row, and no mapping keeping the region.
+  Setup("vm-1", {"c1"});
+  const auto before = Snapshot(*agent_);
+  ASSERT_TRUE(store_->Commit(Mutation().PutPending("vm-1", kBase, k1M)).ok());
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), before);
+  absl::StatusOr<PersistedState> state = store_->Load();
+  ASSERT_TRUE(state.ok());
+  EXPECT_TRUE(state->pending.empty());
+}
+
+TEST_F(NodeAgentTest, CommitFailureStopsChangesUntilRestart) {
+  Setup("vm-1", {"c1"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
+  const auto before = Snapshot(*agent_);
+  Restart({.fail_commit_hook = [](int) { return absl::UnavailableError("injected"); }});
+  absl::Status status = agent_->RegisterRegion("c1", "vm-1", kBase + k1M, k1M).status();
+  EXPECT_EQ(ErrnoOf(status), EIO) << status;
+  EXPECT_FALSE(agent_->healthy());
+  EXPECT_EQ(ErrnoOf(agent_->MapDma("c1", k64K, kBase, k64K)), EIO);
+  agent_.reset();
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), before);  // the journaled map survived, the failed register not
 }
 
 TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {

@@ -181,6 +181,25 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
     AddScalar(out, "dmapin_agent_store_rows_written_total",
               "Rows inserted, updated or deleted by successful state-store commits.",
               MetricType::Counter, static_cast<double>(store.rows_written));
+    AddScalar(out, "dmapin_agent_store_journal_records_total",
+              "DMA map/unmap changes made durable by one append to the mapping journal.",
+              MetricType::Counter, static_cast<double>(store.journal_records));
+    AddScalar(out, "dmapin_agent_store_journal_failed_records_total",
+              "Mapping-journal appends that were refused or failed to write.", MetricType::Counter,
+              static_cast<double>(store.journal_failed_records));
+    AddScalar(out, "dmapin_agent_store_journal_folds_total",
+              "Transactions that folded mapping-journal records into the state database.",
+              MetricType::Counter, static_cast<double>(store.journal_folds));
+    AddScalar(out, "dmapin_agent_store_journal_records_folded_total",
+              "Mapping-journal records applied to the state database.", MetricType::Counter,
+              static_cast<double>(store.journal_records_folded));
+    AddScalar(out, "dmapin_agent_store_journal_records_skipped_total",
+              "Mapping-journal records of containers deleted before the fold reached them.",
+              MetricType::Counter, static_cast<double>(store.journal_records_skipped));
+    AddScalar(out, "dmapin_agent_store_journal_torn_tail_bytes",
+              "Bytes after the last whole record of the mapping journal found at start (a power "
+              "loss or a failed write in the previous run).",
+              MetricType::Gauge, static_cast<double>(store.journal_torn_tail_bytes));
   }
 
   const RegistryStats& c = status.counters;

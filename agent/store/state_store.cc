@@ -6,9 +6,11 @@
 #include <cerrno>
 #include <condition_variable>
 #include <filesystem>
+#include <optional>
 #include <system_error>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -151,6 +153,8 @@ constexpr const char* kSqlText[] = {
     /* kLoadDecisions */
     "SELECT decision_id, epoch, result, applied_at FROM applied_decisions ORDER BY decision_id",
     /* kLoadMeta */ "SELECT key, value FROM meta",
+    /* kContainerNameById */ "SELECT name FROM containers WHERE id = ?1",
+    /* kSelectMeta */ "SELECT value FROM meta WHERE key = ?1",
 };
 
 constexpr int kNumStatements = sizeof(kSqlText) / sizeof(kSqlText[0]);
@@ -235,6 +239,8 @@ enum StateStore::Sql : int {
   kLoadMappings,
   kLoadDecisions,
   kLoadMeta,
+  kContainerNameById,
+  kSelectMeta,
   kSqlCount,
 };
 
@@ -359,7 +365,7 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
   }
   if (const auto* meta = std::get_if<Mutation::MetaOp>(&op)) {
     if (meta->key.empty()) return Invalid("empty meta key");
-    if (meta->key == kMetaSchemaVersion) {
+    if (meta->key == kMetaSchemaVersion || meta->key == kMetaJournalFoldedSeq) {
       return Invalid(absl::StrCat("meta key \"", meta->key, "\" belongs to the store"));
     }
     return absl::OkStatus();
@@ -377,7 +383,17 @@ StateStore::StateStore(std::string path, StateStoreOptions options, sqlite3* db)
 }
 
 StateStore::~StateStore() {
+  if (folder_.joinable()) {
+    {
+      MutexLock lock(&folder_mu_);
+      folder_stop_ = true;
+    }
+    folder_cv_.notify_one();
+    folder_.join();
+  }
   MutexLock lock(&mu_);
+  // Best effort: whatever is not folded here is folded from the files at the next Open.
+  if (journal_ != nullptr) (void)FoldJournalLocked();
   for (sqlite3_stmt*& stmt : statements_) {
     if (stmt != nullptr) sqlite3_finalize(stmt);
     stmt = nullptr;
@@ -409,8 +425,164 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
   {
     MutexLock lock(&store->mu_);
     if (absl::Status status = store->InitLocked(); !status.ok()) return status;
+    // The journal's records from before a crash, folded before anyone reads or writes.
+    uint64_t folded_seq = 0;
+    absl::StatusOr<sqlite3_stmt*> stmt = store->StatementLocked(kSelectMeta);
+    if (!stmt.ok()) return stmt.status();
+    {
+      ScopedReset reset(*stmt);
+      BindText(*stmt, 1, kMetaJournalFoldedSeq);
+      const int rc = sqlite3_step(*stmt);
+      if (rc == SQLITE_ROW) {
+        folded_seq = ColumnU64(*stmt, 0);
+      } else if (rc != SQLITE_DONE) {
+        return store->SqliteError(rc, "read journal_folded_seq");
+      }
+    }
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
+        MappingJournal::Open(dir, folded_seq + 1,
+                             {.sync = store->options_.sync_full,
+                              .fail_append_hook = store->options_.fail_journal_append_hook});
+    if (!journal.ok()) return journal.status();
+    store->journal_ = std::move(*journal);
+    std::vector<JournalRecord> records;
+    for (const JournalRecord& record : store->journal_->recovered()) {
+      if (record.seq > folded_seq) records.push_back(record);
+    }
+    if (absl::Status status = store->FoldLocked(records); !status.ok()) {
+      return absl::Status(status.code(), absl::StrCat(status.message(),
+                                                      " (at open: the journal "
+                                                      "left by the previous run)"));
+    }
+    if (!store->journal_->recovered().empty()) {
+      store->journal_->DropFolded(store->journal_->recovered().back().seq);
+    }
   }
+  store->folder_ = std::thread([raw = store.get()] { raw->FoldInBackground(); });
   return store;
+}
+
+absl::Status StateStore::RecordMap(uint64_t container_id, uint64_t iova, uint64_t size,
+                                   uint64_t ua) {
+  return Record(JournalRecord::kMap, container_id, iova, size, ua);
+}
+
+absl::Status StateStore::RecordClear(uint64_t container_id, uint64_t iova, uint64_t size) {
+  return Record(JournalRecord::kClear, container_id, iova, size, 0);
+}
+
+absl::Status StateStore::Record(JournalRecord::Kind kind, uint64_t container_id, uint64_t iova,
+                                uint64_t size, uint64_t ua) {
+  if (absl::Status status = CheckRange("mapping iova", iova, size); !status.ok()) return status;
+  if (kind == JournalRecord::kMap) {
+    if (absl::Status status = CheckRange("mapping ua", ua, size); !status.ok()) return status;
+  }
+  if (fold_failed_.load(std::memory_order_acquire)) {
+    return ErrnoStatus(EIO, absl::StrCat(database_,
+                                         ": folding the mapping journal failed earlier; "
+                                         "the store takes no more changes"));
+  }
+  absl::StatusOr<uint64_t> seq = journal_->Append(kind, container_id, iova, size, ua);
+  if (!seq.ok()) return seq.status();
+  if (journal_->unfolded() >= options_.journal_fold_records) {
+    {
+      MutexLock lock(&folder_mu_);
+      folder_wake_ = true;
+    }
+    folder_cv_.notify_one();
+  }
+  return absl::OkStatus();
+}
+
+void StateStore::FoldInBackground() {
+  MutexLock lock(&folder_mu_);
+  while (!folder_stop_) {
+    folder_cv_.wait_for(
+        folder_mu_, absl::ToChronoNanoseconds(options_.journal_fold_interval),
+        [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return folder_stop_ || folder_wake_; });
+    if (folder_stop_) break;
+    folder_wake_ = false;
+    folder_mu_.Unlock();
+    // A failure is sticky and answered to the next caller; nothing more to do here.
+    (void)FoldJournal();
+    folder_mu_.Lock();
+  }
+}
+
+absl::Status StateStore::FoldJournal() {
+  MutexLock lock(&mu_);
+  return FoldJournalLocked();
+}
+
+absl::Status StateStore::FoldJournalLocked() {
+  if (fold_failed_.load(std::memory_order_acquire)) {
+    return ErrnoStatus(EIO, absl::StrCat(database_,
+                                         ": folding the mapping journal failed earlier; "
+                                         "the store takes no more changes"));
+  }
+  std::vector<JournalRecord> records = journal_->TakeUnfolded();
+  if (records.empty()) return absl::OkStatus();
+  absl::Status status = FoldLocked(records);
+  if (!status.ok()) {
+    fold_failed_.store(true, std::memory_order_release);
+    return status;
+  }
+  journal_->DropFolded(records.back().seq);
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
+  if (records.empty()) return absl::OkStatus();
+  if (absl::Status status = ExecLocked(kBeginWrite, "begin journal fold"); !status.ok()) {
+    return status;
+  }
+  // Container names by id, looked up once per fold. A container deleted since its records were
+  // written has no row: its mappings went with it.
+  absl::flat_hash_map<uint64_t, std::optional<std::string>> names;
+  absl::Status status;
+  uint64_t rows = 0;
+  uint64_t skipped = 0;
+  absl::StatusOr<sqlite3_stmt*> by_id = StatementLocked(kContainerNameById);
+  if (!by_id.ok()) status = by_id.status();
+  for (size_t i = 0; i < records.size() && status.ok(); ++i) {
+    const JournalRecord& record = records[i];
+    auto [name, inserted] = names.try_emplace(record.container_id);
+    if (inserted) {
+      ScopedReset reset(*by_id);
+      BindU64(*by_id, 1, record.container_id);
+      const int rc = sqlite3_step(*by_id);
+      if (rc == SQLITE_ROW) {
+        name->second = ColumnText(*by_id, 0);
+      } else if (rc != SQLITE_DONE) {
+        status = SqliteError(rc, "look up a container by id");
+        break;
+      }
+    }
+    if (!name->second.has_value()) {
+      ++skipped;
+      continue;
+    }
+    status = ApplyLocked(Mutation::MappingOp{record.kind == JournalRecord::kMap, *name->second,
+                                             record.iova, record.size, record.ua},
+                         0, &rows);
+  }
+  if (status.ok()) {
+    status = ApplyLocked(
+        Mutation::MetaOp{std::string(kMetaJournalFoldedSeq), absl::StrCat(records.back().seq)}, 0,
+        &rows);
+  }
+  if (status.ok()) status = ExecLocked(kCommit, "commit journal fold");
+  if (!status.ok()) {
+    RollbackLocked();
+    return ErrnoStatus(EIO, status.code(),
+                       absl::StrCat("folding mapping journal records ", records.front().seq, "-",
+                                    records.back().seq, " into ", database_, ": ",
+                                    absl::StripPrefix(status.message(), "EIO: ")));
+  }
+  journal_folds_.fetch_add(1, std::memory_order_relaxed);
+  journal_records_folded_.fetch_add(records.size() - skipped, std::memory_order_relaxed);
+  journal_records_skipped_.fetch_add(skipped, std::memory_order_relaxed);
+  return absl::OkStatus();
 }
 
 absl::Status StateStore::InitLocked() {
@@ -504,8 +676,14 @@ absl::Status StateStore::Commit(const Mutation& mutation) {
     MutexLock lock(&mu_);
     std::vector<const Mutation*> mutations;
     for (Writer* writer : batch) mutations.push_back(writer->mutation);
-    absl::Status status = CommitLocked(mutations);
-    if (status.ok() || batch.size() == 1) {
+    // The journal's records precede these mutations: fold them first.
+    absl::Status status = FoldJournalLocked();
+    if (!status.ok()) {
+      failed_commits_.fetch_add(batch.size(), std::memory_order_relaxed);
+    } else {
+      status = CommitLocked(mutations);
+    }
+    if (status.ok() || batch.size() == 1 || fold_failed_.load(std::memory_order_acquire)) {
       for (Writer* writer : batch) writer->status = status;
     } else {
       // One bad mutation must not fail its neighbours: retry each on its own.
@@ -740,8 +918,9 @@ absl::Status StateStore::ClearMappingRangeLocked(const std::string& container, u
   return absl::OkStatus();
 }
 
-absl::StatusOr<PersistedState> StateStore::Load() const {
+absl::StatusOr<PersistedState> StateStore::Load() {
   MutexLock lock(&mu_);
+  if (absl::Status status = FoldJournalLocked(); !status.ok()) return status;
   // One read transaction: a snapshot even if another process writes meanwhile.
   if (absl::Status s = ExecLocked(kBeginRead, "begin load"); !s.ok()) return s;
   PersistedState state;
@@ -866,6 +1045,15 @@ StoreStats StateStore::stats() const {
   stats.failed_commits = failed_commits_.load(std::memory_order_relaxed);
   stats.rows_written = rows_written_.load(std::memory_order_relaxed);
   stats.transactions = transactions_.load(std::memory_order_relaxed);
+  if (journal_ != nullptr) {
+    const JournalStats journal = journal_->stats();
+    stats.journal_records = journal.appends;
+    stats.journal_failed_records = journal.failed_appends;
+    stats.journal_torn_tail_bytes = journal.torn_tail_bytes;
+  }
+  stats.journal_folds = journal_folds_.load(std::memory_order_relaxed);
+  stats.journal_records_folded = journal_records_folded_.load(std::memory_order_relaxed);
+  stats.journal_records_skipped = journal_records_skipped_.load(std::memory_order_relaxed);
   return stats;
 }
 

@@ -18,6 +18,16 @@
 // A mapping's iova is an 8-byte big-endian BLOB (hex(iova) in the shell) because range queries
 // need SQLite's order to be the unsigned order across the whole 64-bit IOVA space.
 //
+// The DMA hot path. A mapping change (RecordMap/RecordClear) does not start a transaction: it is
+// one record appended to the mapping journal in the same directory (mapping_journal.h), durable
+// as above when the call returns (the journal is flushed per record with sync_full). The store
+// folds the journal into the `mappings` table in one transaction at a time: every
+// journal_fold_interval or journal_fold_records records in the background, before each of its own
+// transactions (so a Commit is ordered after every record that preceded it), in Load(), at Open
+// (records a crash left behind) and on close. While the agent runs, the `mappings` table an
+// operator reads in the sqlite3 shell may therefore lag by up to one fold interval; the meta key
+// "journal_folded_seq" says how far it is.
+//
 // Threading. One connection guarded by a mutex: every method is thread-safe and commits are
 // serialized. Not fork-safe: a child process must open its own StateStore.
 #ifndef DMAPIN_AGENT_STORE_STATE_STORE_H_
@@ -25,6 +35,7 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -32,6 +43,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <variant>
 #include <vector>
@@ -42,6 +54,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "agent/store/mapping_journal.h"
 #include "common/mutex.h"
 
 struct sqlite3;
@@ -53,6 +66,8 @@ namespace dmapin {
 inline constexpr absl::string_view kMetaSchemaVersion = "schema_version";
 inline constexpr absl::string_view kMetaNodeName = "node_name";
 inline constexpr absl::string_view kMetaNextId = "next_id";
+// The seq of the last mapping-journal record folded into the database. Belongs to the store.
+inline constexpr absl::string_view kMetaJournalFoldedSeq = "journal_folded_seq";
 
 // --- Rows ------------------------------------------------------------------------------------
 
@@ -250,6 +265,11 @@ struct StateStoreOptions {
   // A non-OK status makes that Commit roll back and fail with EIO. Runs under the store's lock: it
   // must not call the store.
   std::function<absl::Status(int commit_number)> fail_commit_hook;
+  // Fault injection for the mapping journal: see MappingJournalOptions::fail_append_hook.
+  std::function<absl::Status(uint64_t seq)> fail_journal_append_hook;
+  // How often, at the latest, and after how many records the background folds the journal.
+  absl::Duration journal_fold_interval = absl::Milliseconds(100);
+  size_t journal_fold_records = 8192;
 };
 
 // Counters for metrics.
@@ -261,17 +281,27 @@ struct StoreStats {
   uint64_t rows_written = 0;
   // SQLite transactions; fewer than commits when concurrent commits were grouped.
   uint64_t transactions = 0;
+  // The mapping journal.
+  uint64_t journal_records = 0;         // appended
+  uint64_t journal_failed_records = 0;  // refused or failed to write
+  uint64_t journal_folds = 0;           // transactions that folded records
+  uint64_t journal_records_folded = 0;
+  // Records of containers deleted before the fold reached them (nothing to apply).
+  uint64_t journal_records_skipped = 0;
+  uint64_t journal_torn_tail_bytes = 0;  // found at Open after a power loss or a failed write
 };
 
 class StateStore {
  public:
-  // Opens (creating if needed) `dir` and `dir/state.db`, runs quick_check, and migrates the schema
-  // to the current version. A damaged file fails with DATA_LOSS (errno EIO) naming the file; a
-  // schema newer than this binary fails with FAILED_PRECONDITION.
+  // Opens (creating if needed) `dir` and `dir/state.db`, runs quick_check, migrates the schema
+  // to the current version, and folds what the mapping journal holds from before. A damaged file
+  // fails with DATA_LOSS (errno EIO) naming the file; a schema newer than this binary fails with
+  // FAILED_PRECONDITION.
   static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir,
                                                           StateStoreOptions options = {});
 
-  ~StateStore();  // Closes the connection (checkpointing the WAL when it is the last one).
+  // Folds the journal, then closes the connection (checkpointing the WAL when it is the last one).
+  ~StateStore();
   StateStore(const StateStore&) = delete;
   StateStore& operator=(const StateStore&) = delete;
 
@@ -281,7 +311,19 @@ class StateStore {
   // mutation is a no-op that starts no transaction.
   absl::Status Commit(const Mutation& mutation);
 
-  absl::StatusOr<PersistedState> Load() const;
+  // The DMA hot path: makes one mapping change of container `container_id` (StoredContainer::id)
+  // durable without a transaction; it reaches the `mappings` table at the next fold, with the
+  // effect of Mutation::SetMapping / ClearMappings. Records of a container deleted before the fold
+  // are dropped. EINVAL for an empty or wrapping range (nothing written); EIO once the journal or
+  // a fold failed (the store then takes no more changes: restart to recover from the files).
+  absl::Status RecordMap(uint64_t container_id, uint64_t iova, uint64_t size, uint64_t ua);
+  absl::Status RecordClear(uint64_t container_id, uint64_t iova, uint64_t size);
+
+  // Folds the journal now (the background does it anyway).
+  absl::Status FoldJournal();
+
+  // Folds the journal, then reads everything.
+  absl::StatusOr<PersistedState> Load();
 
   // The result errno recorded for `decision_id`, or nullopt if it was never applied.
   absl::StatusOr<std::optional<int>> DecisionResult(absl::string_view decision_id) const;
@@ -303,6 +345,14 @@ class StateStore {
   static constexpr size_t kMaxOpsPerTransaction = 4096;
 
   StateStore(std::string path, StateStoreOptions options, sqlite3* db);
+  absl::Status Record(JournalRecord::Kind kind, uint64_t container_id, uint64_t iova, uint64_t size,
+                      uint64_t ua);
+  // Applies `records` (by seq) to the mappings table in one transaction. A failure is sticky:
+  // the records left memory and only the files (read again at the next Open) still have them.
+  absl::Status FoldLocked(const std::vector<JournalRecord>& records)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status FoldJournalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FoldInBackground();
   // One transaction for all of `mutations`; all or nothing.
   absl::Status CommitLocked(absl::Span<const Mutation* const> mutations)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -341,6 +391,18 @@ class StateStore {
   std::atomic<uint64_t> failed_commits_{0};
   std::atomic<uint64_t> rows_written_{0};
   std::atomic<uint64_t> transactions_{0};
+
+  std::unique_ptr<MappingJournal> journal_;  // set by Open
+  std::atomic<bool> fold_failed_{false};
+  std::atomic<uint64_t> journal_folds_{0};
+  std::atomic<uint64_t> journal_records_folded_{0};
+  std::atomic<uint64_t> journal_records_skipped_{0};
+  // The background folder.
+  Mutex folder_mu_;
+  std::condition_variable_any folder_cv_;
+  bool folder_stop_ ABSL_GUARDED_BY(folder_mu_) = false;
+  bool folder_wake_ ABSL_GUARDED_BY(folder_mu_) = false;
+  std::thread folder_;
 };
 
 }  // namespace dmapin

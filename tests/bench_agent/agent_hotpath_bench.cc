@@ -6,11 +6,11 @@
 // each mapping its own IOMMU page and unmapping it again, on gRPC's callback client API over
 // --channels connections. Per N it prints calls/s (each MapDma and each UnmapDma is one call), the
 // agent's CPU time over the window (utime + stime from /proc/<pid>/stat), calls per
-// agent-CPU-second
-// ("per core"), p50/p99 latency as the client sees it, and the client's own CPU.
+// agent-CPU-second ("per core"), p50/p99 latency as the client sees it, and the client's own CPU.
 //
 // In the same run, one-thread in-process baselines of the same work: NodeAgent::MapDma+UnmapDma
-// with a StateStore in a temp dir (what the agent does per call, without gRPC) and
+// with a StateStore in a temp dir (what the agent does per call without gRPC: the registry and
+// one mapping-journal append) and
 // Registry::Map+Unmap alone (no durability). The overhead ratio is agent CPU per call over gRPC
 // divided by the in-process cost per call.
 //
@@ -74,16 +74,16 @@ ABSL_FLAG(std::string, agent_prefix, "",
           "--tool=callgrind\").");
 ABSL_FLAG(bool, agent_metrics, false,
           "Run the agent with metrics on (--metrics_address=127.0.0.1:0) instead of off; the "
-          "bench then also reports state-store commits per SQLite transaction (group commit) "
-          "from /metrics, scraped outside the measured windows.");
+          "bench then also reports mapping-journal records per fold into SQLite from /metrics, "
+          "scraped outside the measured windows.");
 ABSL_FLAG(std::string, concurrency, "1,4,16,64", "Calls in flight, comma-separated.");
 ABSL_FLAG(double, duration, 3.0, "Measured seconds per concurrency level.");
 ABSL_FLAG(double, warmup, 0.3, "Unmeasured seconds before each measurement.");
 ABSL_FLAG(int, channels, 4, "Client connections to the agent (at most one per worker).");
 ABSL_FLAG(int, containers, 1,
           "Containers the workers spread over (all register the same region). The agent orders "
-          "each container's maps under a per-container lock held across the commit, so with one "
-          "container the calls are serialized end to end.");
+          "each container's maps under a per-container lock held across the journal append, so "
+          "with one container the calls are serialized end to end.");
 ABSL_FLAG(double, baseline_duration, 2.0, "Seconds per in-process baseline.");
 ABSL_FLAG(uint64_t, page_size, 65536, "The simulated node's page size (bytes): one map's size.");
 ABSL_FLAG(double, startup_timeout, 30.0, "Seconds to wait for the agent to serve.");
@@ -131,19 +131,20 @@ double SelfCpuSeconds() {
 using conformance::MetricValue;
 using conformance::ScrapeMetrics;
 
+// The mapping journal's appends and folds (one SQLite transaction each).
 struct StoreCounts {
-  double commits = 0;
-  double transactions = 0;
+  double records = 0;
+  double folds = 0;
 };
 
 std::optional<StoreCounts> ScrapeStoreCounts(int port) {
   if (port == 0) return std::nullopt;
   absl::StatusOr<std::string> text = ScrapeMetrics(port);
   if (!text.ok()) return std::nullopt;
-  std::optional<double> commits = MetricValue(*text, "dmapin_agent_store_commits_total");
-  std::optional<double> transactions = MetricValue(*text, "dmapin_agent_store_transactions_total");
-  if (!commits.has_value() || !transactions.has_value()) return std::nullopt;
-  return StoreCounts{*commits, *transactions};
+  std::optional<double> records = MetricValue(*text, "dmapin_agent_store_journal_records_total");
+  std::optional<double> folds = MetricValue(*text, "dmapin_agent_store_journal_folds_total");
+  if (!records.has_value() || !folds.has_value()) return std::nullopt;
+  return StoreCounts{*records, *folds};
 }
 
 // --- The agent process ---------------------------------------------------------------------------
@@ -371,7 +372,7 @@ struct LoadResult {
   double client_cpu = 0;
   double p50_us = 0;
   double p99_us = 0;
-  // State-store commits and SQLite transactions in the window (with --agent_metrics).
+  // Journal records and folds in the window (with --agent_metrics).
   std::optional<StoreCounts> store;
 };
 
@@ -418,8 +419,7 @@ absl::StatusOr<LoadResult> RunLoad(const std::vector<std::unique_ptr<v1::NodeAge
                     .agent_cpu = *cpu1 - *cpu0,
                     .client_cpu = client1 - client0};
   if (store0.has_value() && store1.has_value()) {
-    result.store =
-        StoreCounts{store1->commits - store0->commits, store1->transactions - store0->transactions};
+    result.store = StoreCounts{store1->records - store0->records, store1->folds - store0->folds};
   }
   std::vector<uint32_t> latencies;
   for (const auto& worker : workers) {
@@ -627,21 +627,21 @@ int Run(const char* argv0) {
       std::max(1, absl::GetFlag(FLAGS_channels)), std::max(1, absl::GetFlag(FLAGS_containers)),
       absl::GetFlag(FLAGS_agent_metrics) ? "on" : "off");
   std::printf("%6s %12s %10s %17s %10s %10s %11s %8s %12s\n", "N", "calls/s", "agent CPU",
-              "calls/agent-CPU-s", "p50 us", "p99 us", "client CPU", "errors", "commits/txn");
+              "calls/agent-CPU-s", "p50 us", "p99 us", "client CPU", "errors", "records/fold");
   for (const LoadResult& r : results) {
-    std::string per_transaction = "-";
-    if (r.store.has_value() && r.store->transactions > 0) {
-      per_transaction = absl::StrFormat("%.2f", r.store->commits / r.store->transactions);
+    std::string per_fold = "-";
+    if (r.store.has_value() && r.store->folds > 0) {
+      per_fold = absl::StrFormat("%.0f", r.store->records / r.store->folds);
     }
     std::printf("%6d %12.0f %9.2fs %17.0f %10.1f %10.1f %10.2fs %8llu %12s\n", r.in_flight,
                 r.calls / r.seconds, r.agent_cpu, r.agent_cpu > 0 ? r.calls / r.agent_cpu : 0.0,
                 r.p50_us, r.p99_us, r.client_cpu, static_cast<unsigned long long>(r.errors),
-                per_transaction.c_str());
+                per_fold.c_str());
     if (r.errors > 0) rc = 1;
   }
   std::printf("\nin-process baselines, one thread (calls/s; a call is one map or one unmap):\n");
   if (node_agent.ok()) {
-    std::printf("  NodeAgent::MapDma/UnmapDma + StateStore commit: %12.0f  (%.2f us/call)\n",
+    std::printf("  NodeAgent::MapDma/UnmapDma + journal record:   %12.0f  (%.2f us/call)\n",
                 *node_agent, 1e6 / *node_agent);
   } else {
     std::printf("  NodeAgent baseline failed: %s\n", node_agent.status().ToString().c_str());

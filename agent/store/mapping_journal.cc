@@ -1,0 +1,219 @@
+#include "agent/store/mapping_journal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <utility>
+
+#include "absl/base/internal/endian.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "agent/registry/errno_status.h"
+
+namespace dmapin {
+namespace {
+
+constexpr size_t kRecordBytes = 48;
+constexpr char kPrefix[] = "mappings.";
+constexpr char kSuffix[] = ".log";
+
+uint32_t Checksum(const char* data, size_t size) {
+  return static_cast<uint32_t>(
+      crc32(crc32(0, nullptr, 0), reinterpret_cast<const Bytef*>(data), static_cast<uInt>(size)));
+}
+
+void Encode(const JournalRecord& record, char* out) {
+  absl::little_endian::Store32(out + 4, record.kind);
+  absl::little_endian::Store64(out + 8, record.seq);
+  absl::little_endian::Store64(out + 16, record.container_id);
+  absl::little_endian::Store64(out + 24, record.iova);
+  absl::little_endian::Store64(out + 32, record.size);
+  absl::little_endian::Store64(out + 40, record.ua);
+  absl::little_endian::Store32(out, Checksum(out + 4, kRecordBytes - 4));
+}
+
+bool Decode(const char* in, JournalRecord* record) {
+  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4)) return false;
+  const uint32_t kind = absl::little_endian::Load32(in + 4);
+  if (kind != JournalRecord::kMap && kind != JournalRecord::kClear) return false;
+  record->kind = static_cast<JournalRecord::Kind>(kind);
+  record->seq = absl::little_endian::Load64(in + 8);
+  record->container_id = absl::little_endian::Load64(in + 16);
+  record->iova = absl::little_endian::Load64(in + 24);
+  record->size = absl::little_endian::Load64(in + 32);
+  record->ua = absl::little_endian::Load64(in + 40);
+  return true;
+}
+
+std::string FilePath(const std::string& dir, uint64_t first_seq) {
+  return absl::StrFormat("%s/%s%020d%s", dir, kPrefix, first_seq, kSuffix);
+}
+
+absl::Status SyncDirectory(const std::string& dir) {
+  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("open ", dir));
+  const int rc = fsync(fd);
+  const int err = errno;
+  close(fd);
+  return rc == 0 ? absl::OkStatus() : ErrnoStatus(err, absl::StrCat("fsync ", dir));
+}
+
+}  // namespace
+
+MappingJournal::MappingJournal(std::string dir, MappingJournalOptions options)
+    : dir_(std::move(dir)), options_(std::move(options)) {}
+
+MappingJournal::~MappingJournal() {
+  MutexLock lock(&mu_);
+  if (fd_ >= 0) close(fd_);
+}
+
+absl::StatusOr<std::unique_ptr<MappingJournal>> MappingJournal::Open(
+    const std::string& dir, uint64_t min_seq, MappingJournalOptions options) {
+  std::unique_ptr<MappingJournal> journal(new MappingJournal(dir, std::move(options)));
+  // The files in seq order: their names sort as their first seqs.
+  std::vector<std::pair<uint64_t, std::string>> files;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string filename = entry.path().filename().string();
+    absl::string_view name = filename;
+    uint64_t first_seq = 0;
+    if (absl::ConsumePrefix(&name, kPrefix) && absl::ConsumeSuffix(&name, kSuffix) &&
+        absl::SimpleAtoi(name, &first_seq)) {
+      files.emplace_back(first_seq, entry.path().string());
+    }
+  }
+  if (error) {
+    return ErrnoStatus(error.value(), absl::StrCat("cannot list the mapping journal in ", dir, ": ",
+                                                   error.message()));
+  }
+  std::sort(files.begin(), files.end());
+
+  MutexLock lock(&journal->mu_);
+  uint64_t last_seq = 0;
+  for (const auto& [first_seq, path] : files) {
+    std::ifstream in(path, std::ios::binary);
+    const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (in.bad()) return ErrnoStatus(EIO, absl::StrCat("cannot read the mapping journal ", path));
+    size_t offset = 0;
+    File file{path, 0};
+    for (; offset + kRecordBytes <= data.size(); offset += kRecordBytes) {
+      JournalRecord record;
+      if (!Decode(data.data() + offset, &record)) break;
+      if (last_seq != 0 && record.seq != last_seq + 1) break;
+      last_seq = record.seq;
+      file.last_seq = record.seq;
+      journal->recovered_.push_back(record);
+    }
+    journal->stats_.torn_tail_bytes += data.size() - offset;
+    journal->closed_.push_back(std::move(file));
+  }
+  journal->next_seq_ = std::max(last_seq + 1, std::max<uint64_t>(min_seq, 1));
+  if (absl::Status status = journal->StartFileLocked(); !status.ok()) return status;
+  return journal;
+}
+
+absl::Status MappingJournal::StartFileLocked() {
+  std::string path = FilePath(dir_, next_seq_);
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot create the mapping journal ", path));
+  if (options_.sync) {
+    if (absl::Status status = SyncDirectory(dir_); !status.ok()) {
+      close(fd);
+      return status;
+    }
+  }
+  if (fd_ >= 0) {
+    close(fd_);
+    closed_.push_back(std::move(current_));
+  }
+  fd_ = fd;
+  current_ = File{std::move(path), 0};
+  ++stats_.files_created;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64_t container_id,
+                                                uint64_t iova, uint64_t size, uint64_t ua) {
+  MutexLock lock(&mu_);
+  auto fail = [&](absl::Status status) {
+    failed_ = true;
+    ++stats_.failed_appends;
+    return status;
+  };
+  if (failed_) {
+    ++stats_.failed_appends;
+    return ErrnoStatus(EIO, absl::StrCat("the mapping journal ", current_.path,
+                                         " failed earlier and takes no more records"));
+  }
+  const JournalRecord record{kind, next_seq_, container_id, iova, size, ua};
+  if (options_.fail_append_hook) {
+    if (absl::Status injected = options_.fail_append_hook(record.seq); !injected.ok()) {
+      return fail(ErrnoStatus(
+          EIO, absl::StrCat("mapping journal: injected failure: ", injected.ToString())));
+    }
+  }
+  char buffer[kRecordBytes];
+  Encode(record, buffer);
+  ssize_t written;
+  do {
+    written = write(fd_, buffer, sizeof(buffer));
+  } while (written < 0 && errno == EINTR);
+  if (written != static_cast<ssize_t>(sizeof(buffer))) {
+    // A short write (ENOSPC part-way) leaves a torn record, which readers skip with what follows.
+    const int err = written < 0 ? errno : ENOSPC;
+    return fail(
+        ErrnoStatus(err, absl::StrCat("cannot append to the mapping journal ", current_.path)));
+  }
+  if (options_.sync && fdatasync(fd_) != 0) {
+    return fail(
+        ErrnoStatus(errno, absl::StrCat("cannot flush the mapping journal ", current_.path)));
+  }
+  ++next_seq_;
+  current_.last_seq = record.seq;
+  unfolded_.push_back(record);
+  ++stats_.appends;
+  return record.seq;
+}
+
+std::vector<JournalRecord> MappingJournal::TakeUnfolded() {
+  MutexLock lock(&mu_);
+  std::vector<JournalRecord> records = std::move(unfolded_);
+  unfolded_.clear();
+  // A journal that cannot start a new file keeps appending to this one; DropFolded then waits
+  // for a later rotation. A failed journal keeps its file for the next start to read.
+  if (current_.last_seq != 0 && !failed_) (void)StartFileLocked();
+  return records;
+}
+
+size_t MappingJournal::unfolded() const {
+  MutexLock lock(&mu_);
+  return unfolded_.size();
+}
+
+void MappingJournal::DropFolded(uint64_t seq) {
+  MutexLock lock(&mu_);
+  auto keep = closed_.begin();
+  for (; keep != closed_.end() && keep->last_seq <= seq; ++keep) {
+    if (unlink(keep->path.c_str()) == 0 || errno == ENOENT) ++stats_.files_deleted;
+  }
+  closed_.erase(closed_.begin(), keep);
+}
+
+JournalStats MappingJournal::stats() const {
+  MutexLock lock(&mu_);
+  return stats_;
+}
+
+}  // namespace dmapin
