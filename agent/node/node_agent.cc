@@ -67,9 +67,24 @@ absl::Status NodeAgent::Recover() {
   absl::StatusOr<PersistedState> state = options_.store->Load();
   if (!state.ok()) return Annotate(state.status(), "recovery: loading the state store");
   MutexLock control(&control_mu_);
-  MutexLock names(&names_mu_);
+  std::vector<std::pair<ContextEntry*, StoredPending>> pending;
+  {
+    MutexLock names(&names_mu_);
+    if (absl::Status status = RecoverLocked(*state, &pending); !status.ok()) return status;
+  }
+  // After names_mu_: the agent takes a context's pending_mu first.
+  for (auto& [context, row] : pending) {
+    MutexLock lock(&context->pending_mu);
+    context->pending.emplace_back(row.ua, row.size);
+    context->has_pending.store(true, std::memory_order_release);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::RecoverLocked(
+    const PersistedState& state, std::vector<std::pair<ContextEntry*, StoredPending>>* pending) {
   uint64_t max_id = 0;
-  for (const StoredContext& stored : state->contexts) {
+  for (const StoredContext& stored : state.contexts) {
     ContextSpec spec{.name = stored.name,
                      .memlock_limit_bytes = stored.memlock_limit_bytes,
                      .cap_ipc_lock = stored.cap_ipc_lock,
@@ -94,7 +109,7 @@ absl::Status NodeAgent::Recover() {
     context_names_[stored.id] = stored.name;
     max_id = std::max(max_id, stored.id);
   }
-  for (const StoredContainer& stored : state->containers) {
+  for (const StoredContainer& stored : state.containers) {
     ContainerSpec spec{.name = stored.name,
                        .iommu_page_size = stored.iommu_page_size,
                        .window_start = stored.window_start,
@@ -143,7 +158,7 @@ absl::Status NodeAgent::Recover() {
     return it->second.get();
   };
   // Holds in commit order, so that the first holder pins as it did originally.
-  for (const StoredHold& hold : state->holds) {
+  for (const StoredHold& hold : state.holds) {
     auto container = containers_.find(hold.container);
     absl::StatusOr<ContextEntry*> context = context_of(hold.context);
     if (container == containers_.end() || !context.ok()) {
@@ -165,7 +180,7 @@ absl::Status NodeAgent::Recover() {
   // Regions pending release: registered by a temporary holder, mapped below, then let go.
   std::vector<ContainerId> temporary;
   uint64_t next_temporary = max_id + 1;
-  for (const StoredPending& pending : state->pending) {
+  for (const StoredPending& pending : state.pending) {
     absl::StatusOr<ContextEntry*> context = context_of(pending.context);
     if (!context.ok()) return context.status();
     const ContainerId id = next_temporary++;
@@ -177,11 +192,8 @@ absl::Status NodeAgent::Recover() {
                                               pending.ua, pending.size, pending.context));
     }
     temporary.push_back(id);
-    MutexLock lock(&(*context)->pending_mu);
-    (*context)->pending.emplace_back(pending.ua, pending.size);
-    (*context)->has_pending.store(true, std::memory_order_release);
   }
-  for (const StoredMapping& mapping : state->mappings) {
+  for (const StoredMapping& mapping : state.mappings) {
     auto container = containers_.find(mapping.container);
     if (container == containers_.end()) {
       return absl::DataLossError(
@@ -206,32 +218,29 @@ absl::Status NodeAgent::Recover() {
   // call that did not see the region pending yet (it raced the unregister), so that call recorded
   // the unmap without the release. The release is complete; the row goes.
   Mutation completed;
-  for (const StoredPending& pending : state->pending) {
-    ContextEntry* context = *context_of(pending.context);
+  for (const StoredPending& row : state.pending) {
+    ContextEntry* context = *context_of(row.context);
     absl::StatusOr<std::optional<RegionInfo>> region =
-        registry_->Find(context->id, pending.ua, pending.size / registry_->page_size());
+        registry_->Find(context->id, row.ua, row.size / registry_->page_size());
     if (!region.ok()) return region.status();
     if (!region->has_value()) {
-      completed.RemovePending(pending.context, pending.ua, pending.size);
-      MutexLock lock(&context->pending_mu);
-      auto& rows = context->pending;
-      rows.erase(std::remove(rows.begin(), rows.end(), std::make_pair(pending.ua, pending.size)),
-                 rows.end());
-      context->has_pending.store(!context->pending.empty(), std::memory_order_release);
-    } else if (!(*region)->pending_release) {
+      completed.RemovePending(row.context, row.ua, row.size);
+    } else if ((*region)->pending_release) {
+      pending->emplace_back(context, row);
+    } else {
       return absl::DataLossError(absl::StrFormat(
           "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but is "
           "held by a container",
-          pending.ua, pending.size, pending.context));
+          row.ua, row.size, row.context));
     }
   }
   if (absl::Status status = Persist(completed); !status.ok()) {
     return Annotate(status, "recovery: removing completed pending releases");
   }
   next_id_ = next_temporary;
-  auto next_id = state->meta.find(std::string(kMetaNextId));
+  auto next_id = state.meta.find(std::string(kMetaNextId));
   uint64_t persisted_next = 0;
-  if (next_id != state->meta.end() && absl::SimpleAtoi(next_id->second, &persisted_next)) {
+  if (next_id != state.meta.end() && absl::SimpleAtoi(next_id->second, &persisted_next)) {
     next_id_ = std::max(next_id_, persisted_next);
   }
   return Annotate(registry_->CheckInvariants(), "recovery: invariants after rebuild");

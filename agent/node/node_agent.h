@@ -220,6 +220,11 @@ class NodeAgent {
 
   explicit NodeAgent(NodeAgentOptions options);
   absl::Status Recover();
+  // Rebuilds the registry and the name tables from `state`; the regions still pending release
+  // go to `pending` (their rows are set by Recover, which may take the contexts' pending_mu).
+  absl::Status RecoverLocked(const PersistedState& state,
+                             std::vector<std::pair<ContextEntry*, StoredPending>>* pending)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_, names_mu_);
   // Opens the kernel side of a new or recovered container and fits `options` to its window.
   absl::StatusOr<std::unique_ptr<VfioContainerDriver>> OpenVfioContainer(const ContainerSpec& spec,
                                                                          ContainerOptions* options);
