@@ -193,6 +193,10 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
     AddScalar(out, "dmapin_agent_store_journal_records_folded_total",
               "Mapping-journal records applied to the state database.", MetricType::Counter,
               static_cast<double>(store.journal_records_folded));
+    AddScalar(out, "dmapin_agent_store_journal_records_coalesced_total",
+              "Folded mapping-journal records made moot by a later record of the same fold (a "
+              "map and its unmap), so never written to the state database.",
+              MetricType::Counter, static_cast<double>(store.journal_records_coalesced));
     AddScalar(out, "dmapin_agent_store_journal_records_skipped_total",
               "Mapping-journal records of containers deleted before the fold reached them.",
               MetricType::Counter, static_cast<double>(store.journal_records_skipped));

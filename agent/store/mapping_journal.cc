@@ -11,9 +11,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <utility>
 
 #include "absl/base/internal/endian.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -70,6 +72,41 @@ absl::Status SyncDirectory(const std::string& dir) {
 }
 
 }  // namespace
+
+std::vector<JournalRecord> Coalesce(const std::vector<JournalRecord>& records) {
+  // Per container, the union of the ranges of the records after the one at hand, as disjoint
+  // [first, last] intervals keyed by first.
+  absl::flat_hash_map<uint64_t, std::map<uint64_t, uint64_t>> covered;
+  std::vector<bool> keep(records.size(), false);
+  for (size_t i = records.size(); i-- > 0;) {
+    const JournalRecord& record = records[i];
+    const uint64_t first = record.iova;
+    const uint64_t last = record.iova + (record.size - 1);
+    std::map<uint64_t, uint64_t>& intervals = covered[record.container_id];
+    auto next = intervals.upper_bound(first);
+    if (next != intervals.begin() && std::prev(next)->second >= last) continue;  // covered
+    keep[i] = true;
+    // Merge [first, last] with every interval it overlaps or touches.
+    uint64_t merged_first = first;
+    uint64_t merged_last = last;
+    auto it = next;
+    if (it != intervals.begin()) {
+      auto before = std::prev(it);
+      if (before->second >= first - 1 || first == 0) it = before;
+    }
+    while (it != intervals.end() && (merged_last == ~uint64_t{0} || it->first <= merged_last + 1)) {
+      merged_first = std::min(merged_first, it->first);
+      merged_last = std::max(merged_last, it->second);
+      it = intervals.erase(it);
+    }
+    intervals.emplace(merged_first, merged_last);
+  }
+  std::vector<JournalRecord> kept;
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (keep[i]) kept.push_back(records[i]);
+  }
+  return kept;
+}
 
 MappingJournal::MappingJournal(std::string dir, MappingJournalOptions options)
     : dir_(std::move(dir)), options_(std::move(options)) {}

@@ -49,6 +49,12 @@ inline bool operator==(const JournalRecord& a, const JournalRecord& b) {
          a.iova == b.iova && a.size == b.size && a.ua == b.ua;
 }
 
+// The records of `records` (by seq) whose effect survives them all: a record whose range a later
+// record of the same container covers is dropped, since a map or a clear decides everything inside
+// its range and touches nothing outside it. Applying the result to any state gives the same rows
+// as applying `records`; a map undone by its unmap in the same batch costs nothing.
+std::vector<JournalRecord> Coalesce(const std::vector<JournalRecord>& records);
+
 struct MappingJournalOptions {
   // fdatasync after every append (and the directory after a new file): records then survive a
   // power loss too, at the cost of one flush per call.

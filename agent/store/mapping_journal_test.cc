@@ -5,7 +5,10 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -160,6 +163,89 @@ TEST_F(MappingJournalTest, UnreadableDirectoryIsAnError) {
       MappingJournal::Open(absl::StrCat(dir_, "/missing"), 1);
   EXPECT_FALSE(journal.ok());
   EXPECT_THAT(std::string(journal.status().message()), ::testing::HasSubstr("ENOENT"));
+}
+
+// --- Coalesce -----------------------------------------------------------------------------------
+
+// The rows of Mutation::SetMapping / ClearMappings, as a model: per container, iova -> (size, ua);
+// a record trims or splits every row overlapping its range, then (a map) inserts itself.
+using Rows = std::map<std::pair<uint64_t, uint64_t>, std::pair<uint64_t, uint64_t>>;
+
+void Apply(const JournalRecord& r, Rows* rows) {
+  const uint64_t last = r.iova + (r.size - 1);
+  Rows next;
+  for (const auto& [key, value] : *rows) {
+    const auto [container, iova] = key;
+    const auto [size, ua] = value;
+    const uint64_t row_last = iova + (size - 1);
+    if (container != r.container_id || row_last < r.iova || iova > last) {
+      next[key] = value;
+      continue;
+    }
+    if (iova < r.iova) next[{container, iova}] = {r.iova - iova, ua};
+    if (row_last > last) next[{container, last + 1}] = {row_last - last, ua + (last + 1 - iova)};
+  }
+  if (r.kind == JournalRecord::kMap) next[{r.container_id, r.iova}] = {r.size, r.ua};
+  *rows = std::move(next);
+}
+
+TEST(CoalesceTest, AMapUndoneByItsUnmapLeavesOnlyTheUnmap) {
+  const std::vector<JournalRecord> records = {
+      Map(1, 7, 0x1000, 0x1000, 0xa000), Map(2, 7, 0x2000, 0x1000, 0xb000),
+      Clear(3, 7, 0x1000, 0x1000), Map(4, 8, 0x1000, 0x1000, 0xc000)};
+  EXPECT_THAT(Coalesce(records),
+              ElementsAre(Map(2, 7, 0x2000, 0x1000, 0xb000), Clear(3, 7, 0x1000, 0x1000),
+                          Map(4, 8, 0x1000, 0x1000, 0xc000)));
+}
+
+TEST(CoalesceTest, ARecordCoveredByTheUnionOfLaterOnesGoes) {
+  const std::vector<JournalRecord> records = {Map(1, 7, 0x1000, 0x2000, 0xa000),
+                                              Clear(2, 7, 0x0, 0x2000),
+                                              Map(3, 7, 0x2000, 0x2000, 0xb000)};
+  EXPECT_THAT(Coalesce(records),
+              ElementsAre(Clear(2, 7, 0x0, 0x2000), Map(3, 7, 0x2000, 0x2000, 0xb000)));
+  // Partly covered: kept.
+  const std::vector<JournalRecord> partial = {Map(1, 7, 0x1000, 0x2000, 0xa000),
+                                              Clear(2, 7, 0x0, 0x2000)};
+  EXPECT_THAT(Coalesce(partial), SizeIs(2));
+}
+
+TEST(CoalesceTest, TopOfTheAddressSpace) {
+  const uint64_t top = ~uint64_t{0} - 0xfff;
+  const std::vector<JournalRecord> records = {Map(1, 7, top, 0x1000, 0xa000),
+                                              Map(2, 7, 0, 0x1000, 0xa000),
+                                              Clear(3, 7, top - 0x1000, 0x2000)};
+  EXPECT_THAT(Coalesce(records),
+              ElementsAre(Map(2, 7, 0, 0x1000, 0xa000), Clear(3, 7, top - 0x1000, 0x2000)));
+}
+
+TEST(CoalesceTest, SameRowsAsApplyingEveryRecord) {
+  const unsigned seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  for (int round = 0; round < 2000; ++round) {
+    // Small ranges on a few pages of two containers, so that records overlap in every way.
+    Rows start;
+    for (int i = 0; i < 4; ++i) {
+      const uint64_t iova = (rng() % 16) * 0x1000;
+      start[{1 + rng() % 2, iova}] = {0x1000, 0x100000 + iova};
+    }
+    std::vector<JournalRecord> records;
+    const int n = 1 + static_cast<int>(rng() % 12);
+    for (int i = 0; i < n; ++i) {
+      const uint64_t iova = (rng() % 16) * 0x1000;
+      const uint64_t size = (1 + rng() % 4) * 0x1000;
+      const uint64_t container = 1 + rng() % 2;
+      records.push_back(rng() % 2 == 0
+                            ? Map(i + 1, container, iova, size, 0x200000 + rng() % 64 * 0x1000)
+                            : Clear(i + 1, container, iova, size));
+    }
+    Rows all = start;
+    for (const JournalRecord& r : records) Apply(r, &all);
+    Rows coalesced = start;
+    for (const JournalRecord& r : Coalesce(records)) Apply(r, &coalesced);
+    ASSERT_EQ(all, coalesced) << "round " << round;
+  }
 }
 
 }  // namespace

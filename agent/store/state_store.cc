@@ -544,8 +544,9 @@ absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
   uint64_t skipped = 0;
   absl::StatusOr<sqlite3_stmt*> by_id = StatementLocked(kContainerNameById);
   if (!by_id.ok()) status = by_id.status();
-  for (size_t i = 0; i < records.size() && status.ok(); ++i) {
-    const JournalRecord& record = records[i];
+  const std::vector<JournalRecord> effective = Coalesce(records);
+  for (size_t i = 0; i < effective.size() && status.ok(); ++i) {
+    const JournalRecord& record = effective[i];
     auto [name, inserted] = names.try_emplace(record.container_id);
     if (inserted) {
       ScopedReset reset(*by_id);
@@ -581,6 +582,8 @@ absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
   }
   journal_folds_.fetch_add(1, std::memory_order_relaxed);
   journal_records_folded_.fetch_add(records.size() - skipped, std::memory_order_relaxed);
+  journal_records_coalesced_.fetch_add(records.size() - effective.size(),
+                                       std::memory_order_relaxed);
   journal_records_skipped_.fetch_add(skipped, std::memory_order_relaxed);
   return absl::OkStatus();
 }
@@ -1054,6 +1057,7 @@ StoreStats StateStore::stats() const {
   stats.journal_folds = journal_folds_.load(std::memory_order_relaxed);
   stats.journal_records_folded = journal_records_folded_.load(std::memory_order_relaxed);
   stats.journal_records_skipped = journal_records_skipped_.load(std::memory_order_relaxed);
+  stats.journal_records_coalesced = journal_records_coalesced_.load(std::memory_order_relaxed);
   return stats;
 }
 

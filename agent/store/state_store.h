@@ -286,6 +286,8 @@ struct StoreStats {
   uint64_t journal_failed_records = 0;  // refused or failed to write
   uint64_t journal_folds = 0;           // transactions that folded records
   uint64_t journal_records_folded = 0;
+  // Folded records that a later record of the same fold made moot (not applied; see Coalesce).
+  uint64_t journal_records_coalesced = 0;
   // Records of containers deleted before the fold reached them (nothing to apply).
   uint64_t journal_records_skipped = 0;
   uint64_t journal_torn_tail_bytes = 0;  // found at Open after a power loss or a failed write
@@ -397,6 +399,7 @@ class StateStore {
   std::atomic<uint64_t> journal_folds_{0};
   std::atomic<uint64_t> journal_records_folded_{0};
   std::atomic<uint64_t> journal_records_skipped_{0};
+  std::atomic<uint64_t> journal_records_coalesced_{0};
   // The background folder.
   Mutex folder_mu_;
   std::condition_variable_any folder_cv_;
