@@ -172,6 +172,8 @@ absl::Status MappingJournal::StartFileLocked() {
     }
   }
   if (fd_ >= 0) {
+    // Appenders still waiting for a flush of the old file get it here.
+    if (options_.sync && fdatasync(fd_) == 0) synced_seq_ = next_seq_ - 1;
     close(fd_);
     closed_.push_back(std::move(current_));
   }
@@ -213,19 +215,50 @@ absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64
     return fail(
         ErrnoStatus(err, absl::StrCat("cannot append to the mapping journal ", current_.path)));
   }
-  if (options_.sync && fdatasync(fd_) != 0) {
-    return fail(
-        ErrnoStatus(errno, absl::StrCat("cannot flush the mapping journal ", current_.path)));
-  }
   ++next_seq_;
   current_.last_seq = record.seq;
   unfolded_.push_back(record);
+  if (options_.sync) {
+    if (absl::Status status = SyncLocked(record.seq); !status.ok()) return fail(status);
+  }
   ++stats_.appends;
   return record.seq;
 }
 
+absl::Status MappingJournal::SyncLocked(uint64_t seq) {
+  // Group flush: one fdatasync covers every record written before it started, so concurrent
+  // appenders share it instead of queueing one flush each.
+  while (synced_seq_ < seq) {
+    if (failed_) {
+      return ErrnoStatus(EIO,
+                         absl::StrCat("flushing the mapping journal ", current_.path, " failed"));
+    }
+    if (syncing_) {
+      synced_cv_.wait(mu_);
+      continue;
+    }
+    syncing_ = true;
+    const uint64_t target = next_seq_ - 1;
+    const int fd = fd_;  // StartFileLocked waits for the flush before it closes this
+    mu_.Unlock();
+    const int rc = fdatasync(fd);
+    const int err = errno;
+    mu_.Lock();
+    syncing_ = false;
+    synced_cv_.notify_all();
+    if (rc != 0) {
+      failed_ = true;
+      return ErrnoStatus(err, absl::StrCat("cannot flush the mapping journal ", current_.path));
+    }
+    synced_seq_ = std::max(synced_seq_, target);
+  }
+  return absl::OkStatus();
+}
+
 std::vector<JournalRecord> MappingJournal::TakeUnfolded() {
   MutexLock lock(&mu_);
+  // The rotation below closes the file a running flush uses.
+  while (syncing_) synced_cv_.wait(mu_);
   std::vector<JournalRecord> records = std::move(unfolded_);
   unfolded_.clear();
   // A journal that cannot start a new file keeps appending to this one; DropFolded then waits

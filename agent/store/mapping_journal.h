@@ -18,6 +18,7 @@
 #ifndef DMAPIN_AGENT_STORE_MAPPING_JOURNAL_H_
 #define DMAPIN_AGENT_STORE_MAPPING_JOURNAL_H_
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,8 +57,8 @@ inline bool operator==(const JournalRecord& a, const JournalRecord& b) {
 std::vector<JournalRecord> Coalesce(const std::vector<JournalRecord>& records);
 
 struct MappingJournalOptions {
-  // fdatasync after every append (and the directory after a new file): records then survive a
-  // power loss too, at the cost of one flush per call.
+  // An append returns once its record is flushed (fdatasync; concurrent appends share one flush),
+  // and a new file's directory entry is flushed too: records then survive a power loss.
   bool sync = false;
   // Fault injection for tests: called with each record's seq before it is written; a non-OK
   // status fails that append as a write error would.
@@ -111,7 +112,10 @@ class MappingJournal {
   };
 
   MappingJournal(std::string dir, MappingJournalOptions options);
+  // Moves appends to a new file. No flush may be running (syncing_ false).
   absl::Status StartFileLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // With options.sync: returns once record `seq` is flushed (releases mu_ while flushing).
+  absl::Status SyncLocked(uint64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string dir_;
   const MappingJournalOptions options_;
@@ -124,6 +128,10 @@ class MappingJournal {
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<JournalRecord> unfolded_ ABSL_GUARDED_BY(mu_);
+  // options.sync: records up to synced_seq_ are flushed; one flush runs at a time.
+  uint64_t synced_seq_ ABSL_GUARDED_BY(mu_) = 0;
+  bool syncing_ ABSL_GUARDED_BY(mu_) = false;
+  std::condition_variable_any synced_cv_;
   JournalStats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -8,6 +8,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -156,6 +157,34 @@ TEST_F(MappingJournalTest, FailedAppendIsStickyAndNotReadBack) {
   absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
   ASSERT_TRUE(journal.ok());
   EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(1, 1, 0, 0x1000, 0x1000)));
+}
+
+TEST_F(MappingJournalTest, FlushedAppendsFromManyThreadsAllComeBack) {
+  constexpr int kThreads = 8;
+  constexpr int kPerThread = 100;
+  {
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
+        MappingJournal::Open(dir_, 1, {.sync = true});
+    ASSERT_TRUE(journal.ok());
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&journal, t] {
+        for (int i = 0; i < kPerThread; ++i) {
+          EXPECT_TRUE((*journal)->Append(JournalRecord::kMap, t, i * 0x1000, 0x1000, 0x1000).ok());
+          // A rotation now and then, as the store's folds do.
+          if (i % 25 == 0) (*journal)->TakeUnfolded();
+        }
+      });
+    }
+    for (std::thread& thread : threads) thread.join();
+    EXPECT_EQ((*journal)->stats().appends, uint64_t{kThreads * kPerThread});
+  }
+  absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+  ASSERT_TRUE(journal.ok());
+  ASSERT_THAT((*journal)->recovered(), SizeIs(kThreads * kPerThread));
+  for (size_t i = 0; i < (*journal)->recovered().size(); ++i) {
+    EXPECT_EQ((*journal)->recovered()[i].seq, i + 1);
+  }
 }
 
 TEST_F(MappingJournalTest, UnreadableDirectoryIsAnError) {
