@@ -55,9 +55,12 @@ ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9470",
           "state-store counters, per-method RPC latency and errors. Port 0 picks a free port "
           "(logged). Empty disables metrics, including their recording on the RPC path.");
 ABSL_FLAG(std::string, state_dir, "/var/lib/dmapin/agent",
-          "Directory of the agent's durable state (state.db). Must survive agent restarts.");
+          "Directory of the agent's durable state: state.db (SQLite) and the mapping journal "
+          "mappings.*.log (one record per DMA map/unmap, folded into state.db within 100 ms). "
+          "Must survive agent restarts.");
 ABSL_FLAG(bool, state_sync_full, false,
-          "fsync the state store at every commit (survives power loss). Default: survive process "
+          "fsync the state store at every commit and the mapping journal at every record "
+          "(survives power loss). Default: survive process "
           "crashes (kill -9) only, which is what pinned memory needs: a node that loses power "
           "loses its pins too.");
 ABSL_FLAG(std::string, backend, "sim",

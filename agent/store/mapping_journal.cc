@@ -154,6 +154,12 @@ absl::StatusOr<std::unique_ptr<MappingJournal>> MappingJournal::Open(
       journal->recovered_.push_back(record);
     }
     journal->stats_.torn_tail_bytes += data.size() - offset;
+    if (file.last_seq == 0) {
+      // Holds no record (a rotation's new file, or only a torn one). Its name may be the one
+      // the new file below gets: it must not stay listed for deletion.
+      unlink(path.c_str());
+      continue;
+    }
     journal->closed_.push_back(std::move(file));
   }
   journal->next_seq_ = std::max(last_seq + 1, std::max<uint64_t>(min_seq, 1));
@@ -163,7 +169,8 @@ absl::StatusOr<std::unique_ptr<MappingJournal>> MappingJournal::Open(
 
 absl::Status MappingJournal::StartFileLocked() {
   std::string path = FilePath(dir_, next_seq_);
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+  // O_EXCL: a file of this name could only hold records this journal still needs.
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot create the mapping journal ", path));
   if (options_.sync) {
     if (absl::Status status = SyncDirectory(dir_); !status.ok()) {

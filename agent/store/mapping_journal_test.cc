@@ -138,6 +138,25 @@ TEST_F(MappingJournalTest, TakeRotatesAndDropDeletesFoldedFiles) {
   EXPECT_THAT((*reopened)->recovered(), ElementsAre(Clear(3, 1, 0, 0x1000)));
 }
 
+TEST_F(MappingJournalTest, AnEmptyFileLeftByARotationIsNotDeletedWithItsSuccessor) {
+  {
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0, 0x1000, 0x1000).ok());
+    (*journal)->TakeUnfolded();  // starts mappings.<2>.log, then the process dies
+  }
+  {
+    // The new file of this run is mappings.<2>.log again.
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+    ASSERT_TRUE(journal.ok()) << journal.status();
+    ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0x1000, 0x1000, 0x2000).ok());
+    (*journal)->DropFolded(1);  // record 1 was folded; record 2 was not
+  }
+  absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+  ASSERT_TRUE(journal.ok());
+  EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(2, 1, 0x1000, 0x1000, 0x2000)));
+}
+
 TEST_F(MappingJournalTest, FailedAppendIsStickyAndNotReadBack) {
   MappingJournalOptions options;
   options.fail_append_hook = [](uint64_t seq) {
