@@ -647,8 +647,20 @@ absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua,
   return status;
 }
 
-absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
-                                     std::optional<uint64_t> ua, const char* what) const {
+namespace {
+
+// §7.2 and §7.3 for the common case: one branch, inlined into Map and Unmap. `ua` is 0 for unmap
+// (always aligned). DmaRangeError says which check failed.
+inline bool DmaRangeOk(const ContainerOptions& options, uint64_t iova, uint64_t size, uint64_t ua) {
+  const uint64_t mask = options.iommu_page_size - 1;
+  return size != 0 && ((iova | size | ua) & mask) == 0 && iova >= options.window_start &&
+         size <= options.window_size && iova - options.window_start <= options.window_size - size;
+}
+
+}  // namespace
+
+absl::Status Registry::DmaRangeError(const Container& container, uint64_t iova, uint64_t size,
+                                     const uint64_t* ua, const char* what) const {
   // §7.2 before §7.3: alignment (of ua too, for map) comes before the window.
   const uint64_t mask = container.options.iommu_page_size - 1;
   if (size == 0 || (iova & mask) != 0 || (size & mask) != 0) {
@@ -656,20 +668,16 @@ absl::Status Registry::CheckDmaRange(const Container& container, uint64_t iova, 
                                                "of the IOMMU page size 0x%x",
                                                what, iova, size, mask + 1));
   }
-  if (ua.has_value() && (*ua & mask) != 0) {
+  if (ua != nullptr && (*ua & mask) != 0) {
     return ErrnoStatus(EINVAL, absl::StrFormat("%s ua=0x%x size=0x%x: not a multiple of the IOMMU "
                                                "page size 0x%x",
                                                what, *ua, size, mask + 1));
   }
   const ContainerOptions& window = container.options;
-  if (iova < window.window_start || size > window.window_size ||
-      iova - window.window_start > window.window_size - size) {
-    return ErrnoStatus(ENXIO,
-                       absl::StrFormat("%s iova=0x%x size=0x%x lies outside the DMA window "
-                                       "[0x%x, +0x%x)",
-                                       what, iova, size, window.window_start, window.window_size));
-  }
-  return absl::OkStatus();
+  return ErrnoStatus(ENXIO,
+                     absl::StrFormat("%s iova=0x%x size=0x%x lies outside the DMA window "
+                                     "[0x%x, +0x%x)",
+                                     what, iova, size, window.window_start, window.window_size));
 }
 
 absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
@@ -686,8 +694,8 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
                        absl::StrFormat("container %d has never registered memory", container_id));
   }
   // §7.2, §7.3
-  if (absl::Status status = CheckDmaRange(*container, iova, size, ua, "map"); !status.ok()) {
-    return status;
+  if (!DmaRangeOk(container->options, iova, size, ua)) {
+    return DmaRangeError(*container, iova, size, &ua, "map");
   }
   // §7.4: a ua range that wraps past 2^64 cannot lie inside any region. Checked after the window
   // (a wrap is a lookup failure, not an alignment error) and before the loop, whose page
@@ -755,8 +763,9 @@ absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t s
     if (container == nullptr) {
       return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
     }
-    status = CheckDmaRange(*container, iova, size, std::nullopt, "unmap");
-    if (!status.ok()) return status;
+    if (!DmaRangeOk(container->options, iova, size, /*ua=*/0)) {
+      return DmaRangeError(*container, iova, size, /*ua=*/nullptr, "unmap");
+    }
     const uint64_t pages = size >> container->iommu_shift;
     const uint64_t first_entry = (iova - container->options.window_start) >> container->iommu_shift;
     for (uint64_t i = 0; i < pages; ++i) {

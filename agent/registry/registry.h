@@ -21,6 +21,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/base/attributes.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -236,8 +237,11 @@ class Registry {
   void ClearContainerEntries(Container* container);
   absl::Status MapImpl(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
                        std::vector<PendingRelease>* pending, uint64_t* cleared_pages);
-  absl::Status CheckDmaRange(const Container& container, uint64_t iova, uint64_t size,
-                             std::optional<uint64_t> ua, const char* what) const;
+  // The error for a DMA range that failed the inline check of Map or Unmap (cold: only builds
+  // the message). `ua` is null for unmap.
+  ABSL_ATTRIBUTE_NOINLINE absl::Status DmaRangeError(const Container& container, uint64_t iova,
+                                                     uint64_t size, const uint64_t* ua,
+                                                     const char* what) const;
   absl::Status ValidateRange(uint64_t ua, uint64_t size, const char* what) const;
   RegionInfo Describe(const Region& region, bool with_hpas) const;
   ContextInfo DescribeContextLocked(const Context& context) const
