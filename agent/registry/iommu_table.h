@@ -3,7 +3,8 @@
 //
 // Like a hardware TCE/IO page table it is sparse and allocated on first use: interior levels and
 // leaves are installed with compare-and-swap, so concurrent map/unmap calls need no lock, and
-// nothing is freed before the table itself (the owner destroys it after a grace period).
+// nothing is freed before the table itself (the owner destroys it after a grace period). The last
+// leaf used is remembered, so repeated maps and unmaps in one leaf skip the walk.
 #ifndef DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_
 #define DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_
 
@@ -49,6 +50,8 @@ class IommuTable {
  private:
   // A level-1 node is a leaf of kFanout entries; a level-n node holds kFanout level-(n-1) nodes.
   struct Leaf {
+    explicit Leaf(uint64_t key) : key(key) {}
+    const uint64_t key;  // index >> kBitsPerLevel of its entries
     std::atomic<T*> entries[kFanout] = {};
   };
   struct Interior {
@@ -63,26 +66,40 @@ class IommuTable {
     return levels;
   }
 
-  template <typename Node>
-  static void* InstallOrGet(std::atomic<void*>* where) {
+  // The node at `where`, installing `make()` there first if it is empty.
+  template <typename Make>
+  static void* InstallOrGet(std::atomic<void*>* where, Make make) {
     void* current = where->load(std::memory_order_acquire);
     if (current != nullptr) return current;
-    Node* fresh = new Node;
+    auto* fresh = make();
     if (where->compare_exchange_strong(current, fresh, std::memory_order_acq_rel)) return fresh;
     delete fresh;  // Another thread won the race; use its node.
     return current;
   }
 
   std::atomic<T*>* Slot(uint64_t index, bool create) {
+    // Leaves live as long as the table, so the hint is always safe to dereference; its key says
+    // whether it is the right one.
+    Leaf* hint = last_leaf_.load(std::memory_order_acquire);
+    if (hint != nullptr && hint->key == (index >> kBitsPerLevel)) {
+      return &hint->entries[index & (kFanout - 1)];
+    }
+    return SlotWalk(index, create);
+  }
+
+  std::atomic<T*>* SlotWalk(uint64_t index, bool create) {
     std::atomic<void*>* where = &root_;
     for (uint32_t level = levels_; level > 1; --level) {
-      void* node = create ? InstallOrGet<Interior>(where) : where->load(std::memory_order_acquire);
+      void* node = create ? InstallOrGet(where, [] { return new Interior; })
+                          : where->load(std::memory_order_acquire);
       if (node == nullptr) return nullptr;
       const uint32_t shift = (level - 1) * kBitsPerLevel;
       where = &static_cast<Interior*>(node)->children[(index >> shift) & (kFanout - 1)];
     }
-    void* leaf = create ? InstallOrGet<Leaf>(where) : where->load(std::memory_order_acquire);
+    void* leaf = create ? InstallOrGet(where, [index] { return new Leaf(index >> kBitsPerLevel); })
+                        : where->load(std::memory_order_acquire);
     if (leaf == nullptr) return nullptr;
+    last_leaf_.store(static_cast<Leaf*>(leaf), std::memory_order_release);
     return &static_cast<Leaf*>(leaf)->entries[index & (kFanout - 1)];
   }
 
@@ -122,6 +139,7 @@ class IommuTable {
   const uint32_t levels_;
   const uint64_t entries_;
   std::atomic<void*> root_{nullptr};
+  std::atomic<Leaf*> last_leaf_{nullptr};
 };
 
 }  // namespace dmapin

@@ -21,6 +21,22 @@ TEST(IommuTableTest, ExchangeInstallsAndClears) {
   EXPECT_EQ(table.Exchange(12345678, nullptr), nullptr);
 }
 
+TEST(IommuTableTest, AlternatingLeavesFindTheirOwnEntries) {
+  // Each switch of leaf replaces the remembered one; entries must never land in the wrong leaf.
+  IommuTable<int> table(uint64_t{1} << 28);
+  int a = 1, b = 2;
+  for (uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(table.Exchange(i, &a), nullptr);
+    EXPECT_EQ(table.Exchange((uint64_t{1} << 20) + i, &b), nullptr);
+  }
+  EXPECT_EQ(table.Get(512 + 1), nullptr);  // same low bits, another (absent) leaf
+  for (uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(table.Get(i), &a);
+    EXPECT_EQ(table.Get((uint64_t{1} << 20) + i), &b);
+    EXPECT_EQ(table.Get((uint64_t{1} << 21) + i), nullptr);
+  }
+}
+
 TEST(IommuTableTest, ForEachInstalledVisitsInOrder) {
   IommuTable<int> table(1 << 20);
   int a = 1;
