@@ -138,6 +138,21 @@ uint64_t MappedDec(std::atomic<uint64_t>& mapped) {
   return value - 1;
 }
 
+// Region generations come from one process-wide sequence, so a hint recorded for one registry can
+// never match another (even one allocated at the same address).
+uint64_t NewRegionGeneration() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The region this thread last mapped into, with the registry's region generation read before it
+// was looked up. Plain data: it is only ever touched by its own thread.
+struct MapHint {
+  uint64_t generation;
+  Registry::Region* region;
+};
+thread_local MapHint tls_map_hint = {0, nullptr};
+
 template <typename T>
 void InsertSorted(std::vector<T>& values, T value) {
   values.insert(std::lower_bound(values.begin(), values.end(), value), value);
@@ -163,6 +178,7 @@ Registry::Registry(PinBackend* backend)
     : backend_(backend),
       page_size_(backend->page_size()),
       page_shift_(static_cast<uint32_t>(absl::countr_zero(backend->page_size()))),
+      region_generation_(NewRegionGeneration()),
       stats_(std::make_unique<AtomicStats>()) {
   topology_.store(new Topology, std::memory_order_release);
 }
@@ -335,6 +351,8 @@ absl::Status Registry::TeardownContext(ContextId id) {
     containers.emplace_back(container);
     next->EraseContainer(container_id);
   }
+  // Its regions are freed with it: no hint may lead to them.
+  region_generation_.store(NewRegionGeneration(), std::memory_order_release);
   PublishTopology(std::move(next));
   // Nobody can reach the context or its containers now: release everything, whatever the
   // counters say (spec §4).
@@ -552,6 +570,8 @@ void Registry::RemoveRegionLocked(Region* region, Retired* retired) {
   region->used.store(0, std::memory_order_release);
   Context* context = topology()->contexts.at(region->context);
   context->index.Assign(region->ua >> page_shift_, region->entries, nullptr, &retired->nodes);
+  // After the index: a reader that sees the new generation no longer finds the region there.
+  region_generation_.store(NewRegionGeneration(), std::memory_order_release);
   context->locked_pages -= region->entries;
   auto it = context->regions.find(region->ua);
   retired->regions.push_back(std::move(it->second));
@@ -714,8 +734,13 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
       pending->push_back({region->context, region->ua, region->entries});
     }
   };
-  // §7.4
+  // §7.4. The page index walk is most of a one-page map, so start from this thread's last region
+  // when no region was unpublished since it was found (regions never overlap: if it contains the
+  // page, it is what the index would answer).
+  const uint64_t generation = region_generation_.load(std::memory_order_acquire);
+  MapHint& hint = tls_map_hint;
   Region* cached = nullptr;
+  if (hint.generation == generation && hint.region->context == context->id) cached = hint.region;
   for (uint64_t i = 0; i < pages; ++i) {
     const uint64_t page_ua = ua + (i << iommu_shift);
     const uint64_t page_last = page_ua + (iommu_page - 1);
@@ -751,6 +776,7 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
     Region* old = container->table.Exchange(first_entry + i, region);
     if (old != nullptr) dec(old);  // A remap moves the count.
   }
+  hint = {generation, cached};
   return absl::OkStatus();
 }
 

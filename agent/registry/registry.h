@@ -257,6 +257,11 @@ class Registry {
   // The current topology (contexts and containers by id); replaced copy-on-write by writers.
   std::atomic<const Topology*> topology_{nullptr};
 
+  // Replaced by a value never used before (by any registry) whenever a region is unpublished, so
+  // Map trusts its per-thread hint to the last region it mapped into only while this still equals
+  // what the hint recorded: a hinted region is never one a grace period may have freed.
+  std::atomic<uint64_t> region_generation_;
+
   struct AtomicStats;
   std::unique_ptr<AtomicStats> stats_;
 };

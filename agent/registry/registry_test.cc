@@ -296,6 +296,49 @@ TEST_F(RegistryTest, RemapMovesTheCount) {
   EXPECT_EQ(Region(kBase + 4 * k1M, k1M).mapped, 2u);
 }
 
+// Map starts from the region this thread mapped into last; that hint must never outlive the region,
+// cross to another context, or reach another registry.
+TEST_F(RegistryTest, MapHintNeverOutlivesItsRegion) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, 0, kBase + k64K, k64K).ok());
+  ASSERT_TRUE(registry_->Unmap(1, 0, k64K).ok());
+  ASSERT_TRUE(registry_->Unregister(1, kBase, k1M).ok());
+  EXPECT_ERRNO(registry_->Map(1, 0, kBase + k64K, k64K), EINVAL);
+  // A smaller region where the old one was (its Region may reuse the old one's memory).
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k64K).ok());
+  EXPECT_ERRNO(registry_->Map(1, 0, kBase + k64K, k64K), EINVAL);
+  ASSERT_TRUE(registry_->Map(1, 0, kBase, k64K).ok());
+  EXPECT_EQ(Region(kBase, k64K).mapped, 2u);
+  ASSERT_TRUE(registry_->Unmap(1, 0, k64K).ok());
+}
+
+TEST_F(RegistryTest, MapHintStaysInItsContext) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Register(3, kOtherCtx, kBase + 8 * k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, 0, kBase, k64K).ok());
+  EXPECT_ERRNO(registry_->Map(3, 0, kBase, k64K), EINVAL);
+}
+
+TEST_F(RegistryTest, MapHintDoesNotSurviveTeardownAndRecreate) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, 0, kBase, k64K).ok());
+  ASSERT_TRUE(registry_->TeardownContext(kCtx).ok());
+  ASSERT_TRUE(registry_->CreateContext(kCtx, {}).ok());
+  ASSERT_TRUE(registry_->CreateContainer(1, {.iommu_page_size = sim_->page_size()}).ok());
+  ASSERT_TRUE(registry_->BindContainer(1, kCtx).ok());
+  EXPECT_ERRNO(registry_->Map(1, 0, kBase, k64K), EINVAL);
+}
+
+TEST_F(RegistryTest, MapHintDoesNotReachAnotherRegistry) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, 0, kBase, k64K).ok());
+  Registry other(faults_.get());
+  ASSERT_TRUE(other.CreateContext(kCtx, {}).ok());
+  ASSERT_TRUE(other.CreateContainer(1, {.iommu_page_size = sim_->page_size()}).ok());
+  ASSERT_TRUE(other.BindContainer(1, kCtx).ok());
+  EXPECT_ERRNO(other.Map(1, 0, kBase, k64K), EINVAL);
+}
+
 TEST_F(RegistryTest, HugePagesLimitIommuPageSize) {
   const uint64_t k16M = 0x1000000;
   Reset(SimBackendOptions{.huge = {{0x40000000, 4 * k16M, k16M}}});
