@@ -26,29 +26,25 @@ bool RegisterMembarrier() {
 
 }  // namespace
 
-// Per-thread state: the claimed slot and the nesting depth. Releasing the slot at thread exit
-// lets another thread reuse it.
-struct ThreadSlotHolder {
-  EpochDomain::Slot* slot = nullptr;
-  int depth = 0;
-  bool overflow = false;
-  ~ThreadSlotHolder() {
-    if (slot != nullptr) EpochDomain::Global().ReleaseSlot(slot);
+// Releases the thread's slot at thread exit so another thread can reuse it. Touched only when a
+// slot is claimed, which registers its destructor.
+struct ThreadSlotReleaser {
+  bool armed = false;
+  ~ThreadSlotReleaser() {
+    EpochDomain::ThreadReader& reader = EpochDomain::tls_reader_;
+    if (reader.slot == nullptr) return;
+    EpochDomain::Global().ReleaseSlot(reader.slot);
+    // A read section later in this thread's exit counts as overflow rather than reclaiming.
+    reader.slot = nullptr;
+    reader.overflow = true;
   }
 };
 
 namespace {
-thread_local ThreadSlotHolder tls_holder;
+thread_local ThreadSlotReleaser tls_releaser;
 }  // namespace
 
 EpochDomain::EpochDomain() : use_membarrier_(RegisterMembarrier()) {}
-
-EpochDomain& EpochDomain::Global() {
-  static EpochDomain* domain = new EpochDomain();
-  return *domain;
-}
-
-bool EpochDomain::InReadSection() { return tls_holder.depth > 0; }
 
 EpochDomain::Slot* EpochDomain::ClaimSlot() {
   for (int i = 0; i < kMaxSlots; ++i) {
@@ -70,38 +66,22 @@ void EpochDomain::ReleaseSlot(Slot* slot) {
   slot->claimed.store(false, std::memory_order_release);
 }
 
-void EpochDomain::Enter() {
-  ThreadSlotHolder& holder = tls_holder;
-  if (holder.depth++ > 0) return;
-  if (holder.slot == nullptr && !holder.overflow) {
-    holder.slot = ClaimSlot();
-    holder.overflow = holder.slot == nullptr;
+void EpochDomain::EnterWithoutSlot() {
+  ThreadReader& reader = tls_reader_;
+  if (!reader.overflow) {
+    reader.slot = ClaimSlot();
+    reader.overflow = reader.slot == nullptr;
+    if (reader.slot != nullptr) {
+      reader.domain = this;
+      tls_releaser.armed = true;
+      // Now the ordinary entry (depth is already counted).
+      --reader.depth;
+      Enter();
+      return;
+    }
   }
-  if (holder.slot == nullptr) {
-    // Rare: more live reader threads than slots. A shared counter is slower but still correct.
-    overflow_readers_.fetch_add(1, std::memory_order_seq_cst);
-    return;
-  }
-  const uint64_t epoch = global_epoch_.load(std::memory_order_acquire);
-  if (use_membarrier_) {
-    // The writer's membarrier() orders this store before our subsequent loads.
-    holder.slot->epoch.store(epoch, std::memory_order_relaxed);
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-  } else {
-    // Without membarrier the reader pays a full barrier: a locked exchange.
-    holder.slot->epoch.exchange(epoch, std::memory_order_seq_cst);
-  }
-}
-
-void EpochDomain::Exit() {
-  ThreadSlotHolder& holder = tls_holder;
-  if (--holder.depth > 0) return;
-  if (holder.slot == nullptr) {
-    overflow_readers_.fetch_sub(1, std::memory_order_release);
-    return;
-  }
-  // Release: every load inside the section happens before a writer sees the slot idle.
-  holder.slot->epoch.store(0, std::memory_order_release);
+  // Rare: more live reader threads than slots. A shared counter is slower but still correct.
+  overflow_readers_.fetch_add(1, std::memory_order_seq_cst);
 }
 
 void EpochDomain::Synchronize() {
