@@ -6,6 +6,8 @@
 #include <thread>
 #include <utility>
 
+#include "absl/base/attributes.h"
+#include "absl/base/optimization.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/numeric/bits.h"
 #include "absl/strings/str_format.h"
@@ -72,8 +74,11 @@ struct Registry::Topology {
   std::vector<Container*> dense;
 
   Container* FindContainer(ContainerId id) const {
-    if (id < dense.size()) return dense[id];
+    if (ABSL_PREDICT_TRUE(id < dense.size())) return dense[id];
     if (id < kDenseIds) return nullptr;
+    return FindLargeId(id);
+  }
+  ABSL_ATTRIBUTE_NOINLINE Container* FindLargeId(ContainerId id) const {
     auto it = containers.find(id);
     return it == containers.end() ? nullptr : it->second;
   }
