@@ -2,6 +2,7 @@
 // reader that saw a freed region or a lost count shows up there or in CheckInvariants().
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <random>
 #include <thread>
 #include <vector>
@@ -143,6 +144,56 @@ TEST_F(RegistryConcurrencyTest, ReleaseContainerWhileItsMappersRun) {
   ASSERT_TRUE(registry_->ReleaseContainer(4).ok());
   EXPECT_TRUE(registry_->ListRegions().empty());
   EXPECT_EQ(*sim_->TotalPinnedPages(), 0u);
+}
+
+// Map remembers each thread's last region; a writer that keeps replacing the region under the
+// mappers (sizes alternate, so a new region may reuse the freed one's memory with other bounds)
+// must never leave a mapper on a freed region or a count on the wrong one.
+TEST_F(RegistryConcurrencyTest, MapHintsRaceRegionChurn) {
+  ASSERT_TRUE(registry_->BindContainer(1, kCtx).ok());
+  ASSERT_TRUE(registry_->BindContainer(2, kCtx).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> mapped{0};
+  std::vector<std::thread> mappers;
+  for (ContainerId container : {1, 2}) {
+    mappers.emplace_back([&, container] {
+      std::mt19937_64 rng(container);
+      while (!stop.load(std::memory_order_relaxed)) {
+        const uint64_t page = rng() % 8;
+        const uint64_t iova = page * k64K;
+        absl::Status status = registry_->Map(container, iova, kBase + page * k64K, k64K);
+        if (status.ok()) {
+          mapped.fetch_add(1, std::memory_order_relaxed);
+        } else {
+          const int err = ErrnoOf(status);
+          ASSERT_TRUE(err == ENXIO || err == EINVAL) << status;
+        }
+        registry_->Unmap(container, iova, k64K).IgnoreError();
+      }
+    });
+  }
+  // At least 300 replacements, and until the mappers got some maps in (however they are scheduled).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (int round = 0;
+       round < 300 || (mapped.load() < 1000 && std::chrono::steady_clock::now() < deadline);
+       ++round) {
+    const uint64_t size = (round % 2 == 0 ? 8 : 4) * k64K;
+    ASSERT_TRUE(registry_->Register(3, kCtx, kBase, size).ok());
+    for (;;) {
+      absl::Status status = registry_->Unregister(3, kBase, size);
+      if (status.ok()) break;
+      ASSERT_EQ(ErrnoOf(status), EBUSY) << status;
+      std::this_thread::yield();
+    }
+  }
+  stop = true;
+  for (auto& mapper : mappers) mapper.join();
+  EXPECT_GT(mapped.load(), 0u);
+  EXPECT_TRUE(registry_->ListRegions().empty());
+  absl::Status invariants = registry_->CheckInvariants();
+  EXPECT_TRUE(invariants.ok()) << invariants;
+  EXPECT_EQ(*sim_->TotalPinnedPages(), 0u);
+  RecordProperty("maps", static_cast<int>(mapped.load()));
 }
 
 TEST_F(RegistryConcurrencyTest, ConcurrentWritersAndTeardown) {
