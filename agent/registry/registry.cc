@@ -884,6 +884,8 @@ Registry::ReadSession::ReadSession(const Registry& registry, ContextId context)
   if (it != current->contexts.end()) context_ = it->second;
 }
 
+Registry::ReadSession::~ReadSession() = default;
+
 bool Registry::ReadSession::CacheRegionOf(uint64_t ua) {
   if (context_ == nullptr) return false;
   const Region* region = context_->index.Lookup(ua >> registry_.page_shift_);

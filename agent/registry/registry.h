@@ -171,6 +171,9 @@ class Registry {
   class ReadSession {
    public:
     ReadSession(const Registry& registry, ContextId context);
+    // Out of line like the constructor: a session is long-lived, and inlining the epoch exit
+    // only grows the caller's translation loop.
+    ~ReadSession();
     ReadSession(const ReadSession&) = delete;
     ReadSession& operator=(const ReadSession&) = delete;
 
