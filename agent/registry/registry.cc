@@ -67,33 +67,57 @@ struct Registry::Container {
   std::vector<Region*> held;  // writer
 };
 
+namespace {
+
+// Values with small ids (agents number them from 1) again, by id: the hot paths find them with
+// one load instead of a hash lookup.
+template <typename T>
+struct DenseIds {
+  static constexpr uint64_t kLimit = 4096;
+  std::vector<T*> slots;
+
+  T* Find(uint64_t id, const absl::flat_hash_map<uint64_t, T*>& all) const {
+    if (ABSL_PREDICT_TRUE(id < slots.size())) return slots[id];
+    if (id < kLimit) return nullptr;
+    return FindLarge(id, all);
+  }
+  ABSL_ATTRIBUTE_NOINLINE static T* FindLarge(uint64_t id,
+                                              const absl::flat_hash_map<uint64_t, T*>& all) {
+    auto it = all.find(id);
+    return it == all.end() ? nullptr : it->second;
+  }
+  void Set(uint64_t id, T* value) {
+    if (id >= kLimit) return;
+    if (slots.size() <= id) slots.resize(id + 1, nullptr);
+    slots[id] = value;
+  }
+};
+
+}  // namespace
+
 struct Registry::Topology {
   absl::flat_hash_map<ContextId, Context*> contexts;
   absl::flat_hash_map<ContainerId, Container*> containers;
-  // The containers with small ids (agents number them from 1) again, by id: the DMA hot path
-  // finds its container with one load instead of a hash lookup.
-  static constexpr ContainerId kDenseIds = 4096;
-  std::vector<Container*> dense;
+  DenseIds<Context> dense_contexts;
+  DenseIds<Container> dense_containers;
 
-  Container* FindContainer(ContainerId id) const {
-    if (ABSL_PREDICT_TRUE(id < dense.size())) return dense[id];
-    if (id < kDenseIds) return nullptr;
-    return FindLargeId(id);
+  Context* FindContext(ContextId id) const { return dense_contexts.Find(id, contexts); }
+  Container* FindContainer(ContainerId id) const { return dense_containers.Find(id, containers); }
+  void AddContext(ContextId id, Context* context) {
+    contexts[id] = context;
+    dense_contexts.Set(id, context);
   }
-  ABSL_ATTRIBUTE_NOINLINE Container* FindLargeId(ContainerId id) const {
-    auto it = containers.find(id);
-    return it == containers.end() ? nullptr : it->second;
+  void EraseContext(ContextId id) {
+    contexts.erase(id);
+    dense_contexts.Set(id, nullptr);
   }
   void AddContainer(ContainerId id, Container* container) {
     containers[id] = container;
-    if (id < kDenseIds) {
-      if (dense.size() <= id) dense.resize(id + 1, nullptr);
-      dense[id] = container;
-    }
+    dense_containers.Set(id, container);
   }
   void EraseContainer(ContainerId id) {
     containers.erase(id);
-    if (id < dense.size()) dense[id] = nullptr;
+    dense_containers.Set(id, nullptr);
   }
 };
 
@@ -143,6 +167,15 @@ uint64_t MappedDec(std::atomic<uint64_t>& mapped) {
   } while (!mapped.compare_exchange_weak(value, value - 1, std::memory_order_acq_rel,
                                          std::memory_order_relaxed));
   return value - 1;
+}
+
+ABSL_ATTRIBUTE_NOINLINE ABSL_ATTRIBUTE_COLD absl::Status NoSuchContext(ContextId id) {
+  return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
+}
+
+ABSL_ATTRIBUTE_NOINLINE ABSL_ATTRIBUTE_COLD absl::Status OutsideEveryRegion(uint64_t ua) {
+  return ErrnoStatus(EFAULT, absl::StatusCode::kOutOfRange,
+                     absl::StrFormat("translate: ua=0x%x is outside every registered region", ua));
 }
 
 // Region generations come from one process-wide sequence, so a hint recorded for one registry can
@@ -256,7 +289,7 @@ absl::Status Registry::CreateContext(ContextId id, const ContextOptions& options
     return ErrnoStatus(EEXIST, absl::StrFormat("memory context %d already exists", id));
   }
   auto next = std::make_unique<Topology>(*current);
-  next->contexts[id] = new Context(id, options, 64 - page_shift_);
+  next->AddContext(id, new Context(id, options, 64 - page_shift_));
   PublishTopology(std::move(next));
   return absl::OkStatus();
 }
@@ -346,11 +379,11 @@ absl::Status Registry::TeardownContext(ContextId id) {
   const Topology* current = topology();
   auto it = current->contexts.find(id);
   if (it == current->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
+    return NoSuchContext(id);
   }
   std::unique_ptr<Context> context(it->second);
   auto next = std::make_unique<Topology>(*current);
-  next->contexts.erase(id);
+  next->EraseContext(id);
   std::vector<std::unique_ptr<Container>> containers;
   for (ContainerId container_id : context->containers) {
     Container* container = next->FindContainer(container_id);
@@ -408,7 +441,7 @@ absl::Status Registry::BindContainer(ContainerId container_id, ContextId context
   }
   auto context_it = current->contexts.find(context_id);
   if (context_it == current->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+    return NoSuchContext(context_id);
   }
   Container* container = container_it->second;
   Context* context = context_it->second;
@@ -433,7 +466,7 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
   }
   auto context_it = current->contexts.find(context_id);
   if (context_it == current->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+    return NoSuchContext(context_id);
   }
   Container* container = container_it->second;
   Context* context = context_it->second;
@@ -827,11 +860,15 @@ absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t s
 // --- Lookup / translate -----------------------------------------------------------------------
 
 absl::StatusOr<uint64_t> Registry::Translate(ContextId context_id, uint64_t ua) const {
-  ReadSession session(*this, context_id);
-  if (!session.valid()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
-  }
-  return session.Translate(ua);
+  // A ReadSession's work without its cache: a one-shot translation is bound by the cache misses
+  // of the index walk, and the fewer instructions around them, the more of them the CPU overlaps
+  // across calls.
+  EpochReadLock read_lock;
+  const Context* context = topology()->FindContext(context_id);
+  if (ABSL_PREDICT_FALSE(context == nullptr)) return NoSuchContext(context_id);
+  const Region* region = context->index.Lookup(ua >> page_shift_);
+  if (ABSL_PREDICT_FALSE(region == nullptr)) return OutsideEveryRegion(ua);
+  return region->hpas[(ua - region->ua) >> page_shift_] | (ua & (page_size_ - 1));
 }
 
 RegionInfo Registry::Describe(const Region& region, bool with_hpas) const {
@@ -854,7 +891,7 @@ absl::StatusOr<std::optional<RegionInfo>> Registry::Lookup(ContextId context_id,
   EpochReadLock read_lock;
   auto it = topology()->contexts.find(context_id);
   if (it == topology()->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+    return NoSuchContext(context_id);
   }
   // §6: the whole non-empty interval must lie in one region.
   if (size == 0 || ua + (size - 1) < ua) return std::optional<RegionInfo>();
@@ -868,7 +905,7 @@ absl::StatusOr<std::optional<RegionInfo>> Registry::Find(ContextId context_id, u
   EpochReadLock read_lock;
   auto it = topology()->contexts.find(context_id);
   if (it == topology()->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", context_id));
+    return NoSuchContext(context_id);
   }
   const Region* region = it->second->index.Lookup(ua >> page_shift_);
   if (region == nullptr || region->ua != ua || region->entries != entries) {
@@ -878,28 +915,19 @@ absl::StatusOr<std::optional<RegionInfo>> Registry::Find(ContextId context_id, u
 }
 
 Registry::ReadSession::ReadSession(const Registry& registry, ContextId context)
-    : registry_(registry) {
-  const Topology* current = registry.topology();
-  auto it = current->contexts.find(context);
-  if (it != current->contexts.end()) context_ = it->second;
+    : registry_(registry), page_shift_(registry.page_shift_), page_mask_(registry.page_size_ - 1) {
+  context_ = registry.topology()->FindContext(context);
 }
 
 Registry::ReadSession::~ReadSession() = default;
 
 bool Registry::ReadSession::CacheRegionOf(uint64_t ua) {
   if (context_ == nullptr) return false;
-  const Region* region = context_->index.Lookup(ua >> registry_.page_shift_);
+  const Region* region = context_->index.Lookup(ua >> page_shift_);
   if (region == nullptr) return false;
   cached_ua_ = region->ua;
-  cached_bytes_ = region->entries << registry_.page_shift_;
+  cached_bytes_ = region->entries << page_shift_;
   cached_hpas_ = region->hpas.get();
-  return true;
-}
-
-bool Registry::ReadSession::TranslateSlow(uint64_t ua, uint64_t* hpa) {
-  if (!CacheRegionOf(ua)) return false;
-  *hpa =
-      cached_hpas_[(ua - cached_ua_) >> registry_.page_shift_] | (ua & (registry_.page_size_ - 1));
   return true;
 }
 
@@ -911,8 +939,7 @@ size_t Registry::ReadSession::TranslatePages(uint64_t ua, absl::Span<uint64_t> h
 absl::StatusOr<uint64_t> Registry::ReadSession::Translate(uint64_t ua) {
   uint64_t hpa = 0;
   if (TryTranslate(ua, &hpa)) return hpa;
-  return ErrnoStatus(EFAULT, absl::StatusCode::kOutOfRange,
-                     absl::StrFormat("translate: ua=0x%x is outside every registered region", ua));
+  return OutsideEveryRegion(ua);
 }
 
 // --- Introspection ----------------------------------------------------------------------------
@@ -939,7 +966,7 @@ absl::StatusOr<ContextInfo> Registry::GetContext(ContextId id) const {
   MutexLock lock(&mu_);
   auto it = topology()->contexts.find(id);
   if (it == topology()->contexts.end()) {
-    return ErrnoStatus(ENOENT, absl::StrFormat("memory context %d does not exist", id));
+    return NoSuchContext(id);
   }
   return DescribeContextLocked(*it->second);
 }

@@ -197,12 +197,14 @@ class Registry {
     size_t TranslatePages(uint64_t ua, absl::Span<uint64_t> hpas);
 
    private:
-    bool TranslateSlow(uint64_t ua, uint64_t* hpa);
     // Points the cache at the region containing `ua`; false when there is none.
     bool CacheRegionOf(uint64_t ua);
 
     EpochReadLock lock_;
     const Registry& registry_;
+    // The registry's page geometry, copied so the translation loops load it from the session.
+    const uint32_t page_shift_;
+    const uint64_t page_mask_;
     const Context* context_ = nullptr;
     // Cached last region: [cached_ua_, cached_ua_ + cached_bytes_).
     uint64_t cached_ua_ = 0;
@@ -272,19 +274,16 @@ class Registry {
 // --- Inline fast path ------------------------------------------------------------------------
 
 inline bool Registry::ReadSession::TryTranslate(uint64_t ua, uint64_t* hpa) {
-  const uint64_t offset = ua - cached_ua_;
-  if (offset < cached_bytes_) {
-    const uint64_t mask = registry_.page_size_ - 1;
-    *hpa = cached_hpas_[offset >> registry_.page_shift_] | (ua & mask);
-    return true;
-  }
-  return TranslateSlow(ua, hpa);
+  // `hpa` is not passed to the out-of-line path, so it can stay in a register in callers' loops.
+  if (ABSL_PREDICT_FALSE(ua - cached_ua_ >= cached_bytes_) && !CacheRegionOf(ua)) return false;
+  *hpa = cached_hpas_[(ua - cached_ua_) >> page_shift_] | (ua & page_mask_);
+  return true;
 }
 
 template <typename Fn>
 uint64_t Registry::ReadSession::VisitPages(uint64_t ua, uint64_t pages, Fn&& fn) {
-  const uint32_t shift = registry_.page_shift_;
-  const uint64_t in_page = ua & (registry_.page_size_ - 1);
+  const uint32_t shift = page_shift_;
+  const uint64_t in_page = ua & page_mask_;
   uint64_t done = 0;
   while (done < pages) {
     if (ua - cached_ua_ >= cached_bytes_ && !CacheRegionOf(ua)) break;
