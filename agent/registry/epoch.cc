@@ -1,8 +1,8 @@
 #include "agent/registry/epoch.h"
 
 #include <linux/membarrier.h>
-#include <sched.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -22,6 +22,16 @@ bool RegisterMembarrier() {
   if (supported < 0 || (supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return false;
   return syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
 #endif
+}
+
+// One round of a grace-period wait. A reader that is still in an old section either is about to
+// leave it (the first spins catch that) or was preempted inside it, and then only gets a CPU back
+// if the writer gives its own up: sleeping does that, where sched_yield spun a whole core on a
+// machine with more busy threads than CPUs.
+void WaitForReader(int* spins) {
+  if (++*spins <= 64) return;
+  timespec pause{0, 20'000};
+  nanosleep(&pause, nullptr);
 }
 
 }  // namespace
@@ -96,13 +106,11 @@ void EpochDomain::Synchronize() {
     for (;;) {
       const uint64_t epoch = slots_[i].epoch.load(std::memory_order_seq_cst);
       if (epoch == 0 || epoch > retired) break;
-      if (++spins > 64) sched_yield();
+      WaitForReader(&spins);
     }
   }
   int spins = 0;
-  while (overflow_readers_.load(std::memory_order_acquire) != 0) {
-    if (++spins > 64) sched_yield();
-  }
+  while (overflow_readers_.load(std::memory_order_acquire) != 0) WaitForReader(&spins);
 }
 
 }  // namespace dmapin
