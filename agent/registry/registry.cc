@@ -915,7 +915,7 @@ absl::StatusOr<std::optional<RegionInfo>> Registry::Find(ContextId context_id, u
 }
 
 Registry::ReadSession::ReadSession(const Registry& registry, ContextId context)
-    : registry_(registry), page_shift_(registry.page_shift_), page_mask_(registry.page_size_ - 1) {
+    : page_shift_(registry.page_shift_), page_mask_(registry.page_size_ - 1) {
   context_ = registry.topology()->FindContext(context);
 }
 

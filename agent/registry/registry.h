@@ -201,7 +201,6 @@ class Registry {
     bool CacheRegionOf(uint64_t ua);
 
     EpochReadLock lock_;
-    const Registry& registry_;
     // The registry's page geometry, copied so the translation loops load it from the session.
     const uint32_t page_shift_;
     const uint64_t page_mask_;
