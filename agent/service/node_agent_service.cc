@@ -3,19 +3,104 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "agent/registry/errno_status.h"
 #include "agent/service/proto_convert.h"
 
 namespace dmapin {
 
-grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* context,
-                                                   const absl::Status& status, RpcMethod method,
-                                                   AgentMetrics::Clock::time_point start) {
+void NodeAgentService::Record(RpcMethod method, AgentMetrics::Clock::time_point start,
+                              const absl::Status& status) {
   if (metrics_ != nullptr) {
     metrics_->RecordRpc(method, AgentMetrics::Clock::now() - start,
                         status.ok() ? 0 : ErrnoOf(status));
   }
+}
+
+grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* context,
+                                                   const absl::Status& status, RpcMethod method,
+                                                   AgentMetrics::Clock::time_point start) {
+  Record(method, start, status);
   return FinishUnary(context, status);
+}
+
+absl::Status NodeAgentService::Serve(const v1::MapDmaRequest& request) {
+  const AgentMetrics::Clock::time_point start = Start();
+  absl::Status status =
+      agent_->MapDma(request.container(), request.iova(), request.ua(), request.size());
+  Record(RpcMethod::kMapDma, start, status);
+  return status;
+}
+
+absl::Status NodeAgentService::Serve(const v1::UnmapDmaRequest& request) {
+  const AgentMetrics::Clock::time_point start = Start();
+  absl::Status status = agent_->UnmapDma(request.container(), request.iova(), request.size());
+  Record(RpcMethod::kUnmapDma, start, status);
+  return status;
+}
+
+// One DmaSession stream: reads a request, serves it, writes its response, reads the next. One
+// request at a time keeps the responses in order without a queue; a client wanting more in
+// flight opens more streams.
+class NodeAgentService::DmaSessionReactor final
+    : public grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse> {
+ public:
+  explicit DmaSessionReactor(NodeAgentService* service) : service_(service) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client closed its side (or the call was cancelled): nothing is half-served.
+      Finish(grpc::Status::OK);
+      return;
+    }
+    absl::Status status;
+    switch (request_.op_case()) {
+      case v1::DmaSessionRequest::kMap:
+        status = service_->Serve(request_.map());
+        break;
+      case v1::DmaSessionRequest::kUnmap:
+        status = service_->Serve(request_.unmap());
+        break;
+      default:
+        status = ErrnoStatus(EINVAL, absl::StrCat("DmaSession request tag ", request_.tag(),
+                                                  " has neither map nor unmap"));
+        break;
+    }
+    response_.Clear();
+    response_.set_tag(request_.tag());
+    if (!status.ok()) {
+      response_.set_code(static_cast<int32_t>(status.code()));
+      if (status.GetPayload(kErrnoPayloadUrl).has_value()) {
+        response_.set_errno_name(ErrnoName(ErrnoOf(status)));
+      }
+      response_.set_message(std::string(status.message()));
+    }
+    StartWrite(&response_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "DmaSession: the response could not be "
+                          "sent (the client went away)"));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  NodeAgentService* const service_;
+  v1::DmaSessionRequest request_;
+  v1::DmaSessionResponse response_;
+};
+
+grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse>*
+NodeAgentService::DmaSession(grpc::CallbackServerContext*) {
+  return new DmaSessionReactor(this);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerContext* context,
@@ -120,19 +205,13 @@ grpc::ServerUnaryReactor* NodeAgentService::UnregisterRegion(
 grpc::ServerUnaryReactor* NodeAgentService::MapDma(grpc::CallbackServerContext* context,
                                                    const v1::MapDmaRequest* request,
                                                    v1::MapDmaResponse*) {
-  const AgentMetrics::Clock::time_point start = Start();
-  return Finish(
-      context,
-      agent_->MapDma(request->container(), request->iova(), request->ua(), request->size()),
-      RpcMethod::kMapDma, start);
+  return FinishUnary(context, Serve(*request));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::UnmapDma(grpc::CallbackServerContext* context,
                                                      const v1::UnmapDmaRequest* request,
                                                      v1::UnmapDmaResponse*) {
-  const AgentMetrics::Clock::time_point start = Start();
-  return Finish(context, agent_->UnmapDma(request->container(), request->iova(), request->size()),
-                RpcMethod::kUnmapDma, start);
+  return FinishUnary(context, Serve(*request));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::Translate(grpc::CallbackServerContext* context,

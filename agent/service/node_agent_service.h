@@ -55,6 +55,8 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   grpc::ServerUnaryReactor* UnmapDma(grpc::CallbackServerContext* context,
                                      const v1::UnmapDmaRequest* request,
                                      v1::UnmapDmaResponse* response) override;
+  grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse>* DmaSession(
+      grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* Translate(grpc::CallbackServerContext* context,
                                       const v1::TranslateRequest* request,
                                       v1::TranslateResponse* response) override;
@@ -73,6 +75,14 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   AgentMetrics::Clock::time_point Start() const {
     return metrics_ != nullptr ? AgentMetrics::Clock::now() : AgentMetrics::Clock::time_point();
   }
+  class DmaSessionReactor;
+
+  // The DMA hot path, shared by the unary handlers and DmaSession: runs the call and records it
+  // in the metrics.
+  absl::Status Serve(const v1::MapDmaRequest& request);
+  absl::Status Serve(const v1::UnmapDmaRequest& request);
+  void Record(RpcMethod method, AgentMetrics::Clock::time_point start, const absl::Status& status);
+
   // Finishes the call with `status` (naming the errno in the trailers too) and records it.
   grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status,
                                    RpcMethod method, AgentMetrics::Clock::time_point start);

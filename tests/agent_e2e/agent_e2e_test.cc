@@ -351,6 +351,112 @@ TEST_F(AgentE2eTest, HealthAndReflectionOnBothListeners) {
 }
 
 // (c) A VMM's sequence over the Unix socket.
+// DmaSession: map/unmap requests on one stream, each answered in order with its tag and the
+// status the unary call would have returned; a failed request leaves the stream open, and what
+// it acknowledged survives a kill -9.
+TEST_F(AgentE2eTest, DmaSessionAnswersInOrderAndSurvivesBadRequests) {
+  ASSERT_TRUE(CreateContext("vm", std::nullopt).ok());
+  ASSERT_TRUE(CreateContainer("vm/dev").ok());
+  const uint64_t ua = uint64_t{1} << 32;
+  ASSERT_TRUE(Register("vm/dev", "vm", ua, 16 * kPage).ok());
+
+  auto context = NewContext();
+  std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>> stream =
+      stub_->DmaSession(context.get());
+  auto map = [](uint64_t tag, const std::string& container, uint64_t iova, uint64_t ua) {
+    v1::DmaSessionRequest request;
+    request.set_tag(tag);
+    request.mutable_map()->set_container(container);
+    request.mutable_map()->set_iova(iova);
+    request.mutable_map()->set_ua(ua);
+    request.mutable_map()->set_size(kPage);
+    return request;
+  };
+  v1::DmaSessionRequest unmap;
+  unmap.set_tag(6);
+  unmap.mutable_unmap()->set_container("vm/dev");
+  unmap.mutable_unmap()->set_iova(kPage);
+  unmap.mutable_unmap()->set_size(kPage);
+  v1::DmaSessionRequest empty;
+  empty.set_tag(5);
+  const std::vector<v1::DmaSessionRequest> requests = {
+      map(1, "vm/dev", 0, ua),
+      map(2, "vm/dev", kPage, ua + kPage),
+      map(3, "vm/nothing", 0, ua),          // unknown container
+      map(4, "vm/dev", 2 * kPage + 1, ua),  // misaligned iova
+      empty,                                // neither map nor unmap
+      unmap,
+  };
+  // code, errno of each answer, in order.
+  const std::vector<std::pair<int, std::string>> expected = {
+      {0, ""},
+      {0, ""},
+      {static_cast<int>(grpc::StatusCode::NOT_FOUND), "ENOENT"},
+      {static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT), "EINVAL"},
+      {static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT), "EINVAL"},
+      {0, ""},
+  };
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("request tag ", requests[i].tag()));
+    ASSERT_TRUE(stream->Write(requests[i]));
+    v1::DmaSessionResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    EXPECT_EQ(response.tag(), requests[i].tag());
+    EXPECT_EQ(response.code(), expected[i].first) << response.message();
+    EXPECT_EQ(response.errno_name(), expected[i].second);
+    if (!expected[i].second.empty()) {
+      EXPECT_TRUE(absl::StartsWith(response.message(), expected[i].second + ": "))
+          << response.message();
+    }
+  }
+  ASSERT_TRUE(stream->WritesDone());
+  const grpc::Status finished = stream->Finish();
+  EXPECT_TRUE(finished.ok()) << finished.error_message();
+
+  // One page stays mapped: mapped = 1 (the bias) + 1.
+  std::vector<v1::Region> regions = Regions("vm");
+  ASSERT_EQ(regions.size(), 1u);
+  EXPECT_EQ(regions[0].mapped(), 2u);
+  const absl::Status killed = agent_->Kill();
+  ASSERT_TRUE(killed.ok()) << killed;
+  StartAgent();
+  regions = Regions("vm");
+  ASSERT_EQ(regions.size(), 1u);
+  EXPECT_EQ(regions[0].mapped(), 2u);
+  // The page still mapped is the one at iova 0: unmapping it drops the count to the bias.
+  ASSERT_TRUE(Unmap("vm/dev", 0, kPage).ok());
+  EXPECT_EQ(Regions("vm")[0].mapped(), 1u);
+}
+
+// SIGTERM while a VMM keeps a DmaSession open: the agent ends the stream and exits cleanly, and
+// the stream's acknowledged map is there after the restart.
+TEST_F(AgentE2eTest, SigtermWithAnOpenDmaSession) {
+  ASSERT_TRUE(CreateContext("vm", std::nullopt).ok());
+  ASSERT_TRUE(CreateContainer("vm/dev").ok());
+  const uint64_t ua = uint64_t{1} << 32;
+  ASSERT_TRUE(Register("vm/dev", "vm", ua, 4 * kPage).ok());
+  auto context = NewContext();
+  auto stream = stub_->DmaSession(context.get());
+  v1::DmaSessionRequest request;
+  request.set_tag(1);
+  request.mutable_map()->set_container("vm/dev");
+  request.mutable_map()->set_iova(0);
+  request.mutable_map()->set_ua(ua);
+  request.mutable_map()->set_size(kPage);
+  ASSERT_TRUE(stream->Write(request));
+  v1::DmaSessionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_EQ(response.code(), 0) << response.message();
+
+  const absl::Status terminated = StopAgent(/*drop_clients=*/false, absl::Seconds(10));
+  ASSERT_TRUE(terminated.ok()) << terminated;
+  EXPECT_FALSE(stream->Read(&response));  // the stream ended with the agent
+  StartAgent();
+  const std::vector<v1::Region> regions = Regions("vm");
+  ASSERT_EQ(regions.size(), 1u);
+  EXPECT_EQ(regions[0].mapped(), 2u);
+}
+
 TEST_F(AgentE2eTest, VmmSequenceOverUnixSocket) {
   const std::string vm = "vm-42";
   const std::string dev0 = "vm-42/vfio-0";

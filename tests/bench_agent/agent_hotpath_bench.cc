@@ -76,6 +76,9 @@ ABSL_FLAG(bool, agent_metrics, false,
           "Run the agent with metrics on (--metrics_address=127.0.0.1:0) instead of off; the "
           "bench then also reports mapping-journal records per fold into SQLite from /metrics, "
           "scraped outside the measured windows.");
+ABSL_FLAG(std::string, api, "unary",
+          "How the workers call: 'unary' (a MapDma or UnmapDma RPC per call) or 'session' (each "
+          "worker keeps one DmaSession stream and sends its calls on it).");
 ABSL_FLAG(std::string, concurrency, "1,4,16,64", "Calls in flight, comma-separated.");
 ABSL_FLAG(double, duration, 3.0, "Measured seconds per concurrency level.");
 ABSL_FLAG(double, warmup, 0.3, "Unmeasured seconds before each measurement.");
@@ -289,11 +292,12 @@ struct Phase {
   int active = 0;  // guarded by mu
 };
 
-// One call in flight at a time: MapDma of its own page, then UnmapDma of it, and again.
+// One call in flight at a time: MapDma of its own page, then UnmapDma of it, and again. As unary
+// RPCs, or (with a session) as requests on the worker's own DmaSession stream.
 class Worker {
  public:
   Worker(v1::NodeAgent::Stub* stub, Phase* phase, const std::string& container, uint64_t iova,
-         uint64_t ua, uint64_t size)
+         uint64_t ua, uint64_t size, bool session)
       : stub_(stub), phase_(phase) {
     map_request_.set_container(container);
     map_request_.set_iova(iova);
@@ -303,6 +307,11 @@ class Worker {
     unmap_request_.set_iova(iova);
     unmap_request_.set_size(size);
     latencies_ns_.reserve(1 << 16);
+    if (session) session_ = std::make_unique<Session>(this);
+  }
+
+  ~Worker() {
+    if (session_ != nullptr) session_->AwaitDone();
   }
 
   void Begin() { Issue(/*map=*/true); }
@@ -313,9 +322,109 @@ class Worker {
   const std::string& first_error() const { return first_error_; }
 
  private:
+  // The worker's DmaSession stream: one request and its response at a time. The response can
+  // arrive before gRPC reports the request's write done, so the next write (or the close) waits
+  // for that report.
+  class Session : public grpc::ClientBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse> {
+   public:
+    explicit Session(Worker* worker) : worker_(worker) {
+      worker->stub_->async()->DmaSession(&context_, this);
+      StartCall();
+    }
+
+    void Send(bool map) {
+      std::lock_guard<std::mutex> lock(mu_);
+      next_.Clear();
+      next_.set_tag(++tag_);
+      if (map) {
+        *next_.mutable_map() = worker_->map_request_;
+      } else {
+        *next_.mutable_unmap() = worker_->unmap_request_;
+      }
+      sent_map_ = map;
+      StartRead(&response_);
+      if (writing_) {
+        next_pending_ = true;
+      } else {
+        WriteNextLocked();
+      }
+    }
+    void Close() {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (writing_) {
+        close_pending_ = true;
+      } else {
+        StartWritesDone();
+      }
+    }
+
+    void OnWriteDone(bool ok) override {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (ok && next_pending_) {
+        next_pending_ = false;
+        WriteNextLocked();
+      } else if (close_pending_) {
+        close_pending_ = false;
+        StartWritesDone();
+      }
+    }
+    void OnReadDone(bool ok) override {
+      grpc::Status status;
+      bool was_map = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        was_map = sent_map_;
+        if (!ok) {
+          status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "DmaSession stream ended");
+        } else if (response_.tag() != tag_) {
+          status = grpc::Status(grpc::StatusCode::INTERNAL, "DmaSession answered the wrong tag");
+        } else if (response_.code() != 0) {
+          status =
+              grpc::Status(static_cast<grpc::StatusCode>(response_.code()), response_.message());
+        }
+      }
+      worker_->OnDone(was_map, status);
+    }
+    void OnDone(const grpc::Status&) override {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      done_cv_.notify_all();
+    }
+    void AwaitDone() {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_cv_.wait(lock, [this] { return done_; });
+    }
+
+   private:
+    void WriteNextLocked() {
+      writing_ = true;
+      request_ = next_;
+      StartWrite(&request_);
+    }
+
+    Worker* const worker_;
+    grpc::ClientContext context_;
+    std::mutex mu_;
+    v1::DmaSessionRequest request_;  // being written
+    v1::DmaSessionRequest next_;
+    v1::DmaSessionResponse response_;
+    uint64_t tag_ = 0;
+    bool sent_map_ = false;
+    bool writing_ = false;
+    bool next_pending_ = false;
+    bool close_pending_ = false;
+    bool done_ = false;
+    std::condition_variable done_cv_;
+  };
+
   void Issue(bool map) {
-    context_ = std::make_unique<grpc::ClientContext>();
     sent_ = Clock::now();
+    if (session_ != nullptr) {
+      session_->Send(map);
+      return;
+    }
+    context_ = std::make_unique<grpc::ClientContext>();
     if (map) {
       stub_->async()->MapDma(context_.get(), &map_request_, &map_response_,
                              [this](grpc::Status status) { OnDone(true, status); });
@@ -342,6 +451,7 @@ class Worker {
     }
     // Stop only with the page unmapped, so that the next phase starts from a clean table.
     if (phase_->stopping.load(std::memory_order_relaxed) && !mapped) {
+      if (session_ != nullptr) session_->Close();
       std::lock_guard<std::mutex> lock(phase_->mu);
       if (--phase_->active == 0) phase_->done.notify_all();
       return;
@@ -351,6 +461,7 @@ class Worker {
 
   v1::NodeAgent::Stub* const stub_;
   Phase* const phase_;
+  std::unique_ptr<Session> session_;
   std::unique_ptr<grpc::ClientContext> context_;
   v1::MapDmaRequest map_request_;
   v1::MapDmaResponse map_response_;
@@ -383,10 +494,10 @@ absl::StatusOr<LoadResult> RunLoad(const std::vector<std::unique_ptr<v1::NodeAge
   Phase phase;
   std::vector<std::unique_ptr<Worker>> workers;
   for (int i = 0; i < in_flight; ++i) {
-    workers.push_back(std::make_unique<Worker>(stubs[i % stubs.size()].get(), &phase,
-                                               ContainerName(i % containers),
-                                               /*iova=*/uint64_t(i) * page,
-                                               /*ua=*/kRegionUa + uint64_t(i) * page, page));
+    workers.push_back(std::make_unique<Worker>(
+        stubs[i % stubs.size()].get(), &phase, ContainerName(i % containers),
+        /*iova=*/uint64_t(i) * page,
+        /*ua=*/kRegionUa + uint64_t(i) * page, page, absl::GetFlag(FLAGS_api) == "session"));
   }
   phase.active = in_flight;
   for (auto& worker : workers) worker->Begin();
@@ -621,9 +732,10 @@ int Run(const char* argv0) {
   std::filesystem::remove_all(dir);
 
   std::printf(
-      "\nagent hot path: 1-page (%llu bytes) MapDma + UnmapDma over the Unix socket, "
+      "\nagent hot path: 1-page (%llu bytes) MapDma + UnmapDma over the Unix socket, %s, "
       "callback client, %d connection(s), %d container(s), agent metrics %s\n",
       static_cast<unsigned long long>(absl::GetFlag(FLAGS_page_size)),
+      absl::GetFlag(FLAGS_api) == "session" ? "one DmaSession stream per worker" : "unary RPCs",
       std::max(1, absl::GetFlag(FLAGS_channels)), std::max(1, absl::GetFlag(FLAGS_containers)),
       absl::GetFlag(FLAGS_agent_metrics) ? "on" : "off");
   std::printf("%6s %12s %10s %17s %10s %10s %11s %8s %12s\n", "N", "calls/s", "agent CPU",
@@ -686,5 +798,9 @@ int main(int argc, char** argv) {
   // As the agent does: Debian's Abseil checks every absl::Mutex (gRPC's) for deadlocks otherwise,
   // and the client shares the machine's cores with the agent.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  if (const std::string api = absl::GetFlag(FLAGS_api); api != "unary" && api != "session") {
+    std::fprintf(stderr, "--api must be 'unary' or 'session', not '%s'\n", api.c_str());
+    return 2;
+  }
   return dmapin::Run(argv[0]);
 }
