@@ -70,6 +70,39 @@ absl::Status SqliteStatus(sqlite3* db, absl::string_view database, int rc, absl:
   return ErrnoStatus(EIO, absl::StrCat(database, ": ", message));
 }
 
+StatementCache::StatementCache(sqlite3* db, absl::string_view database,
+                               absl::Span<const char* const> sql)
+    : db_(db), database_(database), sql_(sql), statements_(sql.size(), nullptr) {}
+
+absl::StatusOr<sqlite3_stmt*> StatementCache::Get(int index) {
+  sqlite3_stmt*& stmt = statements_[index];
+  if (stmt == nullptr) {
+    const int rc =
+        sqlite3_prepare_v3(db_, sql_[index], -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+    if (rc != SQLITE_OK) {
+      stmt = nullptr;
+      return SqliteStatus(db_, database_, rc, absl::StrCat("prepare \"", sql_[index], "\""));
+    }
+  }
+  return stmt;
+}
+
+void StatementCache::Clear() {
+  for (sqlite3_stmt*& stmt : statements_) {
+    if (stmt != nullptr) sqlite3_finalize(stmt);
+    stmt = nullptr;
+  }
+}
+
+absl::Status RunStatement(sqlite3* db, absl::string_view database, sqlite3_stmt* stmt,
+                          absl::string_view what, uint64_t* rows) {
+  ScopedReset reset(stmt);
+  const int rc = sqlite3_step(stmt);
+  if (rc != SQLITE_DONE) return SqliteStatus(db, database, rc, what);
+  if (rows != nullptr) *rows += static_cast<uint64_t>(sqlite3_changes(db));
+  return absl::OkStatus();
+}
+
 void BindText(sqlite3_stmt* stmt, int index, absl::string_view value) {
   sqlite3_bind_text(stmt, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
 }

@@ -6,12 +6,14 @@
 
 #include <sqlite3.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace dmapin {
 
@@ -40,6 +42,33 @@ class ScopedReset {
  private:
   sqlite3_stmt* const stmt_;
 };
+
+// A connection's prepared statements, by index into a table of SQL texts: each is prepared on
+// first use (SQLITE_PREPARE_PERSISTENT) and kept until Clear(), which the owner calls before it
+// closes the connection. Not thread-safe: the lock that guards the connection guards it too.
+class StatementCache {
+ public:
+  // `sql` must outlive the cache (a static table); `database` names the file in errors.
+  StatementCache(sqlite3* db, absl::string_view database, absl::Span<const char* const> sql);
+  ~StatementCache() { Clear(); }
+  StatementCache(const StatementCache&) = delete;
+  StatementCache& operator=(const StatementCache&) = delete;
+
+  absl::StatusOr<sqlite3_stmt*> Get(int index);
+  // Finalizes every prepared statement.
+  void Clear();
+
+ private:
+  sqlite3* const db_;
+  const std::string database_;
+  const absl::Span<const char* const> sql_;
+  std::vector<sqlite3_stmt*> statements_;
+};
+
+// Steps `stmt`, a statement that returns no rows, and resets it; adds the rows it changed to
+// `*rows` when given. Errors name `what`.
+absl::Status RunStatement(sqlite3* db, absl::string_view database, sqlite3_stmt* stmt,
+                          absl::string_view what, uint64_t* rows = nullptr);
 
 void BindText(sqlite3_stmt* stmt, int index, absl::string_view value);
 std::string ColumnText(sqlite3_stmt* stmt, int index);

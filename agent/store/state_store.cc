@@ -377,9 +377,9 @@ StateStore::StateStore(std::string path, StateStoreOptions options, sqlite3* db)
     : path_(std::move(path)),
       database_(absl::StrCat("state database ", path_)),
       options_(std::move(options)),
-      db_(db) {
+      db_(db),
+      statements_(db, database_, kSqlText) {
   static_assert(kSqlCount == kNumStatements, "kSqlText and Sql disagree");
-  static_assert(kSqlCount <= kMaxStatements, "raise kMaxStatements");
 }
 
 StateStore::~StateStore() {
@@ -394,10 +394,7 @@ StateStore::~StateStore() {
   MutexLock lock(&mu_);
   // Best effort: whatever is not folded here is folded from the files at the next Open.
   if (journal_ != nullptr) (void)FoldJournalLocked();
-  for (sqlite3_stmt*& stmt : statements_) {
-    if (stmt != nullptr) sqlite3_finalize(stmt);
-    stmt = nullptr;
-  }
+  statements_.Clear();
   sqlite3_close_v2(db_);
 }
 
@@ -606,25 +603,12 @@ absl::Status StateStore::SqliteError(int rc, absl::string_view what) const {
 }
 
 absl::StatusOr<sqlite3_stmt*> StateStore::StatementLocked(Sql sql) const {
-  sqlite3_stmt*& stmt = statements_[sql];
-  if (stmt == nullptr) {
-    const int rc =
-        sqlite3_prepare_v3(db_, kSqlText[sql], -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
-    if (rc != SQLITE_OK) {
-      stmt = nullptr;
-      return SqliteError(rc, absl::StrCat("prepare \"", kSqlText[sql], "\""));
-    }
-  }
-  return stmt;
+  return statements_.Get(sql);
 }
 
 absl::Status StateStore::RunLocked(sqlite3_stmt* stmt, absl::string_view what,
                                    uint64_t* rows) const {
-  ScopedReset reset(stmt);
-  const int rc = sqlite3_step(stmt);
-  if (rc != SQLITE_DONE) return SqliteError(rc, what);
-  if (rows != nullptr) *rows += static_cast<uint64_t>(sqlite3_changes(db_));
-  return absl::OkStatus();
+  return RunStatement(db_, database_, stmt, what, rows);
 }
 
 absl::Status StateStore::ExecLocked(Sql sql, absl::string_view what) const {

@@ -33,7 +33,6 @@
 #ifndef DMAPIN_AGENT_STORE_STATE_STORE_H_
 #define DMAPIN_AGENT_STORE_STATE_STORE_H_
 
-#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -56,9 +55,7 @@
 #include "absl/types/span.h"
 #include "agent/store/mapping_journal.h"
 #include "common/mutex.h"
-
-struct sqlite3;
-struct sqlite3_stmt;
+#include "common/sqlite_util.h"
 
 namespace dmapin {
 
@@ -341,7 +338,6 @@ class StateStore {
  private:
   // Ids of the cached statements (defined in the .cc).
   enum Sql : int;
-  static constexpr int kMaxStatements = 32;
 
   struct Writer;
   static constexpr size_t kMaxOpsPerTransaction = 4096;
@@ -384,8 +380,7 @@ class StateStore {
 
   mutable Mutex mu_;
   sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);
-  // Prepared statements, prepared on first use and kept for the connection's lifetime.
-  mutable std::array<sqlite3_stmt*, kMaxStatements> statements_ ABSL_GUARDED_BY(mu_) = {};
+  mutable StatementCache statements_ ABSL_GUARDED_BY(mu_);
   int commit_number_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Atomics so that a metrics scrape never waits behind an fsync.

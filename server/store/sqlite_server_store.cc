@@ -271,17 +271,14 @@ SqliteServerStore::SqliteServerStore(std::string path, SqliteServerStoreOptions 
     : path_(std::move(path)),
       database_(absl::StrCat("server database ", path_)),
       options_(std::move(options)),
-      db_(db) {
+      db_(db),
+      statements_(db, database_, kSqlText) {
   static_assert(kSqlCount == kNumStatements, "kSqlText and Sql disagree");
-  static_assert(kSqlCount <= kMaxStatements, "raise kMaxStatements");
 }
 
 SqliteServerStore::~SqliteServerStore() {
   MutexLock lock(&mu_);
-  for (sqlite3_stmt*& stmt : statements_) {
-    if (stmt != nullptr) sqlite3_finalize(stmt);
-    stmt = nullptr;
-  }
+  statements_.Clear();
   sqlite3_close_v2(db_);
 }
 
@@ -325,23 +322,11 @@ absl::Status SqliteServerStore::SqliteError(int rc, absl::string_view what) cons
 }
 
 absl::StatusOr<sqlite3_stmt*> SqliteServerStore::StatementLocked(int sql) const {
-  sqlite3_stmt*& stmt = statements_[sql];
-  if (stmt == nullptr) {
-    const int rc =
-        sqlite3_prepare_v3(db_, kSqlText[sql], -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
-    if (rc != SQLITE_OK) {
-      stmt = nullptr;
-      return SqliteError(rc, absl::StrCat("prepare \"", kSqlText[sql], "\""));
-    }
-  }
-  return stmt;
+  return statements_.Get(sql);
 }
 
 absl::Status SqliteServerStore::RunLocked(sqlite3_stmt* stmt, absl::string_view what) const {
-  ScopedReset reset(stmt);
-  const int rc = sqlite3_step(stmt);
-  if (rc != SQLITE_DONE) return SqliteError(rc, what);
-  return absl::OkStatus();
+  return RunStatement(db_, database_, stmt, what);
 }
 
 absl::Status SqliteServerStore::ExecLocked(int sql, absl::string_view what) const {

@@ -24,7 +24,6 @@
 #ifndef DMAPIN_SERVER_STORE_SQLITE_SERVER_STORE_H_
 #define DMAPIN_SERVER_STORE_SQLITE_SERVER_STORE_H_
 
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <deque>
@@ -39,10 +38,8 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/mutex.h"
+#include "common/sqlite_util.h"
 #include "server/store/server_store.h"
-
-struct sqlite3;
-struct sqlite3_stmt;
 
 namespace dmapin {
 
@@ -93,7 +90,6 @@ class SqliteServerStore final : public ServerStore {
 
  private:
   enum Sql : int;  // ids of the cached statements (defined in the .cc)
-  static constexpr int kMaxStatements = 48;
   static constexpr size_t kMaxOpsPerTransaction = 4096;
   struct Writer;
 
@@ -142,7 +138,7 @@ class SqliteServerStore final : public ServerStore {
 
   mutable Mutex mu_;
   sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);
-  mutable std::array<sqlite3_stmt*, kMaxStatements> statements_ ABSL_GUARDED_BY(mu_) = {};
+  mutable StatementCache statements_ ABSL_GUARDED_BY(mu_);
   int transaction_number_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::atomic<uint64_t> commits_{0};
