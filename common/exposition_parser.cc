@@ -1,9 +1,14 @@
 #include "common/exposition_parser.h"
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 
@@ -51,6 +56,37 @@ std::optional<double> Value(absl::string_view text, absl::string_view name, cons
     if (sample.name == name && sample.labels == labels) return sample.value;
   }
   return std::nullopt;
+}
+
+std::string FindPromtool() {
+  for (const char* candidate : {"/usr/bin/promtool", "/usr/local/bin/promtool"}) {
+    if (access(candidate, X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+absl::Status PromtoolCheck(const std::string& promtool, absl::string_view text,
+                           const std::filesystem::path& scratch_dir) {
+  const std::filesystem::path input = scratch_dir / "metrics.txt";
+  const std::filesystem::path output = scratch_dir / "promtool.out";
+  FILE* file = std::fopen(input.c_str(), "w");
+  if (file == nullptr) return absl::InternalError(absl::StrCat("cannot write ", input.string()));
+  const bool written = std::fwrite(text.data(), 1, text.size(), file) == text.size();
+  std::fclose(file);
+  if (!written) return absl::InternalError(absl::StrCat("cannot write ", input.string()));
+  const std::string command =
+      absl::StrCat(promtool, " check metrics < ", input.string(), " > ", output.string(), " 2>&1");
+  const int rc = std::system(command.c_str());
+  std::string report;
+  if (FILE* out = std::fopen(output.c_str(), "r")) {
+    char buffer[4096];
+    size_t n = 0;
+    while ((n = std::fread(buffer, 1, sizeof(buffer), out)) > 0) report.append(buffer, n);
+    std::fclose(out);
+  }
+  if (rc != 0)
+    return absl::FailedPreconditionError(absl::StrCat("promtool check metrics:\n", report));
+  return absl::OkStatus();
 }
 
 }  // namespace dmapin::exposition

@@ -675,38 +675,15 @@ TEST_F(ServerMetricsTest, ConcurrentScrapes) {
 // Lints the exposition with Prometheus's own checker when Debian's `promtool` (package prometheus)
 // is installed.
 TEST_F(ServerMetricsTest, PromtoolCheckMetrics) {
-  std::string promtool;
-  for (const char* candidate : {"/usr/bin/promtool", "/usr/local/bin/promtool"}) {
-    if (access(candidate, X_OK) == 0) {
-      promtool = candidate;
-      break;
-    }
-  }
+  const std::string promtool = exposition::FindPromtool();
   if (promtool.empty()) {
     GTEST_SKIP() << "promtool not found (apt-get install prometheus); exposition not linted";
   }
   ASSERT_NO_FATAL_FAILURE(Fleet());
   ServerMetrics metrics(core_.get(), {.per_region_series = true});
   const std::string text = metrics.TextExposition();
-  const std::filesystem::path input = dir_ / "metrics.txt";
-  const std::filesystem::path output = dir_ / "promtool.out";
-  {
-    FILE* file = std::fopen(input.c_str(), "w");
-    ASSERT_NE(file, nullptr);
-    ASSERT_EQ(std::fwrite(text.data(), 1, text.size(), file), text.size());
-    std::fclose(file);
-  }
-  const std::string command =
-      absl::StrCat(promtool, " check metrics < ", input.string(), " > ", output.string(), " 2>&1");
-  const int rc = std::system(command.c_str());
-  std::string report;
-  if (FILE* file = std::fopen(output.c_str(), "r")) {
-    char buffer[4096];
-    size_t n = 0;
-    while ((n = std::fread(buffer, 1, sizeof(buffer), file)) > 0) report.append(buffer, n);
-    std::fclose(file);
-  }
-  EXPECT_EQ(rc, 0) << "promtool check metrics:\n" << report << "\nexposition:\n" << text;
+  const absl::Status lint = exposition::PromtoolCheck(promtool, text, dir_);
+  EXPECT_TRUE(lint.ok()) << lint.message() << "\nexposition:\n" << text;
 }
 
 }  // namespace
