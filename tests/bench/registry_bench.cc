@@ -289,6 +289,9 @@ void SetPerPage(benchmark::State& state, const char* baseline, double own_ns_per
   if (base != nullptr) state.counters["vs_array"] = own_ns_per_iter / base->ns_per_iter;
 }
 
+// With kOpaque, every element is forced through a register one at a time (no SIMD for the array
+// loop), to show the cost per element without vectorization.
+template <bool kOpaque>
 void BM_SeqArray(benchmark::State& state) {
   const Fixture& f = GetFixture();
   const uint64_t* arr = f.seq_hpas.data();
@@ -296,13 +299,18 @@ void BM_SeqArray(benchmark::State& state) {
   for (auto _ : state) {
     benchmark::DoNotOptimize(arr);  // the array's contents are unknown to the compiler
     uint64_t sum = 0;
-    for (uint64_t i = 0; i < kSeqPages; ++i) sum += arr[i];
+    for (uint64_t i = 0; i < kSeqPages; ++i) {
+      uint64_t value = arr[i];
+      if constexpr (kOpaque) Opaque(value);
+      sum += value;
+    }
     benchmark::DoNotOptimize(sum);
   }
   state.SetItemsProcessed(state.iterations() * kSeqPages);
   SetPerPage(state, "", timer.NsPer(state.iterations()));
 }
 
+template <bool kOpaque>
 void BM_SeqSession(benchmark::State& state) {
   const Fixture& f = GetFixture();
   Registry::ReadSession session(*f.registry, kSeqContext);
@@ -312,12 +320,16 @@ void BM_SeqSession(benchmark::State& state) {
     for (uint64_t i = 0; i < kSeqPages; ++i) {
       uint64_t hpa = 0;
       session.TryTranslate(kSeqBase + i * kPs, &hpa);
+      if constexpr (kOpaque) Opaque(hpa);
       sum += hpa;
     }
     benchmark::DoNotOptimize(sum);
   }
   state.SetItemsProcessed(state.iterations() * kSeqPages);
-  SetPerPage(state, "seq_translate_1gib/array_baseline", timer.NsPer(state.iterations()));
+  SetPerPage(
+      state,
+      kOpaque ? "seq_translate_1gib/array_baseline_opaque" : "seq_translate_1gib/array_baseline",
+      timer.NsPer(state.iterations()));
 }
 
 // The batched form a DMA map of contiguous guest memory uses: VisitPages over the whole range,
@@ -335,44 +347,6 @@ void BM_SeqSessionPages(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations() * kSeqPages);
   SetPerPage(state, "seq_translate_1gib/array_baseline", timer.NsPer(state.iterations()));
-}
-
-// The same two loops with every element forced through a register one at a time (no SIMD for
-// the array loop), to show the cost per element without vectorization.
-void BM_SeqArrayOpaque(benchmark::State& state) {
-  const Fixture& f = GetFixture();
-  const uint64_t* arr = f.seq_hpas.data();
-  LoopTimer timer;
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(arr);
-    uint64_t sum = 0;
-    for (uint64_t i = 0; i < kSeqPages; ++i) {
-      uint64_t value = arr[i];
-      Opaque(value);
-      sum += value;
-    }
-    benchmark::DoNotOptimize(sum);
-  }
-  state.SetItemsProcessed(state.iterations() * kSeqPages);
-  SetPerPage(state, "", timer.NsPer(state.iterations()));
-}
-
-void BM_SeqSessionOpaque(benchmark::State& state) {
-  const Fixture& f = GetFixture();
-  Registry::ReadSession session(*f.registry, kSeqContext);
-  LoopTimer timer;
-  for (auto _ : state) {
-    uint64_t sum = 0;
-    for (uint64_t i = 0; i < kSeqPages; ++i) {
-      uint64_t hpa = 0;
-      session.TryTranslate(kSeqBase + i * kPs, &hpa);
-      Opaque(hpa);
-      sum += hpa;
-    }
-    benchmark::DoNotOptimize(sum);
-  }
-  state.SetItemsProcessed(state.iterations() * kSeqPages);
-  SetPerPage(state, "seq_translate_1gib/array_baseline_opaque", timer.NsPer(state.iterations()));
 }
 
 // --- c) Map + unmap vs pin per map
@@ -613,15 +587,15 @@ void RegisterBenchmarks() {
   benchmark::RegisterBenchmark("translate_random_10k/registry_translate",
                                BM_TranslateRandomRegistry);
   benchmark::RegisterBenchmark("translate_random_10k/read_session", BM_TranslateRandomSession);
-  benchmark::RegisterBenchmark("seq_translate_1gib/array_baseline", BM_SeqArray)
+  benchmark::RegisterBenchmark("seq_translate_1gib/array_baseline", BM_SeqArray<false>)
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("seq_translate_1gib/read_session", BM_SeqSession)
+  benchmark::RegisterBenchmark("seq_translate_1gib/read_session", BM_SeqSession<false>)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("seq_translate_1gib/read_session_pages", BM_SeqSessionPages)
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("seq_translate_1gib/array_baseline_opaque", BM_SeqArrayOpaque)
+  benchmark::RegisterBenchmark("seq_translate_1gib/array_baseline_opaque", BM_SeqArray<true>)
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("seq_translate_1gib/read_session_opaque", BM_SeqSessionOpaque)
+  benchmark::RegisterBenchmark("seq_translate_1gib/read_session_opaque", BM_SeqSession<true>)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("map_unmap_one_page/pin_per_map_baseline", BM_PinPerMap);
   benchmark::RegisterBenchmark("map_unmap_one_page/registry", BM_MapUnmap);
