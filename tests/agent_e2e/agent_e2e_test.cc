@@ -351,6 +351,18 @@ TEST_F(AgentE2eTest, HealthAndReflectionOnBothListeners) {
 }
 
 // (c) A VMM's sequence over the Unix socket.
+// A DmaSession request mapping one page.
+v1::DmaSessionRequest SessionMap(uint64_t tag, const std::string& container, uint64_t iova,
+                                 uint64_t ua) {
+  v1::DmaSessionRequest request;
+  request.set_tag(tag);
+  request.mutable_map()->set_container(container);
+  request.mutable_map()->set_iova(iova);
+  request.mutable_map()->set_ua(ua);
+  request.mutable_map()->set_size(kPage);
+  return request;
+}
+
 // DmaSession: map/unmap requests on one stream, each answered in order with its tag and the
 // status the unary call would have returned; a failed request leaves the stream open, and what
 // it acknowledged survives a kill -9.
@@ -363,15 +375,6 @@ TEST_F(AgentE2eTest, DmaSessionAnswersInOrderAndSurvivesBadRequests) {
   auto context = NewContext();
   std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>> stream =
       stub_->DmaSession(context.get());
-  auto map = [](uint64_t tag, const std::string& container, uint64_t iova, uint64_t ua) {
-    v1::DmaSessionRequest request;
-    request.set_tag(tag);
-    request.mutable_map()->set_container(container);
-    request.mutable_map()->set_iova(iova);
-    request.mutable_map()->set_ua(ua);
-    request.mutable_map()->set_size(kPage);
-    return request;
-  };
   v1::DmaSessionRequest unmap;
   unmap.set_tag(6);
   unmap.mutable_unmap()->set_container("vm/dev");
@@ -380,11 +383,11 @@ TEST_F(AgentE2eTest, DmaSessionAnswersInOrderAndSurvivesBadRequests) {
   v1::DmaSessionRequest empty;
   empty.set_tag(5);
   const std::vector<v1::DmaSessionRequest> requests = {
-      map(1, "vm/dev", 0, ua),
-      map(2, "vm/dev", kPage, ua + kPage),
-      map(3, "vm/nothing", 0, ua),          // unknown container
-      map(4, "vm/dev", 2 * kPage + 1, ua),  // misaligned iova
-      empty,                                // neither map nor unmap
+      SessionMap(1, "vm/dev", 0, ua),
+      SessionMap(2, "vm/dev", kPage, ua + kPage),
+      SessionMap(3, "vm/nothing", 0, ua),          // unknown container
+      SessionMap(4, "vm/dev", 2 * kPage + 1, ua),  // misaligned iova
+      empty,                                       // neither map nor unmap
       unmap,
   };
   // code, errno of each answer, in order.
@@ -437,13 +440,7 @@ TEST_F(AgentE2eTest, SigtermWithAnOpenDmaSession) {
   ASSERT_TRUE(Register("vm/dev", "vm", ua, 4 * kPage).ok());
   auto context = NewContext();
   auto stream = stub_->DmaSession(context.get());
-  v1::DmaSessionRequest request;
-  request.set_tag(1);
-  request.mutable_map()->set_container("vm/dev");
-  request.mutable_map()->set_iova(0);
-  request.mutable_map()->set_ua(ua);
-  request.mutable_map()->set_size(kPage);
-  ASSERT_TRUE(stream->Write(request));
+  ASSERT_TRUE(stream->Write(SessionMap(1, "vm/dev", 0, ua)));
   v1::DmaSessionResponse response;
   ASSERT_TRUE(stream->Read(&response));
   ASSERT_EQ(response.code(), 0) << response.message();
