@@ -191,7 +191,8 @@ absl::Status MappingJournal::StartFileLocked() {
 }
 
 absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64_t container_id,
-                                                uint64_t iova, uint64_t size, uint64_t ua) {
+                                                uint64_t iova, uint64_t size, uint64_t ua,
+                                                size_t* unfolded) {
   MutexLock lock(&mu_);
   auto fail = [&](absl::Status status) {
     failed_ = true;
@@ -229,6 +230,7 @@ absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64
     if (absl::Status status = SyncLocked(record.seq); !status.ok()) return fail(status);
   }
   ++stats_.appends;
+  if (unfolded != nullptr) *unfolded = unfolded_.size();
   return record.seq;
 }
 

@@ -88,11 +88,12 @@ class MappingJournal {
   // The records found at Open, by seq.
   const std::vector<JournalRecord>& recovered() const { return recovered_; }
 
-  // Writes one record; OK means it is in the file (and flushed with options.sync). Returns its seq.
-  // After a failed write the journal refuses every later append (EIO): a record written after a
-  // torn one would never be read back.
+  // Writes one record; OK means it is in the file (and flushed with options.sync). Returns its seq,
+  // and in `*unfolded` (when given) how many records now wait for TakeUnfolded. After a failed
+  // write the journal refuses every later append (EIO): a record written after a torn one would
+  // never be read back.
   absl::StatusOr<uint64_t> Append(JournalRecord::Kind kind, uint64_t container_id, uint64_t iova,
-                                  uint64_t size, uint64_t ua = 0);
+                                  uint64_t size, uint64_t ua = 0, size_t* unfolded = nullptr);
 
   // Hands over the records appended since the last call (by seq) and moves later appends to a new
   // file, so that the files holding them can be deleted once they are folded elsewhere.

@@ -479,9 +479,10 @@ absl::Status StateStore::Record(JournalRecord::Kind kind, uint64_t container_id,
                                          ": folding the mapping journal failed earlier; "
                                          "the store takes no more changes"));
   }
-  absl::StatusOr<uint64_t> seq = journal_->Append(kind, container_id, iova, size, ua);
+  size_t unfolded = 0;
+  absl::StatusOr<uint64_t> seq = journal_->Append(kind, container_id, iova, size, ua, &unfolded);
   if (!seq.ok()) return seq.status();
-  if (journal_->unfolded() >= options_.journal_fold_records) {
+  if (unfolded >= options_.journal_fold_records) {
     {
       MutexLock lock(&folder_mu_);
       folder_wake_ = true;
