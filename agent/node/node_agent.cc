@@ -214,9 +214,9 @@ absl::Status NodeAgent::RecoverLocked(
   for (ContainerId id : temporary) {
     if (absl::Status status = registry_->ReleaseContainer(id); !status.ok()) return status;
   }
-  // A pending row whose region no mapping keeps any more: its last unmap was acknowledged in a
-  // call that did not see the region pending yet (it raced the unregister), so that call recorded
-  // the unmap without the release. The release is complete; the row goes.
+  // A pending row whose region no mapping keeps any more, as an agent before AddPendingDiff raised
+  // has_pending first could leave it (an unmap racing the unregister recorded the unmap without
+  // the release). The release is complete; the row goes.
   Mutation completed;
   for (const StoredPending& row : state.pending) {
     ContextEntry* context = *context_of(row.context);
@@ -306,6 +306,10 @@ absl::Status NodeAgent::StoreOutcome(absl::Status status) {
 
 void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context_name,
                                Mutation* mutation) {
+  // Raised before the registry is read: a map or unmap that completes a release the listing below
+  // still saw then also sees the flag (the registry's lock orders the two), takes the pending path
+  // and removes the row written here. Lowered below if nothing is pending.
+  context.has_pending.store(true, std::memory_order_release);
   std::vector<std::pair<uint64_t, uint64_t>> now;
   for (const RegionInfo& region : registry_->ListRegions(context.id)) {
     if (region.pending_release) now.emplace_back(region.ua, region.size);
