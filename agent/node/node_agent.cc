@@ -177,12 +177,22 @@ absl::Status NodeAgent::RecoverLocked(
     }
     container->second->bound.store(*context, std::memory_order_release);
   }
-  // Regions pending release: registered by a temporary holder, mapped below, then let go.
+  // Regions pending release: one that no container holds is registered by a temporary holder,
+  // mapped below, then let go; one that containers registered meanwhile (spec §4: they added
+  // users) gets its pending reference back once its mappings are restored.
   std::vector<ContainerId> temporary;
+  std::vector<const StoredPending*> held_pending;
   uint64_t next_temporary = max_id + 1;
   for (const StoredPending& pending : state.pending) {
     absl::StatusOr<ContextEntry*> context = context_of(pending.context);
     if (!context.ok()) return context.status();
+    absl::StatusOr<std::optional<RegionInfo>> held =
+        registry_->Find((*context)->id, pending.ua, pending.size / registry_->page_size());
+    if (!held.ok()) return held.status();
+    if (held->has_value()) {
+      held_pending.push_back(&pending);
+      continue;
+    }
     const ContainerId id = next_temporary++;
     absl::Status status =
         registry_->CreateContainer(id, {.iommu_page_size = registry_->page_size()});
@@ -218,19 +228,36 @@ absl::Status NodeAgent::RecoverLocked(
   // has_pending first could leave it (an unmap racing the unregister recorded the unmap without
   // the release). The release is complete; the row goes.
   Mutation completed;
+  std::vector<const StoredPending*> completed_held;
+  for (const StoredPending* row : held_pending) {
+    ContextEntry* context = *context_of(row->context);
+    absl::StatusOr<std::optional<RegionInfo>> region =
+        registry_->Find(context->id, row->ua, row->size / registry_->page_size());
+    if (!region.ok()) return region.status();
+    if (region->has_value() && (*region)->mapped == 1) {
+      completed_held.push_back(row);  // its pending reference would be dropped at once
+      continue;
+    }
+    if (absl::Status status = registry_->RestorePendingRelease(context->id, row->ua, row->size);
+        !status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
+                                              row->ua, row->size, row->context));
+    }
+  }
   for (const StoredPending& row : state.pending) {
     ContextEntry* context = *context_of(row.context);
     absl::StatusOr<std::optional<RegionInfo>> region =
         registry_->Find(context->id, row.ua, row.size / registry_->page_size());
     if (!region.ok()) return region.status();
-    if (!region->has_value()) {
+    if (!region->has_value() ||
+        std::find(completed_held.begin(), completed_held.end(), &row) != completed_held.end()) {
       completed.RemovePending(row.context, row.ua, row.size);
     } else if ((*region)->pending_release) {
       pending->emplace_back(context, row);
     } else {
       return absl::DataLossError(absl::StrFormat(
-          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but is "
-          "held by a container",
+          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but its "
+          "restored mappings and holders leave nothing pending",
           row.ua, row.size, row.context));
     }
   }

@@ -155,6 +155,35 @@ TEST_F(NodeAgentTest, PendingReleaseSurvivesRestartAndCompletesAfterUnmap) {
   EXPECT_EQ(agent_->GetContext("vm-1")->locked_bytes, k1M);
 }
 
+// Spec §4: a container that registers a region pending release adds a user beside the pending
+// reference; both survive a restart, and the pending reference is dropped (and persisted as
+// dropped) when the last mapping goes, leaving the region with its new holder.
+TEST_F(NodeAgentTest, PendingRegionRegisteredAgainSurvivesRestartWithBothUsers) {
+  Setup("vm-1", {"c1", "c2", "c3"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, 2 * k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c3", "vm-1", kBase, k1M).ok());
+  auto region = agent_->Lookup("vm-1", kBase, k1M);
+  ASSERT_TRUE(region->has_value());
+  EXPECT_TRUE((*region)->info.pending_release);
+  EXPECT_EQ((*region)->info.used, 2u);
+  const auto before = Snapshot(*agent_);
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), before);
+  ASSERT_TRUE(agent_->UnmapDma("c2", 0, 2 * k64K).ok());
+  region = agent_->Lookup("vm-1", kBase, k1M);
+  ASSERT_TRUE(region->has_value());
+  EXPECT_FALSE((*region)->info.pending_release);
+  EXPECT_EQ((*region)->info.used, 1u);
+  const auto after = Snapshot(*agent_);
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), after);
+  ASSERT_TRUE(agent_->UnregisterRegion("c3", kBase, k1M).ok());
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase, k1M)->has_value());
+}
+
 TEST_F(NodeAgentTest, FailedMapThatClearedEntriesIsPersisted) {
   ASSERT_TRUE(agent_->CreateContext({.name = "vm-1"}).ok());
   ASSERT_TRUE(agent_->CreateContainer({.name = "c1", .iommu_page_size = 0x1000}).ok());

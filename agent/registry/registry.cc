@@ -456,6 +456,35 @@ absl::Status Registry::BindContainer(ContainerId container_id, ContextId context
   return absl::OkStatus();
 }
 
+absl::Status Registry::RestorePendingRelease(ContextId context_id, uint64_t ua, uint64_t size) {
+  if (EpochDomain::InReadSection()) return ReadSectionMisuse("RestorePendingRelease");
+  if (absl::Status status = ValidateRange(ua, size, "pending release"); !status.ok()) {
+    return status;
+  }
+  MutexLock lock(&mu_);
+  auto context_it = topology()->contexts.find(context_id);
+  if (context_it == topology()->contexts.end()) return NoSuchContext(context_id);
+  auto region_it = context_it->second->regions.find(ua);
+  if (region_it == context_it->second->regions.end() ||
+      region_it->second->entries != size >> page_shift_) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("context %d has no region ua=0x%x size=0x%x",
+                                               context_id, ua, size));
+  }
+  Region* region = region_it->second.get();
+  if (region->pending_release.load(std::memory_order_acquire)) {
+    return ErrnoStatus(
+        EBUSY, absl::StrFormat("region ua=0x%x size=0x%x is already pending release", ua, size));
+  }
+  if (region->Holders().empty() || region->mapped.load(std::memory_order_acquire) == 1) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("region ua=0x%x size=0x%x: a pending release needs "
+                                               "holders and DMA mappings to wait for",
+                                               ua, size));
+  }
+  region->used.fetch_add(1, std::memory_order_acq_rel);
+  region->pending_release.store(true, std::memory_order_release);
+  return absl::OkStatus();
+}
+
 absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
                                     uint64_t size) {
   MutexLock lock(&mu_);
@@ -499,10 +528,9 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
                                          container_id, ua, size));
     }
     // §2.3: another user of an existing region; nothing is pinned or accounted. A region pending
-    // release is adopted: the pending reference becomes this container's.
-    if (!region->pending_release.exchange(false, std::memory_order_acq_rel)) {
-      region->used.fetch_add(1, std::memory_order_acq_rel);
-    }
+    // release gains a user like any other: the pending reference stays until `mapped` returns
+    // to 1 (spec §4).
+    region->used.fetch_add(1, std::memory_order_acq_rel);
     std::vector<ContainerId> holders = region->Holders();
     InsertSorted(holders, container_id);
     SetHolders(region, std::move(holders), &retired);
@@ -581,8 +609,8 @@ absl::Status Registry::UnregisterLocked(Container* container, Region* region, bo
                                         Retired* retired) {
   *busy = false;
   std::vector<ContainerId> holders = region->Holders();
-  if (holders.size() > 1) {
-    // §3.3: other users remain.
+  if (holders.size() > 1 || region->pending_release.load(std::memory_order_acquire)) {
+    // §3.3: other users remain (another container, or the pending reference of spec §4).
     EraseValue(holders, container->id);
     SetHolders(region, std::move(holders), retired);
     EraseValue(container->held, region);
@@ -620,6 +648,18 @@ void Registry::RemoveRegionLocked(Region* region, Retired* retired) {
 
 bool Registry::TryCompletePendingLocked(Region* region, Retired* retired) {
   if (!region->pending_release.load(std::memory_order_acquire)) return false;
+  if (!region->Holders().empty()) {
+    // Spec §4: containers registered the region meanwhile. Once `mapped` is back at 1 the pending
+    // reference is dropped like any user's (§3.3) and the region stays with its holders. Holders
+    // only change under mu_; a map that starts after this load finds a region that is simply
+    // registered, which is what it would find a moment later anyway.
+    if (region->mapped.load(std::memory_order_acquire) != 1) return false;
+    region->pending_release.store(false, std::memory_order_release);
+    region->used.fetch_sub(1, std::memory_order_acq_rel);
+    AtomicStats::Bump(stats_->pending_releases_completed);
+    return true;
+  }
+  // The pending reference is the last user: the region goes, atomically closed to new mappings.
   uint64_t expected = 1;
   if (!region->mapped.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
     return false;

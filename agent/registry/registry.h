@@ -129,6 +129,14 @@ class Registry {
   // if bound to another context; ENOENT for an unknown container or context.
   absl::Status BindContainer(ContainerId container, ContextId context);
 
+  // Restores the pending-release reference (spec §4) of a region that containers registered
+  // while it was pending and that DMA mappings still use, for an agent restoring its state after
+  // a restart: used += 1, and the reference is dropped once `mapped` returns to 1. (A pending
+  // region without holders is restored by registering it from a temporary container, mapping,
+  // and releasing that container.) ENOENT without such a region; EBUSY if it is already pending;
+  // EINVAL if it has no holders or no mappings.
+  absl::Status RestorePendingRelease(ContextId context, uint64_t ua, uint64_t size);
+
   // --- Registration (writers; spec §2, §3) ---------------------------------------------------
   absl::Status Register(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
   absl::Status Unregister(ContainerId container, uint64_t ua, uint64_t size);

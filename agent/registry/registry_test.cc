@@ -443,17 +443,88 @@ TEST_F(RegistryTest, PendingReleaseCompletesWhenTheMappingContainerIsReleased) {
   EXPECT_EQ(*faults_->TotalPinnedPages(), 0u);
 }
 
-TEST_F(RegistryTest, PendingRegionCanBeAdoptedByANewRegistration) {
+// Spec §4: a container that registers a region pending release adds a user (§2.3); the pending
+// reference stays until `mapped` returns to 1 and is dropped then, leaving the region with its
+// holder.
+TEST_F(RegistryTest, RegisteringAPendingRegionAddsAUserBesideThePendingReference) {
   ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
   ASSERT_TRUE(registry_->Register(2, kCtx, kBase + k1M, k1M).ok());
   ASSERT_TRUE(registry_->Map(2, 0, kBase, k64K).ok());
   ASSERT_TRUE(registry_->ReleaseContainer(1).ok());
   ASSERT_TRUE(registry_->Register(3, kCtx, kBase, k1M).ok());
   RegionInfo region = Region(kBase, k1M);
+  EXPECT_TRUE(region.pending_release);
+  EXPECT_EQ(region.used, 2u);
+  EXPECT_EQ(region.holders, std::vector<ContainerId>{3});
+  EXPECT_EQ(Locked(), 2 * k1M);  // nothing pinned again
+  ASSERT_TRUE(Invariants().ok()) << Invariants();
+  ASSERT_TRUE(registry_->Unmap(2, 0, k64K).ok());
+  region = Region(kBase, k1M);
   EXPECT_FALSE(region.pending_release);
   EXPECT_EQ(region.used, 1u);
+  EXPECT_EQ(region.mapped, 1u);
+  EXPECT_EQ(registry_->stats().pending_releases_completed, 1u);
+  ASSERT_TRUE(Invariants().ok()) << Invariants();
+  // The new holder is now the only user: its unregister removes the region.
+  ASSERT_TRUE(registry_->Unregister(3, kBase, k1M).ok());
+  EXPECT_TRUE(Absent(kBase, k1M));
+  EXPECT_EQ(Locked(), k1M);
+}
+
+// The new holder's unregister while the region is still pending and mapped is OK (the pending
+// reference is another user, §3.3), not EBUSY; the region goes when the last mapping does.
+TEST_F(RegistryTest, NewHolderOfAPendingRegionUnregistersWhileItIsStillMapped) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase + k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Map(2, 0, kBase, 2 * k64K).ok());
+  ASSERT_TRUE(registry_->ReleaseContainer(1).ok());
+  ASSERT_TRUE(registry_->Register(3, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Unregister(3, kBase, k1M).ok());
+  RegionInfo region = Region(kBase, k1M);
+  EXPECT_TRUE(region.pending_release);
+  EXPECT_EQ(region.used, 1u);
+  EXPECT_TRUE(region.holders.empty());
+  ASSERT_TRUE(Invariants().ok()) << Invariants();
   ASSERT_TRUE(registry_->Unmap(2, 0, k64K).ok());
-  EXPECT_FALSE(Absent(kBase, k1M));  // adopted: not released by the unmap
+  EXPECT_FALSE(Absent(kBase, k1M));
+  ASSERT_TRUE(registry_->Unmap(2, k64K, k64K).ok());
+  EXPECT_TRUE(Absent(kBase, k1M));
+  EXPECT_EQ(Locked(), k1M);
+}
+
+// Releasing the new holder's container while the region is pending keeps it pending (the
+// pending reference remains a user) until the mapping container lets go.
+TEST_F(RegistryTest, ReleasingTheNewHolderOfAPendingRegionKeepsItPending) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase + k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Map(2, 0, kBase, k64K).ok());
+  ASSERT_TRUE(registry_->ReleaseContainer(1).ok());
+  ASSERT_TRUE(registry_->Register(3, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->ReleaseContainer(3).ok());
+  RegionInfo region = Region(kBase, k1M);
+  EXPECT_TRUE(region.pending_release);
+  EXPECT_EQ(region.used, 1u);
+  ASSERT_TRUE(Invariants().ok()) << Invariants();
+  ASSERT_TRUE(registry_->ReleaseContainer(2).ok());
+  EXPECT_TRUE(registry_->ListRegions().empty());
+  EXPECT_EQ(*faults_->TotalPinnedPages(), 0u);
+}
+
+TEST_F(RegistryTest, RestorePendingReleaseGivesBackThePendingReference) {
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase + k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Register(3, kCtx, kBase, k1M).ok());
+  EXPECT_ERRNO(registry_->RestorePendingRelease(kCtx, kBase, k1M), EINVAL);  // nothing mapped
+  EXPECT_ERRNO(registry_->RestorePendingRelease(kCtx, kBase, 2 * k1M), ENOENT);
+  ASSERT_TRUE(registry_->Map(2, 0, kBase, k64K).ok());
+  ASSERT_TRUE(registry_->RestorePendingRelease(kCtx, kBase, k1M).ok());
+  EXPECT_ERRNO(registry_->RestorePendingRelease(kCtx, kBase, k1M), EBUSY);
+  RegionInfo region = Region(kBase, k1M);
+  EXPECT_TRUE(region.pending_release);
+  EXPECT_EQ(region.used, 2u);
+  ASSERT_TRUE(Invariants().ok()) << Invariants();
+  ASSERT_TRUE(registry_->Unmap(2, 0, k64K).ok());
+  EXPECT_FALSE(Region(kBase, k1M).pending_release);
+  EXPECT_EQ(Region(kBase, k1M).used, 1u);
 }
 
 TEST_F(RegistryTest, TeardownContextReleasesEverythingWhateverTheCounters) {
