@@ -150,7 +150,8 @@ absl::Status NodeAgent::RecoverLocked(
     container_names_[stored.id] = stored.name;
     max_id = std::max(max_id, stored.id);
   }
-  auto context_of = [&](const std::string& name) -> absl::StatusOr<ContextEntry*> {
+  auto context_of = [&](const std::string& name)
+                        ABSL_EXCLUSIVE_LOCKS_REQUIRED(names_mu_) -> absl::StatusOr<ContextEntry*> {
     auto it = contexts_.find(name);
     if (it == contexts_.end()) {
       return absl::DataLossError(absl::StrCat("recovery: unknown context ", name));
@@ -503,8 +504,7 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   Mutation mutation;
   mutation.DeleteContext(name);
   for (auto& entry : bound) {
-    entry->released = true;
-    CloseVfioContainer(*entry);
+    MarkReleasedUnderTeardown(*entry);
     mutation.DeleteContainer(entry->name);
   }
   absl::Status persisted = Persist(mutation, decision);
@@ -633,20 +633,35 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
   if (entry == nullptr) return NoSuchContainer(name);
   MutexLock dma(&entry->dma_mu);
   ContextEntry* context = entry->bound.load(std::memory_order_acquire);
-  std::unique_ptr<MutexLock> pending;
-  if (context != nullptr) pending = std::make_unique<MutexLock>(&context->pending_mu);
-
-  if (absl::Status status = registry_->ReleaseContainer(entry->id); !status.ok()) return status;
-  entry->released = true;
-  CloseVfioContainer(*entry);
   Mutation mutation;
   mutation.DeleteContainer(name);
-  if (context != nullptr) AddPendingDiffLocked(*context, mutation);
-  absl::Status persisted = Persist(mutation, decision);
+  absl::Status persisted;
+  if (context == nullptr) {
+    // Never registered memory: no region of any context, so no pending row can change.
+    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) return status;
+    persisted = Persist(mutation, decision);
+  } else {
+    MutexLock pending(&context->pending_mu);
+    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) return status;
+    AddPendingDiffLocked(*context, mutation);
+    persisted = Persist(mutation, decision);
+  }
   MutexLock names(&names_mu_);
   containers_.erase(entry->name);
   container_names_.erase(entry->id);
   return persisted;
+}
+
+absl::Status NodeAgent::ReleaseContainerLocked(ContainerEntry& entry) {
+  if (absl::Status status = registry_->ReleaseContainer(entry.id); !status.ok()) return status;
+  entry.released = true;
+  CloseVfioContainer(entry);
+  return absl::OkStatus();
+}
+
+void NodeAgent::MarkReleasedUnderTeardown(ContainerEntry& entry) {
+  entry.released = true;
+  CloseVfioContainer(entry);
 }
 
 void NodeAgent::AddPendingDiffLocked(ContextEntry& context, Mutation& mutation) {

@@ -231,6 +231,13 @@ class NodeAgent {
   // Closes the kernel side of a released container; a close error is counted, not returned (the
   // registry has already let the container go).
   void CloseVfioContainer(ContainerEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.dma_mu);
+  // Releases the container in the registry, marks it released and closes its kernel side.
+  absl::Status ReleaseContainerLocked(ContainerEntry& entry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.dma_mu);
+  // Marks a container of a context being torn down released and closes its kernel side.
+  // TeardownContext holds the dma_mu of every bound container at once, through a vector of
+  // locks: a set only known at run time, which the analysis cannot follow.
+  void MarkReleasedUnderTeardown(ContainerEntry& entry) ABSL_NO_THREAD_SAFETY_ANALYSIS;
   absl::StatusOr<std::unique_ptr<ContextMemory>> AllocateMemory(absl::string_view name,
                                                                 const ContextSpec& spec,
                                                                 uint64_t at);

@@ -71,7 +71,7 @@ class NodeAgentTest : public ::testing::Test {
     agent_ = std::move(*agent);
   }
 
-  void Setup(absl::string_view context, std::vector<std::string> containers) {
+  void AddNames(absl::string_view context, std::vector<std::string> containers) {
     ASSERT_TRUE(agent_->CreateContext({.name = std::string(context)}).ok());
     for (const std::string& name : containers) {
       ASSERT_TRUE(agent_->CreateContainer({.name = name}).ok());
@@ -95,7 +95,7 @@ TEST_F(NodeAgentTest, NamesAreValidated) {
 }
 
 TEST_F(NodeAgentTest, StateSurvivesRestartWithCounters) {
-  Setup("vm-1", {"c1", "c2"});
+  AddNames("vm-1", {"c1", "c2"});
   ASSERT_TRUE(agent_->CreateContext({.name = "vm-2", .memlock_limit_bytes = 4 * k1M}).ok());
   ASSERT_TRUE(agent_->CreateContainer({.name = "c3", .iommu_page_size = 0x1000}).ok());
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
@@ -122,7 +122,7 @@ TEST_F(NodeAgentTest, StateSurvivesRestartWithCounters) {
 }
 
 TEST_F(NodeAgentTest, EbusyLeavesDurableStateUnchanged) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
   EXPECT_EQ(ErrnoOf(agent_->UnregisterRegion("c1", kBase, k1M)), EBUSY);
@@ -136,7 +136,7 @@ TEST_F(NodeAgentTest, EbusyLeavesDurableStateUnchanged) {
 }
 
 TEST_F(NodeAgentTest, PendingReleaseSurvivesRestartAndCompletesAfterUnmap) {
-  Setup("vm-1", {"c1", "c2"});
+  AddNames("vm-1", {"c1", "c2"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, 2 * k64K).ok());
@@ -159,7 +159,7 @@ TEST_F(NodeAgentTest, PendingReleaseSurvivesRestartAndCompletesAfterUnmap) {
 // reference; both survive a restart, and the pending reference is dropped (and persisted as
 // dropped) when the last mapping goes, leaving the region with its new holder.
 TEST_F(NodeAgentTest, PendingRegionRegisteredAgainSurvivesRestartWithBothUsers) {
-  Setup("vm-1", {"c1", "c2", "c3"});
+  AddNames("vm-1", {"c1", "c2", "c3"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, 2 * k64K).ok());
@@ -198,7 +198,7 @@ TEST_F(NodeAgentTest, FailedMapThatClearedEntriesIsPersisted) {
 }
 
 TEST_F(NodeAgentTest, TeardownIsPersisted) {
-  Setup("vm-1", {"c1", "c2"});
+  AddNames("vm-1", {"c1", "c2"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
   ASSERT_TRUE(agent_->TeardownContext("vm-1").ok());
@@ -211,7 +211,7 @@ TEST_F(NodeAgentTest, TeardownIsPersisted) {
 }
 
 TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   const auto before = Snapshot(*agent_);
   // The DMA path writes the mapping journal.
@@ -234,7 +234,7 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
 TEST_F(NodeAgentTest, PendingRowThatNoMappingKeepsIsDroppedAtRecovery) {
   // What an unmap racing the unregister that made its region pending leaves behind: the pending
   // row, and no mapping keeping the region.
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   const auto before = Snapshot(*agent_);
   ASSERT_TRUE(store_->Commit(Mutation().PutPending("vm-1", kBase, k1M)).ok());
   Restart();
@@ -245,7 +245,7 @@ TEST_F(NodeAgentTest, PendingRowThatNoMappingKeepsIsDroppedAtRecovery) {
 }
 
 TEST_F(NodeAgentTest, CommitFailureStopsChangesUntilRestart) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
   const auto before = Snapshot(*agent_);
@@ -260,7 +260,7 @@ TEST_F(NodeAgentTest, CommitFailureStopsChangesUntilRestart) {
 }
 
 TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   DecisionSpec reg{.tag = {.id = "d-1", .epoch = 7},
                    .kind = DecisionKind::kRegister,
                    .context = "vm-1",
@@ -298,7 +298,7 @@ TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {
 }
 
 TEST_F(NodeAgentTest, StatusCountsEverything) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
   ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, 2 * k64K).ok());
   NodeStatusView status = agent_->Status();

@@ -194,7 +194,7 @@ absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64
                                                 uint64_t iova, uint64_t size, uint64_t ua,
                                                 size_t* unfolded) {
   MutexLock lock(&mu_);
-  auto fail = [&](absl::Status status) {
+  auto fail = [&](absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     failed_ = true;
     ++stats_.failed_appends;
     return status;

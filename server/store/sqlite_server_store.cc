@@ -23,7 +23,6 @@
 namespace dmapin {
 namespace {
 
-constexpr absl::string_view kMetaSchemaVersion = "schema_version";
 constexpr absl::string_view kMetaEpoch = "epoch";
 constexpr absl::string_view kMetaIdBlockEnd = "id_block_end";
 

@@ -859,7 +859,8 @@ class Kill9Harness {
   explicit Kill9Harness(Mode mode) : mode_(std::move(mode)) {
     uint64_t seed = std::random_device()();
     if (const char* env = std::getenv("DMAPIN_KILL9_SEED"); env != nullptr) {
-      absl::SimpleAtoi(env, &seed);
+      if (!absl::SimpleAtoi(env, &seed))
+        ADD_FAILURE() << "DMAPIN_KILL9_SEED is not a number: " << env;
     }
     seed_ = seed;
     if (const char* env = std::getenv("DMAPIN_KILL9_AVOID"); env != nullptr) {

@@ -270,7 +270,10 @@ TEST_F(FleetTest, DecisionsAreAppliedAndMetricsEqualTheAgentsCounters) {
   ASSERT_TRUE(Map(*agents_["node-a"], 0, kBase, 3 * kPage).ok());
 
   // The server's per-node numbers converge to the agents' own (reports every 100 ms).
-  for (auto& [name, agent] : agents_) {
+  for (auto& entry : agents_) {
+    // Named copies, not structured bindings: C++17 lambdas cannot capture those.
+    const std::string& name = entry.first;
+    const auto& agent = entry.second;
     SCOPED_TRACE(name);
     double agent_pinned = -1;
     double agent_mappings = -1;
