@@ -250,6 +250,23 @@ TEST_F(RegistryTest, CheckRegisterAnswersAsRegisterWouldAndChangesNothing) {
   EXPECT_EQ(registry_->stats().registers_failed, 5u);
 }
 
+// Unmap visited every IOMMU page of the range: over a window of 2^64 - 64 KiB (2^48 pages) it
+// never returned, inside a read section that every writer then waited for.
+TEST_F(RegistryTest, UnmapOfAHugeWindowCostsWhatIsMapped) {
+  const uint64_t window = ~uint64_t{0} - k64K + 1;
+  ASSERT_TRUE(
+      registry_->CreateContainer(20, {.iommu_page_size = k64K, .window_size = window}).ok());
+  ASSERT_TRUE(registry_->Register(20, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(20, 0, kBase, 2 * k64K).ok());
+  ASSERT_TRUE(registry_->Map(20, window - k64K, kBase, k64K).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 4u);
+  ASSERT_TRUE(registry_->Unmap(20, k64K, window - k64K).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 2u);  // the entry at iova 0 stays
+  ASSERT_TRUE(registry_->Unmap(20, 0, window).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 1u);
+  EXPECT_EQ(registry_->GetContainer(20)->installed_entries, 0u);
+}
+
 TEST_F(RegistryTest, PinFailureRollsBackEverything) {
   Reset(SimBackendOptions{.holes = {{kBase + 5 * k64K, k64K}}});
   EXPECT_ERRNO(registry_->Register(1, kCtx, kBase, k1M), EFAULT);
