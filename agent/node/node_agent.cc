@@ -658,8 +658,14 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
   // The kernel first: undoing its registration is a plain unregister, while the registry's first
-  // registration also binds the container, which nothing undoes.
+  // registration also binds the container, which nothing undoes. But only a request the registry
+  // would take: the kernel must not pin (or try to pin) what the registry then refuses, e.g. a
+  // region over the node's limits.
   if (container->vfio != nullptr) {
+    if (absl::Status status = registry_->CheckRegister(container->id, context->id, ua, size);
+        !status.ok()) {
+      return status;
+    }
     if (absl::Status status = container->vfio->RegisterMemory(ua, size); !status.ok()) {
       return status;
     }
@@ -824,8 +830,12 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
   // The kernel first: once the registry drops the entries, a region may be released and its
-  // pages unpinned, so the device must no longer reach them.
+  // pages unpinned, so the device must no longer reach them. But only a range the registry would
+  // take: after a kernel unmap the registry's refusal could not be undone.
   if (container->vfio != nullptr) {
+    if (absl::Status status = registry_->CheckUnmap(container->id, iova, size); !status.ok()) {
+      return status;
+    }
     if (absl::Status status = container->vfio->UnmapDma(iova, size); !status.ok()) return status;
   }
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {

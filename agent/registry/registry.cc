@@ -992,6 +992,16 @@ absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t s
   return absl::OkStatus();
 }
 
+absl::Status Registry::CheckUnmap(ContainerId container_id, uint64_t iova, uint64_t size) const {
+  EpochReadLock read_lock;
+  const Container* container = topology()->FindContainer(container_id);
+  if (container == nullptr) return NoSuchContainer(container_id);
+  if (!DmaRangeOk(container->options, iova, size, /*ua=*/0)) {
+    return DmaRangeError(*container, iova, size, /*ua=*/nullptr, "unmap");
+  }
+  return absl::OkStatus();
+}
+
 // --- Lookup / translate -----------------------------------------------------------------------
 
 absl::StatusOr<uint64_t> Registry::Translate(ContextId context_id, uint64_t ua) const {

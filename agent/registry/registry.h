@@ -170,6 +170,9 @@ class Registry {
   absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
                    uint64_t* cleared_pages = nullptr);
   absl::Status Unmap(ContainerId container, uint64_t iova, uint64_t size);
+  // The error Unmap would answer (ENOENT, EINVAL, ENXIO), changing nothing: for callers that
+  // unmap in a kernel first (VFIO) and must not hand it a range the registry refuses.
+  absl::Status CheckUnmap(ContainerId container, uint64_t iova, uint64_t size) const;
 
   // --- Lookup and translation (lock-free; spec §6) -------------------------------------------
   // EFAULT (OUT_OF_RANGE) outside every region; ENOENT for an unknown context.
