@@ -28,6 +28,7 @@
 #include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/memlock_backend.h"
+#include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/service/agent_metrics.h"
 #include "agent/service/node_agent_service.h"
@@ -78,6 +79,13 @@ ABSL_FLAG(std::string, sim_holes, "",
 ABSL_FLAG(std::string, sim_readonly, "", "sim backend: read-only ranges, like --sim_holes.");
 ABSL_FLAG(std::string, sim_huge, "",
           "sim backend: huge-page ranges, comma-separated ua:size:huge_page_size.");
+ABSL_FLAG(uint64_t, max_region_bytes, 0,
+          "Largest region one registration may pin, in bytes; 0: the node's physical memory. A "
+          "larger RegisterRegion answers ENOMEM (RESOURCE_EXHAUSTED) and changes nothing.");
+ABSL_FLAG(uint64_t, max_pinned_bytes, 0,
+          "Most bytes the node's registrations may pin at once, summed over every context; 0: the "
+          "node's physical memory. A RegisterRegion past it answers ENOMEM (RESOURCE_EXHAUSTED). "
+          "Regions restored at start stay even when they exceed a lowered limit.");
 ABSL_FLAG(std::string, server, "",
           "gRPC address of the central service (dmapin-server), e.g. dmapin-server:7480. The "
           "agent holds one control stream to it, reconnecting with backoff; it serves its node "
@@ -194,6 +202,18 @@ std::vector<std::string> DetectBackends() {
   return backends;
 }
 
+// --max_region_bytes and --max_pinned_bytes, 0 meaning the node's physical memory.
+RegistryLimits LimitsFromFlags() {
+  RegistryLimits limits = DefaultRegistryLimits();
+  if (const uint64_t region = absl::GetFlag(FLAGS_max_region_bytes); region != 0) {
+    limits.max_region_bytes = region;
+  }
+  if (const uint64_t pinned = absl::GetFlag(FLAGS_max_pinned_bytes); pinned != 0) {
+    limits.max_pinned_bytes = pinned;
+  }
+  return limits;
+}
+
 std::string NodeName() {
   std::string name = absl::GetFlag(FLAGS_node_name);
   if (!name.empty()) return name;
@@ -251,7 +271,8 @@ int Run() {
                          .memory_provider = memory.get(),
                          .available_backends = DetectBackends(),
                          .vfio_backend = IsVfioBackend(backend_flag) ? backend_flag : "",
-                         .open_vfio_container = std::move(open_vfio_container)});
+                         .open_vfio_container = std::move(open_vfio_container),
+                         .limits = LimitsFromFlags()});
   if (!agent.ok()) {
     std::fprintf(stderr, "dmapin-agent: recovery from %s failed, refusing to serve: %s\n",
                  state_dir.c_str(), agent.status().ToString().c_str());
@@ -338,6 +359,10 @@ int Run() {
                  WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
   if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
+  const RegistryLimits limits = (*agent)->registry().limits();
+  std::fprintf(stderr, "dmapin-agent: limits: %llu bytes per region, %llu bytes pinned\n",
+               static_cast<unsigned long long>(limits.max_region_bytes),
+               static_cast<unsigned long long>(limits.max_pinned_bytes));
   std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
                NodeName().c_str(), (*agent)->Status().backend.c_str(), state_dir.c_str(),
                absl::StrJoin(listening, ", ").c_str(), tcp_port);

@@ -10,11 +10,6 @@
 namespace dmapin {
 namespace {
 
-// dmapin.v1.MemoryBacking values.
-constexpr int kAnonymous = 1;
-constexpr int kMemfd = 2;
-constexpr int kHugetlbfs = 3;
-
 class BackedContextMemory final : public ContextMemory {
  public:
   explicit BackedContextMemory(BackedMemory memory) : memory_(std::move(memory)) {}
@@ -34,12 +29,12 @@ class BackedMemoryProvider final : public ContextMemoryProvider {
                                                           uint64_t size, uint64_t at) override {
     absl::StatusOr<BackedMemory> memory = [&]() -> absl::StatusOr<BackedMemory> {
       switch (backing) {
-        case 0:
-        case kAnonymous:
+        case kMemoryBackingUnspecified:
+        case kMemoryBackingAnonymous:
           return BackedMemory::Anonymous(size, at);
-        case kMemfd:
+        case kMemoryBackingMemfd:
           return BackedMemory::Memfd(absl::StrCat("dmapin:", context), size, at);
-        case kHugetlbfs: {
+        case kMemoryBackingHugetlbfs: {
           std::string dir = hugetlbfs_dir_;
           if (dir.empty()) {
             absl::StatusOr<std::string> found = BackedMemory::FindHugetlbfsMount();

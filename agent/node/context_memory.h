@@ -12,6 +12,17 @@
 
 namespace dmapin {
 
+// dmapin.v1.MemoryBacking values (this layer has no proto dependency).
+inline constexpr int kMemoryBackingUnspecified = 0;
+inline constexpr int kMemoryBackingAnonymous = 1;
+inline constexpr int kMemoryBackingMemfd = 2;
+inline constexpr int kMemoryBackingHugetlbfs = 3;
+
+// Whether `backing` is one of the values above.
+inline bool IsMemoryBacking(int backing) {
+  return backing >= kMemoryBackingUnspecified && backing <= kMemoryBackingHugetlbfs;
+}
+
 class ContextMemory {
  public:
   virtual ~ContextMemory() = default;  // unmaps

@@ -48,8 +48,13 @@ absl::Status ValidateName(absl::string_view what, absl::string_view name) {
   return absl::OkStatus();
 }
 
+// The registry starts without limits: recovery restores what was acknowledged, whatever the
+// limits are now; Create applies them afterwards.
 NodeAgent::NodeAgent(NodeAgentOptions options)
-    : options_(std::move(options)), registry_(std::make_unique<Registry>(options_.backend)) {}
+    : options_(std::move(options)),
+      registry_(std::make_unique<Registry>(
+          options_.backend,
+          RegistryLimits{.max_region_bytes = ~uint64_t{0}, .max_pinned_bytes = ~uint64_t{0}})) {}
 
 NodeAgent::~NodeAgent() = default;
 
@@ -57,6 +62,7 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions op
   if (options.backend == nullptr) return absl::InvalidArgumentError("NodeAgent needs a backend");
   std::unique_ptr<NodeAgent> agent(new NodeAgent(std::move(options)));
   if (absl::Status status = agent->Recover(); !status.ok()) return status;
+  agent->registry_->SetLimits(agent->options_.limits);
   return agent;
 }
 
@@ -426,6 +432,18 @@ absl::StatusOr<std::unique_ptr<ContextMemory>> NodeAgent::AllocateMemory(absl::s
 
 absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
   if (absl::Status status = ValidateName("context", spec.name); !status.ok()) return status;
+  if (!IsMemoryBacking(spec.backing)) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": backing %d is not a MemoryBacking "
+                                               "(0 unspecified, 1 anonymous, 2 memfd, 3 "
+                                               "hugetlbfs)",
+                                               spec.name, spec.backing));
+  }
+  if (spec.memory_bytes > options_.limits.max_pinned_bytes) {
+    return ErrnoStatus(
+        ENOMEM, absl::StrFormat("context \"%s\": memory_bytes 0x%x is more than the "
+                                "node may pin, 0x%x bytes (--max_pinned_bytes)",
+                                spec.name, spec.memory_bytes, options_.limits.max_pinned_bytes));
+  }
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   if (FindContext(spec.name) != nullptr) {
@@ -682,8 +700,14 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
   // The kernel first: undoing its registration is a plain unregister, while the registry's first
-  // registration also binds the container, which nothing undoes.
+  // registration also binds the container, which nothing undoes. But only a request the registry
+  // would take: the kernel must not pin (or try to pin) what the registry then refuses, e.g. a
+  // region over the node's limits.
   if (container->vfio != nullptr) {
+    if (absl::Status status = registry_->CheckRegister(container->id, context->id, ua, size);
+        !status.ok()) {
+      return status;
+    }
     if (absl::Status status = container->vfio->RegisterMemory(ua, size); !status.ok()) {
       return status;
     }
@@ -705,7 +729,9 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   absl::StatusOr<std::optional<RegionInfo>> region =
       registry_->Find(context->id, ua, size / registry_->page_size());
   if (!region.ok()) return region.status();
-  if (!region->has_value()) return absl::InternalError("registered region vanished");
+  if (!region->has_value()) {
+    return ErrnoStatus(EIO, absl::StatusCode::kInternal, "the registered region vanished");
+  }
   return ToView(**region);
 }
 
@@ -846,8 +872,12 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
   // The kernel first: once the registry drops the entries, a region may be released and its
-  // pages unpinned, so the device must no longer reach them.
+  // pages unpinned, so the device must no longer reach them. But only a range the registry would
+  // take: after a kernel unmap the registry's refusal could not be undone.
   if (container->vfio != nullptr) {
+    if (absl::Status status = registry_->CheckUnmap(container->id, iova, size); !status.ok()) {
+      return status;
+    }
     if (absl::Status status = container->vfio->UnmapDma(iova, size); !status.ok()) return status;
   }
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
@@ -869,6 +899,11 @@ absl::StatusOr<std::vector<uint64_t>> NodeAgent::Translate(absl::string_view con
                                                            absl::Span<const uint64_t> uas) const {
   std::shared_ptr<ContextEntry> context = FindContext(context_name);
   if (context == nullptr) return NoSuchContext(context_name);
+  if (uas.size() > options_.max_translate_uas) {
+    return ErrnoStatus(ENOMEM, absl::StrFormat("translate: %d addresses in one call, over the "
+                                               "limit of %d; split the call",
+                                               uas.size(), options_.max_translate_uas));
+  }
   std::vector<uint64_t> hpas(uas.size());
   Registry::ReadSession session(*registry_, context->id);
   for (size_t i = 0; i < uas.size(); ++i) {
@@ -899,6 +934,24 @@ absl::StatusOr<std::vector<RegionView>> NodeAgent::ListRegions(absl::string_view
     std::shared_ptr<ContextEntry> context = FindContext(context_name);
     if (context == nullptr) return NoSuchContext(context_name);
     context_id = context->id;
+  }
+  // With hpas the answer is 8 bytes per pinned page: bounded before anything is copied. The
+  // control lock keeps registrations from growing it between the count and the copy.
+  std::unique_ptr<MutexLock> control;
+  if (with_hpas) {
+    control = std::make_unique<MutexLock>(&control_mu_);
+    uint64_t pages = 0;
+    for (const ContextInfo& info : registry_->ListContexts()) {
+      if (!context_id.has_value() || info.id == *context_id) {
+        pages += info.locked_bytes / registry_->page_size();
+      }
+    }
+    if (pages > options_.max_listed_hpas) {
+      return ErrnoStatus(ENOMEM, absl::StrFormat("ListRegions with_hpas would return %d physical "
+                                                 "addresses, over the limit of %d per call; list "
+                                                 "without them, or use Translate",
+                                                 pages, options_.max_listed_hpas));
+    }
   }
   std::vector<RegionView> views;
   for (RegionInfo& info : registry_->ListRegions(context_id, with_hpas)) {

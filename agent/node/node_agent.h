@@ -49,14 +49,22 @@ struct NodeAgentOptions {
   std::function<absl::StatusOr<std::unique_ptr<VfioContainerDriver>>(
       const std::vector<std::string>& groups)>
       open_vfio_container;
+  // What registrations may pin (dmapin-agent --max_region_bytes, --max_pinned_bytes). Applied
+  // after recovery: what the store holds was acknowledged under the limits of its time.
+  RegistryLimits limits = DefaultRegistryLimits();
+  // Most addresses one Translate call may ask for, and one ListRegions with_hpas may return
+  // (8 bytes each, plus their encoding): ENOMEM above.
+  uint64_t max_translate_uas = uint64_t{1} << 20;
+  uint64_t max_listed_hpas = uint64_t{1} << 20;
 };
 
 struct ContextSpec {
   std::string name;
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
-  int backing = 0;  // dmapin.v1.MemoryBacking
-  // Memory the agent maps for the context (0: none). Needs a memory provider.
+  int backing = 0;  // dmapin.v1.MemoryBacking; other values are EINVAL
+  // Memory the agent maps for the context (0: none). Needs a memory provider; at most
+  // limits.max_pinned_bytes (ENOMEM).
   uint64_t memory_bytes = 0;
 };
 

@@ -65,8 +65,12 @@ class NodeAgentTest : public ::testing::Test {
     auto store = StateStore::Open(dir_.string(), std::move(options));
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
-    auto agent =
-        NodeAgent::Create({.node_name = "node-a", .backend = sim_.get(), .store = store_.get()});
+    auto agent = NodeAgent::Create({.node_name = "node-a",
+                                    .backend = sim_.get(),
+                                    .store = store_.get(),
+                                    .limits = limits_,
+                                    .max_translate_uas = max_translate_uas_,
+                                    .max_listed_hpas = max_listed_hpas_});
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
   }
@@ -77,6 +81,11 @@ class NodeAgentTest : public ::testing::Test {
       ASSERT_TRUE(agent_->CreateContainer({.name = name}).ok());
     }
   }
+
+  // What Restart gives the agent.
+  RegistryLimits limits_ = DefaultRegistryLimits();
+  uint64_t max_translate_uas_ = uint64_t{1} << 20;
+  uint64_t max_listed_hpas_ = uint64_t{1} << 20;
 
   std::filesystem::path dir_;
   std::unique_ptr<SimBackend> sim_;
@@ -295,6 +304,98 @@ TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {
   EXPECT_TRUE(agent_->ApplyDecision(unreg).status.ok());
   EXPECT_FALSE(agent_->Lookup("vm-1", kBase, k1M)->has_value());
   EXPECT_EQ(ErrnoOf(agent_->ApplyDecision({.tag = {.id = ""}}).status), EINVAL);
+}
+
+// Issue 11: a decision to register 2^63 bytes aborted the agent (std::bad_alloc on the
+// control-client thread) and, re-sent on every reconnect, kept it down.
+TEST_F(NodeAgentTest, HugeRegisterIsEnomemChangesNothingAndItsAnswerIsRecorded) {
+  Setup("vm-1", {"c1"});
+  const std::vector<RegionKey> before = Snapshot(*agent_);
+  for (uint64_t size : {uint64_t{1} << 63, uint64_t{1} << 40}) {
+    absl::StatusOr<RegionView> region = agent_->RegisterRegion("c1", "vm-1", 0, size);
+    EXPECT_EQ(ErrnoOf(region.status()), ENOMEM) << region.status();
+    EXPECT_EQ(region.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_NE(region.status().message().find("--max_region_bytes"), absl::string_view::npos)
+        << region.status();
+  }
+  const DecisionSpec huge{.tag = {.id = "d-huge", .epoch = 1},
+                          .kind = DecisionKind::kRegister,
+                          .context = "vm-1",
+                          .container = "c1",
+                          .ua = 0,
+                          .size = uint64_t{1} << 63};
+  EXPECT_EQ(ErrnoOf(agent_->ApplyDecision(huge).status), ENOMEM);
+  EXPECT_EQ(Snapshot(*agent_), before);
+  EXPECT_TRUE(agent_->GetContainer("c1")->context.empty()) << "a refused register bound it";
+  EXPECT_EQ(agent_->Status().counters.registers_over_limit, 3u);
+  EXPECT_TRUE(agent_->healthy());
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), before);
+  // The re-sent decision is answered from the record.
+  DecisionOutcome again = agent_->ApplyDecision(huge);
+  EXPECT_TRUE(again.duplicate);
+  EXPECT_EQ(ErrnoOf(again.status), ENOMEM);
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+}
+
+TEST_F(NodeAgentTest, NodeLimitCountsEveryContextAndALoweredLimitKeepsWhatWasAcknowledged) {
+  limits_ = {.max_region_bytes = 4 * k1M, .max_pinned_bytes = 6 * k1M};
+  Restart();
+  Setup("vm-1", {"c1"});
+  Setup("vm-2", {"c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, 4 * k1M).ok());
+  absl::Status status = agent_->RegisterRegion("c2", "vm-2", kBase, 4 * k1M).status();
+  EXPECT_EQ(ErrnoOf(status), ENOMEM);
+  EXPECT_NE(status.message().find("--max_pinned_bytes"), absl::string_view::npos) << status;
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-2", kBase, 2 * k1M).ok());
+  const std::vector<RegionKey> before = Snapshot(*agent_);
+  // A restart with lower limits restores every region, then refuses more.
+  limits_ = {.max_region_bytes = k1M, .max_pinned_bytes = 2 * k1M};
+  Restart();
+  EXPECT_EQ(Snapshot(*agent_), before);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c2", "vm-2", kBase + 8 * k1M, k64K).status()), ENOMEM);
+  ASSERT_TRUE(agent_->UnregisterRegion("c1", kBase, 4 * k1M).ok());
+  ASSERT_TRUE(agent_->UnregisterRegion("c2", kBase, 2 * k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-2", kBase, k1M).ok());
+}
+
+TEST_F(NodeAgentTest, CreateContextRefusesUnknownBackingsAndMemoryOverTheNodeLimit) {
+  for (int backing : {4, -1, 1000}) {
+    absl::Status status = agent_->CreateContext({.name = "vm", .backing = backing}).status();
+    EXPECT_EQ(ErrnoOf(status), EINVAL) << "backing " << backing << ": " << status;
+  }
+  EXPECT_EQ(
+      ErrnoOf(agent_->CreateContext({.name = "vm", .memory_bytes = uint64_t{1} << 63}).status()),
+      ENOMEM);
+  EXPECT_TRUE(agent_->ListContexts().empty());
+  // Every MemoryBacking value is taken (the sim backend ignores it).
+  for (int backing = 0; backing <= 3; ++backing) {
+    const std::string name = "vm-" + std::to_string(backing);
+    absl::StatusOr<ContextView> view = agent_->CreateContext({.name = name, .backing = backing});
+    ASSERT_TRUE(view.ok()) << view.status();
+    EXPECT_EQ(view->spec.backing, backing);
+  }
+}
+
+TEST_F(NodeAgentTest, TranslateAndListingWithHpasAreBounded) {
+  max_translate_uas_ = 4;
+  max_listed_hpas_ = 32;
+  Restart();
+  Setup("vm-1", {"c1"});
+  Setup("vm-2", {"c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());  // 16 pages
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-2", kBase, k1M).ok());
+  const std::vector<uint64_t> four(4, kBase);
+  const std::vector<uint64_t> five(5, kBase);
+  EXPECT_TRUE(agent_->Translate("vm-1", four).ok());
+  EXPECT_EQ(ErrnoOf(agent_->Translate("vm-1", five).status()), ENOMEM);
+  absl::StatusOr<std::vector<RegionView>> all = agent_->ListRegions("", true);
+  ASSERT_TRUE(all.ok()) << all.status();  // exactly 32 addresses
+  EXPECT_EQ((*all)[0].info.hpas.size(), 16u);
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase + 2 * k1M, k64K).ok());
+  EXPECT_EQ(ErrnoOf(agent_->ListRegions("", true).status()), ENOMEM);
+  EXPECT_TRUE(agent_->ListRegions("vm-2", true).ok());
+  EXPECT_TRUE(agent_->ListRegions("", false).ok());
 }
 
 TEST_F(NodeAgentTest, StatusCountsEverything) {

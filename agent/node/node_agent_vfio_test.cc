@@ -52,7 +52,7 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
     agent_.reset();
     store_.reset();
     kernel_ = std::make_unique<FakeVfioKernel>();
-    sim_ = *SimBackend::Create({.page_size = k64K});
+    sim_ = *SimBackend::Create(sim_options_);
     store_ = *StateStore::Open(dir_.string());
     const std::string backend = GetParam();
     absl::StatusOr<std::unique_ptr<NodeAgent>> agent = NodeAgent::Create(
@@ -88,6 +88,15 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
     return pins;
   }
 
+  // The ioctl that pins a region: SPAPR pre-registers, type1 maps into its pin range.
+  unsigned long RegisterIoctl() const {  // NOLINT(runtime/int)
+    return spapr() ? VFIO_IOMMU_SPAPR_REGISTER_MEMORY : VFIO_IOMMU_MAP_DMA;
+  }
+  unsigned long UnregisterIoctl() const {  // NOLINT(runtime/int)
+    return spapr() ? VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY : VFIO_IOMMU_UNMAP_DMA;
+  }
+
+  SimBackendOptions sim_options_{.page_size = k64K};
   std::filesystem::path dir_;
   std::unique_ptr<FakeVfioKernel> kernel_;
   std::unique_ptr<SimBackend> sim_;
@@ -162,6 +171,68 @@ TEST_P(NodeAgentVfioTest, AKernelRefusalChangesNothing) {
   EXPECT_EQ((*agent_->ListRegions("", false))[0].info.mapped, 3u) << "the registry unmapped";
   EXPECT_EQ(KernelMappedBytes(), 2 * k4K);
   EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+}
+
+// The registry's checks come before the kernel: a register it refuses (over the node's limits,
+// overlapping, twice in one container) never reaches the kernel, which would otherwise pin (or try
+// to pin) it first.
+TEST_P(NodeAgentVfioTest, ARegisterTheRegistryRefusesNeverReachesTheKernel) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  kernel_->ClearCalls();
+  const uint64_t half = uint64_t{1} << 63;  // [2^63, 2^64): no overlap with the region at kBase
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", half, half).status()), ENOMEM);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase + k64K, k1M).status()), EINVAL);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase, k1M).status()), EBUSY);
+  EXPECT_TRUE(kernel_->IoctlCalls(RegisterIoctl()).empty())
+      << testing::PrintToString(kernel_->CallLog());
+  EXPECT_EQ(KernelRegions(), 1u);
+  EXPECT_EQ(agent_->ListRegions("", false)->size(), 1u);
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+}
+
+// A failure after the kernel call (the registry's pin of a hole) undoes the kernel call.
+TEST_P(NodeAgentVfioTest, ARegistryFailureAfterTheKernelCallUndoesIt) {
+  sim_options_.holes = {{kBase + 4 * k64K, k64K}};
+  Restart();
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  kernel_->ClearCalls();
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase, k1M).status()), EFAULT);
+  EXPECT_EQ(kernel_->IoctlCalls(RegisterIoctl()).size(), 1u);
+  EXPECT_EQ(kernel_->IoctlCalls(UnregisterIoctl()).size(), 1u) << "the kernel call was not undone";
+  EXPECT_EQ(KernelRegions(), 0u);
+  EXPECT_TRUE(agent_->ListRegions("", false)->empty());
+  EXPECT_TRUE(agent_->GetContainer("c")->context.empty());
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+  // An undo the kernel refuses is counted: registry and kernel now disagree.
+  kernel_->InjectIoctlErrno(UnregisterIoctl(), 1, EIO);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase, k1M).status()), EFAULT);
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 1u);
+  // The registry is still consistent (TearDown checks its invariants); a region without the hole
+  // goes through.
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase + k1M, k1M).ok());
+}
+
+// The kernel unmaps first, so the registry's checks must come before it: a misaligned unmap
+// reached type1's driver, which dropped the kernel mapping and could not map back its misaligned
+// remainder, while the registry (refusing the range) kept the mapping.
+TEST_P(NodeAgentVfioTest, AnUnmapTheRegistryRefusesNeverReachesTheKernel) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 2 * k4K).ok());
+  kernel_->ClearCalls();
+  EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", 1, k4K)), EINVAL);
+  EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", 0, k4K + 1)), EINVAL);
+  EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", 0, 0)), EINVAL);
+  EXPECT_TRUE(kernel_->IoctlCalls(VFIO_IOMMU_UNMAP_DMA).empty())
+      << testing::PrintToString(kernel_->CallLog());
+  EXPECT_EQ(KernelMappedBytes(), 2 * k4K);
+  EXPECT_EQ((*agent_->ListRegions("", false))[0].info.mapped, 3u);
+  ASSERT_TRUE(agent_->UnmapDma("c", 0, 2 * k4K).ok());
+  EXPECT_EQ(KernelMappedBytes(), 0u);
 }
 
 TEST_P(NodeAgentVfioTest, RestartReopensTheContainersAndReplays) {

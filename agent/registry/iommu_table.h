@@ -44,6 +44,22 @@ class IommuTable {
     return slot == nullptr ? nullptr : slot->load(std::memory_order_acquire);
   }
 
+  // Clears entries [first, first + count) (first + count <= entries()) and calls fn(old) for each
+  // that held a value, in index order. Only allocated leaves are visited, so clearing a range of a
+  // huge window costs what is installed there, not the range's size.
+  template <typename Fn>
+  void ClearRange(uint64_t first, uint64_t count, Fn&& fn) {
+    if (count == 0) return;
+    const uint64_t last = first + (count - 1);
+    Leaf* hint = last_leaf_.load(std::memory_order_acquire);
+    if (hint != nullptr && hint->key == (first >> kBitsPerLevel) &&
+        hint->key == (last >> kBitsPerLevel)) {
+      ClearInLeaf(hint, hint->key << kBitsPerLevel, first, last, fn);
+      return;
+    }
+    ClearIn(root_.load(std::memory_order_acquire), levels_, 0, first, last, fn);
+  }
+
   // Calls fn(index, slot) for every allocated slot holding a non-null value, in index order.
   void ForEachInstalled(const std::function<void(uint64_t, std::atomic<T*>&)>& fn) {
     Visit(root_.load(std::memory_order_acquire), levels_, 0, fn);
@@ -104,6 +120,37 @@ class IommuTable {
     if (leaf == nullptr) return nullptr;
     last_leaf_.store(static_cast<Leaf*>(leaf), std::memory_order_release);
     return &static_cast<Leaf*>(leaf)->entries[index & (kFanout - 1)];
+  }
+
+  template <typename Fn>
+  static void ClearInLeaf(Leaf* leaf, uint64_t base, uint64_t first, uint64_t last, Fn& fn) {
+    const uint64_t from = (first > base ? first : base) - base;
+    const uint64_t to = (last - base < kFanout - 1 ? last - base : kFanout - 1);
+    for (uint64_t i = from; i <= to; ++i) {
+      T* old = leaf->entries[i].exchange(nullptr, std::memory_order_acq_rel);
+      if (old != nullptr) fn(old);
+    }
+  }
+
+  // `node` spans entries from `base`, which is <= last.
+  template <typename Fn>
+  void ClearIn(void* node, uint32_t level, uint64_t base, uint64_t first, uint64_t last, Fn& fn) {
+    if (node == nullptr) return;
+    if (level == 1) {
+      Leaf* leaf = static_cast<Leaf*>(node);
+      last_leaf_.store(leaf, std::memory_order_release);
+      ClearInLeaf(leaf, base, first, last, fn);
+      return;
+    }
+    Interior* interior = static_cast<Interior*>(node);
+    const uint32_t shift = (level - 1) * kBitsPerLevel;
+    const uint64_t first_index = ((first > base ? first : base) - base) >> shift;
+    const uint64_t last_index =
+        (last - base) >> shift < kFanout - 1 ? (last - base) >> shift : kFanout - 1;
+    for (uint64_t i = first_index; i <= last_index; ++i) {
+      ClearIn(interior->children[i].load(std::memory_order_acquire), level - 1, base + (i << shift),
+              first, last, fn);
+    }
   }
 
   void Visit(void* node, uint32_t level, uint64_t base,

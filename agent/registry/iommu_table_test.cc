@@ -56,6 +56,36 @@ TEST(IommuTableTest, SmallAndHugeTables) {
   EXPECT_EQ(huge.Get(~uint64_t{0} - 1), &a);
 }
 
+TEST(IommuTableTest, ClearRangeVisitsOnlyInstalledEntries) {
+  // A range of 2^64 - 1 entries: a per-entry loop would never finish.
+  IommuTable<int> table(~uint64_t{0});
+  int a = 1, b = 2;
+  for (uint64_t index :
+       {uint64_t{3}, uint64_t{511}, uint64_t{512}, uint64_t{1} << 40, ~uint64_t{0} - 1}) {
+    table.Exchange(index, &a);
+  }
+  table.Exchange(uint64_t{1} << 63, &b);
+  std::vector<int*> cleared;
+  table.ClearRange(4, (uint64_t{1} << 63) - 4, [&](int* old) { cleared.push_back(old); });
+  EXPECT_EQ(cleared, (std::vector<int*>{&a, &a, &a}));  // 511, 512, 2^40; not 3, not 2^63
+  EXPECT_EQ(table.Get(3), &a);
+  EXPECT_EQ(table.Get(511), nullptr);
+  EXPECT_EQ(table.Get(uint64_t{1} << 63), &b);
+  cleared.clear();
+  table.ClearRange(0, ~uint64_t{0}, [&](int* old) { cleared.push_back(old); });
+  EXPECT_EQ(cleared, (std::vector<int*>{&a, &b, &a}));
+  size_t left = 0;
+  table.ForEachInstalled([&](uint64_t, std::atomic<int*>&) { ++left; });
+  EXPECT_EQ(left, 0u);
+  // Within one leaf (the remembered one).
+  table.Exchange(100, &a);
+  table.Exchange(101, &b);
+  cleared.clear();
+  table.ClearRange(101, 1, [&](int* old) { cleared.push_back(old); });
+  EXPECT_EQ(cleared, std::vector<int*>{&b});
+  EXPECT_EQ(table.Get(100), &a);
+}
+
 TEST(IommuTableTest, ConcurrentInstallsInOneLeafAllLand) {
   IommuTable<int> table(1 << 24);
   std::vector<int> values(4);

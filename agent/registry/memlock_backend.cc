@@ -364,18 +364,10 @@ MemlockBackend::MemlockBackend(PagemapReader pagemap, uint64_t page_size)
 
 MemlockBackend::~MemlockBackend() {
   MutexLock lock(&mu_);
-  std::vector<uint64_t> pages;
-  pages.reserve(lock_counts_.size());
-  for (const auto& [page_ua, count] : lock_counts_) pages.push_back(page_ua);
-  std::sort(pages.begin(), pages.end());
-  // munlock in runs of adjacent pages; failures (already unmapped) do not matter here.
-  size_t i = 0;
-  while (i < pages.size()) {
-    size_t j = i + 1;
-    while (j < pages.size() && pages[j] == pages[j - 1] + page_size_) ++j;
-    Munlock(pages[i], (j - i) * page_size_);
-    i = j;
-  }
+  // Failures (already unmapped) do not matter here.
+  lock_counts_.ForEachPinnedRun([this](uint64_t first, uint64_t count, uint64_t) {
+    Munlock(first << page_shift_, count << page_shift_);
+  });
 }
 
 uint64_t MemlockBackend::FirstUnpopulatablePage(uint64_t ua, uint64_t pages) const {
@@ -466,58 +458,35 @@ absl::Status MemlockBackend::LockPages(ContextId context, uint64_t ua, uint64_t 
     MunlockUnlockedRuns(ua, pages);
     return ErrnoStatus(err, absl::StrFormat("mlock(%#x, %#x)", ua, pages * page_size_));
   }
-  for (uint64_t i = 0; i < pages; ++i) {
-    const uint64_t page_ua = ua + i * page_size_;
-    ++pins_[{context, page_ua}];
-    ++lock_counts_[page_ua];
-  }
+  pins_[context].Increment(ua >> page_shift_, pages);
+  lock_counts_.Increment(ua >> page_shift_, pages);
   total_pins_ += pages;
   return absl::OkStatus();
 }
 
 void MemlockBackend::UnlockPages(ContextId context, uint64_t ua, uint64_t pages) {
   MutexLock lock(&mu_);
-  uint64_t run_start = 0;
-  uint64_t run_pages = 0;
-  auto flush = [&] {
-    // Failure means the pages were unmapped already, which unlocked them too.
-    if (run_pages != 0) Munlock(run_start, run_pages * page_size_);
-    run_pages = 0;
-  };
-  for (uint64_t i = 0; i < pages; ++i) {
-    const uint64_t page_ua = ua + i * page_size_;
-    auto pin = pins_.find({context, page_ua});
-    if (pin == pins_.end()) {
-      // Not pinned by this context: the invariant checker sees the imbalance via PinCount.
-      flush();
-      continue;
-    }
-    if (--pin->second == 0) pins_.erase(pin);
-    --total_pins_;
-    auto lock_count = lock_counts_.find(page_ua);
-    if (lock_count != lock_counts_.end() && --lock_count->second != 0) {
-      flush();  // another pin still holds this page
-      continue;
-    }
-    if (lock_count != lock_counts_.end()) lock_counts_.erase(lock_count);
-    if (run_pages == 0) run_start = page_ua;
-    ++run_pages;
-  }
-  flush();
+  auto pins = pins_.find(context);
+  // Pages not pinned by this context are skipped: the invariant checker sees the imbalance via
+  // PinCount.
+  if (pins == pins_.end()) return;
+  total_pins_ -= pins->second.Decrement(
+      ua >> page_shift_, pages, [this](uint64_t first, uint64_t count, uint64_t) {
+        lock_counts_.Decrement(first, count,
+                               [this](uint64_t run, uint64_t run_pages, uint64_t left) {
+                                 // Failure means the pages were unmapped already, which unlocked
+                                 // them too.
+                                 if (left == 0)
+                                   Munlock(run << page_shift_, run_pages << page_shift_);
+                               });
+      });
+  if (pins->second.empty()) pins_.erase(pins);
 }
 
 void MemlockBackend::MunlockUnlockedRuns(uint64_t ua, uint64_t pages) {
-  uint64_t i = 0;
-  while (i < pages) {
-    if (lock_counts_.contains(ua + i * page_size_)) {
-      ++i;
-      continue;
-    }
-    uint64_t j = i + 1;
-    while (j < pages && !lock_counts_.contains(ua + j * page_size_)) ++j;
-    Munlock(ua + i * page_size_, (j - i) * page_size_);
-    i = j;
-  }
+  lock_counts_.ForEachUnpinnedRun(ua >> page_shift_, pages, [this](uint64_t first, uint64_t count) {
+    Munlock(first << page_shift_, count << page_shift_);
+  });
 }
 
 absl::Status MemlockBackend::PinPages(ContextId context, uint64_t ua, absl::Span<uint64_t> hpas,
@@ -579,8 +548,8 @@ void MemlockBackend::UnpinPages(ContextId context, uint64_t ua, absl::Span<const
 
 absl::StatusOr<uint64_t> MemlockBackend::PinCount(ContextId context, uint64_t page_ua) const {
   MutexLock lock(&mu_);
-  auto it = pins_.find({context, page_ua});
-  return it == pins_.end() ? 0 : it->second;
+  auto it = pins_.find(context);
+  return it == pins_.end() ? 0 : it->second.Count(page_ua >> page_shift_);
 }
 
 absl::StatusOr<uint64_t> MemlockBackend::TotalPinnedPages() const {
@@ -590,7 +559,7 @@ absl::StatusOr<uint64_t> MemlockBackend::TotalPinnedPages() const {
 
 uint64_t MemlockBackend::LockedPages() const {
   MutexLock lock(&mu_);
-  return lock_counts_.size();
+  return lock_counts_.covered_pages();
 }
 
 }  // namespace dmapin

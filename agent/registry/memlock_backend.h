@@ -29,6 +29,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "agent/registry/pin_backend.h"
+#include "agent/registry/pin_runs.h"
 #include "common/mutex.h"
 
 namespace dmapin {
@@ -154,10 +155,11 @@ class MemlockBackend final : public PinBackend {
   // Held across mlock/munlock so a page's count and its lock state change together: otherwise an
   // unpin's munlock could race with another pin's mlock and leave a counted page unlocked.
   mutable Mutex mu_;
-  // Pins per (context, page), for PinCount and the invariant checker.
-  absl::flat_hash_map<std::pair<ContextId, uint64_t>, uint64_t> pins_ ABSL_GUARDED_BY(mu_);
-  // Pins per page over all contexts; the page is mlocked while this is non-zero.
-  absl::flat_hash_map<uint64_t, uint64_t> lock_counts_ ABSL_GUARDED_BY(mu_);
+  // Pins per page of each context with pinned pages, for PinCount and the invariant checker; in
+  // runs of pages, so the bookkeeping of a registration does not grow with its size.
+  absl::flat_hash_map<ContextId, PinRuns> pins_ ABSL_GUARDED_BY(mu_);
+  // Pins per page over all contexts; a page is mlocked while it has one.
+  PinRuns lock_counts_ ABSL_GUARDED_BY(mu_);
   uint64_t total_pins_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

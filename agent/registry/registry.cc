@@ -1,8 +1,12 @@
 #include "agent/registry/registry.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <map>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -17,6 +21,55 @@
 
 namespace dmapin {
 
+// --- Limits -----------------------------------------------------------------------------------
+
+uint64_t PhysicalMemoryBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES);    // NOLINT(runtime/int)
+  const long page_size = sysconf(_SC_PAGESIZE);  // NOLINT(runtime/int)
+  if (pages <= 0 || page_size <= 0) return 0;
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+}
+
+RegistryLimits DefaultRegistryLimits() {
+  uint64_t memory = PhysicalMemoryBytes();
+  if (memory == 0) memory = uint64_t{1} << 40;
+  return RegistryLimits{.max_region_bytes = memory, .max_pinned_bytes = memory};
+}
+
+namespace {
+
+// A region's physical addresses, 8 bytes per page. Arrays this large or larger are mmapped, so
+// the memory goes back to the system when the region goes (malloc may keep a freed block of a
+// few MiB in its heap), and an allocation that cannot be had fails instead of throwing.
+constexpr uint64_t kMmapHpasBytes = uint64_t{256} << 10;
+
+struct HpaDeleter {
+  uint64_t entries = 0;
+  void operator()(uint64_t* hpas) const {
+    if (entries * sizeof(uint64_t) >= kMmapHpasBytes) {
+      munmap(hpas, entries * sizeof(uint64_t));
+    } else {
+      delete[] hpas;
+    }
+  }
+};
+using HpaArray = std::unique_ptr<uint64_t[], HpaDeleter>;
+
+// Null when the memory is not there. `entries` is bounded by the limits, so the size does not
+// overflow.
+HpaArray AllocateHpas(uint64_t entries) {
+  const uint64_t bytes = entries * sizeof(uint64_t);
+  if (bytes < kMmapHpasBytes) {
+    return HpaArray(new (std::nothrow) uint64_t[entries], HpaDeleter{entries});
+  }
+  void* memory =
+      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, /*offset=*/0);
+  if (memory == MAP_FAILED) return HpaArray(nullptr, HpaDeleter{entries});
+  return HpaArray(static_cast<uint64_t*>(memory), HpaDeleter{entries});
+}
+
+}  // namespace
+
 // --- State ------------------------------------------------------------------------------------
 // Fields marked "writer" are guarded by Registry::mu_; the rest are immutable after publication
 // or atomic, and may be read inside an epoch read section.
@@ -27,7 +80,7 @@ struct Registry::Region {
   uint64_t entries = 0;
   uint64_t last_byte = 0;  // ua + size - 1 (ua + size may be exactly 2^64)
   uint32_t max_iommu_shift = 0;
-  std::unique_ptr<uint64_t[]> hpas;
+  HpaArray hpas;
   // Written by every map and unmap: on its own cache line, so translating readers of the fields
   // above do not share a line with mappers.
   alignas(64) std::atomic<uint64_t> mapped{1};  // biased, spec §5
@@ -130,8 +183,9 @@ struct Registry::AtomicStats {
   };
   HotShard hot[kShards];
   std::atomic<uint64_t> registers_ok{0}, registers_failed{0}, unregisters_ok{0},
-      unregisters_failed{0}, unregister_ebusy{0}, pin_failures{0}, maps_failed{0}, map_rollbacks{0},
-      pending_releases_started{0}, pending_releases_completed{0}, grace_periods{0};
+      unregisters_failed{0}, unregister_ebusy{0}, pin_failures{0}, registers_over_limit{0},
+      allocation_failures{0}, maps_failed{0}, map_rollbacks{0}, pending_releases_started{0},
+      pending_releases_completed{0}, grace_periods{0};
 
   HotShard& Shard() {
     static std::atomic<uint32_t> next_shard{0};
@@ -214,10 +268,11 @@ struct Registry::Retired {
 
 // --- Construction -----------------------------------------------------------------------------
 
-Registry::Registry(PinBackend* backend)
+Registry::Registry(PinBackend* backend, RegistryLimits limits)
     : backend_(backend),
       page_size_(backend->page_size()),
       page_shift_(static_cast<uint32_t>(absl::countr_zero(backend->page_size()))),
+      limits_(limits),
       region_generation_(NewRegionGeneration()),
       stats_(std::make_unique<AtomicStats>()) {
   topology_.store(new Topology, std::memory_order_release);
@@ -234,6 +289,16 @@ Registry::~Registry() {
     delete context;
   }
   delete topology;
+}
+
+RegistryLimits Registry::limits() const {
+  MutexLock lock(&mu_);
+  return limits_;
+}
+
+void Registry::SetLimits(const RegistryLimits& limits) {
+  MutexLock lock(&mu_);
+  limits_ = limits;
 }
 
 const Registry::Topology* Registry::topology() const {
@@ -396,6 +461,7 @@ absl::Status Registry::TeardownContext(ContextId id) {
   PublishTopology(std::move(next));
   // Nobody can reach the context or its containers now: release everything, whatever the
   // counters say (spec §4).
+  pinned_pages_ -= context->locked_pages;
   for (auto& container : containers) ClearContainerEntries(container.get());
   for (auto& [ua, region] : context->regions) {
     region->mapped.store(0, std::memory_order_release);
@@ -485,9 +551,18 @@ absl::Status Registry::RestorePendingRelease(ContextId context_id, uint64_t ua, 
   return absl::OkStatus();
 }
 
-absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
-                                    uint64_t size) {
-  MutexLock lock(&mu_);
+struct Registry::RegisterPlan {
+  Container* container = nullptr;
+  Context* context = nullptr;
+  // The container's first registration binds it to the context.
+  bool bind = false;
+  // §2.3: the region this register adds a user to; null for a new region.
+  Region* existing = nullptr;
+  uint64_t entries = 0;
+};
+
+absl::Status Registry::PlanRegisterLocked(ContainerId container_id, ContextId context_id,
+                                          uint64_t ua, uint64_t size, RegisterPlan* plan) const {
   const Topology* current = topology();
   auto container_it = current->containers.find(container_id);
   if (container_it == current->containers.end()) {
@@ -499,7 +574,7 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
   }
   Container* container = container_it->second;
   Context* context = context_it->second;
-  Context* bound = container->context.load(std::memory_order_relaxed);
+  const Context* bound = container->context.load(std::memory_order_relaxed);
   if (bound != nullptr && bound != context) {
     return ErrnoStatus(EPERM, absl::StrFormat("container %d is bound to memory context %d, not %d",
                                               container_id, bound->id, context_id));
@@ -508,14 +583,8 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
   if (absl::Status status = ValidateRange(ua, size, "register"); !status.ok()) return status;
   const uint64_t entries = size >> page_shift_;
   const uint64_t last_byte = ua + (size - 1);
-
-  Retired retired;
-  auto bind = [&] {
-    if (bound == nullptr) {
-      container->context.store(context, std::memory_order_release);
-      InsertSorted(context->containers, container_id);
-    }
-  };
+  *plan = RegisterPlan{
+      .container = container, .context = context, .bind = bound == nullptr, .entries = entries};
 
   auto same_start = context->regions.find(ua);
   if (same_start != context->regions.end() && same_start->second->entries == entries) {
@@ -527,17 +596,8 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
                          absl::StrFormat("container %d already holds region ua=0x%x size=0x%x",
                                          container_id, ua, size));
     }
-    // §2.3: another user of an existing region; nothing is pinned or accounted. A region pending
-    // release gains a user like any other: the pending reference stays until `mapped` returns
-    // to 1 (spec §4).
-    region->used.fetch_add(1, std::memory_order_acq_rel);
-    std::vector<ContainerId> holders = region->Holders();
-    InsertSorted(holders, container_id);
-    SetHolders(region, std::move(holders), &retired);
-    container->held.push_back(region);
-    bind();
-    WaitForReaders();
-    FreeRetired(backend_, retired);
+    // §2.3: another user of an existing region (within the limits when it was registered).
+    plan->existing = region;
     return absl::OkStatus();
   }
 
@@ -571,13 +631,86 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
     }
   }
 
+  // The node's limits (dmapin: the kernel has RLIMIT_MEMLOCK and vmalloc; a context may be
+  // unlimited here), before anything is allocated or pinned.
+  if (size > limits_.max_region_bytes) {
+    AtomicStats::Bump(stats_->registers_over_limit);
+    return ErrnoStatus(ENOMEM, absl::StrFormat("register of ua=0x%x size=0x%x: larger than the "
+                                               "per-region limit of 0x%x bytes "
+                                               "(--max_region_bytes)",
+                                               ua, size, limits_.max_region_bytes));
+  }
+  const uint64_t limit_pages = limits_.max_pinned_bytes >> page_shift_;
+  if (pinned_pages_ > limit_pages || entries > limit_pages - pinned_pages_) {
+    AtomicStats::Bump(stats_->registers_over_limit);
+    return ErrnoStatus(
+        ENOMEM, absl::StrFormat("register of ua=0x%x size=0x%x: the node has 0x%x bytes pinned, "
+                                "and this would pass its limit of 0x%x bytes "
+                                "(--max_pinned_bytes)",
+                                ua, size, pinned_pages_ << page_shift_, limits_.max_pinned_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Registry::CheckRegister(ContainerId container_id, ContextId context_id, uint64_t ua,
+                                     uint64_t size) const {
+  MutexLock lock(&mu_);
+  RegisterPlan plan;
+  absl::Status status = PlanRegisterLocked(container_id, context_id, ua, size, &plan);
+  // The caller will not call Register after a refusal: count it as the failed register it is.
+  if (!status.ok()) AtomicStats::Bump(stats_->registers_failed);
+  return status;
+}
+
+absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_id, uint64_t ua,
+                                    uint64_t size) {
+  MutexLock lock(&mu_);
+  RegisterPlan plan;
+  if (absl::Status status = PlanRegisterLocked(container_id, context_id, ua, size, &plan);
+      !status.ok()) {
+    return status;
+  }
+  Container* container = plan.container;
+  Context* context = plan.context;
+  const uint64_t entries = plan.entries;
+
+  Retired retired;
+  auto bind = [&] {
+    if (plan.bind) {
+      container->context.store(context, std::memory_order_release);
+      InsertSorted(context->containers, container_id);
+    }
+  };
+
+  if (plan.existing != nullptr) {
+    Region* region = plan.existing;
+    // §2.3: nothing is pinned or accounted. A region pending release gains a user like any
+    // other: the pending reference stays until `mapped` returns to 1 (spec §4).
+    region->used.fetch_add(1, std::memory_order_acq_rel);
+    std::vector<ContainerId> holders = region->Holders();
+    InsertSorted(holders, container_id);
+    SetHolders(region, std::move(holders), &retired);
+    container->held.push_back(region);
+    bind();
+    WaitForReaders();
+    FreeRetired(backend_, retired);
+    return absl::OkStatus();
+  }
+
   // §2.6: pin every page; roll back on failure.
   auto region = std::make_unique<Region>();
   region->context = context_id;
   region->ua = ua;
   region->entries = entries;
-  region->last_byte = last_byte;
-  region->hpas.reset(new uint64_t[entries]);
+  region->last_byte = ua + (size - 1);
+  region->hpas = AllocateHpas(entries);
+  if (region->hpas == nullptr) {
+    AtomicStats::Bump(stats_->allocation_failures);
+    return ErrnoStatus(ENOMEM, absl::StrFormat("register of ua=0x%x size=0x%x: could not allocate "
+                                               "0x%x bytes for the physical addresses of its "
+                                               "pages",
+                                               ua, size, entries * sizeof(uint64_t)));
+  }
   uint64_t pinned = 0;
   uint32_t backing_shift = page_shift_;
   absl::Status pin_status = backend_->PinPages(
@@ -598,6 +731,7 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
   context->regions.emplace(ua, std::move(region));
   context->index.Assign(ua >> page_shift_, entries, published, &retired.nodes);
   context->locked_pages += entries;
+  pinned_pages_ += entries;
   container->held.push_back(published);
   bind();
   WaitForReaders();
@@ -641,6 +775,7 @@ void Registry::RemoveRegionLocked(Region* region, Retired* retired) {
   // After the index: a reader that sees the new generation no longer finds the region there.
   region_generation_.store(NewRegionGeneration(), std::memory_order_release);
   context->locked_pages -= region->entries;
+  pinned_pages_ -= region->entries;
   auto it = context->regions.find(region->ua);
   retired->regions.push_back(std::move(it->second));
   context->regions.erase(it);
@@ -884,16 +1019,25 @@ absl::Status Registry::Unmap(ContainerId container_id, uint64_t iova, uint64_t s
     }
     const uint64_t pages = size >> container->iommu_shift;
     const uint64_t first_entry = (iova - container->options.window_start) >> container->iommu_shift;
-    for (uint64_t i = 0; i < pages; ++i) {
-      Region* old = container->table.Exchange(first_entry + i, nullptr);
-      if (old != nullptr && MappedDec(old->mapped) == 1 &&
-          old->pending_release.load(std::memory_order_acquire)) {
+    // Visits only what is installed: an unmap of a whole 2^64 window is as cheap as its mappings.
+    container->table.ClearRange(first_entry, pages, [&pending](Region* old) {
+      if (MappedDec(old->mapped) == 1 && old->pending_release.load(std::memory_order_acquire)) {
         pending.push_back({old->context, old->ua, old->entries});
       }
-    }
+    });
   }
   AtomicStats::Bump(stats_->Shard().unmaps);
   if (!pending.empty() && !EpochDomain::InReadSection()) CompletePendingReleases(pending);
+  return absl::OkStatus();
+}
+
+absl::Status Registry::CheckUnmap(ContainerId container_id, uint64_t iova, uint64_t size) const {
+  EpochReadLock read_lock;
+  const Container* container = topology()->FindContainer(container_id);
+  if (container == nullptr) return NoSuchContainer(container_id);
+  if (!DmaRangeOk(container->options, iova, size, /*ua=*/0)) {
+    return DmaRangeError(*container, iova, size, /*ua=*/nullptr, "unmap");
+  }
   return absl::OkStatus();
 }
 
@@ -1076,6 +1220,8 @@ RegistryStats Registry::stats() const {
   stats.unregisters_failed = Sum(stats_->unregisters_failed);
   stats.unregister_ebusy = Sum(stats_->unregister_ebusy);
   stats.pin_failures = Sum(stats_->pin_failures);
+  stats.registers_over_limit = Sum(stats_->registers_over_limit);
+  stats.allocation_failures = Sum(stats_->allocation_failures);
   stats.maps_failed = Sum(stats_->maps_failed);
   stats.map_rollbacks = Sum(stats_->map_rollbacks);
   stats.pending_releases_started = Sum(stats_->pending_releases_started);
@@ -1182,6 +1328,11 @@ absl::Status Registry::CheckInvariants() const {
   if (!installed.empty()) {
     return absl::InternalError(absl::StrFormat(
         "invariant 2: %d IOMMU entries point at no listed region", installed.size()));
+  }
+  if (total_pages != pinned_pages_) {
+    return absl::InternalError(
+        absl::StrFormat("invariant 3: the node accounts %d pinned pages, its contexts %d",
+                        pinned_pages_, total_pages));
   }
   absl::StatusOr<uint64_t> total = backend_->TotalPinnedPages();
   if (total.ok() && *total != total_pages) {

@@ -47,6 +47,23 @@ struct ContainerOptions {
   uint64_t window_size = uint64_t{1} << 40;
 };
 
+// What registrations may cost the node. A region costs the registry 8 bytes per page (its
+// physical addresses) and the backend the pinned memory itself, so the size a caller asks for must
+// not decide either: a register over a limit is ENOMEM and changes nothing.
+struct RegistryLimits {
+  // Largest single region, in bytes.
+  uint64_t max_region_bytes = 0;
+  // Most bytes pinned at once, summed over every context.
+  uint64_t max_pinned_bytes = 0;
+};
+
+// The node's physical memory in bytes (sysconf), or 0 when it cannot be read.
+uint64_t PhysicalMemoryBytes();
+
+// Both limits at the node's physical memory (one region may take all of it, and nothing can pin
+// more than there is); 1 TiB each when the size cannot be read.
+RegistryLimits DefaultRegistryLimits();
+
 // A copy of one region's state, as seen at the moment it was read.
 struct RegionInfo {
   ContextId context = 0;
@@ -86,6 +103,9 @@ struct RegistryStats {
   uint64_t unregisters_failed = 0;
   uint64_t unregister_ebusy = 0;
   uint64_t pin_failures = 0;
+  // Registrations refused by RegistryLimits, and those whose bookkeeping could not be allocated.
+  uint64_t registers_over_limit = 0;
+  uint64_t allocation_failures = 0;
   uint64_t maps_ok = 0;
   uint64_t maps_failed = 0;
   uint64_t map_rollbacks = 0;
@@ -103,7 +123,7 @@ class Registry {
   struct Topology;
 
   // `backend` must outlive the registry.
-  explicit Registry(PinBackend* backend);
+  explicit Registry(PinBackend* backend, RegistryLimits limits = DefaultRegistryLimits());
   ~Registry();  // Unpins everything still registered.
 
   Registry(const Registry&) = delete;
@@ -111,6 +131,10 @@ class Registry {
 
   PinBackend* backend() const { return backend_; }
   uint64_t page_size() const { return page_size_; }
+  RegistryLimits limits() const;
+  // Replaces the limits; regions already registered stay, even over the new ones (an agent
+  // restoring its state registers what it acknowledged earlier, then applies its limits).
+  void SetLimits(const RegistryLimits& limits);
 
   // --- Contexts and containers (writers) ---------------------------------------------------
   // EEXIST if the id is taken.
@@ -139,6 +163,12 @@ class Registry {
 
   // --- Registration (writers; spec §2, §3) ---------------------------------------------------
   absl::Status Register(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
+  // What Register would answer before it pins anything (every check of spec §2.1-§2.5 and the
+  // limits), changing nothing: for callers that must ask a kernel first (the VFIO backends) and
+  // should not hand it a request the registry refuses. Register may still fail after an OK here
+  // (a pin failure, or a concurrent writer).
+  absl::Status CheckRegister(ContainerId container, ContextId context, uint64_t ua,
+                             uint64_t size) const;
   absl::Status Unregister(ContainerId container, uint64_t ua, uint64_t size);
 
   // --- DMA hot path (lock-free; spec §7) -----------------------------------------------------
@@ -148,6 +178,9 @@ class Registry {
   absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
                    uint64_t* cleared_pages = nullptr);
   absl::Status Unmap(ContainerId container, uint64_t iova, uint64_t size);
+  // The error Unmap would answer (ENOENT, EINVAL, ENXIO), changing nothing: for callers that
+  // unmap in a kernel first (VFIO) and must not hand it a range the registry refuses.
+  absl::Status CheckUnmap(ContainerId container, uint64_t iova, uint64_t size) const;
 
   // --- Lookup and translation (lock-free; spec §6) -------------------------------------------
   // EFAULT (OUT_OF_RANGE) outside every region; ENOENT for an unknown context.
@@ -238,6 +271,11 @@ class Registry {
   void PublishTopology(std::unique_ptr<Topology> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WaitForReaders() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  struct RegisterPlan;
+  // Spec §2.1-§2.5 and the limits for a register: fills `plan` with what it would change.
+  absl::Status PlanRegisterLocked(ContainerId container, ContextId context, uint64_t ua,
+                                  uint64_t size, RegisterPlan* plan) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status RegisterImpl(ContainerId container, ContextId context, uint64_t ua, uint64_t size);
   absl::Status UnregisterImpl(ContainerId container, uint64_t ua, uint64_t size);
   absl::Status UnregisterLocked(Container* container, Region* region, bool* busy, Retired* retired)
@@ -266,6 +304,9 @@ class Registry {
   const uint32_t page_shift_;
 
   mutable Mutex mu_;
+  RegistryLimits limits_ ABSL_GUARDED_BY(mu_);
+  // Pages pinned over every context (the sum of their locked_pages).
+  uint64_t pinned_pages_ ABSL_GUARDED_BY(mu_) = 0;
   // The current topology (contexts and containers by id); replaced copy-on-write by writers.
   std::atomic<const Topology*> topology_{nullptr};
 

@@ -33,13 +33,14 @@ class RegistryTest : public ::testing::Test {
  protected:
   void SetUp() override { Reset(SimBackendOptions{}); }
 
-  void Reset(SimBackendOptions options, ContextOptions context_options = {}) {
+  void Reset(SimBackendOptions options, ContextOptions context_options = {},
+             RegistryLimits limits = DefaultRegistryLimits()) {
     registry_.reset();
     auto sim = SimBackend::Create(std::move(options));
     ASSERT_TRUE(sim.ok()) << sim.status();
     sim_ = std::move(*sim);
     faults_ = std::make_unique<FaultInjectingBackend>(sim_.get());
-    registry_ = std::make_unique<Registry>(faults_.get());
+    registry_ = std::make_unique<Registry>(faults_.get(), limits);
     ASSERT_TRUE(registry_->CreateContext(kCtx, context_options).ok());
     ASSERT_TRUE(registry_->CreateContext(kOtherCtx, {}).ok());
     for (ContainerId id = 1; id <= 3; ++id) {
@@ -168,6 +169,102 @@ TEST_F(RegistryTest, MemlockLimitIsStrictAndCapIpcLockWaivesIt) {
   Reset(SimBackendOptions{}, ContextOptions{.memlock_limit_bytes = 0, .cap_ipc_lock = true});
   ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
   EXPECT_EQ(Locked(), k1M);
+}
+
+// Issue 11: a register of 2^63 bytes allocated 2^50 bytes of hpas with `new` and the exception
+// took the agent down. The default limits (the node's memory) refuse it first.
+TEST_F(RegistryTest, HugeRegisterIsEnomemAndChangesNothing) {
+  const uint64_t huge = uint64_t{1} << 63;
+  for (uint64_t size : {huge, uint64_t{1} << 62, (PhysicalMemoryBytes() / k64K + 1) * k64K}) {
+    absl::Status status = registry_->Register(1, kCtx, 0, size);
+    EXPECT_ERRNO(status, ENOMEM);
+    EXPECT_TRUE(absl::StrContains(status.message(), "--max_region_bytes")) << status;
+  }
+  EXPECT_TRUE(registry_->ListRegions().empty());
+  EXPECT_EQ(Locked(), 0u);
+  EXPECT_FALSE(registry_->GetContainer(1)->context.has_value()) << "a refused register bound it";
+  EXPECT_EQ(*faults_->TotalPinnedPages(), 0u);
+  EXPECT_EQ(registry_->stats().registers_over_limit, 3u);
+  EXPECT_EQ(registry_->stats().registers_failed, 3u);
+  EXPECT_TRUE(Invariants().ok()) << Invariants();
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+}
+
+TEST_F(RegistryTest, RegionAndNodeLimitsAreInclusiveAndCountEveryContext) {
+  Reset(SimBackendOptions{}, {}, {.max_region_bytes = 4 * k1M, .max_pinned_bytes = 6 * k1M});
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, 4 * k1M).ok());  // exactly the region limit
+  EXPECT_ERRNO(registry_->Register(2, kOtherCtx, kBase, 4 * k1M + k64K), ENOMEM);
+  absl::Status status = registry_->Register(2, kOtherCtx, kBase, 3 * k1M);
+  EXPECT_ERRNO(status, ENOMEM);  // 4 + 3 MiB pinned > 6 MiB, though in another context
+  EXPECT_TRUE(absl::StrContains(status.message(), "--max_pinned_bytes")) << status;
+  ASSERT_TRUE(registry_->Register(2, kOtherCtx, kBase, 2 * k1M).ok());  // exactly the node limit
+  // Another user of a registered region pins nothing, so no limit applies.
+  ASSERT_TRUE(registry_->Register(3, kCtx, kBase, 4 * k1M).ok());
+  EXPECT_ERRNO(registry_->Register(1, kCtx, kBase + 8 * k1M, k64K), ENOMEM);
+  // Unregister and teardown give the room back.
+  ASSERT_TRUE(registry_->Unregister(2, kBase, 2 * k1M).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase + 8 * k1M, 2 * k1M).ok());
+  ASSERT_TRUE(registry_->TeardownContext(kCtx).ok());
+  ASSERT_TRUE(registry_->CreateContext(kCtx, {}).ok());
+  ASSERT_TRUE(registry_->CreateContainer(1, {.iommu_page_size = k64K}).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, 4 * k1M).ok());
+  EXPECT_EQ(registry_->stats().registers_over_limit, 3u);
+}
+
+TEST_F(RegistryTest, LoweredLimitsKeepWhatIsRegisteredAndRefuseMore) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, 4 * k1M).ok());
+  registry_->SetLimits({.max_region_bytes = k1M, .max_pinned_bytes = 2 * k1M});
+  EXPECT_EQ(registry_->limits().max_pinned_bytes, 2 * k1M);
+  EXPECT_ERRNO(registry_->Register(1, kCtx, kBase + 8 * k1M, k64K), ENOMEM);
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase, 4 * k1M).ok());
+  EXPECT_EQ(Locked(), 4 * k1M);
+}
+
+// Without the limits, the hpas allocation itself must fail cleanly (2^63 bytes of 64 KiB pages
+// need 2^50 bytes of addresses: more than the address space).
+TEST_F(RegistryTest, AnAllocationThatCannotBeHadIsEnomem) {
+  Reset(SimBackendOptions{}, {},
+        {.max_region_bytes = ~uint64_t{0}, .max_pinned_bytes = ~uint64_t{0}});
+  absl::Status status = registry_->Register(1, kCtx, 0, uint64_t{1} << 63);
+  EXPECT_ERRNO(status, ENOMEM);
+  EXPECT_TRUE(absl::StrContains(status.message(), "could not allocate")) << status;
+  EXPECT_EQ(registry_->stats().allocation_failures, 1u);
+  EXPECT_TRUE(registry_->ListRegions().empty());
+  EXPECT_FALSE(registry_->GetContainer(1)->context.has_value());
+  EXPECT_EQ(*faults_->TotalPinnedPages(), 0u);
+}
+
+TEST_F(RegistryTest, CheckRegisterAnswersAsRegisterWouldAndChangesNothing) {
+  Reset(SimBackendOptions{}, {}, {.max_region_bytes = 4 * k1M, .max_pinned_bytes = 4 * k1M});
+  EXPECT_TRUE(registry_->CheckRegister(1, kCtx, kBase, k1M).ok());
+  EXPECT_TRUE(registry_->ListRegions().empty());
+  EXPECT_FALSE(registry_->GetContainer(1)->context.has_value());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  EXPECT_ERRNO(registry_->CheckRegister(1, kCtx, kBase, k1M), EBUSY);
+  EXPECT_ERRNO(registry_->CheckRegister(1, kOtherCtx, kBase, k1M), EPERM);
+  EXPECT_ERRNO(registry_->CheckRegister(2, kCtx, kBase + k64K, k1M), EINVAL);
+  EXPECT_ERRNO(registry_->CheckRegister(2, kCtx, kBase + 2 * k1M, 4 * k1M), ENOMEM);
+  EXPECT_ERRNO(registry_->CheckRegister(9, kCtx, kBase, k1M), ENOENT);
+  EXPECT_TRUE(registry_->CheckRegister(2, kCtx, kBase, k1M).ok());
+  EXPECT_EQ(Region(kBase, k1M).used, 1u);
+  EXPECT_EQ(registry_->stats().registers_failed, 5u);
+}
+
+// Unmap visited every IOMMU page of the range: over a window of 2^64 - 64 KiB (2^48 pages) it
+// never returned, inside a read section that every writer then waited for.
+TEST_F(RegistryTest, UnmapOfAHugeWindowCostsWhatIsMapped) {
+  const uint64_t window = ~uint64_t{0} - k64K + 1;
+  ASSERT_TRUE(
+      registry_->CreateContainer(20, {.iommu_page_size = k64K, .window_size = window}).ok());
+  ASSERT_TRUE(registry_->Register(20, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(20, 0, kBase, 2 * k64K).ok());
+  ASSERT_TRUE(registry_->Map(20, window - k64K, kBase, k64K).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 4u);
+  ASSERT_TRUE(registry_->Unmap(20, k64K, window - k64K).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 2u);  // the entry at iova 0 stays
+  ASSERT_TRUE(registry_->Unmap(20, 0, window).ok());
+  EXPECT_EQ(Region(kBase, k1M).mapped, 1u);
+  EXPECT_EQ(registry_->GetContainer(20)->installed_entries, 0u);
 }
 
 TEST_F(RegistryTest, PinFailureRollsBackEverything) {

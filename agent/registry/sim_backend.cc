@@ -90,47 +90,51 @@ absl::Status SimBackend::PinPages(ContextId context, uint64_t ua, absl::Span<uin
                                   uint64_t* pinned, uint32_t* backing_page_shift) {
   *pinned = 0;
   uint32_t shift = 63;
-  for (size_t i = 0; i < hpas.size(); ++i) {
-    const uint64_t page_ua = ua + (i << page_shift_);
+  absl::Status status;
+  size_t good = 0;
+  for (; good < hpas.size(); ++good) {
+    const uint64_t page_ua = ua + (good << page_shift_);
     if (InRanges(options_.holes, page_ua)) {
-      return ErrnoStatus(EFAULT,
-                         absl::StrFormat("page 0x%x is not mapped (simulated hole)", page_ua));
+      status =
+          ErrnoStatus(EFAULT, absl::StrFormat("page 0x%x is not mapped (simulated hole)", page_ua));
+      break;
     }
     if (InRanges(options_.readonly, page_ua)) {
-      return ErrnoStatus(EFAULT, absl::StrFormat("page 0x%x is read-only (simulated)", page_ua));
+      status = ErrnoStatus(EFAULT, absl::StrFormat("page 0x%x is read-only (simulated)", page_ua));
+      break;
     }
     const SimHugeRange* huge = HugeRangeOf(page_ua);
     const uint32_t page_backing_shift =
         huge != nullptr ? static_cast<uint32_t>(absl::countr_zero(huge->page_size)) : page_shift_;
     if (page_backing_shift < shift) shift = page_backing_shift;
-    hpas[i] = FakeHpa(context, page_ua);
-    if (options_.track_pins) {
-      MutexLock lock(&mu_);
-      ++pin_counts_[{context, page_ua}];
-      ++total_pinned_;
-    }
-    *pinned = i + 1;
+    hpas[good] = FakeHpa(context, page_ua);
   }
+  // The leading pages that could be pinned are, as a real backend leaves them on a failure.
+  if (options_.track_pins && good > 0) {
+    MutexLock lock(&mu_);
+    pins_[context].Increment(ua >> page_shift_, good);
+    total_pinned_ += good;
+  }
+  *pinned = good;
+  if (!status.ok()) return status;
   *backing_page_shift = hpas.empty() ? page_shift_ : shift;
   return absl::OkStatus();
 }
 
 void SimBackend::UnpinPages(ContextId context, uint64_t ua, absl::Span<const uint64_t> hpas) {
-  if (!options_.track_pins) return;
+  if (!options_.track_pins || hpas.empty()) return;
   MutexLock lock(&mu_);
-  for (size_t i = 0; i < hpas.size(); ++i) {
-    auto it = pin_counts_.find({context, ua + (i << page_shift_)});
-    if (it == pin_counts_.end()) continue;  // The checker reports the imbalance via PinCount.
-    if (--it->second == 0) pin_counts_.erase(it);
-    --total_pinned_;
-  }
+  auto it = pins_.find(context);
+  if (it == pins_.end()) return;  // The checker reports the imbalance via PinCount.
+  total_pinned_ -= it->second.Decrement(ua >> page_shift_, hpas.size());
+  if (it->second.empty()) pins_.erase(it);
 }
 
 absl::StatusOr<uint64_t> SimBackend::PinCount(ContextId context, uint64_t page_ua) const {
   if (!options_.track_pins) return absl::UnimplementedError("pin tracking is off");
   MutexLock lock(&mu_);
-  auto it = pin_counts_.find({context, page_ua});
-  return it == pin_counts_.end() ? 0 : it->second;
+  auto it = pins_.find(context);
+  return it == pins_.end() ? 0 : it->second.Count(page_ua >> page_shift_);
 }
 
 absl::StatusOr<uint64_t> SimBackend::TotalPinnedPages() const {

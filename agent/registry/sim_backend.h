@@ -3,7 +3,8 @@
 // Pages get deterministic fake physical frames (a bijection of the context and page number, so
 // distinct pages never share a frame); configured holes and read-only ranges cannot be pinned for
 // write (EFAULT), and configured huge-page ranges report their page size and contiguous frames.
-// It counts pins per page so the invariant checker can prove nothing is pinned twice or leaked.
+// It counts pins per page so the invariant checker can prove nothing is pinned twice or leaked, in
+// runs of pages (PinRuns), so what a registration costs here does not grow with its size.
 #ifndef DMAPIN_AGENT_REGISTRY_SIM_BACKEND_H_
 #define DMAPIN_AGENT_REGISTRY_SIM_BACKEND_H_
 
@@ -15,6 +16,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "agent/registry/pin_backend.h"
+#include "agent/registry/pin_runs.h"
 #include "common/mutex.h"
 
 namespace dmapin {
@@ -64,7 +66,8 @@ class SimBackend final : public PinBackend {
   const uint32_t page_shift_;
 
   mutable Mutex mu_;
-  absl::flat_hash_map<std::pair<ContextId, uint64_t>, uint64_t> pin_counts_ ABSL_GUARDED_BY(mu_);
+  // Pins per page of each context with pinned pages.
+  absl::flat_hash_map<ContextId, PinRuns> pins_ ABSL_GUARDED_BY(mu_);
   uint64_t total_pinned_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

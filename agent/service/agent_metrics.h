@@ -29,7 +29,8 @@
 //                                                    group commit batched concurrent commits)
 //   dmapin_agent_store_rows_written_total            counter (only with a store)
 //   dmapin_agent_registers_total, _register_failures_total, _unregisters_total,
-//   _unregister_failures_total, _unregister_ebusy_total, _pin_failures_total, _maps_total,
+//   _unregister_failures_total, _unregister_ebusy_total, _pin_failures_total,
+//   _register_limit_refusals_total, _allocation_failures_total, _maps_total,
 //   _map_failures_total, _map_rollbacks_total, _unmaps_total, _pending_releases_started_total,
 //   _pending_releases_completed_total, _grace_periods_total      counters of the registry
 //  Per context (label context)

@@ -17,24 +17,28 @@ void NodeAgentService::Record(RpcMethod method, AgentMetrics::Clock::time_point 
   }
 }
 
+// Every error on the wire names an errno (README "Errors"), one from below that carries none too
+// (an internal failure nothing classified): WithErrno makes it EIO.
 grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* context,
                                                    const absl::Status& status, RpcMethod method,
                                                    AgentMetrics::Clock::time_point start) {
-  Record(method, start, status);
-  return FinishUnary(context, status);
+  const absl::Status named = WithErrno(status);
+  Record(method, start, named);
+  return FinishUnary(context, named);
 }
 
 absl::Status NodeAgentService::Serve(const v1::MapDmaRequest& request) {
   const AgentMetrics::Clock::time_point start = Start();
   absl::Status status =
-      agent_->MapDma(request.container(), request.iova(), request.ua(), request.size());
+      WithErrno(agent_->MapDma(request.container(), request.iova(), request.ua(), request.size()));
   Record(RpcMethod::kMapDma, start, status);
   return status;
 }
 
 absl::Status NodeAgentService::Serve(const v1::UnmapDmaRequest& request) {
   const AgentMetrics::Clock::time_point start = Start();
-  absl::Status status = agent_->UnmapDma(request.container(), request.iova(), request.size());
+  absl::Status status =
+      WithErrno(agent_->UnmapDma(request.container(), request.iova(), request.size()));
   Record(RpcMethod::kUnmapDma, start, status);
   return status;
 }

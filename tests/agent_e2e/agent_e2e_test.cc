@@ -1,13 +1,16 @@
 // End-to-end test of the dmapin-agent binary (a data dependency, --agent_binary): starts it on a
 // Unix socket and a TCP loopback port and talks to it as a VMM, the central service and an
 // operator would: health and reflection on both listeners, a VMM's DMA sequence, the error
-// contract of bad input (code, "<ERRNO>:" message prefix, "dmapin-errno" trailer), durability
-// across SIGTERM and SIGKILL restarts, and --help.
+// contract of bad input (code, "<ERRNO>:" message prefix, "dmapin-errno" trailer), the size
+// limits (a huge register is ENOMEM and leaves the agent serving, its memory bounded),
+// durability across SIGTERM and SIGKILL restarts, and --help.
 #include <stdio.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -18,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "agent/conformance/agent_process.h"
@@ -158,6 +162,7 @@ class AgentE2eTest : public testing::Test {
         "--metrics_address=",
         "--undefok=metrics_address",
     };
+    options.args.insert(options.args.end(), extra_args_.begin(), extra_args_.end());
     options.log_path = dir_->Join("agent.log");
     options.uds_path = dir_->Join("agent.sock");
     options.tcp = true;
@@ -295,6 +300,32 @@ class AgentE2eTest : public testing::Test {
     return snapshot;
   }
 
+  // The agent's resident memory (VmRSS), in bytes.
+  uint64_t AgentRss() {
+    std::ifstream status(absl::StrCat("/proc/", agent_->pid(), "/status"));
+    std::string line;
+    while (std::getline(status, line)) {
+      absl::string_view rest = line;
+      uint64_t kib = 0;
+      if (absl::ConsumePrefix(&rest, "VmRSS:") &&
+          absl::SimpleAtoi(absl::StripSuffix(absl::StripAsciiWhitespace(rest), " kB"), &kib)) {
+        return kib << 10;
+      }
+    }
+    ADD_FAILURE() << "no VmRSS for agent pid " << agent_->pid();
+    return 0;
+  }
+
+  // The agent still runs and answers.
+  void ExpectServing() {
+    ASSERT_TRUE(agent_->CheckRunning().ok()) << agent_->CheckRunning();
+    absl::StatusOr<int> health = HealthCheck(uds_, "", absl::Seconds(5));
+    ASSERT_TRUE(health.ok()) << health.status();
+    EXPECT_EQ(*health, kHealthServing);
+  }
+
+  // Flags StartAgent adds after its own.
+  std::vector<std::string> extra_args_;
   std::unique_ptr<ScratchDir> dir_;
   std::unique_ptr<AgentProcess> agent_;
   std::shared_ptr<grpc::Channel> uds_;
@@ -772,6 +803,83 @@ TEST_F(AgentE2eTest, BadInputsGiveTheRightCodeAndErrno) {
   EXPECT_EQ(regions[0].used(), 1u);
   EXPECT_EQ(regions[0].mapped(), 2u);
   EXPECT_EQ(GetContext(vm).locked_bytes(), size);
+}
+
+// Issue 11: a RegisterRegion of 2^63 bytes (unlimited context, a window that allows it) made the
+// agent allocate 2^50 bytes; gRPC swallowed the std::bad_alloc and answered UNIMPLEMENTED with an
+// empty message (the same request as a server decision aborted the agent), and a 1 TiB register
+// cost ~1 GB. With the default limits (the node's memory) both are a clean ENOMEM.
+TEST_F(AgentE2eTest, HugeRegisterIsResourceExhaustedAndTheAgentKeepsServing) {
+  ASSERT_TRUE(CreateContext("vm", std::nullopt).ok());
+  ASSERT_TRUE(CreateContainer("vm/dev", kPage, 0, uint64_t{1} << 63).ok());
+  const uint64_t rss_before = AgentRss();
+  const uint64_t tib = uint64_t{1} << 40;
+  std::vector<std::pair<uint64_t, uint64_t>> huge = {{0, uint64_t{1} << 63}};
+  const uint64_t memory =
+      static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  if (memory < tib) huge.emplace_back(uint64_t{1} << 44, tib);  // over the default limit here
+  for (const auto& [ua, size] : huge) {
+    SCOPED_TRACE(absl::StrCat("size 0x", absl::Hex(size)));
+    v1::RegisterRegionRequest request;
+    request.set_container("vm/dev");
+    request.set_context("vm");
+    request.set_ua(ua);
+    request.set_size(size);
+    v1::Region response;
+    auto context = NewContext();
+    const grpc::Status status = stub_->RegisterRegion(context.get(), request, &response);
+    EXPECT_TRUE(FailsWith(status, *context, grpc::StatusCode::RESOURCE_EXHAUSTED, "ENOMEM"));
+    EXPECT_THAT(status.error_message(), testing::HasSubstr("--max_region_bytes"));
+  }
+  ExpectServing();
+  EXPECT_TRUE(Regions("vm").empty());
+  EXPECT_LT(AgentRss(), rss_before + 32 * kMiB)
+      << "before: " << rss_before << " bytes, after: " << AgentRss();
+  // The node still registers what fits.
+  ASSERT_TRUE(Register("vm/dev", "vm", uint64_t{1} << 32, kMiB).ok());
+  EXPECT_EQ(Regions("vm").size(), 1u);
+}
+
+// The flags set the limits; within them a large region costs its 8-byte addresses per page while
+// registered and nothing after (the sim backend's per-page pin table cost ~50 bytes per page and
+// kept most of it after the unregister).
+TEST_F(AgentE2eTest, LimitFlagsBoundRegistrationsAndALargeRegionLeavesNoMemoryBehind) {
+  ASSERT_TRUE(StopAgent(/*drop_clients=*/true, absl::Seconds(5)).ok());
+  extra_args_ = {"--max_region_bytes=1099511627776", "--max_pinned_bytes=1374389534720"};
+  StartAgent();  // 1 TiB per region, 1.25 TiB per node
+  ASSERT_TRUE(CreateContext("vm", std::nullopt).ok());
+  ASSERT_TRUE(CreateContainer("vm/dev").ok());
+  const uint64_t tib = uint64_t{1} << 40;
+  const uint64_t large = uint64_t{1} << 38;  // 256 GiB: 4 Mi pages of 64 KiB, 32 MiB of hpas
+  grpc::Status status = Register("vm/dev", "vm", 0, tib + kPage);
+  EXPECT_THAT(status.error_message(), testing::HasSubstr("--max_region_bytes"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  const uint64_t rss_before = AgentRss();
+  ASSERT_TRUE(Register("vm/dev", "vm", tib, tib).ok());
+  status = Register("vm/dev", "vm", 4 * tib, large + kPage);
+  EXPECT_THAT(status.error_message(), testing::HasSubstr("--max_pinned_bytes"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  ASSERT_TRUE(Register("vm/dev", "vm", 4 * tib, large).ok());  // exactly at the node limit
+  const uint64_t rss_registered = AgentRss();
+  {
+    v1::UnregisterRegionRequest request;
+    request.set_container("vm/dev");
+    for (uint64_t ua : {tib, 4 * tib}) {
+      request.set_ua(ua);
+      request.set_size(ua == tib ? tib : large);
+      v1::UnregisterRegionResponse response;
+      auto context = NewContext();
+      ASSERT_TRUE(Ok(stub_->UnregisterRegion(context.get(), request, &response), *context));
+    }
+  }
+  const uint64_t rss_after = AgentRss();
+  std::cout << "agent RSS: " << (rss_before >> 20) << " MiB before, " << (rss_registered >> 20)
+            << " MiB with 1.25 TiB registered, " << (rss_after >> 20)
+            << " MiB after the unregisters" << std::endl;
+  // 1.25 TiB of 64 KiB pages is 160 MiB of addresses; the rest of the agent is small.
+  EXPECT_LT(rss_registered, rss_before + 224 * kMiB);
+  EXPECT_LT(rss_after, rss_before + 32 * kMiB);
+  ExpectServing();
 }
 
 // (e) State survives a SIGTERM restart and a SIGKILL restart exactly.

@@ -2,11 +2,16 @@
 """Writes the seed corpus of registry_fuzz (tests/fuzz/corpus/) in the harness's input format.
 
 Byte 0 configures the run: bit 0 = 64 KiB pages (else 4 KiB); bits 1-3 = v, the memlock limit of
-context 1 is 4 + 4v pages; bit 4 = context 2 has CAP_IPC_LOCK with a 2-page limit (else unlimited).
+context 1 is 4 + 4v pages; bit 4 = context 2 has CAP_IPC_LOCK with a 2-page limit (else unlimited);
+bit 5 = the node may pin 40 pages (else 128). A region may have at most 16 pages (max_region_bytes).
 Then 5-byte records [opcode, a, b, c, d], decoded as in registry_fuzz.cc. Pages are numbered in the
 64-page address space (hole: page 13, read-only: 37, huge pages of 16 * PS: 48-63). Containers
 start as 1: 4 KiB IOMMU pages, window [0, 32 pages); 2: 64 KiB, window [8, 24) pages; 3: 16 * PS,
 window [0, 2^40).
+
+Wide operands (64-bit values, see Harness::Wide) follow their record: wide(mode, b, ...) with mode
+1 = 2^b, 2 = 2^64 - align * (1 + b % 16), 3 = align * b, 7 = 2^63 - align * (b % 4), where align is
+the page size (register) or the container's IOMMU page size (map, unmap, windows).
 
 Usage: tests/fuzz/make_seeds.py [OUTPUT_DIR]   (default: tests/fuzz/corpus next to this file)
 """
@@ -20,8 +25,9 @@ TRANSLATE, LOOKUP, FIND = 17, 18, 19
 UNKNOWN = 15  # the container/context byte that names an unknown id
 
 
-def config(ps64k=False, limit_v=7, ctx2_cap=False):
-    return bytes([(1 if ps64k else 0) | (limit_v << 1) | (16 if ctx2_cap else 0)])
+def config(ps64k=False, limit_v=7, ctx2_cap=False, node_tight=False):
+    return bytes([(1 if ps64k else 0) | (limit_v << 1) | (16 if ctx2_cap else 0) |
+                  (32 if node_tight else 0)])
 
 
 def rec(*b):
@@ -79,6 +85,30 @@ def lookup(ctx, page, quarter_pages):
 
 def find(ctx, page, entries):
     return rec(FIND, ctx - 1, page, entries)
+
+
+def wide(mode, b, *extra):
+    return bytes([mode, b, *extra])
+
+
+def reg_wide(c, ctx, ua, size):
+    return rec(REGISTER, c - 1, ctx - 1, 192, 0x40) + ua + size
+
+
+def unreg_wide(c, ua, size):
+    return rec(UNREGISTER, c - 1, 192, 0x40) + ua + size
+
+
+def map_wide(c, iova, ua, size):
+    return rec(MAP, c - 1, 0, 192, 0x40) + iova + ua + size
+
+
+def unmap_wide(c, iova, size):
+    return rec(UNMAP, c - 1, 0, 0, 1) + iova + size
+
+
+def create_container_wide(c, log2_iommu_page, start, size):
+    return rec(CREATE_CONTAINER, c - 1, log2_iommu_page - 12, 1) + start + size
 
 
 SEEDS = {
@@ -142,6 +172,22 @@ SEEDS = {
         reg(1, 1, 0, 4), reg(2, 1, 4, 4), reg(3, 1, 48, 16), map_(1, 0, 0, 8), map_(2, 8, 4, 2),
         map_(3, 0, 48, 1), reg(2, 1, 0, 4), unreg(1, 0, 4), release(2), unmap(1, 0, 16),
         release(3), teardown(1), create_context(1), reg(1, 1, 0, 16)]),
+    # Issue 11: 64-bit sizes, addresses and windows; the limits refuse the huge registrations.
+    "22_huge_ranges_and_limits": config(ps64k=True, node_tight=True) + b"".join([
+        reg_wide(2, 2, wide(3, 0), wide(7, 0)),             # 2^63 bytes: over the region limit
+        reg_wide(2, 2, wide(1, 40), wide(3, 17)),           # 17 pages: over it by one page
+        reg_wide(2, 2, wide(1, 40), wide(3, 16)),           # 16 pages at 2^40: exactly the limit
+        reg_wide(2, 2, wide(2, 15), wide(3, 16)),           # the last 16 pages below 2^64
+        reg_wide(3, 2, wide(5, 0), wide(3, 9)),             # 41 pages pinned > 40: node limit
+        release(1),
+        create_container_wide(1, 16, wide(3, 0), wide(2, 0)),  # window [0, 2^64 - 64 KiB)
+        reg_wide(1, 2, wide(1, 40), wide(3, 16)),
+        map_wide(1, wide(2, 1), wide(1, 40), wide(3, 1)),   # the window's last page
+        map_wide(1, wide(3, 0), wide(1, 40), wide(3, 16)),
+        map_wide(1, wide(3, 0), wide(1, 40), wide(7, 0)),   # 2^63 bytes: more than registered
+        unmap_wide(1, wide(3, 0), wide(2, 0)),              # the whole window
+        unreg_wide(1, wide(1, 40), wide(3, 16)),
+        unreg_wide(2, wide(2, 15), wide(3, 16))]),
 }
 
 

@@ -14,8 +14,14 @@
 //    is gone, a torn-down context has nothing pinned).
 // Any violation prints the reason, the configuration and the operations so far, then traps.
 //
+// Sizes, addresses and DMA windows also come from the whole 64-bit range ("wide" operands: raw
+// values, powers of two, values just below 2^64 or 2^63, small multiples of the page), so the
+// registry's limits (RegistryLimits: 16 pages per region; 40 or 128 pages per node) and the
+// huge-range paths are exercised next to the normal ones in the small space.
+//
 // Input format: byte 0 configures the run; then records of 5 bytes, one operation each:
-// [opcode, a, b, c, d]. Missing bytes read as 0. tests/fuzz/make_seeds.py writes the seed corpus.
+// [opcode, a, b, c, d], where a record with wide operands is followed by their bytes (see Wide()).
+// Missing bytes read as 0. tests/fuzz/make_seeds.py writes the seed corpus.
 //
 // REGISTRY_FUZZ_VERBOSE=1 prints every operation and its answer (to check what a seed does).
 #include <cerrno>
@@ -58,6 +64,8 @@ constexpr uint64_t kHugePages = 16;
 constexpr uint64_t kHugeFactor = 16;
 
 constexpr int kMaxOps = 200;
+// RegistryLimits::max_region_bytes in pages: the largest register the small space decodes.
+constexpr uint64_t kMaxRegionPages = 16;
 constexpr size_t kRecordSize = 5;
 
 constexpr ContextId kContexts[] = {1, 2};
@@ -215,9 +223,13 @@ class Harness {
     page_size_ = (config & 1) != 0 ? 65536 : 4096;
     ctx1_limit_pages_ = 4 + 4 * ((config >> 1) & 7);
     ctx2_cap_ = ((config >> 4) & 1) != 0;
+    // Bit 5: a node limit the small space can reach (else only wide registrations reach it).
+    limits_ = {.max_region_bytes = kMaxRegionPages * page_size_,
+               .max_pinned_bytes = (((config >> 5) & 1) != 0 ? 40 : 128) * page_size_};
   }
 
   void Run(Reader* in) {
+    in_ = in;
     SimBackendOptions options;
     options.page_size = page_size_;
     options.holes.push_back({PageUa(kHolePage), page_size_});
@@ -227,7 +239,7 @@ class Harness {
     absl::StatusOr<std::unique_ptr<SimBackend>> backend = SimBackend::Create(options);
     if (!backend.ok()) Fail(absl::StrCat("SimBackend::Create: ", backend.status().message()));
     backend_ = std::move(*backend);
-    registry_ = std::make_unique<Registry>(backend_.get());
+    registry_ = std::make_unique<Registry>(backend_.get(), limits_);
     if (registry_->page_size() != page_size_) Fail("registry page size differs from backend's");
 
     for (ContextId ctx : kContexts) {
@@ -262,6 +274,35 @@ class Harness {
 
  private:
   uint64_t PageUa(uint64_t page) const { return kBase + page * page_size_; }
+
+  // A 64-bit operand from the input: a mode byte, a value byte, and for some modes more bytes.
+  // Most modes give multiples of `align` (the page or IOMMU page), which the registry can accept.
+  uint64_t Wide(uint64_t align) {
+    const uint8_t mode = in_->Byte();
+    const uint8_t b = in_->Byte();
+    switch (mode % 8) {
+      case 0: {  // raw
+        uint64_t value = b;
+        for (int i = 1; i < 8; ++i) value |= uint64_t{in_->Byte()} << (8 * i);
+        return value;
+      }
+      case 1:
+        return uint64_t{1} << (b % 64);
+      case 2:  // just below 2^64
+        return 0 - align * (1 + b % 16);
+      case 3:  // small: around the limits
+        return align * b;
+      case 4:  // around 2^k
+        return (uint64_t{1} << (b % 64)) + align * static_cast<uint64_t>(in_->Byte() % 5) -
+               2 * align;
+      case 5:  // in the simulated space
+        return PageUa(b % (kSpacePages + 16)) - kBase % align;
+      case 6:  // unaligned near 2^64
+        return 0 - uint64_t{b};
+      default:  // around 2^63
+        return (uint64_t{1} << 63) - align * (b % 4);
+    }
+  }
 
   ContextOptions OptionsFor(ContextId ctx) const {
     ContextOptions options;
@@ -311,11 +352,17 @@ class Harness {
   }
 
   // A [ua, ua + size) range in PS units from two bytes; p >= 192 selects an odd case.
-  void DecodeRange(uint8_t p, uint8_t l, uint64_t* ua, uint64_t* size) const {
+  // p >= 192 with bit 6 or 7 of l: both are wide operands.
+  void DecodeRange(uint8_t p, uint8_t l, uint64_t* ua, uint64_t* size) {
     const uint64_t entries = 1 + (l & 15);
     *ua = PageUa(p & 63);
     *size = entries * page_size_;
     if (p < 192) return;
+    if ((l & 0xc0) != 0) {
+      *ua = Wide(page_size_);
+      *size = Wide(page_size_);
+      return;
+    }
     switch ((l >> 4) & 3) {
       case 0:
         *ua += 512;
@@ -353,9 +400,10 @@ class Harness {
     if (registry_ != nullptr) state = FormatSnapshot(Take());
     std::fprintf(stderr,
                  "\n=== registry_fuzz: FAILED ===\n%s\nconfig=0x%02x page_size=%llu "
-                 "ctx1_limit_pages=%llu ctx2_cap=%d\noperations (%zu):\n",
+                 "ctx1_limit_pages=%llu ctx2_cap=%d max_pinned_pages=%llu\noperations (%zu):\n",
                  why.c_str(), config_, static_cast<unsigned long long>(page_size_),
                  static_cast<unsigned long long>(ctx1_limit_pages_), ctx2_cap_ ? 1 : 0,
+                 static_cast<unsigned long long>(limits_.max_pinned_bytes / page_size_),
                  log_.size());
     for (size_t i = 0; i < log_.size(); ++i) {
       std::fprintf(stderr, "  %3zu %s\n", i, log_[i].c_str());
@@ -412,10 +460,10 @@ class Harness {
         DoMap(DecodeContainer(r[1]), r[2], r[3], r[4]);
         break;
       case Op::kUnmap:
-        DoUnmap(DecodeContainer(r[1]), r[2], r[3]);
+        DoUnmap(DecodeContainer(r[1]), r[2], r[3], r[4]);
         break;
       case Op::kCreateContainer:
-        DoCreateContainer(DecodeContainer(r[1]), r[2]);
+        DoCreateContainer(DecodeContainer(r[1]), r[2], r[3]);
         break;
       case Op::kReleaseContainer:
         DoReleaseContainer(DecodeContainer(r[1]));
@@ -478,6 +526,13 @@ class Harness {
         locked_pages + entries > *context->options.memlock_limit_bytes / page_size_) {
       return ENOMEM;
     }
+    // The node's limits; beyond here entries <= kMaxRegionPages.
+    if (size > limits_.max_region_bytes) return ENOMEM;
+    uint64_t pinned_pages = 0;
+    for (const ContextInfo& info : registry_->ListContexts()) {
+      pinned_pages += info.locked_bytes / page_size_;
+    }
+    if (pinned_pages + entries > limits_.max_pinned_bytes / page_size_) return ENOMEM;
     for (uint64_t i = 0; i < entries; ++i) {
       const uint64_t page = ua + i * page_size_;
       if (page == PageUa(kHolePage) || page == PageUa(kReadOnlyPage)) return EFAULT;
@@ -584,11 +639,16 @@ class Harness {
     if (size == 0 || iova % io != 0 || ua % io != 0 || size % io != 0) return EINVAL;
     // A wrapping ua fails the lookup of step 4, after the window check of step 3.
     if (outside) return ENXIO;
+    if (ua + (size - 1) < ua) return EINVAL;
     const std::vector<RegionInfo> regions = registry_->ListRegions(*container->context);
+    uint64_t registered = 0;
     for (const RegionInfo& region : regions) {
       // A remap inside this call may complete a pending release: not decided here.
       if (region.pending_release) return kAnyResult;
+      registered += region.size;
     }
+    // More than the context has registered cannot lie inside it (and bounds the loop below).
+    if (size > registered) return EINVAL;
     for (uint64_t off = 0; off < size; off += io) {
       const uint64_t t = ua + off;
       bool found = false;
@@ -611,7 +671,11 @@ class Harness {
       ua = PageUa(p & 63) + ((l >> 4) * io) % page_size_;
     }
     uint64_t size = (1 + (l & 7)) * io;
-    if (p >= 192) {
+    if (p >= 192 && (l & 0xc0) != 0) {
+      iova = Wide(io);
+      ua = Wide(io);
+      size = Wide(io);
+    } else if (p >= 192) {
       switch ((l >> 4) & 3) {
         case 0:
           ua += 512;
@@ -643,10 +707,15 @@ class Harness {
     if (!had_entries) CheckUnchanged(what, before);
   }
 
-  void DoUnmap(ContainerId c, uint8_t i, uint8_t l) {
+  // `wide` != 0: iova and size are wide operands.
+  void DoUnmap(ContainerId c, uint8_t i, uint8_t l, uint8_t wide) {
     const uint64_t io = IommuPageOf(c);
-    const uint64_t iova = (i % 40) * io + (i >= 240 ? 512 : 0);
-    const uint64_t size = (l % 12) * io;
+    uint64_t iova = (i % 40) * io + (i >= 240 ? 512 : 0);
+    uint64_t size = (l % 12) * io;
+    if (wide != 0) {
+      iova = Wide(io);
+      size = Wide(io);
+    }
     const std::string what =
         absl::StrFormat("Unmap(c=%u, iova=0x%x, size=0x%x) io=0x%x", c, iova, size, io);
     int expect = kAnyResult;
@@ -656,7 +725,7 @@ class Harness {
     } else if (container->context.has_value() && size > 0) {
       const uint64_t start = container->options.window_start;
       const uint64_t window = container->options.window_size;
-      if (iova % io != 0) {
+      if (iova % io != 0 || size % io != 0) {
         expect = EINVAL;
       } else if (iova < start || iova - start > window || size > window - (iova - start)) {
         expect = ENXIO;
@@ -673,11 +742,18 @@ class Harness {
     }
     auto it = shadow_.find(c);
     if (it != shadow_.end()) {
-      it->second.erase(it->second.lower_bound(iova), it->second.lower_bound(iova + size));
+      // A range inside the window may end exactly at 2^64.
+      const auto end = iova + size == 0 ? it->second.end() : it->second.lower_bound(iova + size);
+      it->second.erase(it->second.lower_bound(iova), end);
     }
   }
 
-  void DoCreateContainer(ContainerId c, uint8_t cfg) {
+  // `wide` != 0: the IOMMU page size (usually a power of two) and the window are wide operands.
+  void DoCreateContainer(ContainerId c, uint8_t cfg, uint8_t wide) {
+    if (wide != 0) {
+      DoCreateWideContainer(c, cfg);
+      return;
+    }
     const int iommu_choice = cfg % 5;
     const int window_choice = (cfg / 5) % 4;
     const ContainerOptions options = MakeContainer(iommu_choice, window_choice);
@@ -704,6 +780,32 @@ class Harness {
     if (!info.has_value() || info->context.has_value() || info->held_regions != 0 ||
         info->installed_entries != 0) {
       Fail(what + " succeeded but the new container is not empty and unbound");
+    }
+    shadow_[c].clear();
+  }
+
+  void DoCreateWideContainer(ContainerId c, uint8_t cfg) {
+    ContainerOptions options;
+    options.iommu_page_size = cfg < 240 ? uint64_t{1} << (12 + cfg % 52) : Wide(4096);
+    const uint64_t io = options.iommu_page_size;
+    options.window_start = Wide(io);
+    options.window_size = Wide(io);
+    const std::string what =
+        absl::StrFormat("CreateContainer(c=%u, iommu=0x%x, window=[0x%x,+0x%x))", c, io,
+                        options.window_start, options.window_size);
+    const bool valid_page = io >= 4096 && (io & (io - 1)) == 0;
+    const bool valid_window =
+        valid_page && options.window_size != 0 && options.window_start % io == 0 &&
+        options.window_size % io == 0 &&
+        options.window_start + (options.window_size - 1) >= options.window_start;
+    const bool exists = ContainerOf(c).has_value();
+    const int expect = !valid_window ? (exists ? kAnyFailure : EINVAL) : (exists ? EEXIST : 0);
+    const Snapshot before = Take();
+    const absl::Status status = registry_->CreateContainer(c, options);
+    Expect(what, status, expect);
+    if (!status.ok()) {
+      CheckUnchanged(what, before);
+      return;
     }
     shadow_[c].clear();
   }
@@ -977,6 +1079,8 @@ class Harness {
   uint64_t page_size_ = 4096;
   uint64_t ctx1_limit_pages_ = 0;
   bool ctx2_cap_ = false;
+  RegistryLimits limits_;
+  Reader* in_ = nullptr;  // for wide operands
   std::unique_ptr<SimBackend> backend_;
   std::unique_ptr<Registry> registry_;
   // Per container, every IOVA page that may hold an entry (a superset of the installed ones).

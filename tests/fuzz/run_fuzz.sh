@@ -56,7 +56,8 @@ cp tests/fuzz/corpus/* "$work/corpus/"
 count_files() { find "$1" -type f | wc -l; }
 echo "run_fuzz: fuzzing for ${seconds}s; working corpus $work/corpus ($(count_files "$work/corpus") seeds)"
 status=0
-# -max_len: the config byte plus 200 five-byte operation records (the harness's kMaxOps).
+# -max_len: the config byte plus 200 five-byte operation records (the harness's kMaxOps; fewer
+# when records carry wide operands).
 "$work/build/registry_fuzz" -max_total_time="$seconds" -timeout=10 -max_len=1001 -print_final_stats=1 \
   -artifact_prefix="$work/artifacts/" "$@" "$work/corpus" 2>&1 | tee "$work/fuzz.log" ||
   status=${PIPESTATUS[0]}
