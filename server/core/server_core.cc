@@ -73,6 +73,10 @@ RegionKey KeyOfIntent(const v1::Intent& intent) {
   return RegionKey{intent.context(), intent.ua(), intent.size()};
 }
 
+RegionKey KeyOfRequest(const v1::CreateIntentRequest& request) {
+  return RegionKey{request.context(), request.ua(), request.size()};
+}
+
 // Page tokens of the admin lists: the last key of the previous page, base-10 fields joined by '|'.
 std::string RegionToken(const std::string& node, const RegionKey& key) {
   return absl::StrCat(node, "|", key.context, "|", key.ua, "|", key.size);
@@ -179,6 +183,7 @@ absl::Status ServerCore::Load() {
   absl::StatusOr<std::vector<v1::Policy>> policies = options_.store->LoadPolicies();
   if (!policies.ok()) return policies.status();
   for (v1::Policy& policy : *policies) policies_[policy.name()] = std::move(policy);
+  requirements_.SetPolicies(PolicyListLocked());
   absl::StatusOr<std::vector<v1::Intent>> intents = options_.store->LoadIntents();
   if (!intents.ok()) return intents.status();
   for (v1::Intent& intent : *intents) {
@@ -192,6 +197,7 @@ absl::Status ServerCore::Load() {
     const std::string id = entry.intent.id();
     node_intents_[entry.intent.node()].push_back(id);
     intents_[id] = std::move(entry);
+    UpdateRequirementLocked(id);
     ++intent_sequence_;
   }
   absl::StatusOr<std::vector<NodeAdminState>> nodes = options_.store->LoadNodeStates();
@@ -314,6 +320,7 @@ void ServerCore::SetStateLocked(IntentEntry& entry, v1::IntentState state, absl:
     intent.clear_next_attempt_time();
   }
   mutation->PutIntent(intent);
+  UpdateRequirementLocked(intent.id());
 }
 
 void ServerCore::ReconcileLocked(
@@ -532,6 +539,8 @@ v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
   const NodeReport* before = fleet_.Find(hello.node_name());
   const bool restarted = before == nullptr || before->hello.incarnation() != hello.incarnation();
   fleet_.Connect(hello, now);
+  requirements_.SetLabels(hello.node_name(), std::map<std::string, std::string>(
+                                                 hello.labels().begin(), hello.labels().end()));
   dirty_nodes_.insert(hello.node_name());
   sessions_[hello.node_name()] = std::move(session);
   ++counters_.agent_connects;
@@ -564,13 +573,13 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
     ServerMutation mutation;
     switch (message.body_case()) {
       case v1::AgentMessage::kSnapshot:
-        fleet_.ApplySnapshot(node, message.snapshot(), now);
+        ApplyRegionChangesLocked(node, fleet_.ApplySnapshot(node, message.snapshot(), now));
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
         break;
       case v1::AgentMessage::kDelta:
-        fleet_.ApplyDelta(node, message.delta(), now);
+        ApplyRegionChangesLocked(node, fleet_.ApplyDelta(node, message.delta(), now));
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
@@ -668,8 +677,9 @@ absl::StatusOr<v1::Policy> ServerCore::SetPolicy(v1::Policy policy) {
   mutation.PutPolicy(policy);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
   policies_[policy.name()] = policy;
-  // New retry settings apply to the intents from now on.
   const std::vector<v1::Policy> list = PolicyListLocked();
+  requirements_.SetPolicies(list);
+  // New retry settings apply to the intents from now on.
   for (auto& [id, entry] : intents_) {
     const NodeReport* node = fleet_.Find(entry.intent.node());
     std::map<std::string, std::string> labels;
@@ -703,6 +713,7 @@ absl::Status ServerCore::DeletePolicy(const std::string& name) {
   mutation.DeletePolicy(name);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
   policies_.erase(name);
+  requirements_.SetPolicies(PolicyListLocked());
   EmitLocked("policy_deleted", "", "", "", "", name, absl::Now());
   return absl::OkStatus();
 }
@@ -713,7 +724,7 @@ bool ServerCore::NodeKnownLocked(const std::string& name) const {
   return fleet_.Find(name) != nullptr || node_admin_.count(name) > 0;
 }
 
-NodeFacts ServerCore::FactsLocked(const std::string& name) const {
+NodeFacts ServerCore::FactsLocked(const std::string& name, const RegionKey& asked) const {
   NodeFacts facts;
   facts.name = name;
   facts.known = NodeKnownLocked(name);
@@ -722,61 +733,50 @@ NodeFacts ServerCore::FactsLocked(const std::string& name) const {
   const NodeReport* node = fleet_.Find(name);
   if (node != nullptr) {
     facts.labels.insert(node->hello.labels().begin(), node->hello.labels().end());
-    // What is pinned now counts, whoever registered it.
-    for (const auto& [key, region] : node->regions) {
-      facts.AddRequiredRegion(key.context, key.ua, key.size);
-    }
   }
-  for (const std::string& id : NodeIntentsLocked(name)) {
-    const v1::Intent& intent = intents_.at(id).intent;
-    if (intent.kind() == v1::INTENT_KIND_REGISTER && Live(intent)) {
-      facts.AddRequiredRegion(intent.context(), intent.ua(), intent.size());
-    }
+  facts.required_bytes = requirements_.RequiredBytes(name);
+  facts.regions = requirements_.Regions(name);
+  facts.context_bytes[asked.context] = requirements_.ContextBytes(name, asked.context);
+  if (requirements_.Requested(name, asked) || (node != nullptr && node->regions.count(asked) > 0)) {
+    facts.required_regions.insert(RequiredRegion{asked.context, asked.ua, asked.size});
   }
   return facts;
 }
 
-uint64_t ServerCore::RequiredBytesLocked(const NodeReport& node) const {
-  // FactsLocked(node.name).required_bytes without building the set of every region: reported
-  // regions are unique by key already; only the intents' regions need deduplicating.
-  const auto add = [](uint64_t a, uint64_t b) {
-    return b > std::numeric_limits<uint64_t>::max() - a ? std::numeric_limits<uint64_t>::max()
-                                                        : a + b;
-  };
-  uint64_t bytes = 0;
-  for (const auto& [key, region] : node.regions) bytes = add(bytes, key.size);
-  std::set<RequiredRegion> extra;
-  for (const std::string& id : NodeIntentsLocked(node.name)) {
-    const v1::Intent& intent = intents_.at(id).intent;
-    if (intent.kind() != v1::INTENT_KIND_REGISTER || !Live(intent)) continue;
-    if (node.regions.count(KeyOfIntent(intent)) > 0) continue;
-    if (extra.insert(RequiredRegion{intent.context(), intent.ua(), intent.size()}).second) {
-      bytes = add(bytes, intent.size());
-    }
+FleetFacts ServerCore::PoolFactsLocked() const {
+  FleetFacts pools;
+  pools.pool_required_bytes = requirements_.PoolTotals();
+  return pools;
+}
+
+void ServerCore::UpdateRequirementLocked(const std::string& id) {
+  auto it = intents_.find(id);
+  const bool wanted = it != intents_.end() &&
+                      it->second.intent.kind() == v1::INTENT_KIND_REGISTER &&
+                      Live(it->second.intent);
+  auto counted = requiring_.find(id);
+  if (wanted == (counted != requiring_.end())) return;
+  if (wanted) {
+    const v1::Intent& intent = it->second.intent;
+    const RegionKey key = KeyOfIntent(intent);
+    const NodeReport* node = fleet_.Find(intent.node());
+    requirements_.Require(intent.node(), key, node != nullptr && node->regions.count(key) > 0);
+    requiring_.emplace(id, std::make_pair(intent.node(), key));
+  } else {
+    requirements_.Release(counted->second.first, counted->second.second);
+    requiring_.erase(counted);
   }
-  return bytes;
+}
+
+void ServerCore::ApplyRegionChangesLocked(const std::string& node, const RegionChanges& changes) {
+  for (const RegionKey& key : changes.added) requirements_.Reported(node, key);
+  for (const RegionKey& key : changes.removed) requirements_.Unreported(node, key);
 }
 
 const std::vector<std::string>& ServerCore::NodeIntentsLocked(const std::string& node) const {
   static const std::vector<std::string>* const kNone = new std::vector<std::string>();
   auto it = node_intents_.find(node);
   return it == node_intents_.end() ? *kNone : it->second;
-}
-
-FleetFacts ServerCore::FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const {
-  for (const v1::Policy& policy : policies) {
-    if (policy.pinned_bytes_budget() != 0) return FleetFactsLocked();
-  }
-  return FleetFacts();
-}
-
-FleetFacts ServerCore::FleetFactsLocked() const {
-  FleetFacts fleet;
-  std::set<std::string> names;
-  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
-  for (const auto& [name, admin] : node_admin_) names.insert(name);
-  for (const std::string& name : names) fleet.nodes.push_back(FactsLocked(name));
-  return fleet;
 }
 
 absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentRequest& request,
@@ -846,6 +846,7 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
   }
   awaiting_confirmation_.insert(intent.node());
   intents_[intent.id()] = std::move(entry);
+  UpdateRequirementLocked(intent.id());
   node_intents_[intent.node()].push_back(intent.id());
   active_intents_.insert(intent.id());
   if (undo != nullptr) undo->added.push_back(intent.id());
@@ -856,6 +857,7 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
 void ServerCore::RollbackLocked(IntentUndo& undo) {
   for (auto it = undo.replaced.rbegin(); it != undo.replaced.rend(); ++it) {
     intents_[it->first] = std::move(it->second);
+    UpdateRequirementLocked(it->first);
   }
   for (auto it = undo.added.rbegin(); it != undo.added.rend(); ++it) {
     auto added = intents_.find(*it);
@@ -864,6 +866,7 @@ void ServerCore::RollbackLocked(IntentUndo& undo) {
     if (!ids.empty() && ids.back() == *it) ids.pop_back();
     active_intents_.erase(*it);
     intents_.erase(added);
+    UpdateRequirementLocked(*it);
     --intent_sequence_;
   }
   for (auto& [decision, intent] : undo.inflight) inflight_[decision] = std::move(intent);
@@ -882,7 +885,7 @@ absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
   }
   const std::vector<v1::Policy> list = PolicyListLocked();
   AdmissionResult admission =
-      Admit(request, FactsLocked(request.node()), FleetFactsIfBudgetedLocked(list), list);
+      Admit(request, FactsLocked(request.node(), KeyOfRequest(request)), PoolFactsLocked(), list);
   if (!admission.status.ok()) {
     EmitLocked("intent_rejected", request.node(), "", "", "", admission.status.ToString(), now);
     return admission.status;
@@ -988,6 +991,7 @@ absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
   SetStateLocked(entry, v1::INTENT_STATE_WITHDRAWN, now, &mutation);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) {
     entry = std::move(saved);
+    UpdateRequirementLocked(id);
     return status;
   }
   if (!entry.inflight_decision.empty()) {
@@ -1001,6 +1005,12 @@ absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
 // --- Nodes ------------------------------------------------------------------------------------
 
 v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
+  return NodeViewLocked(name, PolicyListLocked(), PoolFactsLocked());
+}
+
+v1::Node ServerCore::NodeViewLocked(const std::string& name,
+                                    const std::vector<v1::Policy>& policies,
+                                    const FleetFacts& pools) const {
   v1::Node view;
   view.set_name(name);
   const NodeReport* node = fleet_.Find(name);
@@ -1023,8 +1033,7 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
   view.set_cordoned(admin != node_admin_.end() && admin->second.cordoned);
   const NodeFacts facts = FactsLocked(name);
   view.set_required_bytes(facts.required_bytes);
-  const std::vector<v1::Policy> list = PolicyListLocked();
-  const BudgetUse budget = TightestBudget(facts, FleetFactsIfBudgetedLocked(list), list);
+  const BudgetUse budget = TightestBudget(facts, pools, policies);
   view.set_budget_bytes(budget.budget_bytes);
   view.set_budget_used_ratio(budget.used_ratio);
   auto drain = drains_.find(name);
@@ -1049,12 +1058,38 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
 }
 
 std::vector<v1::Node> ServerCore::ListNodes() const {
-  MutexLock lock(&mu_);
-  std::set<std::string> names;
-  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
-  for (const auto& [name, admin] : node_admin_) names.insert(name);
+  // The lock is taken once per chunk of nodes, so that a listing of the whole fleet holds the
+  // control streams and the reconciler up for one chunk at a time, not for the fleet. Each view
+  // is consistent; a node that appears meanwhile may be missed (it arrived during the listing).
   std::vector<v1::Node> nodes;
-  for (const std::string& name : names) nodes.push_back(NodeViewLocked(name));
+  std::string last;  // the last name listed
+  for (bool first = true;; first = false) {
+    bool done = false;
+    {
+      MutexLock lock(&mu_);
+      const std::vector<v1::Policy> policies = PolicyListLocked();
+      const FleetFacts pools = PoolFactsLocked();
+      // Names in order, merging the nodes that reported and those with admin state only.
+      const auto& reports = fleet_.nodes();
+      auto report = first ? reports.begin() : reports.upper_bound(last);
+      auto admin = first ? node_admin_.begin() : node_admin_.upper_bound(last);
+      for (size_t n = 0; n < std::max<size_t>(options_.list_nodes_chunk, 1); ++n) {
+        if (report == reports.end() && admin == node_admin_.end()) break;
+        if (admin == node_admin_.end() ||
+            (report != reports.end() && report->first <= admin->first)) {
+          last = report->first;
+        } else {
+          last = admin->first;
+        }
+        if (report != reports.end() && report->first == last) ++report;
+        if (admin != node_admin_.end() && admin->first == last) ++admin;
+        nodes.push_back(NodeViewLocked(last, policies, pools));
+      }
+      done = report == reports.end() && admin == node_admin_.end();
+    }
+    if (done) break;
+    if (options_.between_list_chunks) options_.between_list_chunks();
+  }
   return nodes;
 }
 
@@ -1196,10 +1231,9 @@ absl::StatusOr<v1::ListRegionsFleetResponse> ServerCore::ListRegions(
       }
       v1::FleetRegion* out = response.add_regions();
       FillRegion(name, region, out);
-      for (const auto& [id, entry] : intents_) {
-        const v1::Intent& intent = entry.intent;
-        if (intent.node() == name && KeyOfIntent(intent) == key &&
-            intent.state() == v1::INTENT_STATE_RETRYING) {
+      for (const std::string& id : NodeIntentsLocked(name)) {
+        const v1::Intent& intent = intents_.at(id).intent;
+        if (KeyOfIntent(intent) == key && intent.state() == v1::INTENT_STATE_RETRYING) {
           out->set_retrying_since(intent.retrying_since());
           out->set_attempts(intent.attempts());
         }
@@ -1231,10 +1265,9 @@ absl::StatusOr<v1::FleetRegion> ServerCore::GetRegion(
   }
   v1::FleetRegion region;
   FillRegion(request.node(), it->second, &region);
-  for (const auto& [id, entry] : intents_) {
-    const v1::Intent& intent = entry.intent;
-    if (intent.node() == request.node() && KeyOfIntent(intent) == key &&
-        intent.state() == v1::INTENT_STATE_RETRYING) {
+  for (const std::string& id : NodeIntentsLocked(request.node())) {
+    const v1::Intent& intent = intents_.at(id).intent;
+    if (KeyOfIntent(intent) == key && intent.state() == v1::INTENT_STATE_RETRYING) {
       region.set_retrying_since(intent.retrying_since());
       region.set_attempts(intent.attempts());
     }
@@ -1267,7 +1300,7 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
   const bool budgeted = std::any_of(list.begin(), list.end(), [](const v1::Policy& policy) {
     return policy.pinned_bytes_budget() != 0;
   });
-  const FleetFacts fleet = budgeted ? FleetFactsLocked() : FleetFacts();
+  const FleetFacts pools = PoolFactsLocked();
   size_t regions_left = max_regions;
   // Everything below runs under the core's lock, which stalls the control streams: at fleet
   // scale (a million regions) it must stay one cheap pass over the regions.
@@ -1276,20 +1309,14 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
     metrics.name = name;
     metrics.connected = node.connected;
     metrics.regions = node.regions.size();
-    // NodeReport's pinned_bytes(), used_sum() and installed_mappings(), in one pass.
-    for (const auto& [key, region] : node.regions) {
-      metrics.pinned_bytes += region.size();
-      metrics.used_sum += region.used();
-      if (region.mapped() > 0) metrics.installed_mappings += region.mapped() - 1;
-    }
+    metrics.pinned_bytes = node.pinned_bytes();
+    metrics.used_sum = node.used_sum();
+    metrics.installed_mappings = node.installed_mappings();
+    metrics.required_bytes = requirements_.RequiredBytes(name);
     if (budgeted) {
-      const NodeFacts facts = FactsLocked(name);
-      metrics.required_bytes = facts.required_bytes;
-      const BudgetUse budget = TightestBudget(facts, fleet, list);
+      const BudgetUse budget = TightestBudget(FactsLocked(name), pools, list);
       metrics.budget_bytes = budget.budget_bytes;
       metrics.budget_used_bytes = budget.used_bytes;
-    } else {
-      metrics.required_bytes = RequiredBytesLocked(node);
     }
     metrics.counters = node.counters;
     for (const auto& [context_name, context] : node.contexts) metrics.contexts.push_back(context);

@@ -25,6 +25,7 @@
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
+#include "server/core/requirements.h"
 #include "server/fleet/fleet_state.h"
 #include "server/policy/policy.h"
 #include "server/store/server_store.h"
@@ -80,6 +81,10 @@ struct ServerCoreOptions {
   // ones are pruned every prune_interval, so the store does not grow without bound. 0: keep all.
   uint64_t decision_history = 100000;
   absl::Duration prune_interval = absl::Minutes(1);
+  // ListNodes builds its answer this many nodes per hold of the core's lock.
+  size_t list_nodes_chunk = 256;
+  // Tests: called between ListNodes' chunks, without the core's lock.
+  std::function<void()> between_list_chunks;
 };
 
 // Counters of the control plane, for metrics.
@@ -227,14 +232,21 @@ class ServerCore {
   // The ids of `node`'s intents (any state), oldest first.
   const std::vector<std::string>& NodeIntentsLocked(const std::string& node) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Pool budgets are the only policy rule that needs the whole fleet's facts; without one,
-  // admission and budget views get an empty FleetFacts instead of an O(fleet) computation.
-  // FactsLocked(node.name).required_bytes, cheaply (for metrics).
-  uint64_t RequiredBytesLocked(const NodeReport& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  FleetFacts FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const
+  // Admission's facts from the running totals of requirements_, in O(policies + log): the
+  // node's sums, and whether `asked` (a region, and its context) is required already.
+  NodeFacts FactsLocked(const std::string& node, const RegionKey& asked = RegionKey()) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  NodeFacts FactsLocked(const std::string& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  FleetFacts FleetFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every pool's required bytes, from the running totals: O(policies).
+  FleetFacts PoolFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts or uncounts intent `id` in requirements_ as it is (or is not) a live REGISTER now;
+  // call after any change of an intent's state and after putting an entry back.
+  void UpdateRequirementLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A report changed the node's regions.
+  void ApplyRegionChangesLocked(const std::string& node, const RegionChanges& changes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `policies` and `pools`: PolicyListLocked() and PoolFactsLocked(), taken once per listing.
+  v1::Node NodeViewLocked(const std::string& name, const std::vector<v1::Policy>& policies,
+                          const FleetFacts& pools) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Node NodeViewLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NodeKnownLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,
@@ -267,6 +279,10 @@ class ServerCore {
   std::map<std::string, NodeAdminState> node_admin_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, DrainState> drains_ ABSL_GUARDED_BY(mu_);
   FleetState fleet_ ABSL_GUARDED_BY(mu_);
+  // What the nodes require (reported regions and live REGISTER intents), per node and per pool,
+  // kept as both change; requiring_ holds the intents counted there, with their node and region.
+  Requirements requirements_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::pair<std::string, RegionKey>> requiring_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<AgentSession>> sessions_ ABSL_GUARDED_BY(mu_);
   // Decision id -> intent id, for decisions sent and not yet answered.
   std::map<std::string, std::string> inflight_ ABSL_GUARDED_BY(mu_);

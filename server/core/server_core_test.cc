@@ -13,12 +13,14 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "dmapin/v1/admin.pb.h"
@@ -469,6 +471,7 @@ TEST_F(ServerCoreTest, FailedCommitOfASupersedingIntentRestoresMemory) {
   EXPECT_FALSE(failed.ok());
   EXPECT_EQ(Intents().size(), 1u) << "the failed intent is not kept";
   EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_APPLYING);
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), kMiB) << "the restored intent counts again";
   // The restored in-flight decision's answer still counts, and nothing is sent again.
   Answer("node-a", a, decisions[0], 0);
   EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_SATISFIED);
@@ -1375,6 +1378,124 @@ TEST_F(ServerCoreTest, MetricsSnapshotEqualsWhatTheAgentsReported) {
   for (const auto& [state, count] : metrics.intents_by_state) intents += count;
   EXPECT_EQ(intents, 1u);
   EXPECT_EQ(metrics.nodes[0].required_bytes, 4 * kMiB);
+}
+
+// --- (9) Fleet-scale reads ---------------------------------------------------------------------
+
+// The budget figures are running totals: they follow reports, intents (created, failed,
+// withdrawn, superseded) and relabelled nodes without a recomputation over the fleet.
+TEST_F(ServerCoreTest, BudgetFiguresFollowReportsIntentsAndLabels) {
+  v1::Policy policy;
+  policy.set_name("pool-a");
+  (*policy.mutable_node_selector())["pool"] = "a";
+  policy.set_pinned_bytes_budget(64 * kMiB);
+  SetPolicy(policy);
+  auto a = Connect("node-a", {{"pool", "a"}}, {MakeRegion("vm-1", 0x100000, 2 * kMiB, {"c1"})});
+  auto b = Connect("node-b", {{"pool", "a"}}, {MakeRegion("vm-1", 0x100000, 4 * kMiB, {"c1"})});
+  auto pool_use = [&](const std::string& node) {
+    const v1::Node view = MustGetNode(node);
+    return static_cast<uint64_t>(view.budget_used_ratio() * static_cast<double>(64 * kMiB));
+  };
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 2 * kMiB);
+
+  // An intent for a region already reported costs nothing; a new one counts before it is sent.
+  const v1::Intent same = MustCreate(Register("node-a", 0x100000, 2 * kMiB, "c2"));
+  const v1::Intent more = MustCreate(Register("node-a", 0x800000, 8 * kMiB));
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 10 * kMiB);
+  EXPECT_EQ(pool_use("node-b"), 14 * kMiB);
+  // Withdrawn: no longer required. The reported region stays required while reported.
+  ASSERT_TRUE(core_->WithdrawIntent(more.id()).ok());
+  ASSERT_TRUE(core_->WithdrawIntent(same.id()).ok());
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 2 * kMiB);
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  // Failed: the agent refuses the registration.
+  const v1::Intent refused = MustCreate(Register("node-b", 0x4000000, 16 * kMiB));
+  EXPECT_EQ(pool_use("node-a"), 22 * kMiB);
+  std::vector<v1::Decision> decisions = WaitDecisions(b, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  core_->AgentMessage("node-b", b.get(), ResultMessage(decisions[0], EFAULT, "a hole"));
+  EXPECT_EQ(MustGetIntent(refused.id()).state(), v1::INTENT_STATE_FAILED);
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  // Superseded by an unregister: no longer required once the agent stops reporting it.
+  const v1::Intent kept = MustCreate(Register("node-b", 0x100000, 4 * kMiB));
+  MustCreate(Unregister("node-b", 0x100000, 4 * kMiB));
+  EXPECT_EQ(MustGetIntent(kept.id()).state(), v1::INTENT_STATE_SUPERSEDED);
+  EXPECT_EQ(MustGetNode("node-b").required_bytes(), 4 * kMiB) << "still reported";
+  SendSnapshot("node-b", b, {});
+  EXPECT_EQ(MustGetNode("node-b").required_bytes(), 0u);
+  EXPECT_EQ(pool_use("node-a"), 2 * kMiB);
+  // node-a comes back in another pool: pool-a no longer counts it.
+  core_->AgentDisconnected("node-a", a.get());
+  a = Connect("node-a", {{"pool", "b"}}, {MakeRegion("vm-1", 0x100000, 2 * kMiB, {"c1"})});
+  EXPECT_EQ(MustGetNode("node-a").budget_bytes(), 0u);
+  EXPECT_EQ(pool_use("node-b"), 0u);
+  // The budget applies at admission from the same totals.
+  MustCreate(Register("node-b", 0, 64 * kMiB));
+  absl::StatusOr<v1::CreateIntentResponse> over =
+      core_->CreateIntent(Register("node-b", 0x8000000, kPage));
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  // And the listing says what GetNode says.
+  for (const v1::Node& node : core_->ListNodes()) {
+    const v1::Node single = MustGetNode(node.name());
+    EXPECT_EQ(node.required_bytes(), single.required_bytes()) << node.name();
+    EXPECT_EQ(node.budget_bytes(), single.budget_bytes()) << node.name();
+    EXPECT_DOUBLE_EQ(node.budget_used_ratio(), single.budget_used_ratio()) << node.name();
+  }
+}
+
+// ListNodes over a fleet holds the core's lock one chunk of nodes at a time: an agent's Control
+// message is handled while the listing is under way (were the lock held for the whole fleet, the
+// message would wait for the listing, and the listing for it: the hook gives up after 5 s).
+TEST_F(ServerCoreTest, ControlMessagesAreHandledWhileListNodesRuns) {
+  core_.reset();
+  std::atomic<int> chunks{0};
+  std::atomic<bool> handled_during_listing{false};
+  std::thread agent;
+  std::shared_ptr<FakeSession> first;
+  StartCore([&](ServerCoreOptions& options) {
+    options.list_nodes_chunk = 16;
+    options.between_list_chunks = [&] {
+      if (chunks++ != 0) return;
+      std::atomic<bool> done{false};
+      agent = std::thread([&] {
+        SendHeartbeat("node-00000", first);
+        SendSnapshot("node-00000", first,
+                     {MakeRegion("vm-1", 0, kMiB, {"c1"}), MakeRegion("vm-1", kMiB, kMiB, {"c1"})});
+        done = true;
+      });
+      const absl::Time deadline = absl::Now() + absl::Seconds(5);
+      while (!done && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+      handled_during_listing = done.load();
+    };
+  });
+  v1::Policy policy;
+  policy.set_name("pool-a");
+  (*policy.mutable_node_selector())["pool"] = "a";
+  policy.set_pinned_bytes_budget(1024 * kMiB);
+  SetPolicy(policy);
+  constexpr int kNodes = 100;
+  for (int i = 0; i < kNodes; ++i) {
+    const std::string name = absl::StrFormat("node-%05d", i);
+    auto session = Connect(name, {{"pool", "a"}}, {MakeRegion("vm-1", 0, kMiB, {"c1"})});
+    if (i == 0) first = session;
+  }
+  const uint64_t received = core_->MetricsSnapshot(0).counters.stream_messages_received;
+  const std::vector<v1::Node> nodes = core_->ListNodes();
+  if (agent.joinable()) agent.join();
+  EXPECT_TRUE(handled_during_listing) << "the Control message waited for the whole listing";
+  EXPECT_EQ(chunks.load(), kNodes / 16) << "one hook call between each two chunks";
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.stream_messages_received, received + 2);
+  ASSERT_EQ(nodes.size(), static_cast<size_t>(kNodes)) << "every node once, in name order";
+  for (int i = 0; i < kNodes; ++i) {
+    EXPECT_EQ(nodes[i].name(), absl::StrFormat("node-%05d", i));
+    EXPECT_EQ(nodes[i].budget_bytes(), 1024 * kMiB);
+  }
+  // The snapshot sent during the listing added 1 MiB to the pool; the first chunk was listed
+  // before it, the last after.
+  EXPECT_DOUBLE_EQ(nodes.front().budget_used_ratio(), 100.0 / 1024);
+  EXPECT_DOUBLE_EQ(nodes.back().budget_used_ratio(), 101.0 / 1024);
+  EXPECT_EQ(MustGetNode("node-00000").required_bytes(), 2 * kMiB);
 }
 
 }  // namespace

@@ -390,6 +390,10 @@ std::vector<const v1::Policy*> MatchingPolicies(absl::Span<const v1::Policy> pol
 
 uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
                            const FleetFacts& fleet) {
+  if (auto it = fleet.pool_required_bytes.find(policy.name());
+      it != fleet.pool_required_bytes.end()) {
+    return it->second;
+  }
   uint64_t used = PolicyMatchesNode(policy, node.labels) ? node.required_bytes : 0;
   for (const NodeFacts& other : fleet.nodes) {
     if (other.name == node.name) continue;

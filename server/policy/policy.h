@@ -76,7 +76,9 @@ inline bool operator==(const RequiredRegion& a, const RequiredRegion& b) {
 }
 
 // What admission needs to know about a node. required_bytes, regions and context_bytes describe
-// required_regions; AddRequiredRegion keeps them consistent.
+// required_regions; AddRequiredRegion keeps them consistent. Admit only looks up the request's
+// region in required_regions and its context in context_bytes: a caller keeping running totals
+// (ServerCore) fills those two entries only, and the sums from its totals.
 struct NodeFacts {
   std::string name;
   std::map<std::string, std::string> labels;
@@ -96,6 +98,10 @@ struct NodeFacts {
 // them: Admit uses its own NodeFacts argument for that name either way.
 struct FleetFacts {
   std::vector<NodeFacts> nodes;
+  // Running totals instead of `nodes`: the bytes each policy's pool requires, by policy name,
+  // already counting the node being admitted as its NodeFacts describe it. A policy found here
+  // takes its figure from here (summing `nodes` would be O(fleet) per call).
+  std::map<std::string, uint64_t> pool_required_bytes;
 };
 
 struct AdmissionResult {
@@ -117,9 +123,10 @@ bool PolicyMatchesNode(const v1::Policy& policy, const std::map<std::string, std
 std::vector<const v1::Policy*> MatchingPolicies(absl::Span<const v1::Policy> policies,
                                                 const std::map<std::string, std::string>& labels);
 
-// Bytes the nodes of `policy`'s pool require: required_bytes summed over the nodes of `fleet`
-// matching the selector, with `node` standing in for the fleet's entry of the same name (and
-// counted even when the fleet lacks it, if it matches). Saturates at 2^64 - 1.
+// Bytes the nodes of `policy`'s pool require: fleet.pool_required_bytes[policy.name()] when
+// present, else required_bytes summed over the nodes of `fleet` matching the selector, with
+// `node` standing in for the fleet's entry of the same name (and counted even when the fleet lacks
+// it, if it matches). Saturates at 2^64 - 1.
 uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
                            const FleetFacts& fleet);
 

@@ -380,6 +380,17 @@ TEST(AdmissionTest, PoolRequiredBytes) {
   NodeFacts huge = Node("huge", "a");
   huge.required_bytes = kMax64 - 1;
   EXPECT_EQ(PoolRequiredBytes(PoolPolicy("a", "a", 0), huge, f.fleet), kMax64);
+  // Running totals, where given, are the figure (no sum over the nodes).
+  FleetFacts totals;
+  totals.pool_required_bytes["a"] = 7 * kGiB;
+  EXPECT_EQ(PoolRequiredBytes(PoolPolicy("a", "a", 0), f.n1, totals), 7 * kGiB);
+  EXPECT_EQ(PoolRequiredBytes(PoolPolicy("b", "a", 0), f.n1, totals), 40 * kGiB)
+      << "a policy without a total sums the nodes given (here only n1 itself)";
+  EXPECT_EQ(Admit(Register(2 * kGiB, "vm", 0x1000000000, "n1"), f.n1, totals,
+                  {PoolPolicy("a", "a", 8 * kGiB)})
+                .status.code(),
+            absl::StatusCode::kResourceExhausted)
+      << "7 GiB required by the pool + 2 GiB > 8 GiB";
 }
 
 TEST(AdmissionTest, Table) {
