@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "agent/registry/errno_status.h"
 
@@ -315,6 +316,7 @@ void ServerCore::SetStateLocked(IntentEntry& entry, v1::IntentState state, absl:
   if (intent.state() == state) return;
   intent.set_state(state);
   intent.set_update_time(Rfc3339(now));
+  if (state == v1::INTENT_STATE_SATISFIED) ResetLost(entry);
   if (state != v1::INTENT_STATE_RETRYING) {
     intent.clear_retrying_since();
     intent.clear_next_attempt_time();
@@ -416,9 +418,7 @@ bool ServerCore::ReconcileIntentLocked(
   if (!entry.inflight_decision.empty()) {
     if (now - entry.inflight_since < options_.decision_timeout) return true;
     ++counters_.decisions_timed_out;
-    inflight_.erase(entry.inflight_decision);
-    inflight_records_.erase(entry.inflight_decision);
-    entry.inflight_decision.clear();
+    LoseDecisionLocked(entry, Loss::kTimeout, now, mutation);
   }
   auto session = sessions_.find(intent.node());
   if (!reported || !node->connected || session == sessions_.end()) {
@@ -427,7 +427,53 @@ bool ServerCore::ReconcileIntentLocked(
     }
     return true;
   }
-  if (intent.state() == v1::INTENT_STATE_RETRYING && now < entry.next_attempt) return true;
+  const uint32_t max_lost = options_.max_lost_decision_attempts;
+  if (max_lost != 0 && intent.lost_attempts() >= max_lost) {
+    // The same decision again would most likely end the same way (an agent that crashes while
+    // applying it would crash-loop): the intent fails, saying why.
+    const uint32_t lost = intent.lost_attempts();
+    const uint32_t timeouts = std::min(entry.lost_timeouts, lost);
+    const uint32_t sessions = std::min(entry.lost_sessions, lost - timeouts);
+    const uint32_t restarts = std::min(entry.lost_restarts, sessions);
+    const uint32_t unknown = lost - timeouts - sessions;
+    std::string what;
+    if (restarts == lost) {
+      what = absl::StrCat("agent restarted ", lost, " times while applying this decision");
+    } else if (timeouts == lost) {
+      what = absl::StrCat("agent gave no result to this decision ", lost, " times in a row (each ",
+                          "timed out after ", absl::FormatDuration(options_.decision_timeout), ")");
+    } else {
+      std::vector<std::string> causes;
+      if (restarts > 0) causes.push_back(absl::StrCat("the agent restarted ", restarts, " times"));
+      if (sessions > restarts) {
+        causes.push_back(absl::StrCat("its session ended ", sessions - restarts, " times"));
+      }
+      if (timeouts > 0) {
+        causes.push_back(absl::StrCat(timeouts, " timed out after ",
+                                      absl::FormatDuration(options_.decision_timeout)));
+      }
+      if (unknown > 0) causes.push_back(absl::StrCat(unknown, " before the server restarted"));
+      what = absl::StrCat("this decision ended without a result ", lost, " times in a row (",
+                          absl::StrJoin(causes, ", "), ")");
+    }
+    const int err = sessions > 0 || timeouts < lost ? ECONNRESET : ETIMEDOUT;
+    intent.set_last_errno(err);
+    intent.set_last_errno_name(err == ECONNRESET ? "ECONNRESET" : "ETIMEDOUT");
+    intent.set_last_message(absl::StrCat(
+        what, "; giving up at --max_lost_decision_attempts=", max_lost,
+        " so that the node does not crash-loop on it: see the agent's log for decision ",
+        intent.last_decision_id(),
+        ", and check the request against what the node can hold; create the intent again to "
+        "retry"));
+    SetStateLocked(entry, v1::INTENT_STATE_FAILED, now, mutation);
+    mutation->PutIntent(intent);
+    ++counters_.intents_failed_lost_decisions;
+    EmitLocked("intent_failed", intent.node(), id, intent.last_decision_id(),
+               intent.last_errno_name(), intent.last_message(), now);
+    return true;
+  }
+  // EBUSY retries and decisions lost before wait out their backoff.
+  if (now < entry.next_attempt) return true;
 
   absl::StatusOr<uint64_t> number = options_.store->NextId();
   if (!number.ok()) {
@@ -456,6 +502,8 @@ bool ServerCore::ReconcileIntentLocked(
   inflight_records_[decision_id] = record;
   entry.inflight_decision = decision_id;
   entry.inflight_since = now;
+  entry.inflight_incarnation = node->hello.incarnation();
+  if (intent.state() != v1::INTENT_STATE_RETRYING) intent.clear_next_attempt_time();
   intent.set_attempts(intent.attempts() + 1);
   intent.set_last_decision_id(decision_id);
   intent.set_update_time(Rfc3339(now));
@@ -488,6 +536,7 @@ void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionR
   ++counters_.decision_results[absl::StrCat(KindName(intent.kind()), "/", outcome)];
   if (entry.inflight_decision != result.decision_id()) return;
   entry.inflight_decision.clear();
+  ResetLost(entry);  // the agent lived through applying it
   intent.set_last_errno(result.errno_value());
   intent.set_last_errno_name(outcome);
   intent.set_last_message(result.message());
@@ -530,6 +579,75 @@ void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionR
              now);
 }
 
+void ServerCore::ResetLost(IntentEntry& entry) {
+  entry.intent.set_lost_attempts(0);
+  entry.lost_timeouts = entry.lost_sessions = entry.lost_restarts = 0;
+  entry.lost_incarnation.clear();
+}
+
+void ServerCore::LoseDecisionLocked(IntentEntry& entry, Loss loss, absl::Time now,
+                                    ServerMutation* mutation) {
+  v1::Intent& intent = entry.intent;
+  const std::string decision_id = std::move(entry.inflight_decision);
+  entry.inflight_decision.clear();
+  const bool timeout = loss == Loss::kTimeout;
+  const int err = timeout ? ETIMEDOUT : ECONNRESET;
+  const std::string err_name = timeout ? "ETIMEDOUT" : "ECONNRESET";
+  const std::string why = timeout
+                              ? absl::StrCat("no result within the decision timeout (",
+                                             absl::FormatDuration(options_.decision_timeout), ")")
+                              : "the agent's session ended while it was applying it";
+  // The record says the decision got no result (and may be pruned like an answered one).
+  if (auto record = inflight_records_.find(decision_id); record != inflight_records_.end()) {
+    record->second.set_result(err_name);
+    record->second.set_result_time(Rfc3339(now));
+    record->second.set_message(absl::StrCat("no result: ", why));
+    mutation->PutDecision(record->second);
+    inflight_records_.erase(record);
+  }
+  inflight_.erase(decision_id);
+  if (!Pursued(intent)) return;
+  intent.set_lost_attempts(intent.lost_attempts() + 1);
+  if (timeout) {
+    ++entry.lost_timeouts;
+  } else {
+    ++counters_.decisions_session_lost;
+    ++entry.lost_sessions;
+    entry.lost_incarnation = entry.inflight_incarnation;
+  }
+  // Back off: the first wait is lost_decision_backoff (at least the policy's initial EBUSY
+  // backoff), doubled per loss up to the policy's max, with its jitter.
+  v1::EbusyRetry backoff = EffectiveRetry(entry.retry);
+  backoff.set_initial_backoff_ms(std::max<uint64_t>(
+      backoff.initial_backoff_ms(), absl::ToInt64Milliseconds(options_.lost_decision_backoff)));
+  entry.next_attempt = now + EbusyBackoff(backoff, intent.lost_attempts(), rng_());
+  if (intent.state() == v1::INTENT_STATE_APPLYING) {
+    SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+  }
+  intent.set_last_errno(err);
+  intent.set_last_errno_name(err_name);
+  intent.set_last_message(absl::StrCat(
+      "decision ", decision_id, ": ", why, "; ", intent.lost_attempts(),
+      " in a row without a result",
+      options_.max_lost_decision_attempts != 0
+          ? absl::StrCat(" (the intent fails at ", options_.max_lost_decision_attempts, ")")
+          : ""));
+  intent.set_next_attempt_time(Rfc3339(entry.next_attempt));
+  intent.set_update_time(Rfc3339(now));
+  mutation->PutIntent(intent);
+  EmitLocked("decision_lost", intent.node(), intent.id(), decision_id, err_name, why, now);
+}
+
+void ServerCore::LoseNodeDecisionsLocked(const std::string& node, absl::Time now,
+                                         ServerMutation* mutation) {
+  for (const std::string& id : NodeIntentsLocked(node)) {
+    IntentEntry& entry = intents_.at(id);
+    if (!entry.inflight_decision.empty()) {
+      LoseDecisionLocked(entry, Loss::kSessionEnded, now, mutation);
+    }
+  }
+}
+
 // --- Control streams --------------------------------------------------------------------------
 
 v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
@@ -545,14 +663,16 @@ v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
   sessions_[hello.node_name()] = std::move(session);
   ++counters_.agent_connects;
   // Answers to decisions sent on an older stream will not come: re-evaluate after the snapshot.
+  ServerMutation mutation;
+  LoseNodeDecisionsLocked(hello.node_name(), now, &mutation);
+  // Decisions lost with an earlier session: a new incarnation means the agent restarted.
   for (const std::string& id : NodeIntentsLocked(hello.node_name())) {
     IntentEntry& entry = intents_.at(id);
-    if (!entry.inflight_decision.empty()) {
-      inflight_.erase(entry.inflight_decision);
-      inflight_records_.erase(entry.inflight_decision);
-      entry.inflight_decision.clear();
-    }
+    if (entry.lost_incarnation.empty()) continue;
+    if (entry.lost_incarnation != hello.incarnation()) ++entry.lost_restarts;
+    entry.lost_incarnation.clear();
   }
+  CommitLocked(mutation).IgnoreError();  // counted in store_failures; the intents are rewritten
   EmitLocked("node_connected", hello.node_name(), "", "", "",
              restarted ? "new agent incarnation" : "reconnected", now);
   v1::Welcome welcome;
@@ -614,14 +734,9 @@ void ServerCore::AgentDisconnected(const std::string& node, const AgentSession* 
   fleet_.Disconnect(node, now);
   dirty_nodes_.insert(node);
   ++counters_.agent_disconnects;
-  for (const std::string& id : NodeIntentsLocked(node)) {
-    IntentEntry& entry = intents_.at(id);
-    if (!entry.inflight_decision.empty()) {
-      inflight_.erase(entry.inflight_decision);
-      inflight_records_.erase(entry.inflight_decision);
-      entry.inflight_decision.clear();
-    }
-  }
+  ServerMutation mutation;
+  LoseNodeDecisionsLocked(node, now, &mutation);
+  CommitLocked(mutation).IgnoreError();  // counted in store_failures; the intents are rewritten
   EmitLocked("node_disconnected", node, "", "", "", "", now);
 }
 

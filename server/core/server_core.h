@@ -75,6 +75,11 @@ struct ServerCoreOptions {
   absl::Duration reconcile_interval = absl::Milliseconds(20);
   // A decision without a result after this long is considered lost; the intent is re-evaluated.
   absl::Duration decision_timeout = absl::Seconds(30);
+  // Decisions of an intent in a row that may end without a result (timed out, or the agent's
+  // session ended while applying it) before the intent FAILS; 0: never. Between such attempts
+  // the server waits lost_decision_backoff, doubled per loss up to the policy's max backoff.
+  uint32_t max_lost_decision_attempts = 3;
+  absl::Duration lost_decision_backoff = absl::Seconds(1);
   uint64_t report_interval_ms = 1000;
   uint64_t random_seed = 0;  // 0: from the clock
   // Decision records kept for ListDecisions (the newest; those in flight are always kept). Older
@@ -93,6 +98,10 @@ struct ServerCounters {
   std::map<std::string, uint64_t> decision_results;  // by "kind/RESULT" (RESULT = OK or errno)
   uint64_t ebusy_retries = 0;
   uint64_t decisions_timed_out = 0;
+  // Decisions in flight when the agent's session ended or a new one replaced it.
+  uint64_t decisions_session_lost = 0;
+  // Intents FAILED after max_lost_decision_attempts decisions in a row without a result.
+  uint64_t intents_failed_lost_decisions = 0;
   uint64_t stream_messages_received = 0;
   uint64_t stream_messages_sent = 0;
   uint64_t agent_connects = 0;
@@ -186,7 +195,21 @@ class ServerCore {
     // The node's confirmations when the intent was admitted: it is satisfied without a decision
     // only by a state the agent confirmed after that.
     uint64_t confirmations_at_creation = 0;
+    // The agent incarnation the in-flight decision went to.
+    std::string inflight_incarnation;
+    // Of intent.lost_attempts(): how many timed out, how many ended with the agent's session,
+    // and of those after how many a new agent incarnation connected (the agent restarted while
+    // applying it). Not durable: after a server restart the earlier losses are of unknown cause.
+    uint32_t lost_timeouts = 0;
+    uint32_t lost_sessions = 0;
+    uint32_t lost_restarts = 0;
+    // The incarnation of a session that ended with this intent's decision in flight, until the
+    // node's next Hello tells whether the agent restarted.
+    std::string lost_incarnation;
   };
+  enum class Loss { kTimeout, kSessionEnded };
+  // A result came, or the intent holds: the losses in a row start again from 0.
+  static void ResetLost(IntentEntry& entry);
   // What AddIntentLocked changed, so that a failed commit can put memory back as it was
   // without copying every intent beforehand.
   struct IntentUndo {
@@ -217,6 +240,12 @@ class ServerCore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleResultLocked(const std::string& node, const v1::DecisionResult& result, absl::Time now,
                           ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The entry's in-flight decision will get no result: forgets it, counts the loss, backs off.
+  void LoseDecisionLocked(IntentEntry& entry, Loss loss, absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The in-flight decisions of the node's intents, on its session ending or being replaced.
+  void LoseNodeDecisionsLocked(const std::string& node, absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CommitLocked(const ServerMutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetStateLocked(IntentEntry& entry, v1::IntentState state, absl::Time now,
                       ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

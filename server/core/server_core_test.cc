@@ -196,6 +196,7 @@ class ServerCoreTest : public ::testing::Test {
     // A fast background loop: any duplicate decision it would make shows up in the tests.
     options.reconcile_interval = absl::Milliseconds(2);
     options.decision_timeout = absl::Seconds(60);
+    options.lost_decision_backoff = absl::Milliseconds(1);
     options.random_seed = 42;
     if (tweak) tweak(options);
     absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(options);
@@ -1378,6 +1379,142 @@ TEST_F(ServerCoreTest, MetricsSnapshotEqualsWhatTheAgentsReported) {
   for (const auto& [state, count] : metrics.intents_by_state) intents += count;
   EXPECT_EQ(intents, 1u);
   EXPECT_EQ(metrics.nodes[0].required_bytes, 4 * kMiB);
+}
+
+// --- (8) Decisions that never get a result -----------------------------------------------------
+
+// An agent that dies while applying a decision (e.g. pinning more than the node has) gets it again
+// when it comes back, and would die again: after --max_lost_decision_attempts such decisions in a
+// row the intent FAILS, saying why, and nothing more is sent.
+TEST_F(ServerCoreTest, AnAgentThatRestartsWhileApplyingADecisionFailsTheIntentAtTheLimit) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_lost_decision_attempts = 3; });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  for (int crash = 1; crash <= 3; ++crash) {
+    std::vector<v1::Decision> decisions = WaitDecisions(session, 1);
+    ASSERT_EQ(decisions.size(), 1u) << "crash " << crash;
+    // The agent dies applying it: the stream ends without a result; a new incarnation comes.
+    core_->AgentDisconnected("node-a", session.get());
+    v1::Intent intent = MustGetIntent(created.id());
+    EXPECT_EQ(intent.lost_attempts(), static_cast<uint32_t>(crash));
+    EXPECT_EQ(intent.last_errno_name(), "ECONNRESET");
+    EXPECT_TRUE(absl::StrContains(intent.last_message(), decisions[0].id()))
+        << intent.last_message();
+    EXPECT_EQ(intent.state(), v1::INTENT_STATE_PENDING);
+    EXPECT_FALSE(intent.next_attempt_time().empty()) << "it backs off";
+    session = Connect("node-a", {}, {}, absl::StrCat("inc-", crash));
+  }
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "the fourth attempt is not sent";
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(failed.attempts(), 3u);
+  EXPECT_EQ(failed.last_errno(), ECONNRESET);
+  EXPECT_TRUE(absl::StartsWith(failed.last_message(),
+                               "agent restarted 3 times while applying this decision; giving up"))
+      << failed.last_message();
+  // Listed as failed; the decision records say they got no result.
+  v1::ListIntentsRequest request;
+  request.set_state(v1::INTENT_STATE_FAILED);
+  absl::StatusOr<v1::ListIntentsResponse> listed = core_->ListIntents(request);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->intents_size(), 1);
+  EXPECT_EQ(listed->intents(0).last_message(), failed.last_message());
+  v1::ListDecisionsRequest decisions;
+  decisions.set_intent_id(created.id());
+  absl::StatusOr<v1::ListDecisionsResponse> records = core_->ListDecisions(decisions);
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_EQ(records->decisions_size(), 3);
+  for (const v1::DecisionRecord& record : records->decisions()) {
+    EXPECT_EQ(record.result(), "ECONNRESET") << record.id();
+  }
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.intents_failed_lost_decisions, 1u);
+  EXPECT_EQ(counters.decisions_session_lost, 3u);
+  // The failed intent requires nothing any more; a new one for the region starts afresh.
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 0u);
+  const v1::Intent again = MustCreate(Register("node-a", 0x100000, kMiB));
+  EXPECT_EQ(WaitDecisions(session, 1).size(), 1u);
+  EXPECT_EQ(MustGetIntent(again.id()).lost_attempts(), 0u);
+}
+
+// Only losses in a row count: a result in between (the agent lived through applying it) resets
+// the count, and so does a report showing the intent holds.
+TEST_F(ServerCoreTest, AResultBetweenLostDecisionsStartsTheCountAgain) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_lost_decision_attempts = 2; });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Unregister("node-a", 0x100000, kMiB));
+  SendSnapshot("node-a", session, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)});
+  std::vector<v1::Decision> decisions = WaitDecisions(session, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  // A new stream replaces the old one while the decision is in flight (same incarnation).
+  auto replaced = std::make_shared<FakeSession>();
+  core_->AgentConnected(MakeHello("node-a", {}, "inc-0"), replaced);
+  SendSnapshot("node-a", replaced, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)});
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 1u);
+  decisions = WaitDecisions(replaced, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  Answer("node-a", replaced, decisions[0], EBUSY);  // a result: the count starts again
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 0u);
+  EXPECT_EQ(MustGetIntent(created.id()).state(), v1::INTENT_STATE_RETRYING);
+  decisions = WaitDecisions(replaced, 2);
+  ASSERT_EQ(decisions.size(), 2u);
+  core_->AgentDisconnected("node-a", replaced.get());
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 1u);
+  EXPECT_EQ(MustGetIntent(created.id()).state(), v1::INTENT_STATE_RETRYING);
+  auto back = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)}, "inc-0");
+  decisions = WaitDecisions(back, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  Answer("node-a", back, decisions[0], 0);
+  const v1::Intent satisfied = MustGetIntent(created.id());
+  EXPECT_EQ(satisfied.state(), v1::INTENT_STATE_SATISFIED);
+  EXPECT_EQ(satisfied.lost_attempts(), 0u);
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.intents_failed_lost_decisions, 0u);
+}
+
+// Decisions that time out count the same way, and say so.
+TEST_F(ServerCoreTest, DecisionsThatTimeOutFailTheIntentAtTheLimit) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) {
+    options.max_lost_decision_attempts = 2;
+    options.decision_timeout = absl::Milliseconds(20);
+  });
+  auto session = Connect("node-a", {});
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(session->decision_count(), 2u);
+  EXPECT_EQ(failed.last_errno_name(), "ETIMEDOUT");
+  EXPECT_TRUE(absl::StartsWith(failed.last_message(),
+                               "agent gave no result to this decision 2 times in a row"))
+      << failed.last_message();
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.decisions_timed_out, 2u);
+  EXPECT_EQ(counters.intents_failed_lost_decisions, 1u);
+}
+
+// Between lost decisions the server waits (lost_decision_backoff, doubling): a crash-looping agent
+// is not handed the same decision the moment it comes back.
+TEST_F(ServerCoreTest, ALostDecisionIsSentAgainOnlyAfterTheBackoff) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.lost_decision_backoff = absl::Seconds(30); });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  ASSERT_EQ(WaitDecisions(session, 1).size(), 1u);
+  const absl::Time lost_at = absl::Now();
+  core_->AgentDisconnected("node-a", session.get());
+  session = Connect("node-a", {}, {}, "inc-1");
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "sent again before the backoff";
+  const v1::Intent intent = MustGetIntent(created.id());
+  EXPECT_EQ(intent.state(), v1::INTENT_STATE_PENDING);
+  // 30 s with the default 20 % jitter.
+  EXPECT_GE(ParseRfc3339(intent.next_attempt_time()), lost_at + absl::Seconds(24));
+  EXPECT_LE(ParseRfc3339(intent.next_attempt_time()), absl::Now() + absl::Seconds(36));
 }
 
 // --- (9) Fleet-scale reads ---------------------------------------------------------------------
