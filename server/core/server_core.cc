@@ -472,6 +472,24 @@ bool ServerCore::ReconcileIntentLocked(
                intent.last_errno_name(), intent.last_message(), now);
     return true;
   }
+  if (intent.kind() == v1::INTENT_KIND_REGISTER) {
+    // Admitted before the node said what it can hold (or it holds less since a restart): a
+    // registration it can never hold fails here rather than being sent (the agent would refuse
+    // it, or die pinning it) again and again.
+    absl::Status capacity = CheckNodeCapacity(intent.context(), intent.size(),
+                                              FactsLocked(intent.node(), KeyOfIntent(intent)));
+    if (!capacity.ok()) {
+      intent.set_last_errno(ENOMEM);
+      intent.set_last_errno_name("ENOMEM");
+      intent.set_last_message(absl::StrCat(capacity.message(),
+                                           " (the node reported this limit after the intent was "
+                                           "admitted); nothing was sent"));
+      SetStateLocked(entry, v1::INTENT_STATE_FAILED, now, mutation);
+      mutation->PutIntent(intent);
+      EmitLocked("intent_failed", intent.node(), id, "", "ENOMEM", intent.last_message(), now);
+      return true;
+    }
+  }
   // EBUSY retries and decisions lost before wait out their backoff.
   if (now < entry.next_attempt) return true;
 
@@ -848,6 +866,15 @@ NodeFacts ServerCore::FactsLocked(const std::string& name, const RegionKey& aske
   const NodeReport* node = fleet_.Find(name);
   if (node != nullptr) {
     facts.labels.insert(node->hello.labels().begin(), node->hello.labels().end());
+    facts.page_size = node->hello.page_size();
+    facts.physical_memory_bytes = node->hello.physical_memory_bytes();
+    facts.max_region_bytes = node->hello.max_region_bytes();
+    facts.max_pinned_bytes = node->hello.max_pinned_bytes();
+    auto context = node->contexts.find(asked.context);
+    if (context != node->contexts.end() && !context->second.memlock_unlimited() &&
+        !context->second.cap_ipc_lock()) {
+      facts.context_memlock_limit_bytes[asked.context] = context->second.memlock_limit_bytes();
+    }
   }
   facts.required_bytes = requirements_.RequiredBytes(name);
   facts.regions = requirements_.Regions(name);

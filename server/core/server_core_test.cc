@@ -1517,6 +1517,85 @@ TEST_F(ServerCoreTest, ALostDecisionIsSentAgainOnlyAfterTheBackoff) {
   EXPECT_LE(ParseRfc3339(intent.next_attempt_time()), absl::Now() + absl::Seconds(36));
 }
 
+// --- (8b) What a node can hold --------------------------------------------------------------
+
+// Even with no policy, CreateIntent (and dry_run) refuses a registration the node can never hold,
+// from what its agent reports: its memory, the agent's per-region and per-node limits, the
+// context's memlock limit in whole pages.
+TEST_F(ServerCoreTest, ARegistrationLargerThanTheNodeCanHoldIsRefusedAtAdmission) {
+  v1::Hello hello = MakeHello("node-a", {});
+  hello.set_physical_memory_bytes(256 * kMiB);
+  hello.set_max_region_bytes(64 * kMiB);
+  hello.set_max_pinned_bytes(128 * kMiB);
+  auto session = std::make_shared<FakeSession>();
+  core_->AgentConnected(hello, session);
+  v1::AgentMessage snapshot =
+      SnapshotMessage({MakeRegion("vm-1", 0, 48 * kMiB, {"c1"})}, 1, {"vm-1", "small"}, {"c1"});
+  for (v1::Context& context : *snapshot.mutable_snapshot()->mutable_contexts()) {
+    if (context.name() != "small") continue;
+    context.set_memlock_unlimited(false);
+    context.set_memlock_limit_bytes(8 * kMiB + kPage / 2);
+  }
+  core_->AgentMessage("node-a", session.get(), snapshot);
+
+  struct Case {
+    v1::CreateIntentRequest request;
+    std::string names;  // what the refusal names
+  } cases[] = {
+      {Register("node-a", 0x10000000, 64 * kMiB + kPage),
+       "can never hold this region: 64.00 MiB (67112960 bytes) > the agent's --max_region_bytes "
+       "(64 MiB)"},
+      {RegionIntent(v1::INTENT_KIND_REGISTER, "node-a", "small", "c1", 0, 8 * kMiB + kPage),
+       "the memlock limit of context \"small\" (8 MiB)"},
+  };
+  for (Case& c : cases) {
+    for (bool dry_run : {true, false}) {
+      c.request.set_dry_run(dry_run);
+      absl::StatusOr<v1::CreateIntentResponse> refused = core_->CreateIntent(c.request);
+      ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+      EXPECT_TRUE(absl::StartsWith(refused.status().message(), "ENOMEM: ")) << refused.status();
+      EXPECT_TRUE(absl::StrContains(refused.status().message(), c.names)) << refused.status();
+    }
+  }
+  // With what the node requires already: 48 MiB reported + 64 + 32 > 128 MiB.
+  MustCreate(Register("node-a", 0x10000000, 64 * kMiB));
+  absl::StatusOr<v1::CreateIntentResponse> over =
+      core_->CreateIntent(Register("node-a", 0x20000000, 32 * kMiB));
+  ASSERT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_EQ(over.status().message(),
+            "ENOMEM: node \"node-a\": the agent's --max_pinned_bytes 128 MiB: 112 MiB required + "
+            "32 MiB requested = 144 MiB, over by 16 MiB");
+  MustCreate(RegionIntent(v1::INTENT_KIND_REGISTER, "node-a", "small", "c1", 0, 8 * kMiB));
+  EXPECT_EQ(Intents().size(), 2u);
+  EXPECT_EQ(StoredIntents(), 2u) << "nothing refused was stored";
+}
+
+// An intent stored before the node said what it can hold, which it then cannot, fails with the
+// reason instead of being sent again and again.
+TEST_F(ServerCoreTest, AStoredIntentTheNodeCanNoLongerHoldFailsWithTheReason) {
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x10000000, 64 * kMiB));
+  ASSERT_EQ(WaitDecisions(session, 1).size(), 1u);
+  // The agent restarts with --max_region_bytes=32 MiB (the decision in flight is lost).
+  core_->AgentDisconnected("node-a", session.get());
+  v1::Hello hello = MakeHello("node-a", {}, "inc-1");
+  hello.set_max_region_bytes(32 * kMiB);
+  session = std::make_shared<FakeSession>();
+  core_->AgentConnected(hello, session);
+  SendSnapshot("node-a", session, {});
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "not sent to the node that cannot hold it";
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(failed.last_errno_name(), "ENOMEM");
+  EXPECT_TRUE(absl::StrContains(failed.last_message(),
+                                "can never hold this region: 64 MiB > the agent's "
+                                "--max_region_bytes (32 MiB)"))
+      << failed.last_message();
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 0u);
+}
+
 // --- (9) Fleet-scale reads ---------------------------------------------------------------------
 
 // The budget figures are running totals: they follow reports, intents (created, failed,

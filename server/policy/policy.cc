@@ -402,6 +402,47 @@ uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
   return used;
 }
 
+namespace {
+
+// Bytes as a whole number of pages (down), when the page size is known: the registry compares
+// page counts (limit_pages = RLIMIT_MEMLOCK / PS).
+uint64_t FloorToPages(uint64_t bytes, uint64_t page_size) {
+  return page_size == 0 ? bytes : bytes / page_size * page_size;
+}
+
+// A limit a node's pinned bytes are held to (bytes 0: none): the node's, or one context's.
+struct CapacityLimit {
+  std::string name;
+  uint64_t bytes = 0;
+  bool per_context = false;
+};
+std::vector<CapacityLimit> CapacityLimits(absl::string_view context, const NodeFacts& node) {
+  std::vector<CapacityLimit> limits = {{"the agent's --max_pinned_bytes", node.max_pinned_bytes},
+                                       {"the node's physical memory", node.physical_memory_bytes}};
+  if (auto it = node.context_memlock_limit_bytes.find(std::string(context));
+      it != node.context_memlock_limit_bytes.end()) {
+    limits.push_back({absl::StrCat("the memlock limit of context ", Quote(context)),
+                      FloorToPages(it->second, node.page_size), true});
+  }
+  return limits;
+}
+
+}  // namespace
+
+absl::Status CheckNodeCapacity(absl::string_view context, uint64_t size, const NodeFacts& node) {
+  std::vector<CapacityLimit> limits = CapacityLimits(context, node);
+  limits.insert(limits.begin(), {"the agent's --max_region_bytes", node.max_region_bytes});
+  for (const CapacityLimit& limit : limits) {
+    if (limit.bytes != 0 && size > limit.bytes) {
+      return ErrnoStatus(ENOMEM,
+                         absl::StrCat("node ", Quote(node.name),
+                                      " can never hold this region: ", FormatBytes(size), " > ",
+                                      limit.name, " (", FormatBytes(limit.bytes), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& node,
                       const FleetFacts& fleet, absl::Span<const v1::Policy> policies) {
   AdmissionResult result;
@@ -437,6 +478,23 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
   uint64_t context_used = 0;
   if (auto it = node.context_bytes.find(request.context()); it != node.context_bytes.end()) {
     context_used = it->second;
+  }
+
+  if (new_region) {
+    if (absl::Status s = CheckNodeCapacity(request.context(), bytes, node); !s.ok()) return deny(s);
+    // With what the node requires already (pinned, or admitted to pin).
+    for (const CapacityLimit& limit : CapacityLimits(request.context(), node)) {
+      const uint64_t used = limit.per_context ? context_used : node.required_bytes;
+      const uint64_t after = SaturatingAdd(used, bytes);
+      if (limit.bytes != 0 && after > limit.bytes) {
+        return deny(ErrnoStatus(
+            ENOMEM, absl::StrCat("node ", Quote(node.name), ": ", limit.name, " ",
+                                 FormatBytes(limit.bytes), ": ", FormatBytes(used), " required",
+                                 limit.per_context ? " in the context" : "", " + ",
+                                 FormatBytes(bytes), " requested = ", FormatBytes(after),
+                                 ", over by ", FormatBytes(after - limit.bytes))));
+      }
+    }
   }
 
   std::vector<std::string> notes;

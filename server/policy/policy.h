@@ -88,6 +88,14 @@ struct NodeFacts {
   uint64_t regions = 0;                           // required_regions.size()
   std::map<std::string, uint64_t> context_bytes;  // per context, sum of sizes
   std::set<RequiredRegion> required_regions;
+  // What the node can ever hold (0: unknown, or no limit): from the agent's Hello, and per
+  // context the memlock limit where one applies (limited and without CAP_IPC_LOCK, as the agent
+  // reports the context; Admit looks up the request's context only).
+  uint64_t page_size = 0;
+  uint64_t physical_memory_bytes = 0;
+  uint64_t max_region_bytes = 0;
+  uint64_t max_pinned_bytes = 0;
+  std::map<std::string, uint64_t> context_memlock_limit_bytes;
 
   // Counts a region of an admitted REGISTER intent; false (and nothing changes) when it is
   // already counted.
@@ -140,9 +148,19 @@ uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
 //     and one region: over a pool budget, max_regions_per_node or context_quota_bytes is
 //     RESOURCE_EXHAUSTED naming the policy and the numbers. A region already required costs
 //     nothing and is admitted even if the pool is over budget now.
+//    Before the policies, whatever they say (even with none): a new region the node can never
+//    hold (CheckNodeCapacity), or one that with what the node requires already exceeds the
+//    agent's max_pinned_bytes, its physical memory or the context's memlock limit, is
+//    RESOURCE_EXHAUSTED with errno ENOMEM naming the limit.
 // UNREGISTER, RELEASE_CONTAINER and TEARDOWN_CONTEXT consume nothing.
 AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& node,
                       const FleetFacts& fleet, absl::Span<const v1::Policy> policies);
+
+// Whether the node could ever hold a region of `size` bytes in `context`, whatever else it holds:
+// OK, or RESOURCE_EXHAUSTED with errno ENOMEM naming the limit it exceeds: the agent's
+// max_region_bytes or max_pinned_bytes, the node's physical memory, or the context's memlock
+// limit (in whole pages, as the registry counts it).
+absl::Status CheckNodeCapacity(absl::string_view context, uint64_t size, const NodeFacts& node);
 
 // For Node.budget_bytes / budget_used_ratio: among the matching policies with a pool budget, the
 // one whose pool is fullest (highest used / budget; ties: the smaller budget, then the name).
