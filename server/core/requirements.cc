@@ -134,6 +134,23 @@ uint64_t Requirements::PoolBytes(const std::string& policy) const {
   return it == pools_.end() ? 0 : Saturate(it->second.bytes);
 }
 
+Requirements::NodeFigures Requirements::Figures(const std::string& name) const {
+  NodeFigures figures;
+  std::vector<PoolUse> uses;
+  const Node* node = Find(name);
+  if (node != nullptr) {
+    figures.required_bytes = Saturate(node->bytes);
+    for (const Pool* pool : node->pools) uses.push_back({&pool->policy, Saturate(pool->bytes)});
+  } else {
+    // Known only by name (admin state from before a restart): no labels, nothing required.
+    for (const auto& [policy, pool] : pools_) {
+      if (PolicyMatchesNode(pool.policy, {})) uses.push_back({&pool.policy, Saturate(pool.bytes)});
+    }
+  }
+  figures.budget = TightestBudget(uses);
+  return figures;
+}
+
 std::map<std::string, uint64_t> Requirements::PoolTotals() const {
   std::map<std::string, uint64_t> totals;
   for (const auto& [name, pool] : pools_)

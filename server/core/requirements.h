@@ -23,6 +23,7 @@
 #include "absl/types/span.h"
 #include "dmapin/v1/admin.pb.h"
 #include "server/fleet/fleet_state.h"
+#include "server/policy/policy.h"
 
 namespace dmapin {
 
@@ -51,6 +52,13 @@ class Requirements {
   uint64_t PoolBytes(const std::string& policy) const;
   // Every policy's pool bytes, by name.
   std::map<std::string, uint64_t> PoolTotals() const;
+  // What a node view shows, in one lookup: the node's required bytes and the tightest budget
+  // among the pools it is in (TightestBudget), without matching labels or summing anything.
+  struct NodeFigures {
+    uint64_t required_bytes = 0;
+    BudgetUse budget;
+  };
+  NodeFigures Figures(const std::string& node) const;
 
  private:
   struct Pool {

@@ -14,10 +14,11 @@ namespace {
 
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 
-v1::Policy Pool(const std::string& name, const std::string& pool) {
+v1::Policy Pool(const std::string& name, const std::string& pool, uint64_t budget = 0) {
   v1::Policy policy;
   policy.set_name(name);
   if (!pool.empty()) (*policy.mutable_node_selector())["pool"] = pool;
+  policy.set_pinned_bytes_budget(budget);
   return policy;
 }
 
@@ -86,7 +87,7 @@ TEST(RequirementsTest, RunningTotalsEqualARecomputation) {
   std::map<std::string, std::set<RegionKey>> reported;
   std::map<std::string, std::multiset<RegionKey>> requested;
   std::map<std::string, std::map<std::string, std::string>> labels;
-  std::vector<v1::Policy> policies = {Pool("pa", "a"), Pool("all", "")};
+  std::vector<v1::Policy> policies = {Pool("pa", "a", 8 * kGiB), Pool("all", "", 32 * kGiB)};
   Requirements r;
   r.SetPolicies(policies);
   for (int step = 0; step < 20000; ++step) {
@@ -115,7 +116,8 @@ TEST(RequirementsTest, RunningTotalsEqualARecomputation) {
         break;
       default:
         if (rng() % 50 == 0) {
-          policies = {Pool("pa", pools[rng() % 2]), Pool("pb", "b"), Pool("all", "")};
+          policies = {Pool("pa", pools[rng() % 2], 8 * kGiB), Pool("pb", "b"),
+                      Pool("all", "", (rng() % 64 + 1) * kGiB)};
           r.SetPolicies(policies);
         }
         break;
@@ -139,6 +141,15 @@ TEST(RequirementsTest, RunningTotalsEqualARecomputation) {
     for (const v1::Policy& policy : policies) {
       ASSERT_EQ(r.PoolBytes(policy.name()), PoolRequiredBytes(policy, fleet.nodes[0], fleet))
           << "step " << step << " policy " << policy.name();
+    }
+    // A node view's figures: the node's bytes and its tightest budget, as recomputed.
+    for (const NodeFacts& facts : fleet.nodes) {
+      const Requirements::NodeFigures figures = r.Figures(facts.name);
+      const BudgetUse budget = TightestBudget(facts, fleet, policies);
+      ASSERT_EQ(figures.required_bytes, facts.required_bytes) << "step " << step;
+      ASSERT_EQ(figures.budget.policy, budget.policy) << "step " << step << " " << facts.name;
+      ASSERT_EQ(figures.budget.used_bytes, budget.used_bytes) << "step " << step;
+      ASSERT_EQ(figures.budget.budget_bytes, budget.budget_bytes) << "step " << step;
     }
   }
 }

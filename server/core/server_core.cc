@@ -1147,15 +1147,12 @@ absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
 // --- Nodes ------------------------------------------------------------------------------------
 
 v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
-  return NodeViewLocked(name, PolicyListLocked(), PoolFactsLocked());
+  return NodeViewLocked(name, fleet_.Find(name));
 }
 
-v1::Node ServerCore::NodeViewLocked(const std::string& name,
-                                    const std::vector<v1::Policy>& policies,
-                                    const FleetFacts& pools) const {
+v1::Node ServerCore::NodeViewLocked(const std::string& name, const NodeReport* node) const {
   v1::Node view;
   view.set_name(name);
-  const NodeReport* node = fleet_.Find(name);
   if (node != nullptr) {
     *view.mutable_labels() = node->hello.labels();
     view.set_connection(node->connected ? v1::CONNECTION_STATE_CONNECTED
@@ -1173,11 +1170,10 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name,
   }
   auto admin = node_admin_.find(name);
   view.set_cordoned(admin != node_admin_.end() && admin->second.cordoned);
-  const NodeFacts facts = FactsLocked(name);
-  view.set_required_bytes(facts.required_bytes);
-  const BudgetUse budget = TightestBudget(facts, pools, policies);
-  view.set_budget_bytes(budget.budget_bytes);
-  view.set_budget_used_ratio(budget.used_ratio);
+  const Requirements::NodeFigures figures = requirements_.Figures(name);
+  view.set_required_bytes(figures.required_bytes);
+  view.set_budget_bytes(figures.budget.budget_bytes);
+  view.set_budget_used_ratio(figures.budget.used_ratio);
   auto drain = drains_.find(name);
   if (drain != drains_.end()) {
     v1::DrainProgress* progress = view.mutable_drain();
@@ -1209,8 +1205,6 @@ std::vector<v1::Node> ServerCore::ListNodes() const {
     bool done = false;
     {
       MutexLock lock(&mu_);
-      const std::vector<v1::Policy> policies = PolicyListLocked();
-      const FleetFacts pools = PoolFactsLocked();
       // Names in order, merging the nodes that reported and those with admin state only.
       const auto& reports = fleet_.nodes();
       auto report = first ? reports.begin() : reports.upper_bound(last);
@@ -1223,9 +1217,10 @@ std::vector<v1::Node> ServerCore::ListNodes() const {
         } else {
           last = admin->first;
         }
-        if (report != reports.end() && report->first == last) ++report;
+        const NodeReport* node = nullptr;
+        if (report != reports.end() && report->first == last) node = &(report++)->second;
         if (admin != node_admin_.end() && admin->first == last) ++admin;
-        nodes.push_back(NodeViewLocked(last, policies, pools));
+        nodes.push_back(NodeViewLocked(last, node));
       }
       done = report == reports.end() && admin == node_admin_.end();
     }
@@ -1438,11 +1433,6 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
   const absl::Time now = absl::Now();
   MutexLock lock(&mu_);
   FleetMetricsSnapshot snapshot;
-  const std::vector<v1::Policy> list = PolicyListLocked();
-  const bool budgeted = std::any_of(list.begin(), list.end(), [](const v1::Policy& policy) {
-    return policy.pinned_bytes_budget() != 0;
-  });
-  const FleetFacts pools = PoolFactsLocked();
   size_t regions_left = max_regions;
   // Everything below runs under the core's lock, which stalls the control streams: at fleet
   // scale (a million regions) it must stay one cheap pass over the regions.
@@ -1454,12 +1444,10 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
     metrics.pinned_bytes = node.pinned_bytes();
     metrics.used_sum = node.used_sum();
     metrics.installed_mappings = node.installed_mappings();
-    metrics.required_bytes = requirements_.RequiredBytes(name);
-    if (budgeted) {
-      const BudgetUse budget = TightestBudget(FactsLocked(name), pools, list);
-      metrics.budget_bytes = budget.budget_bytes;
-      metrics.budget_used_bytes = budget.used_bytes;
-    }
+    const Requirements::NodeFigures figures = requirements_.Figures(name);
+    metrics.required_bytes = figures.required_bytes;
+    metrics.budget_bytes = figures.budget.budget_bytes;
+    metrics.budget_used_bytes = figures.budget.used_bytes;
     metrics.counters = node.counters;
     for (const auto& [context_name, context] : node.contexts) metrics.contexts.push_back(context);
     for (const auto& [container_name, container] : node.containers) {

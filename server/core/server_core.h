@@ -273,9 +273,9 @@ class ServerCore {
   // A report changed the node's regions.
   void ApplyRegionChangesLocked(const std::string& node, const RegionChanges& changes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // `policies` and `pools`: PolicyListLocked() and PoolFactsLocked(), taken once per listing.
-  v1::Node NodeViewLocked(const std::string& name, const std::vector<v1::Policy>& policies,
-                          const FleetFacts& pools) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // O(log nodes + the node's pools), whatever the fleet and the node hold; `node`: its report.
+  v1::Node NodeViewLocked(const std::string& name, const NodeReport* node) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Node NodeViewLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NodeKnownLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,

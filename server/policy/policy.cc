@@ -566,21 +566,36 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
 
 BudgetUse TightestBudget(const NodeFacts& node, const FleetFacts& fleet,
                          absl::Span<const v1::Policy> policies) {
-  BudgetUse best;
+  std::vector<PoolUse> pools;
   for (const v1::Policy* policy : MatchingPolicies(policies, node.labels)) {
-    if (policy->pinned_bytes_budget() == 0) continue;
-    BudgetUse use;
-    use.policy = policy->name();
-    use.budget_bytes = policy->pinned_bytes_budget();
-    use.used_bytes = PoolRequiredBytes(*policy, node, fleet);
-    use.used_ratio = static_cast<double>(use.used_bytes) / static_cast<double>(use.budget_bytes);
-    // Policies come in name order: on a full tie the first name stays.
-    if (best.budget_bytes == 0 || use.used_ratio > best.used_ratio ||
-        (use.used_ratio == best.used_ratio && use.budget_bytes < best.budget_bytes)) {
-      best = std::move(use);
+    if (policy->pinned_bytes_budget() != 0) {
+      pools.push_back({policy, PoolRequiredBytes(*policy, node, fleet)});
     }
   }
-  return best;
+  return TightestBudget(pools);
+}
+
+BudgetUse TightestBudget(absl::Span<const PoolUse> pools) {
+  const PoolUse* best = nullptr;
+  double best_ratio = 0;
+  for (const PoolUse& pool : pools) {
+    const uint64_t budget = pool.policy->pinned_bytes_budget();
+    if (budget == 0) continue;
+    const double ratio = static_cast<double>(pool.used_bytes) / static_cast<double>(budget);
+    // Policies come in name order: on a full tie the first name stays.
+    if (best == nullptr || ratio > best_ratio ||
+        (ratio == best_ratio && budget < best->policy->pinned_bytes_budget())) {
+      best = &pool;
+      best_ratio = ratio;
+    }
+  }
+  BudgetUse use;
+  if (best == nullptr) return use;
+  use.policy = best->policy->name();
+  use.budget_bytes = best->policy->pinned_bytes_budget();
+  use.used_bytes = best->used_bytes;
+  use.used_ratio = best_ratio;
+  return use;
 }
 
 std::string FormatBytes(uint64_t bytes) {

@@ -172,6 +172,13 @@ struct BudgetUse {
 };
 BudgetUse TightestBudget(const NodeFacts& node, const FleetFacts& fleet,
                          absl::Span<const v1::Policy> policies);
+// The same choice among pools whose use is known (`pools` in policy name order; those without a
+// budget are skipped): what a caller with running totals (ServerCore) uses.
+struct PoolUse {
+  const v1::Policy* policy = nullptr;
+  uint64_t used_bytes = 0;
+};
+BudgetUse TightestBudget(absl::Span<const PoolUse> pools);
 
 // "64 GiB", "1.50 MiB (1572864 bytes)", "4095 bytes": exact when it is a whole number of a unit.
 std::string FormatBytes(uint64_t bytes);
