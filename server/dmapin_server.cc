@@ -44,6 +44,13 @@ ABSL_FLAG(uint32_t, reconcile_interval_ms, 20,
           "(changes wake it at once).");
 ABSL_FLAG(uint32_t, decision_timeout_ms, 30000,
           "A decision unanswered this long is considered lost and its intent re-evaluated.");
+ABSL_FLAG(uint32_t, max_lost_decision_attempts, 3,
+          "An intent whose decisions end without a result this many times in a row (timed out, "
+          "or the agent's session ended while applying one: an agent that crashes on it) FAILS "
+          "instead of being sent again. 0: never.");
+ABSL_FLAG(uint32_t, lost_decision_backoff_ms, 1000,
+          "The wait before sending a decision again after one was lost; doubles per loss, up to "
+          "the policy's max EBUSY backoff.");
 ABSL_FLAG(uint64_t, decision_history, 100000,
           "Decision records kept for ListDecisions (the newest; those in flight are always "
           "kept); older ones are pruned every minute. 0 keeps all (the store then grows without "
@@ -77,6 +84,9 @@ int Run() {
       .store = store->get(),
       .reconcile_interval = absl::Milliseconds(absl::GetFlag(FLAGS_reconcile_interval_ms)),
       .decision_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_decision_timeout_ms)),
+      .max_lost_decision_attempts = absl::GetFlag(FLAGS_max_lost_decision_attempts),
+      .lost_decision_backoff =
+          absl::Milliseconds(absl::GetFlag(FLAGS_lost_decision_backoff_ms)),
       .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
       .decision_history = absl::GetFlag(FLAGS_decision_history)});
   if (!core.ok()) {

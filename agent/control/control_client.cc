@@ -1,5 +1,7 @@
 #include "agent/control/control_client.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <tuple>
@@ -23,6 +25,14 @@ using Clock = std::chrono::steady_clock;
 constexpr std::chrono::milliseconds kStopGrace{200};
 
 using RegionKeyTuple = std::tuple<std::string, uint64_t, uint64_t>;
+
+// The host's physical memory (0 when unknown).
+uint64_t HostMemoryBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page_size <= 0) return 0;
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+}
 
 // The node's state as reported to the server, keyed as the server keys it (FleetState).
 struct ReportedState {
@@ -268,6 +278,13 @@ ControlClient::SessionEnd ControlClient::RunSession() {
   }
   hello->set_agent_version(kAgentVersion);
   hello->set_incarnation(incarnation_);
+  hello->set_max_region_bytes(options_.max_region_bytes);
+  hello->set_max_pinned_bytes(options_.max_pinned_bytes);
+  if (options_.physical_memory_bytes.has_value()) {
+    hello->set_physical_memory_bytes(*options_.physical_memory_bytes);
+  } else if (status.backend != "sim") {
+    hello->set_physical_memory_bytes(HostMemoryBytes());
+  }
 
   std::thread reader;
   if (Write(&session, hello_message) && SendSnapshot(&session)) {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -49,6 +50,13 @@ struct ControlClientOptions {
   double backoff_jitter = 0.2;
   // Identifies this process start to the server; empty: a random one (see incarnation()).
   std::string incarnation;
+  // What the node can ever hold, sent in Hello so the server refuses intents larger than that
+  // (0: no limit). The agent's --max_region_bytes and --max_pinned_bytes.
+  uint64_t max_region_bytes = 0;
+  uint64_t max_pinned_bytes = 0;
+  // The host's physical memory; nullopt: the host's (sysconf) unless the backend is "sim", whose
+  // memory is simulated (then none is sent).
+  std::optional<uint64_t> physical_memory_bytes;
   // Null: insecure.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   // HTTP/2 keepalive pings, to notice a server that vanished without closing the connection

@@ -326,6 +326,22 @@ TEST_F(ControlClientTest, StartChecksItsOptions) {
   EXPECT_EQ(twice.Start().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// What the node can hold goes in Hello, for the server's admission.
+TEST_F(ControlClientTest, HelloSaysWhatTheNodeCanHold) {
+  ControlClientOptions options = Options();
+  options.max_region_bytes = 64 * k64K;
+  options.max_pinned_bytes = 1024 * k64K;
+  options.physical_memory_bytes = uint64_t{16} << 30;
+  client_ = std::make_unique<ControlClient>(agent_.get(), options);
+  ASSERT_TRUE(client_->Start().ok());
+  size_t cursor = 0;
+  std::optional<v1::AgentMessage> hello = fake_->Next(0, &cursor, IsHello());
+  ASSERT_TRUE(hello.has_value());
+  EXPECT_EQ(hello->hello().max_region_bytes(), 64 * k64K);
+  EXPECT_EQ(hello->hello().max_pinned_bytes(), 1024 * k64K);
+  EXPECT_EQ(hello->hello().physical_memory_bytes(), uint64_t{16} << 30);
+}
+
 // (a)
 TEST_F(ControlClientTest, SendsHelloThenSnapshot) {
   ASSERT_TRUE(agent_->RegisterRegion(kContainer, kContext, kBase, 2 * k64K).ok());
@@ -351,6 +367,9 @@ TEST_F(ControlClientTest, SendsHelloThenSnapshot) {
   EXPECT_FALSE(hello.agent_version().empty());
   EXPECT_FALSE(hello.incarnation().empty());
   EXPECT_EQ(hello.incarnation(), client_->incarnation());
+  EXPECT_EQ(hello.physical_memory_bytes(), 0u) << "the sim backend's memory is not the host's";
+  EXPECT_EQ(hello.max_region_bytes(), 0u);
+  EXPECT_EQ(hello.max_pinned_bytes(), 0u);
 
   ASSERT_TRUE(first[1].has_snapshot());
   const v1::Snapshot& snapshot = first[1].snapshot();

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "agent/registry/errno_status.h"
 
@@ -71,6 +72,10 @@ bool Live(const v1::Intent& intent) {
 
 RegionKey KeyOfIntent(const v1::Intent& intent) {
   return RegionKey{intent.context(), intent.ua(), intent.size()};
+}
+
+RegionKey KeyOfRequest(const v1::CreateIntentRequest& request) {
+  return RegionKey{request.context(), request.ua(), request.size()};
 }
 
 // Page tokens of the admin lists: the last key of the previous page, base-10 fields joined by '|'.
@@ -179,6 +184,7 @@ absl::Status ServerCore::Load() {
   absl::StatusOr<std::vector<v1::Policy>> policies = options_.store->LoadPolicies();
   if (!policies.ok()) return policies.status();
   for (v1::Policy& policy : *policies) policies_[policy.name()] = std::move(policy);
+  requirements_.SetPolicies(PolicyListLocked());
   absl::StatusOr<std::vector<v1::Intent>> intents = options_.store->LoadIntents();
   if (!intents.ok()) return intents.status();
   for (v1::Intent& intent : *intents) {
@@ -192,6 +198,7 @@ absl::Status ServerCore::Load() {
     const std::string id = entry.intent.id();
     node_intents_[entry.intent.node()].push_back(id);
     intents_[id] = std::move(entry);
+    UpdateRequirementLocked(id);
     ++intent_sequence_;
   }
   absl::StatusOr<std::vector<NodeAdminState>> nodes = options_.store->LoadNodeStates();
@@ -309,11 +316,13 @@ void ServerCore::SetStateLocked(IntentEntry& entry, v1::IntentState state, absl:
   if (intent.state() == state) return;
   intent.set_state(state);
   intent.set_update_time(Rfc3339(now));
+  if (state == v1::INTENT_STATE_SATISFIED) ResetLost(entry);
   if (state != v1::INTENT_STATE_RETRYING) {
     intent.clear_retrying_since();
     intent.clear_next_attempt_time();
   }
   mutation->PutIntent(intent);
+  UpdateRequirementLocked(intent.id());
 }
 
 void ServerCore::ReconcileLocked(
@@ -409,9 +418,7 @@ bool ServerCore::ReconcileIntentLocked(
   if (!entry.inflight_decision.empty()) {
     if (now - entry.inflight_since < options_.decision_timeout) return true;
     ++counters_.decisions_timed_out;
-    inflight_.erase(entry.inflight_decision);
-    inflight_records_.erase(entry.inflight_decision);
-    entry.inflight_decision.clear();
+    LoseDecisionLocked(entry, Loss::kTimeout, now, mutation);
   }
   auto session = sessions_.find(intent.node());
   if (!reported || !node->connected || session == sessions_.end()) {
@@ -420,7 +427,71 @@ bool ServerCore::ReconcileIntentLocked(
     }
     return true;
   }
-  if (intent.state() == v1::INTENT_STATE_RETRYING && now < entry.next_attempt) return true;
+  const uint32_t max_lost = options_.max_lost_decision_attempts;
+  if (max_lost != 0 && intent.lost_attempts() >= max_lost) {
+    // The same decision again would most likely end the same way (an agent that crashes while
+    // applying it would crash-loop): the intent fails, saying why.
+    const uint32_t lost = intent.lost_attempts();
+    const uint32_t timeouts = std::min(entry.lost_timeouts, lost);
+    const uint32_t sessions = std::min(entry.lost_sessions, lost - timeouts);
+    const uint32_t restarts = std::min(entry.lost_restarts, sessions);
+    const uint32_t unknown = lost - timeouts - sessions;
+    std::string what;
+    if (restarts == lost) {
+      what = absl::StrCat("agent restarted ", lost, " times while applying this decision");
+    } else if (timeouts == lost) {
+      what = absl::StrCat("agent gave no result to this decision ", lost, " times in a row (each ",
+                          "timed out after ", absl::FormatDuration(options_.decision_timeout), ")");
+    } else {
+      std::vector<std::string> causes;
+      if (restarts > 0) causes.push_back(absl::StrCat("the agent restarted ", restarts, " times"));
+      if (sessions > restarts) {
+        causes.push_back(absl::StrCat("its session ended ", sessions - restarts, " times"));
+      }
+      if (timeouts > 0) {
+        causes.push_back(absl::StrCat(timeouts, " timed out after ",
+                                      absl::FormatDuration(options_.decision_timeout)));
+      }
+      if (unknown > 0) causes.push_back(absl::StrCat(unknown, " before the server restarted"));
+      what = absl::StrCat("this decision ended without a result ", lost, " times in a row (",
+                          absl::StrJoin(causes, ", "), ")");
+    }
+    const int err = sessions > 0 || timeouts < lost ? ECONNRESET : ETIMEDOUT;
+    intent.set_last_errno(err);
+    intent.set_last_errno_name(err == ECONNRESET ? "ECONNRESET" : "ETIMEDOUT");
+    intent.set_last_message(absl::StrCat(
+        what, "; giving up at --max_lost_decision_attempts=", max_lost,
+        " so that the node does not crash-loop on it: see the agent's log for decision ",
+        intent.last_decision_id(),
+        ", and check the request against what the node can hold; create the intent again to "
+        "retry"));
+    SetStateLocked(entry, v1::INTENT_STATE_FAILED, now, mutation);
+    mutation->PutIntent(intent);
+    ++counters_.intents_failed_lost_decisions;
+    EmitLocked("intent_failed", intent.node(), id, intent.last_decision_id(),
+               intent.last_errno_name(), intent.last_message(), now);
+    return true;
+  }
+  if (intent.kind() == v1::INTENT_KIND_REGISTER) {
+    // Admitted before the node said what it can hold (or it holds less since a restart): a
+    // registration it can never hold fails here rather than being sent (the agent would refuse
+    // it, or die pinning it) again and again.
+    absl::Status capacity = CheckNodeCapacity(intent.context(), intent.size(),
+                                              FactsLocked(intent.node(), KeyOfIntent(intent)));
+    if (!capacity.ok()) {
+      intent.set_last_errno(ENOMEM);
+      intent.set_last_errno_name("ENOMEM");
+      intent.set_last_message(absl::StrCat(capacity.message(),
+                                           " (the node reported this limit after the intent was "
+                                           "admitted); nothing was sent"));
+      SetStateLocked(entry, v1::INTENT_STATE_FAILED, now, mutation);
+      mutation->PutIntent(intent);
+      EmitLocked("intent_failed", intent.node(), id, "", "ENOMEM", intent.last_message(), now);
+      return true;
+    }
+  }
+  // EBUSY retries and decisions lost before wait out their backoff.
+  if (now < entry.next_attempt) return true;
 
   absl::StatusOr<uint64_t> number = options_.store->NextId();
   if (!number.ok()) {
@@ -449,6 +520,8 @@ bool ServerCore::ReconcileIntentLocked(
   inflight_records_[decision_id] = record;
   entry.inflight_decision = decision_id;
   entry.inflight_since = now;
+  entry.inflight_incarnation = node->hello.incarnation();
+  if (intent.state() != v1::INTENT_STATE_RETRYING) intent.clear_next_attempt_time();
   intent.set_attempts(intent.attempts() + 1);
   intent.set_last_decision_id(decision_id);
   intent.set_update_time(Rfc3339(now));
@@ -481,6 +554,7 @@ void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionR
   ++counters_.decision_results[absl::StrCat(KindName(intent.kind()), "/", outcome)];
   if (entry.inflight_decision != result.decision_id()) return;
   entry.inflight_decision.clear();
+  ResetLost(entry);  // the agent lived through applying it
   intent.set_last_errno(result.errno_value());
   intent.set_last_errno_name(outcome);
   intent.set_last_message(result.message());
@@ -523,6 +597,75 @@ void ServerCore::HandleResultLocked(const std::string& node, const v1::DecisionR
              now);
 }
 
+void ServerCore::ResetLost(IntentEntry& entry) {
+  entry.intent.set_lost_attempts(0);
+  entry.lost_timeouts = entry.lost_sessions = entry.lost_restarts = 0;
+  entry.lost_incarnation.clear();
+}
+
+void ServerCore::LoseDecisionLocked(IntentEntry& entry, Loss loss, absl::Time now,
+                                    ServerMutation* mutation) {
+  v1::Intent& intent = entry.intent;
+  const std::string decision_id = std::move(entry.inflight_decision);
+  entry.inflight_decision.clear();
+  const bool timeout = loss == Loss::kTimeout;
+  const int err = timeout ? ETIMEDOUT : ECONNRESET;
+  const std::string err_name = timeout ? "ETIMEDOUT" : "ECONNRESET";
+  const std::string why = timeout
+                              ? absl::StrCat("no result within the decision timeout (",
+                                             absl::FormatDuration(options_.decision_timeout), ")")
+                              : "the agent's session ended while it was applying it";
+  // The record says the decision got no result (and may be pruned like an answered one).
+  if (auto record = inflight_records_.find(decision_id); record != inflight_records_.end()) {
+    record->second.set_result(err_name);
+    record->second.set_result_time(Rfc3339(now));
+    record->second.set_message(absl::StrCat("no result: ", why));
+    mutation->PutDecision(record->second);
+    inflight_records_.erase(record);
+  }
+  inflight_.erase(decision_id);
+  if (!Pursued(intent)) return;
+  intent.set_lost_attempts(intent.lost_attempts() + 1);
+  if (timeout) {
+    ++entry.lost_timeouts;
+  } else {
+    ++counters_.decisions_session_lost;
+    ++entry.lost_sessions;
+    entry.lost_incarnation = entry.inflight_incarnation;
+  }
+  // Back off: the first wait is lost_decision_backoff (at least the policy's initial EBUSY
+  // backoff), doubled per loss up to the policy's max, with its jitter.
+  v1::EbusyRetry backoff = EffectiveRetry(entry.retry);
+  backoff.set_initial_backoff_ms(std::max<uint64_t>(
+      backoff.initial_backoff_ms(), absl::ToInt64Milliseconds(options_.lost_decision_backoff)));
+  entry.next_attempt = now + EbusyBackoff(backoff, intent.lost_attempts(), rng_());
+  if (intent.state() == v1::INTENT_STATE_APPLYING) {
+    SetStateLocked(entry, v1::INTENT_STATE_PENDING, now, mutation);
+  }
+  intent.set_last_errno(err);
+  intent.set_last_errno_name(err_name);
+  intent.set_last_message(absl::StrCat(
+      "decision ", decision_id, ": ", why, "; ", intent.lost_attempts(),
+      " in a row without a result",
+      options_.max_lost_decision_attempts != 0
+          ? absl::StrCat(" (the intent fails at ", options_.max_lost_decision_attempts, ")")
+          : ""));
+  intent.set_next_attempt_time(Rfc3339(entry.next_attempt));
+  intent.set_update_time(Rfc3339(now));
+  mutation->PutIntent(intent);
+  EmitLocked("decision_lost", intent.node(), intent.id(), decision_id, err_name, why, now);
+}
+
+void ServerCore::LoseNodeDecisionsLocked(const std::string& node, absl::Time now,
+                                         ServerMutation* mutation) {
+  for (const std::string& id : NodeIntentsLocked(node)) {
+    IntentEntry& entry = intents_.at(id);
+    if (!entry.inflight_decision.empty()) {
+      LoseDecisionLocked(entry, Loss::kSessionEnded, now, mutation);
+    }
+  }
+}
+
 // --- Control streams --------------------------------------------------------------------------
 
 v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
@@ -532,18 +675,22 @@ v1::Welcome ServerCore::AgentConnected(const v1::Hello& hello,
   const NodeReport* before = fleet_.Find(hello.node_name());
   const bool restarted = before == nullptr || before->hello.incarnation() != hello.incarnation();
   fleet_.Connect(hello, now);
+  requirements_.SetLabels(hello.node_name(), std::map<std::string, std::string>(
+                                                 hello.labels().begin(), hello.labels().end()));
   dirty_nodes_.insert(hello.node_name());
   sessions_[hello.node_name()] = std::move(session);
   ++counters_.agent_connects;
   // Answers to decisions sent on an older stream will not come: re-evaluate after the snapshot.
+  ServerMutation mutation;
+  LoseNodeDecisionsLocked(hello.node_name(), now, &mutation);
+  // Decisions lost with an earlier session: a new incarnation means the agent restarted.
   for (const std::string& id : NodeIntentsLocked(hello.node_name())) {
     IntentEntry& entry = intents_.at(id);
-    if (!entry.inflight_decision.empty()) {
-      inflight_.erase(entry.inflight_decision);
-      inflight_records_.erase(entry.inflight_decision);
-      entry.inflight_decision.clear();
-    }
+    if (entry.lost_incarnation.empty()) continue;
+    if (entry.lost_incarnation != hello.incarnation()) ++entry.lost_restarts;
+    entry.lost_incarnation.clear();
   }
+  CommitLocked(mutation).IgnoreError();  // counted in store_failures; the intents are rewritten
   EmitLocked("node_connected", hello.node_name(), "", "", "",
              restarted ? "new agent incarnation" : "reconnected", now);
   v1::Welcome welcome;
@@ -564,13 +711,13 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
     ServerMutation mutation;
     switch (message.body_case()) {
       case v1::AgentMessage::kSnapshot:
-        fleet_.ApplySnapshot(node, message.snapshot(), now);
+        ApplyRegionChangesLocked(node, fleet_.ApplySnapshot(node, message.snapshot(), now));
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
         break;
       case v1::AgentMessage::kDelta:
-        fleet_.ApplyDelta(node, message.delta(), now);
+        ApplyRegionChangesLocked(node, fleet_.ApplyDelta(node, message.delta(), now));
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;
@@ -605,14 +752,9 @@ void ServerCore::AgentDisconnected(const std::string& node, const AgentSession* 
   fleet_.Disconnect(node, now);
   dirty_nodes_.insert(node);
   ++counters_.agent_disconnects;
-  for (const std::string& id : NodeIntentsLocked(node)) {
-    IntentEntry& entry = intents_.at(id);
-    if (!entry.inflight_decision.empty()) {
-      inflight_.erase(entry.inflight_decision);
-      inflight_records_.erase(entry.inflight_decision);
-      entry.inflight_decision.clear();
-    }
-  }
+  ServerMutation mutation;
+  LoseNodeDecisionsLocked(node, now, &mutation);
+  CommitLocked(mutation).IgnoreError();  // counted in store_failures; the intents are rewritten
   EmitLocked("node_disconnected", node, "", "", "", "", now);
 }
 
@@ -668,8 +810,9 @@ absl::StatusOr<v1::Policy> ServerCore::SetPolicy(v1::Policy policy) {
   mutation.PutPolicy(policy);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
   policies_[policy.name()] = policy;
-  // New retry settings apply to the intents from now on.
   const std::vector<v1::Policy> list = PolicyListLocked();
+  requirements_.SetPolicies(list);
+  // New retry settings apply to the intents from now on.
   for (auto& [id, entry] : intents_) {
     const NodeReport* node = fleet_.Find(entry.intent.node());
     std::map<std::string, std::string> labels;
@@ -703,6 +846,7 @@ absl::Status ServerCore::DeletePolicy(const std::string& name) {
   mutation.DeletePolicy(name);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) return status;
   policies_.erase(name);
+  requirements_.SetPolicies(PolicyListLocked());
   EmitLocked("policy_deleted", "", "", "", "", name, absl::Now());
   return absl::OkStatus();
 }
@@ -713,7 +857,7 @@ bool ServerCore::NodeKnownLocked(const std::string& name) const {
   return fleet_.Find(name) != nullptr || node_admin_.count(name) > 0;
 }
 
-NodeFacts ServerCore::FactsLocked(const std::string& name) const {
+NodeFacts ServerCore::FactsLocked(const std::string& name, const RegionKey& asked) const {
   NodeFacts facts;
   facts.name = name;
   facts.known = NodeKnownLocked(name);
@@ -722,61 +866,59 @@ NodeFacts ServerCore::FactsLocked(const std::string& name) const {
   const NodeReport* node = fleet_.Find(name);
   if (node != nullptr) {
     facts.labels.insert(node->hello.labels().begin(), node->hello.labels().end());
-    // What is pinned now counts, whoever registered it.
-    for (const auto& [key, region] : node->regions) {
-      facts.AddRequiredRegion(key.context, key.ua, key.size);
+    facts.page_size = node->hello.page_size();
+    facts.physical_memory_bytes = node->hello.physical_memory_bytes();
+    facts.max_region_bytes = node->hello.max_region_bytes();
+    facts.max_pinned_bytes = node->hello.max_pinned_bytes();
+    auto context = node->contexts.find(asked.context);
+    if (context != node->contexts.end() && !context->second.memlock_unlimited() &&
+        !context->second.cap_ipc_lock()) {
+      facts.context_memlock_limit_bytes[asked.context] = context->second.memlock_limit_bytes();
     }
   }
-  for (const std::string& id : NodeIntentsLocked(name)) {
-    const v1::Intent& intent = intents_.at(id).intent;
-    if (intent.kind() == v1::INTENT_KIND_REGISTER && Live(intent)) {
-      facts.AddRequiredRegion(intent.context(), intent.ua(), intent.size());
-    }
+  facts.required_bytes = requirements_.RequiredBytes(name);
+  facts.regions = requirements_.Regions(name);
+  facts.context_bytes[asked.context] = requirements_.ContextBytes(name, asked.context);
+  if (requirements_.Requested(name, asked) || (node != nullptr && node->regions.count(asked) > 0)) {
+    facts.required_regions.insert(RequiredRegion{asked.context, asked.ua, asked.size});
   }
   return facts;
 }
 
-uint64_t ServerCore::RequiredBytesLocked(const NodeReport& node) const {
-  // FactsLocked(node.name).required_bytes without building the set of every region: reported
-  // regions are unique by key already; only the intents' regions need deduplicating.
-  const auto add = [](uint64_t a, uint64_t b) {
-    return b > std::numeric_limits<uint64_t>::max() - a ? std::numeric_limits<uint64_t>::max()
-                                                        : a + b;
-  };
-  uint64_t bytes = 0;
-  for (const auto& [key, region] : node.regions) bytes = add(bytes, key.size);
-  std::set<RequiredRegion> extra;
-  for (const std::string& id : NodeIntentsLocked(node.name)) {
-    const v1::Intent& intent = intents_.at(id).intent;
-    if (intent.kind() != v1::INTENT_KIND_REGISTER || !Live(intent)) continue;
-    if (node.regions.count(KeyOfIntent(intent)) > 0) continue;
-    if (extra.insert(RequiredRegion{intent.context(), intent.ua(), intent.size()}).second) {
-      bytes = add(bytes, intent.size());
-    }
+FleetFacts ServerCore::PoolFactsLocked() const {
+  FleetFacts pools;
+  pools.pool_required_bytes = requirements_.PoolTotals();
+  return pools;
+}
+
+void ServerCore::UpdateRequirementLocked(const std::string& id) {
+  auto it = intents_.find(id);
+  const bool wanted = it != intents_.end() &&
+                      it->second.intent.kind() == v1::INTENT_KIND_REGISTER &&
+                      Live(it->second.intent);
+  auto counted = requiring_.find(id);
+  if (wanted == (counted != requiring_.end())) return;
+  if (wanted) {
+    const v1::Intent& intent = it->second.intent;
+    const RegionKey key = KeyOfIntent(intent);
+    const NodeReport* node = fleet_.Find(intent.node());
+    requirements_.Require(intent.node(), key, node != nullptr && node->regions.count(key) > 0);
+    requiring_.emplace(id, std::make_pair(intent.node(), key));
+  } else {
+    requirements_.Release(counted->second.first, counted->second.second);
+    requiring_.erase(counted);
   }
-  return bytes;
+}
+
+void ServerCore::ApplyRegionChangesLocked(const std::string& node, const RegionChanges& changes) {
+  for (const RegionKey& key : changes.added) requirements_.Reported(node, key);
+  for (const RegionKey& key : changes.removed) requirements_.Unreported(node, key);
 }
 
 const std::vector<std::string>& ServerCore::NodeIntentsLocked(const std::string& node) const {
   static const std::vector<std::string>* const kNone = new std::vector<std::string>();
   auto it = node_intents_.find(node);
   return it == node_intents_.end() ? *kNone : it->second;
-}
-
-FleetFacts ServerCore::FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const {
-  for (const v1::Policy& policy : policies) {
-    if (policy.pinned_bytes_budget() != 0) return FleetFactsLocked();
-  }
-  return FleetFacts();
-}
-
-FleetFacts ServerCore::FleetFactsLocked() const {
-  FleetFacts fleet;
-  std::set<std::string> names;
-  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
-  for (const auto& [name, admin] : node_admin_) names.insert(name);
-  for (const std::string& name : names) fleet.nodes.push_back(FactsLocked(name));
-  return fleet;
 }
 
 absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentRequest& request,
@@ -846,6 +988,7 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
   }
   awaiting_confirmation_.insert(intent.node());
   intents_[intent.id()] = std::move(entry);
+  UpdateRequirementLocked(intent.id());
   node_intents_[intent.node()].push_back(intent.id());
   active_intents_.insert(intent.id());
   if (undo != nullptr) undo->added.push_back(intent.id());
@@ -856,6 +999,7 @@ absl::StatusOr<v1::Intent> ServerCore::AddIntentLocked(const v1::CreateIntentReq
 void ServerCore::RollbackLocked(IntentUndo& undo) {
   for (auto it = undo.replaced.rbegin(); it != undo.replaced.rend(); ++it) {
     intents_[it->first] = std::move(it->second);
+    UpdateRequirementLocked(it->first);
   }
   for (auto it = undo.added.rbegin(); it != undo.added.rend(); ++it) {
     auto added = intents_.find(*it);
@@ -864,6 +1008,7 @@ void ServerCore::RollbackLocked(IntentUndo& undo) {
     if (!ids.empty() && ids.back() == *it) ids.pop_back();
     active_intents_.erase(*it);
     intents_.erase(added);
+    UpdateRequirementLocked(*it);
     --intent_sequence_;
   }
   for (auto& [decision, intent] : undo.inflight) inflight_[decision] = std::move(intent);
@@ -882,7 +1027,7 @@ absl::StatusOr<v1::CreateIntentResponse> ServerCore::CreateIntent(
   }
   const std::vector<v1::Policy> list = PolicyListLocked();
   AdmissionResult admission =
-      Admit(request, FactsLocked(request.node()), FleetFactsIfBudgetedLocked(list), list);
+      Admit(request, FactsLocked(request.node(), KeyOfRequest(request)), PoolFactsLocked(), list);
   if (!admission.status.ok()) {
     EmitLocked("intent_rejected", request.node(), "", "", "", admission.status.ToString(), now);
     return admission.status;
@@ -988,6 +1133,7 @@ absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
   SetStateLocked(entry, v1::INTENT_STATE_WITHDRAWN, now, &mutation);
   if (absl::Status status = CommitLocked(mutation); !status.ok()) {
     entry = std::move(saved);
+    UpdateRequirementLocked(id);
     return status;
   }
   if (!entry.inflight_decision.empty()) {
@@ -1001,9 +1147,12 @@ absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {
 // --- Nodes ------------------------------------------------------------------------------------
 
 v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
+  return NodeViewLocked(name, fleet_.Find(name));
+}
+
+v1::Node ServerCore::NodeViewLocked(const std::string& name, const NodeReport* node) const {
   v1::Node view;
   view.set_name(name);
-  const NodeReport* node = fleet_.Find(name);
   if (node != nullptr) {
     *view.mutable_labels() = node->hello.labels();
     view.set_connection(node->connected ? v1::CONNECTION_STATE_CONNECTED
@@ -1021,12 +1170,10 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
   }
   auto admin = node_admin_.find(name);
   view.set_cordoned(admin != node_admin_.end() && admin->second.cordoned);
-  const NodeFacts facts = FactsLocked(name);
-  view.set_required_bytes(facts.required_bytes);
-  const std::vector<v1::Policy> list = PolicyListLocked();
-  const BudgetUse budget = TightestBudget(facts, FleetFactsIfBudgetedLocked(list), list);
-  view.set_budget_bytes(budget.budget_bytes);
-  view.set_budget_used_ratio(budget.used_ratio);
+  const Requirements::NodeFigures figures = requirements_.Figures(name);
+  view.set_required_bytes(figures.required_bytes);
+  view.set_budget_bytes(figures.budget.budget_bytes);
+  view.set_budget_used_ratio(figures.budget.used_ratio);
   auto drain = drains_.find(name);
   if (drain != drains_.end()) {
     v1::DrainProgress* progress = view.mutable_drain();
@@ -1049,12 +1196,37 @@ v1::Node ServerCore::NodeViewLocked(const std::string& name) const {
 }
 
 std::vector<v1::Node> ServerCore::ListNodes() const {
-  MutexLock lock(&mu_);
-  std::set<std::string> names;
-  for (const auto& [name, node] : fleet_.nodes()) names.insert(name);
-  for (const auto& [name, admin] : node_admin_) names.insert(name);
+  // The lock is taken once per chunk of nodes, so that a listing of the whole fleet holds the
+  // control streams and the reconciler up for one chunk at a time, not for the fleet. Each view
+  // is consistent; a node that appears meanwhile may be missed (it arrived during the listing).
   std::vector<v1::Node> nodes;
-  for (const std::string& name : names) nodes.push_back(NodeViewLocked(name));
+  std::string last;  // the last name listed
+  for (bool first = true;; first = false) {
+    bool done = false;
+    {
+      MutexLock lock(&mu_);
+      // Names in order, merging the nodes that reported and those with admin state only.
+      const auto& reports = fleet_.nodes();
+      auto report = first ? reports.begin() : reports.upper_bound(last);
+      auto admin = first ? node_admin_.begin() : node_admin_.upper_bound(last);
+      for (size_t n = 0; n < std::max<size_t>(options_.list_nodes_chunk, 1); ++n) {
+        if (report == reports.end() && admin == node_admin_.end()) break;
+        if (admin == node_admin_.end() ||
+            (report != reports.end() && report->first <= admin->first)) {
+          last = report->first;
+        } else {
+          last = admin->first;
+        }
+        const NodeReport* node = nullptr;
+        if (report != reports.end() && report->first == last) node = &(report++)->second;
+        if (admin != node_admin_.end() && admin->first == last) ++admin;
+        nodes.push_back(NodeViewLocked(last, node));
+      }
+      done = report == reports.end() && admin == node_admin_.end();
+    }
+    if (done) break;
+    if (options_.between_list_chunks) options_.between_list_chunks();
+  }
   return nodes;
 }
 
@@ -1196,10 +1368,9 @@ absl::StatusOr<v1::ListRegionsFleetResponse> ServerCore::ListRegions(
       }
       v1::FleetRegion* out = response.add_regions();
       FillRegion(name, region, out);
-      for (const auto& [id, entry] : intents_) {
-        const v1::Intent& intent = entry.intent;
-        if (intent.node() == name && KeyOfIntent(intent) == key &&
-            intent.state() == v1::INTENT_STATE_RETRYING) {
+      for (const std::string& id : NodeIntentsLocked(name)) {
+        const v1::Intent& intent = intents_.at(id).intent;
+        if (KeyOfIntent(intent) == key && intent.state() == v1::INTENT_STATE_RETRYING) {
           out->set_retrying_since(intent.retrying_since());
           out->set_attempts(intent.attempts());
         }
@@ -1231,10 +1402,9 @@ absl::StatusOr<v1::FleetRegion> ServerCore::GetRegion(
   }
   v1::FleetRegion region;
   FillRegion(request.node(), it->second, &region);
-  for (const auto& [id, entry] : intents_) {
-    const v1::Intent& intent = entry.intent;
-    if (intent.node() == request.node() && KeyOfIntent(intent) == key &&
-        intent.state() == v1::INTENT_STATE_RETRYING) {
+  for (const std::string& id : NodeIntentsLocked(request.node())) {
+    const v1::Intent& intent = intents_.at(id).intent;
+    if (KeyOfIntent(intent) == key && intent.state() == v1::INTENT_STATE_RETRYING) {
       region.set_retrying_since(intent.retrying_since());
       region.set_attempts(intent.attempts());
     }
@@ -1263,11 +1433,6 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
   const absl::Time now = absl::Now();
   MutexLock lock(&mu_);
   FleetMetricsSnapshot snapshot;
-  const std::vector<v1::Policy> list = PolicyListLocked();
-  const bool budgeted = std::any_of(list.begin(), list.end(), [](const v1::Policy& policy) {
-    return policy.pinned_bytes_budget() != 0;
-  });
-  const FleetFacts fleet = budgeted ? FleetFactsLocked() : FleetFacts();
   size_t regions_left = max_regions;
   // Everything below runs under the core's lock, which stalls the control streams: at fleet
   // scale (a million regions) it must stay one cheap pass over the regions.
@@ -1276,21 +1441,13 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
     metrics.name = name;
     metrics.connected = node.connected;
     metrics.regions = node.regions.size();
-    // NodeReport's pinned_bytes(), used_sum() and installed_mappings(), in one pass.
-    for (const auto& [key, region] : node.regions) {
-      metrics.pinned_bytes += region.size();
-      metrics.used_sum += region.used();
-      if (region.mapped() > 0) metrics.installed_mappings += region.mapped() - 1;
-    }
-    if (budgeted) {
-      const NodeFacts facts = FactsLocked(name);
-      metrics.required_bytes = facts.required_bytes;
-      const BudgetUse budget = TightestBudget(facts, fleet, list);
-      metrics.budget_bytes = budget.budget_bytes;
-      metrics.budget_used_bytes = budget.used_bytes;
-    } else {
-      metrics.required_bytes = RequiredBytesLocked(node);
-    }
+    metrics.pinned_bytes = node.pinned_bytes();
+    metrics.used_sum = node.used_sum();
+    metrics.installed_mappings = node.installed_mappings();
+    const Requirements::NodeFigures figures = requirements_.Figures(name);
+    metrics.required_bytes = figures.required_bytes;
+    metrics.budget_bytes = figures.budget.budget_bytes;
+    metrics.budget_used_bytes = figures.budget.used_bytes;
     metrics.counters = node.counters;
     for (const auto& [context_name, context] : node.contexts) metrics.contexts.push_back(context);
     for (const auto& [container_name, container] : node.containers) {

@@ -25,6 +25,7 @@
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
+#include "server/core/requirements.h"
 #include "server/fleet/fleet_state.h"
 #include "server/policy/policy.h"
 #include "server/store/server_store.h"
@@ -74,12 +75,21 @@ struct ServerCoreOptions {
   absl::Duration reconcile_interval = absl::Milliseconds(20);
   // A decision without a result after this long is considered lost; the intent is re-evaluated.
   absl::Duration decision_timeout = absl::Seconds(30);
+  // Decisions of an intent in a row that may end without a result (timed out, or the agent's
+  // session ended while applying it) before the intent FAILS; 0: never. Between such attempts
+  // the server waits lost_decision_backoff, doubled per loss up to the policy's max backoff.
+  uint32_t max_lost_decision_attempts = 3;
+  absl::Duration lost_decision_backoff = absl::Seconds(1);
   uint64_t report_interval_ms = 1000;
   uint64_t random_seed = 0;  // 0: from the clock
   // Decision records kept for ListDecisions (the newest; those in flight are always kept). Older
   // ones are pruned every prune_interval, so the store does not grow without bound. 0: keep all.
   uint64_t decision_history = 100000;
   absl::Duration prune_interval = absl::Minutes(1);
+  // ListNodes builds its answer this many nodes per hold of the core's lock.
+  size_t list_nodes_chunk = 256;
+  // Tests: called between ListNodes' chunks, without the core's lock.
+  std::function<void()> between_list_chunks;
 };
 
 // Counters of the control plane, for metrics.
@@ -88,6 +98,10 @@ struct ServerCounters {
   std::map<std::string, uint64_t> decision_results;  // by "kind/RESULT" (RESULT = OK or errno)
   uint64_t ebusy_retries = 0;
   uint64_t decisions_timed_out = 0;
+  // Decisions in flight when the agent's session ended or a new one replaced it.
+  uint64_t decisions_session_lost = 0;
+  // Intents FAILED after max_lost_decision_attempts decisions in a row without a result.
+  uint64_t intents_failed_lost_decisions = 0;
   uint64_t stream_messages_received = 0;
   uint64_t stream_messages_sent = 0;
   uint64_t agent_connects = 0;
@@ -181,7 +195,21 @@ class ServerCore {
     // The node's confirmations when the intent was admitted: it is satisfied without a decision
     // only by a state the agent confirmed after that.
     uint64_t confirmations_at_creation = 0;
+    // The agent incarnation the in-flight decision went to.
+    std::string inflight_incarnation;
+    // Of intent.lost_attempts(): how many timed out, how many ended with the agent's session,
+    // and of those after how many a new agent incarnation connected (the agent restarted while
+    // applying it). Not durable: after a server restart the earlier losses are of unknown cause.
+    uint32_t lost_timeouts = 0;
+    uint32_t lost_sessions = 0;
+    uint32_t lost_restarts = 0;
+    // The incarnation of a session that ended with this intent's decision in flight, until the
+    // node's next Hello tells whether the agent restarted.
+    std::string lost_incarnation;
   };
+  enum class Loss { kTimeout, kSessionEnded };
+  // A result came, or the intent holds: the losses in a row start again from 0.
+  static void ResetLost(IntentEntry& entry);
   // What AddIntentLocked changed, so that a failed commit can put memory back as it was
   // without copying every intent beforehand.
   struct IntentUndo {
@@ -212,6 +240,12 @@ class ServerCore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HandleResultLocked(const std::string& node, const v1::DecisionResult& result, absl::Time now,
                           ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The entry's in-flight decision will get no result: forgets it, counts the loss, backs off.
+  void LoseDecisionLocked(IntentEntry& entry, Loss loss, absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The in-flight decisions of the node's intents, on its session ending or being replaced.
+  void LoseNodeDecisionsLocked(const std::string& node, absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CommitLocked(const ServerMutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetStateLocked(IntentEntry& entry, v1::IntentState state, absl::Time now,
                       ServerMutation* mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -227,14 +261,21 @@ class ServerCore {
   // The ids of `node`'s intents (any state), oldest first.
   const std::vector<std::string>& NodeIntentsLocked(const std::string& node) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Pool budgets are the only policy rule that needs the whole fleet's facts; without one,
-  // admission and budget views get an empty FleetFacts instead of an O(fleet) computation.
-  // FactsLocked(node.name).required_bytes, cheaply (for metrics).
-  uint64_t RequiredBytesLocked(const NodeReport& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  FleetFacts FleetFactsIfBudgetedLocked(const std::vector<v1::Policy>& policies) const
+  // Admission's facts from the running totals of requirements_, in O(policies + log): the
+  // node's sums, and whether `asked` (a region, and its context) is required already.
+  NodeFacts FactsLocked(const std::string& node, const RegionKey& asked = RegionKey()) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  NodeFacts FactsLocked(const std::string& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  FleetFacts FleetFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every pool's required bytes, from the running totals: O(policies).
+  FleetFacts PoolFactsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts or uncounts intent `id` in requirements_ as it is (or is not) a live REGISTER now;
+  // call after any change of an intent's state and after putting an entry back.
+  void UpdateRequirementLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A report changed the node's regions.
+  void ApplyRegionChangesLocked(const std::string& node, const RegionChanges& changes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // O(log nodes + the node's pools), whatever the fleet and the node hold; `node`: its report.
+  v1::Node NodeViewLocked(const std::string& name, const NodeReport* node) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Node NodeViewLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NodeKnownLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,
@@ -267,6 +308,10 @@ class ServerCore {
   std::map<std::string, NodeAdminState> node_admin_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, DrainState> drains_ ABSL_GUARDED_BY(mu_);
   FleetState fleet_ ABSL_GUARDED_BY(mu_);
+  // What the nodes require (reported regions and live REGISTER intents), per node and per pool,
+  // kept as both change; requiring_ holds the intents counted there, with their node and region.
+  Requirements requirements_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::pair<std::string, RegionKey>> requiring_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<AgentSession>> sessions_ ABSL_GUARDED_BY(mu_);
   // Decision id -> intent id, for decisions sent and not yet answered.
   std::map<std::string, std::string> inflight_ ABSL_GUARDED_BY(mu_);

@@ -13,12 +13,14 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "dmapin/v1/admin.pb.h"
@@ -194,6 +196,7 @@ class ServerCoreTest : public ::testing::Test {
     // A fast background loop: any duplicate decision it would make shows up in the tests.
     options.reconcile_interval = absl::Milliseconds(2);
     options.decision_timeout = absl::Seconds(60);
+    options.lost_decision_backoff = absl::Milliseconds(1);
     options.random_seed = 42;
     if (tweak) tweak(options);
     absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(options);
@@ -469,6 +472,7 @@ TEST_F(ServerCoreTest, FailedCommitOfASupersedingIntentRestoresMemory) {
   EXPECT_FALSE(failed.ok());
   EXPECT_EQ(Intents().size(), 1u) << "the failed intent is not kept";
   EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_APPLYING);
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), kMiB) << "the restored intent counts again";
   // The restored in-flight decision's answer still counts, and nothing is sent again.
   Answer("node-a", a, decisions[0], 0);
   EXPECT_EQ(MustGetIntent(first.id()).state(), v1::INTENT_STATE_SATISFIED);
@@ -1375,6 +1379,339 @@ TEST_F(ServerCoreTest, MetricsSnapshotEqualsWhatTheAgentsReported) {
   for (const auto& [state, count] : metrics.intents_by_state) intents += count;
   EXPECT_EQ(intents, 1u);
   EXPECT_EQ(metrics.nodes[0].required_bytes, 4 * kMiB);
+}
+
+// --- (8) Decisions that never get a result -----------------------------------------------------
+
+// An agent that dies while applying a decision (e.g. pinning more than the node has) gets it again
+// when it comes back, and would die again: after --max_lost_decision_attempts such decisions in a
+// row the intent FAILS, saying why, and nothing more is sent.
+TEST_F(ServerCoreTest, AnAgentThatRestartsWhileApplyingADecisionFailsTheIntentAtTheLimit) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_lost_decision_attempts = 3; });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  for (int crash = 1; crash <= 3; ++crash) {
+    std::vector<v1::Decision> decisions = WaitDecisions(session, 1);
+    ASSERT_EQ(decisions.size(), 1u) << "crash " << crash;
+    // The agent dies applying it: the stream ends without a result; a new incarnation comes.
+    core_->AgentDisconnected("node-a", session.get());
+    v1::Intent intent = MustGetIntent(created.id());
+    EXPECT_EQ(intent.lost_attempts(), static_cast<uint32_t>(crash));
+    EXPECT_EQ(intent.last_errno_name(), "ECONNRESET");
+    EXPECT_TRUE(absl::StrContains(intent.last_message(), decisions[0].id()))
+        << intent.last_message();
+    EXPECT_EQ(intent.state(), v1::INTENT_STATE_PENDING);
+    EXPECT_FALSE(intent.next_attempt_time().empty()) << "it backs off";
+    session = Connect("node-a", {}, {}, absl::StrCat("inc-", crash));
+  }
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "the fourth attempt is not sent";
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(failed.attempts(), 3u);
+  EXPECT_EQ(failed.last_errno(), ECONNRESET);
+  EXPECT_TRUE(absl::StartsWith(failed.last_message(),
+                               "agent restarted 3 times while applying this decision; giving up"))
+      << failed.last_message();
+  // Listed as failed; the decision records say they got no result.
+  v1::ListIntentsRequest request;
+  request.set_state(v1::INTENT_STATE_FAILED);
+  absl::StatusOr<v1::ListIntentsResponse> listed = core_->ListIntents(request);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->intents_size(), 1);
+  EXPECT_EQ(listed->intents(0).last_message(), failed.last_message());
+  v1::ListDecisionsRequest decisions;
+  decisions.set_intent_id(created.id());
+  absl::StatusOr<v1::ListDecisionsResponse> records = core_->ListDecisions(decisions);
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_EQ(records->decisions_size(), 3);
+  for (const v1::DecisionRecord& record : records->decisions()) {
+    EXPECT_EQ(record.result(), "ECONNRESET") << record.id();
+  }
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.intents_failed_lost_decisions, 1u);
+  EXPECT_EQ(counters.decisions_session_lost, 3u);
+  // The failed intent requires nothing any more; a new one for the region starts afresh.
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 0u);
+  const v1::Intent again = MustCreate(Register("node-a", 0x100000, kMiB));
+  EXPECT_EQ(WaitDecisions(session, 1).size(), 1u);
+  EXPECT_EQ(MustGetIntent(again.id()).lost_attempts(), 0u);
+}
+
+// Only losses in a row count: a result in between (the agent lived through applying it) resets
+// the count, and so does a report showing the intent holds.
+TEST_F(ServerCoreTest, AResultBetweenLostDecisionsStartsTheCountAgain) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_lost_decision_attempts = 2; });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Unregister("node-a", 0x100000, kMiB));
+  SendSnapshot("node-a", session, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)});
+  std::vector<v1::Decision> decisions = WaitDecisions(session, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  // A new stream replaces the old one while the decision is in flight (same incarnation).
+  auto replaced = std::make_shared<FakeSession>();
+  core_->AgentConnected(MakeHello("node-a", {}, "inc-0"), replaced);
+  SendSnapshot("node-a", replaced, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)});
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 1u);
+  decisions = WaitDecisions(replaced, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  Answer("node-a", replaced, decisions[0], EBUSY);  // a result: the count starts again
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 0u);
+  EXPECT_EQ(MustGetIntent(created.id()).state(), v1::INTENT_STATE_RETRYING);
+  decisions = WaitDecisions(replaced, 2);
+  ASSERT_EQ(decisions.size(), 2u);
+  core_->AgentDisconnected("node-a", replaced.get());
+  EXPECT_EQ(MustGetIntent(created.id()).lost_attempts(), 1u);
+  EXPECT_EQ(MustGetIntent(created.id()).state(), v1::INTENT_STATE_RETRYING);
+  auto back = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"}, 1, 2)}, "inc-0");
+  decisions = WaitDecisions(back, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  Answer("node-a", back, decisions[0], 0);
+  const v1::Intent satisfied = MustGetIntent(created.id());
+  EXPECT_EQ(satisfied.state(), v1::INTENT_STATE_SATISFIED);
+  EXPECT_EQ(satisfied.lost_attempts(), 0u);
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.intents_failed_lost_decisions, 0u);
+}
+
+// Decisions that time out count the same way, and say so.
+TEST_F(ServerCoreTest, DecisionsThatTimeOutFailTheIntentAtTheLimit) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) {
+    options.max_lost_decision_attempts = 2;
+    options.decision_timeout = absl::Milliseconds(20);
+  });
+  auto session = Connect("node-a", {});
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(session->decision_count(), 2u);
+  EXPECT_EQ(failed.last_errno_name(), "ETIMEDOUT");
+  EXPECT_TRUE(absl::StartsWith(failed.last_message(),
+                               "agent gave no result to this decision 2 times in a row"))
+      << failed.last_message();
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.decisions_timed_out, 2u);
+  EXPECT_EQ(counters.intents_failed_lost_decisions, 1u);
+}
+
+// Between lost decisions the server waits (lost_decision_backoff, doubling): a crash-looping agent
+// is not handed the same decision the moment it comes back.
+TEST_F(ServerCoreTest, ALostDecisionIsSentAgainOnlyAfterTheBackoff) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.lost_decision_backoff = absl::Seconds(30); });
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x100000, kMiB));
+  ASSERT_EQ(WaitDecisions(session, 1).size(), 1u);
+  const absl::Time lost_at = absl::Now();
+  core_->AgentDisconnected("node-a", session.get());
+  session = Connect("node-a", {}, {}, "inc-1");
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "sent again before the backoff";
+  const v1::Intent intent = MustGetIntent(created.id());
+  EXPECT_EQ(intent.state(), v1::INTENT_STATE_PENDING);
+  // 30 s with the default 20 % jitter.
+  EXPECT_GE(ParseRfc3339(intent.next_attempt_time()), lost_at + absl::Seconds(24));
+  EXPECT_LE(ParseRfc3339(intent.next_attempt_time()), absl::Now() + absl::Seconds(36));
+}
+
+// --- (8b) What a node can hold --------------------------------------------------------------
+
+// Even with no policy, CreateIntent (and dry_run) refuses a registration the node can never hold,
+// from what its agent reports: its memory, the agent's per-region and per-node limits, the
+// context's memlock limit in whole pages.
+TEST_F(ServerCoreTest, ARegistrationLargerThanTheNodeCanHoldIsRefusedAtAdmission) {
+  v1::Hello hello = MakeHello("node-a", {});
+  hello.set_physical_memory_bytes(256 * kMiB);
+  hello.set_max_region_bytes(64 * kMiB);
+  hello.set_max_pinned_bytes(128 * kMiB);
+  auto session = std::make_shared<FakeSession>();
+  core_->AgentConnected(hello, session);
+  v1::AgentMessage snapshot =
+      SnapshotMessage({MakeRegion("vm-1", 0, 48 * kMiB, {"c1"})}, 1, {"vm-1", "small"}, {"c1"});
+  for (v1::Context& context : *snapshot.mutable_snapshot()->mutable_contexts()) {
+    if (context.name() != "small") continue;
+    context.set_memlock_unlimited(false);
+    context.set_memlock_limit_bytes(8 * kMiB + kPage / 2);
+  }
+  core_->AgentMessage("node-a", session.get(), snapshot);
+
+  struct Case {
+    v1::CreateIntentRequest request;
+    std::string names;  // what the refusal names
+  } cases[] = {
+      {Register("node-a", 0x10000000, 64 * kMiB + kPage),
+       "can never hold this region: 64.00 MiB (67112960 bytes) > the agent's --max_region_bytes "
+       "(64 MiB)"},
+      {RegionIntent(v1::INTENT_KIND_REGISTER, "node-a", "small", "c1", 0, 8 * kMiB + kPage),
+       "the memlock limit of context \"small\" (8 MiB)"},
+  };
+  for (Case& c : cases) {
+    for (bool dry_run : {true, false}) {
+      c.request.set_dry_run(dry_run);
+      absl::StatusOr<v1::CreateIntentResponse> refused = core_->CreateIntent(c.request);
+      ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+      EXPECT_TRUE(absl::StartsWith(refused.status().message(), "ENOMEM: ")) << refused.status();
+      EXPECT_TRUE(absl::StrContains(refused.status().message(), c.names)) << refused.status();
+    }
+  }
+  // With what the node requires already: 48 MiB reported + 64 + 32 > 128 MiB.
+  MustCreate(Register("node-a", 0x10000000, 64 * kMiB));
+  absl::StatusOr<v1::CreateIntentResponse> over =
+      core_->CreateIntent(Register("node-a", 0x20000000, 32 * kMiB));
+  ASSERT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_EQ(over.status().message(),
+            "ENOMEM: node \"node-a\": the agent's --max_pinned_bytes 128 MiB: 112 MiB required + "
+            "32 MiB requested = 144 MiB, over by 16 MiB");
+  MustCreate(RegionIntent(v1::INTENT_KIND_REGISTER, "node-a", "small", "c1", 0, 8 * kMiB));
+  EXPECT_EQ(Intents().size(), 2u);
+  EXPECT_EQ(StoredIntents(), 2u) << "nothing refused was stored";
+}
+
+// An intent stored before the node said what it can hold, which it then cannot, fails with the
+// reason instead of being sent again and again.
+TEST_F(ServerCoreTest, AStoredIntentTheNodeCanNoLongerHoldFailsWithTheReason) {
+  auto session = Connect("node-a", {}, {}, "inc-0");
+  const v1::Intent created = MustCreate(Register("node-a", 0x10000000, 64 * kMiB));
+  ASSERT_EQ(WaitDecisions(session, 1).size(), 1u);
+  // The agent restarts with --max_region_bytes=32 MiB (the decision in flight is lost).
+  core_->AgentDisconnected("node-a", session.get());
+  v1::Hello hello = MakeHello("node-a", {}, "inc-1");
+  hello.set_max_region_bytes(32 * kMiB);
+  session = std::make_shared<FakeSession>();
+  core_->AgentConnected(hello, session);
+  SendSnapshot("node-a", session, {});
+  ASSERT_TRUE(
+      Eventually([&] { return MustGetIntent(created.id()).state() == v1::INTENT_STATE_FAILED; }));
+  Settle();
+  EXPECT_EQ(session->decision_count(), 0u) << "not sent to the node that cannot hold it";
+  const v1::Intent failed = MustGetIntent(created.id());
+  EXPECT_EQ(failed.last_errno_name(), "ENOMEM");
+  EXPECT_TRUE(absl::StrContains(failed.last_message(),
+                                "can never hold this region: 64 MiB > the agent's "
+                                "--max_region_bytes (32 MiB)"))
+      << failed.last_message();
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 0u);
+}
+
+// --- (9) Fleet-scale reads ---------------------------------------------------------------------
+
+// The budget figures are running totals: they follow reports, intents (created, failed,
+// withdrawn, superseded) and relabelled nodes without a recomputation over the fleet.
+TEST_F(ServerCoreTest, BudgetFiguresFollowReportsIntentsAndLabels) {
+  v1::Policy policy;
+  policy.set_name("pool-a");
+  (*policy.mutable_node_selector())["pool"] = "a";
+  policy.set_pinned_bytes_budget(64 * kMiB);
+  SetPolicy(policy);
+  auto a = Connect("node-a", {{"pool", "a"}}, {MakeRegion("vm-1", 0x100000, 2 * kMiB, {"c1"})});
+  auto b = Connect("node-b", {{"pool", "a"}}, {MakeRegion("vm-1", 0x100000, 4 * kMiB, {"c1"})});
+  auto pool_use = [&](const std::string& node) {
+    const v1::Node view = MustGetNode(node);
+    return static_cast<uint64_t>(view.budget_used_ratio() * static_cast<double>(64 * kMiB));
+  };
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 2 * kMiB);
+
+  // An intent for a region already reported costs nothing; a new one counts before it is sent.
+  const v1::Intent same = MustCreate(Register("node-a", 0x100000, 2 * kMiB, "c2"));
+  const v1::Intent more = MustCreate(Register("node-a", 0x800000, 8 * kMiB));
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 10 * kMiB);
+  EXPECT_EQ(pool_use("node-b"), 14 * kMiB);
+  // Withdrawn: no longer required. The reported region stays required while reported.
+  ASSERT_TRUE(core_->WithdrawIntent(more.id()).ok());
+  ASSERT_TRUE(core_->WithdrawIntent(same.id()).ok());
+  EXPECT_EQ(MustGetNode("node-a").required_bytes(), 2 * kMiB);
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  // Failed: the agent refuses the registration.
+  const v1::Intent refused = MustCreate(Register("node-b", 0x4000000, 16 * kMiB));
+  EXPECT_EQ(pool_use("node-a"), 22 * kMiB);
+  std::vector<v1::Decision> decisions = WaitDecisions(b, 1);
+  ASSERT_EQ(decisions.size(), 1u);
+  core_->AgentMessage("node-b", b.get(), ResultMessage(decisions[0], EFAULT, "a hole"));
+  EXPECT_EQ(MustGetIntent(refused.id()).state(), v1::INTENT_STATE_FAILED);
+  EXPECT_EQ(pool_use("node-a"), 6 * kMiB);
+  // Superseded by an unregister: no longer required once the agent stops reporting it.
+  const v1::Intent kept = MustCreate(Register("node-b", 0x100000, 4 * kMiB));
+  MustCreate(Unregister("node-b", 0x100000, 4 * kMiB));
+  EXPECT_EQ(MustGetIntent(kept.id()).state(), v1::INTENT_STATE_SUPERSEDED);
+  EXPECT_EQ(MustGetNode("node-b").required_bytes(), 4 * kMiB) << "still reported";
+  SendSnapshot("node-b", b, {});
+  EXPECT_EQ(MustGetNode("node-b").required_bytes(), 0u);
+  EXPECT_EQ(pool_use("node-a"), 2 * kMiB);
+  // node-a comes back in another pool: pool-a no longer counts it.
+  core_->AgentDisconnected("node-a", a.get());
+  a = Connect("node-a", {{"pool", "b"}}, {MakeRegion("vm-1", 0x100000, 2 * kMiB, {"c1"})});
+  EXPECT_EQ(MustGetNode("node-a").budget_bytes(), 0u);
+  EXPECT_EQ(pool_use("node-b"), 0u);
+  // The budget applies at admission from the same totals.
+  MustCreate(Register("node-b", 0, 64 * kMiB));
+  absl::StatusOr<v1::CreateIntentResponse> over =
+      core_->CreateIntent(Register("node-b", 0x8000000, kPage));
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  // And the listing says what GetNode says.
+  for (const v1::Node& node : core_->ListNodes()) {
+    const v1::Node single = MustGetNode(node.name());
+    EXPECT_EQ(node.required_bytes(), single.required_bytes()) << node.name();
+    EXPECT_EQ(node.budget_bytes(), single.budget_bytes()) << node.name();
+    EXPECT_DOUBLE_EQ(node.budget_used_ratio(), single.budget_used_ratio()) << node.name();
+  }
+}
+
+// ListNodes over a fleet holds the core's lock one chunk of nodes at a time: an agent's Control
+// message is handled while the listing is under way (were the lock held for the whole fleet, the
+// message would wait for the listing, and the listing for it: the hook gives up after 5 s).
+TEST_F(ServerCoreTest, ControlMessagesAreHandledWhileListNodesRuns) {
+  core_.reset();
+  std::atomic<int> chunks{0};
+  std::atomic<bool> handled_during_listing{false};
+  std::thread agent;
+  std::shared_ptr<FakeSession> first;
+  StartCore([&](ServerCoreOptions& options) {
+    options.list_nodes_chunk = 16;
+    options.between_list_chunks = [&] {
+      if (chunks++ != 0) return;
+      std::atomic<bool> done{false};
+      agent = std::thread([&] {
+        SendHeartbeat("node-00000", first);
+        SendSnapshot("node-00000", first,
+                     {MakeRegion("vm-1", 0, kMiB, {"c1"}), MakeRegion("vm-1", kMiB, kMiB, {"c1"})});
+        done = true;
+      });
+      const absl::Time deadline = absl::Now() + absl::Seconds(5);
+      while (!done && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+      handled_during_listing = done.load();
+    };
+  });
+  v1::Policy policy;
+  policy.set_name("pool-a");
+  (*policy.mutable_node_selector())["pool"] = "a";
+  policy.set_pinned_bytes_budget(1024 * kMiB);
+  SetPolicy(policy);
+  constexpr int kNodes = 100;
+  for (int i = 0; i < kNodes; ++i) {
+    const std::string name = absl::StrFormat("node-%05d", i);
+    auto session = Connect(name, {{"pool", "a"}}, {MakeRegion("vm-1", 0, kMiB, {"c1"})});
+    if (i == 0) first = session;
+  }
+  const uint64_t received = core_->MetricsSnapshot(0).counters.stream_messages_received;
+  const std::vector<v1::Node> nodes = core_->ListNodes();
+  if (agent.joinable()) agent.join();
+  EXPECT_TRUE(handled_during_listing) << "the Control message waited for the whole listing";
+  EXPECT_EQ(chunks.load(), kNodes / 16) << "one hook call between each two chunks";
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.stream_messages_received, received + 2);
+  ASSERT_EQ(nodes.size(), static_cast<size_t>(kNodes)) << "every node once, in name order";
+  for (int i = 0; i < kNodes; ++i) {
+    EXPECT_EQ(nodes[i].name(), absl::StrFormat("node-%05d", i));
+    EXPECT_EQ(nodes[i].budget_bytes(), 1024 * kMiB);
+  }
+  // The snapshot sent during the listing added 1 MiB to the pool; the first chunk was listed
+  // before it, the last after.
+  EXPECT_DOUBLE_EQ(nodes.front().budget_used_ratio(), 100.0 / 1024);
+  EXPECT_DOUBLE_EQ(nodes.back().budget_used_ratio(), 101.0 / 1024);
+  EXPECT_EQ(MustGetNode("node-00000").required_bytes(), 2 * kMiB);
 }
 
 }  // namespace

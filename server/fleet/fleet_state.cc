@@ -8,24 +8,12 @@ RegionKey KeyOf(const v1::Region& region) {
   return RegionKey{region.context(), region.ua(), region.size()};
 }
 
-uint64_t NodeReport::pinned_bytes() const {
-  uint64_t bytes = 0;
-  for (const auto& [key, region] : regions) bytes += region.size();
-  return bytes;
-}
-
-uint64_t NodeReport::used_sum() const {
-  uint64_t used = 0;
-  for (const auto& [key, region] : regions) used += region.used();
-  return used;
-}
-
-uint64_t NodeReport::installed_mappings() const {
-  uint64_t mappings = 0;
-  for (const auto& [key, region] : regions) {
-    if (region.mapped() > 0) mappings += region.mapped() - 1;
-  }
-  return mappings;
+void NodeReport::Count(const v1::Region& region, int sign) {
+  // Unsigned arithmetic wraps: adding then subtracting the same figures is exact.
+  const uint64_t s = static_cast<uint64_t>(sign);
+  pinned_bytes_ += s * region.size();
+  used_sum_ += s * region.used();
+  installed_mappings_ += s * (region.mapped() > 0 ? region.mapped() - 1 : 0);
 }
 
 bool NodeReport::Holds(const RegionKey& key, const std::string& container) const {
@@ -53,32 +41,67 @@ void FleetState::Disconnect(const std::string& name, absl::Time now) {
   it->second.last_seen = now;
 }
 
-void FleetState::ApplySnapshot(const std::string& name, const v1::Snapshot& snapshot,
-                               absl::Time now) {
+RegionChanges FleetState::ApplySnapshot(const std::string& name, const v1::Snapshot& snapshot,
+                                        absl::Time now) {
   NodeReport& node = nodes_[name];
   node.name = name;
   node.contexts.clear();
   node.containers.clear();
-  node.regions.clear();
   for (const v1::Context& context : snapshot.contexts()) node.contexts[context.name()] = context;
   for (const v1::Container& container : snapshot.containers()) {
     node.containers[container.name()] = container;
   }
-  for (const v1::Region& region : snapshot.regions()) node.regions[KeyOf(region)] = region;
+  std::map<RegionKey, v1::Region> regions;
+  for (const v1::Region& region : snapshot.regions()) regions[KeyOf(region)] = region;
+  // Both maps are in key order: one merge finds what appeared and what went.
+  RegionChanges changes;
+  auto before = node.regions.begin();
+  auto after = regions.begin();
+  while (before != node.regions.end() || after != regions.end()) {
+    if (after == regions.end() || (before != node.regions.end() && before->first < after->first)) {
+      changes.removed.push_back(before->first);
+      ++before;
+    } else if (before == node.regions.end() || after->first < before->first) {
+      changes.added.push_back(after->first);
+      ++after;
+    } else {
+      ++before;
+      ++after;
+    }
+  }
+  node.regions.swap(regions);
+  node.pinned_bytes_ = node.used_sum_ = node.installed_mappings_ = 0;
+  for (const auto& [key, region] : node.regions) node.Count(region, +1);
   node.counters = snapshot.counters();
   node.version = snapshot.version();
   node.last_seen = now;
   node.synced = true;
   ++node.reports;
   ++node.confirmations;
+  return changes;
 }
 
-void FleetState::ApplyDelta(const std::string& name, const v1::Delta& delta, absl::Time now) {
+RegionChanges FleetState::ApplyDelta(const std::string& name, const v1::Delta& delta,
+                                     absl::Time now) {
   NodeReport& node = nodes_[name];
   node.name = name;
-  for (const v1::Region& region : delta.upserted_regions()) node.regions[KeyOf(region)] = region;
+  RegionChanges changes;
+  for (const v1::Region& region : delta.upserted_regions()) {
+    auto [it, added] = node.regions.try_emplace(KeyOf(region));
+    if (added) {
+      changes.added.push_back(it->first);
+    } else {
+      node.Count(it->second, -1);
+    }
+    it->second = region;
+    node.Count(region, +1);
+  }
   for (const v1::RegionKey& key : delta.removed_regions()) {
-    node.regions.erase(RegionKey{key.context(), key.ua(), key.size()});
+    auto it = node.regions.find(RegionKey{key.context(), key.ua(), key.size()});
+    if (it == node.regions.end()) continue;
+    node.Count(it->second, -1);
+    changes.removed.push_back(it->first);
+    node.regions.erase(it);
   }
   for (const v1::Context& context : delta.upserted_contexts()) {
     node.contexts[context.name()] = context;
@@ -95,6 +118,7 @@ void FleetState::ApplyDelta(const std::string& name, const v1::Delta& delta, abs
   node.last_seen = now;
   ++node.reports;
   ++node.confirmations;
+  return changes;
 }
 
 void FleetState::Confirm(const std::string& name, absl::Time now) {

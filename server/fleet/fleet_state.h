@@ -49,15 +49,31 @@ struct NodeReport {
   uint64_t version = 0;
   std::map<std::string, v1::Context> contexts;
   std::map<std::string, v1::Container> containers;
+  // Changed only by FleetState, which keeps the sums below with it.
   std::map<RegionKey, v1::Region> regions;
   v1::RegistryCounters counters;
 
-  // Sums over the reported regions.
-  uint64_t pinned_bytes() const;
-  uint64_t used_sum() const;
-  uint64_t installed_mappings() const;
+  // Sums over the reported regions, kept as they change: reading them costs nothing however
+  // many regions the node reports (ListNodes reads them for every node).
+  uint64_t pinned_bytes() const { return pinned_bytes_; }
+  uint64_t used_sum() const { return used_sum_; }
+  uint64_t installed_mappings() const { return installed_mappings_; }
   // Does `container` hold the region?
   bool Holds(const RegionKey& key, const std::string& container) const;
+
+ private:
+  friend class FleetState;
+  void Count(const v1::Region& region, int sign);
+  uint64_t pinned_bytes_ = 0;
+  uint64_t used_sum_ = 0;
+  uint64_t installed_mappings_ = 0;
+};
+
+// The region keys a report added to or removed from a node (an update of a region already
+// reported is neither), for totals kept elsewhere (ServerCore's required bytes).
+struct RegionChanges {
+  std::vector<RegionKey> added;
+  std::vector<RegionKey> removed;
 };
 
 class FleetState {
@@ -67,8 +83,9 @@ class FleetState {
   NodeReport& Connect(const v1::Hello& hello, absl::Time now);
   void Disconnect(const std::string& node, absl::Time now);
   // Replaces everything the node reported.
-  void ApplySnapshot(const std::string& node, const v1::Snapshot& snapshot, absl::Time now);
-  void ApplyDelta(const std::string& node, const v1::Delta& delta, absl::Time now);
+  RegionChanges ApplySnapshot(const std::string& node, const v1::Snapshot& snapshot,
+                              absl::Time now);
+  RegionChanges ApplyDelta(const std::string& node, const v1::Delta& delta, absl::Time now);
   void Touch(const std::string& node, absl::Time now);
   // A heartbeat: the state is still the one last reported.
   void Confirm(const std::string& node, absl::Time now);

@@ -138,6 +138,13 @@ void CollectControlPlane(const FleetMetricsSnapshot& snapshot, std::vector<Metri
        "EBUSY results after which the server scheduled a retry with backoff.", c.ebusy_retries},
       {"dmapin_server_decisions_timed_out_total",
        "Decisions that got no result within the decision timeout.", c.decisions_timed_out},
+      {"dmapin_server_decisions_session_lost_total",
+       "Decisions in flight when the agent's control stream ended or a new one replaced it.",
+       c.decisions_session_lost},
+      {"dmapin_server_intents_failed_lost_decisions_total",
+       "Intents failed because --max_lost_decision_attempts decisions in a row got no result "
+       "(the agent restarted or went silent while applying them).",
+       c.intents_failed_lost_decisions},
       {"dmapin_server_stream_messages_received_total",
        "Messages received from agents on established control streams.", c.stream_messages_received},
       {"dmapin_server_stream_messages_sent_total", "Decisions sent to agents on control streams.",

@@ -29,6 +29,11 @@
 //                                                    appears with its first result
 //   dmapin_server_ebusy_retries_total                counter, EBUSY answers scheduled for retry
 //   dmapin_server_decisions_timed_out_total          counter, decisions that got no result in time
+//   dmapin_server_decisions_session_lost_total       counter, decisions in flight when the
+//                                                    agent's stream ended or was replaced
+//   dmapin_server_intents_failed_lost_decisions_total counter, intents FAILED after
+//                                                    --max_lost_decision_attempts decisions in a
+//                                                    row without a result
 //   dmapin_server_stream_messages_received_total     counter, agent -> server control messages
 //   dmapin_server_stream_messages_sent_total         counter, server -> agent decisions
 //   dmapin_server_agent_connects_total               counter

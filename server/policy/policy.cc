@@ -390,12 +390,57 @@ std::vector<const v1::Policy*> MatchingPolicies(absl::Span<const v1::Policy> pol
 
 uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
                            const FleetFacts& fleet) {
+  if (auto it = fleet.pool_required_bytes.find(policy.name());
+      it != fleet.pool_required_bytes.end()) {
+    return it->second;
+  }
   uint64_t used = PolicyMatchesNode(policy, node.labels) ? node.required_bytes : 0;
   for (const NodeFacts& other : fleet.nodes) {
     if (other.name == node.name) continue;
     if (PolicyMatchesNode(policy, other.labels)) used = SaturatingAdd(used, other.required_bytes);
   }
   return used;
+}
+
+namespace {
+
+// Bytes as a whole number of pages (down), when the page size is known: the registry compares
+// page counts (limit_pages = RLIMIT_MEMLOCK / PS).
+uint64_t FloorToPages(uint64_t bytes, uint64_t page_size) {
+  return page_size == 0 ? bytes : bytes / page_size * page_size;
+}
+
+// A limit a node's pinned bytes are held to (bytes 0: none): the node's, or one context's.
+struct CapacityLimit {
+  std::string name;
+  uint64_t bytes = 0;
+  bool per_context = false;
+};
+std::vector<CapacityLimit> CapacityLimits(absl::string_view context, const NodeFacts& node) {
+  std::vector<CapacityLimit> limits = {{"the agent's --max_pinned_bytes", node.max_pinned_bytes},
+                                       {"the node's physical memory", node.physical_memory_bytes}};
+  if (auto it = node.context_memlock_limit_bytes.find(std::string(context));
+      it != node.context_memlock_limit_bytes.end()) {
+    limits.push_back({absl::StrCat("the memlock limit of context ", Quote(context)),
+                      FloorToPages(it->second, node.page_size), true});
+  }
+  return limits;
+}
+
+}  // namespace
+
+absl::Status CheckNodeCapacity(absl::string_view context, uint64_t size, const NodeFacts& node) {
+  std::vector<CapacityLimit> limits = CapacityLimits(context, node);
+  limits.insert(limits.begin(), {"the agent's --max_region_bytes", node.max_region_bytes});
+  for (const CapacityLimit& limit : limits) {
+    if (limit.bytes != 0 && size > limit.bytes) {
+      return ErrnoStatus(ENOMEM,
+                         absl::StrCat("node ", Quote(node.name),
+                                      " can never hold this region: ", FormatBytes(size), " > ",
+                                      limit.name, " (", FormatBytes(limit.bytes), ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& node,
@@ -433,6 +478,23 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
   uint64_t context_used = 0;
   if (auto it = node.context_bytes.find(request.context()); it != node.context_bytes.end()) {
     context_used = it->second;
+  }
+
+  if (new_region) {
+    if (absl::Status s = CheckNodeCapacity(request.context(), bytes, node); !s.ok()) return deny(s);
+    // With what the node requires already (pinned, or admitted to pin).
+    for (const CapacityLimit& limit : CapacityLimits(request.context(), node)) {
+      const uint64_t used = limit.per_context ? context_used : node.required_bytes;
+      const uint64_t after = SaturatingAdd(used, bytes);
+      if (limit.bytes != 0 && after > limit.bytes) {
+        return deny(ErrnoStatus(
+            ENOMEM, absl::StrCat("node ", Quote(node.name), ": ", limit.name, " ",
+                                 FormatBytes(limit.bytes), ": ", FormatBytes(used), " required",
+                                 limit.per_context ? " in the context" : "", " + ",
+                                 FormatBytes(bytes), " requested = ", FormatBytes(after),
+                                 ", over by ", FormatBytes(after - limit.bytes))));
+      }
+    }
   }
 
   std::vector<std::string> notes;
@@ -504,21 +566,36 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
 
 BudgetUse TightestBudget(const NodeFacts& node, const FleetFacts& fleet,
                          absl::Span<const v1::Policy> policies) {
-  BudgetUse best;
+  std::vector<PoolUse> pools;
   for (const v1::Policy* policy : MatchingPolicies(policies, node.labels)) {
-    if (policy->pinned_bytes_budget() == 0) continue;
-    BudgetUse use;
-    use.policy = policy->name();
-    use.budget_bytes = policy->pinned_bytes_budget();
-    use.used_bytes = PoolRequiredBytes(*policy, node, fleet);
-    use.used_ratio = static_cast<double>(use.used_bytes) / static_cast<double>(use.budget_bytes);
-    // Policies come in name order: on a full tie the first name stays.
-    if (best.budget_bytes == 0 || use.used_ratio > best.used_ratio ||
-        (use.used_ratio == best.used_ratio && use.budget_bytes < best.budget_bytes)) {
-      best = std::move(use);
+    if (policy->pinned_bytes_budget() != 0) {
+      pools.push_back({policy, PoolRequiredBytes(*policy, node, fleet)});
     }
   }
-  return best;
+  return TightestBudget(pools);
+}
+
+BudgetUse TightestBudget(absl::Span<const PoolUse> pools) {
+  const PoolUse* best = nullptr;
+  double best_ratio = 0;
+  for (const PoolUse& pool : pools) {
+    const uint64_t budget = pool.policy->pinned_bytes_budget();
+    if (budget == 0) continue;
+    const double ratio = static_cast<double>(pool.used_bytes) / static_cast<double>(budget);
+    // Policies come in name order: on a full tie the first name stays.
+    if (best == nullptr || ratio > best_ratio ||
+        (ratio == best_ratio && budget < best->policy->pinned_bytes_budget())) {
+      best = &pool;
+      best_ratio = ratio;
+    }
+  }
+  BudgetUse use;
+  if (best == nullptr) return use;
+  use.policy = best->policy->name();
+  use.budget_bytes = best->policy->pinned_bytes_budget();
+  use.used_bytes = best->used_bytes;
+  use.used_ratio = best_ratio;
+  return use;
 }
 
 std::string FormatBytes(uint64_t bytes) {

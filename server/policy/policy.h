@@ -76,7 +76,9 @@ inline bool operator==(const RequiredRegion& a, const RequiredRegion& b) {
 }
 
 // What admission needs to know about a node. required_bytes, regions and context_bytes describe
-// required_regions; AddRequiredRegion keeps them consistent.
+// required_regions; AddRequiredRegion keeps them consistent. Admit only looks up the request's
+// region in required_regions and its context in context_bytes: a caller keeping running totals
+// (ServerCore) fills those two entries only, and the sums from its totals.
 struct NodeFacts {
   std::string name;
   std::map<std::string, std::string> labels;
@@ -86,6 +88,14 @@ struct NodeFacts {
   uint64_t regions = 0;                           // required_regions.size()
   std::map<std::string, uint64_t> context_bytes;  // per context, sum of sizes
   std::set<RequiredRegion> required_regions;
+  // What the node can ever hold (0: unknown, or no limit): from the agent's Hello, and per
+  // context the memlock limit where one applies (limited and without CAP_IPC_LOCK, as the agent
+  // reports the context; Admit looks up the request's context only).
+  uint64_t page_size = 0;
+  uint64_t physical_memory_bytes = 0;
+  uint64_t max_region_bytes = 0;
+  uint64_t max_pinned_bytes = 0;
+  std::map<std::string, uint64_t> context_memlock_limit_bytes;
 
   // Counts a region of an admitted REGISTER intent; false (and nothing changes) when it is
   // already counted.
@@ -96,6 +106,10 @@ struct NodeFacts {
 // them: Admit uses its own NodeFacts argument for that name either way.
 struct FleetFacts {
   std::vector<NodeFacts> nodes;
+  // Running totals instead of `nodes`: the bytes each policy's pool requires, by policy name,
+  // already counting the node being admitted as its NodeFacts describe it. A policy found here
+  // takes its figure from here (summing `nodes` would be O(fleet) per call).
+  std::map<std::string, uint64_t> pool_required_bytes;
 };
 
 struct AdmissionResult {
@@ -117,9 +131,10 @@ bool PolicyMatchesNode(const v1::Policy& policy, const std::map<std::string, std
 std::vector<const v1::Policy*> MatchingPolicies(absl::Span<const v1::Policy> policies,
                                                 const std::map<std::string, std::string>& labels);
 
-// Bytes the nodes of `policy`'s pool require: required_bytes summed over the nodes of `fleet`
-// matching the selector, with `node` standing in for the fleet's entry of the same name (and
-// counted even when the fleet lacks it, if it matches). Saturates at 2^64 - 1.
+// Bytes the nodes of `policy`'s pool require: fleet.pool_required_bytes[policy.name()] when
+// present, else required_bytes summed over the nodes of `fleet` matching the selector, with
+// `node` standing in for the fleet's entry of the same name (and counted even when the fleet lacks
+// it, if it matches). Saturates at 2^64 - 1.
 uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
                            const FleetFacts& fleet);
 
@@ -133,9 +148,19 @@ uint64_t PoolRequiredBytes(const v1::Policy& policy, const NodeFacts& node,
 //     and one region: over a pool budget, max_regions_per_node or context_quota_bytes is
 //     RESOURCE_EXHAUSTED naming the policy and the numbers. A region already required costs
 //     nothing and is admitted even if the pool is over budget now.
+//    Before the policies, whatever they say (even with none): a new region the node can never
+//    hold (CheckNodeCapacity), or one that with what the node requires already exceeds the
+//    agent's max_pinned_bytes, its physical memory or the context's memlock limit, is
+//    RESOURCE_EXHAUSTED with errno ENOMEM naming the limit.
 // UNREGISTER, RELEASE_CONTAINER and TEARDOWN_CONTEXT consume nothing.
 AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& node,
                       const FleetFacts& fleet, absl::Span<const v1::Policy> policies);
+
+// Whether the node could ever hold a region of `size` bytes in `context`, whatever else it holds:
+// OK, or RESOURCE_EXHAUSTED with errno ENOMEM naming the limit it exceeds: the agent's
+// max_region_bytes or max_pinned_bytes, the node's physical memory, or the context's memlock
+// limit (in whole pages, as the registry counts it).
+absl::Status CheckNodeCapacity(absl::string_view context, uint64_t size, const NodeFacts& node);
 
 // For Node.budget_bytes / budget_used_ratio: among the matching policies with a pool budget, the
 // one whose pool is fullest (highest used / budget; ties: the smaller budget, then the name).
@@ -147,6 +172,13 @@ struct BudgetUse {
 };
 BudgetUse TightestBudget(const NodeFacts& node, const FleetFacts& fleet,
                          absl::Span<const v1::Policy> policies);
+// The same choice among pools whose use is known (`pools` in policy name order; those without a
+// budget are skipped): what a caller with running totals (ServerCore) uses.
+struct PoolUse {
+  const v1::Policy* policy = nullptr;
+  uint64_t used_bytes = 0;
+};
+BudgetUse TightestBudget(absl::Span<const PoolUse> pools);
 
 // "64 GiB", "1.50 MiB (1572864 bytes)", "4095 bytes": exact when it is a whole number of a unit.
 std::string FormatBytes(uint64_t bytes);

@@ -380,6 +380,17 @@ TEST(AdmissionTest, PoolRequiredBytes) {
   NodeFacts huge = Node("huge", "a");
   huge.required_bytes = kMax64 - 1;
   EXPECT_EQ(PoolRequiredBytes(PoolPolicy("a", "a", 0), huge, f.fleet), kMax64);
+  // Running totals, where given, are the figure (no sum over the nodes).
+  FleetFacts totals;
+  totals.pool_required_bytes["a"] = 7 * kGiB;
+  EXPECT_EQ(PoolRequiredBytes(PoolPolicy("a", "a", 0), f.n1, totals), 7 * kGiB);
+  EXPECT_EQ(PoolRequiredBytes(PoolPolicy("b", "a", 0), f.n1, totals), 40 * kGiB)
+      << "a policy without a total sums the nodes given (here only n1 itself)";
+  EXPECT_EQ(Admit(Register(2 * kGiB, "vm", 0x1000000000, "n1"), f.n1, totals,
+                  {PoolPolicy("a", "a", 8 * kGiB)})
+                .status.code(),
+            absl::StatusCode::kResourceExhausted)
+      << "7 GiB required by the pool + 2 GiB > 8 GiB";
 }
 
 TEST(AdmissionTest, Table) {
@@ -718,6 +729,77 @@ TEST(AdmissionTest, FillingAPoolOneIntentAtATime) {
   EXPECT_EQ(use.policy, "pool");
   EXPECT_EQ(use.used_bytes, 10 * kGiB);
   EXPECT_DOUBLE_EQ(use.used_ratio, 1.0);
+}
+
+// Even with no policy, a registration larger than the node can ever hold is refused with ENOMEM
+// naming the limit, and so is one that, with what the node requires already, exceeds it.
+TEST(AdmissionTest, NodeCapacityRefusesWhatTheNodeCannotHold) {
+  constexpr uint64_t kPage = 64 * 1024;
+  NodeFacts node = Node("n1", "a");
+  node.page_size = kPage;
+  node.physical_memory_bytes = 64 * kGiB;
+  node.max_region_bytes = 16 * kGiB;
+  node.max_pinned_bytes = 32 * kGiB;
+  // 1 GiB minus half a page: the registry counts whole pages, so 1 GiB - 1 page fits.
+  node.context_memlock_limit_bytes["small"] = kGiB - kPage / 2;
+  struct Case {
+    uint64_t size;
+    std::string context;
+    std::string message;  // empty: admitted
+  } cases[] = {
+      {16 * kGiB, "vm", ""},
+      {16 * kGiB + kPage, "vm",
+       "ENOMEM: node \"n1\" can never hold this region: 16.00 GiB (17179934720 bytes) > the "
+       "agent's --max_region_bytes (16 GiB)"},
+      {kGiB - kPage, "small", ""},
+      {kGiB, "small",
+       "ENOMEM: node \"n1\" can never hold this region: 1 GiB > the memlock limit of context "
+       "\"small\" (1023.94 MiB (1073676288 bytes))"},
+  };
+  for (const Case& c : cases) {
+    const AdmissionResult result = Admit(Register(c.size, c.context), node, FleetFacts(), {});
+    if (c.message.empty()) {
+      EXPECT_TRUE(result.status.ok()) << c.size << ": " << result.status;
+    } else {
+      EXPECT_EQ(result.status.code(), absl::StatusCode::kResourceExhausted) << c.size;
+      EXPECT_EQ(ErrnoOf(result.status), ENOMEM);
+      EXPECT_EQ(result.status.message(), c.message);
+      EXPECT_TRUE(absl::StrContains(result.explanation, "would be refused")) << "dry_run says so";
+    }
+  }
+  // With what the node requires already.
+  node.AddRequiredRegion("vm", 0, 16 * kGiB);
+  node.AddRequiredRegion("vm", 16 * kGiB, 12 * kGiB);
+  AdmissionResult result = Admit(Register(8 * kGiB, "vm", 32 * kGiB), node, FleetFacts(), {});
+  EXPECT_EQ(result.status.message(),
+            "ENOMEM: node \"n1\": the agent's --max_pinned_bytes 32 GiB: 28 GiB required + 8 GiB "
+            "requested = 36 GiB, over by 4 GiB");
+  EXPECT_TRUE(Admit(Register(4 * kGiB, "vm", 32 * kGiB), node, FleetFacts(), {}).status.ok());
+  // The same region again (another container) costs nothing, so it is admitted.
+  v1::CreateIntentRequest again = Register(16 * kGiB, "vm", 0);
+  again.set_container("c2");
+  EXPECT_TRUE(Admit(again, node, FleetFacts(), {}).status.ok());
+  // The physical memory, and a context's memlock limit, count what is required there.
+  node.max_pinned_bytes = 0;
+  node.max_region_bytes = 0;
+  result = Admit(Register(40 * kGiB, "vm", 32 * kGiB), node, FleetFacts(), {});
+  EXPECT_TRUE(absl::StrContains(result.status.message(),
+                                "the node's physical memory 64 GiB: 28 GiB required + 40 GiB"))
+      << result.status;
+  EXPECT_EQ(Admit(Register(40 * kGiB, "db", 0), node, FleetFacts(), {}).status.code(),
+            absl::StatusCode::kResourceExhausted)
+      << "the node's memory is shared by its contexts";
+  node.AddRequiredRegion("small", 0, kGiB / 2);
+  result = Admit(Register(kGiB / 2, "small", kGiB), node, FleetFacts(), {});
+  EXPECT_TRUE(absl::StrContains(result.status.message(),
+                                "the memlock limit of context \"small\" 1023.94 MiB"))
+      << result.status;
+  // Unregisters consume nothing.
+  EXPECT_TRUE(Admit(Request(v1::INTENT_KIND_UNREGISTER, "n1", "vm", "c1", 0, 64 * kGiB), node,
+                    FleetFacts(), {})
+                  .status.ok());
+  // Unknown limits (0) limit nothing.
+  EXPECT_TRUE(Admit(Register(1024 * kGiB), Node("n1", "a"), FleetFacts(), {}).status.ok());
 }
 
 TEST(AdmissionTest, TightestBudget) {

@@ -13,14 +13,22 @@
 //    i mod N, a new region), --concurrency CreateIntent calls in flight; each timed from its call
 //    to the "intent_satisfied" event on WatchEvents (decision sent, applied by the simulated
 //    agent, result back): p50/p99/max;
+//  - admin reads with budgeted policies while decisions flow: two policies with pinned-bytes
+//    budgets cover the fleet during the burst, and a reader calls ListNodes (the whole fleet)
+//    and GetNode (random nodes) every --read_interval_ms until the burst ends: p50/p99/max of
+//    each (their figures are the pools' sums, which the server once recomputed per node);
 //  - counter ingestion: every agent sends Deltas back to back for --flood_seconds, each with
 //    --flood_regions changed regions; region updates / s from the flood's start until the server's
 //    metrics show every agent's final counters;
 //  - the simulator's own CPU and RSS.
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
+#include <random>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -48,6 +56,10 @@ ABSL_FLAG(int32_t, flood_seconds, 10, "Duration of the counter-ingestion flood."
 ABSL_FLAG(int32_t, flood_regions, 100, "Regions changed per Delta during the flood.");
 ABSL_FLAG(int32_t, idle_seconds, 10, "Duration of the idle (heartbeats only) CPU measurement.");
 ABSL_FLAG(int32_t, report_interval_ms, 1000, "The server's --report_interval_ms.");
+ABSL_FLAG(int32_t, read_interval_ms, 100,
+          "Pause between rounds of admin reads (one ListNodes, then --get_node_calls GetNode) "
+          "during the decision burst.");
+ABSL_FLAG(int32_t, get_node_calls, 10, "GetNode calls per round of admin reads.");
 ABSL_FLAG(int32_t, timeout_seconds, 600, "Timeout of each phase.");
 ABSL_FLAG(std::string, server_args, "", "Extra server flags, comma-separated.");
 
@@ -71,6 +83,9 @@ struct Figures {
   uint64_t series = 0;
   double scrape_after_s = 0;
   double p50_ms = 0, p99_ms = 0, max_ms = 0;
+  double list_p50_ms = 0, list_p99_ms = 0, list_max_ms = 0;
+  double get_p50_ms = 0, get_p99_ms = 0, get_max_ms = 0;
+  uint64_t list_calls = 0, get_calls = 0, read_errors = 0;
   double intents_per_s = 0;
   uint64_t burst_missing = 0;
   double ingest_per_s = 0;
@@ -85,6 +100,62 @@ void Line(int agents, const std::string& text) {
 }
 
 // Polls the metrics until `done` holds for the exposition; the time it first held, or nullopt.
+// Admin reads on their own thread until Stop(): rounds of one ListNodes and `get_calls` GetNode
+// on random nodes, `interval` apart, each timed.
+class AdminReader {
+ public:
+  AdminReader(v1::Admin::Stub* admin, const FleetSim* sim, int get_calls, absl::Duration interval)
+      : thread_([=] { Run(admin, sim, get_calls, interval); }) {}
+  ~AdminReader() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  std::vector<double> list_ms, get_ms;  // read after Stop()
+  uint64_t errors = 0;
+  std::string first_error;
+  size_t last_list_size = 0;
+
+ private:
+  void Run(v1::Admin::Stub* admin, const FleetSim* sim, int get_calls, absl::Duration interval) {
+    std::mt19937_64 rng(3);
+    auto failed = [&](const grpc::Status& status) {
+      if (errors++ == 0) first_error = status.error_message();
+    };
+    while (!stop_) {
+      {
+        grpc::ClientContext context;
+        v1::ListNodesResponse response;
+        const absl::Time start = absl::Now();
+        const grpc::Status status = admin->ListNodes(&context, v1::ListNodesRequest(), &response);
+        if (status.ok()) {
+          list_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - start));
+          last_list_size = static_cast<size_t>(response.nodes_size());
+        } else {
+          failed(status);
+        }
+      }
+      for (int i = 0; i < get_calls && !stop_; ++i) {
+        grpc::ClientContext context;
+        v1::GetNodeRequest request;
+        request.set_name(sim->NodeName(static_cast<int>(rng() % sim->size())));
+        v1::Node node;
+        const absl::Time start = absl::Now();
+        const grpc::Status status = admin->GetNode(&context, request, &node);
+        if (status.ok()) {
+          get_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - start));
+        } else {
+          failed(status);
+        }
+      }
+      absl::SleepFor(interval);
+    }
+  }
+
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
 template <typename Done>
 std::optional<absl::Time> AwaitMetrics(int port, absl::Duration timeout, Done done) {
   const absl::Time deadline = absl::Now() + timeout;
@@ -210,9 +281,27 @@ Figures Round(int n) {
     request.set_size(kRegionSize);
     requests.push_back(std::move(request));
   }
+  // Budgeted policies over the fleet: admission and every node's budget figures use the pools'
+  // sums (a pool of the bench's nodes and one of every node), with room for the whole burst.
+  for (const auto& [name, pool] : {std::pair<std::string, std::string>{"bench-pool", "bench"},
+                                   std::pair<std::string, std::string>{"fleet", ""}}) {
+    v1::SetPolicyRequest request;
+    request.mutable_policy()->set_name(name);
+    if (!pool.empty()) (*request.mutable_policy()->mutable_node_selector())["pool"] = pool;
+    request.mutable_policy()->set_pinned_bytes_budget(uint64_t{1} << 60);
+    grpc::ClientContext context;
+    v1::Policy set;
+    if (grpc::Status status = server.admin()->SetPolicy(&context, request, &set); !status.ok()) {
+      f.ok = false;
+      Line(n, "SetPolicy " + name + ": " + status.error_message());
+    }
+  }
   const FleetSimStats before_burst = sim.Stats();
+  AdminReader reader(server.admin(), &sim, absl::GetFlag(FLAGS_get_node_calls),
+                     absl::Milliseconds(absl::GetFlag(FLAGS_read_interval_ms)));
   BurstResult burst = RunDecisionBurst(conformance::MakeChannel(server.target()), requests,
                                        absl::GetFlag(FLAGS_concurrency), timeout);
+  reader.Stop();
   const FleetSimStats after_burst = sim.Stats();
   f.p50_ms = Percentile(burst.latency_ms, 50);
   f.p99_ms = Percentile(burst.latency_ms, 99);
@@ -232,6 +321,39 @@ Figures Round(int n) {
            burst.first_error.empty() ? "" : " (" + burst.first_error + ")",
            static_cast<int64_t>(burst.satisfied), static_cast<int64_t>(burst.unobserved),
            static_cast<int64_t>(after_burst.decisions_applied - before_burst.decisions_applied)));
+
+  f.list_calls = reader.list_ms.size();
+  f.get_calls = reader.get_ms.size();
+  f.read_errors = reader.errors;
+  f.list_p50_ms = Percentile(reader.list_ms, 50);
+  f.list_p99_ms = Percentile(reader.list_ms, 99);
+  f.list_max_ms = Percentile(reader.list_ms, 100);
+  f.get_p50_ms = Percentile(reader.get_ms, 50);
+  f.get_p99_ms = Percentile(reader.get_ms, 99);
+  f.get_max_ms = Percentile(reader.get_ms, 100);
+  Line(n, absl::StrFormat(
+              "admin reads with 2 budgeted policies during the burst (every %d ms: ListNodes, "
+              "then %d GetNode): ListNodes (%d nodes) p50 %.1f ms, p99 %.1f ms, max %.1f ms over "
+              "%d calls; GetNode p50 %.2f ms, p99 %.2f ms, max %.2f ms over %d calls; %d errors%s "
+              "(target p99 <= 100 ms)",
+              absl::GetFlag(FLAGS_read_interval_ms), absl::GetFlag(FLAGS_get_node_calls),
+              static_cast<int64_t>(reader.last_list_size), f.list_p50_ms, f.list_p99_ms,
+              f.list_max_ms, static_cast<int64_t>(f.list_calls), f.get_p50_ms, f.get_p99_ms,
+              f.get_max_ms, static_cast<int64_t>(f.get_calls), static_cast<int64_t>(f.read_errors),
+              reader.first_error.empty() ? "" : " (" + reader.first_error + ")"));
+  const bool reads_ok = f.read_errors == 0 && f.list_calls > 0 && f.get_calls > 0;
+  std::printf(
+      "RATIO list_nodes_budgeted_%d: p99=%.1fms (p50 %.1f, max %.1f, %d calls, %d nodes) "
+      "target<=100ms %s\n",
+      n, f.list_p99_ms, f.list_p50_ms, f.list_max_ms, static_cast<int>(f.list_calls),
+      static_cast<int>(reader.last_list_size), reads_ok && f.list_p99_ms <= 100 ? "PASS" : "FAIL");
+  std::printf(
+      "RATIO get_node_budgeted_%d: p99=%.2fms (p50 %.2f, max %.2f, %d calls) "
+      "target<=100ms %s\n",
+      n, f.get_p99_ms, f.get_p50_ms, f.get_max_ms, static_cast<int>(f.get_calls),
+      reads_ok && f.get_p99_ms <= 100 ? "PASS" : "FAIL");
+  std::fflush(stdout);
+  if (!reads_ok) f.ok = false;
 
   // --- Counter ingestion ---
   sim.AwaitFlushed(absl::Seconds(30));
@@ -326,20 +448,22 @@ int Main() {
   for (int n : sizes) all.push_back(Round(n));
 
   std::printf(
-      "\nsummary (targets: p99 <= 100 ms, ingestion >= 200000 region updates/s, "
-      "/metrics <= 1 s):\n");
-  std::printf("%8s %10s %9s %9s %9s %10s %10s %12s %9s %9s %10s %9s\n", "agents", "connect_s",
-              "p50_ms", "p99_ms", "max_ms", "intents/s", "ingest/s", "scrape_s", "scrapeMiB",
-              "KiB/agt", "idleCPU%", "simCPU_s");
+      "\nsummary (targets: p99 <= 100 ms, ListNodes/GetNode p99 <= 100 ms, ingestion >= "
+      "200000 region updates/s, /metrics <= 1 s):\n");
+  std::printf("%8s %10s %9s %9s %9s %10s %10s %10s %12s %9s %9s %10s %9s\n", "agents", "connect_s",
+              "p50_ms", "p99_ms", "max_ms", "list_p99", "intents/s", "ingest/s", "scrape_s",
+              "scrapeMiB", "KiB/agt", "idleCPU%", "simCPU_s");
   bool all_met = true;
   for (const Figures& f : all) {
     std::printf(
-        "%8d %10.2f %9.1f %9.1f %9.1f %10.0f %10.0f %5.3f/%5.3f %9.2f %9.1f %10.1f %9.1f%s\n",
-        f.agents, f.connect_s, f.p50_ms, f.p99_ms, f.max_ms, f.intents_per_s, f.ingest_per_s,
-        f.scrape_s, f.scrape_after_s, f.scrape_mib, f.rss_per_agent_kib, f.idle_cpu_pct,
-        f.sim_cpu_s, f.ok ? "" : "  (incomplete)");
-    const bool met = f.ok && f.p99_ms <= 100 && f.burst_missing == 0 && f.ingest_per_s >= 200000 &&
-                     f.scrape_s <= 1 && f.scrape_after_s <= 1;
+        "%8d %10.2f %9.1f %9.1f %9.1f %10.1f %10.0f %10.0f %5.3f/%5.3f %9.2f %9.1f %10.1f "
+        "%9.1f%s\n",
+        f.agents, f.connect_s, f.p50_ms, f.p99_ms, f.max_ms, f.list_p99_ms, f.intents_per_s,
+        f.ingest_per_s, f.scrape_s, f.scrape_after_s, f.scrape_mib, f.rss_per_agent_kib,
+        f.idle_cpu_pct, f.sim_cpu_s, f.ok ? "" : "  (incomplete)");
+    const bool met = f.ok && f.p99_ms <= 100 && f.list_p99_ms <= 100 && f.get_p99_ms <= 100 &&
+                     f.burst_missing == 0 && f.ingest_per_s >= 200000 && f.scrape_s <= 1 &&
+                     f.scrape_after_s <= 1;
     all_met = all_met && met;
     std::printf("%8s targets %s\n", "", met ? "met" : "NOT met");
   }
