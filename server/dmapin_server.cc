@@ -53,6 +53,16 @@ ABSL_FLAG(bool, per_region_metrics, false,
           "fleet scale per-region series are the cardinality that hurts Prometheus.");
 ABSL_FLAG(uint32_t, max_region_series, 1000, "Cap on per-region series when they are enabled.");
 
+ABSL_FLAG(uint32_t, max_watchers, 256,
+          "Most Admin.WatchEvents streams open at once; more are refused (RESOURCE_EXHAUSTED, "
+          "ENOSPC).");
+ABSL_FLAG(uint32_t, watch_max_lag_events, 10000,
+          "A WatchEvents watcher with this many events queued (it does not read) is dropped: its "
+          "stream ends with RESOURCE_EXHAUSTED \"ENOBUFS: ... fell N events behind; reconnect\".");
+ABSL_FLAG(uint64_t, watch_buffer_bytes, 64ull << 20,
+          "Bytes of events queued for all WatchEvents watchers together; when full, the watcher "
+          "furthest behind is dropped as above.");
+
 namespace dmapin {
 namespace {
 
@@ -78,7 +88,10 @@ int Run() {
       .reconcile_interval = absl::Milliseconds(absl::GetFlag(FLAGS_reconcile_interval_ms)),
       .decision_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_decision_timeout_ms)),
       .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
-      .decision_history = absl::GetFlag(FLAGS_decision_history)});
+      .decision_history = absl::GetFlag(FLAGS_decision_history),
+      .max_watchers = absl::GetFlag(FLAGS_max_watchers),
+      .watch_max_lag_events = absl::GetFlag(FLAGS_watch_max_lag_events),
+      .watch_buffer_bytes = absl::GetFlag(FLAGS_watch_buffer_bytes)});
   if (!core.ok()) {
     std::fprintf(stderr, "dmapin-server: loading %s failed, refusing to serve: %s\n",
                  state_dir.c_str(), core.status().ToString().c_str());

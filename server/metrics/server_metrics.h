@@ -33,9 +33,13 @@
 //   dmapin_server_stream_messages_sent_total         counter, server -> agent decisions
 //   dmapin_server_agent_connects_total               counter
 //   dmapin_server_agent_disconnects_total            counter
-//   dmapin_server_watch_events_dropped               gauge (NOT a counter: it sums the open
-//                                                    WatchEvents subscriptions only, so it falls
-//                                                    when a lossy subscriber goes away)
+//   dmapin_server_watchers                           gauge, WatchEvents streams open
+//   dmapin_server_watch_buffered_bytes               gauge, bytes queued for them together
+//   dmapin_server_watchers_dropped_total{reason}     counter, streams ended for falling behind:
+//                                                    lag, buffer (always both present)
+//   dmapin_server_watchers_refused_total             counter, streams refused (--max_watchers)
+//   dmapin_server_watch_events_dropped               gauge that only grows: events discarded with
+//                                                    the dropped watchers since start
 //   dmapin_server_store_failures_total               counter, failed commits/id allocations
 //   dmapin_server_reconcile_passes_total             counter
 //   dmapin_server_decision_records_pruned_total      counter, records deleted beyond
