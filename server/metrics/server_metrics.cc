@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "common/connection_metrics.h"
 #include "common/metrics_util.h"
 #include "dmapin/v1/admin.pb.h"
 #include "prometheus/client_metric.h"
@@ -448,6 +449,7 @@ std::vector<MetricFamily> ServerMetrics::Collect() {
   CollectControlPlane(snapshot, out);
   CollectReconcile(snapshot.counters, out);
   CollectFleet(snapshot, options_, out);
+  if (options_.listener != nullptr) AddConnectionMetrics(out, "dmapin_server_", *options_.listener);
   AddProcessMetrics(out);
   return out;
 }
