@@ -38,6 +38,7 @@
 #include "agent/vfio/vfio_kernel.h"
 #include "common/flags.h"
 #include "common/net.h"
+#include "common/server_limits.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -232,6 +233,8 @@ int Run() {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before anything opens a descriptor: connections are limited below what this allows.
+  const uint64_t fd_limit = RaiseFdLimit();
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<PinBackend>> backend = MakeBackend();
   if (!backend.ok()) {
@@ -279,6 +282,39 @@ int Run() {
     return 1;
   }
 
+  // The listening sockets first: the metrics export their connection counts.
+  const ServerLimits limits = ServerLimitsFromFlags();
+  ConnectionListener listener(MaxConnectionsFor(limits.max_connections, fd_limit));
+  std::vector<std::string> listening;
+  const std::string tcp = absl::GetFlag(FLAGS_tcp_address);
+  int tcp_port = 0;
+  if (!tcp.empty()) {
+    absl::StatusOr<int> port = listener.Listen(tcp);
+    if (!port.ok()) {
+      std::fprintf(stderr, "dmapin-agent: could not listen on %s: %s\n", tcp.c_str(),
+                   port.status().ToString().c_str());
+      return 1;
+    }
+    tcp_port = *port;
+    listening.push_back(tcp);
+  }
+  const std::string uds = absl::GetFlag(FLAGS_uds_path);
+  if (!uds.empty()) {
+    std::error_code ignored;
+    std::filesystem::create_directories(std::filesystem::path(uds).parent_path(), ignored);
+    std::filesystem::remove(uds, ignored);  // a stale socket from a previous run
+    if (absl::StatusOr<int> port = listener.Listen("unix:" + uds); !port.ok()) {
+      std::fprintf(stderr, "dmapin-agent: could not listen on unix:%s: %s\n", uds.c_str(),
+                   port.status().ToString().c_str());
+      return 1;
+    }
+    listening.push_back("unix:" + uds);
+  }
+  if (listening.empty()) {
+    std::fprintf(stderr, "dmapin-agent: neither --tcp_address nor --uds_path is set\n");
+    return 2;
+  }
+
   // Metrics are recorded only when they are served.
   const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
   std::unique_ptr<AgentMetrics> metrics;
@@ -286,7 +322,7 @@ int Run() {
   int metrics_port = 0;
   if (!metrics_address.empty()) {
     metrics = std::make_unique<AgentMetrics>(
-        AgentMetricsOptions{.agent = agent->get(), .store = store->get()});
+        AgentMetricsOptions{.agent = agent->get(), .store = store->get(), .listener = &listener});
     absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
     if (!started.ok()) {
       std::fprintf(stderr, "dmapin-agent: --metrics_address=%s: %s\n", metrics_address.c_str(),
@@ -303,32 +339,15 @@ int Run() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  std::vector<std::string> listening;
-  const std::string tcp = absl::GetFlag(FLAGS_tcp_address);
-  int tcp_port = 0;
-  if (!tcp.empty()) {
-    builder.AddListeningPort(tcp, grpc::InsecureServerCredentials(), &tcp_port);
-    listening.push_back(tcp);
-  }
-  const std::string uds = absl::GetFlag(FLAGS_uds_path);
-  if (!uds.empty()) {
-    std::error_code ignored;
-    std::filesystem::create_directories(std::filesystem::path(uds).parent_path(), ignored);
-    std::filesystem::remove(uds, ignored);  // a stale socket from a previous run
-    builder.AddListeningPort("unix:" + uds, grpc::InsecureServerCredentials());
-    listening.push_back("unix:" + uds);
-  }
-  if (listening.empty()) {
-    std::fprintf(stderr, "dmapin-agent: neither --tcp_address nor --uds_path is set\n");
-    return 2;
-  }
+  // No listening port: `listener` accepts the connections and hands them to the server.
+  ApplyServerLimits(limits, builder);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || (!tcp.empty() && tcp_port == 0)) {
-    std::fprintf(stderr, "dmapin-agent: could not listen on %s\n",
-                 absl::StrJoin(listening, ", ").c_str());
+  if (server == nullptr) {
+    std::fprintf(stderr, "dmapin-agent: could not start the gRPC server\n");
     return 1;
   }
+  listener.Start(server.get());
   // The control stream starts once the node is served: decisions may arrive at once.
   std::unique_ptr<ControlClient> control;
   if (const std::string address = absl::GetFlag(FLAGS_server); !address.empty()) {
@@ -358,6 +377,8 @@ int Run() {
     std::fprintf(stderr, "dmapin-agent: metrics on http://%s/metrics (metrics port %d)\n",
                  WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
+  std::fprintf(stderr, "dmapin-agent: at most %zu connections (fd limit %llu)\n",
+               listener.max_connections(), static_cast<unsigned long long>(fd_limit));
   if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
   const RegistryLimits limits = (*agent)->registry().limits();
   std::fprintf(stderr, "dmapin-agent: limits: %llu bytes per region, %llu bytes pinned\n",
@@ -387,6 +408,7 @@ int Run() {
   watchdog.join();
   health->SetServingStatus(false);
   if (control != nullptr) control->Stop();
+  listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // The exposer's threads read the metrics, which read the agent: stop them first.
   exposer.reset();

@@ -31,8 +31,9 @@ std::vector<char*> InitBinary(int argc, char** argv, absl::string_view usage,
                               absl::string_view flags_file) {
   absl::SetProgramUsageMessage(usage);
   absl::FlagsUsageConfig config;
+  // Flags defined in common/ (e.g. the server limits) are the binaries' own too.
   config.contains_help_flags = [file = std::string(flags_file)](absl::string_view path) {
-    return absl::StrContains(path, file);
+    return absl::StrContains(path, file) || absl::StartsWith(path, "common/");
   };
   absl::SetFlagsUsageConfig(config);
   std::vector<char*> positional = ParseFlagsOrExit(argc, argv);

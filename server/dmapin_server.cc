@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "common/flags.h"
 #include "common/net.h"
+#include "common/server_limits.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -59,6 +60,15 @@ ABSL_FLAG(bool, per_region_metrics, false,
           "Export one series per region (bounded by --max_region_series). Off by default: at "
           "fleet scale per-region series are the cardinality that hurts Prometheus.");
 ABSL_FLAG(uint32_t, max_region_series, 1000, "Cap on per-region series when they are enabled.");
+ABSL_FLAG(uint32_t, max_watchers, 256,
+          "Most Admin.WatchEvents streams open at once; more are refused (RESOURCE_EXHAUSTED, "
+          "ENOSPC).");
+ABSL_FLAG(uint32_t, watch_max_lag_events, 10000,
+          "A WatchEvents watcher with this many events queued (it does not read) is dropped: its "
+          "stream ends with RESOURCE_EXHAUSTED \"ENOBUFS: ... fell N events behind; reconnect\".");
+ABSL_FLAG(uint64_t, watch_buffer_bytes, 64ull << 20,
+          "Bytes of events queued for all WatchEvents watchers together; when full, the watcher "
+          "furthest behind is dropped as above.");
 
 namespace dmapin {
 namespace {
@@ -71,6 +81,8 @@ int Run() {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before anything opens a descriptor: connections are limited below what this allows.
+  const uint64_t fd_limit = RaiseFdLimit();
 
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<SqliteServerStore>> store = SqliteServerStore::Open(
@@ -88,10 +100,23 @@ int Run() {
       .lost_decision_backoff =
           absl::Milliseconds(absl::GetFlag(FLAGS_lost_decision_backoff_ms)),
       .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
-      .decision_history = absl::GetFlag(FLAGS_decision_history)});
+      .decision_history = absl::GetFlag(FLAGS_decision_history),
+      .max_watchers = absl::GetFlag(FLAGS_max_watchers),
+      .watch_max_lag_events = absl::GetFlag(FLAGS_watch_max_lag_events),
+      .watch_buffer_bytes = absl::GetFlag(FLAGS_watch_buffer_bytes)});
   if (!core.ok()) {
     std::fprintf(stderr, "dmapin-server: loading %s failed, refusing to serve: %s\n",
                  state_dir.c_str(), core.status().ToString().c_str());
+    return 1;
+  }
+
+  const ServerLimits limits = ServerLimitsFromFlags();
+  ConnectionListener listener(MaxConnectionsFor(limits.max_connections, fd_limit));
+  const std::string address = absl::GetFlag(FLAGS_grpc_address);
+  absl::StatusOr<int> port = listener.Listen(address);
+  if (!port.ok()) {
+    std::fprintf(stderr, "dmapin-server: could not listen on %s: %s\n", address.c_str(),
+                 port.status().ToString().c_str());
     return 1;
   }
 
@@ -103,7 +128,8 @@ int Run() {
     metrics = std::make_unique<ServerMetrics>(
         core->get(),
         ServerMetricsOptions{.per_region_series = absl::GetFlag(FLAGS_per_region_metrics),
-                             .max_region_series = absl::GetFlag(FLAGS_max_region_series)});
+                             .max_region_series = absl::GetFlag(FLAGS_max_region_series),
+                             .listener = &listener});
     try {
       exposer = std::make_unique<prometheus::Exposer>(metrics_address, /*num_threads=*/1);
     } catch (const std::exception& e) {
@@ -121,33 +147,32 @@ int Run() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  const std::string address = absl::GetFlag(FLAGS_grpc_address);
-  int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
-  // Agents ping every 30 s on a stream the server rarely writes to; accept that instead of
-  // answering with GOAWAY (too_many_pings).
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // No listening port: `listener` accepts the connections and hands them to the server.
+  ApplyServerLimits(limits, builder);
   builder.RegisterService(&admin);
   builder.RegisterService(&control);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    std::fprintf(stderr, "dmapin-server: could not listen on %s\n", address.c_str());
+  if (server == nullptr) {
+    std::fprintf(stderr, "dmapin-server: could not start the gRPC server\n");
     return 1;
   }
+  listener.Start(server.get());
   server->GetHealthCheckService()->SetServingStatus(true);
   if (exposer != nullptr) {
     std::fprintf(stderr, "dmapin-server: metrics on http://%s/metrics (metrics port %d)\n",
                  WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
+  std::fprintf(stderr, "dmapin-server: at most %zu connections (fd limit %llu)\n",
+               listener.max_connections(), static_cast<unsigned long long>(fd_limit));
   std::fprintf(stderr, "dmapin-server: epoch %llu, state %s, serving on %s (tcp port %d)\n",
                static_cast<unsigned long long>((*core)->epoch()), state_dir.c_str(),
-               WithPort(address, port).c_str(), port);
+               WithPort(address, *port).c_str(), *port);
 
   int signal = 0;
   sigwait(&signals, &signal);
   std::fprintf(stderr, "dmapin-server: signal %d, shutting down\n", signal);
   server->GetHealthCheckService()->SetServingStatus(false);
+  listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // The exposer's threads read the metrics, which read the core: stop them first.
   exposer.reset();

@@ -308,7 +308,7 @@ absl::Status NoSuchContext(absl::string_view name) {
 
 absl::Status NodeAgent::CheckWritable() const {
   if (store_failed_.load(std::memory_order_acquire)) {
-    return ErrnoStatus(EIO, absl::StatusCode::kUnavailable,
+    return ErrnoStatus(EIO,
                        "the state store failed earlier; this agent refuses changes until it is "
                        "restarted and rebuilds from what was acknowledged");
   }
@@ -332,7 +332,7 @@ absl::Status NodeAgent::StoreOutcome(absl::Status status) {
   if (status.ok()) return status;
   store_failed_.store(true, std::memory_order_release);
   store_commit_failures_.fetch_add(1, std::memory_order_relaxed);
-  return ErrnoStatus(EIO, absl::StatusCode::kUnavailable,
+  return ErrnoStatus(EIO,
                      absl::StrCat("applied but could not be made durable, so not acknowledged; "
                                   "the agent now refuses changes until restarted: ",
                                   status.message()));

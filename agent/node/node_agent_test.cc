@@ -229,6 +229,7 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
   }});
   absl::Status status = agent_->MapDma("c1", 0, kBase, k64K);
   EXPECT_EQ(ErrnoOf(status), EIO) << status;
+  EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;  // README "Errors"
   EXPECT_FALSE(agent_->healthy());
   EXPECT_EQ(agent_->Status().store_commit_failures, 1u);
   EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c1", "vm-1", kBase + k1M, k1M).status()), EIO);
@@ -261,8 +262,11 @@ TEST_F(NodeAgentTest, CommitFailureStopsChangesUntilRestart) {
   Restart({.fail_commit_hook = [](int) { return absl::UnavailableError("injected"); }});
   absl::Status status = agent_->RegisterRegion("c1", "vm-1", kBase + k1M, k1M).status();
   EXPECT_EQ(ErrnoOf(status), EIO) << status;
+  EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
   EXPECT_FALSE(agent_->healthy());
-  EXPECT_EQ(ErrnoOf(agent_->MapDma("c1", k64K, kBase, k64K)), EIO);
+  const absl::Status refused = agent_->MapDma("c1", k64K, kBase, k64K);
+  EXPECT_EQ(ErrnoOf(refused), EIO);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInternal) << refused;
   agent_.reset();
   Restart();
   EXPECT_EQ(Snapshot(*agent_), before);  // the journaled map survived, the failed register not

@@ -30,6 +30,7 @@ constexpr ErrnoEntry kErrnos[] = {
     {EACCES, "EACCES", absl::StatusCode::kPermissionDenied},
     {EBADF, "EBADF", absl::StatusCode::kNotFound},
     {ENOSPC, "ENOSPC", absl::StatusCode::kResourceExhausted},
+    {ENOBUFS, "ENOBUFS", absl::StatusCode::kResourceExhausted},
     {EOVERFLOW, "EOVERFLOW", absl::StatusCode::kOutOfRange},
     {ENOSYS, "ENOSYS", absl::StatusCode::kUnimplemented},
 };

@@ -6,6 +6,7 @@
 
 #include "absl/status/statusor.h"
 #include "agent/registry/errno_status.h"
+#include "common/connection_metrics.h"
 #include "common/metrics_util.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"
@@ -309,6 +310,7 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
   container_users.MoveTo(out);
   container_installed.MoveTo(out);
 
+  if (options_.listener != nullptr) AddConnectionMetrics(out, "dmapin_agent_", *options_.listener);
   AddProcessMetrics(out);
   return out;
 }

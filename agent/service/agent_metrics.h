@@ -28,6 +28,9 @@
 //   dmapin_agent_store_transactions_total            counter (only with a store; < commits when
 //                                                    group commit batched concurrent commits)
 //   dmapin_agent_store_rows_written_total            counter (only with a store)
+//   dmapin_agent_grpc_connections, _grpc_connections_limit, _grpc_connections_accepted_total,
+//   _grpc_connections_refused_total{reason}          the gRPC listener (only with one; see
+//                                                    common/connection_metrics.h)
 //   dmapin_agent_registers_total, _register_failures_total, _unregisters_total,
 //   _unregister_failures_total, _unregister_ebusy_total, _pin_failures_total,
 //   _register_limit_refusals_total, _allocation_failures_total, _maps_total,
@@ -70,6 +73,7 @@
 #include "agent/node/node_agent.h"
 #include "agent/store/state_store.h"
 #include "common/mutex.h"
+#include "common/server_limits.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -108,6 +112,8 @@ struct AgentMetricsOptions {
   const NodeAgent* agent = nullptr;
   // Not owned; must outlive the metrics. nullptr: no dmapin_agent_store_*_total series.
   const StateStore* store = nullptr;
+  // Not owned; must outlive the metrics. nullptr: no dmapin_agent_grpc_connections* series.
+  const ConnectionListener* listener = nullptr;
   // The version label of dmapin_agent_info.
   std::string version = "dmapin-agent 0.1";
 };

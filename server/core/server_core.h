@@ -17,10 +17,12 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
@@ -40,33 +42,65 @@ class AgentSession {
   virtual bool Send(const v1::ServerMessage& message) = 0;
 };
 
-// A WatchEvents subscriber's queue. Bounded: a subscriber that does not keep up loses the oldest
-// events (counted), never slows the server.
+// What all WatchEvents subscriptions have queued together, in bytes (shared with them: a
+// subscription may outlive the core by the length of its stream).
+struct EventBacklog {
+  std::atomic<uint64_t> bytes{0};
+};
+
+// A WatchEvents subscriber's queue. Events are shared by every subscription they go to, so a
+// watcher costs a pointer per queued event. Bounded: a subscriber that falls behind is dropped
+// (ServerCore ends it with a status saying so, and its queue is released at once), never slows the
+// server and never holds memory without bound.
 class EventSubscription {
  public:
-  explicit EventSubscription(std::string node_filter) : node_filter_(std::move(node_filter)) {}
+  using EventPtr = std::shared_ptr<const v1::Event>;
+
+  EventSubscription(std::string node_filter, std::shared_ptr<EventBacklog> backlog)
+      : node_filter_(std::move(node_filter)), backlog_(std::move(backlog)) {}
+  ~EventSubscription();
   // The next event, waiting up to `timeout`; nullopt on timeout or once closed.
   std::optional<v1::Event> Next(absl::Duration timeout);
-  // The next event if one is queued.
-  std::optional<v1::Event> TryNext();
-  // Called (outside the subscription's lock, on the emitting thread) after each queued event,
-  // so a streaming reactor can write without a thread of its own. Cleared by Close.
+  // The next event if one is queued, else null.
+  EventPtr TryNext();
+  // Called (outside the subscription's lock, on the emitting thread) when an event is queued
+  // while the queue was empty, and once when the server drops the subscription, so a streaming
+  // reactor can write without a thread of its own (it drains the queue itself after each
+  // write). Cleared once closed.
   void SetListener(std::function<void()> listener);
+  // The subscriber went away: ends the subscription and releases its queue.
   void Close();
   bool closed() const;
-  uint64_t dropped() const;
+  // Why the server ended the subscription (ENOBUFS when it fell behind); OK while open or when it
+  // was closed by its subscriber or the core's shutdown.
+  absl::Status end_status() const;
+  size_t queued() const;
+  uint64_t queued_bytes() const;
 
  private:
   friend class ServerCore;
-  static constexpr size_t kMaxQueued = 10000;
-  void Push(const v1::Event& event);
+  struct Queued {
+    EventPtr event;
+    uint64_t bytes = 0;
+  };
+  // Queues `event` (of `bytes`, charged to the backlog) unless closed or filtered out.
+  void Push(const EventPtr& event, uint64_t bytes);
+  bool Matches(const v1::Event& event) const {
+    return node_filter_.empty() || event.node() == node_filter_;
+  }
+  // queued() and queued_bytes() at one instant.
+  std::pair<size_t, uint64_t> Backlog() const;
+  // Ends the subscription with `why`; returns how many queued events were discarded.
+  size_t End(absl::Status why);
 
   const std::string node_filter_;
+  const std::shared_ptr<EventBacklog> backlog_;
   mutable Mutex mu_;
   std::condition_variable_any cv_;
-  std::deque<v1::Event> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
+  uint64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
   std::function<void()> listener_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -90,6 +124,13 @@ struct ServerCoreOptions {
   size_t list_nodes_chunk = 256;
   // Tests: called between ListNodes' chunks, without the core's lock.
   std::function<void()> between_list_chunks;
+  // WatchEvents bounds: subscriptions open at once (more are refused with ENOSPC); events one
+  // subscriber may have queued before it is dropped; bytes queued for all subscribers together
+  // (when full, the subscriber furthest behind is dropped). A dropped subscriber's stream ends
+  // with RESOURCE_EXHAUSTED "ENOBUFS: ... fell N events behind; reconnect".
+  size_t max_watchers = 256;
+  size_t watch_max_lag_events = 10000;
+  uint64_t watch_buffer_bytes = 64ull << 20;
 };
 
 // Counters of the control plane, for metrics.
@@ -106,7 +147,14 @@ struct ServerCounters {
   uint64_t stream_messages_sent = 0;
   uint64_t agent_connects = 0;
   uint64_t agent_disconnects = 0;
+  // WatchEvents: subscriptions dropped for falling behind (by reason: "lag", past
+  // watch_max_lag_events, or "buffer", when all queues together were full), the events their
+  // queues held then, and subscriptions refused beyond max_watchers.
+  std::map<std::string, uint64_t> watchers_dropped;
   uint64_t events_dropped = 0;
+  uint64_t watchers_refused = 0;
+  uint64_t watchers = 0;              // open now
+  uint64_t watch_buffered_bytes = 0;  // queued for them now
   uint64_t store_failures = 0;
   uint64_t reconcile_passes = 0;
   uint64_t decisions_pruned = 0;  // decision records deleted by the history limit
@@ -175,7 +223,8 @@ class ServerCore {
   absl::StatusOr<v1::ListDecisionsResponse> ListDecisions(
       const v1::ListDecisionsRequest& request) const;
 
-  std::shared_ptr<EventSubscription> Subscribe(const std::string& node_filter);
+  // ENOSPC beyond options.max_watchers subscriptions.
+  absl::StatusOr<std::shared_ptr<EventSubscription>> Subscribe(const std::string& node_filter);
 
   // --- Metrics and tests ---------------------------------------------------------------------
   FleetMetricsSnapshot MetricsSnapshot(size_t max_regions) const;
@@ -317,6 +366,12 @@ class ServerCore {
   std::map<std::string, std::string> inflight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, v1::DecisionRecord> inflight_records_ ABSL_GUARDED_BY(mu_);
   std::vector<std::weak_ptr<EventSubscription>> subscribers_ ABSL_GUARDED_BY(mu_);
+  const std::shared_ptr<EventBacklog> event_backlog_ = std::make_shared<EventBacklog>();
+  // Drops `subscription` (fell behind for `reason`), counting it.
+  void DropWatcherLocked(EventSubscription& subscription, const std::string& reason,
+                         absl::string_view why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets subscriptions that ended; returns how many are open.
+  size_t PruneSubscribersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ServerCounters counters_ ABSL_GUARDED_BY(mu_);
   std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
   uint64_t intent_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // creation order for stable listing

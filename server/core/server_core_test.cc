@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "agent/registry/errno_status.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
 #include "gtest/gtest.h"
@@ -695,7 +696,7 @@ TEST_F(ServerCoreTest, DryRunAnswersWithoutStoringAnything) {
   policy.set_pinned_bytes_budget(2 * kMiB);
   SetPolicy(policy);
   auto a = Connect("node-a", {});
-  auto events = core_->Subscribe("");
+  auto events = *core_->Subscribe("");
 
   v1::CreateIntentRequest request = Register("node-a", 0, kMiB);
   request.set_dry_run(true);
@@ -719,7 +720,7 @@ TEST_F(ServerCoreTest, DryRunAnswersWithoutStoringAnything) {
   EXPECT_EQ(StoredIntents(), 0u);
   EXPECT_EQ(a->decision_count(), 0u);
   EXPECT_EQ(MustGetNode("node-a").required_bytes(), 0u);
-  while (std::optional<v1::Event> event = events->TryNext()) {
+  while (EventSubscription::EventPtr event = events->TryNext()) {
     EXPECT_NE(event->type(), "intent_created");
   }
 }
@@ -959,7 +960,7 @@ TEST_F(ServerCoreTest, DrainUnregistersEverythingOnTheNodeWithProgress) {
   const v1::Region r2 = MakeRegion("vm-1", 0x400000, 2 * kMiB, {"c1", "c2"}, 2, 2);
   auto a = Connect("node-a", {}, {r1, r2});
   auto b = Connect("node-b", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
-  auto events = core_->Subscribe("node-a");
+  auto events = *core_->Subscribe("node-a");
 
   absl::StatusOr<v1::Node> drained = core_->DrainNode("node-a");
   ASSERT_TRUE(drained.ok()) << drained.status();
@@ -1226,9 +1227,99 @@ TEST_F(ServerCoreTest, ReplacedSessionResendsOnlyWhatTheSnapshotLacks) {
 
 // --- (7) Events ---------------------------------------------------------------------------------
 
+// One event per call (policy_set, for every subscriber without a node filter).
+void EmitPolicyEvents(ServerCore& core, int n) {
+  for (int i = 0; i < n; ++i) {
+    v1::Policy policy;
+    policy.set_name(absl::StrCat("p", i));
+    ASSERT_TRUE(core.SetPolicy(policy).ok());
+  }
+}
+
+TEST_F(ServerCoreTest, AWatcherThatFallsTooFarBehindIsDroppedAndItsQueueReleased) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.watch_max_lag_events = 3; });
+  auto stuck = *core_->Subscribe("");
+  auto reader = *core_->Subscribe("");
+  EmitPolicyEvents(*core_, 3);
+  EXPECT_EQ(stuck->queued(), 3u);
+  while (reader->TryNext() != nullptr) {
+  }
+  EXPECT_GT(core_->MetricsSnapshot(0).counters.watch_buffered_bytes, 0u);
+
+  EmitPolicyEvents(*core_, 1);  // the fourth: `stuck` is 3 behind, at the limit
+  EXPECT_TRUE(stuck->closed());
+  EXPECT_EQ(stuck->queued(), 0u);
+  EXPECT_EQ(stuck->queued_bytes(), 0u);
+  const absl::Status why = stuck->end_status();
+  EXPECT_EQ(why.code(), absl::StatusCode::kResourceExhausted) << why;
+  EXPECT_EQ(ErrnoOf(why), ENOBUFS) << why;
+  EXPECT_TRUE(absl::StartsWith(why.message(), "ENOBUFS: the watcher fell 3 events behind")) << why;
+  EXPECT_TRUE(absl::StrContains(why.message(), "reconnect")) << why;
+  // The one that reads is untouched.
+  EXPECT_FALSE(reader->closed());
+  EXPECT_EQ(reader->queued(), 1u);
+
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.watchers_dropped.at("lag"), 1u);
+  EXPECT_EQ(counters.events_dropped, 3u);
+  EXPECT_EQ(counters.watchers, 1u);
+  EXPECT_EQ(counters.watch_buffered_bytes, reader->queued_bytes());
+}
+
+TEST_F(ServerCoreTest, WhenAllQueuesAreFullTheWatcherFurthestBehindIsDropped) {
+  uint64_t cost = 0;  // what one queued event is charged
+  {
+    auto probe = *core_->Subscribe("");
+    EmitPolicyEvents(*core_, 1);
+    cost = probe->queued_bytes();
+    ASSERT_GT(cost, 0u);
+  }
+  core_.reset();
+  // Room for four and a half events across all watchers.
+  const uint64_t budget = 4 * cost + cost / 2;
+  StartCore([budget](ServerCoreOptions& options) { options.watch_buffer_bytes = budget; });
+  auto far = *core_->Subscribe("");
+  EmitPolicyEvents(*core_, 2);
+  auto near = *core_->Subscribe("");
+  EmitPolicyEvents(*core_, 1);
+  ASSERT_FALSE(far->closed());
+  ASSERT_EQ(far->queued(), 3u);
+  ASSERT_EQ(near->queued(), 1u);
+  EmitPolicyEvents(*core_, 2);
+  EXPECT_TRUE(far->closed());
+  EXPECT_EQ(ErrnoOf(far->end_status()), ENOBUFS) << far->end_status();
+  EXPECT_TRUE(absl::StrContains(far->end_status().message(), "buffers were full"))
+      << far->end_status();
+  EXPECT_FALSE(near->closed());
+  EXPECT_EQ(near->queued(), 3u);
+  const ServerCounters counters = core_->MetricsSnapshot(0).counters;
+  EXPECT_EQ(counters.watchers_dropped.at("buffer"), 1u);
+  EXPECT_LE(counters.watch_buffered_bytes, budget);
+}
+
+TEST_F(ServerCoreTest, WatchersBeyondTheLimitAreRefusedUntilOneLeaves) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_watchers = 2; });
+  auto first = *core_->Subscribe("");
+  auto second = *core_->Subscribe("node-a");
+  absl::StatusOr<std::shared_ptr<EventSubscription>> third = core_->Subscribe("");
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StartsWith(third.status().message(), "ENOSPC: already 2 WatchEvents streams"))
+      << third.status();
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.watchers_refused, 1u);
+
+  EmitPolicyEvents(*core_, 2);
+  first->Close();  // the client went away: its queue goes at once
+  EXPECT_EQ(first->queued(), 0u);
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.watch_buffered_bytes, 0u);
+  EXPECT_TRUE(core_->Subscribe("").ok());
+}
+
 TEST_F(ServerCoreTest, WatchEventsReceivesTheIntentLifecycle) {
-  auto all = core_->Subscribe("");
-  auto only_b = core_->Subscribe("node-b");
+  auto all = *core_->Subscribe("");
+  auto only_b = *core_->Subscribe("node-b");
   auto a = Connect("node-a", {});
   std::optional<v1::Event> connected = WaitEvent(*all, "node_connected");
   ASSERT_TRUE(connected.has_value());
@@ -1258,7 +1349,7 @@ TEST_F(ServerCoreTest, WatchEventsReceivesTheIntentLifecycle) {
   EXPECT_EQ(event->intent_id(), created.id());
 
   // The node filter: nothing of node-a reaches node-b's subscriber.
-  while (std::optional<v1::Event> other = only_b->TryNext()) {
+  while (EventSubscription::EventPtr other = only_b->TryNext()) {
     ADD_FAILURE() << "node-b subscriber got " << other->ShortDebugString();
   }
   auto b = Connect("node-b", {});
@@ -1270,7 +1361,7 @@ TEST_F(ServerCoreTest, WatchEventsReceivesTheIntentLifecycle) {
   event = WaitEvent(*all, "node_disconnected");
   ASSERT_TRUE(event.has_value());
   EXPECT_EQ(event->node(), "node-b");
-  EXPECT_EQ(all->dropped(), 0u);
+  EXPECT_TRUE(all->end_status().ok()) << all->end_status();
 
   // Subscriptions end with the core.
   core_.reset();

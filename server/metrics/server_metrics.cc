@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "common/connection_metrics.h"
 #include "common/metrics_util.h"
 #include "dmapin/v1/admin.pb.h"
 #include "prometheus/client_metric.h"
@@ -161,11 +162,30 @@ void CollectControlPlane(const FleetMetricsSnapshot& snapshot, std::vector<Metri
   for (const auto& counter : kCounters) {
     AddScalar(out, counter.name, counter.help, MetricType::Counter, D(counter.value));
   }
-  // A gauge: ServerCore sums the drops of the subscriptions still open, so the value falls when a
-  // lossy subscriber goes away, which a counter must never do.
+  // WatchEvents. Both reasons always present, so a rate() over them never starts from nothing.
+  FamilyBuilder dropped("dmapin_server_watchers_dropped_total",
+                        "WatchEvents streams the server ended because the watcher fell behind: "
+                        "lag (past --watch_max_lag_events) or buffer (all watchers' queues "
+                        "together full, --watch_buffer_bytes).",
+                        MetricType::Counter);
+  for (const char* reason : {"buffer", "lag"}) {
+    auto it = c.watchers_dropped.find(reason);
+    dropped.Add(D(it == c.watchers_dropped.end() ? 0 : it->second), {{"reason", reason}});
+  }
+  dropped.MoveTo(out);
+  AddScalar(out, "dmapin_server_watchers_refused_total",
+            "WatchEvents streams refused beyond --max_watchers.", MetricType::Counter,
+            D(c.watchers_refused));
+  AddScalar(out, "dmapin_server_watchers", "WatchEvents streams open.", MetricType::Gauge,
+            D(c.watchers));
+  AddScalar(out, "dmapin_server_watch_buffered_bytes",
+            "Bytes of events queued for the open WatchEvents streams together.", MetricType::Gauge,
+            D(c.watch_buffered_bytes));
+  // Kept a gauge for the dashboards that graph it; it only grows (events in the queues of
+  // dropped watchers, since the server started).
   AddScalar(out, "dmapin_server_watch_events_dropped",
-            "Events dropped because a WatchEvents subscriber did not keep up, summed over the open "
-            "subscriptions.",
+            "Events discarded with WatchEvents watchers dropped for falling behind, since the "
+            "server started.",
             MetricType::Gauge, D(c.events_dropped));
 }
 
@@ -436,6 +456,7 @@ std::vector<MetricFamily> ServerMetrics::Collect() {
   CollectControlPlane(snapshot, out);
   CollectReconcile(snapshot.counters, out);
   CollectFleet(snapshot, options_, out);
+  if (options_.listener != nullptr) AddConnectionMetrics(out, "dmapin_server_", *options_.listener);
   AddProcessMetrics(out);
   return out;
 }

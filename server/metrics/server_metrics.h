@@ -38,9 +38,16 @@
 //   dmapin_server_stream_messages_sent_total         counter, server -> agent decisions
 //   dmapin_server_agent_connects_total               counter
 //   dmapin_server_agent_disconnects_total            counter
-//   dmapin_server_watch_events_dropped               gauge (NOT a counter: it sums the open
-//                                                    WatchEvents subscriptions only, so it falls
-//                                                    when a lossy subscriber goes away)
+//   dmapin_server_watchers                           gauge, WatchEvents streams open
+//   dmapin_server_watch_buffered_bytes               gauge, bytes queued for them together
+//   dmapin_server_watchers_dropped_total{reason}     counter, streams ended for falling behind:
+//                                                    lag, buffer (always both present)
+//   dmapin_server_watchers_refused_total             counter, streams refused (--max_watchers)
+//   dmapin_server_grpc_connections, _grpc_connections_limit   gauges, open / --max_connections
+//   dmapin_server_grpc_connections_accepted_total    counter
+//   dmapin_server_grpc_connections_refused_total{reason}  counter, closed at once: limit, fds
+//   dmapin_server_watch_events_dropped               gauge that only grows: events discarded with
+//                                                    the dropped watchers since start
 //   dmapin_server_store_failures_total               counter, failed commits/id allocations
 //   dmapin_server_reconcile_passes_total             counter
 //   dmapin_server_decision_records_pruned_total      counter, records deleted beyond
@@ -117,6 +124,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "common/mutex.h"
+#include "common/server_limits.h"
 #include "prometheus/collectable.h"
 #include "prometheus/histogram.h"
 #include "prometheus/metric_family.h"
@@ -129,6 +137,9 @@ struct ServerMetricsOptions {
   bool per_region_series = false;
   // At most this many regions (fleet-wide, per scrape) get per-region series.
   size_t max_region_series = 1000;
+  // The gRPC listener whose connections are exported (dmapin_server_grpc_connections*); not
+  // owned, may be null.
+  const ConnectionListener* listener = nullptr;
 };
 
 class ServerMetrics {

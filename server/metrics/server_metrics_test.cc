@@ -470,6 +470,11 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
   EXPECT_EQ(Value(text, "dmapin_server_agent_connects_total"), 2);
   EXPECT_EQ(Value(text, "dmapin_server_agent_disconnects_total"), 1);
   EXPECT_EQ(Value(text, "dmapin_server_watch_events_dropped"), 0);
+  EXPECT_EQ(Value(text, "dmapin_server_watchers_dropped_total", {{"reason", "lag"}}), 0);
+  EXPECT_EQ(Value(text, "dmapin_server_watchers_dropped_total", {{"reason", "buffer"}}), 0);
+  EXPECT_EQ(Value(text, "dmapin_server_watchers_refused_total"), 0);
+  EXPECT_EQ(Value(text, "dmapin_server_watchers"), 0);
+  EXPECT_EQ(Value(text, "dmapin_server_watch_buffered_bytes"), 0);
   EXPECT_EQ(Value(text, "dmapin_server_store_failures_total"), 0);
   EXPECT_TRUE(Value(text, "dmapin_server_reconcile_passes_total").has_value());
 }

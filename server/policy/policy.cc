@@ -95,7 +95,7 @@ absl::Status BadIntent(absl::string_view field, absl::string_view reason) {
 }
 
 absl::Status BadPolicy(absl::string_view field, absl::string_view reason) {
-  return absl::InvalidArgumentError(absl::StrCat("policy.", field, ": ", reason));
+  return ErrnoStatus(EINVAL, absl::StrCat("policy.", field, ": ", reason));
 }
 
 // Whether a kind needs a name field.
@@ -166,15 +166,16 @@ absl::Status CheckLabels(const v1::Policy& policy,
   for (int i = 0; i < policy.deny_size(); ++i) {
     const v1::LabelRequirement& rule = policy.deny(i);
     if (RequirementMatches(rule, labels)) {
-      return absl::PermissionDeniedError(
-          absl::StrCat(PolicyLabel(policy), " denies the intent: deny[", i, "] (",
-                       DescribeRequirement(rule), ") matches; the intent ", label_of(rule.key())));
+      return ErrnoStatus(EPERM, absl::StrCat(PolicyLabel(policy), " denies the intent: deny[", i,
+                                             "] (", DescribeRequirement(rule),
+                                             ") matches; the intent ", label_of(rule.key())));
     }
   }
   for (int i = 0; i < policy.allow_size(); ++i) {
     const v1::LabelRequirement& rule = policy.allow(i);
     if (!RequirementMatches(rule, labels)) {
-      return absl::PermissionDeniedError(
+      return ErrnoStatus(
+          EPERM,
           absl::StrCat(PolicyLabel(policy), " does not allow the intent: allow[", i, "] requires ",
                        DescribeRequirement(rule), "; the intent ", label_of(rule.key())));
     }
@@ -260,6 +261,17 @@ absl::Status ValidatePolicy(const v1::Policy& policy) {
           return BadPolicy(absl::StrCat(list_name, "[", i, "].values[", j, "]"), problem);
         }
       }
+    }
+  }
+  // The limits are uint64 on the wire, where a client's -1 (int64, or a JSON "-1" that its
+  // library wraps) arrives as 2^64 - 1: beyond 2^63 nothing is a real limit, it is a sign error.
+  for (const auto& [field, value] :
+       {std::pair<const char*, uint64_t>{"pinned_bytes_budget", policy.pinned_bytes_budget()},
+        {"max_regions_per_node", policy.max_regions_per_node()},
+        {"context_quota_bytes", policy.context_quota_bytes()}}) {
+    if (value > kMaxPolicyLimit) {
+      return BadPolicy(field, absl::StrCat(value, " is beyond 2^63-1: a negative number (-",
+                                           0 - value, " as a 64-bit integer)? 0 means no limit"));
     }
   }
   const v1::EbusyRetry& retry = policy.ebusy_retry();
@@ -453,9 +465,9 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
     return result;
   };
   if (!node.known) {
-    return deny(absl::NotFoundError(
-        absl::StrCat("node ", Quote(node.name.empty() ? request.node() : node.name),
-                     " is not known (no agent by that name has connected)")));
+    return deny(ErrnoStatus(
+        ENOENT, absl::StrCat("node ", Quote(node.name.empty() ? request.node() : node.name),
+                             " is not known (no agent by that name has connected)")));
   }
   const std::vector<const v1::Policy*> matching = MatchingPolicies(policies, node.labels);
   result.retry = MergeRetrySettings(matching);
@@ -465,9 +477,9 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
   }
   const bool registers = request.kind() == v1::INTENT_KIND_REGISTER;
   if (registers && node.cordoned) {
-    return deny(absl::FailedPreconditionError(
-        absl::StrCat("node ", Quote(node.name),
-                     " is cordoned: it takes no new registrations (uncordon it first)")));
+    return deny(ErrnoStatus(
+        EBUSY, absl::StrCat("node ", Quote(node.name),
+                            " is cordoned: it takes no new registrations (uncordon it first)")));
   }
 
   // What the intent costs on this node.
@@ -514,10 +526,10 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
       const uint64_t used = PoolRequiredBytes(*policy, node, fleet);
       const uint64_t after = SaturatingAdd(used, bytes);
       if (bytes != 0 && after > budget) {
-        return deny(absl::ResourceExhaustedError(absl::StrCat(
-            PolicyLabel(*policy), ": pool budget ", FormatBytes(budget), ": ", FormatBytes(used),
-            " used + ", FormatBytes(bytes), " requested = ", FormatBytes(after), ", over by ",
-            FormatBytes(after - budget))));
+        return deny(ErrnoStatus(
+            ENOMEM, absl::StrCat(PolicyLabel(*policy), ": pool budget ", FormatBytes(budget), ": ",
+                                 FormatBytes(used), " used + ", FormatBytes(bytes), " requested = ",
+                                 FormatBytes(after), ", over by ", FormatBytes(after - budget))));
       }
       uses.push_back(absl::StrCat("pool budget ", FormatBytes(budget), ": ", FormatBytes(used),
                                   " used + ", FormatBytes(bytes), " = ", FormatBytes(after),
@@ -527,9 +539,10 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
       const uint64_t max = policy->max_regions_per_node();
       const uint64_t after = SaturatingAdd(node.regions, regions);
       if (regions != 0 && after > max) {
-        return deny(absl::ResourceExhaustedError(absl::StrCat(
-            PolicyLabel(*policy), ": at most ", max, " regions per node: node ", Quote(node.name),
-            " requires ", node.regions, " + ", regions, " requested")));
+        return deny(ErrnoStatus(
+            ENOSPC, absl::StrCat(PolicyLabel(*policy), ": at most ", max,
+                                 " regions per node: node ", Quote(node.name), " requires ",
+                                 node.regions, " + ", regions, " requested")));
       }
       uses.push_back(absl::StrCat("regions on node ", Quote(node.name), ": ", node.regions, " + ",
                                   regions, " = ", after, " of ", max));
@@ -538,11 +551,12 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
       const uint64_t quota = policy->context_quota_bytes();
       const uint64_t after = SaturatingAdd(context_used, bytes);
       if (bytes != 0 && after > quota) {
-        return deny(absl::ResourceExhaustedError(absl::StrCat(
-            PolicyLabel(*policy), ": context quota ", FormatBytes(quota), " for context ",
-            Quote(request.context()), " on node ", Quote(node.name), ": ",
-            FormatBytes(context_used), " used + ", FormatBytes(bytes),
-            " requested = ", FormatBytes(after), ", over by ", FormatBytes(after - quota))));
+        return deny(ErrnoStatus(
+            ENOMEM, absl::StrCat(PolicyLabel(*policy), ": context quota ", FormatBytes(quota),
+                                 " for context ", Quote(request.context()), " on node ",
+                                 Quote(node.name), ": ", FormatBytes(context_used), " used + ",
+                                 FormatBytes(bytes), " requested = ", FormatBytes(after),
+                                 ", over by ", FormatBytes(after - quota))));
       }
       uses.push_back(absl::StrCat("context ", Quote(request.context()), " quota ",
                                   FormatBytes(quota), ": ", FormatBytes(context_used), " + ",

@@ -1,11 +1,14 @@
-// Policies and admission: pure logic, no I/O, no clock.
+// Policies and admission: pure logic, no I/O, no clock. Every refusal is an errno status
+// (README "Errors"):
 //
-//  - Validation of policies (SetPolicy) and intent requests (CreateIntent): INVALID_ARGUMENT
-//    naming the offending field ("policy.allow[1].key: empty", "EINVAL: intent.size: ...").
+//  - Validation of policies (SetPolicy) and intent requests (CreateIntent): INVALID_ARGUMENT,
+//    EINVAL, naming the offending field ("EINVAL: policy.allow[1].key: empty",
+//    "EINVAL: intent.size: ...").
 //  - Admission of an intent against the policies whose node selector matches its node, before any
-//    decision is sent: NOT_FOUND (unknown node), PERMISSION_DENIED (allow/deny by label),
-//    FAILED_PRECONDITION (cordoned node, REGISTER only), RESOURCE_EXHAUSTED (pool budget, regions
-//    per node, context quota), each naming the policy and the numbers.
+//    decision is sent: NOT_FOUND/ENOENT (unknown node), PERMISSION_DENIED/EPERM (allow/deny by
+//    label), FAILED_PRECONDITION/EBUSY (cordoned node, REGISTER only), RESOURCE_EXHAUSTED with
+//    ENOMEM (pool budget, context quota) or ENOSPC (regions per node), each naming the policy and
+//    the numbers.
 //  - EBUSY retry backoff: exponential with jitter, from a few milliseconds up to minutes.
 #ifndef DMAPIN_SERVER_POLICY_POLICY_H_
 #define DMAPIN_SERVER_POLICY_POLICY_H_
@@ -33,6 +36,8 @@ inline constexpr uint64_t kDefaultInitialBackoffMs = 5;
 inline constexpr uint64_t kDefaultMaxBackoffMs = 5 * 60 * 1000;
 inline constexpr uint32_t kDefaultJitterPercent = 20;
 inline constexpr uint64_t kBackoffLimitMs = 24 * 60 * 60 * 1000;
+// The largest pinned_bytes_budget, max_regions_per_node or context_quota_bytes accepted.
+inline constexpr uint64_t kMaxPolicyLimit = (uint64_t{1} << 63) - 1;
 
 // Kubernetes label syntax. A key is an optional DNS-subdomain prefix (lowercase, <= 253
 // characters) and '/', then a name of 1-63 characters [A-Za-z0-9-_.] beginning and ending with
@@ -41,10 +46,12 @@ inline constexpr uint64_t kBackoffLimitMs = 24 * 60 * 60 * 1000;
 std::string LabelKeyProblem(absl::string_view key);
 std::string LabelValueProblem(absl::string_view value);
 
-// INVALID_ARGUMENT naming the first bad field: policy.name (1-128 characters [A-Za-z0-9._-]),
-// policy.node_selector, policy.allow[i] / policy.deny[i] (key non-empty, keys and values in label
-// syntax), policy.ebusy_retry (backoffs <= kBackoffLimitMs, the effective max >= the effective
-// initial, jitter_percent <= 100). revision and update_time belong to the server: not checked.
+// INVALID_ARGUMENT with errno EINVAL ("EINVAL: policy.<field>: ...") naming the first bad field:
+// policy.name (1-128 characters [A-Za-z0-9._-]), policy.node_selector, policy.allow[i] /
+// policy.deny[i] (key non-empty, keys and values in label syntax), the limits (<=
+// kMaxPolicyLimit: a client's -1 arrives as 2^64-1), policy.ebusy_retry (backoffs <=
+// kBackoffLimitMs, the effective max >= the effective initial, jitter_percent <= 100). revision and
+// update_time belong to the server: not checked.
 absl::Status ValidatePolicy(const v1::Policy& policy);
 
 // INVALID_ARGUMENT with errno EINVAL ("EINVAL: intent.<field>: ...") naming the first bad field:

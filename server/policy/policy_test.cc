@@ -185,6 +185,15 @@ TEST(ValidatePolicyTest, Table) {
       {"jitter 100", [](v1::Policy* p) { p->mutable_ebusy_retry()->set_jitter_percent(100); }, ""},
       {"jitter 101", [](v1::Policy* p) { p->mutable_ebusy_retry()->set_jitter_percent(101); },
        "policy.ebusy_retry.jitter_percent: must be <= 100 (got 101)"},
+      {"budget -1", [](v1::Policy* p) { p->set_pinned_bytes_budget(kMax64); },
+       "policy.pinned_bytes_budget: 18446744073709551615 is beyond 2^63-1: a negative number (-1 "
+       "as a 64-bit integer)?"},
+      {"budget 2^63-1", [](v1::Policy* p) { p->set_pinned_bytes_budget(kMaxPolicyLimit); }, ""},
+      {"regions -5", [](v1::Policy* p) { p->set_max_regions_per_node(kMax64 - 4); },
+       "policy.max_regions_per_node: 18446744073709551611 is beyond 2^63-1: a negative number "
+       "(-5 "},
+      {"quota 2^63", [](v1::Policy* p) { p->set_context_quota_bytes(kMaxPolicyLimit + 1); },
+       "policy.context_quota_bytes: 9223372036854775808 is beyond 2^63-1"},
       {"server fields ignored",
        [](v1::Policy* p) {
          p->set_revision(7);
@@ -200,7 +209,9 @@ TEST(ValidatePolicyTest, Table) {
       EXPECT_TRUE(status.ok()) << c.name << ": " << status;
     } else {
       EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.name << ": " << status;
-      EXPECT_TRUE(absl::StartsWith(status.message(), c.error)) << c.name << ": " << status;
+      EXPECT_EQ(ErrnoOf(status), EINVAL) << c.name << ": " << status;
+      EXPECT_TRUE(absl::StartsWith(status.message(), "EINVAL: " + c.error))
+          << c.name << ": " << status;
     }
   }
 }
@@ -689,6 +700,11 @@ TEST(AdmissionTest, Table) {
     }
     if (!result.status.ok()) {
       EXPECT_TRUE(absl::StrContains(result.explanation, result.status.message())) << c.name;
+      // Every refusal names its errno (README "Errors").
+      EXPECT_TRUE(result.status.GetPayload(kErrnoPayloadUrl).has_value()) << c.name;
+      EXPECT_TRUE(
+          absl::StartsWith(result.status.message(), ErrnoName(ErrnoOf(result.status)) + ": "))
+          << c.name << ": " << result.status;
     }
   }
 }

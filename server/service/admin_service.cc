@@ -1,11 +1,13 @@
 #include "server/service/admin_service.h"
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <utility>
 
 #include "common/grpc_status.h"
 #include "common/mutex.h"
+#include "grpcpp/alarm.h"
 
 namespace dmapin {
 namespace {
@@ -24,8 +26,9 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::Stat
 // and may race with the end of the call.
 class EventWriter final : public grpc::ServerWriteReactor<v1::Event> {
  public:
-  static EventWriter* Start(std::shared_ptr<EventSubscription> subscription) {
-    auto writer = std::shared_ptr<EventWriter>(new EventWriter(std::move(subscription)));
+  static EventWriter* Start(grpc::CallbackServerContext* context,
+                            std::shared_ptr<EventSubscription> subscription) {
+    auto writer = std::shared_ptr<EventWriter>(new EventWriter(context, std::move(subscription)));
     writer->self_ = writer;
     writer->subscription_->SetListener([weak = std::weak_ptr<EventWriter>(writer)] {
       if (std::shared_ptr<EventWriter> alive = weak.lock()) alive->MaybeWrite();
@@ -38,57 +41,88 @@ class EventWriter final : public grpc::ServerWriteReactor<v1::Event> {
     {
       MutexLock lock(&mu_);
       writing_ = false;
+      current_.reset();
     }
     if (!ok) {
-      Stop(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the event stream broke"));
+      Stop(absl::UnavailableError("the event stream broke"));
       return;
     }
     MaybeWrite();
   }
 
-  void OnCancel() override { Stop(grpc::Status::CANCELLED); }
+  void OnCancel() override { Stop(absl::CancelledError("the watcher cancelled")); }
 
   void OnDone() override {
     subscription_->Close();
-    self_.reset();  // may delete this
+    self_.reset();  // may delete this (the alarm's destructor cancels it)
   }
 
  private:
-  explicit EventWriter(std::shared_ptr<EventSubscription> subscription)
-      : subscription_(std::move(subscription)) {}
+  // How long a dropped watcher has to read what is already on its way before its stream is
+  // cancelled: one that reads nothing would otherwise keep its stream, and the write it blocks,
+  // forever (the status goes out only after the data before it).
+  static constexpr absl::Duration kDroppedGrace = absl::Seconds(2);
+
+  EventWriter(grpc::CallbackServerContext* context, std::shared_ptr<EventSubscription> subscription)
+      : context_(context), subscription_(std::move(subscription)) {}
 
   void MaybeWrite() {
     MutexLock lock(&mu_);
-    if (writing_ || finished_) return;
-    std::optional<v1::Event> event = subscription_->TryNext();
-    if (!event.has_value()) {
-      if (subscription_->closed()) FinishLocked(grpc::Status::OK);
+    if (finished_) return;
+    if (subscription_->closed()) {
+      // Dropped by the server: ends at once, even behind a write the client never takes.
+      const absl::Status why = subscription_->end_status();
+      if (!why.ok()) {
+        FinishLocked(why);
+        return;
+      }
+    }
+    if (writing_) return;
+    current_ = subscription_->TryNext();
+    if (current_ == nullptr) {
+      if (subscription_->closed()) FinishLocked(subscription_->end_status());
       return;
     }
-    current_ = std::move(*event);
     writing_ = true;
-    StartWrite(&current_);
+    StartWrite(current_.get());
   }
 
-  void Stop(const grpc::Status& status) {
+  void Stop(const absl::Status& status) {
     // Clears the listener first: after Close it is never called again.
     subscription_->Close();
     MutexLock lock(&mu_);
     FinishLocked(status);
   }
 
-  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void FinishLocked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return;
     finished_ = true;
-    Finish(status);
+    Finish(ServerStatus(context_, status));
+    if (writing_) {
+      cancel_alarm_.Set(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(kDroppedGrace),
+                        [context = context_](bool fired) {
+                          if (fired) context->TryCancel();
+                        });
+    }
   }
 
+  grpc::CallbackServerContext* const context_;
   const std::shared_ptr<EventSubscription> subscription_;
   std::shared_ptr<EventWriter> self_;  // released by OnDone
   Mutex mu_;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  v1::Event current_ ABSL_GUARDED_BY(mu_);
+  EventSubscription::EventPtr current_ ABSL_GUARDED_BY(mu_);
+  grpc::Alarm cancel_alarm_ ABSL_GUARDED_BY(mu_);
+};
+
+// A WatchEvents call refused before it started (too many watchers).
+class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
+ public:
+  RefusedWatch(grpc::CallbackServerContext* context, const absl::Status& status) {
+    Finish(ServerStatus(context, status));
+  }
+  void OnDone() override { delete this; }
 };
 
 }  // namespace
@@ -192,8 +226,11 @@ grpc::ServerUnaryReactor* AdminService::ListDecisions(grpc::CallbackServerContex
 }
 
 grpc::ServerWriteReactor<v1::Event>* AdminService::WatchEvents(
-    grpc::CallbackServerContext*, const v1::WatchEventsRequest* request) {
-  return EventWriter::Start(core_->Subscribe(request->node()));
+    grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
+  absl::StatusOr<std::shared_ptr<EventSubscription>> subscription =
+      core_->Subscribe(request->node());
+  if (!subscription.ok()) return new RefusedWatch(context, subscription.status());
+  return EventWriter::Start(context, *std::move(subscription));
 }
 
 }  // namespace dmapin

@@ -1,11 +1,14 @@
 #include "server/service/control_service.h"
 
+#include <cerrno>
 #include <deque>
 #include <memory>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "agent/registry/errno_status.h"
+#include "common/grpc_status.h"
 #include "common/mutex.h"
 
 namespace dmapin {
@@ -17,7 +20,8 @@ class ControlService::Stream final
     : public grpc::ServerBidiReactor<v1::AgentMessage, v1::ServerMessage>,
       public AgentSession {
  public:
-  explicit Stream(ControlService* service) : service_(service) {}
+  Stream(ControlService* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context) {}
 
   void Start(std::shared_ptr<Stream> self) {
     self_ = std::move(self);
@@ -29,10 +33,9 @@ class ControlService::Stream final
     if (finished_) return false;
     if (queue_.size() >= service_->options_.max_queued_messages) {
       service_->overflows_.fetch_add(1, std::memory_order_relaxed);
-      FinishLocked(grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat("node ", node_, " fell ", queue_.size(),
-                       " messages behind; reconnect and resynchronise from a snapshot")));
+      FinishLocked(ErrnoStatus(
+          ENOBUFS, absl::StrCat("node ", node_, " fell ", queue_.size(),
+                                " messages behind; reconnect and resynchronise from a snapshot")));
       return false;
     }
     queue_.push_back(message);
@@ -42,15 +45,15 @@ class ControlService::Stream final
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the agent closed its side (or the stream broke)
-      Close(grpc::Status::OK);
+      Close(absl::OkStatus());
       return;
     }
     if (node_.empty()) {
       if (!incoming_.has_hello() || incoming_.hello().node_name().empty()) {
         service_->streams_rejected_.fetch_add(1, std::memory_order_relaxed);
-        Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                           "the first message of Control.Connect must be a Hello with a "
-                           "node_name"));
+        Close(ErrnoStatus(EINVAL,
+                          "the first message of Control.Connect must be a Hello with a "
+                          "node_name"));
         return;
       }
       node_ = incoming_.hello().node_name();
@@ -58,8 +61,8 @@ class ControlService::Stream final
       *welcome.mutable_welcome() = service_->core_->AgentConnected(incoming_.hello(), self_);
       Send(welcome);
     } else if (incoming_.has_hello()) {
-      Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                         absl::StrCat("node ", node_, " sent a second Hello on one stream")));
+      Close(
+          ErrnoStatus(EINVAL, absl::StrCat("node ", node_, " sent a second Hello on one stream")));
       return;
     } else {
       service_->core_->AgentMessage(node_, this, incoming_);
@@ -71,14 +74,14 @@ class ControlService::Stream final
     MutexLock lock(&mu_);
     writing_ = false;
     if (!ok) {
-      FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write to the agent failed"));
+      FinishLocked(absl::UnavailableError("write to the agent failed"));
       return;
     }
     queue_.pop_front();
     WriteNextLocked();
   }
 
-  void OnCancel() override { Close(grpc::Status::CANCELLED); }
+  void OnCancel() override { Close(absl::CancelledError("the agent cancelled")); }
 
   void OnDone() override {
     if (!node_.empty()) service_->core_->AgentDisconnected(node_, this);
@@ -93,18 +96,20 @@ class ControlService::Stream final
     StartWrite(&queue_.front());
   }
 
-  void Close(const grpc::Status& status) {
+  void Close(const absl::Status& status) {
     MutexLock lock(&mu_);
     FinishLocked(status);
   }
 
-  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Every error names its errno, in the message and the trailer (README "Errors").
+  void FinishLocked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return;
     finished_ = true;
-    Finish(status);
+    Finish(ServerStatus(context_, status));
   }
 
   ControlService* const service_;
+  grpc::CallbackServerContext* const context_;
   std::shared_ptr<Stream> self_;  // released by OnDone
   // Touched only by the read chain (one read at a time).
   v1::AgentMessage incoming_;
@@ -117,9 +122,9 @@ class ControlService::Stream final
 };
 
 grpc::ServerBidiReactor<v1::AgentMessage, v1::ServerMessage>* ControlService::Connect(
-    grpc::CallbackServerContext*) {
+    grpc::CallbackServerContext* context) {
   streams_opened_.fetch_add(1, std::memory_order_relaxed);
-  auto stream = std::make_shared<Stream>(this);
+  auto stream = std::make_shared<Stream>(this, context);
   stream->Start(stream);
   return stream.get();
 }

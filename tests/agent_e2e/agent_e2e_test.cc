@@ -959,7 +959,9 @@ TEST(AgentHelpTest, HelpExitsZeroAndMentionsEveryFlag) {
       << output;
   for (const char* flag :
        {"--state_dir", "--uds_path", "--tcp_address", "--backend", "--sim_page_size", "--sim_holes",
-        "--sim_readonly", "--sim_huge", "--node_name", "--state_sync_full"}) {
+        "--sim_readonly", "--sim_huge", "--node_name", "--state_sync_full", "--max_connections",
+        "--connection_idle_timeout_ms", "--max_receive_message_bytes",
+        "--grpc_memory_quota_bytes"}) {
     EXPECT_TRUE(absl::StrContains(output, absl::StrCat(flag, " ")) ||
                 absl::StrContains(output, absl::StrCat(flag, "=")) ||
                 absl::StrContains(output, absl::StrCat(flag, "\n")))
