@@ -358,11 +358,14 @@ int Run() {
       return 2;
     }
     control = std::make_unique<ControlClient>(
-        agent->get(), ControlClientOptions{.server_address = address,
-                                           .labels = std::move(*labels),
-                                           .report_interval = std::chrono::milliseconds(
-                                               absl::GetFlag(FLAGS_report_interval_ms)),
-                                           .keepalive_time = std::chrono::seconds(30)});
+        agent->get(),
+        ControlClientOptions{
+            .server_address = address,
+            .labels = std::move(*labels),
+            .report_interval = std::chrono::milliseconds(absl::GetFlag(FLAGS_report_interval_ms)),
+            .max_region_bytes = (*agent)->registry().limits().max_region_bytes,
+            .max_pinned_bytes = (*agent)->registry().limits().max_pinned_bytes,
+            .keepalive_time = std::chrono::seconds(30)});
     if (absl::Status status = control->Start(); !status.ok()) {
       std::fprintf(stderr, "dmapin-agent: control stream to %s: %s\n", address.c_str(),
                    status.ToString().c_str());
@@ -380,10 +383,10 @@ int Run() {
   std::fprintf(stderr, "dmapin-agent: at most %zu connections (fd limit %llu)\n",
                listener.max_connections(), static_cast<unsigned long long>(fd_limit));
   if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
-  const RegistryLimits limits = (*agent)->registry().limits();
+  const RegistryLimits registry_limits = (*agent)->registry().limits();
   std::fprintf(stderr, "dmapin-agent: limits: %llu bytes per region, %llu bytes pinned\n",
-               static_cast<unsigned long long>(limits.max_region_bytes),
-               static_cast<unsigned long long>(limits.max_pinned_bytes));
+               static_cast<unsigned long long>(registry_limits.max_region_bytes),
+               static_cast<unsigned long long>(registry_limits.max_pinned_bytes));
   std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
                NodeName().c_str(), (*agent)->Status().backend.c_str(), state_dir.c_str(),
                absl::StrJoin(listening, ", ").c_str(), tcp_port);

@@ -313,7 +313,7 @@ TEST_F(NodeAgentTest, DecisionsApplyAtMostOnceAcrossRestarts) {
 // Issue 11: a decision to register 2^63 bytes aborted the agent (std::bad_alloc on the
 // control-client thread) and, re-sent on every reconnect, kept it down.
 TEST_F(NodeAgentTest, HugeRegisterIsEnomemChangesNothingAndItsAnswerIsRecorded) {
-  Setup("vm-1", {"c1"});
+  AddNames("vm-1", {"c1"});
   const std::vector<RegionKey> before = Snapshot(*agent_);
   for (uint64_t size : {uint64_t{1} << 63, uint64_t{1} << 40}) {
     absl::StatusOr<RegionView> region = agent_->RegisterRegion("c1", "vm-1", 0, size);
@@ -345,8 +345,8 @@ TEST_F(NodeAgentTest, HugeRegisterIsEnomemChangesNothingAndItsAnswerIsRecorded) 
 TEST_F(NodeAgentTest, NodeLimitCountsEveryContextAndALoweredLimitKeepsWhatWasAcknowledged) {
   limits_ = {.max_region_bytes = 4 * k1M, .max_pinned_bytes = 6 * k1M};
   Restart();
-  Setup("vm-1", {"c1"});
-  Setup("vm-2", {"c2"});
+  AddNames("vm-1", {"c1"});
+  AddNames("vm-2", {"c2"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, 4 * k1M).ok());
   absl::Status status = agent_->RegisterRegion("c2", "vm-2", kBase, 4 * k1M).status();
   EXPECT_EQ(ErrnoOf(status), ENOMEM);
@@ -385,8 +385,8 @@ TEST_F(NodeAgentTest, TranslateAndListingWithHpasAreBounded) {
   max_translate_uas_ = 4;
   max_listed_hpas_ = 32;
   Restart();
-  Setup("vm-1", {"c1"});
-  Setup("vm-2", {"c2"});
+  AddNames("vm-1", {"c1"});
+  AddNames("vm-2", {"c2"});
   ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());  // 16 pages
   ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-2", kBase, k1M).ok());
   const std::vector<uint64_t> four(4, kBase);

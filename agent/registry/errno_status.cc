@@ -60,11 +60,6 @@ absl::Status ErrnoStatus(int err, absl::StatusCode code, absl::string_view reaso
   return status;
 }
 
-absl::Status WithErrno(absl::Status status) {
-  if (status.ok() || status.GetPayload(kErrnoPayloadUrl).has_value()) return status;
-  return ErrnoStatus(EIO, status.code(), status.message());
-}
-
 int ErrnoOf(const absl::Status& status) {
   if (status.ok()) return 0;
   absl::optional<absl::Cord> payload = status.GetPayload(kErrnoPayloadUrl);

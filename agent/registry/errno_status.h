@@ -30,10 +30,6 @@ absl::Status ErrnoStatus(int err, absl::StatusCode code, absl::string_view reaso
 // The errno carried by `status`: 0 for OK, the payload's errno when present, else EIO.
 int ErrnoOf(const absl::Status& status);
 
-// `status` when it is OK or names an errno; else the same code and reason as an EIO status
-// ("EIO: <reason>", with the payload), for layers that must answer every error with an errno.
-absl::Status WithErrno(absl::Status status);
-
 // "EINVAL" for EINVAL; "E<number>" for errnos this project never produces.
 std::string ErrnoName(int err);
 

@@ -31,18 +31,6 @@ TEST(ErrnoStatusTest, OkAndForeignStatuses) {
   EXPECT_EQ(ErrnoOf(absl::InternalError("no payload")), EIO);
 }
 
-TEST(ErrnoStatusTest, WithErrnoNamesEIOOnlyWhereNoErrnoIsNamed) {
-  EXPECT_TRUE(WithErrno(absl::OkStatus()).ok());
-  const absl::Status busy = ErrnoStatus(EBUSY, "mapped");
-  EXPECT_EQ(WithErrno(busy), busy);
-  const absl::Status named = WithErrno(absl::InternalError("region vanished"));
-  EXPECT_EQ(named.code(), absl::StatusCode::kInternal);
-  EXPECT_EQ(named.message(), "EIO: region vanished");
-  EXPECT_TRUE(named.GetPayload(kErrnoPayloadUrl).has_value());
-  EXPECT_EQ(WithErrno(absl::FailedPreconditionError("x")).code(),
-            absl::StatusCode::kFailedPrecondition);
-}
-
 TEST(ErrnoStatusTest, NamesRoundTrip) {
   for (int err : {EINVAL, EBUSY, ENOENT, ENOMEM, EFAULT, EPERM, ENXIO, EEXIST}) {
     EXPECT_EQ(ErrnoFromName(ErrnoName(err)), err) << ErrnoName(err);

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "agent/registry/errno_status.h"
 #include "agent/service/proto_convert.h"
+#include "common/grpc_status.h"
 
 namespace dmapin {
 
