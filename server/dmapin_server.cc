@@ -97,8 +97,7 @@ int Run() {
       .reconcile_interval = absl::Milliseconds(absl::GetFlag(FLAGS_reconcile_interval_ms)),
       .decision_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_decision_timeout_ms)),
       .max_lost_decision_attempts = absl::GetFlag(FLAGS_max_lost_decision_attempts),
-      .lost_decision_backoff =
-          absl::Milliseconds(absl::GetFlag(FLAGS_lost_decision_backoff_ms)),
+      .lost_decision_backoff = absl::Milliseconds(absl::GetFlag(FLAGS_lost_decision_backoff_ms)),
       .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
       .decision_history = absl::GetFlag(FLAGS_decision_history),
       .max_watchers = absl::GetFlag(FLAGS_max_watchers),

@@ -457,8 +457,7 @@ TEST_F(ServerMetricsTest, ControlPlaneSeriesMatchTheSnapshot) {
   EXPECT_EQ(Value(text, "dmapin_server_ebusy_retries_total"), D(c.ebusy_retries));
   EXPECT_EQ(Value(text, "dmapin_server_ebusy_retries_total"), 1);
   EXPECT_EQ(Value(text, "dmapin_server_decisions_timed_out_total"), 0);
-  EXPECT_EQ(Value(text, "dmapin_server_decisions_session_lost_total"),
-            D(c.decisions_session_lost));
+  EXPECT_EQ(Value(text, "dmapin_server_decisions_session_lost_total"), D(c.decisions_session_lost));
   EXPECT_EQ(Value(text, "dmapin_server_intents_failed_lost_decisions_total"),
             D(c.intents_failed_lost_decisions));
   EXPECT_EQ(Value(text, "dmapin_server_stream_messages_received_total"),
