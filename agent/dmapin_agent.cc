@@ -65,6 +65,12 @@ ABSL_FLAG(bool, state_sync_full, false,
           "(survives power loss). Default: survive process "
           "crashes (kill -9) only, which is what pinned memory needs: a node that loses power "
           "loses its pins too.");
+ABSL_FLAG(bool, recover_damaged_state, false,
+          "Start even when the state directory is damaged (a damaged or lost state.db, a damaged, "
+          "truncated or missing mapping-journal file): the damaged files are set aside "
+          "(<name>.damaged.<time>), what was dropped is logged and counted in the "
+          "dmapin_agent_store_recovery_* metrics. Without it such an agent refuses to start "
+          "(DATA_LOSS naming the file and offset).");
 ABSL_FLAG(std::string, backend, "sim",
           "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests), "
           "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root), or "
@@ -241,12 +247,17 @@ int Run() {
     std::fprintf(stderr, "dmapin-agent: backend: %s\n", backend.status().ToString().c_str());
     return 2;
   }
-  absl::StatusOr<std::unique_ptr<StateStore>> store =
-      StateStore::Open(state_dir, {.sync_full = absl::GetFlag(FLAGS_state_sync_full)});
+  absl::StatusOr<std::unique_ptr<StateStore>> store = StateStore::Open(
+      state_dir, {.sync_full = absl::GetFlag(FLAGS_state_sync_full),
+                  .recover_damaged_state = absl::GetFlag(FLAGS_recover_damaged_state)});
   if (!store.ok()) {
     std::fprintf(stderr, "dmapin-agent: state store %s: %s\n", state_dir.c_str(),
                  store.status().ToString().c_str());
     return 1;
+  }
+  for (const std::string& line : (*store)->recovery_report()) {
+    std::fprintf(stderr, "dmapin-agent: state store %s: recovered from damage: %s\n",
+                 state_dir.c_str(), line.c_str());
   }
   // With real pinning the agent maps the contexts' memory itself.
   std::unique_ptr<ContextMemoryProvider> memory;

@@ -127,15 +127,16 @@ absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, absl::string_v
   return rows;
 }
 
-absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full) {
+absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full,
+                             IntegrityCheck check) {
   sqlite3_busy_timeout(db, 5000);
-  // quick_check verifies the b-tree structure of every page (not the UNIQUE constraints or index
-  // contents, which the full integrity_check adds).
-  absl::StatusOr<std::vector<std::string>> check = QueryColumn(db, database, "PRAGMA quick_check");
-  if (!check.ok()) return check.status();
-  if (check->size() != 1 || (*check)[0] != "ok") {
-    check->resize(std::min<size_t>(check->size(), 5));  // the first few problems say enough
-    return SqliteDamaged(database, absl::StrCat("quick_check: ", absl::StrJoin(*check, "; ")));
+  const char* pragma = check == IntegrityCheck::kFull ? "integrity_check" : "quick_check";
+  absl::StatusOr<std::vector<std::string>> problems =
+      QueryColumn(db, database, absl::StrCat("PRAGMA ", pragma).c_str());
+  if (!problems.ok()) return problems.status();
+  if (problems->size() != 1 || (*problems)[0] != "ok") {
+    problems->resize(std::min<size_t>(problems->size(), 5));  // the first few say enough
+    return SqliteDamaged(database, absl::StrCat(pragma, ": ", absl::StrJoin(*problems, "; ")));
   }
   absl::StatusOr<std::vector<std::string>> mode =
       QueryColumn(db, database, "PRAGMA journal_mode = WAL");

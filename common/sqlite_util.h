@@ -77,10 +77,16 @@ std::string ColumnText(sqlite3_stmt* stmt, int index);
 absl::StatusOr<std::vector<std::string>> QueryColumn(sqlite3* db, absl::string_view database,
                                                      const char* sql);
 
+// How thoroughly PrepareDatabase checks the file. kQuick: the b-tree of every page. kFull:
+// integrity_check, which also matches every index against its table (a damaged index passes
+// kQuick, and a lookup through it then finds rows that are gone, or misses rows that are there).
+enum class IntegrityCheck { kQuick, kFull };
+
 // What a store does to a freshly opened connection, before anything writes: a busy timeout (an
-// operator's sqlite3 shell may be reading), quick_check (the b-tree of every page; DATA_LOSS when
-// damaged), WAL, and synchronous FULL (fsync every commit) or NORMAL (survive process crashes).
-absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full);
+// operator's sqlite3 shell may be reading), the integrity check (DATA_LOSS when damaged), WAL, and
+// synchronous FULL (fsync every commit) or NORMAL (survive process crashes).
+absl::Status PrepareDatabase(sqlite3* db, absl::string_view database, bool sync_full,
+                             IntegrityCheck check = IntegrityCheck::kQuick);
 
 // Brings the schema to version migrations.size(): migration i takes version i to i + 1 (never
 // edit a released one, append). The version lives in the table meta (key TEXT PRIMARY KEY, value

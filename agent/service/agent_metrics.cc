@@ -202,9 +202,20 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
               "Mapping-journal records of containers deleted before the fold reached them.",
               MetricType::Counter, static_cast<double>(store.journal_records_skipped));
     AddScalar(out, "dmapin_agent_store_journal_torn_tail_bytes",
-              "Bytes after the last whole record of the mapping journal found at start (a power "
-              "loss or a failed write in the previous run).",
+              "Bytes of a torn last mapping-journal record found at start (a power loss or a "
+              "failed write in the previous run).",
               MetricType::Gauge, static_cast<double>(store.journal_torn_tail_bytes));
+    AddScalar(out, "dmapin_agent_store_recovery_journal_files_set_aside",
+              "Damaged mapping-journal files set aside at start (--recover_damaged_state).",
+              MetricType::Gauge, static_cast<double>(store.journal_damaged_files));
+    AddScalar(out, "dmapin_agent_store_recovery_journal_records_dropped",
+              "Well-formed mapping-journal records after damage, dropped at start "
+              "(--recover_damaged_state): acknowledged DMA mappings this node lost.",
+              MetricType::Gauge, static_cast<double>(store.journal_damaged_records_dropped));
+    AddScalar(out, "dmapin_agent_store_recovery_state_set_aside",
+              "1 when a damaged or lost state.db was set aside at start and the node started "
+              "empty (--recover_damaged_state).",
+              MetricType::Gauge, static_cast<double>(store.state_set_aside));
   }
 
   const RegistryStats& c = status.counters;

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <optional>
 #include <utility>
 
 #include "absl/base/internal/endian.h"
@@ -20,7 +21,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "agent/registry/errno_status.h"
 
 namespace dmapin {
@@ -29,33 +32,78 @@ namespace {
 constexpr size_t kRecordBytes = 48;
 constexpr char kPrefix[] = "mappings.";
 constexpr char kSuffix[] = ".log";
+constexpr char kTempSuffix[] = ".log.tmp";
+constexpr uint32_t kHeaderKind = 3;
+constexpr uint64_t kMagic = 0x31'4a'6e'69'70'61'6d'64;  // "dmapinJ1" little-endian
 
 uint32_t Checksum(const char* data, size_t size) {
   return static_cast<uint32_t>(
       crc32(crc32(0, nullptr, 0), reinterpret_cast<const Bytef*>(data), static_cast<uInt>(size)));
 }
 
-void Encode(const JournalRecord& record, char* out) {
-  absl::little_endian::Store32(out + 4, record.kind);
-  absl::little_endian::Store64(out + 8, record.seq);
-  absl::little_endian::Store64(out + 16, record.container_id);
-  absl::little_endian::Store64(out + 24, record.iova);
-  absl::little_endian::Store64(out + 32, record.size);
-  absl::little_endian::Store64(out + 40, record.ua);
+void EncodeSlot(uint32_t kind, uint64_t seq, uint64_t container_id, uint64_t iova, uint64_t size,
+                uint64_t ua, char* out) {
+  absl::little_endian::Store32(out + 4, kind);
+  absl::little_endian::Store64(out + 8, seq);
+  absl::little_endian::Store64(out + 16, container_id);
+  absl::little_endian::Store64(out + 24, iova);
+  absl::little_endian::Store64(out + 32, size);
+  absl::little_endian::Store64(out + 40, ua);
   absl::little_endian::Store32(out, Checksum(out + 4, kRecordBytes - 4));
 }
 
-bool Decode(const char* in, JournalRecord* record) {
-  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4)) return false;
+enum class Slot {
+  kRecord,      // a well-formed record
+  kZero,        // never written
+  kBadSum,      // fails its checksum: torn, or damaged
+  kBadContent,  // its checksum holds, its contents do not (not a record kind): damaged
+};
+
+Slot DecodeSlot(const char* in, JournalRecord* record) {
+  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4)) {
+    return std::all_of(in, in + kRecordBytes, [](char c) { return c == 0; }) ? Slot::kZero
+                                                                             : Slot::kBadSum;
+  }
   const uint32_t kind = absl::little_endian::Load32(in + 4);
-  if (kind != JournalRecord::kMap && kind != JournalRecord::kClear) return false;
+  if (kind != JournalRecord::kMap && kind != JournalRecord::kClear) return Slot::kBadContent;
   record->kind = static_cast<JournalRecord::Kind>(kind);
   record->seq = absl::little_endian::Load64(in + 8);
   record->container_id = absl::little_endian::Load64(in + 16);
   record->iova = absl::little_endian::Load64(in + 24);
   record->size = absl::little_endian::Load64(in + 32);
   record->ua = absl::little_endian::Load64(in + 40);
-  return true;
+  return Slot::kRecord;
+}
+
+// The header's first seq and record slots, or nullopt when slot 0 is not a header.
+std::optional<std::pair<uint64_t, uint64_t>> DecodeHeader(absl::string_view data) {
+  if (data.size() < kRecordBytes) return std::nullopt;
+  const char* in = data.data();
+  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4) ||
+      absl::little_endian::Load32(in + 4) != kHeaderKind ||
+      absl::little_endian::Load64(in + 40) != kMagic) {
+    return std::nullopt;
+  }
+  return std::make_pair(absl::little_endian::Load64(in + 8), absl::little_endian::Load64(in + 16));
+}
+
+// Well-formed records in `data` after its header, for the damage report.
+uint64_t CountRecords(absl::string_view data) {
+  uint64_t count = 0;
+  for (size_t offset = kRecordBytes; offset + kRecordBytes <= data.size(); offset += kRecordBytes) {
+    JournalRecord record;
+    if (DecodeSlot(data.data() + offset, &record) == Slot::kRecord) ++count;
+  }
+  return count;
+}
+
+absl::StatusOr<std::string> ReadWhole(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.is_open() || in.bad()) {
+    return ErrnoStatus(EIO, absl::StrCat("cannot read the mapping journal ", path));
+  }
+  return data;
 }
 
 std::string FilePath(const std::string& dir, uint64_t first_seq) {
@@ -69,6 +117,29 @@ absl::Status SyncDirectory(const std::string& dir) {
   const int err = errno;
   close(fd);
   return rc == 0 ? absl::OkStatus() : ErrnoStatus(err, absl::StrCat("fsync ", dir));
+}
+
+// After damage: copies `data`, the file at `path`, to `aside`, then rewrites `path` with its first
+// `records` records and zeros after them, at the size its header says.
+absl::Status RepairFile(const std::string& path, const std::string& aside, const std::string& data,
+                        uint64_t records) {
+  {
+    std::ofstream copy(aside, std::ios::binary | std::ios::trunc);
+    copy.write(data.data(), static_cast<std::streamsize>(data.size()));
+    copy.flush();
+    if (!copy) return ErrnoStatus(EIO, absl::StrCat("cannot write ", aside));
+  }
+  const uint64_t slots = DecodeHeader(data)->second;
+  std::string repaired = data.substr(0, (records + 1) * kRecordBytes);
+  repaired.resize((slots + 1) * kRecordBytes, '\0');
+  const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("open ", path));
+  const bool ok =
+      pwrite(fd, repaired.data(), repaired.size(), 0) == static_cast<ssize_t>(repaired.size()) &&
+      fdatasync(fd) == 0;
+  const int err = errno;
+  close(fd);
+  return ok ? absl::OkStatus() : ErrnoStatus(err, absl::StrCat("rewrite ", path));
 }
 
 }  // namespace
@@ -108,6 +179,19 @@ std::vector<JournalRecord> Coalesce(const std::vector<JournalRecord>& records) {
   return kept;
 }
 
+std::vector<std::string> ListJournalFiles(const std::string& dir) {
+  std::vector<std::string> paths;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string filename = entry.path().filename().string();
+    if (absl::StartsWith(filename, kPrefix) && absl::EndsWith(filename, kSuffix)) {
+      paths.push_back(entry.path().string());
+    }
+  }
+  std::sort(paths.begin(), paths.end());
+  return paths;
+}
+
 MappingJournal::MappingJournal(std::string dir, MappingJournalOptions options)
     : dir_(std::move(dir)), options_(std::move(options)) {}
 
@@ -118,60 +202,225 @@ MappingJournal::~MappingJournal() {
 
 absl::StatusOr<std::unique_ptr<MappingJournal>> MappingJournal::Open(
     const std::string& dir, uint64_t min_seq, MappingJournalOptions options) {
+  if (options.file_records == 0) return ErrnoStatus(EINVAL, "mapping journal: file_records is 0");
   std::unique_ptr<MappingJournal> journal(new MappingJournal(dir, std::move(options)));
-  // The files in seq order: their names sort as their first seqs.
-  std::vector<std::pair<uint64_t, std::string>> files;
+  std::vector<File> files;
   std::error_code error;
   for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
     const std::string filename = entry.path().filename().string();
     absl::string_view name = filename;
     uint64_t first_seq = 0;
-    if (absl::ConsumePrefix(&name, kPrefix) && absl::ConsumeSuffix(&name, kSuffix) &&
-        absl::SimpleAtoi(name, &first_seq)) {
-      files.emplace_back(first_seq, entry.path().string());
+    if (!absl::ConsumePrefix(&name, kPrefix)) continue;
+    if (absl::EndsWith(name, kTempSuffix)) {
+      // A file whose creation a crash interrupted: never linked into place, holds no record.
+      unlink(entry.path().c_str());
+    } else if (absl::ConsumeSuffix(&name, kSuffix) && absl::SimpleAtoi(name, &first_seq)) {
+      files.push_back(File{entry.path().string(), first_seq});
     }
   }
   if (error) {
     return ErrnoStatus(error.value(), absl::StrCat("cannot list the mapping journal in ", dir, ": ",
                                                    error.message()));
   }
-  std::sort(files.begin(), files.end());
+  // Names sort as their first seqs.
+  std::sort(files.begin(), files.end(),
+            [](const File& a, const File& b) { return a.first_seq < b.first_seq; });
 
   MutexLock lock(&journal->mu_);
-  uint64_t last_seq = 0;
-  for (const auto& [first_seq, path] : files) {
-    std::ifstream in(path, std::ios::binary);
-    const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) return ErrnoStatus(EIO, absl::StrCat("cannot read the mapping journal ", path));
-    size_t offset = 0;
-    File file{path, 0};
-    for (; offset + kRecordBytes <= data.size(); offset += kRecordBytes) {
-      JournalRecord record;
-      if (!Decode(data.data() + offset, &record)) break;
-      if (last_seq != 0 && record.seq != last_seq + 1) break;
-      last_seq = record.seq;
-      file.last_seq = record.seq;
-      journal->recovered_.push_back(record);
-    }
-    journal->stats_.torn_tail_bytes += data.size() - offset;
-    if (file.last_seq == 0) {
-      // Holds no record (a rotation's new file, or only a torn one). Its name may be the one
-      // the new file below gets: it must not stay listed for deletion.
-      unlink(path.c_str());
-      continue;
-    }
-    journal->closed_.push_back(std::move(file));
+  if (absl::Status status =
+          journal->RecoverLocked(std::move(files), std::max<uint64_t>(min_seq, 1));
+      !status.ok()) {
+    return status;
   }
+  uint64_t last_seq = journal->recovered_.empty() ? 0 : journal->recovered_.back().seq;
   journal->next_seq_ = std::max(last_seq + 1, std::max<uint64_t>(min_seq, 1));
+  if (std::optional<File> empty = std::exchange(journal->empty_, std::nullopt); empty.has_value()) {
+    if (empty->first_seq == journal->next_seq_) {
+      journal->fd_ = open(empty->path.c_str(), O_WRONLY | O_CLOEXEC);
+      if (journal->fd_ < 0) {
+        return ErrnoStatus(errno, absl::StrCat("cannot open the mapping journal ", empty->path));
+      }
+      journal->current_ = *std::move(empty);
+      return journal;
+    }
+    unlink(empty->path.c_str());
+  }
   if (absl::Status status = journal->StartFileLocked(); !status.ok()) return status;
   return journal;
 }
 
+absl::Status MappingJournal::RecoverLocked(std::vector<File> files, uint64_t min_seq) {
+  // The first damage found: the index of the first file that cannot be kept, and what is wrong.
+  std::optional<std::pair<size_t, std::string>> damage;
+  if (const uint64_t expected = options_.expected_file_seq; expected != 0) {
+    auto it = std::find_if(files.begin(), files.end(),
+                           [&](const File& file) { return file.first_seq >= expected; });
+    if (it == files.end() || it->first_seq != expected) {
+      damage.emplace(it - files.begin(),
+                     absl::StrCat(FilePath(dir_, expected),
+                                  " is missing: the state database records it as the file the "
+                                  "journal was appending to"));
+    }
+  }
+  const size_t readable = damage.has_value() ? damage->first : files.size();
+  uint64_t next_seq = 0;  // the seq the next file must start at; 0 before the first file read
+  std::string previous;   // the file read before, for messages
+  for (size_t i = 0; i < readable; ++i) {
+    File& file = files[i];
+    if (i + 1 < files.size() && files[i + 1].first_seq <= min_seq) {
+      // Holds only records the caller folded (a crash came before it deleted the file).
+      if (unlink(file.path.c_str()) == 0) ++stats_.files_deleted;
+      continue;
+    }
+    if (next_seq == 0 && file.first_seq > min_seq) {
+      damage.emplace(i, absl::StrCat("records ", min_seq, "-", file.first_seq - 1,
+                                     " are missing: the oldest journal file ", file.path,
+                                     " starts after them and the state database holds records "
+                                     "up to ",
+                                     min_seq - 1, " only"));
+      break;
+    }
+    if (next_seq != 0 && file.first_seq != next_seq) {
+      damage.emplace(
+          i, absl::StrCat(file.path, " starts at seq ", file.first_seq, " but the records of ",
+                          previous, " end at ", next_seq - 1, ": records are missing"));
+      break;
+    }
+    absl::StatusOr<std::string> data = ReadWhole(file.path);
+    if (!data.ok()) return data.status();
+    const std::optional<std::pair<uint64_t, uint64_t>> header = DecodeHeader(*data);
+    if (!header.has_value() || header->first != file.first_seq) {
+      damage.emplace(i, data->size() < kRecordBytes
+                            ? absl::StrCat(file.path, " holds ", data->size(), " bytes: truncated")
+                            : absl::StrCat(file.path, " at offset 0: not a journal header for seq ",
+                                           file.first_seq));
+      break;
+    }
+    // Truncation is judged after the records it left: recovery keeps them.
+    const uint64_t bytes = (std::min<uint64_t>(header->second, data->size()) + 1) * kRecordBytes;
+    const size_t end = std::min<size_t>(data->size() / kRecordBytes * kRecordBytes, bytes);
+    size_t offset = kRecordBytes;
+    Slot slot = Slot::kZero;
+    JournalRecord record;
+    for (; offset < end; offset += kRecordBytes) {
+      slot = DecodeSlot(data->data() + offset, &record);
+      const uint64_t want = file.records == 0 ? file.first_seq : file.last_seq + 1;
+      if (slot != Slot::kRecord || record.seq != want) break;
+      file.last_seq = record.seq;
+      ++file.records;
+      recovered_.push_back(record);
+    }
+    if (offset < end) {
+      // The end of the log: what follows must be the file's unused slots.
+      const size_t rest = data->find_first_not_of('\0', offset + kRecordBytes);
+      if (slot == Slot::kRecord || slot == Slot::kBadContent) {
+        damage.emplace(
+            i, absl::StrCat(file.path, " at offset ", offset, ": ",
+                            slot == Slot::kRecord
+                                ? absl::StrCat("record seq ", record.seq, " out of sequence")
+                                : std::string("a record of no known kind")));
+        break;
+      }
+      if (rest != std::string::npos) {
+        damage.emplace(i, absl::StrCat(file.path, " at offset ", offset, ": ",
+                                       slot == Slot::kZero ? "an empty record slot"
+                                                           : "a record failing its checksum",
+                                       " followed by data at offset ", rest));
+        break;
+      }
+      if (slot == Slot::kBadSum) stats_.torn_tail_bytes += kRecordBytes;
+    }
+    if (data->size() != bytes) {
+      damage.emplace(i, absl::StrCat(file.path, " holds ", data->size(), " bytes where its header ",
+                                     "says ", bytes, ": truncated"));
+      break;
+    }
+    next_seq = file.records == 0 ? file.first_seq : file.last_seq + 1;
+    previous = file.path;
+    file.slots = header->second;
+    if (file.records == 0) {
+      // Holds no record (a rotation's new file, the last one): Open appends to it again rather
+      // than delete and recreate it, so the file the caller recorded never goes missing.
+      if (i + 1 == files.size()) {
+        empty_ = std::move(file);
+      } else {
+        unlink(file.path.c_str());
+      }
+      continue;
+    }
+    closed_.push_back(std::move(file));
+  }
+  if (!damage.has_value()) return absl::OkStatus();
+  const std::string what = absl::StrCat("mapping journal damaged: ", damage->second);
+  if (!options_.recover_damaged) {
+    return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
+                       absl::StrCat(what,
+                                    ". Acknowledged DMA mappings from there on would be lost; "
+                                    "restore the journal, or start with --recover_damaged_state "
+                                    "to drop them (they are reported and counted)"));
+  }
+  // Keep the records before the damage; set the damaged file and every later one aside.
+  const uint64_t keep_seq = recovered_.empty() ? 0 : recovered_.back().seq;
+  SetAsideLocked(files, damage->first, keep_seq, what);
+  return absl::OkStatus();
+}
+
+void MappingJournal::SetAsideLocked(const std::vector<File>& files, size_t from, uint64_t keep_seq,
+                                    const std::string& damage) {
+  const std::string suffix = absl::StrCat(".damaged.", absl::ToUnixSeconds(absl::Now()));
+  std::vector<std::string> moved;
+  uint64_t dropped = 0;
+  for (size_t i = from; i < files.size(); ++i) {
+    const File& file = files[i];
+    absl::StatusOr<std::string> data = ReadWhole(file.path);
+    uint64_t records = data.ok() ? CountRecords(*data) : 0;
+    const std::string aside = file.path + suffix;
+    if (i == from && file.records > 0) {
+      // Its first records are kept: a copy goes aside, the file keeps them and zeros after them.
+      records -= std::min(records, file.records);
+      absl::Status status = data.status();
+      if (status.ok()) status = RepairFile(file.path, aside, *data, file.records);
+      moved.push_back(status.ok()
+                          ? absl::StrCat(aside, " (a copy; ", file.path, " keeps seq ",
+                                         file.first_seq, "-", file.last_seq, ")")
+                          : absl::StrCat(file.path, " (cannot repair it: ", status.message(), ")"));
+    } else if (rename(file.path.c_str(), aside.c_str()) == 0) {
+      moved.push_back(aside);
+    } else {
+      moved.push_back(absl::StrCat(file.path, " (cannot move it aside: ", strerror(errno), ")"));
+    }
+    dropped += records;
+  }
+  stats_.damaged_files += moved.size();
+  stats_.damaged_records_dropped += dropped;
+  damage_report_.push_back(
+      absl::StrCat(damage, ". Recovering: kept the records up to seq ", keep_seq, ", dropped ",
+                   dropped, " well-formed records after the damage; moved aside: ",
+                   moved.empty() ? std::string("nothing") : absl::StrJoin(moved, ", ")));
+}
+
 absl::Status MappingJournal::StartFileLocked() {
   std::string path = FilePath(dir_, next_seq_);
-  // O_EXCL: a file of this name could only hold records this journal still needs.
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot create the mapping journal ", path));
+  const std::string temp = absl::StrCat(path, ".tmp");
+  const int fd = open(temp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot create the mapping journal ", temp));
+  auto failed = [&](int err, absl::string_view what) {
+    close(fd);
+    unlink(temp.c_str());
+    return ErrnoStatus(err, absl::StrCat("cannot ", what, " the mapping journal ", temp));
+  };
+  char header[kRecordBytes];
+  EncodeSlot(kHeaderKind, next_seq_, options_.file_records, 0, 0, kMagic, header);
+  if (pwrite(fd, header, sizeof(header), 0) != static_cast<ssize_t>(sizeof(header))) {
+    return failed(errno != 0 ? errno : ENOSPC, "write the header of");
+  }
+  // Every block now: no append runs out of space, and the size says how long the file must be.
+  const off_t bytes = static_cast<off_t>((options_.file_records + 1) * kRecordBytes);
+  if (const int err = posix_fallocate(fd, 0, bytes); err != 0) return failed(err, "preallocate");
+  if (options_.sync && fdatasync(fd) != 0) return failed(errno, "flush");
+  // link(2) fails if the name exists: a file of this name could only hold records still needed.
+  if (link(temp.c_str(), path.c_str()) != 0) return failed(errno, "link into place");
+  unlink(temp.c_str());
   if (options_.sync) {
     if (absl::Status status = SyncDirectory(dir_); !status.ok()) {
       close(fd);
@@ -185,7 +434,7 @@ absl::Status MappingJournal::StartFileLocked() {
     closed_.push_back(std::move(current_));
   }
   fd_ = fd;
-  current_ = File{std::move(path), 0};
+  current_ = File{std::move(path), next_seq_, 0, 0, options_.file_records};
   ++stats_.files_created;
   return absl::OkStatus();
 }
@@ -204,6 +453,11 @@ absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64
     return ErrnoStatus(EIO, absl::StrCat("the mapping journal ", current_.path,
                                          " failed earlier and takes no more records"));
   }
+  if (current_.records == current_.slots) {
+    // Full: the rotation closes the file a running flush uses.
+    while (syncing_) synced_cv_.wait(mu_);
+    if (absl::Status status = StartFileLocked(); !status.ok()) return fail(status);
+  }
   const JournalRecord record{kind, next_seq_, container_id, iova, size, ua};
   if (options_.fail_append_hook) {
     if (absl::Status injected = options_.fail_append_hook(record.seq); !injected.ok()) {
@@ -212,19 +466,21 @@ absl::StatusOr<uint64_t> MappingJournal::Append(JournalRecord::Kind kind, uint64
     }
   }
   char buffer[kRecordBytes];
-  Encode(record, buffer);
+  EncodeSlot(kind, record.seq, container_id, iova, size, ua, buffer);
+  const off_t offset = static_cast<off_t>((current_.records + 1) * kRecordBytes);
   ssize_t written;
   do {
-    written = write(fd_, buffer, sizeof(buffer));
+    written = pwrite(fd_, buffer, sizeof(buffer), offset);
   } while (written < 0 && errno == EINTR);
   if (written != static_cast<ssize_t>(sizeof(buffer))) {
-    // A short write (ENOSPC part-way) leaves a torn record, which readers skip with what follows.
+    // A short write leaves a torn record: the journal takes nothing after it (see failed_).
     const int err = written < 0 ? errno : ENOSPC;
     return fail(
         ErrnoStatus(err, absl::StrCat("cannot append to the mapping journal ", current_.path)));
   }
   ++next_seq_;
   current_.last_seq = record.seq;
+  ++current_.records;
   unfolded_.push_back(record);
   if (options_.sync) {
     if (absl::Status status = SyncLocked(record.seq); !status.ok()) return fail(status);
@@ -264,7 +520,7 @@ absl::Status MappingJournal::SyncLocked(uint64_t seq) {
   return absl::OkStatus();
 }
 
-std::vector<JournalRecord> MappingJournal::TakeUnfolded() {
+std::vector<JournalRecord> MappingJournal::TakeUnfolded(uint64_t* file_seq) {
   MutexLock lock(&mu_);
   // The rotation below closes the file a running flush uses.
   while (syncing_) synced_cv_.wait(mu_);
@@ -273,6 +529,7 @@ std::vector<JournalRecord> MappingJournal::TakeUnfolded() {
   // A journal that cannot start a new file keeps appending to this one; DropFolded then waits
   // for a later rotation. A failed journal keeps its file for the next start to read.
   if (current_.last_seq != 0 && !failed_) (void)StartFileLocked();
+  if (file_seq != nullptr) *file_seq = current_.first_seq;
   return records;
 }
 

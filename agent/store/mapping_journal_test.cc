@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -43,6 +44,10 @@ class MappingJournalTest : public ::testing::Test {
 
   std::string dir_;
 };
+
+std::string FilePathOf(const std::string& dir, uint64_t first_seq) {
+  return absl::StrFormat("%s/mappings.%020d.log", dir, first_seq);
+}
 
 JournalRecord Map(uint64_t seq, uint64_t container, uint64_t iova, uint64_t size, uint64_t ua) {
   return {JournalRecord::kMap, seq, container, iova, size, ua};
@@ -75,6 +80,16 @@ TEST_F(MappingJournalTest, NumberingStartsAtTheFloorGiven) {
   EXPECT_EQ(*(*journal)->Append(JournalRecord::kMap, 1, 0, 0x1000, 0x1000), 500u);
 }
 
+// Slot n of a journal file: 0 is the header, records from 1.
+constexpr off_t Slot(int n) { return n * 48; }
+
+void Overwrite(const std::string& path, off_t offset, const std::string& bytes) {
+  const int fd = open(path.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pwrite(fd, bytes.data(), bytes.size(), offset), static_cast<ssize_t>(bytes.size()));
+  close(fd);
+}
+
 TEST_F(MappingJournalTest, TornTailIsDroppedAndCounted) {
   std::string path;
   {
@@ -84,34 +99,146 @@ TEST_F(MappingJournalTest, TornTailIsDroppedAndCounted) {
     ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0x1000, 0x1000, 0x2000).ok());
     path = absl::StrCat(dir_, "/", Files().back());
   }
-  // Half of the second record, as a power loss during its write would leave it.
-  std::filesystem::resize_file(path, 48 + 20);
+  // The second record half written, as a power loss during its write leaves it.
+  Overwrite(path, Slot(2) + 20, std::string(28, '\0'));
+  for (int run = 0; run < 2; ++run) {  // still fine once a later file follows it
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+    ASSERT_TRUE(journal.ok()) << journal.status();
+    EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(1, 1, 0, 0x1000, 0x1000)));
+    EXPECT_EQ((*journal)->stats().torn_tail_bytes, 48u);
+    EXPECT_THAT((*journal)->damage_report(), IsEmpty());
+  }
   absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
   ASSERT_TRUE(journal.ok());
-  EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(1, 1, 0, 0x1000, 0x1000)));
-  EXPECT_EQ((*journal)->stats().torn_tail_bytes, 20u);
   EXPECT_EQ(*(*journal)->Append(JournalRecord::kMap, 1, 0x1000, 0x1000, 0x2000), 2u);
 }
 
-TEST_F(MappingJournalTest, CorruptRecordEndsTheLog) {
-  std::string path;
+// Three records in one file; returns its path.
+std::string WriteThree(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir, 1);
+  EXPECT_TRUE(journal.ok());
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE((*journal)->Append(JournalRecord::kMap, 1, i * 0x1000, 0x1000, 0x1000).ok());
+  }
+  return FilePathOf(dir, 1);
+}
+
+void ExpectDataLoss(const absl::StatusOr<std::unique_ptr<MappingJournal>>& journal,
+                    const std::string& mentions) {
+  ASSERT_FALSE(journal.ok());
+  EXPECT_EQ(journal.status().code(), absl::StatusCode::kDataLoss) << journal.status();
+  EXPECT_THAT(std::string(journal.status().message()), ::testing::HasSubstr(mentions));
+  EXPECT_THAT(std::string(journal.status().message()), ::testing::HasSubstr("EIO"));
+}
+
+TEST_F(MappingJournalTest, ADamagedRecordFollowedByRecordsIsDataLoss) {
+  const std::string path = WriteThree(dir_);
+  Overwrite(path, Slot(2) + 30, "\x5a");  // inside the second record; the third is intact
+  ExpectDataLoss(MappingJournal::Open(dir_, 1),
+                 absl::StrCat(path, " at offset ", Slot(2), ": a record failing its checksum"));
+  EXPECT_THAT(Files(), ElementsAre(::testing::EndsWith(".log")));  // nothing touched
+}
+
+TEST_F(MappingJournalTest, AnEmptiedRecordFollowedByRecordsIsDataLoss) {
+  const std::string path = WriteThree(dir_);
+  Overwrite(path, Slot(1), std::string(48, '\0'));
+  ExpectDataLoss(MappingJournal::Open(dir_, 1),
+                 absl::StrCat(path, " at offset 48: an empty record slot followed by data"));
+}
+
+TEST_F(MappingJournalTest, ATruncatedFileIsDataLoss) {
+  const std::string path = WriteThree(dir_);
+  std::filesystem::resize_file(path, Slot(3));  // at a record boundary
+  ExpectDataLoss(MappingJournal::Open(dir_, 1), absl::StrCat(path, " holds 144 bytes"));
+  // Recovery keeps the records the cut left, and the file is whole again.
+  {
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
+        MappingJournal::Open(dir_, 1, {.recover_damaged = true});
+    ASSERT_TRUE(journal.ok()) << journal.status();
+    EXPECT_THAT((*journal)->recovered(), SizeIs(2));
+    EXPECT_EQ((*journal)->stats().damaged_records_dropped, 0u);
+  }
+  EXPECT_TRUE(MappingJournal::Open(dir_, 1).ok());
+  std::filesystem::resize_file(path, 0);
+  ExpectDataLoss(MappingJournal::Open(dir_, 1), absl::StrCat(path, " holds 0 bytes: truncated"));
+}
+
+TEST_F(MappingJournalTest, AMissingFileIsDataLoss) {
+  uint64_t appending = 0;
   {
     absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
     ASSERT_TRUE(journal.ok());
     for (int i = 0; i < 3; ++i) {
       ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, i * 0x1000, 0x1000, 0x1000).ok());
+      (*journal)->TakeUnfolded(&appending);  // one file per record
     }
-    path = absl::StrCat(dir_, "/", Files().back());
+    ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0x9000, 0x1000, 0x1000).ok());
   }
-  const int fd = open(path.c_str(), O_WRONLY);
-  ASSERT_GE(fd, 0);
-  const char garbage = 0x5a;
-  ASSERT_EQ(pwrite(fd, &garbage, 1, 48 + 30), 1);  // inside the second record
-  close(fd);
+  EXPECT_EQ(appending, 4u);
+  ASSERT_THAT(Files(), SizeIs(4));
+  // A file between two others: a gap in the sequence.
+  std::filesystem::rename(FilePathOf(dir_, 2), absl::StrCat(dir_, "/elsewhere"));
+  ExpectDataLoss(MappingJournal::Open(dir_, 1),
+                 absl::StrCat(FilePathOf(dir_, 3), " starts at seq 3 but the records of ",
+                              FilePathOf(dir_, 1), " end at 1"));
+  std::filesystem::rename(absl::StrCat(dir_, "/elsewhere"), FilePathOf(dir_, 2));
+  // The oldest file, which records the caller has not folded need.
+  std::filesystem::remove(FilePathOf(dir_, 1));
+  ExpectDataLoss(MappingJournal::Open(dir_, 1), "records 1-1 are missing");
+  EXPECT_TRUE(MappingJournal::Open(dir_, 2).ok());  // record 1 was folded: nothing is missing
+  // Every file, when the caller knows which one was being appended to.
+  std::filesystem::remove_all(dir_);
+  std::filesystem::create_directory(dir_);
+  ExpectDataLoss(MappingJournal::Open(dir_, 5, {.expected_file_seq = 4}),
+                 absl::StrCat(FilePathOf(dir_, 4), " is missing"));
+  EXPECT_TRUE(MappingJournal::Open(dir_, 5).ok());  // a caller that knows nothing: a new journal
+}
+
+TEST_F(MappingJournalTest, RecoveryKeepsWhatPrecedesTheDamageAndSetsTheRestAside) {
+  const std::string path = WriteThree(dir_);
+  {
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0x5000, 0x1000, 0x1000).ok());
+  }  // records 1-3 in the first file, 4 in the second
+  Overwrite(path, Slot(2) + 30, "\x5a");
+  absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
+      MappingJournal::Open(dir_, 1, {.recover_damaged = true});
+  ASSERT_TRUE(journal.ok()) << journal.status();
+  EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(1, 1, 0, 0x1000, 0x1000)));
+  EXPECT_EQ((*journal)->stats().damaged_files, 2u);
+  EXPECT_EQ((*journal)->stats().damaged_records_dropped, 2u);  // 3 and 4; 2 is not a record
+  ASSERT_THAT((*journal)->damage_report(), SizeIs(1));
+  EXPECT_THAT((*journal)->damage_report()[0],
+              ::testing::HasSubstr("kept the records up to seq 1, dropped 2"));
+  EXPECT_EQ(*(*journal)->Append(JournalRecord::kClear, 1, 0, 0x1000), 2u);
+  journal->reset();
+  // The first file keeps record 1 (a copy of it as found went aside), the second went aside.
+  EXPECT_THAT(Files(),
+              ElementsAre(::testing::EndsWith("1.log"), ::testing::HasSubstr("1.log.damaged."),
+                          ::testing::EndsWith("2.log"), ::testing::HasSubstr("4.log.damaged.")));
+  // The next start reads what was kept and what this one wrote, nothing of what went aside.
+  journal = MappingJournal::Open(dir_, 1);
+  ASSERT_TRUE(journal.ok()) << journal.status();
+  EXPECT_THAT((*journal)->recovered(),
+              ElementsAre(Map(1, 1, 0, 0x1000, 0x1000), Clear(2, 1, 0, 0x1000)));
+}
+
+TEST_F(MappingJournalTest, AFullFileRotatesToTheNext) {
+  {
+    absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
+        MappingJournal::Open(dir_, 1, {.file_records = 2});
+    ASSERT_TRUE(journal.ok());
+    for (int i = 0; i < 5; ++i) {
+      ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, i * 0x1000, 0x1000, 0x1000).ok());
+    }
+    EXPECT_EQ((*journal)->stats().files_created, 3u);
+  }
+  EXPECT_THAT(Files(), SizeIs(3));
+  EXPECT_EQ(std::filesystem::file_size(FilePathOf(dir_, 1)), uintmax_t{Slot(3)});
   absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
-  ASSERT_TRUE(journal.ok());
-  EXPECT_THAT((*journal)->recovered(), SizeIs(1));
-  EXPECT_EQ((*journal)->stats().torn_tail_bytes, 96u);
+  ASSERT_TRUE(journal.ok()) << journal.status();
+  EXPECT_THAT((*journal)->recovered(), SizeIs(5));
 }
 
 TEST_F(MappingJournalTest, TakeRotatesAndDropDeletesFoldedFiles) {
@@ -133,7 +260,7 @@ TEST_F(MappingJournalTest, TakeRotatesAndDropDeletesFoldedFiles) {
   EXPECT_EQ(j.stats().files_deleted, 1u);
   // The record after the rotation is still read back.
   journal->reset();
-  absl::StatusOr<std::unique_ptr<MappingJournal>> reopened = MappingJournal::Open(dir_, 1);
+  absl::StatusOr<std::unique_ptr<MappingJournal>> reopened = MappingJournal::Open(dir_, 3);
   ASSERT_TRUE(reopened.ok());
   EXPECT_THAT((*reopened)->recovered(), ElementsAre(Clear(3, 1, 0, 0x1000)));
 }
@@ -152,7 +279,7 @@ TEST_F(MappingJournalTest, AnEmptyFileLeftByARotationIsNotDeletedWithItsSuccesso
     ASSERT_TRUE((*journal)->Append(JournalRecord::kMap, 1, 0x1000, 0x1000, 0x2000).ok());
     (*journal)->DropFolded(1);  // record 1 was folded; record 2 was not
   }
-  absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 1);
+  absl::StatusOr<std::unique_ptr<MappingJournal>> journal = MappingJournal::Open(dir_, 2);
   ASSERT_TRUE(journal.ok());
   EXPECT_THAT((*journal)->recovered(), ElementsAre(Map(2, 1, 0x1000, 0x1000, 0x2000)));
 }

@@ -1,6 +1,7 @@
 #include "agent/store/state_store.h"
 
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "agent/registry/errno_status.h"
 #include "common/sqlite_util.h"
 
@@ -365,7 +367,8 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
   }
   if (const auto* meta = std::get_if<Mutation::MetaOp>(&op)) {
     if (meta->key.empty()) return Invalid("empty meta key");
-    if (meta->key == kMetaSchemaVersion || meta->key == kMetaJournalFoldedSeq) {
+    if (meta->key == kMetaSchemaVersion || meta->key == kMetaJournalFoldedSeq ||
+        meta->key == kMetaJournalFileSeq) {
       return Invalid(absl::StrCat("meta key \"", meta->key, "\" belongs to the store"));
     }
     return absl::OkStatus();
@@ -398,15 +401,24 @@ StateStore::~StateStore() {
   sqlite3_close_v2(db_);
 }
 
-absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir,
-                                                             StateStoreOptions options) {
-  std::error_code error;
-  std::filesystem::create_directories(dir, error);
-  if (error) {
-    return ErrnoStatus(error.value(), absl::StrCat("cannot create the state directory ", dir, ": ",
-                                                   error.message()));
+namespace {
+
+// Moves the store's files in `dir` aside (`<name>.damaged.<unix time>`); returns what it moved.
+std::vector<std::string> SetAsideStoreFiles(const std::string& dir, const std::string& path) {
+  const std::string suffix = absl::StrCat(".damaged.", absl::ToUnixSeconds(absl::Now()));
+  std::vector<std::string> files = ListJournalFiles(dir);
+  for (const char* sqlite_file : {"", "-wal", "-shm"}) {
+    files.push_back(absl::StrCat(path, sqlite_file));
   }
-  std::string path = absl::StrCat(dir, "/state.db");
+  std::vector<std::string> moved;
+  for (const std::string& file : files) {
+    const std::string aside = file + suffix;
+    if (rename(file.c_str(), aside.c_str()) == 0) moved.push_back(aside);
+  }
+  return moved;
+}
+
+absl::StatusOr<sqlite3*> OpenDatabase(const std::string& path) {
   sqlite3* db = nullptr;
   // NOMUTEX: the store's own mutex serializes every use of the connection.
   const int rc = sqlite3_open_v2(
@@ -418,35 +430,91 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
     sqlite3_close_v2(db);
     return status;
   }
-  std::unique_ptr<StateStore> store(new StateStore(std::move(path), std::move(options), db));
+  return db;
+}
+
+constexpr absl::string_view kRecoverHint =
+    "; or start with --recover_damaged_state to set the damaged files aside and start this node "
+    "empty";
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir,
+                                                             StateStoreOptions options) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return ErrnoStatus(error.value(), absl::StrCat("cannot create the state directory ", dir, ": ",
+                                                   error.message()));
+  }
+  std::string path = absl::StrCat(dir, "/state.db");
+  std::vector<std::string> report;
+  bool set_aside = false;
+  // First start, or state lost? Every Open leaves a journal file beside the database, so a
+  // missing or empty database with journal files beside it is a node whose state went away.
+  struct stat st;
+  const bool have_database = stat(path.c_str(), &st) == 0 && st.st_size > 0;
+  if (!have_database && !ListJournalFiles(dir).empty()) {
+    const std::string what =
+        absl::StrCat(path, stat(path.c_str(), &st) == 0 ? " is empty" : " is missing",
+                     " but the mapping journal of an earlier run is in ", dir,
+                     ": this node's state is lost, not new");
+    if (!options.recover_damaged_state) {
+      return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
+                         absl::StrCat(what, ". Restore state.db", kRecoverHint));
+    }
+    report.push_back(absl::StrCat(what, ". Recovering: starting empty; moved aside: ",
+                                  absl::StrJoin(SetAsideStoreFiles(dir, path), ", ")));
+    set_aside = true;
+  }
+  std::unique_ptr<StateStore> store;
+  for (int attempt = 0;; ++attempt) {
+    absl::StatusOr<sqlite3*> db = OpenDatabase(path);
+    if (!db.ok()) return db.status();
+    store.reset(new StateStore(path, options, *db));
+    absl::Status status;
+    {
+      MutexLock lock(&store->mu_);
+      status = store->InitLocked();
+    }
+    if (status.ok()) break;
+    store.reset();
+    if (status.code() != absl::StatusCode::kDataLoss) return status;
+    if (!options.recover_damaged_state || attempt > 0) {
+      return absl::Status(status.code(), absl::StrCat(status.message(), kRecoverHint));
+    }
+    report.push_back(absl::StrCat(status.message(), ". Recovering: starting empty; moved aside: ",
+                                  absl::StrJoin(SetAsideStoreFiles(dir, path), ", ")));
+    set_aside = true;
+  }
+  store->recovery_report_ = std::move(report);
+  store->state_set_aside_ = set_aside;
   {
     MutexLock lock(&store->mu_);
-    if (absl::Status status = store->InitLocked(); !status.ok()) return status;
     // The journal's records from before a crash, folded before anyone reads or writes.
-    uint64_t folded_seq = 0;
-    absl::StatusOr<sqlite3_stmt*> stmt = store->StatementLocked(kSelectMeta);
-    if (!stmt.ok()) return stmt.status();
-    {
-      ScopedReset reset(*stmt);
-      BindText(*stmt, 1, kMetaJournalFoldedSeq);
-      const int rc = sqlite3_step(*stmt);
-      if (rc == SQLITE_ROW) {
-        folded_seq = ColumnU64(*stmt, 0);
-      } else if (rc != SQLITE_DONE) {
-        return store->SqliteError(rc, "read journal_folded_seq");
-      }
-    }
+    absl::StatusOr<uint64_t> folded_seq = store->MetaU64Locked(kMetaJournalFoldedSeq);
+    if (!folded_seq.ok()) return folded_seq.status();
+    absl::StatusOr<uint64_t> file_seq = store->MetaU64Locked(kMetaJournalFileSeq);
+    if (!file_seq.ok()) return file_seq.status();
     absl::StatusOr<std::unique_ptr<MappingJournal>> journal =
-        MappingJournal::Open(dir, folded_seq + 1,
+        MappingJournal::Open(dir, *folded_seq + 1,
                              {.sync = store->options_.sync_full,
-                              .fail_append_hook = store->options_.fail_journal_append_hook});
+                              .fail_append_hook = store->options_.fail_journal_append_hook,
+                              .expected_file_seq = *file_seq,
+                              .recover_damaged = store->options_.recover_damaged_state});
     if (!journal.ok()) return journal.status();
     store->journal_ = std::move(*journal);
+    for (const std::string& line : store->journal_->damage_report()) {
+      store->recovery_report_.push_back(line);
+    }
     std::vector<JournalRecord> records;
     for (const JournalRecord& record : store->journal_->recovered()) {
-      if (record.seq > folded_seq) records.push_back(record);
+      if (record.seq > *folded_seq) records.push_back(record);
     }
-    if (absl::Status status = store->FoldLocked(records); !status.ok()) {
+    // Also records the file appends now go to: a later Open must find it.
+    uint64_t appending = 0;
+    (void)store->journal_->TakeUnfolded(&appending);
+    if (absl::Status status = store->FoldLocked(records, appending); !status.ok()) {
       return absl::Status(status.code(), absl::StrCat(status.message(),
                                                       " (at open: the journal "
                                                       "left by the previous run)"));
@@ -457,6 +525,17 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
   }
   store->folder_ = std::thread([raw = store.get()] { raw->FoldInBackground(); });
   return store;
+}
+
+absl::StatusOr<uint64_t> StateStore::MetaU64Locked(absl::string_view key) const {
+  absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kSelectMeta);
+  if (!stmt.ok()) return stmt.status();
+  ScopedReset reset(*stmt);
+  BindText(*stmt, 1, key);
+  const int rc = sqlite3_step(*stmt);
+  if (rc == SQLITE_ROW) return ColumnU64(*stmt, 0);
+  if (rc != SQLITE_DONE) return SqliteError(rc, absl::StrCat("read ", key));
+  return 0;
 }
 
 absl::Status StateStore::RecordMap(uint64_t container_id, uint64_t iova, uint64_t size,
@@ -518,9 +597,10 @@ absl::Status StateStore::FoldJournalLocked() {
                                          ": folding the mapping journal failed earlier; "
                                          "the store takes no more changes"));
   }
-  std::vector<JournalRecord> records = journal_->TakeUnfolded();
+  uint64_t appending = 0;
+  std::vector<JournalRecord> records = journal_->TakeUnfolded(&appending);
   if (records.empty()) return absl::OkStatus();
-  absl::Status status = FoldLocked(records);
+  absl::Status status = FoldLocked(records, appending);
   if (!status.ok()) {
     fold_failed_.store(true, std::memory_order_release);
     return status;
@@ -529,8 +609,7 @@ absl::Status StateStore::FoldJournalLocked() {
   return absl::OkStatus();
 }
 
-absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
-  if (records.empty()) return absl::OkStatus();
+absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records, uint64_t file_seq) {
   if (absl::Status status = ExecLocked(kBeginWrite, "begin journal fold"); !status.ok()) {
     return status;
   }
@@ -565,18 +644,24 @@ absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
                                              record.iova, record.size, record.ua},
                          0, &rows);
   }
-  if (status.ok()) {
+  if (status.ok() && !records.empty()) {
     status = ApplyLocked(
         Mutation::MetaOp{std::string(kMetaJournalFoldedSeq), absl::StrCat(records.back().seq)}, 0,
         &rows);
   }
+  if (status.ok()) {
+    status = ApplyLocked(Mutation::MetaOp{std::string(kMetaJournalFileSeq), absl::StrCat(file_seq)},
+                         0, &rows);
+  }
   if (status.ok()) status = ExecLocked(kCommit, "commit journal fold");
   if (!status.ok()) {
     RollbackLocked();
-    return ErrnoStatus(EIO, status.code(),
-                       absl::StrCat("folding mapping journal records ", records.front().seq, "-",
-                                    records.back().seq, " into ", database_, ": ",
-                                    absl::StripPrefix(status.message(), "EIO: ")));
+    return ErrnoStatus(
+        EIO, status.code(),
+        absl::StrCat("folding mapping journal records ",
+                     records.empty() ? std::string("(none)")
+                                     : absl::StrCat(records.front().seq, "-", records.back().seq),
+                     " into ", database_, ": ", absl::StripPrefix(status.message(), "EIO: ")));
   }
   journal_folds_.fetch_add(1, std::memory_order_relaxed);
   journal_records_folded_.fetch_add(records.size() - skipped, std::memory_order_relaxed);
@@ -587,7 +672,12 @@ absl::Status StateStore::FoldLocked(const std::vector<JournalRecord>& records) {
 }
 
 absl::Status StateStore::InitLocked() {
-  if (absl::Status s = PrepareDatabase(db_, database_, options_.sync_full); !s.ok()) return s;
+  // The full check: a damaged index passes the quick one, and recovery would then read through it
+  // (an acknowledged release came back). The agent's database is small; see the README for costs.
+  if (absl::Status s = PrepareDatabase(db_, database_, options_.sync_full, IntegrityCheck::kFull);
+      !s.ok()) {
+    return s;
+  }
   // A SQLite built without foreign keys ignores the pragma; the cascades depend on it.
   absl::StatusOr<std::vector<std::string>> fk =
       QueryColumn(db_, database_, "PRAGMA foreign_keys = ON");
@@ -1038,7 +1128,10 @@ StoreStats StateStore::stats() const {
     stats.journal_records = journal.appends;
     stats.journal_failed_records = journal.failed_appends;
     stats.journal_torn_tail_bytes = journal.torn_tail_bytes;
+    stats.journal_damaged_files = journal.damaged_files;
+    stats.journal_damaged_records_dropped = journal.damaged_records_dropped;
   }
+  stats.state_set_aside = state_set_aside_ ? 1 : 0;
   stats.journal_folds = journal_folds_.load(std::memory_order_relaxed);
   stats.journal_records_folded = journal_records_folded_.load(std::memory_order_relaxed);
   stats.journal_records_skipped = journal_records_skipped_.load(std::memory_order_relaxed);

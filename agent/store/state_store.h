@@ -65,6 +65,9 @@ inline constexpr absl::string_view kMetaNodeName = "node_name";
 inline constexpr absl::string_view kMetaNextId = "next_id";
 // The seq of the last mapping-journal record folded into the database. Belongs to the store.
 inline constexpr absl::string_view kMetaJournalFoldedSeq = "journal_folded_seq";
+// The first seq of the journal file appends went to at the last fold or Open: it must exist at the
+// next Open (a deleted journal is then found). Belongs to the store.
+inline constexpr absl::string_view kMetaJournalFileSeq = "journal_file_seq";
 
 // --- Rows ------------------------------------------------------------------------------------
 
@@ -267,6 +270,10 @@ struct StateStoreOptions {
   // How often, at the latest, and after how many records the background folds the journal.
   absl::Duration journal_fold_interval = absl::Milliseconds(100);
   size_t journal_fold_records = 8192;
+  // Damage found at Open (a damaged or lost state.db, a damaged or missing journal file) is set
+  // aside and reported (recovery_report(), StoreStats) instead of failing with DATA_LOSS. The
+  // agent's --recover_damaged_state.
+  bool recover_damaged_state = false;
 };
 
 // Counters for metrics.
@@ -288,13 +295,21 @@ struct StoreStats {
   // Records of containers deleted before the fold reached them (nothing to apply).
   uint64_t journal_records_skipped = 0;
   uint64_t journal_torn_tail_bytes = 0;  // found at Open after a power loss or a failed write
+  // Recovery at Open (StateStoreOptions::recover_damaged_state): journal files set aside and the
+  // well-formed records they held after the damage; 1 when the database itself was set aside and
+  // the node started empty.
+  uint64_t journal_damaged_files = 0;
+  uint64_t journal_damaged_records_dropped = 0;
+  uint64_t state_set_aside = 0;
 };
 
 class StateStore {
  public:
-  // Opens (creating if needed) `dir` and `dir/state.db`, runs quick_check, migrates the schema
-  // to the current version, and folds what the mapping journal holds from before. A damaged file
-  // fails with DATA_LOSS (errno EIO) naming the file; a schema newer than this binary fails with
+  // Opens (creating if needed) `dir` and `dir/state.db`, runs integrity_check, migrates the
+  // schema to the current version, and folds what the mapping journal holds from before. A damaged
+  // file fails with DATA_LOSS (errno EIO) naming the file and offset, and so does a database that
+  // is missing or empty while journal files of an earlier run are there (state lost, not a first
+  // start), unless options.recover_damaged_state; a schema newer than this binary fails with
   // FAILED_PRECONDITION.
   static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir,
                                                           StateStoreOptions options = {});
@@ -329,6 +344,9 @@ class StateStore {
 
   StoreStats stats() const;
 
+  // With recover_damaged_state: one line per damage Open found and what it dropped or set aside.
+  const std::vector<std::string>& recovery_report() const { return recovery_report_; }
+
   // The database file.
   const std::string& path() const { return path_; }
 
@@ -347,7 +365,11 @@ class StateStore {
                       uint64_t ua);
   // Applies `records` (by seq) to the mappings table in one transaction. A failure is sticky:
   // the records left memory and only the files (read again at the next Open) still have them.
-  absl::Status FoldLocked(const std::vector<JournalRecord>& records)
+  // Also records `file_seq` as the journal file appends go to (kMetaJournalFileSeq).
+  absl::Status FoldLocked(const std::vector<JournalRecord>& records, uint64_t file_seq)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A meta value as a number; 0 when absent.
+  absl::StatusOr<uint64_t> MetaU64Locked(absl::string_view key) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status FoldJournalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FoldInBackground();
@@ -373,6 +395,9 @@ class StateStore {
   const std::string path_;
   const std::string database_;  // "state database <path>", for errors
   const StateStoreOptions options_;
+  // Set by Open before the store is shared.
+  std::vector<std::string> recovery_report_;
+  bool state_set_aside_ = false;
 
   // Callers waiting to commit; the front one commits for the group (see Commit).
   Mutex queue_mu_;
