@@ -10,7 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "nlohmann/json.hpp"
 
 namespace dmapin {

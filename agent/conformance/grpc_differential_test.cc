@@ -15,7 +15,7 @@
 #include "agent/conformance/grpc_target.h"
 #include "agent/conformance/in_process_target.h"
 #include "agent/conformance/test_support.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace conformance {

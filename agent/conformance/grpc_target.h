@@ -45,11 +45,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "agent/conformance/case_file.h"
 #include "agent/conformance/target.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "testing/agent_process.h"
 
 namespace dmapin {
 namespace conformance {

@@ -15,7 +15,7 @@
 #include "agent/conformance/in_process_target.h"
 #include "agent/conformance/runner.h"
 #include "agent/conformance/test_support.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

@@ -13,7 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace conformance {

@@ -11,7 +11,7 @@
 #include "agent/conformance/case_file.h"
 #include "agent/conformance/in_process_target.h"
 #include "agent/conformance/target.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

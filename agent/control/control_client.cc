@@ -10,8 +10,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
 #include "agent/service/proto_convert.h"
+#include "common/errno_status.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace dmapin {

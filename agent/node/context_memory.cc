@@ -4,8 +4,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/memlock_backend.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace {

@@ -8,7 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace {

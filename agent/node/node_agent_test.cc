@@ -8,10 +8,10 @@
 #include <string>
 
 #include "agent/node/context_memory.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/memlock_backend.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/store/state_store.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

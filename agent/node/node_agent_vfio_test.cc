@@ -11,11 +11,11 @@
 #include <vector>
 
 #include "agent/node/node_agent.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/store/state_store.h"
 #include "agent/vfio/fake_vfio_kernel.h"
 #include "agent/vfio/vfio_container.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

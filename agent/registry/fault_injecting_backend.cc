@@ -1,7 +1,7 @@
 #include "agent/registry/fault_injecting_backend.h"
 
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 

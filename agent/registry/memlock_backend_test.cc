@@ -20,8 +20,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/registry.h"
+#include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

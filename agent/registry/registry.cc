@@ -15,9 +15,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/numeric/bits.h"
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/iommu_table.h"
 #include "agent/registry/page_index.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 

@@ -7,9 +7,9 @@
 #include <thread>
 #include <vector>
 
-#include "agent/registry/errno_status.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

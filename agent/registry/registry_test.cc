@@ -4,9 +4,9 @@
 #include <memory>
 
 #include "absl/strings/match.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/fault_injecting_backend.h"
 #include "agent/registry/sim_backend.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

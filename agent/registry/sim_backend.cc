@@ -4,7 +4,7 @@
 
 #include "absl/numeric/bits.h"
 #include "absl/strings/str_format.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace {

@@ -3,7 +3,7 @@
 #include <cerrno>
 #include <set>
 
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

@@ -5,8 +5,8 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
-#include "agent/registry/errno_status.h"
 #include "common/connection_metrics.h"
+#include "common/errno_status.h"
 #include "common/metrics_util.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"

@@ -17,14 +17,14 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "agent/node/node_agent.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/service/node_agent_service.h"
 #include "agent/store/state_store.h"
-#include "common/exposition_parser.h"
+#include "common/errno_status.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "testing/exposition_parser.h"
 
 namespace dmapin {
 namespace {

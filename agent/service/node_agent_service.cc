@@ -4,8 +4,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "agent/registry/errno_status.h"
 #include "agent/service/proto_convert.h"
+#include "common/errno_status.h"
 #include "common/grpc_status.h"
 
 namespace dmapin {

@@ -14,9 +14,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "agent/registry/errno_status.h"
 #include "agent/vfio/fake_vfio_kernel.h"
 #include "agent/vfio/vfio_kernel.h"
+#include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

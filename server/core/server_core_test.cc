@@ -23,7 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
 #include "gtest/gtest.h"

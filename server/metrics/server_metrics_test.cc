@@ -23,7 +23,6 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/exposition_parser.h"
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
@@ -32,6 +31,7 @@
 #include "prometheus/text_serializer.h"
 #include "server/core/server_core.h"
 #include "server/store/sqlite_server_store.h"
+#include "testing/exposition_parser.h"
 
 namespace dmapin {
 namespace {

@@ -10,7 +10,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "gtest/gtest.h"
 
 namespace dmapin {

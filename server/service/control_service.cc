@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "common/grpc_status.h"
 #include "common/mutex.h"
 

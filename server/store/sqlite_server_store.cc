@@ -17,7 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 #include "common/sqlite_util.h"
 
 namespace dmapin {

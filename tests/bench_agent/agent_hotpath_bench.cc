@@ -59,13 +59,13 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
-#include "agent/conformance/agent_process.h"
 #include "agent/node/node_agent.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/store/state_store.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "testing/agent_process.h"
 
 ABSL_FLAG(std::string, agent_binary, "",
           "The dmapin-agent executable (default: the one in this binary's runfiles).");

@@ -40,8 +40,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "common/flags.h"
+#include "testing/agent_process.h"
 #include "tests/fleet/fleet_harness.h"
 #include "tests/fleet/fleetsim.h"
 

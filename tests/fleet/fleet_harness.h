@@ -16,9 +16,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "dmapin/v1/admin.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "testing/agent_process.h"
 
 namespace dmapin {
 namespace fleetsim {

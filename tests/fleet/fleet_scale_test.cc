@@ -20,8 +20,8 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "gtest/gtest.h"
+#include "testing/agent_process.h"
 #include "tests/fleet/fleet_harness.h"
 #include "tests/fleet/fleetsim.h"
 

@@ -22,11 +22,11 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "dmapin/v1/admin.grpc.pb.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "testing/agent_process.h"
 
 namespace dmapin {
 namespace {

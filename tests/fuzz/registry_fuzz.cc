@@ -45,9 +45,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace {

@@ -8,8 +8,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/time/clock.h"
-#include "agent/conformance/agent_process.h"
 #include "gtest/gtest.h"
+#include "testing/agent_process.h"
 #include "tests/fleet/fleet_harness.h"
 #include "tests/limits/limits_harness.h"
 

@@ -13,8 +13,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "grpcpp/grpcpp.h"
+#include "testing/agent_process.h"
 
 namespace dmapin {
 namespace limits {

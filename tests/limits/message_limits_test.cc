@@ -10,8 +10,8 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "agent/conformance/agent_process.h"
 #include "gtest/gtest.h"
+#include "testing/agent_process.h"
 #include "tests/fleet/fleet_harness.h"
 #include "tests/limits/limits_harness.h"
 

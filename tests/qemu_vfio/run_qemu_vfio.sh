@@ -107,7 +107,7 @@ GUEST_SRCS=(
   agent/vfio/vfio_container.cc
   agent/vfio/vfio_kernel.cc
   agent/vfio/vfio_detect.cc
-  agent/registry/errno_status.cc
+  common/errno_status.cc
   agent/registry/registry.cc
   agent/registry/epoch.cc
   agent/registry/sim_backend.cc

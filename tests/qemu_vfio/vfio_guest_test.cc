@@ -51,12 +51,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/vfio/vfio_container.h"
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
+#include "common/errno_status.h"
 
 namespace dmapin {
 namespace {

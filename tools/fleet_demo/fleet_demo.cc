@@ -53,11 +53,11 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/conformance/agent_process.h"
 #include "common/flags.h"
 #include "dmapin/v1/admin.grpc.pb.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "testing/agent_process.h"
 
 ABSL_FLAG(std::string, agent_binary, "",
           "The dmapin-agent executable (default: the one in this binary's runfiles, or beside it "

@@ -5,8 +5,8 @@
 // Also the small raw-gRPC helpers the tests need without generated stubs: Debian ships no C++
 // code for grpc.health.v1 or grpc.reflection, so those calls go through grpc::GenericStub with
 // hand-encoded protobuf bytes.
-#ifndef DMAPIN_AGENT_CONFORMANCE_AGENT_PROCESS_H_
-#define DMAPIN_AGENT_CONFORMANCE_AGENT_PROCESS_H_
+#ifndef DMAPIN_TESTING_AGENT_PROCESS_H_
+#define DMAPIN_TESTING_AGENT_PROCESS_H_
 
 #include <sys/types.h>
 
@@ -154,4 +154,4 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 }  // namespace conformance
 }  // namespace dmapin
 
-#endif  // DMAPIN_AGENT_CONFORMANCE_AGENT_PROCESS_H_
+#endif  // DMAPIN_TESTING_AGENT_PROCESS_H_

@@ -1,4 +1,4 @@
-#include "agent/registry/errno_status.h"
+#include "common/errno_status.h"
 
 #include <cerrno>
 

@@ -39,9 +39,9 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/registry/errno_status.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
+#include "common/errno_status.h"
 
 ABSL_FLAG(int, vms, 4, "Number of simulated VMs (memory contexts), 1 to 64.");
 ABSL_FLAG(double, duration, 10.0, "How long the workload runs, in seconds.");

@@ -3,8 +3,8 @@
 // Every failure the registry reports is an absl::Status whose message starts with the errno name
 // ("EBUSY: ...") and whose payload carries that name, so the gRPC layer and the conformance runner
 // can recover the exact errno without parsing prose.
-#ifndef DMAPIN_AGENT_REGISTRY_ERRNO_STATUS_H_
-#define DMAPIN_AGENT_REGISTRY_ERRNO_STATUS_H_
+#ifndef DMAPIN_COMMON_ERRNO_STATUS_H_
+#define DMAPIN_COMMON_ERRNO_STATUS_H_
 
 #include <optional>
 #include <string>
@@ -38,4 +38,4 @@ std::optional<int> ErrnoFromName(absl::string_view name);
 
 }  // namespace dmapin
 
-#endif  // DMAPIN_AGENT_REGISTRY_ERRNO_STATUS_H_
+#endif  // DMAPIN_COMMON_ERRNO_STATUS_H_

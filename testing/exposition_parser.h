@@ -1,7 +1,7 @@
 // For tests: reads the Prometheus text exposition format back into samples, and lints it with
 // Prometheus's own checker.
-#ifndef DMAPIN_COMMON_EXPOSITION_PARSER_H_
-#define DMAPIN_COMMON_EXPOSITION_PARSER_H_
+#ifndef DMAPIN_TESTING_EXPOSITION_PARSER_H_
+#define DMAPIN_TESTING_EXPOSITION_PARSER_H_
 
 #include <filesystem>
 #include <map>
@@ -41,4 +41,4 @@ absl::Status PromtoolCheck(const std::string& promtool, absl::string_view text,
 
 }  // namespace dmapin::exposition
 
-#endif  // DMAPIN_COMMON_EXPOSITION_PARSER_H_
+#endif  // DMAPIN_TESTING_EXPOSITION_PARSER_H_

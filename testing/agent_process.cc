@@ -1,4 +1,4 @@
-#include "agent/conformance/agent_process.h"
+#include "testing/agent_process.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-#include "common/exposition_parser.h"
+#include "testing/exposition_parser.h"
 
 #include <unistd.h>
 
