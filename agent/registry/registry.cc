@@ -438,6 +438,40 @@ absl::Status Registry::ReleaseContainer(ContainerId id) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> Registry::PendingAfterRelease(
+    ContainerId id) const {
+  MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto it = current->containers.find(id);
+  if (it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", id));
+  }
+  Container* container = it->second;
+  std::vector<std::pair<uint64_t, uint64_t>> pending;
+  const Context* context = container->context.load(std::memory_order_relaxed);
+  if (context == nullptr) return pending;
+  // What ReleaseContainer does, counted instead of applied: its entries go first.
+  absl::flat_hash_map<const Region*, uint64_t> entries;
+  container->table.ForEachInstalled([&entries](uint64_t, std::atomic<Region*>& slot) {
+    if (const Region* region = slot.load(std::memory_order_acquire)) ++entries[region];
+  });
+  for (const auto& [ua, region] : context->regions) {
+    auto mine = entries.find(region.get());
+    const uint64_t mapped =
+        region->mapped.load(std::memory_order_acquire) - (mine == entries.end() ? 0 : mine->second);
+    bool is_pending = region->pending_release.load(std::memory_order_acquire);
+    const bool held = std::find(container->held.begin(), container->held.end(), region.get()) !=
+                      container->held.end();
+    if (held && !is_pending && region->Holders().size() == 1) {
+      is_pending = mapped != 1;  // the last user: still mapped by others, it waits (spec §4)
+    } else if (is_pending && mapped == 1) {
+      is_pending = false;  // no mapping keeps it any more: the release completes
+    }
+    if (is_pending) pending.emplace_back(ua, region->entries << page_shift_);
+  }
+  return pending;
+}
+
 absl::Status Registry::TeardownContext(ContextId id) {
   if (EpochDomain::InReadSection()) return ReadSectionMisuse("TeardownContext");
   MutexLock lock(&mu_);

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/base/attributes.h"
@@ -156,6 +157,12 @@ class Registry {
   // Spec §4: clears every mapping of the container, unregisters what it holds (regions still
   // mapped by other containers stay *pending release*), and removes the container.
   absl::Status ReleaseContainer(ContainerId id);
+  // The regions (ua, size) of the container's context that would be pending release after
+  // ReleaseContainer(id), if nothing else changed meanwhile; changes nothing. For an agent that
+  // records a release before it makes it (a release cannot be undone). Empty for an unbound
+  // container; ENOENT for an unknown one.
+  absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> PendingAfterRelease(
+      ContainerId id) const;
 
   // Binds a container that never registered memory to `context`, as its first Register would
   // (spec §1), for an agent restoring its state after a restart. OK if already bound there; EPERM
