@@ -353,6 +353,11 @@ void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context
   for (const RegionInfo& region : registry_->ListRegions(context.id)) {
     if (region.pending_release) now.emplace_back(region.ua, region.size);
   }
+  SetPendingRows(context, context_name, std::move(now), mutation);
+}
+
+void NodeAgent::SetPendingRows(ContextEntry& context, const std::string& context_name,
+                               std::vector<std::pair<uint64_t, uint64_t>> now, Mutation* mutation) {
   for (const auto& [ua, size] : context.pending) {
     if (std::find(now.begin(), now.end(), std::make_pair(ua, size)) == now.end()) {
       mutation->RemovePending(context_name, ua, size);
@@ -366,6 +371,18 @@ void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context
   }
   context.has_pending.store(!now.empty(), std::memory_order_release);
   context.pending = std::move(now);
+}
+
+void NodeAgent::RestorePending(ContextEntry& context,
+                               std::vector<std::pair<uint64_t, uint64_t>> persisted) {
+  context.has_pending.store(!persisted.empty(), std::memory_order_release);
+  context.pending = std::move(persisted);
+}
+
+absl::Status NodeAgent::MemoryBehindStore(absl::Status status) {
+  store_failed_.store(true, std::memory_order_release);
+  UndoFailed();
+  return status;
 }
 
 std::string NodeAgent::ContextName(ContextId id) const {
@@ -534,12 +551,8 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   mutation.DeleteContext(name);
   for (auto& entry : bound) mutation.DeleteContainer(entry->name);
   if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
-  absl::Status torn_down = registry_->TeardownContext(context->id);
-  if (!torn_down.ok()) {
-    // Memory behind the store now: refuse changes until a restart rebuilds from the store.
-    store_failed_.store(true, std::memory_order_release);
-    UndoFailed();
-    return torn_down;
+  if (absl::Status status = registry_->TeardownContext(context->id); !status.ok()) {
+    return MemoryBehindStore(status);
   }
   for (auto& entry : bound) MarkReleasedUnderTeardown(*entry);
   {
@@ -675,26 +688,41 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
   if (entry == nullptr) return NoSuchContainer(name);
   MutexLock dma(&entry->dma_mu);
   ContextEntry* context = entry->bound.load(std::memory_order_acquire);
+  // The store first: a release cannot be undone (the addresses of its mappings go with it), and
+  // with the container's DMA path held the registry has no reason to refuse it.
   Mutation mutation;
   mutation.DeleteContainer(name);
   if (context == nullptr) {
-    // Never registered memory: no region of any context, so no pending row can change, and the
-    // store goes first (a release cannot be undone; the registry has no reason to refuse it).
+    // Never registered memory: no region of any context, so no pending row can change.
     if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
     if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) {
-      store_failed_.store(true, std::memory_order_release);  // memory behind the store
-      UndoFailed();
-      return status;
+      return MemoryBehindStore(status);
     }
   } else {
     MutexLock pending(&context->pending_mu);
-    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) return status;
-    AddPendingDiffLocked(*context, mutation);
+    // With the pending rows the release will leave. Raised before the registry is read, as in
+    // AddPendingDiff: a concurrent map or unmap that changes them takes the pending path and
+    // records its change after this one.
+    std::vector<std::pair<uint64_t, uint64_t>> persisted_pending = context->pending;
+    context->has_pending.store(true, std::memory_order_release);
+    absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> after =
+        registry_->PendingAfterRelease(entry->id);
+    if (!after.ok()) {
+      RestorePending(*context, std::move(persisted_pending));
+      return after.status();
+    }
+    SetPendingRows(*context, ContextName(context->id), std::move(*after), &mutation);
     if (absl::Status status = Persist(mutation, decision); !status.ok()) {
-      // Its mappings and holds are gone, and the addresses of the mappings with them.
-      UndoFailed();
+      RestorePending(*context, std::move(persisted_pending));
       return status;
     }
+    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) {
+      return MemoryBehindStore(status);
+    }
+    // Anything the prediction missed (a map or unmap racing it): normally nothing.
+    Mutation late;
+    AddPendingDiffLocked(*context, late);
+    Persist(late).IgnoreError();  // a failure still stops later changes (StoreOutcome)
   }
   MutexLock names(&names_mu_);
   containers_.erase(entry->name);
@@ -745,10 +773,7 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   }
   if (absl::Status status = Persist(mutation, decision); !status.ok()) {
     // Refused: take the hold (and the binding) back, so reads show only what was acknowledged.
-    if (had_pending) {
-      context->pending = std::move(persisted_pending);
-      context->has_pending.store(true, std::memory_order_release);
-    }
+    if (had_pending) RestorePending(*context, std::move(persisted_pending));
     bool undone = UnregisterBoth(*container, ua, size).ok();
     if (binds) {
       if (registry_->UnbindContainer(container->id).ok()) {
@@ -920,11 +945,10 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
       mutation.ClearMappings(container_name, iova, cleared_bytes);
     }
     MutexLock pending(&context->pending_mu);
-    const std::vector<std::pair<uint64_t, uint64_t>> persisted_pending = context->pending;
+    std::vector<std::pair<uint64_t, uint64_t>> persisted_pending = context->pending;
     AddPendingDiff(*context, ContextName(context->id), &mutation);
     if (absl::Status persisted = Persist(mutation); !persisted.ok()) {
-      context->pending = persisted_pending;
-      context->has_pending.store(true, std::memory_order_release);
+      RestorePending(*context, std::move(persisted_pending));
       UndoRefusedMap(*container, status.ok(), replaced, iova, size);
       return persisted;
     }

@@ -294,6 +294,17 @@ class NodeAgent {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
   void AddPendingDiffLocked(ContextEntry& context, Mutation& mutation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // AddPendingDiff towards the rows `now` (the regions pending release) instead of the registry's.
+  void SetPendingRows(ContextEntry& context, const std::string& context_name,
+                      std::vector<std::pair<uint64_t, uint64_t>> now, Mutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // Puts back the rows of a context as last persisted, after the store refused a change to them.
+  void RestorePending(ContextEntry& context, std::vector<std::pair<uint64_t, uint64_t>> persisted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // The store took a change the registry then refused (it has no reason to): memory is behind the
+  // store, so the agent refuses changes until a restart rebuilds from it. Counted; returns
+  // `status`.
+  absl::Status MemoryBehindStore(absl::Status status);
 
   const NodeAgentOptions options_;
   std::unique_ptr<Registry> registry_;

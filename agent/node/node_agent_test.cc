@@ -473,7 +473,37 @@ TEST_F(NodeAgentTest, RefusedTeardownAndReleaseAreNotApplied) {
   ExpectRefusedAndInvisible(agent_->TeardownContext("vm-1"), before, probes);
   RestartRefusing(/*commit=*/true);
   ExpectRefusedAndInvisible(agent_->ReleaseContainer("idle"), before, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->ReleaseContainer("c1"), before, probes);
   ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok()) << "the container still works";
+}
+
+// A release that leaves a region pending (another container maps it) and completes another: the
+// store takes the rows it will leave, before the release.
+TEST_F(NodeAgentTest, RefusedReleaseWithPendingEffectsIsNotApplied) {
+  AddNames("vm-1", {"c1", "c2", "c3"});
+  ASSERT_TRUE(agent_->RegisterRegion("c3", "vm-1", kBase + 4 * k1M, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + 2 * k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase + 4 * k1M, k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c3").ok());  // pending, kept by c1's mapping
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, k64K).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase},
+                                                                {"vm-1", kBase + 4 * k1M}};
+  const std::string before = Reads(*agent_, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->ReleaseContainer("c1"), before, probes);
+  // Accepted, it leaves kBase pending and completes kBase + 4 MiB, as the restart confirms.
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  EXPECT_TRUE(agent_->Lookup("vm-1", kBase, k1M)->value().info.pending_release);
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase + 4 * k1M, k1M)->has_value());
+  const std::string after = Reads(*agent_, probes);
+  Restart();
+  EXPECT_EQ(Reads(*agent_, probes), after);
+  absl::StatusOr<PersistedState> state = store_->Load();
+  ASSERT_TRUE(state.ok());
+  ASSERT_EQ(state->pending.size(), 1u);
+  EXPECT_EQ(state->pending[0].ua, kBase);
 }
 
 TEST_F(NodeAgentTest, PendingRowThatNoMappingKeepsIsDroppedAtRecovery) {
