@@ -1,9 +1,10 @@
 // The node agent's durable state: an embedded SQLite database, `<dir>/state.db`.
 //
 // Contract. The agent applies an operation to the registry, describes the resulting row changes as
-// a Mutation, and calls Commit before it replies. When Commit returns OK the change survives a
-// kill -9 of the agent; a crash in the middle of a Commit leaves all of it or nothing of it (one
-// SQLite transaction). After a restart the agent replays Load() into a fresh registry.
+// a Mutation, and calls Commit before it replies (or first, for a change it could not undo); when
+// Commit fails it undoes the change, so it is never seen. When Commit returns OK the change
+// survives a kill -9 of the agent; a crash in the middle of a Commit leaves all of it or nothing of
+// it (one SQLite transaction). After a restart the agent replays Load() into a fresh registry.
 //
 // Durability levels (StateStoreOptions::sync_full):
 //  - false (default): WAL journal, synchronous=NORMAL. A committed transaction has been written to
