@@ -322,6 +322,14 @@ class StateStore {
   // Folds the journal now (the background does it anyway).
   absl::Status FoldJournal();
 
+  // The acknowledged mappings of container `container_id` (StoredContainer::id) inside
+  // [iova, iova + size), clipped to it, by iova: the rows as folded with the journal's unfolded
+  // records applied, read without a fold (so also from a store that refuses transactions). For an
+  // agent putting back entries whose change the store refused. EIO once a fold failed (the records
+  // it took are only in the files then); ENOENT for an unknown container.
+  absl::StatusOr<std::vector<StoredMapping>> AcknowledgedMappings(uint64_t container_id,
+                                                                  uint64_t iova, uint64_t size);
+
   // Folds the journal, then reads everything.
   absl::StatusOr<PersistedState> Load();
 
