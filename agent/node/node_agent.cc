@@ -970,14 +970,37 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
 
 void NodeAgent::UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced,
                                uint64_t iova, uint64_t size) {
-  bool undone = !replaced;
-  if (installed) {
-    // The kernel first, as in UnmapDma: once the registry drops the entries, the device must no
-    // longer reach their pages.
-    if (container.vfio != nullptr && !container.vfio->UnmapDma(iova, size).ok()) undone = false;
-    if (!registry_->Unmap(container.id, iova, size).ok()) undone = false;
+  if (!installed && !replaced) return;  // a failed map that only took back its own entries
+  // The kernel first, as in UnmapDma: once the registry drops the entries, the device must no
+  // longer reach their pages.
+  bool undone = container.vfio == nullptr || container.vfio->UnmapDma(iova, size).ok();
+  if (!registry_->Unmap(container.id, iova, size).ok()) undone = false;
+  // What the map overwrote or cleared comes back from the store: nothing in memory keeps an
+  // entry's ua.
+  if (replaced && !RestoreAcknowledgedMappings(container, iova, size, /*in_registry=*/true)) {
+    undone = false;
   }
   if (!undone) UndoFailed();
+}
+
+bool NodeAgent::RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
+                                            bool in_registry) {
+  if (options_.store == nullptr) return false;
+  absl::StatusOr<std::vector<StoredMapping>> rows =
+      options_.store->AcknowledgedMappings(container.id, iova, size);
+  if (!rows.ok()) return false;
+  bool restored = true;
+  for (const StoredMapping& row : *rows) {
+    // The registry first, as in MapDma: it checks the range is still registered.
+    if (in_registry && !registry_->Map(container.id, row.iova, row.ua, row.size).ok()) {
+      restored = false;
+      continue;
+    }
+    if (container.vfio != nullptr && !container.vfio->MapDma(row.iova, row.ua, row.size).ok()) {
+      restored = false;
+    }
+  }
+  return restored;
 }
 
 absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size) {
@@ -997,12 +1020,16 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   } else if (ABSL_PREDICT_FALSE(!DmaRangeOk(container->options, iova, size, /*ua=*/0))) {
     return registry_->CheckUnmap(container->id, iova, size);  // says which check failed
   }
-  // Then the record, before the registry: the entries an unmap clears cannot be put back (nothing
-  // in memory keeps their addresses), and a range checked as above cannot be refused by Unmap.
+  // Then the record, before the registry: the registry's entries need not be put back after a
+  // refusal then (only the kernel's, from the store), and a range checked as above cannot be
+  // refused by Unmap.
   if (absl::Status persisted = PersistMappingChange(*container, /*mapped=*/false, iova, size);
       ABSL_PREDICT_FALSE(!persisted.ok())) {
-    // The registry still shows the acknowledged mappings; the kernel's cannot be restored.
-    if (container->vfio != nullptr) UndoFailed();
+    // The registry still shows the acknowledged mappings; the kernel gets them back.
+    if (container->vfio != nullptr &&
+        !RestoreAcknowledgedMappings(*container, iova, size, /*in_registry=*/false)) {
+      UndoFailed();
+    }
     return persisted;
   }
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {

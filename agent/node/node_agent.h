@@ -284,10 +284,15 @@ class NodeAgent {
   // Unregisters from the registry and then the kernel, or from neither.
   absl::Status UnregisterBoth(ContainerEntry& container, uint64_t ua, uint64_t size);
   // Takes out again the entries of a map whose record the store refused (`installed`: the map
-  // succeeded). Exact unless the map overwrote or cleared earlier entries (`replaced`), whose
-  // addresses nothing in memory keeps: that is counted.
+  // succeeded), and puts back what it overwrote or cleared (`replaced`) from the store.
   void UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced, uint64_t iova,
                       uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
+  // Maps the store's acknowledged mappings of [iova, iova + size) again: in the registry (when
+  // `in_registry`) and the kernel. False if the store cannot say or a map fails (e.g. into a
+  // region whose pending release completed meanwhile).
+  bool RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
+                                   bool in_registry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
   // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
   // line with the registry. Holds context.pending_mu until the caller has committed.
   void AddPendingDiff(ContextEntry& context, const std::string& context_name, Mutation* mutation)
