@@ -214,7 +214,7 @@ function nodeDetail() {
       { h: 4, w: 4, x: 8, y: 1 }, [[`sum(dmapin_agent_installed_mappings{${N}})`, 'mappings']], 'none'),
     panel('stat', 'Contexts without memlock limit', 'Contexts whose memlock limit is unlimited (no headroom to watch).',
       { h: 4, w: 4, x: 12, y: 1 }, [[`sum(dmapin_agent_context_memlock_unlimited{${N}})`, 'unlimited']], 'none'),
-    panel('stat', 'State store failed', '1: a state-store commit failed and the agent refuses changes until restarted.',
+    panel('stat', 'State store failed', '1: a state-store commit failed; the refused change was undone and the agent refuses changes until restarted.',
       { h: 4, w: 4, x: 16, y: 1 }, [[`max(dmapin_agent_store_failed{${N}})`, 'failed']], 'none', {
         thresholds: [[1, 'red']],
         mappings: [{ type: 'value', options: { 0: { text: 'ok', index: 0 }, 1: { text: 'FAILED', index: 1 } } }],

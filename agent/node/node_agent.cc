@@ -138,6 +138,7 @@ absl::Status NodeAgent::RecoverLocked(
     }
     entry->id = stored.id;
     entry->name = stored.name;
+    entry->options = options;
     if (!stored.context.empty()) {
       // Bound by an earlier registration, possibly to regions it no longer holds.
       auto context = contexts_.find(stored.context);
@@ -333,9 +334,13 @@ absl::Status NodeAgent::StoreOutcome(absl::Status status) {
   store_failed_.store(true, std::memory_order_release);
   store_commit_failures_.fetch_add(1, std::memory_order_relaxed);
   return ErrnoStatus(EIO,
-                     absl::StrCat("applied but could not be made durable, so not acknowledged; "
+                     absl::StrCat("could not be made durable, so not acknowledged (and undone); "
                                   "the agent now refuses changes until restarted: ",
                                   status.message()));
+}
+
+void NodeAgent::UndoFailed() {
+  refused_change_undo_failures_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context_name,
@@ -348,6 +353,11 @@ void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context
   for (const RegionInfo& region : registry_->ListRegions(context.id)) {
     if (region.pending_release) now.emplace_back(region.ua, region.size);
   }
+  SetPendingRows(context, context_name, std::move(now), mutation);
+}
+
+void NodeAgent::SetPendingRows(ContextEntry& context, const std::string& context_name,
+                               std::vector<std::pair<uint64_t, uint64_t>> now, Mutation* mutation) {
   for (const auto& [ua, size] : context.pending) {
     if (std::find(now.begin(), now.end(), std::make_pair(ua, size)) == now.end()) {
       mutation->RemovePending(context_name, ua, size);
@@ -361,6 +371,18 @@ void NodeAgent::AddPendingDiff(ContextEntry& context, const std::string& context
   }
   context.has_pending.store(!now.empty(), std::memory_order_release);
   context.pending = std::move(now);
+}
+
+void NodeAgent::RestorePending(ContextEntry& context,
+                               std::vector<std::pair<uint64_t, uint64_t>> persisted) {
+  context.has_pending.store(!persisted.empty(), std::memory_order_release);
+  context.pending = std::move(persisted);
+}
+
+absl::Status NodeAgent::MemoryBehindStore(absl::Status status) {
+  store_failed_.store(true, std::memory_order_release);
+  UndoFailed();
+  return status;
 }
 
 std::string NodeAgent::ContextName(ContextId id) const {
@@ -469,7 +491,12 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
                                     .mem_ua = memory != nullptr ? memory->ua() : 0,
                                     .mem_size = memory != nullptr ? memory->size() : 0});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
-  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  if (absl::Status status = Persist(mutation); !status.ok()) {
+    // Refused: the context goes again (it has nothing yet), and so does its memory, with `memory`.
+    if (!registry_->TeardownContext(id).ok()) UndoFailed();
+    next_id_ = id;
+    return status;
+  }
   ContextView view;
   view.name = spec.name;
   view.spec = spec;
@@ -518,14 +545,16 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   for (auto& entry : bound) dma_locks.push_back(std::make_unique<MutexLock>(&entry->dma_mu));
   MutexLock pending(&context->pending_mu);
 
-  if (absl::Status status = registry_->TeardownContext(context->id); !status.ok()) return status;
+  // The store first: a teardown cannot be undone (its pins and mappings are gone), and with the
+  // context and the DMA paths of its containers held, the registry has no reason to refuse it.
   Mutation mutation;
   mutation.DeleteContext(name);
-  for (auto& entry : bound) {
-    MarkReleasedUnderTeardown(*entry);
-    mutation.DeleteContainer(entry->name);
+  for (auto& entry : bound) mutation.DeleteContainer(entry->name);
+  if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
+  if (absl::Status status = registry_->TeardownContext(context->id); !status.ok()) {
+    return MemoryBehindStore(status);
   }
-  absl::Status persisted = Persist(mutation, decision);
+  for (auto& entry : bound) MarkReleasedUnderTeardown(*entry);
   {
     MutexLock names(&names_mu_);
     for (auto& entry : bound) {
@@ -535,7 +564,7 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
     contexts_.erase(name);
     context_names_.erase(context->id);
   }
-  return persisted;
+  return absl::OkStatus();
 }
 
 // --- Containers -------------------------------------------------------------------------------
@@ -568,8 +597,16 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
                                         .window_size = options.window_size,
                                         .vfio_groups = spec.vfio_groups});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
-  if (absl::Status status = Persist(mutation); !status.ok()) return status;
+  if (absl::Status status = Persist(mutation); !status.ok()) {
+    // Refused: the container goes again, kernel side too (it has nothing yet).
+    if (!registry_->ReleaseContainer(id).ok()) UndoFailed();
+    MutexLock dma(&entry->dma_mu);
+    CloseVfioContainer(*entry);
+    next_id_ = id;
+    return status;
+  }
   entry->id = id;
+  entry->options = options;
   entry->name = spec.name;
   entry->spec = spec;
   {
@@ -651,23 +688,46 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
   if (entry == nullptr) return NoSuchContainer(name);
   MutexLock dma(&entry->dma_mu);
   ContextEntry* context = entry->bound.load(std::memory_order_acquire);
+  // The store first: a release cannot be undone (the addresses of its mappings go with it), and
+  // with the container's DMA path held the registry has no reason to refuse it.
   Mutation mutation;
   mutation.DeleteContainer(name);
-  absl::Status persisted;
   if (context == nullptr) {
     // Never registered memory: no region of any context, so no pending row can change.
-    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) return status;
-    persisted = Persist(mutation, decision);
+    if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
+    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) {
+      return MemoryBehindStore(status);
+    }
   } else {
     MutexLock pending(&context->pending_mu);
-    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) return status;
-    AddPendingDiffLocked(*context, mutation);
-    persisted = Persist(mutation, decision);
+    // With the pending rows the release will leave. Raised before the registry is read, as in
+    // AddPendingDiff: a concurrent map or unmap that changes them takes the pending path and
+    // records its change after this one.
+    std::vector<std::pair<uint64_t, uint64_t>> persisted_pending = context->pending;
+    context->has_pending.store(true, std::memory_order_release);
+    absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> after =
+        registry_->PendingAfterRelease(entry->id);
+    if (!after.ok()) {
+      RestorePending(*context, std::move(persisted_pending));
+      return after.status();
+    }
+    SetPendingRows(*context, ContextName(context->id), std::move(*after), &mutation);
+    if (absl::Status status = Persist(mutation, decision); !status.ok()) {
+      RestorePending(*context, std::move(persisted_pending));
+      return status;
+    }
+    if (absl::Status status = ReleaseContainerLocked(*entry); !status.ok()) {
+      return MemoryBehindStore(status);
+    }
+    // Anything the prediction missed (a map or unmap racing it): normally nothing.
+    Mutation late;
+    AddPendingDiffLocked(*context, late);
+    Persist(late).IgnoreError();  // a failure still stops later changes (StoreOutcome)
   }
   MutexLock names(&names_mu_);
   containers_.erase(entry->name);
   container_names_.erase(entry->id);
-  return persisted;
+  return absl::OkStatus();
 }
 
 absl::Status NodeAgent::ReleaseContainerLocked(ContainerEntry& entry) {
@@ -699,33 +759,32 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   if (context == nullptr) return NoSuchContext(context_name);
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
-  // The kernel first: undoing its registration is a plain unregister, while the registry's first
-  // registration also binds the container, which nothing undoes. But only a request the registry
-  // would take: the kernel must not pin (or try to pin) what the registry then refuses, e.g. a
-  // region over the node's limits.
-  if (container->vfio != nullptr) {
-    if (absl::Status status = registry_->CheckRegister(container->id, context->id, ua, size);
-        !status.ok()) {
-      return status;
-    }
-    if (absl::Status status = container->vfio->RegisterMemory(ua, size); !status.ok()) {
-      return status;
-    }
-  }
-  if (absl::Status status = registry_->Register(container->id, context->id, ua, size);
-      !status.ok()) {
-    if (container->vfio != nullptr && !container->vfio->UnregisterMemory(ua, size).ok()) {
-      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-    }
+  if (absl::Status status = RegisterBoth(*container, context->id, ua, size); !status.ok()) {
     return status;
   }
   Mutation mutation;
-  if (container->bound.exchange(context.get(), std::memory_order_acq_rel) == nullptr) {
-    mutation.BindContainer(container_name, context_name);
-  }
+  const bool binds = container->bound.exchange(context.get(), std::memory_order_acq_rel) == nullptr;
+  if (binds) mutation.BindContainer(container_name, context_name);
   mutation.AddHold(container_name, context_name, ua, size);
-  if (had_pending) AddPendingDiff(*context, std::string(context_name), &mutation);
-  if (absl::Status status = Persist(mutation, decision); !status.ok()) return status;
+  std::vector<std::pair<uint64_t, uint64_t>> persisted_pending;
+  if (had_pending) {
+    persisted_pending = context->pending;
+    AddPendingDiff(*context, std::string(context_name), &mutation);
+  }
+  if (absl::Status status = Persist(mutation, decision); !status.ok()) {
+    // Refused: take the hold (and the binding) back, so reads show only what was acknowledged.
+    if (had_pending) RestorePending(*context, std::move(persisted_pending));
+    bool undone = UnregisterBoth(*container, ua, size).ok();
+    if (binds) {
+      if (registry_->UnbindContainer(container->id).ok()) {
+        container->bound.store(nullptr, std::memory_order_release);
+      } else {
+        undone = false;
+      }
+    }
+    if (!undone) UndoFailed();
+    return status;
+  }
   absl::StatusOr<std::optional<RegionInfo>> region =
       registry_->Find(context->id, ua, size / registry_->page_size());
   if (!region.ok()) return region.status();
@@ -741,23 +800,58 @@ absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint6
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
-  // The registry first: it answers the EBUSY of spec §3.4, which Linux 5.1+ no longer does.
-  if (absl::Status status = registry_->Unregister(container->id, ua, size); !status.ok()) {
+  if (absl::Status status = UnregisterBoth(*container, ua, size); !status.ok()) return status;
+  // Bound: it held the region.
+  ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  Mutation mutation;
+  mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
+  if (absl::Status status = Persist(mutation, decision); !status.ok()) {
+    // Refused: the container holds the region again (re-pinned when it was the last holder).
+    if (!RegisterBoth(*container, context->id, ua, size).ok()) UndoFailed();
     return status;
   }
-  ContextEntry* context = container->bound.load(std::memory_order_acquire);
-  if (container->vfio != nullptr) {
-    if (absl::Status status = container->vfio->UnregisterMemory(ua, size); !status.ok()) {
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::RegisterBoth(ContainerEntry& container, ContextId context, uint64_t ua,
+                                     uint64_t size) {
+  // Only a request the registry would take reaches the kernel: it must not pin (or try to pin)
+  // what the registry then refuses, e.g. a region over the node's limits. The registry's first
+  // registration also binds the container, which the caller undoes if it must.
+  if (container.vfio != nullptr) {
+    if (absl::Status status = registry_->CheckRegister(container.id, context, ua, size);
+        !status.ok()) {
+      return status;
+    }
+    if (absl::Status status = container.vfio->RegisterMemory(ua, size); !status.ok()) {
+      return status;
+    }
+  }
+  if (absl::Status status = registry_->Register(container.id, context, ua, size); !status.ok()) {
+    if (container.vfio != nullptr && !container.vfio->UnregisterMemory(ua, size).ok()) {
+      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
+    }
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::UnregisterBoth(ContainerEntry& container, uint64_t ua, uint64_t size) {
+  // The registry first: it answers the EBUSY of spec §3.4, which Linux 5.1+ no longer does.
+  if (absl::Status status = registry_->Unregister(container.id, ua, size); !status.ok()) {
+    return status;
+  }
+  if (container.vfio != nullptr) {
+    if (absl::Status status = container.vfio->UnregisterMemory(ua, size); !status.ok()) {
       // Give the container its hold back, so registry and kernel still agree.
-      if (!registry_->Register(container->id, context->id, ua, size).ok()) {
+      const ContextEntry* context = container.bound.load(std::memory_order_acquire);
+      if (!registry_->Register(container.id, context->id, ua, size).ok()) {
         vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
       }
       return status;
     }
   }
-  Mutation mutation;
-  mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
-  return Persist(mutation, decision);
+  return absl::OkStatus();
 }
 
 // --- Decisions --------------------------------------------------------------------------------
@@ -819,7 +913,8 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
   uint64_t cleared_pages = 0;
-  absl::Status status = registry_->Map(container->id, iova, ua, size, &cleared_pages);
+  bool replaced = false;
+  absl::Status status = registry_->Map(container->id, iova, ua, size, &cleared_pages, &replaced);
   uint64_t cleared_bytes = 0;
   if (!status.ok() && cleared_pages > 0) {
     absl::StatusOr<ContainerInfo> info = registry_->GetContainer(container->id);
@@ -850,8 +945,13 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
       mutation.ClearMappings(container_name, iova, cleared_bytes);
     }
     MutexLock pending(&context->pending_mu);
+    std::vector<std::pair<uint64_t, uint64_t>> persisted_pending = context->pending;
     AddPendingDiff(*context, ContextName(context->id), &mutation);
-    if (absl::Status persisted = Persist(mutation); !persisted.ok()) return persisted;
+    if (absl::Status persisted = Persist(mutation); !persisted.ok()) {
+      RestorePending(*context, std::move(persisted_pending));
+      UndoRefusedMap(*container, status.ok(), replaced, iova, size);
+      return persisted;
+    }
     return status;
   }
   absl::Status persisted;
@@ -861,8 +961,46 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
     // A failed map clears the entries it had reached (spec §7.5); record that too.
     persisted = PersistMappingChange(*container, /*mapped=*/false, iova, cleared_bytes);
   }
-  if (!persisted.ok()) return persisted;
+  if (ABSL_PREDICT_FALSE(!persisted.ok())) {
+    UndoRefusedMap(*container, status.ok(), replaced, iova, size);
+    return persisted;
+  }
   return status;
+}
+
+void NodeAgent::UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced,
+                               uint64_t iova, uint64_t size) {
+  if (!installed && !replaced) return;  // a failed map that only took back its own entries
+  // The kernel first, as in UnmapDma: once the registry drops the entries, the device must no
+  // longer reach their pages.
+  bool undone = container.vfio == nullptr || container.vfio->UnmapDma(iova, size).ok();
+  if (!registry_->Unmap(container.id, iova, size).ok()) undone = false;
+  // What the map overwrote or cleared comes back from the store: nothing in memory keeps an
+  // entry's ua.
+  if (replaced && !RestoreAcknowledgedMappings(container, iova, size, /*in_registry=*/true)) {
+    undone = false;
+  }
+  if (!undone) UndoFailed();
+}
+
+bool NodeAgent::RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
+                                            bool in_registry) {
+  if (options_.store == nullptr) return false;
+  absl::StatusOr<std::vector<StoredMapping>> rows =
+      options_.store->AcknowledgedMappings(container.id, iova, size);
+  if (!rows.ok()) return false;
+  bool restored = true;
+  for (const StoredMapping& row : *rows) {
+    // The registry first, as in MapDma: it checks the range is still registered.
+    if (in_registry && !registry_->Map(container.id, row.iova, row.ua, row.size).ok()) {
+      restored = false;
+      continue;
+    }
+    if (container.vfio != nullptr && !container.vfio->MapDma(row.iova, row.ua, row.size).ok()) {
+      restored = false;
+    }
+  }
+  return restored;
 }
 
 absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size) {
@@ -879,20 +1017,36 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
       return status;
     }
     if (absl::Status status = container->vfio->UnmapDma(iova, size); !status.ok()) return status;
+  } else if (ABSL_PREDICT_FALSE(!DmaRangeOk(container->options, iova, size, /*ua=*/0))) {
+    return registry_->CheckUnmap(container->id, iova, size);  // says which check failed
+  }
+  // Then the record, before the registry: the registry's entries need not be put back after a
+  // refusal then (only the kernel's, from the store), and a range checked as above cannot be
+  // refused by Unmap.
+  if (absl::Status persisted = PersistMappingChange(*container, /*mapped=*/false, iova, size);
+      ABSL_PREDICT_FALSE(!persisted.ok())) {
+    // The registry still shows the acknowledged mappings; the kernel gets them back.
+    if (container->vfio != nullptr &&
+        !RestoreAcknowledgedMappings(*container, iova, size, /*in_registry=*/false)) {
+      UndoFailed();
+    }
+    return persisted;
   }
   if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
     return status;
   }
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
-    // The unmap may have completed a pending release: record both in one transaction.
+    // The unmap may have completed a pending release. The unmap itself is durable already; if
+    // this record fails, the rows it would remove are ones recovery removes too (a pending row
+    // that no mapping keeps, or whose holders keep the region), so memory matches what a restart
+    // rebuilds, and the unmap stays acknowledged.
     Mutation mutation;
-    mutation.ClearMappings(container_name, iova, size);
     MutexLock pending(&context->pending_mu);
     AddPendingDiff(*context, ContextName(context->id), &mutation);
-    return Persist(mutation);
+    Persist(mutation).IgnoreError();  // a failure still stops later changes (StoreOutcome)
   }
-  return PersistMappingChange(*container, /*mapped=*/false, iova, size);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<uint64_t>> NodeAgent::Translate(absl::string_view context_name,
@@ -979,6 +1133,8 @@ NodeStatusView NodeAgent::Status() const {
   status.store_failed = store_failed_.load(std::memory_order_acquire);
   status.store_commit_failures = store_commit_failures_.load(std::memory_order_relaxed);
   status.vfio_inconsistencies = vfio_inconsistencies_.load(std::memory_order_relaxed);
+  status.refused_change_undo_failures =
+      refused_change_undo_failures_.load(std::memory_order_relaxed);
   return status;
 }
 

@@ -1,5 +1,7 @@
 // NodeAgent: the node agent's core. It owns the names of memory contexts and containers, drives
 // the registry, and makes every acknowledged change durable in the StateStore before returning.
+// A change the store refuses is not acknowledged and is not seen either: it is undone in memory
+// (and in the kernel) before the agent answers, or applied only once the store took it.
 // On start it rebuilds the registry from the store (re-pinning through the backend) and checks
 // the invariants before anyone is served.
 //
@@ -120,6 +122,9 @@ struct NodeStatusView {
   // VFIO backends: kernel calls that failed where the registry could not be rolled back, and
   // closes of released containers that failed.
   uint64_t vfio_inconsistencies = 0;
+  // Changes the store refused that could not be undone in memory or in the kernel: until the
+  // restart, reads may show some of what was never acknowledged (or miss what was).
+  uint64_t refused_change_undo_failures = 0;
 };
 
 // A central-service decision being applied: recorded in the same transaction as its effect, so a
@@ -205,6 +210,7 @@ class NodeAgent {
     ContainerId id = 0;
     std::string name;
     ContainerSpec spec;
+    ContainerOptions options;  // as the registry has them
     Mutex dma_mu;
     // Set once the container is released or torn down; map/unmap then answer ENOENT.
     bool released ABSL_GUARDED_BY(dma_mu) = false;
@@ -258,9 +264,9 @@ class NodeAgent {
   ContextView ToView(const ContextInfo& info) const;
   ContainerView ToView(const ContainerInfo& info) const;
 
-  // Makes `mutation` durable. A store that fails leaves memory ahead of disk; the agent then
-  // refuses further changes (EIO) and reports itself unhealthy, so that a restart rebuilds the
-  // registry from what was acknowledged.
+  // Makes `mutation` durable. When the store fails, the caller undoes its change (or never made
+  // it); the agent then refuses further changes (EIO) and reports itself unhealthy, so that a
+  // restart rebuilds the registry from what was acknowledged.
   absl::Status Persist(Mutation& mutation, const DecisionTag* decision = nullptr);
   // The DMA hot path's record of one mapping change: a journal append, no transaction (see
   // StateStore::RecordMap). mapped=false clears the range.
@@ -269,12 +275,41 @@ class NodeAgent {
   // What the store answered, with the agent's reaction to a failure (see Persist).
   absl::Status StoreOutcome(absl::Status status);
   absl::Status CheckWritable() const;
+  // Counts a refused change that could not be undone (see refused_change_undo_failures).
+  void UndoFailed();
+  // Registers in the kernel (VFIO) and in the registry, or in neither: the kernel first, since
+  // undoing its registration is a plain unregister, but only a request the registry would take.
+  absl::Status RegisterBoth(ContainerEntry& container, ContextId context, uint64_t ua,
+                            uint64_t size);
+  // Unregisters from the registry and then the kernel, or from neither.
+  absl::Status UnregisterBoth(ContainerEntry& container, uint64_t ua, uint64_t size);
+  // Takes out again the entries of a map whose record the store refused (`installed`: the map
+  // succeeded), and puts back what it overwrote or cleared (`replaced`) from the store.
+  void UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced, uint64_t iova,
+                      uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
+  // Maps the store's acknowledged mappings of [iova, iova + size) again: in the registry (when
+  // `in_registry`) and the kernel. False if the store cannot say or a map fails (e.g. into a
+  // region whose pending release completed meanwhile).
+  bool RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
+                                   bool in_registry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
   // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
   // line with the registry. Holds context.pending_mu until the caller has committed.
   void AddPendingDiff(ContextEntry& context, const std::string& context_name, Mutation* mutation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
   void AddPendingDiffLocked(ContextEntry& context, Mutation& mutation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // AddPendingDiff towards the rows `now` (the regions pending release) instead of the registry's.
+  void SetPendingRows(ContextEntry& context, const std::string& context_name,
+                      std::vector<std::pair<uint64_t, uint64_t>> now, Mutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // Puts back the rows of a context as last persisted, after the store refused a change to them.
+  void RestorePending(ContextEntry& context, std::vector<std::pair<uint64_t, uint64_t>> persisted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(context.pending_mu);
+  // The store took a change the registry then refused (it has no reason to): memory is behind the
+  // store, so the agent refuses changes until a restart rebuilds from it. Counted; returns
+  // `status`.
+  absl::Status MemoryBehindStore(absl::Status status);
 
   const NodeAgentOptions options_;
   std::unique_ptr<Registry> registry_;
@@ -297,6 +332,7 @@ class NodeAgent {
   std::atomic<uint64_t> store_commit_failures_{0};
   // Kernel (VFIO) calls that failed after the registry had changed and could not be undone.
   std::atomic<uint64_t> vfio_inconsistencies_{0};
+  std::atomic<uint64_t> refused_change_undo_failures_{0};
 };
 
 }  // namespace dmapin

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "agent/node/context_memory.h"
 #include "agent/registry/memlock_backend.h"
 #include "agent/registry/sim_backend.h"
@@ -36,6 +38,49 @@ std::vector<RegionKey> Snapshot(const NodeAgent& agent) {
   }
   return keys;
 }
+
+// Everything a client reads of the agent's state (not its operation counters), as text: the
+// regions, contexts and containers, the node's totals, and the translation of `probes`
+// ((context, ua) pairs; "-" where it fails).
+std::string Reads(const NodeAgent& agent,
+                  const std::vector<std::pair<std::string, uint64_t>>& probes = {}) {
+  std::string out;
+  absl::StatusOr<std::vector<RegionView>> regions = agent.ListRegions("", false);
+  if (!regions.ok()) return regions.status().ToString();
+  for (const RegionView& view : *regions) {
+    absl::StrAppend(&out, "region ", view.context, " ua=", absl::Hex(view.info.ua),
+                    " size=", absl::Hex(view.info.size), " used=", view.info.used,
+                    " mapped=", view.info.mapped, " pending=", view.info.pending_release,
+                    " holders=", absl::StrJoin(view.containers, ","), "\n");
+  }
+  for (const ContextView& view : agent.ListContexts()) {
+    absl::StrAppend(&out, "context ", view.name, " locked=", view.locked_bytes,
+                    " regions=", view.regions, " containers=", absl::StrJoin(view.containers, ","),
+                    "\n");
+  }
+  for (const ContainerView& view : agent.ListContainers()) {
+    absl::StrAppend(&out, "container ", view.name, " context=", view.context,
+                    " held=", view.held_regions, " installed=", view.installed_entries, "\n");
+  }
+  const NodeStatusView status = agent.Status();
+  absl::StrAppend(&out, "node contexts=", status.contexts, " containers=", status.containers,
+                  " regions=", status.regions, " locked=", status.locked_bytes,
+                  " installed=", status.installed_entries, "\n");
+  for (const auto& [context, ua] : probes) {
+    absl::StatusOr<std::vector<uint64_t>> hpas = agent.Translate(context, {ua});
+    absl::StrAppend(&out, "translate ", context, " ", absl::Hex(ua), " = ",
+                    hpas.ok() ? absl::StrCat(absl::Hex((*hpas)[0])) : "-", "\n");
+    absl::StatusOr<std::optional<RegionView>> region = agent.Lookup(context, ua, k64K);
+    absl::StrAppend(
+        &out, "lookup ", context, " ", absl::Hex(ua), " = ",
+        region.ok() && region->has_value() ? absl::StrCat(absl::Hex((*region)->info.ua)) : "-",
+        "\n");
+  }
+  return out;
+}
+
+absl::Status Injected(int) { return absl::UnavailableError("injected disk failure"); }
+absl::Status InjectedAppend(uint64_t) { return absl::UnavailableError("injected disk failure"); }
 
 class NodeAgentTest : public ::testing::Test {
  protected:
@@ -73,6 +118,36 @@ class NodeAgentTest : public ::testing::Test {
                                     .max_listed_hpas = max_listed_hpas_});
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
+  }
+
+  // Restarts with a store that refuses every transaction (commit = true) or every journal
+  // append, folding the journal only when asked (so a journal append is not refused because a
+  // background fold failed first).
+  void RestartRefusing(bool commit) {
+    StateStoreOptions options{.journal_fold_interval = absl::Hours(1)};
+    if (commit) {
+      options.fail_commit_hook = Injected;
+    } else {
+      options.fail_journal_append_hook = InjectedAppend;
+    }
+    Restart(std::move(options));
+  }
+
+  // Expects `status` to be the refusal of a store failure, every read to equal `before`, the
+  // same after a restart (nothing of the refused change became durable), and `undo_failures`
+  // refused changes that could not be undone.
+  void ExpectRefusedAndInvisible(const absl::Status& status, const std::string& before,
+                                 const std::vector<std::pair<std::string, uint64_t>>& probes,
+                                 uint64_t undo_failures = 0) {
+    EXPECT_EQ(ErrnoOf(status), EIO) << status;
+    EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
+    EXPECT_FALSE(agent_->healthy());
+    EXPECT_EQ(agent_->Status().refused_change_undo_failures, undo_failures);
+    if (undo_failures == 0) {
+      EXPECT_EQ(Reads(*agent_, probes), before);
+    }
+    Restart();
+    EXPECT_EQ(Reads(*agent_, probes), before) << "after the restart";
   }
 
   void AddNames(absl::string_view context, std::vector<std::string> containers) {
@@ -233,12 +308,212 @@ TEST_F(NodeAgentTest, StoreFailureStopsChangesUntilRestart) {
   EXPECT_FALSE(agent_->healthy());
   EXPECT_EQ(agent_->Status().store_commit_failures, 1u);
   EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c1", "vm-1", kBase + k1M, k1M).status()), EIO);
-  // Reads still work.
+  // Reads still work, but show only acknowledged state: the refused map was undone.
   EXPECT_TRUE(agent_->Translate("vm-1", {kBase}).ok());
-  agent_.reset();  // memory is ahead of disk: skip the invariant check of TearDown on it
+  EXPECT_EQ(Snapshot(*agent_), before);
+  EXPECT_EQ(agent_->GetContainer("c1")->installed_entries, 0u);
   Restart();
   EXPECT_EQ(Snapshot(*agent_), before);  // the unacknowledged map is not there
   EXPECT_TRUE(agent_->healthy());
+}
+
+// Issue 11: a change the store refuses is not acknowledged, so no read may show it, before or
+// after a restart. One test per kind of change; each restarts with a refusing store first.
+
+TEST_F(NodeAgentTest, RefusedMapIsUndone) {
+  AddNames("vm-1", {"c1"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase}};
+  const std::string before = Reads(*agent_, probes);
+  RestartRefusing(/*commit=*/false);
+  ExpectRefusedAndInvisible(agent_->MapDma("c1", 4 * k64K, kBase + k64K, 2 * k64K), before, probes);
+}
+
+// A map into a context with a region pending release is recorded in a transaction.
+TEST_F(NodeAgentTest, RefusedMapBesideAPendingReleaseIsUndone) {
+  AddNames("vm-1", {"c1", "c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase},
+                                                                {"vm-1", kBase + k1M}};
+  const std::string before = Reads(*agent_, probes);
+  ASSERT_NE(before.find("pending=1"), std::string::npos) << before;
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->MapDma("c2", 8 * k64K, kBase + k1M, 2 * k64K), before, probes);
+}
+
+// A remap overwrites entries whose addresses nothing in memory keeps: they come back from the
+// store's acknowledged mappings. So do those a failed map cleared (spec §7.5) when the record of
+// that clear is refused.
+TEST_F(NodeAgentTest, RefusedRemapIsUndoneFromTheAcknowledgedMappings) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm-1"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c1", .iommu_page_size = 0x1000}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, 0x4000).ok());
+  // The first append of this run goes through, and stays in the journal (no fold): the remap's
+  // undo reads it from there.
+  Restart({.fail_journal_append_hook =
+               [appends = 0](uint64_t) mutable {
+                 return ++appends > 1 ? absl::UnavailableError("injected") : absl::OkStatus();
+               },
+           .journal_fold_interval = absl::Hours(1)});
+  ASSERT_TRUE(agent_->MapDma("c1", 0x2000, kBase + 0x8000, 0x1000).ok());
+  const std::string before = Reads(*agent_);
+  ExpectRefusedAndInvisible(agent_->MapDma("c1", 0x1000, kBase + 0x20000, 0x2000), before, {});
+  // A map that runs off the region's end after two pages clears the entries it reached.
+  RestartRefusing(/*commit=*/false);
+  ExpectRefusedAndInvisible(agent_->MapDma("c1", 0, kBase + k1M - 0x2000, 0x4000), before, {});
+}
+
+TEST_F(NodeAgentTest, RefusedUnmapIsNotApplied) {
+  AddNames("vm-1", {"c1"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, 4 * k64K).ok());
+  const std::string before = Reads(*agent_, {{"vm-1", kBase}});
+  RestartRefusing(/*commit=*/false);
+  ExpectRefusedAndInvisible(agent_->UnmapDma("c1", k64K, 2 * k64K), before, {{"vm-1", kBase}});
+}
+
+// An unmap that completes a pending release: the unmap is durable before the registry sees it;
+// the pending row it would drop is one recovery drops too, so the unmap stays acknowledged even
+// when that row's transaction fails, and memory is what the restart rebuilds.
+TEST_F(NodeAgentTest, UnmapCompletingAPendingReleaseIsAcknowledgedOnceDurable) {
+  AddNames("vm-1", {"c1", "c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  RestartRefusing(/*commit=*/true);
+  ASSERT_TRUE(agent_->UnmapDma("c2", 0, k64K).ok());
+  EXPECT_FALSE(agent_->healthy()) << "the pending row's transaction failed";
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase, k1M)->has_value());
+  const std::string after = Reads(*agent_, {{"vm-1", kBase}});
+  Restart();
+  EXPECT_EQ(Reads(*agent_, {{"vm-1", kBase}}), after);
+}
+
+TEST_F(NodeAgentTest, RefusedRegisterIsUndone) {
+  AddNames("vm-1", {"c1", "c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + 2 * k1M, k1M).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase},
+                                                                {"vm-1", kBase + 2 * k1M}};
+  const std::string before = Reads(*agent_, probes);
+  // The first registration of c1 (a new region, and the binding).
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).status(), before,
+                            probes);
+  EXPECT_TRUE(agent_->GetContainer("c1")->context.empty()) << "the refused register bound it";
+  EXPECT_EQ(*sim_->TotalPinnedPages(), k1M / k64K);
+  // Another holder of an existing region.
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->RegisterRegion("c1", "vm-1", kBase + 2 * k1M, k1M).status(),
+                            before, probes);
+  // A decision is not recorded either: it applies after the restart.
+  RestartRefusing(/*commit=*/true);
+  const DecisionSpec decision{.tag = {.id = "d-1", .epoch = 1},
+                              .kind = DecisionKind::kRegister,
+                              .context = "vm-1",
+                              .container = "c1",
+                              .ua = kBase,
+                              .size = k1M};
+  ExpectRefusedAndInvisible(agent_->ApplyDecision(decision).status, before, probes);
+  DecisionOutcome applied = agent_->ApplyDecision(decision);
+  EXPECT_TRUE(applied.status.ok()) << applied.status;
+  EXPECT_FALSE(applied.duplicate);
+}
+
+// A register beside a region pending release also records the context's pending rows.
+TEST_F(NodeAgentTest, RefusedRegisterOfAPendingRegionIsUndone) {
+  AddNames("vm-1", {"c1", "c2", "c3"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  const std::string before = Reads(*agent_, {{"vm-1", kBase}});
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->RegisterRegion("c3", "vm-1", kBase, k1M).status(), before,
+                            {{"vm-1", kBase}});
+  // The pending release still completes with the last unmap.
+  ASSERT_TRUE(agent_->UnmapDma("c2", 0, k64K).ok());
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase, k1M)->has_value());
+}
+
+TEST_F(NodeAgentTest, RefusedUnregisterIsUndone) {
+  AddNames("vm-1", {"c1", "c2"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase + 2 * k1M, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + 2 * k1M, k1M).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase},
+                                                                {"vm-1", kBase + 2 * k1M}};
+  const std::string before = Reads(*agent_, probes);
+  // The last holder: the region went, and comes back re-pinned.
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->UnregisterRegion("c1", kBase, k1M), before, probes);
+  // One of two holders.
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->UnregisterRegion("c2", kBase + 2 * k1M, k1M), before, probes);
+  EXPECT_EQ(*sim_->TotalPinnedPages(), 2 * k1M / k64K);
+}
+
+TEST_F(NodeAgentTest, RefusedContextsAndContainersAreUndone) {
+  AddNames("vm-1", {"c1"});
+  const std::string before = Reads(*agent_);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->CreateContext({.name = "vm-2"}).status(), before, {});
+  EXPECT_EQ(ErrnoOf(agent_->GetContext("vm-2").status()), ENOENT);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->CreateContainer({.name = "c2"}).status(), before, {});
+  EXPECT_EQ(ErrnoOf(agent_->GetContainer("c2").status()), ENOENT);
+  // The ids the refused creations took are free again; new names work.
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c2"}).ok());
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm-2"}).ok());
+}
+
+// A teardown or release cannot be undone (pins and mappings go), so the store takes it first.
+TEST_F(NodeAgentTest, RefusedTeardownAndReleaseAreNotApplied) {
+  AddNames("vm-1", {"c1", "idle"});
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, 2 * k64K).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase}};
+  const std::string before = Reads(*agent_, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->TeardownContext("vm-1"), before, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->ReleaseContainer("idle"), before, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->ReleaseContainer("c1"), before, probes);
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase, k64K).ok()) << "the container still works";
+}
+
+// A release that leaves a region pending (another container maps it) and completes another: the
+// store takes the rows it will leave, before the release.
+TEST_F(NodeAgentTest, RefusedReleaseWithPendingEffectsIsNotApplied) {
+  AddNames("vm-1", {"c1", "c2", "c3"});
+  ASSERT_TRUE(agent_->RegisterRegion("c3", "vm-1", kBase + 4 * k1M, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c1", "vm-1", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c2", "vm-1", kBase + 2 * k1M, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c1", 0, kBase + 4 * k1M, k64K).ok());
+  ASSERT_TRUE(agent_->ReleaseContainer("c3").ok());  // pending, kept by c1's mapping
+  ASSERT_TRUE(agent_->MapDma("c2", 0, kBase, k64K).ok());
+  const std::vector<std::pair<std::string, uint64_t>> probes = {{"vm-1", kBase},
+                                                                {"vm-1", kBase + 4 * k1M}};
+  const std::string before = Reads(*agent_, probes);
+  RestartRefusing(/*commit=*/true);
+  ExpectRefusedAndInvisible(agent_->ReleaseContainer("c1"), before, probes);
+  // Accepted, it leaves kBase pending and completes kBase + 4 MiB, as the restart confirms.
+  ASSERT_TRUE(agent_->ReleaseContainer("c1").ok());
+  EXPECT_TRUE(agent_->Lookup("vm-1", kBase, k1M)->value().info.pending_release);
+  EXPECT_FALSE(agent_->Lookup("vm-1", kBase + 4 * k1M, k1M)->has_value());
+  const std::string after = Reads(*agent_, probes);
+  Restart();
+  EXPECT_EQ(Reads(*agent_, probes), after);
+  absl::StatusOr<PersistedState> state = store_->Load();
+  ASSERT_TRUE(state.ok());
+  ASSERT_EQ(state->pending.size(), 1u);
+  EXPECT_EQ(state->pending[0].ua, kBase);
 }
 
 TEST_F(NodeAgentTest, PendingRowThatNoMappingKeepsIsDroppedAtRecovery) {
@@ -267,7 +542,7 @@ TEST_F(NodeAgentTest, CommitFailureStopsChangesUntilRestart) {
   const absl::Status refused = agent_->MapDma("c1", k64K, kBase, k64K);
   EXPECT_EQ(ErrnoOf(refused), EIO);
   EXPECT_EQ(refused.code(), absl::StatusCode::kInternal) << refused;
-  agent_.reset();
+  EXPECT_EQ(Snapshot(*agent_), before);  // the refused register was undone
   Restart();
   EXPECT_EQ(Snapshot(*agent_), before);  // the journaled map survived, the failed register not
 }

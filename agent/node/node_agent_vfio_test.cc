@@ -1,13 +1,16 @@
 // NodeAgent over the VFIO backends, with the scripted fake kernel (agent/vfio/fake_vfio_kernel.h)
 // standing in for /dev/vfio: every registry change reaches the kernel, a kernel refusal leaves
-// the registry and the store unchanged, and a restart reopens the containers and replays.
+// the registry and the store unchanged, a store refusal leaves the registry and the kernel
+// unchanged, and a restart reopens the containers and replays.
 #include <linux/vfio.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "agent/node/node_agent.h"
@@ -48,12 +51,12 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
   bool spapr() const { return std::string(GetParam()) == kVfioSpaprV2Backend; }
 
   // A restart: the process's pins and the kernel's containers die with it; the store stays.
-  void Restart() {
+  void Restart(StateStoreOptions store_options = {}) {
     agent_.reset();
     store_.reset();
     kernel_ = std::make_unique<FakeVfioKernel>();
     sim_ = *SimBackend::Create(sim_options_);
-    store_ = *StateStore::Open(dir_.string());
+    store_ = *StateStore::Open(dir_.string(), std::move(store_options));
     const std::string backend = GetParam();
     absl::StatusOr<std::unique_ptr<NodeAgent>> agent = NodeAgent::Create(
         {.node_name = "node-a",
@@ -94,6 +97,51 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
   }
   unsigned long UnregisterIoctl() const {  // NOLINT(runtime/int)
     return spapr() ? VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY : VFIO_IOMMU_UNMAP_DMA;
+  }
+
+  // A restart whose store refuses every transaction (commit) or journal append (folding only when
+  // asked, so an append is not refused by a failed background fold).
+  void RestartRefusing(bool commit) {
+    StateStoreOptions options{.journal_fold_interval = absl::Hours(1)};
+    if (commit) {
+      options.fail_commit_hook = [](int) { return absl::UnavailableError("injected"); };
+    } else {
+      options.fail_journal_append_hook = [](uint64_t) {
+        return absl::UnavailableError("injected");
+      };
+    }
+    Restart(std::move(options));
+  }
+
+  // What the registry and the kernel hold, for comparisons before and after a refused change.
+  std::string State() const {
+    std::string out = testing::PrintToString(Regions()) +
+                      " kernel pages=" + testing::PrintToString(KernelPages()) +
+                      " regions=" + std::to_string(KernelRegions());
+    for (const ContainerView& view : agent_->ListContainers()) {
+      out += " " + view.name + ":" + view.context + "/" + std::to_string(view.installed_entries);
+    }
+    return out;
+  }
+  // The kernel's guest mappings, as iova -> ua of each 4 KiB IOMMU page.
+  std::map<uint64_t, uint64_t> KernelPages() const {
+    if (spapr()) return kernel_->SpaprTces();
+    std::map<uint64_t, uint64_t> pages;
+    for (const FakeType1Dma& dma : kernel_->Type1Dmas()) {
+      if (dma.iova >= (uint64_t{1} << 32)) continue;  // the pin range
+      for (uint64_t at = 0; at < dma.size; at += k4K) pages[dma.iova + at] = dma.vaddr + at;
+    }
+    return pages;
+  }
+  std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> Regions() const {
+    std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> regions;
+    absl::StatusOr<std::vector<RegionView>> views = agent_->ListRegions("", false);
+    EXPECT_TRUE(views.ok()) << views.status();
+    if (!views.ok()) return regions;
+    for (const RegionView& view : *views) {
+      regions.emplace_back(view.info.ua, view.info.used, view.info.mapped);
+    }
+    return regions;
   }
 
   SimBackendOptions sim_options_{.page_size = k64K};
@@ -249,6 +297,80 @@ TEST_P(NodeAgentVfioTest, RestartReopensTheContainersAndReplays) {
   ASSERT_TRUE(agent_->UnmapDma("c", 0, 3 * k4K).ok());
   ASSERT_TRUE(agent_->UnregisterRegion("c", kBase, k1M).ok());
   EXPECT_EQ(KernelRegions(), 0u);
+}
+
+// Issue 11: a change the store refuses is undone in the kernel as in the registry.
+TEST_P(NodeAgentVfioTest, ARefusedRegisterOrMapIsUndoneInTheKernelToo) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  const std::string unregistered = State();
+  RestartRefusing(/*commit=*/true);
+  EXPECT_EQ(ErrnoOf(agent_->RegisterRegion("c", "vm", kBase, k1M).status()), EIO);
+  EXPECT_EQ(State(), unregistered);
+  EXPECT_EQ(KernelRegions(), 0u);
+
+  Restart();
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 2 * k4K).ok());
+  const std::string mapped = State();
+  RestartRefusing(/*commit=*/false);
+  EXPECT_EQ(State(), mapped);
+  EXPECT_EQ(ErrnoOf(agent_->MapDma("c", 4 * k4K, kBase + k64K, 2 * k4K)), EIO);
+  EXPECT_EQ(State(), mapped);
+  EXPECT_EQ(KernelMappedBytes(), 2 * k4K);
+  EXPECT_EQ(agent_->Status().refused_change_undo_failures, 0u);
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+  Restart();
+  EXPECT_EQ(State(), mapped);
+}
+
+TEST_P(NodeAgentVfioTest, ARefusedUnregisterIsUndoneInTheKernelToo) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  const std::string before = State();
+  RestartRefusing(/*commit=*/true);
+  kernel_->ClearCalls();
+  EXPECT_EQ(ErrnoOf(agent_->UnregisterRegion("c", kBase, k1M)), EIO);
+  EXPECT_EQ(kernel_->IoctlCalls(RegisterIoctl()).size(), 1u) << "the kernel call was not undone";
+  EXPECT_EQ(State(), before);
+  EXPECT_EQ(agent_->Status().refused_change_undo_failures, 0u);
+  Restart();
+  EXPECT_EQ(State(), before);
+}
+
+// A refused container is closed again; nothing of it stays open in the kernel.
+TEST_P(NodeAgentVfioTest, ARefusedContainerIsClosed) {
+  RestartRefusing(/*commit=*/true);
+  EXPECT_EQ(ErrnoOf(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).status()), EIO);
+  EXPECT_TRUE(kernel_->OpenFds().empty()) << "the refused container is still open";
+  EXPECT_TRUE(agent_->ListContainers().empty());
+  EXPECT_EQ(agent_->Status().vfio_inconsistencies, 0u);
+}
+
+// An unmap is recorded before the registry sees it, but after the kernel (the device must not
+// reach what the registry may release). When the record is refused the registry still shows the
+// acknowledged mapping, and the kernel gets it back from the store.
+TEST_P(NodeAgentVfioTest, ARefusedUnmapIsUndoneInTheKernel) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, 2 * k4K).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 4 * k4K, kBase + k64K, k4K).ok());
+  const std::string before = State();
+  RestartRefusing(/*commit=*/false);
+  kernel_->ClearCalls();
+  EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", k4K, 4 * k4K)), EIO);
+  EXPECT_FALSE(kernel_->IoctlCalls(VFIO_IOMMU_UNMAP_DMA).empty());
+  EXPECT_EQ(State(), before);
+  EXPECT_EQ(agent_->Status().refused_change_undo_failures, 0u);
+  // A remap's overwritten entries come back in the kernel too.
+  RestartRefusing(/*commit=*/false);
+  EXPECT_EQ(ErrnoOf(agent_->MapDma("c", k4K, kBase + 2 * k64K, 4 * k4K)), EIO);
+  EXPECT_EQ(State(), before);
+  EXPECT_EQ(agent_->Status().refused_change_undo_failures, 0u);
+  Restart();
+  EXPECT_EQ(State(), before);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, NodeAgentVfioTest,

@@ -438,6 +438,40 @@ absl::Status Registry::ReleaseContainer(ContainerId id) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> Registry::PendingAfterRelease(
+    ContainerId id) const {
+  MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto it = current->containers.find(id);
+  if (it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", id));
+  }
+  Container* container = it->second;
+  std::vector<std::pair<uint64_t, uint64_t>> pending;
+  const Context* context = container->context.load(std::memory_order_relaxed);
+  if (context == nullptr) return pending;
+  // What ReleaseContainer does, counted instead of applied: its entries go first.
+  absl::flat_hash_map<const Region*, uint64_t> entries;
+  container->table.ForEachInstalled([&entries](uint64_t, std::atomic<Region*>& slot) {
+    if (const Region* region = slot.load(std::memory_order_acquire)) ++entries[region];
+  });
+  for (const auto& [ua, region] : context->regions) {
+    auto mine = entries.find(region.get());
+    const uint64_t mapped =
+        region->mapped.load(std::memory_order_acquire) - (mine == entries.end() ? 0 : mine->second);
+    bool is_pending = region->pending_release.load(std::memory_order_acquire);
+    const bool held = std::find(container->held.begin(), container->held.end(), region.get()) !=
+                      container->held.end();
+    if (held && !is_pending && region->Holders().size() == 1) {
+      is_pending = mapped != 1;  // the last user: still mapped by others, it waits (spec §4)
+    } else if (is_pending && mapped == 1) {
+      is_pending = false;  // no mapping keeps it any more: the release completes
+    }
+    if (is_pending) pending.emplace_back(ua, region->entries << page_shift_);
+  }
+  return pending;
+}
+
 absl::Status Registry::TeardownContext(ContextId id) {
   if (EpochDomain::InReadSection()) return ReadSectionMisuse("TeardownContext");
   MutexLock lock(&mu_);
@@ -519,6 +553,36 @@ absl::Status Registry::BindContainer(ContainerId container_id, ContextId context
   }
   container->context.store(context, std::memory_order_release);
   InsertSorted(context->containers, container_id);
+  return absl::OkStatus();
+}
+
+absl::Status Registry::UnbindContainer(ContainerId container_id) {
+  MutexLock lock(&mu_);
+  const Topology* current = topology();
+  auto it = current->containers.find(container_id);
+  if (it == current->containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrFormat("container %d does not exist", container_id));
+  }
+  Container* container = it->second;
+  Context* bound = container->context.load(std::memory_order_relaxed);
+  if (bound == nullptr) return absl::OkStatus();
+  auto busy = [&] {
+    return ErrnoStatus(EBUSY, absl::StrFormat("container %d holds or maps memory of context %d",
+                                              container_id, bound->id));
+  };
+  if (!container->held.empty()) return busy();
+  // A bound container may map any region of its context, lock-free: unbind first, let the maps
+  // that still saw the binding finish, and only then look for what they installed.
+  container->context.store(nullptr, std::memory_order_release);
+  WaitForReaders();
+  bool installed = false;
+  container->table.ForEachInstalled(
+      [&installed](uint64_t, std::atomic<Region*>&) { installed = true; });
+  if (installed) {
+    container->context.store(bound, std::memory_order_release);
+    return busy();
+  }
+  EraseValue(bound->containers, container_id);
   return absl::OkStatus();
 }
 
@@ -868,11 +932,13 @@ void Registry::CompletePendingReleases(absl::Span<const PendingRelease> candidat
 // --- Map / unmap ------------------------------------------------------------------------------
 
 absl::Status Registry::Map(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
-                           uint64_t* cleared_pages) {
+                           uint64_t* cleared_pages, bool* replaced) {
   std::vector<PendingRelease> pending;
   uint64_t cleared = 0;
-  absl::Status status = MapImpl(container_id, iova, ua, size, &pending, &cleared);
+  bool overwrote = false;
+  absl::Status status = MapImpl(container_id, iova, ua, size, &pending, &cleared, &overwrote);
   if (cleared_pages != nullptr) *cleared_pages = cleared;
+  if (replaced != nullptr) *replaced = overwrote;
   if (status.ok()) {
     AtomicStats::Bump(stats_->Shard().maps_ok);
   } else {
@@ -919,14 +985,6 @@ ABSL_ATTRIBUTE_NOINLINE ABSL_ATTRIBUTE_COLD absl::Status MapPageError(
   return ErrnoStatus(ENXIO, absl::StrFormat("map: region ua=0x%x is being released", region->ua));
 }
 
-// §7.2 and §7.3 for the common case: one branch, inlined into Map and Unmap. `ua` is 0 for unmap
-// (always aligned). DmaRangeError says which check failed.
-inline bool DmaRangeOk(const ContainerOptions& options, uint64_t iova, uint64_t size, uint64_t ua) {
-  const uint64_t mask = options.iommu_page_size - 1;
-  return size != 0 && ((iova | size | ua) & mask) == 0 && iova >= options.window_start &&
-         size <= options.window_size && iova - options.window_start <= options.window_size - size;
-}
-
 }  // namespace
 
 absl::Status Registry::DmaRangeError(const Container& container, uint64_t iova, uint64_t size,
@@ -951,7 +1009,8 @@ absl::Status Registry::DmaRangeError(const Container& container, uint64_t iova, 
 }
 
 absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t ua, uint64_t size,
-                               std::vector<PendingRelease>* pending, uint64_t* cleared_pages) {
+                               std::vector<PendingRelease>* pending, uint64_t* cleared_pages,
+                               bool* replaced) {
   EpochReadLock read_lock;
   Container* container = topology()->FindContainer(container_id);
   if (container == nullptr) return NoSuchContainer(container_id);
@@ -1002,7 +1061,10 @@ absl::Status Registry::MapImpl(ContainerId container_id, uint64_t iova, uint64_t
     }
     cached = region;
     Region* old = container->table.Exchange(first_entry + i, region);
-    if (old != nullptr) dec(old);  // A remap moves the count.
+    if (old != nullptr) {  // A remap moves the count.
+      *replaced = true;
+      dec(old);
+    }
   }
   hint = {generation, cached};
   return absl::OkStatus();

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/base/attributes.h"
@@ -46,6 +47,15 @@ struct ContainerOptions {
   uint64_t window_start = 0;
   uint64_t window_size = uint64_t{1} << 40;
 };
+
+// §7.2 and §7.3 for the common case, in one branch: [iova, iova + size) is aligned to the IOMMU
+// page (and so is `ua`; 0 for an unmap) and lies in the window. Inlined into the DMA paths;
+// Registry::CheckUnmap and Map say which check failed.
+inline bool DmaRangeOk(const ContainerOptions& options, uint64_t iova, uint64_t size, uint64_t ua) {
+  const uint64_t mask = options.iommu_page_size - 1;
+  return size != 0 && ((iova | size | ua) & mask) == 0 && iova >= options.window_start &&
+         size <= options.window_size && iova - options.window_start <= options.window_size - size;
+}
 
 // What registrations may cost the node. A region costs the registry 8 bytes per page (its
 // physical addresses) and the backend the pinned memory itself, so the size a caller asks for must
@@ -147,11 +157,21 @@ class Registry {
   // Spec §4: clears every mapping of the container, unregisters what it holds (regions still
   // mapped by other containers stay *pending release*), and removes the container.
   absl::Status ReleaseContainer(ContainerId id);
+  // The regions (ua, size) of the container's context that would be pending release after
+  // ReleaseContainer(id), if nothing else changed meanwhile; changes nothing. For an agent that
+  // records a release before it makes it (a release cannot be undone). Empty for an unbound
+  // container; ENOENT for an unknown one.
+  absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> PendingAfterRelease(
+      ContainerId id) const;
 
   // Binds a container that never registered memory to `context`, as its first Register would
   // (spec §1), for an agent restoring its state after a restart. OK if already bound there; EPERM
   // if bound to another context; ENOENT for an unknown container or context.
   absl::Status BindContainer(ContainerId container, ContextId context);
+  // Undoes the binding of a container's first Register (spec §1), for an agent whose record of
+  // that register was refused: the container must hold nothing and map nothing again (EBUSY
+  // otherwise). OK if unbound; ENOENT for an unknown container.
+  absl::Status UnbindContainer(ContainerId container);
 
   // Restores the pending-release reference (spec §4) of a region that containers registered
   // while it was pending and that DMA mappings still use, for an agent restoring its state after
@@ -175,8 +195,11 @@ class Registry {
   // On failure, the first *cleared_pages IOMMU entries of the range were cleared (spec §7.5:
   // whatever they mapped before this call is gone); the rest of the range is unchanged. Callers
   // that mirror the mappings (the agent's durable state) need this; others pass nothing.
+  // *replaced (when given) says whether the call overwrote or cleared an entry that was installed
+  // before it: only then does an Unmap of the range not undo it (the registry keeps no ua of an
+  // entry to restore).
   absl::Status Map(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
-                   uint64_t* cleared_pages = nullptr);
+                   uint64_t* cleared_pages = nullptr, bool* replaced = nullptr);
   absl::Status Unmap(ContainerId container, uint64_t iova, uint64_t size);
   // The error Unmap would answer (ENOENT, EINVAL, ENXIO), changing nothing: for callers that
   // unmap in a kernel first (VFIO) and must not hand it a range the registry refuses.
@@ -286,7 +309,8 @@ class Registry {
   void CompletePendingReleases(absl::Span<const PendingRelease> candidates);
   void ClearContainerEntries(Container* container);
   absl::Status MapImpl(ContainerId container, uint64_t iova, uint64_t ua, uint64_t size,
-                       std::vector<PendingRelease>* pending, uint64_t* cleared_pages);
+                       std::vector<PendingRelease>* pending, uint64_t* cleared_pages,
+                       bool* replaced);
   // The error for a DMA range that failed the inline check of Map or Unmap (cold: only builds
   // the message). `ua` is null for unmap.
   ABSL_ATTRIBUTE_NOINLINE absl::Status DmaRangeError(const Container& container, uint64_t iova,

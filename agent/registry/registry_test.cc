@@ -678,3 +678,76 @@ TEST_F(RegistryTest, ManyRegionsIndexAndUnindexCleanly) {
 
 }  // namespace
 }  // namespace dmapin
+
+namespace dmapin {
+namespace {
+
+// An agent whose record of a container's first register was refused takes the binding back.
+TEST_F(RegistryTest, UnbindContainerUndoesTheFirstRegistersBinding) {
+  EXPECT_TRUE(registry_->UnbindContainer(1).ok()) << "unbound already";
+  EXPECT_ERRNO(registry_->UnbindContainer(99), ENOENT);
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  EXPECT_ERRNO(registry_->UnbindContainer(1), EBUSY);  // it holds the region
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Unregister(2, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(2, 0, kBase, k64K).ok());
+  EXPECT_ERRNO(registry_->UnbindContainer(2), EBUSY);  // it maps c1's region
+  EXPECT_EQ(registry_->GetContainer(2)->context, kCtx);
+  ASSERT_TRUE(registry_->Unmap(2, 0, k64K).ok());
+  ASSERT_TRUE(registry_->UnbindContainer(2).ok());
+  EXPECT_FALSE(registry_->GetContainer(2)->context.has_value());
+  EXPECT_EQ(registry_->GetContext(kCtx)->containers, std::vector<ContainerId>{1});
+  EXPECT_ERRNO(registry_->Map(2, 0, kBase, k64K), EPERM);
+  // Free to bind elsewhere now.
+  ASSERT_TRUE(registry_->Register(2, kOtherCtx, kBase, k1M).ok());
+}
+
+TEST_F(RegistryTest, PendingAfterReleaseIsWhatTheReleaseLeaves) {
+  const uint64_t ps = sim_->page_size();
+  // P: pending since container 3 went, kept only by container 1's mapping (completes).
+  ASSERT_TRUE(registry_->Register(3, kCtx, kBase + 4 * k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, 0, kBase + 4 * k1M, ps).ok());
+  ASSERT_TRUE(registry_->ReleaseContainer(3).ok());
+  // A: held by 1 alone, mapped by 2 (goes pending). C: held by 1 alone, mapped by 1 (goes).
+  // B: held by 1 and 2 (stays, not pending).
+  ASSERT_TRUE(registry_->Register(2, kCtx, kBase + 6 * k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Map(2, 0, kBase, ps).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase + 2 * k1M, k1M).ok());
+  ASSERT_TRUE(registry_->Map(1, ps, kBase + 2 * k1M, ps).ok());
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase + 6 * k1M, k1M).ok());
+  absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> predicted =
+      registry_->PendingAfterRelease(1);
+  ASSERT_TRUE(predicted.ok()) << predicted.status();
+  EXPECT_EQ(*predicted, (std::vector<std::pair<uint64_t, uint64_t>>{{kBase, k1M}}));
+  EXPECT_TRUE(Region(kBase + 4 * k1M, k1M).pending_release) << "it changed nothing";
+  ASSERT_TRUE(registry_->ReleaseContainer(1).ok());
+  std::vector<std::pair<uint64_t, uint64_t>> pending;
+  for (const RegionInfo& region : registry_->ListRegions()) {
+    if (region.pending_release) pending.emplace_back(region.ua, region.size);
+  }
+  EXPECT_EQ(pending, *predicted);
+  EXPECT_ERRNO(registry_->PendingAfterRelease(3).status(), ENOENT);
+  // Container 2 keeps only A pending; its release completes it.
+  EXPECT_TRUE(registry_->PendingAfterRelease(2)->empty());
+}
+
+TEST_F(RegistryTest, MapSaysWhetherItReplacedEntries) {
+  ASSERT_TRUE(registry_->Register(1, kCtx, kBase, k1M).ok());
+  bool replaced = true;
+  ASSERT_TRUE(registry_->Map(1, 0, kBase, 2 * k64K, nullptr, &replaced).ok());
+  EXPECT_FALSE(replaced);
+  ASSERT_TRUE(registry_->Map(1, k64K, kBase, 2 * k64K, nullptr, &replaced).ok());
+  EXPECT_TRUE(replaced);
+  // A failed map that only cleared what it installed itself replaced nothing.
+  uint64_t cleared = 0;
+  EXPECT_ERRNO(registry_->Map(1, 4 * k64K, kBase + k1M - k64K, 2 * k64K, &cleared, &replaced),
+               EINVAL);
+  EXPECT_EQ(cleared, 1u);
+  EXPECT_FALSE(replaced);
+  EXPECT_ERRNO(registry_->Map(1, 0, kBase + k1M - k64K, 2 * k64K, &cleared, &replaced), EINVAL);
+  EXPECT_TRUE(replaced);
+}
+
+}  // namespace
+}  // namespace dmapin

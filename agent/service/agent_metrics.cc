@@ -162,8 +162,13 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
             "IOMMU entries installed across all containers.", MetricType::Gauge,
             static_cast<double>(status.installed_entries));
   AddScalar(out, "dmapin_agent_store_failed",
-            "1 after a state-store failure: the agent refuses changes until it is restarted.",
+            "1 after a state-store failure: the refused change was undone, and the agent refuses "
+            "changes until it is restarted.",
             MetricType::Gauge, status.store_failed ? 1 : 0);
+  AddScalar(out, "dmapin_agent_refused_change_undo_failures_total",
+            "Changes the state store refused that could not be undone in memory or in the kernel "
+            "(reads may differ from the acknowledged state until the restart).",
+            MetricType::Counter, static_cast<double>(status.refused_change_undo_failures));
   AddScalar(out, "dmapin_agent_vfio_inconsistencies_total",
             "VFIO backends: kernel calls that failed after the registry changed and could not be "
             "rolled back, and failed closes of released containers.",

@@ -21,6 +21,8 @@
 //   dmapin_agent_locked_bytes                        gauge, bytes pinned on the node
 //   dmapin_agent_installed_mappings                  gauge, IOMMU entries installed
 //   dmapin_agent_store_failed                        gauge 0/1 (1: changes refused until restart)
+//   dmapin_agent_refused_change_undo_failures_total  counter (refused changes not undone: reads
+//                                                    may differ from what was acknowledged)
 //   dmapin_agent_vfio_inconsistencies_total          counter (VFIO backends: kernel and registry
 //                                                    may disagree; restart the agent)
 //   dmapin_agent_store_commits_total                 counter (only with a store)

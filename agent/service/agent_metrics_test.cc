@@ -233,6 +233,7 @@ TEST_F(AgentMetricsTest, PerContextAndContainerSeriesMatchTheAgent) {
   EXPECT_EQ(Value(text, "dmapin_agent_installed_mappings"), 3);
   EXPECT_EQ(Value(text, "dmapin_agent_page_size_bytes"), static_cast<double>(k64K));
   EXPECT_EQ(Value(text, "dmapin_agent_store_failed"), 0);
+  EXPECT_EQ(Value(text, "dmapin_agent_refused_change_undo_failures_total"), 0);
   EXPECT_EQ(Value(text, "dmapin_agent_info",
                   {{"backend", "sim"}, {"node", "node-a"}, {"version", "dmapin-agent 0.1"}}),
             1);

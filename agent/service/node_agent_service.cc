@@ -289,6 +289,7 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   counters->set_pending_releases_completed(status.counters.pending_releases_completed);
   counters->set_store_commit_failures(status.store_commit_failures);
   counters->set_vfio_inconsistencies(status.vfio_inconsistencies);
+  counters->set_refused_change_undo_failures(status.refused_change_undo_failures);
   response->set_store_failed(status.store_failed);
   return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }

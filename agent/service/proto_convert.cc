@@ -57,6 +57,7 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_pending_releases_completed(status.counters.pending_releases_completed);
   out->set_store_commit_failures(status.store_commit_failures);
   out->set_vfio_inconsistencies(status.vfio_inconsistencies);
+  out->set_refused_change_undo_failures(status.refused_change_undo_failures);
 }
 
 }  // namespace dmapin

@@ -538,6 +538,11 @@ size_t MappingJournal::unfolded() const {
   return unfolded_.size();
 }
 
+std::vector<JournalRecord> MappingJournal::PeekUnfolded() const {
+  MutexLock lock(&mu_);
+  return unfolded_;
+}
+
 void MappingJournal::DropFolded(uint64_t seq) {
   MutexLock lock(&mu_);
   auto keep = closed_.begin();

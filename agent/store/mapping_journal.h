@@ -130,6 +130,8 @@ class MappingJournal {
   std::vector<JournalRecord> TakeUnfolded(uint64_t* file_seq = nullptr);
   // Records appended and not yet taken.
   size_t unfolded() const;
+  // A copy of them (by seq), leaving them for TakeUnfolded.
+  std::vector<JournalRecord> PeekUnfolded() const;
 
   // Deletes every file (not the one being appended to) whose records all have seq <= `seq`.
   void DropFolded(uint64_t seq);

@@ -591,6 +591,76 @@ absl::Status StateStore::FoldJournal() {
   return FoldJournalLocked();
 }
 
+namespace {
+
+// Trims or splits the rows overlapping [iova, iova + size), as Mutation::ClearMappings does.
+void ClearRows(std::vector<StoredMapping>& rows, uint64_t iova, uint64_t size) {
+  const uint64_t last = iova + (size - 1);
+  std::vector<StoredMapping> kept;
+  for (const StoredMapping& row : rows) {
+    const uint64_t row_last = row.iova + (row.size - 1);
+    if (row_last < iova || row.iova > last) {
+      kept.push_back(row);
+      continue;
+    }
+    if (row.iova < iova) {
+      kept.push_back({row.container, row.iova, iova - row.iova, row.ua});
+    }
+    if (row_last > last) {
+      kept.push_back({row.container, last + 1, row_last - last, row.ua + (last + 1 - row.iova)});
+    }
+  }
+  rows = std::move(kept);
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<StoredMapping>> StateStore::AcknowledgedMappings(uint64_t container_id,
+                                                                            uint64_t iova,
+                                                                            uint64_t size) {
+  if (size == 0 || iova + (size - 1) < iova) {
+    return ErrnoStatus(EINVAL, "acknowledged mappings: empty or wrapping range");
+  }
+  MutexLock lock(&mu_);
+  if (fold_failed_.load(std::memory_order_acquire)) {
+    return ErrnoStatus(EIO, absl::StrCat(database_,
+                                         ": folding the mapping journal failed earlier; "
+                                         "its records are only in the files"));
+  }
+  if (absl::Status s = ExecLocked(kBeginRead, "begin read"); !s.ok()) return s;
+  PersistedState state;
+  absl::Status status = LoadLocked(&state);
+  if (status.ok()) status = ExecLocked(kCommit, "end read");
+  if (!status.ok()) {
+    RollbackLocked();
+    return status;
+  }
+  auto container = std::find_if(state.containers.begin(), state.containers.end(),
+                                [&](const StoredContainer& c) { return c.id == container_id; });
+  if (container == state.containers.end()) {
+    return ErrnoStatus(ENOENT, absl::StrCat("container id ", container_id, " is not stored"));
+  }
+  std::vector<StoredMapping> rows;
+  for (StoredMapping& row : state.mappings) {
+    if (row.container == container->name) rows.push_back(std::move(row));
+  }
+  // Under mu_ no fold runs: every record is either folded above or still in the journal.
+  for (const JournalRecord& record : journal_->PeekUnfolded()) {
+    if (record.container_id != container_id) continue;
+    ClearRows(rows, record.iova, record.size);
+    if (record.kind == JournalRecord::kMap) {
+      rows.push_back({container->name, record.iova, record.size, record.ua});
+    }
+  }
+  // Clip to the range: what lies outside it goes, twice over.
+  if (iova > 0) ClearRows(rows, 0, iova);
+  const uint64_t last = iova + (size - 1);
+  if (last != ~uint64_t{0}) ClearRows(rows, last + 1, ~uint64_t{0} - last);
+  std::sort(rows.begin(), rows.end(),
+            [](const StoredMapping& a, const StoredMapping& b) { return a.iova < b.iova; });
+  return rows;
+}
+
 absl::Status StateStore::FoldJournalLocked() {
   if (fold_failed_.load(std::memory_order_acquire)) {
     return ErrnoStatus(EIO, absl::StrCat(database_,

@@ -1,9 +1,10 @@
 // The node agent's durable state: an embedded SQLite database, `<dir>/state.db`.
 //
 // Contract. The agent applies an operation to the registry, describes the resulting row changes as
-// a Mutation, and calls Commit before it replies. When Commit returns OK the change survives a
-// kill -9 of the agent; a crash in the middle of a Commit leaves all of it or nothing of it (one
-// SQLite transaction). After a restart the agent replays Load() into a fresh registry.
+// a Mutation, and calls Commit before it replies (or first, for a change it could not undo); when
+// Commit fails it undoes the change, so it is never seen. When Commit returns OK the change
+// survives a kill -9 of the agent; a crash in the middle of a Commit leaves all of it or nothing of
+// it (one SQLite transaction). After a restart the agent replays Load() into a fresh registry.
 //
 // Durability levels (StateStoreOptions::sync_full):
 //  - false (default): WAL journal, synchronous=NORMAL. A committed transaction has been written to
@@ -335,6 +336,14 @@ class StateStore {
 
   // Folds the journal now (the background does it anyway).
   absl::Status FoldJournal();
+
+  // The acknowledged mappings of container `container_id` (StoredContainer::id) inside
+  // [iova, iova + size), clipped to it, by iova: the rows as folded with the journal's unfolded
+  // records applied, read without a fold (so also from a store that refuses transactions). For an
+  // agent putting back entries whose change the store refused. EIO once a fold failed (the records
+  // it took are only in the files then); ENOENT for an unknown container.
+  absl::StatusOr<std::vector<StoredMapping>> AcknowledgedMappings(uint64_t container_id,
+                                                                  uint64_t iova, uint64_t size);
 
   // Folds the journal, then reads everything.
   absl::StatusOr<PersistedState> Load();

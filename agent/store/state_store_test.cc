@@ -351,6 +351,41 @@ TEST_F(StateStoreTest, RemapOfTheMiddleSplitsIntoThree) {
                         }));
 }
 
+// What the agent reads to put back entries whose change the store refused: folded rows and the
+// journal's unfolded records, clipped to the range, even from a store that refuses transactions.
+TEST_F(StateStoreTest, AcknowledgedMappingsAreRowsAndUnfoldedRecordsClipped) {
+  Reopen({.fail_commit_hook =
+              [](int number) {
+                return number > 2 ? absl::UnavailableError("disk unplugged") : absl::OkStatus();
+              },
+          .journal_fold_interval = absl::Hours(1)});
+  Basic();
+  Commit(Mutation().SetMapping("c1", 0x10000, 0x30000, 0x100000).SetMapping("c2", 0, 0x40000, 0));
+  ASSERT_TRUE(store_->RecordMap(1, 0x20000, 0x10000, 0x900000).ok());
+  ASSERT_TRUE(store_->RecordClear(1, 0x38000, 0x8000).ok());
+  ASSERT_TRUE(store_->RecordMap(1, 0x80000, 0x10000, 0x700000).ok());
+  absl::StatusOr<std::vector<StoredMapping>> rows =
+      store_->AcknowledgedMappings(1, 0x18000, 0x70000);
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  EXPECT_EQ(*rows, (std::vector<StoredMapping>{
+                       Mapping("c1", 0x18000, 0x8000, 0x108000),
+                       Mapping("c1", 0x20000, 0x10000, 0x900000),
+                       Mapping("c1", 0x30000, 0x8000, 0x120000),
+                       Mapping("c1", 0x80000, 0x8000, 0x700000),
+                   }));
+  EXPECT_EQ(*store_->AcknowledgedMappings(1, 0, ~uint64_t{0}),
+            (std::vector<StoredMapping>{
+                Mapping("c1", 0x10000, 0x10000, 0x100000),
+                Mapping("c1", 0x20000, 0x10000, 0x900000),
+                Mapping("c1", 0x30000, 0x8000, 0x120000),
+                Mapping("c1", 0x80000, 0x10000, 0x700000),
+            }));
+  EXPECT_EQ(ErrnoOf(store_->AcknowledgedMappings(9, 0, 0x1000).status()), ENOENT);
+  // Folded, the same rows come from the table alone.
+  ASSERT_TRUE(store_->FoldJournal().ok());
+  EXPECT_EQ(*store_->AcknowledgedMappings(1, 0x18000, 0x70000), *rows);
+}
+
 TEST_F(StateStoreTest, ClearOfPartialRanges) {
   Basic();
   Commit(Mutation().SetMapping("c1", 0x10000, 0x40000, 0x100000));
