@@ -27,6 +27,7 @@
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
+#include "server/core/event_fanout.h"
 #include "server/core/requirements.h"
 #include "server/fleet/fleet_state.h"
 #include "server/policy/policy.h"
@@ -40,68 +41,6 @@ class AgentSession {
   virtual ~AgentSession() = default;
   // Queues a message for the agent; never blocks. False once the stream is gone.
   virtual bool Send(const v1::ServerMessage& message) = 0;
-};
-
-// What all WatchEvents subscriptions have queued together, in bytes (shared with them: a
-// subscription may outlive the core by the length of its stream).
-struct EventBacklog {
-  std::atomic<uint64_t> bytes{0};
-};
-
-// A WatchEvents subscriber's queue. Events are shared by every subscription they go to, so a
-// watcher costs a pointer per queued event. Bounded: a subscriber that falls behind is dropped
-// (ServerCore ends it with a status saying so, and its queue is released at once), never slows the
-// server and never holds memory without bound.
-class EventSubscription {
- public:
-  using EventPtr = std::shared_ptr<const v1::Event>;
-
-  EventSubscription(std::string node_filter, std::shared_ptr<EventBacklog> backlog)
-      : node_filter_(std::move(node_filter)), backlog_(std::move(backlog)) {}
-  ~EventSubscription();
-  // The next event, waiting up to `timeout`; nullopt on timeout or once closed.
-  std::optional<v1::Event> Next(absl::Duration timeout);
-  // The next event if one is queued, else null.
-  EventPtr TryNext();
-  // Called (outside the subscription's lock, on the emitting thread) when an event is queued
-  // while the queue was empty, and once when the server drops the subscription, so a streaming
-  // reactor can write without a thread of its own (it drains the queue itself after each
-  // write). Cleared once closed.
-  void SetListener(std::function<void()> listener);
-  // The subscriber went away: ends the subscription and releases its queue.
-  void Close();
-  bool closed() const;
-  // Why the server ended the subscription (ENOBUFS when it fell behind); OK while open or when it
-  // was closed by its subscriber or the core's shutdown.
-  absl::Status end_status() const;
-  size_t queued() const;
-  uint64_t queued_bytes() const;
-
- private:
-  friend class ServerCore;
-  struct Queued {
-    EventPtr event;
-    uint64_t bytes = 0;
-  };
-  // Queues `event` (of `bytes`, charged to the backlog) unless closed or filtered out.
-  void Push(const EventPtr& event, uint64_t bytes);
-  bool Matches(const v1::Event& event) const {
-    return node_filter_.empty() || event.node() == node_filter_;
-  }
-  // queued() and queued_bytes() at one instant.
-  std::pair<size_t, uint64_t> Backlog() const;
-  // Ends the subscription with `why`; returns how many queued events were discarded.
-  size_t End(absl::Status why);
-
-  const std::string node_filter_;
-  const std::shared_ptr<EventBacklog> backlog_;
-  mutable Mutex mu_;
-  std::condition_variable_any cv_;
-  std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
-  uint64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
-  std::function<void()> listener_ ABSL_GUARDED_BY(mu_);
 };
 
 struct ServerCoreOptions {
@@ -337,6 +276,8 @@ class ServerCore {
 
   const ServerCoreOptions options_;
   uint64_t epoch_ = 0;
+  // WatchEvents subscriptions; its own lock, taken inside mu_ when publishing.
+  EventFanout events_;
 
   mutable Mutex mu_;
   std::map<std::string, v1::Policy> policies_ ABSL_GUARDED_BY(mu_);
@@ -365,13 +306,6 @@ class ServerCore {
   // Decision id -> intent id, for decisions sent and not yet answered.
   std::map<std::string, std::string> inflight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, v1::DecisionRecord> inflight_records_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::weak_ptr<EventSubscription>> subscribers_ ABSL_GUARDED_BY(mu_);
-  const std::shared_ptr<EventBacklog> event_backlog_ = std::make_shared<EventBacklog>();
-  // Drops `subscription` (fell behind for `reason`), counting it.
-  void DropWatcherLocked(EventSubscription& subscription, const std::string& reason,
-                         absl::string_view why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Forgets subscriptions that ended; returns how many are open.
-  size_t PruneSubscribersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ServerCounters counters_ ABSL_GUARDED_BY(mu_);
   std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
   uint64_t intent_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // creation order for stable listing
