@@ -28,6 +28,7 @@
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
 #include "server/core/event_fanout.h"
+#include "server/core/reconcile_loop.h"
 #include "server/core/requirements.h"
 #include "server/fleet/fleet_state.h"
 #include "server/policy/policy.h"
@@ -215,7 +216,6 @@ class ServerCore {
 
   explicit ServerCore(ServerCoreOptions options);
   absl::Status Load();
-  void Loop();
 
   void ReconcileLocked(
       absl::Time now, ServerMutation* mutation,
@@ -310,15 +310,12 @@ class ServerCore {
   std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
   uint64_t intent_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // creation order for stable listing
 
-  // Reconcile loop.
-  Mutex loop_mu_;
-  std::condition_variable_any loop_cv_;
-  bool stopping_ ABSL_GUARDED_BY(loop_mu_) = false;
-  bool wake_ ABSL_GUARDED_BY(loop_mu_) = false;
-  std::thread loop_;
-  // Deletes decision records beyond options_.decision_history (from the loop thread).
+  // Deletes decision records beyond options_.decision_history (from the loop's thread).
   void PruneDecisionHistory();
+  // Asks the loop for a pass now.
   void Wake();
+  // Last: destroyed (its thread joined) before the state its passes use.
+  std::unique_ptr<ReconcileLoop> loop_;
 };
 
 }  // namespace dmapin
