@@ -647,7 +647,9 @@ std::vector<v1::Node> ServerCore::ListNodes() const {
       const auto& reports = fleet_.nodes();
       auto report = first ? reports.begin() : reports.upper_bound(last);
       auto admin = first ? node_admin_.begin() : node_admin_.upper_bound(last);
+      const absl::Time held_since = absl::Now();
       for (size_t n = 0; n < std::max<size_t>(options_.list_nodes_chunk, 1); ++n) {
+        if (n % 64 == 63 && absl::Now() - held_since >= options_.list_nodes_max_hold) break;
         if (report == reports.end() && admin == node_admin_.end()) break;
         if (admin == node_admin_.end() ||
             (report != reports.end() && report->first <= admin->first)) {

@@ -60,8 +60,11 @@ struct ServerCoreOptions {
   // ones are pruned every prune_interval, so the store does not grow without bound. 0: keep all.
   uint64_t decision_history = 100000;
   absl::Duration prune_interval = absl::Minutes(1);
-  // ListNodes builds its answer this many nodes per hold of the core's lock.
-  size_t list_nodes_chunk = 256;
+  // ListNodes builds its answer in chunks, each under one hold of the core's lock: at most this
+  // many nodes, and no longer than list_nodes_max_hold. Each acquisition may wait behind a
+  // commit, so fewer, bounded chunks answer sooner than many small ones.
+  size_t list_nodes_chunk = 4096;
+  absl::Duration list_nodes_max_hold = absl::Milliseconds(2);
   // Tests: called between ListNodes' chunks, without the core's lock.
   std::function<void()> between_list_chunks;
   // WatchEvents bounds: subscriptions open at once (more are refused with ENOSPC); events one
