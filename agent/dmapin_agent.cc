@@ -104,7 +104,7 @@ ABSL_FLAG(uint32_t, report_interval_ms, 1000,
           "How often to send the central service counter deltas or a heartbeat (the server's "
           "Welcome may override it).");
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 absl::StatusOr<std::map<std::string, std::string>> ParseLabels(
@@ -430,7 +430,7 @@ int Run() {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   dmapin::InitBinary(
@@ -440,5 +440,5 @@ int main(int argc, char** argv) {
       "[--tcp_address=HOST:PORT] [--uds_path=PATH] [--metrics_address=HOST:PORT] "
       "[--server=HOST:PORT]",
       "dmapin_agent");
-  return dmapin::Run();
+  return dmapin::agent::Run();
 }

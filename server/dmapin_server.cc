@@ -70,7 +70,7 @@ ABSL_FLAG(uint64_t, watch_buffer_bytes, 64ull << 20,
           "Bytes of events queued for all WatchEvents watchers together; when full, the watcher "
           "furthest behind is dropped as above.");
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 int Run() {
@@ -179,7 +179,7 @@ int Run() {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 int main(int argc, char** argv) {
   dmapin::InitBinary(
@@ -189,5 +189,5 @@ int main(int argc, char** argv) {
       "Usage: dmapin-server [--grpc_address=HOST:PORT] [--metrics_address=HOST:PORT] "
       "[--state_dir=DIR]",
       "dmapin_server");
-  return dmapin::Run();
+  return dmapin::server::Run();
 }

@@ -29,8 +29,7 @@
 #include "google/protobuf/unknown_field_set.h"
 #include "grpcpp/generic/generic_stub.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::harness {
 namespace {
 
 // Longest directory we put a socket under: "<dir>/agent.sock" must fit sockaddr_un.sun_path
@@ -483,5 +482,4 @@ absl::StatusOr<int> HealthCheck(const std::shared_ptr<grpc::Channel>& channel,
   return status;
 }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::harness

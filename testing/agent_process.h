@@ -23,8 +23,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::harness {
 
 // A fresh directory for one agent's state, socket and log, removed with everything in it by the
 // destructor. It lives under $TEST_TMPDIR when that is short enough for a Unix socket path
@@ -151,7 +150,6 @@ int PortFromLog(absl::string_view log, absl::string_view what);
 // The absl status of a gRPC status (same code and message).
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::harness
 
 #endif  // DMAPIN_TESTING_AGENT_PROCESS_H_

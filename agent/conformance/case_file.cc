@@ -13,8 +13,7 @@
 #include "common/errno_status.h"
 #include "nlohmann/json.hpp"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 using Json = nlohmann::json;
@@ -479,5 +478,4 @@ absl::StatusOr<CaseFile> LoadCaseFile(const std::string& path) {
   return ParseCaseFile(text.str(), path);
 }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

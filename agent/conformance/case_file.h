@@ -26,8 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 // The format tag every case file carries.
 inline constexpr absl::string_view kCaseFileFormat = "dmapin-conformance/1";
@@ -146,7 +145,6 @@ std::optional<uint64_t> ParseCNumber(absl::string_view text);
 // "OK" for 0, else the errno name ("EBUSY").
 std::string ExpectName(int err);
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_CASE_FILE_H_

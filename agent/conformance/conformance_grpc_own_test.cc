@@ -4,8 +4,7 @@
 #include "agent/conformance/test_support.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 TEST(ConformanceGrpcOwnTest, EveryOwnCasePasses) {
@@ -15,11 +14,10 @@ TEST(ConformanceGrpcOwnTest, EveryOwnCasePasses) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
-  dmapin::conformance::SetAgentBinaryFromArgs(&argc, argv);
+  dmapin::agent::conformance::SetAgentBinaryFromArgs(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -6,8 +6,7 @@
 #include "agent/conformance/test_support.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 TEST(ConformanceGrpcSharedTest, EverySharedCasePasses) {
@@ -17,11 +16,10 @@ TEST(ConformanceGrpcSharedTest, EverySharedCasePasses) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
-  dmapin::conformance::SetAgentBinaryFromArgs(&argc, argv);
+  dmapin::agent::conformance::SetAgentBinaryFromArgs(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -133,12 +133,12 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
 
-  dmapin::conformance::TargetFactory factory;
+  dmapin::agent::conformance::TargetFactory factory;
   const std::string target = absl::GetFlag(FLAGS_target);
   if (target == "in-process") {
-    factory = dmapin::conformance::InProcessTargetFactory();
+    factory = dmapin::agent::conformance::InProcessTargetFactory();
   } else if (target == "grpc") {
-    dmapin::conformance::GrpcTargetOptions grpc_options;
+    dmapin::agent::conformance::GrpcTargetOptions grpc_options;
     grpc_options.agent_binary = FindAgentBinary(argv[0]);
     if (grpc_options.agent_binary.empty()) {
       std::cerr << "conformance_runner: --target=grpc needs --agent_binary=PATH (no agent found "
@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
                 << " is not an executable\n";
       return kExitUsage;
     }
-    factory = dmapin::conformance::GrpcTargetFactory(grpc_options);
+    factory = dmapin::agent::conformance::GrpcTargetFactory(grpc_options);
   } else {
     std::cerr << "conformance_runner: unknown --target=" << target
               << " (\"in-process\" or \"grpc\")\n";
@@ -158,9 +158,10 @@ int main(int argc, char** argv) {
   }
 
   // Read every file before running anything: a bad file is a usage error, not a failure.
-  std::vector<dmapin::conformance::CaseFile> files;
+  std::vector<dmapin::agent::conformance::CaseFile> files;
   for (const std::string& path : paths) {
-    absl::StatusOr<dmapin::conformance::CaseFile> file = dmapin::conformance::LoadCaseFile(path);
+    absl::StatusOr<dmapin::agent::conformance::CaseFile> file =
+        dmapin::agent::conformance::LoadCaseFile(path);
     if (!file.ok()) {
       std::cerr << "conformance_runner: " << file.status().message() << "\n";
       return kExitUsage;
@@ -168,10 +169,10 @@ int main(int argc, char** argv) {
     files.push_back(*std::move(file));
   }
 
-  dmapin::conformance::RunOptions options;
+  dmapin::agent::conformance::RunOptions options;
   options.verbose = absl::GetFlag(FLAGS_verbose);
-  dmapin::conformance::Runner runner(factory, &std::cout, options);
-  for (const dmapin::conformance::CaseFile& file : files) runner.Run(file);
+  dmapin::agent::conformance::Runner runner(factory, &std::cout, options);
+  for (const dmapin::agent::conformance::CaseFile& file : files) runner.Run(file);
   runner.PrintSummary();
   return runner.all_passed() ? 0 : kExitFailed;
 }

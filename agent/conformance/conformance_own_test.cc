@@ -3,12 +3,10 @@
 #include "agent/conformance/test_support.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 TEST(ConformanceOwnTest, EveryOwnCasePasses) { ExpectEveryOwnCasePasses(InProcessTargetFactory()); }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

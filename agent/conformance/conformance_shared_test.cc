@@ -5,8 +5,7 @@
 #include "agent/conformance/test_support.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 TEST(ConformanceSharedTest, EverySharedCasePasses) {
@@ -14,5 +13,4 @@ TEST(ConformanceSharedTest, EverySharedCasePasses) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

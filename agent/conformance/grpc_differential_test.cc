@@ -18,8 +18,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 constexpr uint64_t kPage = 65536;
@@ -174,11 +173,10 @@ TEST(GrpcDifferentialTest, RandomSequencesAgreeWithInProcess) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
-  dmapin::conformance::SetAgentBinaryFromArgs(&argc, argv);
+  dmapin::agent::conformance::SetAgentBinaryFromArgs(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -11,8 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 // Longest base of an agent name; leaves room for a generation suffix within the agent's 128.
@@ -110,29 +109,32 @@ std::vector<std::string> GrpcTarget::AgentArgs(const Case& node, absl::string_vi
 
 absl::StatusOr<std::unique_ptr<GrpcTarget>> GrpcTarget::Create(const Case& node,
                                                                const GrpcTargetOptions& options) {
-  absl::StatusOr<std::unique_ptr<ScratchDir>> dir = ScratchDir::Create("dmapin-conformance-");
+  absl::StatusOr<std::unique_ptr<harness::ScratchDir>> dir =
+      harness::ScratchDir::Create("dmapin-conformance-");
   if (!dir.ok()) return dir.status();
-  AgentProcessOptions process;
+  harness::AgentProcessOptions process;
   process.binary = options.agent_binary;
   process.args = AgentArgs(node, (*dir)->path());
   process.log_path = (*dir)->Join("agent.log");
   process.uds_path = (*dir)->Join("agent.sock");
   process.start_timeout = options.start_timeout;
-  absl::StatusOr<std::unique_ptr<AgentProcess>> agent = AgentProcess::Start(std::move(process));
+  absl::StatusOr<std::unique_ptr<harness::AgentProcess>> agent =
+      harness::AgentProcess::Start(std::move(process));
   if (!agent.ok()) return agent.status();
   return std::unique_ptr<GrpcTarget>(
       new GrpcTarget(node, options, *std::move(dir), *std::move(agent)));
 }
 
 GrpcTarget::GrpcTarget(const Case& node, const GrpcTargetOptions& options,
-                       std::unique_ptr<ScratchDir> dir, std::unique_ptr<AgentProcess> agent)
+                       std::unique_ptr<harness::ScratchDir> dir,
+                       std::unique_ptr<harness::AgentProcess> agent)
     : page_size_(node.page_size),
       memlock_limit_(node.memlock_limit),
       cap_ipc_lock_(node.cap_ipc_lock),
       options_(options),
       dir_(std::move(dir)),
       agent_(std::move(agent)),
-      channel_(MakeChannel(agent_->uds_target())),
+      channel_(harness::MakeChannel(agent_->uds_target())),
       stub_(v1::NodeAgent::NewStub(channel_)) {}
 
 GrpcTarget::~GrpcTarget() { Close().IgnoreError(); }
@@ -177,7 +179,7 @@ WireAnswer DecodeWireAnswer(absl::string_view rpc, const grpc::Status& status,
                             const std::multimap<grpc::string_ref, grpc::string_ref>& trailers) {
   WireAnswer answer;
   if (status.ok()) return answer;
-  answer.status = FromGrpcStatus(status);
+  answer.status = harness::FromGrpcStatus(status);
   auto it = trailers.find(kErrnoTrailerKey);
   if (it == trailers.end()) {
     answer.no_trailer = true;
@@ -582,5 +584,4 @@ TargetFactory GrpcTargetFactory(GrpcTargetOptions options) {
   };
 }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

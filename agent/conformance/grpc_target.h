@@ -51,8 +51,7 @@
 #include "grpcpp/grpcpp.h"
 #include "testing/agent_process.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 // The trailing-metadata key that names the errno of a failed call (agent.proto).
 inline constexpr char kErrnoTrailerKey[] = "dmapin-errno";
@@ -124,7 +123,7 @@ class GrpcTarget final : public ConformanceTarget {
   absl::Status Close() override;
 
   // The agent serving this case (nullptr after Close()).
-  AgentProcess* agent() { return agent_.get(); }
+  harness::AgentProcess* agent() { return agent_.get(); }
 
  private:
   struct ContextSlot {
@@ -134,8 +133,9 @@ class GrpcTarget final : public ConformanceTarget {
     std::vector<Range> regions_at_teardown;
   };
 
-  GrpcTarget(const Case& node, const GrpcTargetOptions& options, std::unique_ptr<ScratchDir> dir,
-             std::unique_ptr<AgentProcess> agent);
+  GrpcTarget(const Case& node, const GrpcTargetOptions& options,
+             std::unique_ptr<harness::ScratchDir> dir,
+             std::unique_ptr<harness::AgentProcess> agent);
 
   // One unary RPC with the deadline; the answer as an errno status (see the file comment).
   template <typename Request, typename Response>
@@ -163,8 +163,8 @@ class GrpcTarget final : public ConformanceTarget {
   const std::optional<uint64_t> memlock_limit_;
   const bool cap_ipc_lock_;
   const GrpcTargetOptions options_;
-  std::unique_ptr<ScratchDir> dir_;
-  std::unique_ptr<AgentProcess> agent_;
+  std::unique_ptr<harness::ScratchDir> dir_;
+  std::unique_ptr<harness::AgentProcess> agent_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::NodeAgent::Stub> stub_;
 
@@ -184,7 +184,6 @@ class GrpcTarget final : public ConformanceTarget {
 // A factory of GrpcTargets, for the runner.
 TargetFactory GrpcTargetFactory(GrpcTargetOptions options);
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_GRPC_TARGET_H_

@@ -19,8 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 using ::testing::ElementsAre;
@@ -224,11 +223,10 @@ TEST(GrpcTargetTest, NamesFollowTheRulesOfTargetH) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
-  dmapin::conformance::SetAgentBinaryFromArgs(&argc, argv);
+  dmapin::agent::conformance::SetAgentBinaryFromArgs(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -8,8 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 ContextOptions ContextOptionsOf(const Case& node) {
@@ -241,5 +240,4 @@ TargetFactory InProcessTargetFactory() {
   };
 }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

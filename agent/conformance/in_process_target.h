@@ -29,8 +29,7 @@
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 class InProcessTarget final : public ConformanceTarget {
  public:
@@ -104,7 +103,6 @@ class InProcessTarget final : public ConformanceTarget {
 // A factory of InProcessTargets, for the runner.
 TargetFactory InProcessTargetFactory();
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_IN_PROCESS_TARGET_H_

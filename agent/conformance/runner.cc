@@ -15,8 +15,7 @@
 #include "absl/strings/str_replace.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 std::string Hex(uint64_t value) { return absl::StrFormat("0x%x", value); }
@@ -265,5 +264,4 @@ RunCounts RunCases(const std::vector<Case>& cases, const TargetFactory& factory,
   return runner.counts();
 }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

@@ -20,8 +20,7 @@
 #include "agent/conformance/case_file.h"
 #include "agent/conformance/target.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 struct RunOptions {
   // Print every case's name with PASS or FAIL.
@@ -62,7 +61,6 @@ class Runner {
 RunCounts RunCases(const std::vector<Case>& cases, const TargetFactory& factory, std::ostream& out,
                    const RunOptions& options = {});
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_RUNNER_H_

@@ -15,8 +15,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 using ::testing::ElementsAre;
@@ -273,5 +272,4 @@ TEST(RunnerTest, EmptyRunPrintsZeroCounts) {
 }
 
 }  // namespace
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

@@ -31,8 +31,7 @@
 #include "absl/strings/string_view.h"
 #include "agent/conformance/case_file.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 // Settings of an explicitly created container; unset fields take the first-use defaults.
 struct ContainerSettings {
@@ -107,7 +106,6 @@ class ConformanceTarget {
 using TargetFactory =
     std::function<absl::StatusOr<std::unique_ptr<ConformanceTarget>>(const Case& node)>;
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_TARGET_H_

@@ -16,8 +16,7 @@
 #include "agent/conformance/runner.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 namespace {
 
 namespace fs = std::filesystem;
@@ -150,5 +149,4 @@ void SetAgentBinaryFromArgs(int* argc, char** argv) {
 
 const std::string& AgentBinary() { return AgentBinaryStorage(); }
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance

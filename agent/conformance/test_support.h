@@ -9,8 +9,7 @@
 
 #include "agent/conformance/target.h"
 
-namespace dmapin {
-namespace conformance {
+namespace dmapin::agent::conformance {
 
 // The project's own case files (cases/*.json among the test's runfiles), sorted.
 std::vector<std::string> OwnCaseFiles();
@@ -39,7 +38,6 @@ void ExpectEverySharedCasePasses(const TargetFactory& factory);
 void SetAgentBinaryFromArgs(int* argc, char** argv);
 const std::string& AgentBinary();
 
-}  // namespace conformance
-}  // namespace dmapin
+}  // namespace dmapin::agent::conformance
 
 #endif  // DMAPIN_AGENT_CONFORMANCE_TEST_SUPPORT_H_

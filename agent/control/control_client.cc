@@ -14,7 +14,7 @@
 #include "common/errno_status.h"
 #include "google/protobuf/util/message_differencer.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -509,4 +509,4 @@ void ControlClient::HandleDecision(Session* session, const v1::Decision& decisio
   cv_.notify_all();
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -31,7 +31,7 @@
 #include "dmapin/v1/control.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct ControlClientOptions {
   // gRPC target of the central service, e.g. "dmapin-server:7443" or "unix:/run/dmapin.sock".
@@ -156,6 +156,6 @@ class ControlClient {
   std::thread thread_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_CONTROL_CONTROL_CLIENT_H_

@@ -7,7 +7,7 @@
 #include "agent/registry/memlock_backend.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 class BackedContextMemory final : public ContextMemory {
@@ -61,4 +61,4 @@ std::unique_ptr<ContextMemoryProvider> NewBackedMemoryProvider(std::string huget
   return std::make_unique<BackedMemoryProvider>(std::move(hugetlbfs_dir));
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

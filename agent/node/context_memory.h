@@ -10,7 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // dmapin.v1.MemoryBacking values (this layer has no proto dependency).
 inline constexpr int kMemoryBackingUnspecified = 0;
@@ -43,6 +43,6 @@ class ContextMemoryProvider {
 // BackedMemory-based provider: anonymous (default), memfd, or a file in a hugetlbfs mount.
 std::unique_ptr<ContextMemoryProvider> NewBackedMemoryProvider(std::string hugetlbfs_dir);
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_NODE_CONTEXT_MEMORY_H_

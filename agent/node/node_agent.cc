@@ -10,7 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t kDefaultWindowSize = uint64_t{1} << 40;
@@ -1138,4 +1138,4 @@ NodeStatusView NodeAgent::Status() const {
   return status;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

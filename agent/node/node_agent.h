@@ -28,7 +28,7 @@
 #include "agent/vfio/vfio_container.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct NodeAgentOptions {
   std::string node_name;
@@ -335,6 +335,6 @@ class NodeAgent {
   std::atomic<uint64_t> refused_change_undo_failures_{0};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_NODE_NODE_AGENT_H_

@@ -16,7 +16,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t k64K = 0x10000;
@@ -693,9 +693,9 @@ TEST_F(NodeAgentTest, StatusCountsEverything) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // The memlock backend: real pins of memory the agent maps; a restart re-maps the memory at the
@@ -748,4 +748,4 @@ TEST(NodeAgentMemlockTest, RestartRemapsMemoryAndRepinsExactly) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

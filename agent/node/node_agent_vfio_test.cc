@@ -21,7 +21,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t k4K = 0x1000;
@@ -377,4 +377,4 @@ INSTANTIATE_TEST_SUITE_P(Backends, NodeAgentVfioTest,
                          ::testing::Values(kVfioSpaprV2Backend, kVfioType1Backend));
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

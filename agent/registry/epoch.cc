@@ -9,7 +9,7 @@
 
 #include "absl/base/internal/raw_logging.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 bool RegisterMembarrier() {
@@ -113,4 +113,4 @@ void EpochDomain::Synchronize() {
   while (overflow_readers_.load(std::memory_order_acquire) != 0) WaitForReader(&spins);
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

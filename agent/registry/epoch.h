@@ -13,7 +13,7 @@
 
 #include "absl/base/optimization.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 class EpochDomain {
  public:
@@ -112,6 +112,6 @@ class EpochReadLock {
   EpochReadLock& operator=(const EpochReadLock&) = delete;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_EPOCH_H_

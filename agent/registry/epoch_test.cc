@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 TEST(EpochTest, SynchronizeWaitsForAnActiveReader) {
@@ -91,4 +91,4 @@ TEST(EpochTest, ManyShortLivedThreadsReuseSlots) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -3,7 +3,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 void FaultInjectingBackend::FailNthPagePin(uint64_t n, int err) {
   MutexLock lock(&mu_);
@@ -92,4 +92,4 @@ absl::StatusOr<uint64_t> FaultInjectingBackend::TotalPinnedPages() const {
   return base_->TotalPinnedPages();
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -10,7 +10,7 @@
 #include "agent/registry/pin_backend.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 class FaultInjectingBackend final : public PinBackend {
  public:
@@ -49,6 +49,6 @@ class FaultInjectingBackend final : public PinBackend {
   uint64_t injected_failures_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_FAULT_INJECTING_BACKEND_H_

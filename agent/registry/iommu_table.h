@@ -14,7 +14,7 @@
 
 #include "absl/base/attributes.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 template <typename T>
 class IommuTable {
@@ -192,6 +192,6 @@ class IommuTable {
   std::atomic<Leaf*> last_leaf_{nullptr};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_IOMMU_TABLE_H_

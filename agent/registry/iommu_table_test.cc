@@ -5,7 +5,7 @@
 
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 TEST(IommuTableTest, ExchangeInstallsAndClears) {
@@ -100,4 +100,4 @@ TEST(IommuTableTest, ConcurrentInstallsInOneLeafAllLand) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -21,7 +21,7 @@
 #include "absl/strings/strip.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // /proc/<pid>/pagemap entry layout (Documentation/admin-guide/mm/pagemap.rst).
@@ -565,4 +565,4 @@ uint64_t MemlockBackend::LockedPages() const {
   return lock_counts_.covered_pages();
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -32,7 +32,7 @@
 #include "agent/registry/pin_runs.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // Reads physical addresses of this process' pages from /proc/self/pagemap. The file is opened
 // once; reads are pread()s, so one reader may be shared by threads.
@@ -163,6 +163,6 @@ class MemlockBackend final : public PinBackend {
   uint64_t total_pins_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_MEMLOCK_BACKEND_H_

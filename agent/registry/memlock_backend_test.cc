@@ -25,7 +25,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using ::testing::HasSubstr;
@@ -530,9 +530,9 @@ TEST_F(MemlockBackendTest, RegistryRegisterPinsAndUnregisterUnpins) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 TEST(BackedMemoryFixedAddressTest, MapsAtAFreeAddressAndRefusesAnOccupiedOne) {
@@ -552,4 +552,4 @@ TEST(BackedMemoryFixedAddressTest, MapsAtAFreeAddressAndRefusesAnOccupiedOne) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

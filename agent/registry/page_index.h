@@ -18,7 +18,7 @@
 
 #include "absl/base/internal/raw_logging.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 template <typename T>
 class PageIndex {
@@ -165,6 +165,6 @@ class PageIndex {
   std::atomic<uintptr_t> root_{0};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_PAGE_INDEX_H_

@@ -5,7 +5,7 @@
 
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 struct alignas(8) Value {
@@ -102,4 +102,4 @@ TEST(PageIndexTest, RandomizedAgainstMap) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -14,7 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // Identifies a memory context (one address space whose memory is pinned; spec §1).
 using ContextId = uint64_t;
@@ -52,6 +52,6 @@ class PinBackend {
   virtual absl::StatusOr<uint64_t> TotalPinnedPages() const = 0;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_PIN_BACKEND_H_

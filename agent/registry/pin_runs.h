@@ -15,7 +15,7 @@
 #include <iterator>
 #include <map>
 
-namespace dmapin {
+namespace dmapin::agent {
 
 class PinRuns {
  public:
@@ -154,6 +154,6 @@ class PinRuns {
   uint64_t total_ = 0;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_PIN_RUNS_H_

@@ -9,7 +9,7 @@
 
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 TEST(PinRunsTest, AHugeRangeCostsOneRunAndNothingAfterItsUnpin) {
@@ -112,4 +112,4 @@ TEST(PinRunsTest, AgreesWithAPerPageModel) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

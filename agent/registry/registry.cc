@@ -19,7 +19,7 @@
 #include "agent/registry/page_index.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // --- Limits -----------------------------------------------------------------------------------
 
@@ -1404,4 +1404,4 @@ absl::Status Registry::CheckInvariants() const {
   return absl::OkStatus();
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

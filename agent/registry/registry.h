@@ -31,7 +31,7 @@
 #include "agent/registry/pin_backend.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct ContextOptions {
   // RLIMIT_MEMLOCK of the context in bytes; nullopt = unlimited.
@@ -371,6 +371,6 @@ uint64_t Registry::ReadSession::VisitPages(uint64_t ua, uint64_t pages, Fn&& fn)
   return done;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_REGISTRY_H_

@@ -12,7 +12,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t k64K = 0x10000;
@@ -217,4 +217,4 @@ TEST_F(RegistryConcurrencyTest, ConcurrentWritersAndTeardown) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

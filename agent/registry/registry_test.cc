@@ -9,7 +9,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t k64K = 0x10000;
@@ -677,9 +677,9 @@ TEST_F(RegistryTest, ManyRegionsIndexAndUnindexCleanly) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // An agent whose record of a container's first register was refused takes the binding back.
@@ -750,4 +750,4 @@ TEST_F(RegistryTest, MapSaysWhetherItReplacedEntries) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -6,7 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // A bijection on the low `bits` bits: odd multipliers and xor-shifts are invertible mod 2^bits.
@@ -143,4 +143,4 @@ absl::StatusOr<uint64_t> SimBackend::TotalPinnedPages() const {
   return total_pinned_;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

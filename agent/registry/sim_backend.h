@@ -19,7 +19,7 @@
 #include "agent/registry/pin_runs.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct SimRange {
   uint64_t ua = 0;
@@ -71,6 +71,6 @@ class SimBackend final : public PinBackend {
   uint64_t total_pinned_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_REGISTRY_SIM_BACKEND_H_

@@ -6,7 +6,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 TEST(SimBackendTest, RejectsBadOptions) {
@@ -62,4 +62,4 @@ TEST(SimBackendTest, HugeRangesReportTheirPageSize) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

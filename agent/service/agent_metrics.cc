@@ -12,7 +12,7 @@
 #include "prometheus/metric_type.h"
 #include "prometheus/text_serializer.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
@@ -331,4 +331,4 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
   return out;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

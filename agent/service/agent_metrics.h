@@ -83,7 +83,7 @@
 #include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // The methods of dmapin.v1.NodeAgent, as metric label values.
 enum class RpcMethod : int {
@@ -164,6 +164,6 @@ class AgentMetrics {
   std::shared_ptr<prometheus::Collectable> collector_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_SERVICE_AGENT_METRICS_H_

@@ -26,7 +26,7 @@
 #include "gtest/gtest.h"
 #include "testing/exposition_parser.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t k64K = 0x10000;
@@ -368,4 +368,4 @@ TEST_F(AgentMetricsTest, PromtoolCheckMetrics) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -8,7 +8,7 @@
 #include "common/errno_status.h"
 #include "common/grpc_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 void NodeAgentService::Record(RpcMethod method, AgentMetrics::Clock::time_point start,
                               const absl::Status& status) {
@@ -294,4 +294,4 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -10,7 +10,7 @@
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 class NodeAgentService final : public v1::NodeAgent::CallbackService {
  public:
@@ -91,6 +91,6 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   AgentMetrics* const metrics_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_

@@ -2,7 +2,7 @@
 
 #include <string>
 
-namespace dmapin {
+namespace dmapin::agent {
 
 void Fill(const ContextView& view, v1::Context* out) {
   out->set_name(view.name);
@@ -60,4 +60,4 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_refused_change_undo_failures(status.refused_change_undo_failures);
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -8,7 +8,7 @@
 #include "agent/node/node_agent.h"
 #include "dmapin/v1/agent.pb.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // The agent's version string, as reported to clients and the central service.
 inline constexpr char kAgentVersion[] = "dmapin-agent 0.1";
@@ -20,6 +20,6 @@ void Fill(const RegionView& view, uint64_t page_size, v1::Region* out);
 // The registry counters of a node status, with the agent's own store-commit failures.
 void Fill(const NodeStatusView& status, v1::RegistryCounters* out);
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_SERVICE_PROTO_CONVERT_H_

@@ -26,7 +26,7 @@
 #include "absl/time/clock.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr size_t kRecordBytes = 48;
@@ -557,4 +557,4 @@ JournalStats MappingJournal::stats() const {
   return stats_;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

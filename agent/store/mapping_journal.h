@@ -42,7 +42,7 @@
 #include "absl/status/statusor.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct JournalRecord {
   enum Kind : uint32_t {
@@ -179,6 +179,6 @@ class MappingJournal {
   JournalStats stats_ ABSL_GUARDED_BY(mu_);
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_STORE_MAPPING_JOURNAL_H_

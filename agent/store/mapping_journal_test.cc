@@ -17,7 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using ::testing::ElementsAre;
@@ -424,4 +424,4 @@ TEST(CoalesceTest, SameRowsAsApplyingEveryRecord) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

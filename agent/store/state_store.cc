@@ -22,7 +22,7 @@
 #include "common/errno_status.h"
 #include "common/sqlite_util.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // Migration i takes the schema from version i to version i + 1; never edit a released one, append.
@@ -1209,4 +1209,4 @@ StoreStats StateStore::stats() const {
   return stats;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -58,7 +58,7 @@
 #include "common/mutex.h"
 #include "common/sqlite_util.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // Well-known meta keys. "schema_version" belongs to the store: Mutation::PutMeta rejects it.
 inline constexpr absl::string_view kMetaSchemaVersion = "schema_version";
@@ -437,6 +437,6 @@ class StateStore {
   std::thread folder_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_STORE_STATE_STORE_H_

@@ -29,7 +29,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // Found by gtest through ADL, hence outside the anonymous namespace.
 std::ostream& operator<<(std::ostream& os, const StoredMapping& m) {
@@ -1279,4 +1279,4 @@ TEST_F(StateStoreTest, SingleRowCommitThroughput) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -9,7 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t kTcePage = 4096;  // the default SPAPR window's IOMMU page
@@ -726,4 +726,4 @@ int FakeVfioKernel::Type1Ioctl(Container& c, unsigned long request, void* arg) {
   }
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -36,7 +36,7 @@
 #include "agent/vfio/vfio_kernel.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 struct FakeVfioGroupSpec {
   std::string path;  // e.g. "/dev/vfio/7"
@@ -216,6 +216,6 @@ class FakeVfioKernel final : public VfioKernel {
   std::vector<FakeVfioCall> calls_ ABSL_GUARDED_BY(mu_);
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_VFIO_FAKE_VFIO_KERNEL_H_

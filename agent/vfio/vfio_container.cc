@@ -14,7 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr int kOpenFlags = O_RDWR | O_CLOEXEC;
@@ -645,4 +645,4 @@ std::unique_ptr<VfioContainerDriver> NewVfioContainerDriver(absl::string_view ba
   return nullptr;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

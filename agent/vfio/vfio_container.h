@@ -34,7 +34,7 @@
 #include "agent/vfio/vfio_kernel.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // The path of the VFIO container device.
 inline constexpr char kVfioContainerPath[] = "/dev/vfio/vfio";
@@ -257,6 +257,6 @@ std::unique_ptr<VfioContainerDriver> NewVfioContainerDriver(absl::string_view ba
                                                             VfioKernel* kernel,
                                                             Type1Options type1_options = {});
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_VFIO_VFIO_CONTAINER_H_

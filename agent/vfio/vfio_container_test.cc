@@ -20,7 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using ::testing::ElementsAre;
@@ -894,4 +894,4 @@ TEST(ConcurrencyTest, ParallelMapUnmapAndRegister) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

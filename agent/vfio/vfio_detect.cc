@@ -5,7 +5,7 @@
 
 #include "agent/vfio/vfio_container.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 std::vector<std::string> DetectVfioBackends(VfioKernel& kernel) {
   std::vector<std::string> backends;
@@ -25,4 +25,4 @@ std::vector<std::string> DetectVfioBackends(VfioKernel& kernel) {
   return backends;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -7,7 +7,7 @@
 
 #include "agent/vfio/vfio_kernel.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 
 // "vfio-spapr-v2" and/or "vfio-type1" (in that order), for each IOMMU type that
 // VFIO_CHECK_EXTENSION on a fresh /dev/vfio/vfio reports. Empty when the device cannot be opened
@@ -15,6 +15,6 @@ namespace dmapin {
 // IOMMU driver is loaded. Opens and closes one descriptor; needs no IOMMU group.
 std::vector<std::string> DetectVfioBackends(VfioKernel& kernel);
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_VFIO_VFIO_DETECT_H_

@@ -11,7 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using ::testing::ElementsAre;
@@ -98,4 +98,4 @@ TEST(RealVfioKernelTest, ReturnsNegativeErrnoWithoutTouchingErrno) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

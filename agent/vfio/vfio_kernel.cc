@@ -6,7 +6,7 @@
 
 #include <cerrno>
 
-namespace dmapin {
+namespace dmapin::agent {
 
 int RealVfioKernel::Open(const char* path, int flags) {
   int fd;
@@ -26,4 +26,4 @@ int RealVfioKernel::Ioctl(int fd, unsigned long request, void* arg) {  // NOLINT
   return result >= 0 ? result : -errno;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-namespace dmapin {
+namespace dmapin::agent {
 
 class VfioKernel {
  public:
@@ -42,6 +42,6 @@ class RealVfioKernel final : public VfioKernel {
   int Ioctl(int fd, unsigned long request, void* arg) override;  // NOLINT(runtime/int)
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_VFIO_VFIO_KERNEL_H_

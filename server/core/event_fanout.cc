@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // --- EventSubscription ------------------------------------------------------------------------
 
@@ -213,4 +213,4 @@ EventFanoutStats EventFanout::stats() const {
   return stats;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

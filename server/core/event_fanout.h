@@ -27,7 +27,7 @@
 #include "common/mutex.h"
 #include "dmapin/v1/admin.pb.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // What all WatchEvents subscriptions have queued together, in bytes (shared with them: a
 // subscription may outlive the core by the length of its stream).
@@ -145,6 +145,6 @@ class EventFanout {
   std::atomic<size_t> subscribed_{0};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_CORE_EVENT_FANOUT_H_

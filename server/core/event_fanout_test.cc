@@ -7,7 +7,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 std::shared_ptr<const v1::Event> Event(const std::string& node, const std::string& type = "t") {
@@ -77,4 +77,4 @@ TEST(EventFanoutTest, WhenTheSharedBufferIsFullTheWatcherFurthestBehindGoes) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -4,7 +4,7 @@
 
 #include "absl/time/clock.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 ReconcileLoop::ReconcileLoop(absl::Duration interval, std::function<void()> pass,
                              absl::Duration housekeeping_interval,
@@ -47,4 +47,4 @@ void ReconcileLoop::Run() {
   }
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

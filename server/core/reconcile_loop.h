@@ -13,7 +13,7 @@
 #include "absl/time/time.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 class ReconcileLoop {
  public:
@@ -43,6 +43,6 @@ class ReconcileLoop {
   std::thread thread_;  // last: starts once the rest is constructed
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_CORE_RECONCILE_LOOP_H_

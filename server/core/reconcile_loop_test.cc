@@ -5,7 +5,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 // Polls `done` for up to 10 s (generous: a loaded CI machine).
@@ -42,4 +42,4 @@ TEST(ReconcileLoopTest, PassesAndHousekeepingRunOnTheirIntervals) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -4,7 +4,7 @@
 
 #include "server/policy/policy.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 uint64_t Saturate(absl::uint128 value) {
@@ -158,4 +158,4 @@ std::map<std::string, uint64_t> Requirements::PoolTotals() const {
   return totals;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -25,7 +25,7 @@
 #include "server/fleet/fleet_state.h"
 #include "server/policy/policy.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 class Requirements {
  public:
@@ -87,6 +87,6 @@ class Requirements {
   std::map<std::string, Node> nodes_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_CORE_REQUIREMENTS_H_

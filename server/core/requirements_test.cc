@@ -9,7 +9,7 @@
 #include "gtest/gtest.h"
 #include "server/policy/policy.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr uint64_t kGiB = uint64_t{1} << 30;
@@ -155,4 +155,4 @@ TEST(RequirementsTest, RunningTotalsEqualARecomputation) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -13,7 +13,7 @@
 #include "common/errno_status.h"
 #include "server/core/server_core_internal.h"
 
-namespace dmapin {
+namespace dmapin::server {
 using server_core_internal::kDrainLabel;
 using server_core_internal::KeyOfIntent;
 using server_core_internal::KeyOfRequest;
@@ -925,4 +925,4 @@ FleetMetricsSnapshot ServerCore::MetricsSnapshot(size_t max_regions) const {
   return snapshot;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -34,7 +34,7 @@
 #include "server/policy/policy.h"
 #include "server/store/server_store.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // One agent's control stream, as the core sees it.
 class AgentSession {
@@ -321,6 +321,6 @@ class ServerCore {
   std::unique_ptr<ReconcileLoop> loop_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_CORE_SERVER_CORE_H_

@@ -11,7 +11,7 @@
 #include "dmapin/v1/control.pb.h"
 #include "server/fleet/fleet_state.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace server_core_internal {
 
 inline constexpr char kDrainLabel[] = "dmapin.dev/drain";
@@ -83,6 +83,6 @@ inline std::string RegionToken(const std::string& node, const RegionKey& key) {
 }
 
 }  // namespace server_core_internal
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_CORE_SERVER_CORE_INTERNAL_H_

@@ -11,7 +11,7 @@
 #include "server/core/server_core.h"
 #include "server/core/server_core_internal.h"
 
-namespace dmapin {
+namespace dmapin::server {
 using server_core_internal::DecisionKindOf;
 using server_core_internal::kDrainLabel;
 using server_core_internal::KeyOfIntent;
@@ -423,4 +423,4 @@ void ServerCore::LoseNodeDecisionsLocked(const std::string& node, absl::Time now
   }
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -29,7 +29,7 @@
 #include "gtest/gtest.h"
 #include "server/store/sqlite_server_store.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr uint64_t kPage = 4096;
@@ -1806,4 +1806,4 @@ TEST_F(ServerCoreTest, ControlMessagesAreHandledWhileListNodesRuns) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

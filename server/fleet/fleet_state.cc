@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-namespace dmapin {
+namespace dmapin::server {
 
 RegionKey KeyOf(const v1::Region& region) {
   return RegionKey{region.context(), region.ua(), region.size()};
@@ -144,4 +144,4 @@ size_t FleetState::connected() const {
   return count;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -15,7 +15,7 @@
 #include "absl/time/time.h"
 #include "dmapin/v1/control.pb.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // A region on a node: (context, ua, size).
 struct RegionKey {
@@ -100,6 +100,6 @@ class FleetState {
 
 RegionKey KeyOf(const v1::Region& region);
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_FLEET_FLEET_STATE_H_

@@ -2,7 +2,7 @@
 
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 v1::Region MakeRegion(const std::string& context, uint64_t ua, uint64_t size, uint64_t used,
@@ -125,4 +125,4 @@ TEST(FleetStateTest, ReconnectKeepsTheOldReportUnsyncedUntilTheSnapshot) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -17,7 +17,7 @@
 #include "prometheus/metric_type.h"
 #include "prometheus/text_serializer.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 using prometheus::ClientMetric;
@@ -465,4 +465,4 @@ std::string ServerMetrics::TextExposition() {
   return prometheus::TextSerializer().Serialize(Collect());
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

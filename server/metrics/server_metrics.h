@@ -130,7 +130,7 @@
 #include "prometheus/metric_family.h"
 #include "server/core/server_core.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 struct ServerMetricsOptions {
   // Export the dmapin_fleet_region_* series (one series per region in each family).
@@ -179,6 +179,6 @@ class ServerMetrics {
   std::shared_ptr<prometheus::Collectable> collector_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_METRICS_SERVER_METRICS_H_

@@ -33,7 +33,7 @@
 #include "server/store/sqlite_server_store.h"
 #include "testing/exposition_parser.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr uint64_t k64K = 0x10000;
@@ -695,4 +695,4 @@ TEST_F(ServerMetricsTest, PromtoolCheckMetrics) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -16,7 +16,7 @@
 #include "absl/strings/strip.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr size_t kMaxPolicyName = 128;
@@ -678,4 +678,4 @@ absl::Duration EbusyBackoff(const v1::EbusyRetry& settings, uint32_t attempt, ab
                       absl::Uniform<uint64_t>(absl::IntervalClosedClosed, gen, 0, ~uint64_t{0}));
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

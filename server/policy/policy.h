@@ -27,7 +27,7 @@
 #include "absl/types/span.h"
 #include "dmapin/v1/admin.pb.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // --- Validation ---------------------------------------------------------------------------------
 
@@ -209,6 +209,6 @@ v1::EbusyRetry MergeRetrySettings(absl::Span<const v1::Policy* const> policies);
 absl::Duration EbusyBackoff(const v1::EbusyRetry& settings, uint32_t attempt, uint64_t random);
 absl::Duration EbusyBackoff(const v1::EbusyRetry& settings, uint32_t attempt, absl::BitGenRef gen);
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_POLICY_POLICY_H_

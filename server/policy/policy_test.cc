@@ -13,7 +13,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr uint64_t kKiB = uint64_t{1} << 10;
@@ -997,4 +997,4 @@ TEST(EbusyBackoffTest, MergeTakesTheLargestValues) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

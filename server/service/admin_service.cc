@@ -9,7 +9,7 @@
 #include "common/mutex.h"
 #include "grpcpp/alarm.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 // Answers with `result`'s value (copied into `response`) or its error.
@@ -233,4 +233,4 @@ grpc::ServerWriteReactor<v1::Event>* AdminService::WatchEvents(
   return EventWriter::Start(context, *std::move(subscription));
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

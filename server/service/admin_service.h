@@ -7,7 +7,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/core/server_core.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 class AdminService final : public v1::Admin::CallbackService {
  public:
@@ -70,6 +70,6 @@ class AdminService final : public v1::Admin::CallbackService {
   ServerCore* const core_;
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_SERVICE_ADMIN_SERVICE_H_

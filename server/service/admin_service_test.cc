@@ -21,7 +21,7 @@
 #include "server/core/server_core.h"
 #include "server/store/sqlite_server_store.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 std::string Trailer(const grpc::ClientContext& context) {
@@ -187,4 +187,4 @@ TEST_F(AdminServiceTest, WatchersBeyondTheLimitAreRefusedWithENOSPC) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -11,7 +11,7 @@
 #include "common/grpc_status.h"
 #include "common/mutex.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // One agent's stream. It is also the agent's AgentSession in the core, which may hold it (and
 // call Send from its own threads) after the call ended: shared ownership, with the stream's own
@@ -135,4 +135,4 @@ ControlServiceStats ControlService::stats() const {
           .overflows = overflows_.load(std::memory_order_relaxed)};
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

@@ -13,7 +13,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/core/server_core.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 struct ControlServiceOptions {
   // Messages queued for one agent beyond this end its stream with RESOURCE_EXHAUSTED: the agent
@@ -49,6 +49,6 @@ class ControlService final : public v1::Control::CallbackService {
   std::atomic<uint64_t> overflows_{0};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_SERVICE_CONTROL_SERVICE_H_

@@ -2,7 +2,7 @@
 
 #include <utility>
 
-namespace dmapin {
+namespace dmapin::server {
 
 ServerMutation& ServerMutation::PutPolicy(v1::Policy policy) {
   ops_.emplace_back(std::move(policy));
@@ -63,4 +63,4 @@ absl::Status ServerStore::PutNodeState(const NodeAdminState& state) {
   return Commit(ServerMutation().PutNodeState(state));
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

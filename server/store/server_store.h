@@ -26,7 +26,7 @@
 #include "absl/types/span.h"
 #include "dmapin/v1/admin.pb.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 // A node's admin state: what admins set on it, as opposed to what its agent reports.
 struct NodeAdminState {
@@ -144,6 +144,6 @@ class ServerStore {
   absl::StatusOr<uint64_t> NextId() { return NextIds(1); }
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_STORE_SERVER_STORE_H_

@@ -20,7 +20,7 @@
 #include "common/errno_status.h"
 #include "common/sqlite_util.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 constexpr absl::string_view kMetaEpoch = "epoch";
@@ -744,4 +744,4 @@ ServerStoreStats SqliteServerStore::stats() const {
   return stats;
 }
 
-}  // namespace dmapin
+}  // namespace dmapin::server

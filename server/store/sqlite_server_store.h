@@ -41,7 +41,7 @@
 #include "common/sqlite_util.h"
 #include "server/store/server_store.h"
 
-namespace dmapin {
+namespace dmapin::server {
 
 struct SqliteServerStoreOptions {
   // synchronous=FULL (survives power loss) instead of NORMAL (survives process crashes).
@@ -147,6 +147,6 @@ class SqliteServerStore final : public ServerStore {
   std::atomic<uint64_t> id_blocks_{0};
 };
 
-}  // namespace dmapin
+}  // namespace dmapin::server
 
 #endif  // DMAPIN_SERVER_STORE_SQLITE_SERVER_STORE_H_

@@ -30,7 +30,7 @@
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
 
-namespace dmapin {
+namespace dmapin::server {
 namespace {
 
 v1::Policy Policy(const std::string& name, uint64_t budget) {
@@ -759,4 +759,4 @@ TEST_F(SqliteServerStoreTest, Kill9LosesNoAcknowledgedIntentAndRepeatsNoId) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::server

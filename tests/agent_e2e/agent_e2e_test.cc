@@ -32,16 +32,16 @@
 #include "gtest/gtest.h"
 #include "testing/agent_process.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
-using ::dmapin::conformance::AgentProcess;
-using ::dmapin::conformance::AgentProcessOptions;
-using ::dmapin::conformance::HealthCheck;
-using ::dmapin::conformance::kHealthServing;
-using ::dmapin::conformance::MakeChannel;
-using ::dmapin::conformance::RawBidiCall;
-using ::dmapin::conformance::ScratchDir;
+using ::dmapin::harness::AgentProcess;
+using ::dmapin::harness::AgentProcessOptions;
+using ::dmapin::harness::HealthCheck;
+using ::dmapin::harness::kHealthServing;
+using ::dmapin::harness::MakeChannel;
+using ::dmapin::harness::RawBidiCall;
+using ::dmapin::harness::ScratchDir;
 
 constexpr uint64_t kPage = 65536;
 constexpr uint64_t kMiB = uint64_t{1} << 20;
@@ -971,13 +971,14 @@ TEST(AgentHelpTest, HelpExitsZeroAndMentionsEveryFlag) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
   for (int i = 1; i < argc; ++i) {
     absl::string_view arg = argv[i];
-    if (absl::ConsumePrefix(&arg, "--agent_binary=")) dmapin::AgentBinary() = std::string(arg);
+    if (absl::ConsumePrefix(&arg, "--agent_binary="))
+      dmapin::agent::AgentBinary() = std::string(arg);
   }
   return RUN_ALL_TESTS();
 }

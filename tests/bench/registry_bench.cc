@@ -43,7 +43,7 @@
 #include "agent/registry/sim_backend.h"
 #include "benchmark/benchmark.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -675,15 +675,15 @@ void PrintSummary() {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  dmapin::RegisterBenchmarks();
-  dmapin::CollectingReporter reporter;
+  dmapin::agent::RegisterBenchmarks();
+  dmapin::agent::CollectingReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  dmapin::PrintSummary();
+  dmapin::agent::PrintSummary();
   benchmark::Shutdown();
   return 0;
 }

@@ -91,7 +91,7 @@ ABSL_FLAG(double, baseline_duration, 2.0, "Seconds per in-process baseline.");
 ABSL_FLAG(uint64_t, page_size, 65536, "The simulated node's page size (bytes): one map's size.");
 ABSL_FLAG(double, startup_timeout, 30.0, "Seconds to wait for the agent to serve.");
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -131,8 +131,8 @@ double SelfCpuSeconds() {
 
 // --- The agent's /metrics ------------------------------------------------------------------------
 
-using conformance::MetricValue;
-using conformance::ScrapeMetrics;
+using harness::MetricValue;
+using harness::ScrapeMetrics;
 
 // The mapping journal's appends and folds (one SQLite transaction each).
 struct StoreCounts {
@@ -788,7 +788,7 @@ int Run(const char* argv0) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -802,5 +802,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--api must be 'unary' or 'session', not '%s'\n", api.c_str());
     return 2;
   }
-  return dmapin::Run(argv[0]);
+  return dmapin::agent::Run(argv[0]);
 }

@@ -26,8 +26,12 @@
 #include "gtest/gtest.h"
 #include "server/fleet/fleet_state.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
+
+// The server side of the stream, in this process.
+using server::FleetState;
+using server::NodeReport;
 
 using Clock = std::chrono::steady_clock;
 using Match = std::function<bool(const v1::AgentMessage&)>;
@@ -599,4 +603,4 @@ TEST_F(ControlClientTest, StopIsPromptAndCleanWhileConnected) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent

@@ -76,7 +76,7 @@
 
 extern char** environ;
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // argv[1]: the agent binary (the BUILD rule passes $(rootpath //agent:dmapin-agent)).
@@ -1699,14 +1699,14 @@ TEST(AgentKill9Test, MemlockBackend) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
   if (argc > 1) {
-    dmapin::g_agent_binary = argv[1];
+    dmapin::agent::g_agent_binary = argv[1];
   } else if (const char* env = std::getenv("DMAPIN_AGENT"); env != nullptr) {
-    dmapin::g_agent_binary = env;
+    dmapin::agent::g_agent_binary = env;
   }
   return RUN_ALL_TESTS();
 }

@@ -160,7 +160,7 @@ template <typename Done>
 std::optional<absl::Time> AwaitMetrics(int port, absl::Duration timeout, Done done) {
   const absl::Time deadline = absl::Now() + timeout;
   while (absl::Now() < deadline) {
-    absl::StatusOr<std::string> text = conformance::ScrapeMetrics(port);
+    absl::StatusOr<std::string> text = harness::ScrapeMetrics(port);
     const absl::Time at = absl::Now();
     if (text.ok() && done(*text)) return at;
     absl::SleepFor(absl::Milliseconds(100));
@@ -299,7 +299,7 @@ Figures Round(int n) {
   const FleetSimStats before_burst = sim.Stats();
   AdminReader reader(server.admin(), &sim, absl::GetFlag(FLAGS_get_node_calls),
                      absl::Milliseconds(absl::GetFlag(FLAGS_read_interval_ms)));
-  BurstResult burst = RunDecisionBurst(conformance::MakeChannel(server.target()), requests,
+  BurstResult burst = RunDecisionBurst(harness::MakeChannel(server.target()), requests,
                                        absl::GetFlag(FLAGS_concurrency), timeout);
   reader.Stop();
   const FleetSimStats after_burst = sim.Stats();

@@ -42,26 +42,23 @@ uint64_t RaiseNofileLimit(uint64_t want) {
 absl::StatusOr<std::unique_ptr<ServerUnderTest>> ServerUnderTest::Start(
     const std::string& binary, const std::vector<std::string>& extra_args) {
   std::unique_ptr<ServerUnderTest> server(new ServerUnderTest());
-  absl::StatusOr<std::unique_ptr<conformance::ScratchDir>> dir =
-      conformance::ScratchDir::Create("dmapin-fleetsim");
+  absl::StatusOr<std::unique_ptr<harness::ScratchDir>> dir =
+      harness::ScratchDir::Create("dmapin-fleetsim");
   if (!dir.ok()) return dir.status();
   server->dir_ = std::move(*dir);
   std::vector<std::string> args = {"--grpc_address=127.0.0.1:0", "--metrics_address=127.0.0.1:0",
                                    "--state_dir=" + server->dir_->Join("state")};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
-  absl::StatusOr<std::unique_ptr<conformance::AgentProcess>> process =
-      conformance::AgentProcess::Start({.binary = binary,
-                                        .args = args,
-                                        .log_path = server->dir_->Join("server.log"),
-                                        .tcp = true});
+  absl::StatusOr<std::unique_ptr<harness::AgentProcess>> process = harness::AgentProcess::Start(
+      {.binary = binary, .args = args, .log_path = server->dir_->Join("server.log"), .tcp = true});
   if (!process.ok()) return process.status();
   server->process_ = std::move(*process);
-  server->metrics_port_ = conformance::PortFromLog(server->process_->LogTail(100000), "metrics");
+  server->metrics_port_ = harness::PortFromLog(server->process_->LogTail(100000), "metrics");
   if (server->metrics_port_ == 0) {
     return absl::InternalError(
         absl::StrCat("no metrics port in the server's log:\n", server->process_->LogTail()));
   }
-  server->admin_ = v1::Admin::NewStub(conformance::MakeChannel(server->target()));
+  server->admin_ = v1::Admin::NewStub(harness::MakeChannel(server->target()));
   return server;
 }
 
@@ -118,7 +115,7 @@ ProcUsage ReadProcUsage(pid_t pid) {
 
 absl::StatusOr<Scrape> TimedScrape(int port) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<std::string> text = conformance::ScrapeMetrics(port);
+  absl::StatusOr<std::string> text = harness::ScrapeMetrics(port);
   if (!text.ok()) return text.status();
   return Scrape{.text = std::move(*text), .took = absl::Now() - start};
 }

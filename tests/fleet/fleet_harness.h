@@ -39,14 +39,14 @@ class ServerUnderTest {
   std::string target() const { return process_->tcp_target(); }
   int metrics_port() const { return metrics_port_; }
   v1::Admin::Stub* admin() { return admin_.get(); }
-  conformance::AgentProcess* process() { return process_.get(); }
+  harness::AgentProcess* process() { return process_.get(); }
   // SIGTERM and wait.
   absl::Status Stop();
 
  private:
   ServerUnderTest() = default;
-  std::unique_ptr<conformance::ScratchDir> dir_;
-  std::unique_ptr<conformance::AgentProcess> process_;
+  std::unique_ptr<harness::ScratchDir> dir_;
+  std::unique_ptr<harness::AgentProcess> process_;
   int metrics_port_ = 0;
   std::unique_ptr<v1::Admin::Stub> admin_;
 };

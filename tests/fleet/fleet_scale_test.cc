@@ -47,7 +47,7 @@ bool MetricsEventually(int port, const std::function<bool(const std::string&)>& 
                        std::string* last, absl::Duration timeout = kWait) {
   const absl::Time deadline = absl::Now() + timeout;
   for (;;) {
-    absl::StatusOr<std::string> text = conformance::ScrapeMetrics(port);
+    absl::StatusOr<std::string> text = harness::ScrapeMetrics(port);
     if (text.ok()) {
       *last = *text;
       if (done(*text)) return true;
@@ -156,8 +156,7 @@ TEST(FleetScaleTest, DecisionsOnceMetricsAddUpNoStreamLeak) {
     request.set_ua(kRegionBase + kRegionSize);
     requests.push_back(request);
   }
-  BurstResult burst =
-      RunDecisionBurst(conformance::MakeChannel(server.target()), requests, 32, kWait);
+  BurstResult burst = RunDecisionBurst(harness::MakeChannel(server.target()), requests, 32, kWait);
   ASSERT_EQ(burst.create_errors, 0u) << burst.first_error;
   ASSERT_EQ(burst.created, requests.size());
   EXPECT_EQ(burst.unobserved, 0u) << "intents not seen satisfied on WatchEvents";

@@ -31,12 +31,12 @@
 namespace dmapin {
 namespace {
 
-using conformance::AgentProcess;
-using conformance::AgentProcessOptions;
-using conformance::MetricValue;
-using conformance::PortFromLog;
-using conformance::ScrapeMetrics;
-using conformance::ScratchDir;
+using harness::AgentProcess;
+using harness::AgentProcessOptions;
+using harness::MetricValue;
+using harness::PortFromLog;
+using harness::ScrapeMetrics;
+using harness::ScratchDir;
 
 constexpr uint64_t kPage = 65536;  // the agents' sim page size
 constexpr uint64_t kMiB = 1 << 20;
@@ -139,7 +139,7 @@ class FleetTest : public testing::Test {
     if (!server.ok()) return server.status();
     server_ = std::move(*server);
     server_metrics_port_ = PortFromLog(server_->LogTail(100000), "metrics");
-    admin_ = v1::Admin::NewStub(conformance::MakeChannel(server_->tcp_target()));
+    admin_ = v1::Admin::NewStub(harness::MakeChannel(server_->tcp_target()));
     return absl::OkStatus();
   }
 
@@ -156,7 +156,7 @@ class FleetTest : public testing::Test {
     if (!process.ok()) return process.status();
     agent.process = std::move(*process);
     agent.metrics_port = PortFromLog(agent.process->LogTail(100000), "metrics");
-    agent.vmm = v1::NodeAgent::NewStub(conformance::MakeChannel(agent.process->uds_target()));
+    agent.vmm = v1::NodeAgent::NewStub(harness::MakeChannel(agent.process->uds_target()));
     return absl::OkStatus();
   }
 

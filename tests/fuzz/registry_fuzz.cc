@@ -49,7 +49,7 @@
 #include "agent/registry/sim_backend.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 // The simulated address space: kSpacePages pages of PS from kBase. kBase is 256 MiB aligned so
@@ -1089,12 +1089,12 @@ class Harness {
 };
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
-  dmapin::Reader reader(data + 1, size - 1);
-  dmapin::Harness harness(data[0]);
+  dmapin::agent::Reader reader(data + 1, size - 1);
+  dmapin::agent::Harness harness(data[0]);
   harness.Run(&reader);
   return 0;
 }

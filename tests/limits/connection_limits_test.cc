@@ -60,7 +60,7 @@ void FloodPastTheConnectionLimitThenServe(const Process& p) {
   EXPECT_EQ(Metric(p.metrics_port, p.metrics_prefix + "grpc_connections_limit"), 16);
   // Full: a new client is turned away.
   absl::StatusOr<int> health =
-      conformance::HealthCheck(FreshChannel(p.target), "", absl::Milliseconds(300));
+      harness::HealthCheck(FreshChannel(p.target), "", absl::Milliseconds(300));
   EXPECT_FALSE(health.ok());
   EXPECT_GE(Metric(p.metrics_port, p.metrics_prefix + "grpc_connections_refused_total",
                    {{"reason", "limit"}}),

@@ -20,8 +20,8 @@ namespace limits {
 absl::StatusOr<std::unique_ptr<AgentUnderTest>> AgentUnderTest::Start(
     const std::string& binary, const std::vector<std::string>& extra_args) {
   std::unique_ptr<AgentUnderTest> agent(new AgentUnderTest());
-  absl::StatusOr<std::unique_ptr<conformance::ScratchDir>> dir =
-      conformance::ScratchDir::Create("dmapin-limits");
+  absl::StatusOr<std::unique_ptr<harness::ScratchDir>> dir =
+      harness::ScratchDir::Create("dmapin-limits");
   if (!dir.ok()) return dir.status();
   agent->dir_ = std::move(*dir);
   std::vector<std::string> args = {"--backend=sim",
@@ -31,15 +31,15 @@ absl::StatusOr<std::unique_ptr<AgentUnderTest>> AgentUnderTest::Start(
                                    "--state_dir=" + agent->dir_->Join("state"),
                                    "--node_name=limits"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
-  absl::StatusOr<std::unique_ptr<conformance::AgentProcess>> process =
-      conformance::AgentProcess::Start({.binary = binary,
-                                        .args = args,
-                                        .log_path = agent->dir_->Join("agent.log"),
-                                        .uds_path = agent->dir_->Join("agent.sock"),
-                                        .tcp = true});
+  absl::StatusOr<std::unique_ptr<harness::AgentProcess>> process =
+      harness::AgentProcess::Start({.binary = binary,
+                                    .args = args,
+                                    .log_path = agent->dir_->Join("agent.log"),
+                                    .uds_path = agent->dir_->Join("agent.sock"),
+                                    .tcp = true});
   if (!process.ok()) return process.status();
   agent->process_ = std::move(*process);
-  agent->metrics_port_ = conformance::PortFromLog(agent->process_->LogTail(100000), "metrics");
+  agent->metrics_port_ = harness::PortFromLog(agent->process_->LogTail(100000), "metrics");
   if (agent->metrics_port_ == 0) {
     return absl::InternalError(
         absl::StrCat("no metrics port in the agent's log:\n", agent->process_->LogTail()));
@@ -57,8 +57,8 @@ bool ServesWithin(const std::string& target, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   do {
     absl::StatusOr<int> health =
-        conformance::HealthCheck(FreshChannel(target), "", absl::Milliseconds(500));
-    if (health.ok() && *health == conformance::kHealthServing) return true;
+        harness::HealthCheck(FreshChannel(target), "", absl::Milliseconds(500));
+    if (health.ok() && *health == harness::kHealthServing) return true;
     absl::SleepFor(absl::Milliseconds(50));
   } while (absl::Now() < deadline);
   return false;
@@ -122,9 +122,9 @@ absl::Status SetFdLimit(pid_t pid, uint64_t limit) {
 
 double Metric(int metrics_port, const std::string& name,
               const std::map<std::string, std::string>& labels) {
-  absl::StatusOr<std::string> text = conformance::ScrapeMetrics(metrics_port);
+  absl::StatusOr<std::string> text = harness::ScrapeMetrics(metrics_port);
   if (!text.ok()) return -1;
-  std::optional<double> value = conformance::MetricValue(*text, name, labels);
+  std::optional<double> value = harness::MetricValue(*text, name, labels);
   return value.has_value() ? *value : -1;
 }
 

@@ -28,12 +28,12 @@ class AgentUnderTest {
   int tcp_port() const { return process_->tcp_port(); }
   std::string target() const { return process_->tcp_target(); }
   int metrics_port() const { return metrics_port_; }
-  conformance::AgentProcess* process() { return process_.get(); }
+  harness::AgentProcess* process() { return process_.get(); }
 
  private:
   AgentUnderTest() = default;
-  std::unique_ptr<conformance::ScratchDir> dir_;
-  std::unique_ptr<conformance::AgentProcess> process_;
+  std::unique_ptr<harness::ScratchDir> dir_;
+  std::unique_ptr<harness::AgentProcess> process_;
   int metrics_port_ = 0;
 };
 

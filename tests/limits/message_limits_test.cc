@@ -43,11 +43,10 @@ void RefusesOversizedRequestsCheaply(const std::string& target, pid_t pid) {
   auto channel = FreshChannel(target);
   // Under the limit: served.
   EXPECT_TRUE(
-      conformance::RawUnaryCall(channel, kHealthCheck, PaddedRequest(kMiB), absl::Seconds(10))
-          .ok());
+      harness::RawUnaryCall(channel, kHealthCheck, PaddedRequest(kMiB), absl::Seconds(10)).ok());
   // Over it (--max_receive_message_bytes=4 MiB): refused by gRPC.
   absl::StatusOr<std::string> big =
-      conformance::RawUnaryCall(channel, kHealthCheck, PaddedRequest(8 * kMiB), absl::Seconds(10));
+      harness::RawUnaryCall(channel, kHealthCheck, PaddedRequest(8 * kMiB), absl::Seconds(10));
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
   EXPECT_TRUE(absl::StrContains(big.status().message(), "Received message larger than max"))
       << big.status();
@@ -60,7 +59,7 @@ void RefusesOversizedRequestsCheaply(const std::string& target, pid_t pid) {
   for (size_t i = 0; i < results.size(); ++i) {
     threads.emplace_back([&, i] {
       results[i] =
-          conformance::RawUnaryCall(FreshChannel(target), kHealthCheck, huge, absl::Seconds(30))
+          harness::RawUnaryCall(FreshChannel(target), kHealthCheck, huge, absl::Seconds(30))
               .status();
     });
   }

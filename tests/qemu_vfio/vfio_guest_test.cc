@@ -58,7 +58,7 @@
 #include "agent/vfio/vfio_kernel.h"
 #include "common/errno_status.h"
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t kKiB = 1024;
@@ -856,6 +856,6 @@ int Main(int argc, char** argv) {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
-int main(int argc, char** argv) { return dmapin::Main(argc, argv); }
+int main(int argc, char** argv) { return dmapin::agent::Main(argc, argv); }

@@ -94,8 +94,8 @@ namespace dmapin {
 namespace soak {
 namespace {
 
-using conformance::AgentProcess;
-using conformance::AgentProcessOptions;
+using harness::AgentProcess;
+using harness::AgentProcessOptions;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kTiB = uint64_t{1} << 40;
@@ -278,8 +278,8 @@ class RealAgent {
   uint64_t restarts() const { return restarts_.load(); }
 
   absl::Status Start() {
-    absl::StatusOr<std::unique_ptr<conformance::ScratchDir>> dir =
-        conformance::ScratchDir::Create("dmapin-soak-");
+    absl::StatusOr<std::unique_ptr<harness::ScratchDir>> dir =
+        harness::ScratchDir::Create("dmapin-soak-");
     if (!dir.ok()) return dir.status();
     dir_ = std::move(*dir);
     MutexLock lock(&mu_);
@@ -419,7 +419,7 @@ class RealAgent {
     pid_.store(process_->pid());
     tcp_port_.store(process_->tcp_port());
     // A fresh channel: the old one may sit in reconnect backoff after the kill.
-    stub_ = v1::NodeAgent::NewStub(conformance::MakeChannel(uds_target()));
+    stub_ = v1::NodeAgent::NewStub(harness::MakeChannel(uds_target()));
     return absl::OkStatus();
   }
 
@@ -499,7 +499,7 @@ class RealAgent {
   const std::string name_;
   const std::string binary_;
   const std::string server_;
-  std::unique_ptr<conformance::ScratchDir> dir_;
+  std::unique_ptr<harness::ScratchDir> dir_;
   std::atomic<pid_t> pid_{0};
   std::atomic<int> tcp_port_{0};
   std::atomic<uint64_t> restarts_{0};
@@ -910,8 +910,8 @@ void Soak::Oversized(const std::vector<uint64_t>& sizes) {
     for (size_t i = 0; i < sizes.size(); ++i) {
       threads.emplace_back([&, i, target = target] {
         results[i] =
-            conformance::RawUnaryCall(limits::FreshChannel(target), "/grpc.health.v1.Health/Check",
-                                      PaddedHealthRequest(sizes[i]), absl::Seconds(30))
+            harness::RawUnaryCall(limits::FreshChannel(target), "/grpc.health.v1.Health/Check",
+                                  PaddedHealthRequest(sizes[i]), absl::Seconds(30))
                 .status();
       });
     }

@@ -88,8 +88,8 @@ ABSL_FLAG(uint64_t, seed, 1, "Seed of the VMMs' random choices.");
 namespace dmapin {
 namespace {
 
-using conformance::AgentProcess;
-using conformance::AgentProcessOptions;
+using harness::AgentProcess;
+using harness::AgentProcessOptions;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kGiB = uint64_t{1} << 30;
@@ -349,7 +349,7 @@ class FleetDemo {
   int server_port_ = 0;
   int server_metrics_port_ = 0;
   std::string root_;
-  std::unique_ptr<conformance::ScratchDir> scratch_;  // when no --state_dir was given
+  std::unique_ptr<harness::ScratchDir> scratch_;  // when no --state_dir was given
   std::unique_ptr<AgentProcess> server_;
   std::unique_ptr<v1::Admin::Stub> admin_;
   std::vector<std::unique_ptr<DemoNode>> nodes_;
@@ -402,8 +402,8 @@ absl::Status FleetDemo::PreparePorts() {
 absl::Status FleetDemo::PrepareDirs() {
   const std::string flag = absl::GetFlag(FLAGS_state_dir);
   if (flag.empty()) {
-    absl::StatusOr<std::unique_ptr<conformance::ScratchDir>> dir =
-        conformance::ScratchDir::Create("dmapin-fleet-");
+    absl::StatusOr<std::unique_ptr<harness::ScratchDir>> dir =
+        harness::ScratchDir::Create("dmapin-fleet-");
     if (!dir.ok()) return dir.status();
     scratch_ = std::move(*dir);
     root_ = scratch_->path();
@@ -446,7 +446,7 @@ absl::Status FleetDemo::StartServer() {
                                      ") did not start: ", server.status().message()));
   }
   server_ = std::move(*server);
-  admin_ = v1::Admin::NewStub(conformance::MakeChannel(server_->tcp_target()));
+  admin_ = v1::Admin::NewStub(harness::MakeChannel(server_->tcp_target()));
   return absl::OkStatus();
 }
 
@@ -467,7 +467,7 @@ absl::Status FleetDemo::StartAgent(DemoNode& node) {
                                      ") did not start: ", process.status().message()));
   }
   node.process = std::move(*process);
-  node.vmm = v1::NodeAgent::NewStub(conformance::MakeChannel(node.process->uds_target()));
+  node.vmm = v1::NodeAgent::NewStub(harness::MakeChannel(node.process->uds_target()));
   return absl::OkStatus();
 }
 

@@ -51,7 +51,7 @@ ABSL_FLAG(uint64_t, page_size, 65536,
           "the containers' IOMMU page size is the same.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the workload's random choices.");
 
-namespace dmapin {
+namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t kChunks = 8;       // guest RAM chunks per VM
@@ -537,7 +537,7 @@ int RunDemo() {
 }
 
 }  // namespace
-}  // namespace dmapin
+}  // namespace dmapin::agent
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -549,5 +549,5 @@ int main(int argc, char** argv) {
     absl::FPrintF(stderr, "unexpected argument: %s\n", positional[1]);
     return 2;
   }
-  return dmapin::RunDemo();
+  return dmapin::agent::RunDemo();
 }
