@@ -5,7 +5,7 @@
 // A change the store refuses is not acknowledged and is not seen either: it is undone in memory
 // (and in the kernel) before the agent answers, or applied only once the store took it.
 // On start it rebuilds the registry from the store (re-pinning through the backend) and checks
-// the invariants before anyone is served.
+// the invariants before anyone is served (node_recovery.cc).
 //
 // No gRPC here: agent/service translates between this class and the wire.
 #ifndef DMAPIN_AGENT_NODE_NODE_AGENT_H_
@@ -239,6 +239,7 @@ class NodeAgent {
   };
 
   explicit NodeAgent(NodeAgentOptions options);
+  // Recovery (node_recovery.cc): replays the store through the containers' ContainerDma.
   absl::Status Recover();
   // Rebuilds the registry and the name tables from `state`; the regions still pending release
   // go to `pending` (their rows are set by Recover, which may take the contexts' pending_mu).
