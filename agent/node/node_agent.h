@@ -312,8 +312,9 @@ class NodeAgent {
   // `status`.
   absl::Status MemoryBehindStore(absl::Status status);
 
+  // Constant after construction.
   const NodeAgentOptions options_;
-  std::unique_ptr<Registry> registry_;
+  const std::unique_ptr<Registry> registry_;
 
   // Serializes the control operations (everything but map/unmap/lookups) with their records.
   mutable Mutex control_mu_;
@@ -331,7 +332,8 @@ class NodeAgent {
 
   std::atomic<bool> store_failed_{false};
   std::atomic<uint64_t> store_commit_failures_{0};
-  // Kernel (VFIO) calls that failed after the registry had changed and could not be undone.
+  // Kernel (VFIO) calls that failed after the registry had changed and could not be undone
+  // (counted by the containers' VfioContainerDma), and failed closes.
   std::atomic<uint64_t> vfio_inconsistencies_{0};
   std::atomic<uint64_t> refused_change_undo_failures_{0};
 };
