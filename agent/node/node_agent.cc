@@ -5,15 +5,14 @@
 #include <utility>
 
 #include "absl/strings/escaping.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "agent/node/node_agent_internal.h"
+#include "agent/node/vfio_container_dma.h"
 #include "common/errno_status.h"
 
 namespace dmapin::agent {
-namespace {
-
-constexpr uint64_t kDefaultWindowSize = uint64_t{1} << 40;
+namespace node_internal {
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
@@ -28,6 +27,15 @@ ContextOptions ToOptions(const ContextSpec& spec) {
   return ContextOptions{.memlock_limit_bytes = spec.memlock_limit_bytes,
                         .cap_ipc_lock = spec.cap_ipc_lock};
 }
+
+}  // namespace node_internal
+
+namespace {
+
+using node_internal::Annotate;
+using node_internal::ToOptions;
+
+constexpr uint64_t kDefaultWindowSize = uint64_t{1} << 40;
 
 }  // namespace
 
@@ -64,221 +72,6 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions op
   if (absl::Status status = agent->Recover(); !status.ok()) return status;
   agent->registry_->SetLimits(agent->options_.limits);
   return agent;
-}
-
-// --- Recovery ---------------------------------------------------------------------------------
-
-absl::Status NodeAgent::Recover() {
-  if (options_.store == nullptr) return absl::OkStatus();
-  absl::StatusOr<PersistedState> state = options_.store->Load();
-  if (!state.ok()) return Annotate(state.status(), "recovery: loading the state store");
-  MutexLock control(&control_mu_);
-  std::vector<std::pair<ContextEntry*, StoredPending>> pending;
-  {
-    MutexLock names(&names_mu_);
-    if (absl::Status status = RecoverLocked(*state, &pending); !status.ok()) return status;
-  }
-  // After names_mu_: the agent takes a context's pending_mu first.
-  for (auto& [context, row] : pending) {
-    MutexLock lock(&context->pending_mu);
-    context->pending.emplace_back(row.ua, row.size);
-    context->has_pending.store(true, std::memory_order_release);
-  }
-  return absl::OkStatus();
-}
-
-absl::Status NodeAgent::RecoverLocked(
-    const PersistedState& state, std::vector<std::pair<ContextEntry*, StoredPending>>* pending) {
-  uint64_t max_id = 0;
-  for (const StoredContext& stored : state.contexts) {
-    ContextSpec spec{.name = stored.name,
-                     .memlock_limit_bytes = stored.memlock_limit_bytes,
-                     .cap_ipc_lock = stored.cap_ipc_lock,
-                     .backing = stored.backing,
-                     .memory_bytes = stored.mem_size};
-    if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
-      return Annotate(status, absl::StrCat("recovery: context ", stored.name));
-    }
-    auto entry = std::make_shared<ContextEntry>();
-    if (stored.mem_size > 0) {
-      // Back where the registrations expect it.
-      absl::StatusOr<std::unique_ptr<ContextMemory>> memory =
-          AllocateMemory(stored.name, spec, stored.mem_ua);
-      if (!memory.ok()) {
-        return Annotate(memory.status(), absl::StrCat("recovery: memory of context ", stored.name));
-      }
-      entry->memory = std::move(*memory);
-    }
-    entry->id = stored.id;
-    entry->spec = std::move(spec);
-    contexts_[stored.name] = entry;
-    context_names_[stored.id] = stored.name;
-    max_id = std::max(max_id, stored.id);
-  }
-  for (const StoredContainer& stored : state.containers) {
-    ContainerSpec spec{.name = stored.name,
-                       .iommu_page_size = stored.iommu_page_size,
-                       .window_start = stored.window_start,
-                       .window_size = stored.window_size};
-    spec.vfio_groups = stored.vfio_groups;
-    ContainerOptions options{.iommu_page_size = stored.iommu_page_size,
-                             .window_start = stored.window_start,
-                             .window_size = stored.window_size};
-    auto entry = std::make_shared<ContainerEntry>();
-    if (!stored.vfio_groups.empty()) {
-      // The kernel dropped the container with the old process: open it again, on the same
-      // window (OpenVfioContainer refuses a window that changed).
-      absl::StatusOr<std::unique_ptr<VfioContainerDriver>> vfio = OpenVfioContainer(spec, &options);
-      if (!vfio.ok())
-        return Annotate(vfio.status(), absl::StrCat("recovery: container ", stored.name));
-      entry->vfio = std::move(*vfio);
-    }
-    if (absl::Status status = registry_->CreateContainer(stored.id, options); !status.ok()) {
-      return Annotate(status, absl::StrCat("recovery: container ", stored.name));
-    }
-    entry->id = stored.id;
-    entry->name = stored.name;
-    entry->options = options;
-    if (!stored.context.empty()) {
-      // Bound by an earlier registration, possibly to regions it no longer holds.
-      auto context = contexts_.find(stored.context);
-      if (context == contexts_.end()) {
-        return absl::DataLossError(absl::StrFormat(
-            "recovery: container %s is bound to missing context %s", stored.name, stored.context));
-      }
-      if (absl::Status status = registry_->BindContainer(stored.id, context->second->id);
-          !status.ok()) {
-        return Annotate(status, absl::StrCat("recovery: binding container ", stored.name));
-      }
-      entry->bound.store(context->second.get(), std::memory_order_release);
-    }
-    entry->spec = std::move(spec);
-    containers_[stored.name] = entry;
-    container_names_[stored.id] = stored.name;
-    max_id = std::max(max_id, stored.id);
-  }
-  auto context_of = [&](const std::string& name)
-                        ABSL_EXCLUSIVE_LOCKS_REQUIRED(names_mu_) -> absl::StatusOr<ContextEntry*> {
-    auto it = contexts_.find(name);
-    if (it == contexts_.end()) {
-      return absl::DataLossError(absl::StrCat("recovery: unknown context ", name));
-    }
-    return it->second.get();
-  };
-  // Holds in commit order, so that the first holder pins as it did originally.
-  for (const StoredHold& hold : state.holds) {
-    auto container = containers_.find(hold.container);
-    absl::StatusOr<ContextEntry*> context = context_of(hold.context);
-    if (container == containers_.end() || !context.ok()) {
-      return absl::DataLossError(absl::StrFormat("recovery: hold of %s on %s names a missing row",
-                                                 hold.container, hold.context));
-    }
-    absl::Status status =
-        registry_->Register(container->second->id, (*context)->id, hold.ua, hold.size);
-    if (status.ok() && container->second->vfio != nullptr) {
-      status = container->second->vfio->RegisterMemory(hold.ua, hold.size);
-    }
-    if (!status.ok()) {
-      return Annotate(status, absl::StrFormat("recovery: re-registering ua=0x%x size=0x%x for "
-                                              "container %s",
-                                              hold.ua, hold.size, hold.container));
-    }
-    container->second->bound.store(*context, std::memory_order_release);
-  }
-  // Regions pending release: one that no container holds is registered by a temporary holder,
-  // mapped below, then let go; one that containers registered meanwhile (spec §4: they added
-  // users) gets its pending reference back once its mappings are restored.
-  std::vector<ContainerId> temporary;
-  std::vector<const StoredPending*> held_pending;
-  uint64_t next_temporary = max_id + 1;
-  for (const StoredPending& pending : state.pending) {
-    absl::StatusOr<ContextEntry*> context = context_of(pending.context);
-    if (!context.ok()) return context.status();
-    absl::StatusOr<std::optional<RegionInfo>> held =
-        registry_->Find((*context)->id, pending.ua, pending.size / registry_->page_size());
-    if (!held.ok()) return held.status();
-    if (held->has_value()) {
-      held_pending.push_back(&pending);
-      continue;
-    }
-    const ContainerId id = next_temporary++;
-    absl::Status status =
-        registry_->CreateContainer(id, {.iommu_page_size = registry_->page_size()});
-    if (status.ok()) status = registry_->Register(id, (*context)->id, pending.ua, pending.size);
-    if (!status.ok()) {
-      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
-                                              pending.ua, pending.size, pending.context));
-    }
-    temporary.push_back(id);
-  }
-  for (const StoredMapping& mapping : state.mappings) {
-    auto container = containers_.find(mapping.container);
-    if (container == containers_.end()) {
-      return absl::DataLossError(
-          absl::StrCat("recovery: mapping of unknown container ", mapping.container));
-    }
-    absl::Status status =
-        registry_->Map(container->second->id, mapping.iova, mapping.ua, mapping.size);
-    if (status.ok() && container->second->vfio != nullptr) {
-      status = container->second->vfio->MapDma(mapping.iova, mapping.ua, mapping.size);
-    }
-    if (!status.ok()) {
-      return Annotate(status,
-                      absl::StrFormat("recovery: re-mapping iova=0x%x ua=0x%x size=0x%x "
-                                      "of container %s",
-                                      mapping.iova, mapping.ua, mapping.size, mapping.container));
-    }
-  }
-  for (ContainerId id : temporary) {
-    if (absl::Status status = registry_->ReleaseContainer(id); !status.ok()) return status;
-  }
-  // A pending row whose region no mapping keeps any more, as an agent before AddPendingDiff raised
-  // has_pending first could leave it (an unmap racing the unregister recorded the unmap without
-  // the release). The release is complete; the row goes.
-  Mutation completed;
-  std::vector<const StoredPending*> completed_held;
-  for (const StoredPending* row : held_pending) {
-    ContextEntry* context = *context_of(row->context);
-    absl::StatusOr<std::optional<RegionInfo>> region =
-        registry_->Find(context->id, row->ua, row->size / registry_->page_size());
-    if (!region.ok()) return region.status();
-    if (region->has_value() && (*region)->mapped == 1) {
-      completed_held.push_back(row);  // its pending reference would be dropped at once
-      continue;
-    }
-    if (absl::Status status = registry_->RestorePendingRelease(context->id, row->ua, row->size);
-        !status.ok()) {
-      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
-                                              row->ua, row->size, row->context));
-    }
-  }
-  for (const StoredPending& row : state.pending) {
-    ContextEntry* context = *context_of(row.context);
-    absl::StatusOr<std::optional<RegionInfo>> region =
-        registry_->Find(context->id, row.ua, row.size / registry_->page_size());
-    if (!region.ok()) return region.status();
-    if (!region->has_value() ||
-        std::find(completed_held.begin(), completed_held.end(), &row) != completed_held.end()) {
-      completed.RemovePending(row.context, row.ua, row.size);
-    } else if ((*region)->pending_release) {
-      pending->emplace_back(context, row);
-    } else {
-      return absl::DataLossError(absl::StrFormat(
-          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but its "
-          "restored mappings and holders leave nothing pending",
-          row.ua, row.size, row.context));
-    }
-  }
-  if (absl::Status status = Persist(completed); !status.ok()) {
-    return Annotate(status, "recovery: removing completed pending releases");
-  }
-  next_id_ = next_temporary;
-  auto next_id = state.meta.find(std::string(kMetaNextId));
-  uint64_t persisted_next = 0;
-  if (next_id != state.meta.end() && absl::SimpleAtoi(next_id->second, &persisted_next)) {
-    next_id_ = std::max(next_id_, persisted_next);
-  }
-  return Annotate(registry_->CheckInvariants(), "recovery: invariants after rebuild");
 }
 
 // --- Helpers ----------------------------------------------------------------------------------
@@ -580,15 +373,12 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
       .iommu_page_size = spec.iommu_page_size != 0 ? spec.iommu_page_size : registry_->page_size(),
       .window_start = spec.window_start,
       .window_size = spec.window_size != 0 ? spec.window_size : kDefaultWindowSize};
-  auto entry = std::make_shared<ContainerEntry>();
-  if (options_.open_vfio_container != nullptr || !spec.vfio_groups.empty()) {
-    absl::StatusOr<std::unique_ptr<VfioContainerDriver>> vfio = OpenVfioContainer(spec, &options);
-    if (!vfio.ok()) return vfio.status();
-    entry->vfio = std::move(*vfio);
-  }
   const ContainerId id = next_id_;
-  if (absl::Status status = registry_->CreateContainer(id, options); !status.ok()) return status;
+  absl::StatusOr<std::unique_ptr<ContainerDma>> dma = NewContainerDma(id, spec, &options);
+  if (!dma.ok()) return dma.status();
   ++next_id_;
+  auto entry = std::make_shared<ContainerEntry>();
+  entry->dma = std::move(*dma);
   Mutation mutation;
   mutation.PutContainer(StoredContainer{.name = spec.name,
                                         .id = id,
@@ -599,14 +389,14 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
   if (absl::Status status = Persist(mutation); !status.ok()) {
     // Refused: the container goes again, kernel side too (it has nothing yet).
-    if (!registry_->ReleaseContainer(id).ok()) UndoFailed();
-    MutexLock dma(&entry->dma_mu);
-    CloseVfioContainer(*entry);
+    if (!entry->dma->Release().ok()) {
+      UndoFailed();
+      entry->dma->CloseDevice();
+    }
     next_id_ = id;
     return status;
   }
   entry->id = id;
-  entry->options = options;
   entry->name = spec.name;
   entry->spec = spec;
   {
@@ -619,6 +409,16 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   view.options = options;
   view.vfio_groups = spec.vfio_groups;
   return view;
+}
+
+absl::StatusOr<std::unique_ptr<ContainerDma>> NodeAgent::NewContainerDma(
+    ContainerId id, const ContainerSpec& spec, ContainerOptions* options) {
+  if (options_.open_vfio_container == nullptr && spec.vfio_groups.empty()) {
+    return NewRegistryContainerDma(*registry_, id, *options);
+  }
+  absl::StatusOr<std::unique_ptr<VfioContainerDriver>> driver = OpenVfioContainer(spec, options);
+  if (!driver.ok()) return driver.status();
+  return NewVfioContainerDma(*registry_, id, *options, std::move(*driver), &vfio_inconsistencies_);
 }
 
 absl::StatusOr<std::unique_ptr<VfioContainerDriver>> NodeAgent::OpenVfioContainer(
@@ -657,12 +457,6 @@ absl::StatusOr<std::unique_ptr<VfioContainerDriver>> NodeAgent::OpenVfioContaine
               .window_start = window->start,
               .window_size = window->size};
   return vfio;
-}
-
-void NodeAgent::CloseVfioContainer(ContainerEntry& entry) {
-  if (entry.vfio == nullptr) return;
-  if (!entry.vfio->Close().ok()) vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-  entry.vfio.reset();
 }
 
 absl::StatusOr<ContainerView> NodeAgent::GetContainer(absl::string_view name) const {
@@ -731,15 +525,14 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
 }
 
 absl::Status NodeAgent::ReleaseContainerLocked(ContainerEntry& entry) {
-  if (absl::Status status = registry_->ReleaseContainer(entry.id); !status.ok()) return status;
+  if (absl::Status status = entry.dma->Release(); !status.ok()) return status;
   entry.released = true;
-  CloseVfioContainer(entry);
   return absl::OkStatus();
 }
 
 void NodeAgent::MarkReleasedUnderTeardown(ContainerEntry& entry) {
   entry.released = true;
-  CloseVfioContainer(entry);
+  entry.dma->CloseDevice();
 }
 
 void NodeAgent::AddPendingDiffLocked(ContextEntry& context, Mutation& mutation) {
@@ -759,7 +552,7 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   if (context == nullptr) return NoSuchContext(context_name);
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
-  if (absl::Status status = RegisterBoth(*container, context->id, ua, size); !status.ok()) {
+  if (absl::Status status = container->dma->Register(context->id, ua, size); !status.ok()) {
     return status;
   }
   Mutation mutation;
@@ -774,9 +567,9 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   if (absl::Status status = Persist(mutation, decision); !status.ok()) {
     // Refused: take the hold (and the binding) back, so reads show only what was acknowledged.
     if (had_pending) RestorePending(*context, std::move(persisted_pending));
-    bool undone = UnregisterBoth(*container, ua, size).ok();
+    bool undone = container->dma->Unregister(context->id, ua, size).ok();
     if (binds) {
-      if (registry_->UnbindContainer(container->id).ok()) {
+      if (container->dma->Unbind().ok()) {
         container->bound.store(nullptr, std::memory_order_release);
       } else {
         undone = false;
@@ -800,56 +593,18 @@ absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint6
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
-  if (absl::Status status = UnregisterBoth(*container, ua, size); !status.ok()) return status;
-  // Bound: it held the region.
+  // Null only for a container that never registered memory, which the registry refuses below.
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
+  const ContextId context_id = context != nullptr ? context->id : 0;
+  if (absl::Status status = container->dma->Unregister(context_id, ua, size); !status.ok()) {
+    return status;
+  }
   Mutation mutation;
   mutation.RemoveHold(container_name, ContextName(context->id), ua, size);
   if (absl::Status status = Persist(mutation, decision); !status.ok()) {
     // Refused: the container holds the region again (re-pinned when it was the last holder).
-    if (!RegisterBoth(*container, context->id, ua, size).ok()) UndoFailed();
+    if (!container->dma->Register(context->id, ua, size).ok()) UndoFailed();
     return status;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status NodeAgent::RegisterBoth(ContainerEntry& container, ContextId context, uint64_t ua,
-                                     uint64_t size) {
-  // Only a request the registry would take reaches the kernel: it must not pin (or try to pin)
-  // what the registry then refuses, e.g. a region over the node's limits. The registry's first
-  // registration also binds the container, which the caller undoes if it must.
-  if (container.vfio != nullptr) {
-    if (absl::Status status = registry_->CheckRegister(container.id, context, ua, size);
-        !status.ok()) {
-      return status;
-    }
-    if (absl::Status status = container.vfio->RegisterMemory(ua, size); !status.ok()) {
-      return status;
-    }
-  }
-  if (absl::Status status = registry_->Register(container.id, context, ua, size); !status.ok()) {
-    if (container.vfio != nullptr && !container.vfio->UnregisterMemory(ua, size).ok()) {
-      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-    }
-    return status;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status NodeAgent::UnregisterBoth(ContainerEntry& container, uint64_t ua, uint64_t size) {
-  // The registry first: it answers the EBUSY of spec §3.4, which Linux 5.1+ no longer does.
-  if (absl::Status status = registry_->Unregister(container.id, ua, size); !status.ok()) {
-    return status;
-  }
-  if (container.vfio != nullptr) {
-    if (absl::Status status = container.vfio->UnregisterMemory(ua, size); !status.ok()) {
-      // Give the container its hold back, so registry and kernel still agree.
-      const ContextEntry* context = container.bound.load(std::memory_order_acquire);
-      if (!registry_->Register(container.id, context->id, ua, size).ok()) {
-        vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-      }
-      return status;
-    }
   }
   return absl::OkStatus();
 }
@@ -912,28 +667,9 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
   if (container == nullptr) return NoSuchContainer(container_name);
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
-  uint64_t cleared_pages = 0;
-  bool replaced = false;
-  absl::Status status = registry_->Map(container->id, iova, ua, size, &cleared_pages, &replaced);
   uint64_t cleared_bytes = 0;
-  if (!status.ok() && cleared_pages > 0) {
-    absl::StatusOr<ContainerInfo> info = registry_->GetContainer(container->id);
-    cleared_bytes = cleared_pages * (info.ok() ? info->options.iommu_page_size : 0);
-  }
-  if (container->vfio != nullptr) {
-    if (status.ok()) {
-      if (absl::Status kernel = container->vfio->MapDma(iova, ua, size); !kernel.ok()) {
-        // The registry's entries of the range go too, as after any failed map (spec §7.5).
-        if (!registry_->Unmap(container->id, iova, size).ok()) {
-          vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-        }
-        status = kernel;
-        cleared_bytes = size;
-      }
-    } else if (cleared_bytes > 0 && !container->vfio->UnmapDma(iova, cleared_bytes).ok()) {
-      vfio_inconsistencies_.fetch_add(1, std::memory_order_relaxed);
-    }
-  }
+  bool replaced = false;
+  absl::Status status = container->dma->Map(iova, ua, size, &cleared_bytes, &replaced);
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   if (context != nullptr && context->has_pending.load(std::memory_order_acquire)) {
     // The map may have moved a count off a region pending release: its rows change with it, in
@@ -971,36 +707,24 @@ absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, 
 void NodeAgent::UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced,
                                uint64_t iova, uint64_t size) {
   if (!installed && !replaced) return;  // a failed map that only took back its own entries
-  // The kernel first, as in UnmapDma: once the registry drops the entries, the device must no
-  // longer reach their pages.
-  bool undone = container.vfio == nullptr || container.vfio->UnmapDma(iova, size).ok();
-  if (!registry_->Unmap(container.id, iova, size).ok()) undone = false;
-  // What the map overwrote or cleared comes back from the store: nothing in memory keeps an
-  // entry's ua.
-  if (replaced && !RestoreAcknowledgedMappings(container, iova, size, /*in_registry=*/true)) {
-    undone = false;
+  if (!container.dma->UndoMap(iova, size, replaced,
+                              [&] { return AcknowledgedMappings(container, iova, size); })) {
+    UndoFailed();
   }
-  if (!undone) UndoFailed();
 }
 
-bool NodeAgent::RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
-                                            bool in_registry) {
-  if (options_.store == nullptr) return false;
+absl::StatusOr<std::vector<DmaMapping>> NodeAgent::AcknowledgedMappings(
+    const ContainerEntry& container, uint64_t iova, uint64_t size) {
+  if (options_.store == nullptr) return absl::FailedPreconditionError("no state store");
   absl::StatusOr<std::vector<StoredMapping>> rows =
       options_.store->AcknowledgedMappings(container.id, iova, size);
-  if (!rows.ok()) return false;
-  bool restored = true;
+  if (!rows.ok()) return rows.status();
+  std::vector<DmaMapping> mappings;
+  mappings.reserve(rows->size());
   for (const StoredMapping& row : *rows) {
-    // The registry first, as in MapDma: it checks the range is still registered.
-    if (in_registry && !registry_->Map(container.id, row.iova, row.ua, row.size).ok()) {
-      restored = false;
-      continue;
-    }
-    if (container.vfio != nullptr && !container.vfio->MapDma(row.iova, row.ua, row.size).ok()) {
-      restored = false;
-    }
+    mappings.push_back({.iova = row.iova, .ua = row.ua, .size = row.size});
   }
-  return restored;
+  return mappings;
 }
 
 absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size) {
@@ -1009,30 +733,21 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
   if (container == nullptr) return NoSuchContainer(container_name);
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
-  // The kernel first: once the registry drops the entries, a region may be released and its
-  // pages unpinned, so the device must no longer reach them. But only a range the registry would
-  // take: after a kernel unmap the registry's refusal could not be undone.
-  if (container->vfio != nullptr) {
-    if (absl::Status status = registry_->CheckUnmap(container->id, iova, size); !status.ok()) {
-      return status;
-    }
-    if (absl::Status status = container->vfio->UnmapDma(iova, size); !status.ok()) return status;
-  } else if (ABSL_PREDICT_FALSE(!DmaRangeOk(container->options, iova, size, /*ua=*/0))) {
-    return registry_->CheckUnmap(container->id, iova, size);  // says which check failed
-  }
+  // The device first (see ContainerDma::UnmapDevice), but only a range the registry would take.
+  if (absl::Status status = container->dma->UnmapDevice(iova, size); !status.ok()) return status;
   // Then the record, before the registry: the registry's entries need not be put back after a
-  // refusal then (only the kernel's, from the store), and a range checked as above cannot be
-  // refused by Unmap.
+  // refusal then (only the device's, from the store), and a range checked as above cannot be
+  // refused by UnmapRegistry.
   if (absl::Status persisted = PersistMappingChange(*container, /*mapped=*/false, iova, size);
       ABSL_PREDICT_FALSE(!persisted.ok())) {
-    // The registry still shows the acknowledged mappings; the kernel gets them back.
-    if (container->vfio != nullptr &&
-        !RestoreAcknowledgedMappings(*container, iova, size, /*in_registry=*/false)) {
+    // The registry still shows the acknowledged mappings; the device gets them back.
+    if (!container->dma->UndoUnmapDevice(
+            iova, size, [&] { return AcknowledgedMappings(*container, iova, size); })) {
       UndoFailed();
     }
     return persisted;
   }
-  if (absl::Status status = registry_->Unmap(container->id, iova, size); !status.ok()) {
+  if (absl::Status status = container->dma->UnmapRegistry(iova, size); !status.ok()) {
     return status;
   }
   ContextEntry* context = container->bound.load(std::memory_order_acquire);

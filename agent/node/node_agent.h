@@ -1,9 +1,11 @@
 // NodeAgent: the node agent's core. It owns the names of memory contexts and containers, drives
-// the registry, and makes every acknowledged change durable in the StateStore before returning.
+// the registry (and for the VFIO backends the kernel, through one ContainerDma per container,
+// container_dma.h), and makes every acknowledged change durable in the StateStore before
+// returning.
 // A change the store refuses is not acknowledged and is not seen either: it is undone in memory
 // (and in the kernel) before the agent answers, or applied only once the store took it.
 // On start it rebuilds the registry from the store (re-pinning through the backend) and checks
-// the invariants before anyone is served.
+// the invariants before anyone is served (node_recovery.cc).
 //
 // No gRPC here: agent/service translates between this class and the wire.
 #ifndef DMAPIN_AGENT_NODE_NODE_AGENT_H_
@@ -21,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "agent/node/container_dma.h"
 #include "agent/node/context_memory.h"
 #include "agent/registry/pin_backend.h"
 #include "agent/registry/registry.h"
@@ -203,23 +206,26 @@ class NodeAgent {
   absl::Status CheckInvariants() const { return registry_->CheckInvariants(); }
 
  private:
-  // One per container: its registry id and the lock that orders its map/unmap calls with their
-  // durable records (so the store sees them in the order the registry applied them).
+  // One per container: its registry id, its DMA state (registry and kernel) and the lock that
+  // orders its map/unmap calls with their durable records (so the store sees them in the order
+  // the registry applied them).
   struct ContextEntry;
   struct ContainerEntry {
+    // Constant once the entry is published.
     ContainerId id = 0;
     std::string name;
     ContainerSpec spec;
-    ContainerOptions options;  // as the registry has them
+    // Where the container's registrations and mappings live (the driver serializes its own
+    // ioctls; map/unmap reach it under dma_mu, registrations under control_mu_, the close of
+    // release and teardown under both).
+    std::unique_ptr<ContainerDma> dma;
+
     Mutex dma_mu;
     // Set once the container is released or torn down; map/unmap then answer ENOENT.
     bool released ABSL_GUARDED_BY(dma_mu) = false;
     // The context the container is bound to (set on its first registration; the entry outlives
     // any use here because teardown takes dma_mu before dropping the context).
     std::atomic<ContextEntry*> bound{nullptr};
-    // The kernel's container (VFIO backends), else null. Set before the entry is published;
-    // closed by release and teardown under dma_mu (the driver serializes its own ioctls).
-    std::unique_ptr<VfioContainerDriver> vfio;
   };
   struct ContextEntry {
     ContextId id = 0;
@@ -233,18 +239,21 @@ class NodeAgent {
   };
 
   explicit NodeAgent(NodeAgentOptions options);
+  // Recovery (node_recovery.cc): replays the store through the containers' ContainerDma.
   absl::Status Recover();
   // Rebuilds the registry and the name tables from `state`; the regions still pending release
   // go to `pending` (their rows are set by Recover, which may take the contexts' pending_mu).
   absl::Status RecoverLocked(const PersistedState& state,
                              std::vector<std::pair<ContextEntry*, StoredPending>>* pending)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_, names_mu_);
+  // Creates a new or recovered container in the registry, with its kernel side for the VFIO
+  // backends (opened, and `options` fitted to its window).
+  absl::StatusOr<std::unique_ptr<ContainerDma>> NewContainerDma(ContainerId id,
+                                                                const ContainerSpec& spec,
+                                                                ContainerOptions* options);
   // Opens the kernel side of a new or recovered container and fits `options` to its window.
   absl::StatusOr<std::unique_ptr<VfioContainerDriver>> OpenVfioContainer(const ContainerSpec& spec,
                                                                          ContainerOptions* options);
-  // Closes the kernel side of a released container; a close error is counted, not returned (the
-  // registry has already let the container go).
-  void CloseVfioContainer(ContainerEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.dma_mu);
   // Releases the container in the registry, marks it released and closes its kernel side.
   absl::Status ReleaseContainerLocked(ContainerEntry& entry)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.dma_mu);
@@ -277,22 +286,14 @@ class NodeAgent {
   absl::Status CheckWritable() const;
   // Counts a refused change that could not be undone (see refused_change_undo_failures).
   void UndoFailed();
-  // Registers in the kernel (VFIO) and in the registry, or in neither: the kernel first, since
-  // undoing its registration is a plain unregister, but only a request the registry would take.
-  absl::Status RegisterBoth(ContainerEntry& container, ContextId context, uint64_t ua,
-                            uint64_t size);
-  // Unregisters from the registry and then the kernel, or from neither.
-  absl::Status UnregisterBoth(ContainerEntry& container, uint64_t ua, uint64_t size);
   // Takes out again the entries of a map whose record the store refused (`installed`: the map
   // succeeded), and puts back what it overwrote or cleared (`replaced`) from the store.
   void UndoRefusedMap(ContainerEntry& container, bool installed, bool replaced, uint64_t iova,
                       uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
-  // Maps the store's acknowledged mappings of [iova, iova + size) again: in the registry (when
-  // `in_registry`) and the kernel. False if the store cannot say or a map fails (e.g. into a
-  // region whose pending release completed meanwhile).
-  bool RestoreAcknowledgedMappings(ContainerEntry& container, uint64_t iova, uint64_t size,
-                                   bool in_registry)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(container.dma_mu);
+  // The store's acknowledged mappings of [iova, iova + size), for the undos of ContainerDma.
+  // Fails without a store, or when it cannot say.
+  absl::StatusOr<std::vector<DmaMapping>> AcknowledgedMappings(const ContainerEntry& container,
+                                                               uint64_t iova, uint64_t size);
   // Adds to `mutation` the changes that bring the persisted pending-release rows of `context` in
   // line with the registry. Holds context.pending_mu until the caller has committed.
   void AddPendingDiff(ContextEntry& context, const std::string& context_name, Mutation* mutation)
@@ -311,8 +312,9 @@ class NodeAgent {
   // `status`.
   absl::Status MemoryBehindStore(absl::Status status);
 
+  // Constant after construction.
   const NodeAgentOptions options_;
-  std::unique_ptr<Registry> registry_;
+  const std::unique_ptr<Registry> registry_;
 
   // Serializes the control operations (everything but map/unmap/lookups) with their records.
   mutable Mutex control_mu_;
@@ -330,7 +332,8 @@ class NodeAgent {
 
   std::atomic<bool> store_failed_{false};
   std::atomic<uint64_t> store_commit_failures_{0};
-  // Kernel (VFIO) calls that failed after the registry had changed and could not be undone.
+  // Kernel (VFIO) calls that failed after the registry had changed and could not be undone
+  // (counted by the containers' VfioContainerDma), and failed closes.
   std::atomic<uint64_t> vfio_inconsistencies_{0};
   std::atomic<uint64_t> refused_change_undo_failures_{0};
 };

@@ -64,8 +64,14 @@ void RefusesOversizedRequestsCheaply(const std::string& target, pid_t pid) {
     });
   }
   for (std::thread& thread : threads) thread.join();
+  // Each is refused: RESOURCE_EXHAUSTED, or, when their sum presses gRPC's memory quota, the
+  // connection closed under it (gRPC 1.51 answers quota pressure with GOAWAY). Either way nothing
+  // was buffered whole, which the RSS bound below checks.
   for (const absl::Status& status : results) {
-    EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+    const bool refused = status.code() == absl::StatusCode::kResourceExhausted ||
+                         (status.code() == absl::StatusCode::kUnavailable &&
+                          absl::StrContains(status.message(), "GOAWAY"));
+    EXPECT_TRUE(refused) << status;
   }
   const uint64_t after = fleetsim::ReadProcUsage(pid).rss_peak_bytes;
   // The quota is 64 MiB here; gRPC overshoots it somewhat before its reclaimers catch up.

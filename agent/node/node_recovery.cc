@@ -1,0 +1,223 @@
+// NodeAgent's recovery: rebuilds the registry (and the kernel's containers, for the VFIO
+// backends) and the name tables from what the store acknowledged, before anyone is served.
+#include <algorithm>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "agent/node/container_dma.h"
+#include "agent/node/node_agent.h"
+#include "agent/node/node_agent_internal.h"
+
+namespace dmapin::agent {
+
+using node_internal::Annotate;
+using node_internal::ToOptions;
+
+absl::Status NodeAgent::Recover() {
+  if (options_.store == nullptr) return absl::OkStatus();
+  absl::StatusOr<PersistedState> state = options_.store->Load();
+  if (!state.ok()) return Annotate(state.status(), "recovery: loading the state store");
+  MutexLock control(&control_mu_);
+  std::vector<std::pair<ContextEntry*, StoredPending>> pending;
+  {
+    MutexLock names(&names_mu_);
+    if (absl::Status status = RecoverLocked(*state, &pending); !status.ok()) return status;
+  }
+  // After names_mu_: the agent takes a context's pending_mu first.
+  for (auto& [context, row] : pending) {
+    MutexLock lock(&context->pending_mu);
+    context->pending.emplace_back(row.ua, row.size);
+    context->has_pending.store(true, std::memory_order_release);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::RecoverLocked(
+    const PersistedState& state, std::vector<std::pair<ContextEntry*, StoredPending>>* pending) {
+  uint64_t max_id = 0;
+  for (const StoredContext& stored : state.contexts) {
+    ContextSpec spec{.name = stored.name,
+                     .memlock_limit_bytes = stored.memlock_limit_bytes,
+                     .cap_ipc_lock = stored.cap_ipc_lock,
+                     .backing = stored.backing,
+                     .memory_bytes = stored.mem_size};
+    if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
+      return Annotate(status, absl::StrCat("recovery: context ", stored.name));
+    }
+    auto entry = std::make_shared<ContextEntry>();
+    if (stored.mem_size > 0) {
+      // Back where the registrations expect it.
+      absl::StatusOr<std::unique_ptr<ContextMemory>> memory =
+          AllocateMemory(stored.name, spec, stored.mem_ua);
+      if (!memory.ok()) {
+        return Annotate(memory.status(), absl::StrCat("recovery: memory of context ", stored.name));
+      }
+      entry->memory = std::move(*memory);
+    }
+    entry->id = stored.id;
+    entry->spec = std::move(spec);
+    contexts_[stored.name] = entry;
+    context_names_[stored.id] = stored.name;
+    max_id = std::max(max_id, stored.id);
+  }
+  for (const StoredContainer& stored : state.containers) {
+    ContainerSpec spec{.name = stored.name,
+                       .iommu_page_size = stored.iommu_page_size,
+                       .window_start = stored.window_start,
+                       .window_size = stored.window_size};
+    spec.vfio_groups = stored.vfio_groups;
+    ContainerOptions options{.iommu_page_size = stored.iommu_page_size,
+                             .window_start = stored.window_start,
+                             .window_size = stored.window_size};
+    // VFIO: the kernel dropped the container with the old process; it is opened again, on the
+    // same window (OpenVfioContainer refuses a window that changed).
+    absl::StatusOr<std::unique_ptr<ContainerDma>> dma =
+        stored.vfio_groups.empty() ? NewRegistryContainerDma(*registry_, stored.id, options)
+                                   : NewContainerDma(stored.id, spec, &options);
+    if (!dma.ok()) return Annotate(dma.status(), absl::StrCat("recovery: container ", stored.name));
+    auto entry = std::make_shared<ContainerEntry>();
+    entry->dma = std::move(*dma);
+    entry->id = stored.id;
+    entry->name = stored.name;
+    if (!stored.context.empty()) {
+      // Bound by an earlier registration, possibly to regions it no longer holds.
+      auto context = contexts_.find(stored.context);
+      if (context == contexts_.end()) {
+        return absl::DataLossError(absl::StrFormat(
+            "recovery: container %s is bound to missing context %s", stored.name, stored.context));
+      }
+      if (absl::Status status = entry->dma->Bind(context->second->id); !status.ok()) {
+        return Annotate(status, absl::StrCat("recovery: binding container ", stored.name));
+      }
+      entry->bound.store(context->second.get(), std::memory_order_release);
+    }
+    entry->spec = std::move(spec);
+    containers_[stored.name] = entry;
+    container_names_[stored.id] = stored.name;
+    max_id = std::max(max_id, stored.id);
+  }
+  auto context_of = [&](const std::string& name)
+                        ABSL_EXCLUSIVE_LOCKS_REQUIRED(names_mu_) -> absl::StatusOr<ContextEntry*> {
+    auto it = contexts_.find(name);
+    if (it == contexts_.end()) {
+      return absl::DataLossError(absl::StrCat("recovery: unknown context ", name));
+    }
+    return it->second.get();
+  };
+  // Holds in commit order, so that the first holder pins as it did originally.
+  for (const StoredHold& hold : state.holds) {
+    auto container = containers_.find(hold.container);
+    absl::StatusOr<ContextEntry*> context = context_of(hold.context);
+    if (container == containers_.end() || !context.ok()) {
+      return absl::DataLossError(absl::StrFormat("recovery: hold of %s on %s names a missing row",
+                                                 hold.container, hold.context));
+    }
+    if (absl::Status status =
+            container->second->dma->ReplayRegistration((*context)->id, hold.ua, hold.size);
+        !status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: re-registering ua=0x%x size=0x%x for "
+                                              "container %s",
+                                              hold.ua, hold.size, hold.container));
+    }
+    container->second->bound.store(*context, std::memory_order_release);
+  }
+  // Regions pending release: one that no container holds is registered by a temporary holder,
+  // mapped below, then let go; one that containers registered meanwhile (spec §4: they added
+  // users) gets its pending reference back once its mappings are restored.
+  std::vector<ContainerId> temporary;
+  std::vector<const StoredPending*> held_pending;
+  uint64_t next_temporary = max_id + 1;
+  for (const StoredPending& pending : state.pending) {
+    absl::StatusOr<ContextEntry*> context = context_of(pending.context);
+    if (!context.ok()) return context.status();
+    absl::StatusOr<std::optional<RegionInfo>> held =
+        registry_->Find((*context)->id, pending.ua, pending.size / registry_->page_size());
+    if (!held.ok()) return held.status();
+    if (held->has_value()) {
+      held_pending.push_back(&pending);
+      continue;
+    }
+    const ContainerId id = next_temporary++;
+    absl::Status status =
+        registry_->CreateContainer(id, {.iommu_page_size = registry_->page_size()});
+    if (status.ok()) status = registry_->Register(id, (*context)->id, pending.ua, pending.size);
+    if (!status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
+                                              pending.ua, pending.size, pending.context));
+    }
+    temporary.push_back(id);
+  }
+  for (const StoredMapping& mapping : state.mappings) {
+    auto container = containers_.find(mapping.container);
+    if (container == containers_.end()) {
+      return absl::DataLossError(
+          absl::StrCat("recovery: mapping of unknown container ", mapping.container));
+    }
+    if (absl::Status status =
+            container->second->dma->ReplayMapping(mapping.iova, mapping.ua, mapping.size);
+        !status.ok()) {
+      return Annotate(status,
+                      absl::StrFormat("recovery: re-mapping iova=0x%x ua=0x%x size=0x%x "
+                                      "of container %s",
+                                      mapping.iova, mapping.ua, mapping.size, mapping.container));
+    }
+  }
+  for (ContainerId id : temporary) {
+    if (absl::Status status = registry_->ReleaseContainer(id); !status.ok()) return status;
+  }
+  // A pending row whose region no mapping keeps any more, as an agent before AddPendingDiff raised
+  // has_pending first could leave it (an unmap racing the unregister recorded the unmap without
+  // the release). The release is complete; the row goes.
+  Mutation completed;
+  std::vector<const StoredPending*> completed_held;
+  for (const StoredPending* row : held_pending) {
+    ContextEntry* context = *context_of(row->context);
+    absl::StatusOr<std::optional<RegionInfo>> region =
+        registry_->Find(context->id, row->ua, row->size / registry_->page_size());
+    if (!region.ok()) return region.status();
+    if (region->has_value() && (*region)->mapped == 1) {
+      completed_held.push_back(row);  // its pending reference would be dropped at once
+      continue;
+    }
+    if (absl::Status status = registry_->RestorePendingRelease(context->id, row->ua, row->size);
+        !status.ok()) {
+      return Annotate(status, absl::StrFormat("recovery: pending region ua=0x%x size=0x%x of %s",
+                                              row->ua, row->size, row->context));
+    }
+  }
+  for (const StoredPending& row : state.pending) {
+    ContextEntry* context = *context_of(row.context);
+    absl::StatusOr<std::optional<RegionInfo>> region =
+        registry_->Find(context->id, row.ua, row.size / registry_->page_size());
+    if (!region.ok()) return region.status();
+    if (!region->has_value() ||
+        std::find(completed_held.begin(), completed_held.end(), &row) != completed_held.end()) {
+      completed.RemovePending(row.context, row.ua, row.size);
+    } else if ((*region)->pending_release) {
+      pending->emplace_back(context, row);
+    } else {
+      return absl::DataLossError(absl::StrFormat(
+          "recovery: region ua=0x%x size=0x%x of %s was persisted as pending release but its "
+          "restored mappings and holders leave nothing pending",
+          row.ua, row.size, row.context));
+    }
+  }
+  if (absl::Status status = Persist(completed); !status.ok()) {
+    return Annotate(status, "recovery: removing completed pending releases");
+  }
+  next_id_ = next_temporary;
+  auto next_id = state.meta.find(std::string(kMetaNextId));
+  uint64_t persisted_next = 0;
+  if (next_id != state.meta.end() && absl::SimpleAtoi(next_id->second, &persisted_next)) {
+    next_id_ = std::max(next_id_, persisted_next);
+  }
+  return Annotate(registry_->CheckInvariants(), "recovery: invariants after rebuild");
+}
+
+}  // namespace dmapin::agent
