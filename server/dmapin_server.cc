@@ -56,6 +56,10 @@ ABSL_FLAG(uint64_t, decision_history, 100000,
           "Decision records kept for ListDecisions (the newest; those in flight are always "
           "kept); older ones are pruned every minute. 0 keeps all (the store then grows without "
           "bound).");
+ABSL_FLAG(uint64_t, intent_history, 10000,
+          "Finished intents (FAILED, WITHDRAWN, SUPERSEDED) kept for ListIntents, the newest; "
+          "older ones are forgotten every minute, in memory and in the store. 0 keeps all (memory "
+          "and the store then grow with every intent ever created).");
 ABSL_FLAG(bool, per_region_metrics, false,
           "Export one series per region (bounded by --max_region_series). Off by default: at "
           "fleet scale per-region series are the cardinality that hurts Prometheus.");
@@ -100,6 +104,7 @@ int Run() {
       .lost_decision_backoff = absl::Milliseconds(absl::GetFlag(FLAGS_lost_decision_backoff_ms)),
       .report_interval_ms = absl::GetFlag(FLAGS_report_interval_ms),
       .decision_history = absl::GetFlag(FLAGS_decision_history),
+      .intent_history = absl::GetFlag(FLAGS_intent_history),
       .max_watchers = absl::GetFlag(FLAGS_max_watchers),
       .watch_max_lag_events = absl::GetFlag(FLAGS_watch_max_lag_events),
       .watch_buffer_bytes = absl::GetFlag(FLAGS_watch_buffer_bytes)});

@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -14,6 +15,7 @@
 #include "server/core/server_core_internal.h"
 
 namespace dmapin::server {
+using server_core_internal::IntentNumber;
 using server_core_internal::kDrainLabel;
 using server_core_internal::KeyOfIntent;
 using server_core_internal::KeyOfRequest;
@@ -102,7 +104,47 @@ void ServerCore::Wake() {
   if (loop_ != nullptr) loop_->Wake();
 }
 
+void ServerCore::PruneFinishedIntents() {
+  if (options_.intent_history == 0) return;
+  MutexLock lock(&mu_);
+  // Finished intents by number, oldest first; those beyond the newest intent_history go.
+  std::vector<std::pair<uint64_t, std::string>> finished;
+  for (const auto& [id, entry] : intents_) {
+    switch (entry.intent.state()) {
+      case v1::INTENT_STATE_FAILED:
+      case v1::INTENT_STATE_WITHDRAWN:
+      case v1::INTENT_STATE_SUPERSEDED:
+        if (entry.inflight_decision.empty()) finished.emplace_back(IntentNumber(id), id);
+        break;
+      default:
+        break;
+    }
+  }
+  if (finished.size() <= options_.intent_history) return;
+  const size_t excess = finished.size() - options_.intent_history;
+  std::nth_element(finished.begin(), finished.begin() + excess, finished.end());
+  finished.resize(excess);
+  ServerMutation mutation;
+  for (const auto& [number, id] : finished) mutation.DeleteIntent(id);
+  // Memory forgets them only once the store did: a restart must not bring them back.
+  if (!CommitLocked(mutation).ok()) return;
+  absl::flat_hash_set<std::string> gone;
+  for (auto& [number, id] : finished) {
+    auto it = intents_.find(id);
+    gone.insert(id);
+    active_intents_.erase(id);
+    intents_.erase(it);
+  }
+  for (auto& [node, ids] : node_intents_) {
+    ids.erase(std::remove_if(ids.begin(), ids.end(),
+                             [&gone](const std::string& id) { return gone.count(id) > 0; }),
+              ids.end());
+  }
+  counters_.intents_pruned += gone.size();
+}
+
 void ServerCore::PruneDecisionHistory() {
+  PruneFinishedIntents();
   if (options_.decision_history == 0) return;
   // The store is thread-safe: no need to hold mu_ (and stall the control plane) while it deletes.
   absl::StatusOr<uint64_t> pruned = options_.store->PruneDecisions(options_.decision_history);
@@ -512,13 +554,6 @@ absl::StatusOr<v1::Intent> ServerCore::GetIntent(const std::string& id) const {
 }
 
 namespace {
-
-// Orders intent ids by their number ("i-12" before "i-100").
-uint64_t IntentNumber(const std::string& id) {
-  uint64_t number = 0;
-  (void)absl::SimpleAtoi(absl::StripPrefix(id, "i-"), &number);
-  return number;
-}
 
 uint32_t PageSize(uint32_t requested) {
   if (requested == 0) return 100;

@@ -59,6 +59,9 @@ struct ServerCoreOptions {
   // Decision records kept for ListDecisions (the newest; those in flight are always kept). Older
   // ones are pruned every prune_interval, so the store does not grow without bound. 0: keep all.
   uint64_t decision_history = 100000;
+  // Finished intents (FAILED, WITHDRAWN, SUPERSEDED) kept for ListIntents, the newest; older
+  // ones are forgotten (memory and store) every prune_interval. 0: keep all.
+  uint64_t intent_history = 10000;
   absl::Duration prune_interval = absl::Minutes(1);
   // ListNodes builds its answer in chunks, each under one hold of the core's lock: at most this
   // many nodes, and no longer than list_nodes_max_hold. Each acquisition may wait behind a
@@ -101,6 +104,7 @@ struct ServerCounters {
   uint64_t store_failures = 0;
   uint64_t reconcile_passes = 0;
   uint64_t decisions_pruned = 0;  // decision records deleted by the history limit
+  uint64_t intents_pruned = 0;    // finished intents forgotten by the history limit
   // Reconcile pass durations in seconds, bucketed by the metrics layer.
   std::vector<double> reconcile_seconds_recent;
 };
@@ -313,8 +317,10 @@ class ServerCore {
   std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
   uint64_t intent_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // creation order for stable listing
 
-  // Deletes decision records beyond options_.decision_history (from the loop's thread).
+  // Deletes decision records beyond options_.decision_history and finished intents beyond
+  // options_.intent_history (from the loop's thread).
   void PruneDecisionHistory();
+  void PruneFinishedIntents();
   // Asks the loop for a pass now.
   void Wake();
   // Last: destroyed (its thread joined) before the state its passes use.

@@ -5,7 +5,9 @@
 
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "dmapin/v1/admin.pb.h"
 #include "dmapin/v1/control.pb.h"
@@ -80,6 +82,13 @@ inline RegionKey KeyOfRequest(const v1::CreateIntentRequest& request) {
 // Page tokens of the admin lists: the last key of the previous page, base-10 fields joined by '|'.
 inline std::string RegionToken(const std::string& node, const RegionKey& key) {
   return absl::StrCat(node, "|", key.context, "|", key.ua, "|", key.size);
+}
+
+// Orders intent ids by their number ("i-12" before "i-100").
+inline uint64_t IntentNumber(const std::string& id) {
+  uint64_t number = 0;
+  (void)absl::SimpleAtoi(absl::StripPrefix(id, "i-"), &number);
+  return number;
 }
 
 }  // namespace server_core_internal

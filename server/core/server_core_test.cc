@@ -344,6 +344,32 @@ TEST_F(ServerCoreTest, DecisionHistoryIsPrunedToItsLimit) {
   EXPECT_EQ(core_->MetricsSnapshot(0).counters.decisions_pruned, 3u);
 }
 
+TEST_F(ServerCoreTest, FinishedIntentsArePrunedToTheirLimitInMemoryAndTheStore) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) {
+    options.intent_history = 2;
+    options.prune_interval = absl::Milliseconds(1);
+  });
+  auto a = Connect("node-a", {});
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i)
+    ids.push_back(MustCreate(Register("node-a", 0x100000 + i * kMiB, kMiB)).id());
+  const std::string live = MustCreate(Register("node-a", 0x900000, kMiB)).id();
+  for (const std::string& id : ids) ASSERT_TRUE(core_->WithdrawIntent(id).ok());
+  auto listed = [&] {
+    absl::StatusOr<v1::ListIntentsResponse> list = core_->ListIntents({});
+    EXPECT_TRUE(list.ok()) << list.status();
+    return list.ok() ? list->intents_size() : -1;
+  };
+  // Two finished intents stay (the newest), and the live one.
+  ASSERT_TRUE(Eventually([&] { return listed() == 3; })) << listed() << " intents listed";
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.intents_pruned, 3u);
+  EXPECT_EQ(ErrnoOf(core_->GetIntent(ids[0]).status()), ENOENT);
+  EXPECT_TRUE(core_->GetIntent(ids[4]).ok());
+  EXPECT_TRUE(core_->GetIntent(live).ok());
+  EXPECT_EQ(StoredIntents(), 3u) << "the store forgot them too";
+}
+
 TEST_F(ServerCoreTest, RegisterIntentSendsOneDecisionAndIsSatisfied) {
   auto a = Connect("node-a", {{"pool", "a"}});
   auto b = Connect("node-b", {{"pool", "a"}});

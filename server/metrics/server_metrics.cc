@@ -158,6 +158,8 @@ void CollectControlPlane(const FleetMetricsSnapshot& snapshot, std::vector<Metri
       {"dmapin_server_reconcile_passes_total", "Reconcile passes run.", c.reconcile_passes},
       {"dmapin_server_decision_records_pruned_total",
        "Decision records deleted beyond the server's --decision_history.", c.decisions_pruned},
+      {"dmapin_server_intents_pruned_total",
+       "Finished intents forgotten beyond the server's --intent_history.", c.intents_pruned},
   };
   for (const auto& counter : kCounters) {
     AddScalar(out, counter.name, counter.help, MetricType::Counter, D(counter.value));
