@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <optional>
@@ -87,23 +88,57 @@ std::optional<std::pair<uint64_t, uint64_t>> DecodeHeader(absl::string_view data
   return std::make_pair(absl::little_endian::Load64(in + 8), absl::little_endian::Load64(in + 16));
 }
 
-// Well-formed records in `data` after its header, for the damage report.
-uint64_t CountRecords(absl::string_view data) {
-  uint64_t count = 0;
-  for (size_t offset = kRecordBytes; offset + kRecordBytes <= data.size(); offset += kRecordBytes) {
-    JournalRecord record;
-    if (DecodeSlot(data.data() + offset, &record) == Slot::kRecord) ++count;
+// Calls `visit(offset, slot)` for each whole 48-byte slot of the file at `path`, in order, until it
+// returns false; sets `*size` to the file's size. Reads through a small buffer: a journal file is
+// up to ~800 KB, and holding it whole at every start would cost that much memory per file.
+absl::Status ForEachSlot(const std::string& path, uint64_t* size,
+                         const std::function<bool(uint64_t offset, const char* slot)>& visit) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot read the mapping journal ", path));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    close(fd);
+    return ErrnoStatus(err, absl::StrCat("cannot stat the mapping journal ", path));
   }
-  return count;
+  *size = static_cast<uint64_t>(st.st_size);
+  char buffer[1365 * kRecordBytes];  // 64 KiB of whole slots
+  uint64_t offset = 0;
+  size_t held = 0;  // bytes in buffer
+  for (;;) {
+    const ssize_t got = read(fd, buffer + held, sizeof(buffer) - held);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      const int err = errno;
+      close(fd);
+      return ErrnoStatus(err, absl::StrCat("cannot read the mapping journal ", path));
+    }
+    held += static_cast<size_t>(got);
+    size_t used = 0;
+    for (; used + kRecordBytes <= held; used += kRecordBytes, offset += kRecordBytes) {
+      if (!visit(offset, buffer + used)) {
+        close(fd);
+        return absl::OkStatus();
+      }
+    }
+    if (got == 0) break;  // a partial last slot is left unvisited
+    std::memmove(buffer, buffer + used, held - used);
+    held -= used;
+  }
+  close(fd);
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ReadWhole(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (!in.is_open() || in.bad()) {
-    return ErrnoStatus(EIO, absl::StrCat("cannot read the mapping journal ", path));
-  }
-  return data;
+// Well-formed records after the header of the file at `path`, for the damage report.
+uint64_t CountRecords(const std::string& path) {
+  uint64_t count = 0;
+  uint64_t size = 0;
+  (void)ForEachSlot(path, &size, [&count](uint64_t offset, const char* slot) {
+    JournalRecord record;
+    if (offset > 0 && DecodeSlot(slot, &record) == Slot::kRecord) ++count;
+    return true;
+  });
+  return count;
 }
 
 std::string FilePath(const std::string& dir, uint64_t first_seq) {
@@ -119,24 +154,21 @@ absl::Status SyncDirectory(const std::string& dir) {
   return rc == 0 ? absl::OkStatus() : ErrnoStatus(err, absl::StrCat("fsync ", dir));
 }
 
-// After damage: copies `data`, the file at `path`, to `aside`, then rewrites `path` with its first
-// `records` records and zeros after them, at the size its header says.
-absl::Status RepairFile(const std::string& path, const std::string& aside, const std::string& data,
-                        uint64_t records) {
-  {
-    std::ofstream copy(aside, std::ios::binary | std::ios::trunc);
-    copy.write(data.data(), static_cast<std::streamsize>(data.size()));
-    copy.flush();
-    if (!copy) return ErrnoStatus(EIO, absl::StrCat("cannot write ", aside));
+// After damage: copies the file at `path` to `aside`, then keeps its header and first `records`
+// records, with zeros after them up to the size its header says (`slots`).
+absl::Status RepairFile(const std::string& path, const std::string& aside, uint64_t records,
+                        uint64_t slots) {
+  std::error_code error;
+  std::filesystem::copy_file(path, aside, std::filesystem::copy_options::overwrite_existing, error);
+  if (error) {
+    return ErrnoStatus(error.value(), absl::StrCat("cannot copy ", path, ": ", error.message()));
   }
-  const uint64_t slots = DecodeHeader(data)->second;
-  std::string repaired = data.substr(0, (records + 1) * kRecordBytes);
-  repaired.resize((slots + 1) * kRecordBytes, '\0');
   const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat("open ", path));
-  const bool ok =
-      pwrite(fd, repaired.data(), repaired.size(), 0) == static_cast<ssize_t>(repaired.size()) &&
-      fdatasync(fd) == 0;
+  const off_t keep = static_cast<off_t>((records + 1) * kRecordBytes);
+  const off_t full = static_cast<off_t>((slots + 1) * kRecordBytes);
+  const bool ok = ftruncate(fd, keep) == 0 && ftruncate(fd, full) == 0 &&
+                  posix_fallocate(fd, 0, full) == 0 && fdatasync(fd) == 0;
   const int err = errno;
   close(fd);
   return ok ? absl::OkStatus() : ErrnoStatus(err, absl::StrCat("rewrite ", path));
@@ -286,58 +318,73 @@ absl::Status MappingJournal::RecoverLocked(std::vector<File> files, uint64_t min
                           previous, " end at ", next_seq - 1, ": records are missing"));
       break;
     }
-    absl::StatusOr<std::string> data = ReadWhole(file.path);
-    if (!data.ok()) return data.status();
-    const std::optional<std::pair<uint64_t, uint64_t>> header = DecodeHeader(*data);
+    uint64_t size = 0;
+    std::optional<std::pair<uint64_t, uint64_t>> header;
+    uint64_t bytes = 0;       // what the header says the file holds
+    uint64_t end_of_log = 0;  // offset of the first slot that is not the next record
+    Slot slot = Slot::kZero;  // what that slot is
+    JournalRecord record;     // and, a record, which
+    uint64_t rest = 0;        // offset of data after the end of the log; 0: none
+    absl::Status read = ForEachSlot(file.path, &size, [&](uint64_t offset, const char* in) {
+      if (offset == 0) {
+        header = DecodeHeader(absl::string_view(in, kRecordBytes));
+        if (!header.has_value() || header->first != file.first_seq) return false;
+        bytes = (std::min<uint64_t>(header->second, uint64_t{1} << 40) + 1) * kRecordBytes;
+        return true;
+      }
+      if (offset >= bytes) return false;  // beyond the header's size: judged below
+      if (end_of_log == 0) {
+        slot = DecodeSlot(in, &record);
+        const uint64_t want = file.records == 0 ? file.first_seq : file.last_seq + 1;
+        if (slot == Slot::kRecord && record.seq == want) {
+          file.last_seq = record.seq;
+          ++file.records;
+          recovered_.push_back(record);
+          return true;
+        }
+        end_of_log = offset;
+        // A record out of sequence or of no known kind ends the scan: damage.
+        return slot != Slot::kRecord && slot != Slot::kBadContent;
+      }
+      // After the end of the log: the file's unused slots, zeros.
+      const char* nonzero = std::find_if(in, in + kRecordBytes, [](char c) { return c != 0; });
+      if (nonzero == in + kRecordBytes) return true;
+      rest = offset + static_cast<uint64_t>(nonzero - in);
+      return false;
+    });
+    if (!read.ok()) return read;
     if (!header.has_value() || header->first != file.first_seq) {
-      damage.emplace(i, data->size() < kRecordBytes
-                            ? absl::StrCat(file.path, " holds ", data->size(), " bytes: truncated")
+      damage.emplace(i, size < kRecordBytes
+                            ? absl::StrCat(file.path, " holds ", size, " bytes: truncated")
                             : absl::StrCat(file.path, " at offset 0: not a journal header for seq ",
                                            file.first_seq));
       break;
     }
+    file.slots = header->second;
+    if (end_of_log != 0 && (slot == Slot::kRecord || slot == Slot::kBadContent)) {
+      damage.emplace(i,
+                     absl::StrCat(file.path, " at offset ", end_of_log, ": ",
+                                  slot == Slot::kRecord
+                                      ? absl::StrCat("record seq ", record.seq, " out of sequence")
+                                      : std::string("a record of no known kind")));
+      break;
+    }
+    if (rest != 0) {
+      damage.emplace(i, absl::StrCat(file.path, " at offset ", end_of_log, ": ",
+                                     slot == Slot::kZero ? "an empty record slot"
+                                                         : "a record failing its checksum",
+                                     " followed by data at offset ", rest));
+      break;
+    }
+    if (end_of_log != 0 && slot == Slot::kBadSum) stats_.torn_tail_bytes += kRecordBytes;
     // Truncation is judged after the records it left: recovery keeps them.
-    const uint64_t bytes = (std::min<uint64_t>(header->second, data->size()) + 1) * kRecordBytes;
-    const size_t end = std::min<size_t>(data->size() / kRecordBytes * kRecordBytes, bytes);
-    size_t offset = kRecordBytes;
-    Slot slot = Slot::kZero;
-    JournalRecord record;
-    for (; offset < end; offset += kRecordBytes) {
-      slot = DecodeSlot(data->data() + offset, &record);
-      const uint64_t want = file.records == 0 ? file.first_seq : file.last_seq + 1;
-      if (slot != Slot::kRecord || record.seq != want) break;
-      file.last_seq = record.seq;
-      ++file.records;
-      recovered_.push_back(record);
-    }
-    if (offset < end) {
-      // The end of the log: what follows must be the file's unused slots.
-      const size_t rest = data->find_first_not_of('\0', offset + kRecordBytes);
-      if (slot == Slot::kRecord || slot == Slot::kBadContent) {
-        damage.emplace(
-            i, absl::StrCat(file.path, " at offset ", offset, ": ",
-                            slot == Slot::kRecord
-                                ? absl::StrCat("record seq ", record.seq, " out of sequence")
-                                : std::string("a record of no known kind")));
-        break;
-      }
-      if (rest != std::string::npos) {
-        damage.emplace(i, absl::StrCat(file.path, " at offset ", offset, ": ",
-                                       slot == Slot::kZero ? "an empty record slot"
-                                                           : "a record failing its checksum",
-                                       " followed by data at offset ", rest));
-        break;
-      }
-      if (slot == Slot::kBadSum) stats_.torn_tail_bytes += kRecordBytes;
-    }
-    if (data->size() != bytes) {
-      damage.emplace(i, absl::StrCat(file.path, " holds ", data->size(), " bytes where its header ",
-                                     "says ", bytes, ": truncated"));
+    if (size != bytes) {
+      damage.emplace(i, absl::StrCat(file.path, " holds ", size, " bytes where its header says ",
+                                     bytes, ": truncated"));
       break;
     }
     next_seq = file.records == 0 ? file.first_seq : file.last_seq + 1;
     previous = file.path;
-    file.slots = header->second;
     if (file.records == 0) {
       // Holds no record (a rotation's new file, the last one): Open appends to it again rather
       // than delete and recreate it, so the file the caller recorded never goes missing.
@@ -372,14 +419,12 @@ void MappingJournal::SetAsideLocked(const std::vector<File>& files, size_t from,
   uint64_t dropped = 0;
   for (size_t i = from; i < files.size(); ++i) {
     const File& file = files[i];
-    absl::StatusOr<std::string> data = ReadWhole(file.path);
-    uint64_t records = data.ok() ? CountRecords(*data) : 0;
+    uint64_t records = CountRecords(file.path);
     const std::string aside = file.path + suffix;
     if (i == from && file.records > 0) {
       // Its first records are kept: a copy goes aside, the file keeps them and zeros after them.
       records -= std::min(records, file.records);
-      absl::Status status = data.status();
-      if (status.ok()) status = RepairFile(file.path, aside, *data, file.records);
+      const absl::Status status = RepairFile(file.path, aside, file.records, file.slots);
       moved.push_back(status.ok()
                           ? absl::StrCat(aside, " (a copy; ", file.path, " keeps seq ",
                                          file.first_seq, "-", file.last_seq, ")")

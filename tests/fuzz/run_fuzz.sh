@@ -23,10 +23,10 @@ cxx=${FUZZ_CXX:-clang++-14}
 work=${FUZZ_WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/registry_fuzz.XXXXXX")}
 mkdir -p "$work/build" "$work/corpus" "$work/artifacts"
 
-# What //agent/registry:registry needs (registry, epoch, errno_status; iommu_table when it has a
+# What //agent/registry:registry needs (registry, epoch, common/errno_status; iommu_table when it has a
 # .cc) plus the simulated backend; no memlock, fault-injection, test or benchmark sources.
-srcs=(tests/fuzz/registry_fuzz.cc)
-for name in registry epoch errno_status iommu_table sim_backend; do
+srcs=(tests/fuzz/registry_fuzz.cc common/errno_status.cc)
+for name in registry epoch iommu_table sim_backend; do
   if [[ -f agent/registry/$name.cc ]]; then srcs+=("agent/registry/$name.cc"); fi
 done
 
