@@ -283,12 +283,9 @@ class Registry {
     uint64_t ua;
     uint64_t entries;
   };
-
- public:
-  // Internal; public only so helpers in registry.cc can name them.
+  // What writers unpublished, to be freed after one grace period (registry.cc).
   struct Retired;
 
- private:
   const Topology* topology() const;
   // Publishes a new topology and frees the old one after a grace period.
   void PublishTopology(std::unique_ptr<Topology> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
