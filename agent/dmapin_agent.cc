@@ -374,8 +374,8 @@ int Run() {
             .server_address = address,
             .labels = std::move(*labels),
             .report_interval = std::chrono::milliseconds(absl::GetFlag(FLAGS_report_interval_ms)),
-            .max_region_bytes = (*agent)->registry().limits().max_region_bytes,
-            .max_pinned_bytes = (*agent)->registry().limits().max_pinned_bytes,
+            .max_region_bytes = (*agent)->registry_limits().max_region_bytes,
+            .max_pinned_bytes = (*agent)->registry_limits().max_pinned_bytes,
             .keepalive_time = std::chrono::seconds(30)});
     if (absl::Status status = control->Start(); !status.ok()) {
       std::fprintf(stderr, "dmapin-agent: control stream to %s: %s\n", address.c_str(),
@@ -394,7 +394,7 @@ int Run() {
   std::fprintf(stderr, "dmapin-agent: at most %zu connections (fd limit %llu)\n",
                listener.max_connections(), static_cast<unsigned long long>(fd_limit));
   if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
-  const RegistryLimits registry_limits = (*agent)->registry().limits();
+  const RegistryLimits registry_limits = (*agent)->registry_limits();
   std::fprintf(stderr, "dmapin-agent: limits: %llu bytes per region, %llu bytes pinned\n",
                static_cast<unsigned long long>(registry_limits.max_region_bytes),
                static_cast<unsigned long long>(registry_limits.max_pinned_bytes));

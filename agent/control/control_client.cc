@@ -52,7 +52,7 @@ absl::StatusOr<ReportedState> ReadState(const NodeAgent& agent) {
   }
   absl::StatusOr<std::vector<RegionView>> regions = agent.ListRegions("", /*with_hpas=*/false);
   if (!regions.ok()) return regions.status();
-  const uint64_t page_size = agent.registry().page_size();
+  const uint64_t page_size = agent.page_size();
   for (const RegionView& view : *regions) {
     Fill(view, page_size,
          &state.regions[RegionKeyTuple(view.context, view.info.ua, view.info.size)]);

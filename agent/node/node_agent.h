@@ -198,8 +198,12 @@ class NodeAgent {
   // False once the store failed: the agent must be restarted (health reports NOT_SERVING).
   bool healthy() const { return !store_failed_.load(std::memory_order_acquire); }
 
+  // The registry's page size (its pin granularity), for callers that describe regions.
+  uint64_t page_size() const { return registry_->page_size(); }
+  // The limits registrations are checked against (--max_region_bytes, --max_pinned_bytes).
+  RegistryLimits registry_limits() const { return registry_->limits(); }
+
   // For tests and the invariant checks of the recovery path.
-  const Registry& registry() const { return *registry_; }
   absl::Status CheckInvariants() const { return registry_->CheckInvariants(); }
 
  private:

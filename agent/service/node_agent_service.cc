@@ -194,7 +194,7 @@ grpc::ServerUnaryReactor* NodeAgentService::RegisterRegion(grpc::CallbackServerC
   const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<RegionView> view = agent_->RegisterRegion(request->container(), request->context(),
                                                            request->ua(), request->size());
-  if (view.ok()) Fill(*view, agent_->registry().page_size(), response);
+  if (view.ok()) Fill(*view, agent_->page_size(), response);
   return Finish(context, view.status(), RpcMethod::kRegisterRegion, start);
 }
 
@@ -238,7 +238,7 @@ grpc::ServerUnaryReactor* NodeAgentService::Lookup(grpc::CallbackServerContext* 
   absl::StatusOr<std::optional<RegionView>> view =
       agent_->Lookup(request->context(), request->ua(), request->size());
   if (view.ok() && view->has_value()) {
-    Fill(**view, agent_->registry().page_size(), response->mutable_region());
+    Fill(**view, agent_->page_size(), response->mutable_region());
   }
   return Finish(context, view.status(), RpcMethod::kLookup, start);
 }
@@ -251,7 +251,7 @@ grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerCont
       agent_->ListRegions(request->context(), request->with_hpas());
   if (views.ok()) {
     for (const RegionView& view : *views) {
-      Fill(view, agent_->registry().page_size(), response->add_regions());
+      Fill(view, agent_->page_size(), response->add_regions());
     }
   }
   return Finish(context, views.status(), RpcMethod::kListRegions, start);
