@@ -94,7 +94,7 @@ absl::Status NodeAgent::RecoverLocked(
     ContextSpec spec{.name = stored.name,
                      .memlock_limit_bytes = stored.memlock_limit_bytes,
                      .cap_ipc_lock = stored.cap_ipc_lock,
-                     .backing = stored.backing,
+                     .backing = static_cast<MemoryBacking>(stored.backing),
                      .memory_bytes = stored.mem_size};
     if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
       return Annotate(status, absl::StrCat("recovery: context ", stored.name));
@@ -458,7 +458,7 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
     return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": backing %d is not a MemoryBacking "
                                                "(0 unspecified, 1 anonymous, 2 memfd, 3 "
                                                "hugetlbfs)",
-                                               spec.name, spec.backing));
+                                               spec.name, static_cast<int>(spec.backing)));
   }
   if (spec.memory_bytes > options_.limits.max_pinned_bytes) {
     return ErrnoStatus(
@@ -487,7 +487,7 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
                                     .id = id,
                                     .memlock_limit_bytes = spec.memlock_limit_bytes,
                                     .cap_ipc_lock = spec.cap_ipc_lock,
-                                    .backing = spec.backing,
+                                    .backing = static_cast<int>(spec.backing),
                                     .mem_ua = memory != nullptr ? memory->ua() : 0,
                                     .mem_size = memory != nullptr ? memory->size() : 0});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));

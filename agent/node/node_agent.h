@@ -64,7 +64,7 @@ struct ContextSpec {
   std::string name;
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
-  int backing = 0;  // dmapin.v1.MemoryBacking; other values are EINVAL
+  MemoryBacking backing = MemoryBacking::kUnspecified;  // values it does not name are EINVAL
   // Memory the agent maps for the context (0: none). Needs a memory provider; at most
   // limits.max_pinned_bytes (ENOMEM).
   uint64_t memory_bytes = 0;

@@ -114,7 +114,7 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
   const AgentMetrics::Clock::time_point start = Start();
   ContextSpec spec{.name = request->name(),
                    .cap_ipc_lock = request->cap_ipc_lock(),
-                   .backing = request->backing(),
+                   .backing = FromProto(request->backing()),
                    .memory_bytes = request->memory_bytes()};
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
   absl::StatusOr<ContextView> view = agent_->CreateContext(spec);

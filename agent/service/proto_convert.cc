@@ -4,12 +4,21 @@
 
 namespace dmapin {
 
+static_assert(static_cast<int>(MemoryBacking::kUnspecified) == v1::MEMORY_BACKING_UNSPECIFIED);
+static_assert(static_cast<int>(MemoryBacking::kAnonymous) == v1::MEMORY_BACKING_ANONYMOUS);
+static_assert(static_cast<int>(MemoryBacking::kMemfd) == v1::MEMORY_BACKING_MEMFD);
+static_assert(static_cast<int>(MemoryBacking::kHugetlbfs) == v1::MEMORY_BACKING_HUGETLBFS);
+
+MemoryBacking FromProto(v1::MemoryBacking backing) { return static_cast<MemoryBacking>(backing); }
+
+v1::MemoryBacking ToProto(MemoryBacking backing) { return static_cast<v1::MemoryBacking>(backing); }
+
 void Fill(const ContextView& view, v1::Context* out) {
   out->set_name(view.name);
   out->set_memlock_unlimited(!view.spec.memlock_limit_bytes.has_value());
   out->set_memlock_limit_bytes(view.spec.memlock_limit_bytes.value_or(0));
   out->set_cap_ipc_lock(view.spec.cap_ipc_lock);
-  out->set_backing(static_cast<v1::MemoryBacking>(view.spec.backing));
+  out->set_backing(ToProto(view.spec.backing));
   out->set_locked_bytes(view.locked_bytes);
   out->set_regions(view.regions);
   out->set_memory_ua(view.memory_ua);
