@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "agent/service/proto_convert.h"
+#include "agent/service/version.h"
 #include "common/errno_status.h"
 #include "google/protobuf/util/message_differencer.h"
 

@@ -73,6 +73,7 @@
 
 #include "absl/strings/string_view.h"
 #include "agent/node/node_agent.h"
+#include "agent/service/version.h"
 #include "agent/store/state_store.h"
 #include "common/mutex.h"
 #include "common/server_limits.h"
@@ -117,7 +118,7 @@ struct AgentMetricsOptions {
   // Not owned; must outlive the metrics. nullptr: no dmapin_agent_grpc_connections* series.
   const ConnectionListener* listener = nullptr;
   // The version label of dmapin_agent_info.
-  std::string version = "dmapin-agent 0.1";
+  std::string version = kAgentVersion;
 };
 
 class AgentMetrics {

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "agent/service/proto_convert.h"
+#include "agent/service/version.h"
 #include "common/errno_status.h"
 #include "common/grpc_status.h"
 
@@ -273,7 +274,7 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   response->set_regions(status.regions);
   response->set_locked_bytes(status.locked_bytes);
   response->set_installed_entries(status.installed_entries);
-  response->set_version("dmapin-agent 0.1");
+  response->set_version(kAgentVersion);
   v1::RegistryCounters* counters = response->mutable_counters();
   counters->set_registers_ok(status.counters.registers_ok);
   counters->set_registers_failed(status.counters.registers_failed);

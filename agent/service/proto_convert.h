@@ -11,9 +11,6 @@
 
 namespace dmapin {
 
-// The agent's version string, as reported to clients and the central service.
-inline constexpr char kAgentVersion[] = "dmapin-agent 0.1";
-
 // The agent's MemoryBacking and the proto's have the same values: a wire value neither names
 // passes through unchanged (CreateContext refuses it with EINVAL).
 MemoryBacking FromProto(v1::MemoryBacking backing);
