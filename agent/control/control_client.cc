@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -13,6 +12,7 @@
 #include "agent/service/proto_convert.h"
 #include "agent/service/version.h"
 #include "common/errno_status.h"
+#include "common/region_key.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace dmapin {
@@ -24,8 +24,6 @@ using Clock = std::chrono::steady_clock;
 // cancelling, and how long Stop() waits for the session thread before cancelling whatever blocks
 // it (a connect, or a write stalled by flow control).
 constexpr std::chrono::milliseconds kStopGrace{200};
-
-using RegionKeyTuple = std::tuple<std::string, uint64_t, uint64_t>;
 
 // The host's physical memory (0 when unknown).
 uint64_t HostMemoryBytes() {
@@ -39,7 +37,7 @@ uint64_t HostMemoryBytes() {
 struct ReportedState {
   std::map<std::string, v1::Context> contexts;
   std::map<std::string, v1::Container> containers;
-  std::map<RegionKeyTuple, v1::Region> regions;
+  std::map<RegionKey, v1::Region> regions;
   v1::RegistryCounters counters;
 };
 
@@ -55,8 +53,7 @@ absl::StatusOr<ReportedState> ReadState(const NodeAgent& agent) {
   if (!regions.ok()) return regions.status();
   const uint64_t page_size = agent.page_size();
   for (const RegionView& view : *regions) {
-    Fill(view, page_size,
-         &state.regions[RegionKeyTuple(view.context, view.info.ua, view.info.size)]);
+    Fill(view, page_size, &state.regions[RegionKey{view.context, view.info.ua, view.info.size}]);
   }
   Fill(agent.Status(), &state.counters);
   return state;
@@ -92,11 +89,11 @@ bool Diff(const ReportedState& from, const ReportedState& to, v1::Delta* delta) 
   DiffMaps(
       from.regions, to.regions,
       [&](const v1::Region& region) { *delta->add_upserted_regions() = region; },
-      [&](const RegionKeyTuple& key) {
+      [&](const RegionKey& key) {
         v1::RegionKey* removed = delta->add_removed_regions();
-        removed->set_context(std::get<0>(key));
-        removed->set_ua(std::get<1>(key));
-        removed->set_size(std::get<2>(key));
+        removed->set_context(key.context);
+        removed->set_ua(key.ua);
+        removed->set_size(key.size);
       });
   if (!Same(from.counters, to.counters)) *delta->mutable_counters() = to.counters;
   return delta->upserted_contexts_size() > 0 || delta->removed_contexts_size() > 0 ||
