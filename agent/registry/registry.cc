@@ -174,7 +174,9 @@ struct Registry::Topology {
   }
 };
 
-// Counters. The hot-path ones are sharded per thread so concurrent mappers do not share a line.
+// Counters. The hot-path ones are sharded per thread so concurrent mappers do not share a line:
+// maps_ok and unmaps are bumped in the shards only (their unsharded atomics, generated with the
+// others, stay 0; stats() adds both).
 struct Registry::AtomicStats {
   static constexpr int kShards = 16;
   struct alignas(64) HotShard {
@@ -182,10 +184,9 @@ struct Registry::AtomicStats {
     std::atomic<uint64_t> unmaps{0};
   };
   HotShard hot[kShards];
-  std::atomic<uint64_t> registers_ok{0}, registers_failed{0}, unregisters_ok{0},
-      unregisters_failed{0}, unregister_ebusy{0}, pin_failures{0}, registers_over_limit{0},
-      allocation_failures{0}, maps_failed{0}, map_rollbacks{0}, pending_releases_started{0},
-      pending_releases_completed{0}, grace_periods{0};
+#define DMAPIN_REGISTRY_ATOMIC(field, ...) std::atomic<uint64_t> field{0};
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_REGISTRY_ATOMIC, DMAPIN_REGISTRY_ATOMIC)
+#undef DMAPIN_REGISTRY_ATOMIC
 
   HotShard& Shard() {
     static std::atomic<uint32_t> next_shard{0};
@@ -1272,23 +1273,13 @@ std::vector<ContainerInfo> Registry::ListContainers() const {
 
 RegistryStats Registry::stats() const {
   RegistryStats stats;
+#define DMAPIN_REGISTRY_SUM(field, ...) stats.field = Sum(stats_->field);
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_REGISTRY_SUM, DMAPIN_REGISTRY_SUM)
+#undef DMAPIN_REGISTRY_SUM
   for (const auto& shard : stats_->hot) {
     stats.maps_ok += Sum(shard.maps_ok);
     stats.unmaps += Sum(shard.unmaps);
   }
-  stats.registers_ok = Sum(stats_->registers_ok);
-  stats.registers_failed = Sum(stats_->registers_failed);
-  stats.unregisters_ok = Sum(stats_->unregisters_ok);
-  stats.unregisters_failed = Sum(stats_->unregisters_failed);
-  stats.unregister_ebusy = Sum(stats_->unregister_ebusy);
-  stats.pin_failures = Sum(stats_->pin_failures);
-  stats.registers_over_limit = Sum(stats_->registers_over_limit);
-  stats.allocation_failures = Sum(stats_->allocation_failures);
-  stats.maps_failed = Sum(stats_->maps_failed);
-  stats.map_rollbacks = Sum(stats_->map_rollbacks);
-  stats.pending_releases_started = Sum(stats_->pending_releases_started);
-  stats.pending_releases_completed = Sum(stats_->pending_releases_completed);
-  stats.grace_periods = Sum(stats_->grace_periods);
   return stats;
 }
 

@@ -38,6 +38,7 @@
 //   _register_limit_refusals_total, _allocation_failures_total, _maps_total,
 //   _map_failures_total, _map_rollbacks_total, _unmaps_total, _pending_releases_started_total,
 //   _pending_releases_completed_total, _grace_periods_total      counters of the registry
+//                                                    (listed in common/registry_counters.h)
 //  Per context (label context)
 //   dmapin_agent_context_locked_bytes                gauge, bytes the context has pinned
 //   dmapin_agent_context_regions                     gauge

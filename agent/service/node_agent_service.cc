@@ -275,22 +275,7 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   response->set_locked_bytes(status.locked_bytes);
   response->set_installed_entries(status.installed_entries);
   response->set_version(kAgentVersion);
-  v1::RegistryCounters* counters = response->mutable_counters();
-  counters->set_registers_ok(status.counters.registers_ok);
-  counters->set_registers_failed(status.counters.registers_failed);
-  counters->set_unregisters_ok(status.counters.unregisters_ok);
-  counters->set_unregisters_failed(status.counters.unregisters_failed);
-  counters->set_unregister_ebusy(status.counters.unregister_ebusy);
-  counters->set_pin_failures(status.counters.pin_failures);
-  counters->set_maps_ok(status.counters.maps_ok);
-  counters->set_maps_failed(status.counters.maps_failed);
-  counters->set_map_rollbacks(status.counters.map_rollbacks);
-  counters->set_unmaps(status.counters.unmaps);
-  counters->set_pending_releases_started(status.counters.pending_releases_started);
-  counters->set_pending_releases_completed(status.counters.pending_releases_completed);
-  counters->set_store_commit_failures(status.store_commit_failures);
-  counters->set_vfio_inconsistencies(status.vfio_inconsistencies);
-  counters->set_refused_change_undo_failures(status.refused_change_undo_failures);
+  Fill(status, response->mutable_counters());
   response->set_store_failed(status.store_failed);
   return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }

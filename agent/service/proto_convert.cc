@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "common/registry_counters.h"
+
 namespace dmapin {
 
 static_assert(static_cast<int>(MemoryBacking::kUnspecified) == v1::MEMORY_BACKING_UNSPECIFIED);
@@ -52,18 +54,10 @@ void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
 }
 
 void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
-  out->set_registers_ok(status.counters.registers_ok);
-  out->set_registers_failed(status.counters.registers_failed);
-  out->set_unregisters_ok(status.counters.unregisters_ok);
-  out->set_unregisters_failed(status.counters.unregisters_failed);
-  out->set_unregister_ebusy(status.counters.unregister_ebusy);
-  out->set_pin_failures(status.counters.pin_failures);
-  out->set_maps_ok(status.counters.maps_ok);
-  out->set_maps_failed(status.counters.maps_failed);
-  out->set_map_rollbacks(status.counters.map_rollbacks);
-  out->set_unmaps(status.counters.unmaps);
-  out->set_pending_releases_started(status.counters.pending_releases_started);
-  out->set_pending_releases_completed(status.counters.pending_releases_completed);
+  // The reported counters of common/registry_counters.h, each into its field of the same name.
+#define DMAPIN_SET_REPORTED(field, ...) out->set_##field(status.counters.field);
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_SET_REPORTED, DMAPIN_COUNTER_IGNORE)
+#undef DMAPIN_SET_REPORTED
   out->set_store_commit_failures(status.store_commit_failures);
   out->set_vfio_inconsistencies(status.vfio_inconsistencies);
   out->set_refused_change_undo_failures(status.refused_change_undo_failures);
