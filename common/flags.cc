@@ -10,6 +10,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
+#include "common/logging.h"
 
 namespace dmapin {
 
@@ -37,6 +38,7 @@ std::vector<char*> InitBinary(int argc, char** argv, absl::string_view usage,
   };
   absl::SetFlagsUsageConfig(config);
   std::vector<char*> positional = ParseFlagsOrExit(argc, argv);
+  InitLogging(argv[0]);
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   return positional;
 }

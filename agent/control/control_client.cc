@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <utility>
 #include <vector>
 
@@ -12,6 +11,7 @@
 #include "agent/service/proto_convert.h"
 #include "agent/service/version.h"
 #include "common/errno_status.h"
+#include "common/logging.h"
 #include "common/region_key.h"
 #include "google/protobuf/util/message_differencer.h"
 
@@ -232,9 +232,9 @@ void ControlClient::Run() {
     const std::chrono::milliseconds delay = NextBackoff(failures);
     // Say so on the first failure and then at every doubling, not on every attempt.
     if (end.connected || (failures & (failures - 1)) == 0) {
-      std::fprintf(stderr, "dmapin-agent: control stream to %s: %s; retrying in %lld ms\n",
-                   options_.server_address.c_str(), stats_.last_error.c_str(),
-                   static_cast<long long>(delay.count()));
+      LOG(WARNING) << absl::StrFormat("dmapin-agent: control stream to %s: %s; retrying in %lld ms",
+                                      options_.server_address.c_str(), stats_.last_error.c_str(),
+                                      static_cast<long long>(delay.count()));
     }
     const Clock::time_point deadline = Clock::now() + delay;
     while (!stopping_ && Clock::now() < deadline) cv_.wait_until(mu_, deadline);
@@ -292,8 +292,8 @@ ControlClient::SessionEnd ControlClient::RunSession() {
       connected_ = true;
       ++stats_.connects;
     }
-    std::fprintf(stderr, "dmapin-agent: control stream to %s up (incarnation %s)\n",
-                 options_.server_address.c_str(), incarnation_.c_str());
+    LOG(INFO) << absl::StrFormat("dmapin-agent: control stream to %s up (incarnation %s)",
+                                 options_.server_address.c_str(), incarnation_.c_str());
     // Started only now, so decision results always follow our Snapshot on the stream.
     reader = std::thread([this, &session] { ReadLoop(&session); });
     ReportLoop(&session);
@@ -374,8 +374,8 @@ bool ControlClient::Write(Session* session, const v1::AgentMessage& message) {
 bool ControlClient::SendSnapshot(Session* session) {
   absl::StatusOr<ReportedState> state = ReadState(*agent_);
   if (!state.ok()) {
-    std::fprintf(stderr, "dmapin-agent: control: cannot read the agent's state: %s\n",
-                 state.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: control: cannot read the agent's state: %s",
+                                  state.status().ToString().c_str());
     return false;
   }
   v1::AgentMessage message;
@@ -419,8 +419,8 @@ void ControlClient::ReportLoop(Session* session) {
       message.mutable_delta()->set_version(version_);
     } else {
       if (!state.ok()) {
-        std::fprintf(stderr, "dmapin-agent: control: cannot read the agent's state: %s\n",
-                     state.status().ToString().c_str());
+        LOG(ERROR) << absl::StrFormat("dmapin-agent: control: cannot read the agent's state: %s",
+                                      state.status().ToString().c_str());
       }
       message.mutable_heartbeat()->set_sequence(++heartbeat_sequence_);
     }
