@@ -1,14 +1,12 @@
 // dmapin's one logging facility: glog (libgoogle-glog-dev), to stderr only. LOG(INFO),
 // LOG(WARNING) and LOG(ERROR) each write one line with the severity, the time, the thread and
-// file:line, whole (concurrent lines do not interleave); RAW_LOG and RAW_CHECK (glog/raw_logging.h)
-// for code that must not allocate. Binaries call InitLogging at the start of main (InitBinary in
-// common/flags.h does); before it, glog still writes to stderr.
+// file:line, whole (concurrent lines do not interleave). Code that must not allocate or lock checks
+// its invariants with DMAPIN_RAW_CHECK (common/raw_check.h). Binaries call InitLogging at the start
+// of main (InitBinary in common/flags.h does); before it, glog still writes to stderr.
 #ifndef DMAPIN_COMMON_LOGGING_H_
 #define DMAPIN_COMMON_LOGGING_H_
 
 #include "glog/logging.h"  // IWYU pragma: export
-// After logging.h: glog 0.6's raw_logging.h does not build on its own (GLOG_EXPORT).
-#include "glog/raw_logging.h"  // IWYU pragma: export
 
 namespace dmapin {
 
