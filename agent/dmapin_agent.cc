@@ -8,7 +8,6 @@
 
 #include <chrono>
 #include <csignal>
-#include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <functional>
@@ -22,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "agent/control/control_client.h"
@@ -37,6 +37,7 @@
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
 #include "common/flags.h"
+#include "common/logging.h"
 #include "common/net.h"
 #include "common/server_limits.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -244,20 +245,20 @@ int Run() {
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<PinBackend>> backend = MakeBackend();
   if (!backend.ok()) {
-    std::fprintf(stderr, "dmapin-agent: backend: %s\n", backend.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: backend: %s", backend.status().ToString().c_str());
     return 2;
   }
   absl::StatusOr<std::unique_ptr<StateStore>> store = StateStore::Open(
       state_dir, {.sync_full = absl::GetFlag(FLAGS_state_sync_full),
                   .recover_damaged_state = absl::GetFlag(FLAGS_recover_damaged_state)});
   if (!store.ok()) {
-    std::fprintf(stderr, "dmapin-agent: state store %s: %s\n", state_dir.c_str(),
-                 store.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: state store %s: %s", state_dir.c_str(),
+                                  store.status().ToString().c_str());
     return 1;
   }
   for (const std::string& line : (*store)->recovery_report()) {
-    std::fprintf(stderr, "dmapin-agent: state store %s: recovered from damage: %s\n",
-                 state_dir.c_str(), line.c_str());
+    LOG(WARNING) << absl::StrFormat("dmapin-agent: state store %s: recovered from damage: %s",
+                                    state_dir.c_str(), line.c_str());
   }
   // With real pinning the agent maps the contexts' memory itself.
   std::unique_ptr<ContextMemoryProvider> memory;
@@ -288,8 +289,8 @@ int Run() {
                          .open_vfio_container = std::move(open_vfio_container),
                          .limits = LimitsFromFlags()});
   if (!agent.ok()) {
-    std::fprintf(stderr, "dmapin-agent: recovery from %s failed, refusing to serve: %s\n",
-                 state_dir.c_str(), agent.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: recovery from %s failed, refusing to serve: %s",
+                                  state_dir.c_str(), agent.status().ToString().c_str());
     return 1;
   }
 
@@ -302,8 +303,8 @@ int Run() {
   if (!tcp.empty()) {
     absl::StatusOr<int> port = listener.Listen(tcp);
     if (!port.ok()) {
-      std::fprintf(stderr, "dmapin-agent: could not listen on %s: %s\n", tcp.c_str(),
-                   port.status().ToString().c_str());
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: could not listen on %s: %s", tcp.c_str(),
+                                    port.status().ToString().c_str());
       return 1;
     }
     tcp_port = *port;
@@ -315,14 +316,14 @@ int Run() {
     std::filesystem::create_directories(std::filesystem::path(uds).parent_path(), ignored);
     std::filesystem::remove(uds, ignored);  // a stale socket from a previous run
     if (absl::StatusOr<int> port = listener.Listen("unix:" + uds); !port.ok()) {
-      std::fprintf(stderr, "dmapin-agent: could not listen on unix:%s: %s\n", uds.c_str(),
-                   port.status().ToString().c_str());
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: could not listen on unix:%s: %s", uds.c_str(),
+                                    port.status().ToString().c_str());
       return 1;
     }
     listening.push_back("unix:" + uds);
   }
   if (listening.empty()) {
-    std::fprintf(stderr, "dmapin-agent: neither --tcp_address nor --uds_path is set\n");
+    LOG(ERROR) << "dmapin-agent: neither --tcp_address nor --uds_path is set";
     return 2;
   }
 
@@ -336,8 +337,8 @@ int Run() {
         AgentMetricsOptions{.agent = agent->get(), .store = store->get(), .listener = &listener});
     absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
     if (!started.ok()) {
-      std::fprintf(stderr, "dmapin-agent: --metrics_address=%s: %s\n", metrics_address.c_str(),
-                   started.status().ToString().c_str());
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: --metrics_address=%s: %s",
+                                    metrics_address.c_str(), started.status().ToString().c_str());
       return 1;
     }
     exposer = std::move(*started);
@@ -355,7 +356,7 @@ int Run() {
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr) {
-    std::fprintf(stderr, "dmapin-agent: could not start the gRPC server\n");
+    LOG(ERROR) << "dmapin-agent: could not start the gRPC server";
     return 1;
   }
   listener.Start(server.get());
@@ -365,7 +366,7 @@ int Run() {
     absl::StatusOr<std::map<std::string, std::string>> labels =
         ParseLabels(absl::GetFlag(FLAGS_node_labels));
     if (!labels.ok()) {
-      std::fprintf(stderr, "dmapin-agent: %s\n", labels.status().ToString().c_str());
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: %s", labels.status().ToString().c_str());
       return 2;
     }
     control = std::make_unique<ControlClient>(
@@ -374,33 +375,35 @@ int Run() {
             .server_address = address,
             .labels = std::move(*labels),
             .report_interval = std::chrono::milliseconds(absl::GetFlag(FLAGS_report_interval_ms)),
-            .max_region_bytes = (*agent)->registry().limits().max_region_bytes,
-            .max_pinned_bytes = (*agent)->registry().limits().max_pinned_bytes,
+            .max_region_bytes = (*agent)->registry_limits().max_region_bytes,
+            .max_pinned_bytes = (*agent)->registry_limits().max_pinned_bytes,
             .keepalive_time = std::chrono::seconds(30)});
     if (absl::Status status = control->Start(); !status.ok()) {
-      std::fprintf(stderr, "dmapin-agent: control stream to %s: %s\n", address.c_str(),
-                   status.ToString().c_str());
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: control stream to %s: %s", address.c_str(),
+                                    status.ToString().c_str());
       return 1;
     }
-    std::fprintf(stderr, "dmapin-agent: control stream to the central service at %s\n",
-                 address.c_str());
+    LOG(INFO) << absl::StrFormat("dmapin-agent: control stream to the central service at %s",
+                                 address.c_str());
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
   if (exposer != nullptr) {
-    std::fprintf(stderr, "dmapin-agent: metrics on http://%s/metrics (metrics port %d)\n",
-                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
+    LOG(INFO) << absl::StrFormat("dmapin-agent: metrics on http://%s/metrics (metrics port %d)",
+                                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
-  std::fprintf(stderr, "dmapin-agent: at most %zu connections (fd limit %llu)\n",
-               listener.max_connections(), static_cast<unsigned long long>(fd_limit));
+  LOG(INFO) << absl::StrFormat("dmapin-agent: at most %zu connections (fd limit %llu)",
+                               listener.max_connections(),
+                               static_cast<unsigned long long>(fd_limit));
   if (!tcp.empty()) listening.front() = WithPort(tcp, tcp_port);  // the port 0 picked
-  const RegistryLimits registry_limits = (*agent)->registry().limits();
-  std::fprintf(stderr, "dmapin-agent: limits: %llu bytes per region, %llu bytes pinned\n",
-               static_cast<unsigned long long>(registry_limits.max_region_bytes),
-               static_cast<unsigned long long>(registry_limits.max_pinned_bytes));
-  std::fprintf(stderr, "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)\n",
-               NodeName().c_str(), (*agent)->Status().backend.c_str(), state_dir.c_str(),
-               absl::StrJoin(listening, ", ").c_str(), tcp_port);
+  const RegistryLimits registry_limits = (*agent)->registry_limits();
+  LOG(INFO) << absl::StrFormat("dmapin-agent: limits: %llu bytes per region, %llu bytes pinned",
+                               static_cast<unsigned long long>(registry_limits.max_region_bytes),
+                               static_cast<unsigned long long>(registry_limits.max_pinned_bytes));
+  LOG(INFO) << absl::StrFormat(
+      "dmapin-agent: node %s, backend %s, state %s, serving on %s (tcp port %d)",
+      NodeName().c_str(), (*agent)->Status().backend.c_str(), state_dir.c_str(),
+      absl::StrJoin(listening, ", ").c_str(), tcp_port);
 
   // SIGTERM/SIGINT end the agent gracefully; the health status follows the store's health.
   std::atomic<bool> stopping{false};
@@ -417,7 +420,7 @@ int Run() {
   });
   int signal = 0;
   sigwait(&signals, &signal);
-  std::fprintf(stderr, "dmapin-agent: signal %d, shutting down\n", signal);
+  LOG(INFO) << absl::StrFormat("dmapin-agent: signal %d, shutting down", signal);
   stopping = true;
   watchdog.join();
   health->SetServingStatus(false);

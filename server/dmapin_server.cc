@@ -5,7 +5,6 @@
 #include <signal.h>
 
 #include <chrono>
-#include <cstdio>
 #include <exception>
 #include <memory>
 #include <string>
@@ -13,8 +12,10 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "common/flags.h"
+#include "common/logging.h"
 #include "common/net.h"
 #include "common/server_limits.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -92,8 +93,8 @@ int Run() {
   absl::StatusOr<std::unique_ptr<SqliteServerStore>> store = SqliteServerStore::Open(
       state_dir, SqliteServerStoreOptions{.sync_full = absl::GetFlag(FLAGS_state_sync_full)});
   if (!store.ok()) {
-    std::fprintf(stderr, "dmapin-server: state store %s: %s\n", state_dir.c_str(),
-                 store.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-server: state store %s: %s", state_dir.c_str(),
+                                  store.status().ToString().c_str());
     return 1;
   }
   absl::StatusOr<std::unique_ptr<ServerCore>> core = ServerCore::Create(ServerCoreOptions{
@@ -109,8 +110,8 @@ int Run() {
       .watch_max_lag_events = absl::GetFlag(FLAGS_watch_max_lag_events),
       .watch_buffer_bytes = absl::GetFlag(FLAGS_watch_buffer_bytes)});
   if (!core.ok()) {
-    std::fprintf(stderr, "dmapin-server: loading %s failed, refusing to serve: %s\n",
-                 state_dir.c_str(), core.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-server: loading %s failed, refusing to serve: %s",
+                                  state_dir.c_str(), core.status().ToString().c_str());
     return 1;
   }
 
@@ -119,8 +120,8 @@ int Run() {
   const std::string address = absl::GetFlag(FLAGS_grpc_address);
   absl::StatusOr<int> port = listener.Listen(address);
   if (!port.ok()) {
-    std::fprintf(stderr, "dmapin-server: could not listen on %s: %s\n", address.c_str(),
-                 port.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-server: could not listen on %s: %s", address.c_str(),
+                                  port.status().ToString().c_str());
     return 1;
   }
 
@@ -137,8 +138,8 @@ int Run() {
     try {
       exposer = std::make_unique<prometheus::Exposer>(metrics_address, /*num_threads=*/1);
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "dmapin-server: --metrics_address=%s: %s\n", metrics_address.c_str(),
-                   e.what());
+      LOG(ERROR) << absl::StrFormat("dmapin-server: --metrics_address=%s: %s",
+                                    metrics_address.c_str(), e.what());
       return 1;
     }
     exposer->RegisterCollectable(metrics->collectable());
@@ -157,24 +158,25 @@ int Run() {
   builder.RegisterService(&control);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr) {
-    std::fprintf(stderr, "dmapin-server: could not start the gRPC server\n");
+    LOG(ERROR) << "dmapin-server: could not start the gRPC server";
     return 1;
   }
   listener.Start(server.get());
   server->GetHealthCheckService()->SetServingStatus(true);
   if (exposer != nullptr) {
-    std::fprintf(stderr, "dmapin-server: metrics on http://%s/metrics (metrics port %d)\n",
-                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
+    LOG(INFO) << absl::StrFormat("dmapin-server: metrics on http://%s/metrics (metrics port %d)",
+                                 WithPort(metrics_address, metrics_port).c_str(), metrics_port);
   }
-  std::fprintf(stderr, "dmapin-server: at most %zu connections (fd limit %llu)\n",
-               listener.max_connections(), static_cast<unsigned long long>(fd_limit));
-  std::fprintf(stderr, "dmapin-server: epoch %llu, state %s, serving on %s (tcp port %d)\n",
-               static_cast<unsigned long long>((*core)->epoch()), state_dir.c_str(),
-               WithPort(address, *port).c_str(), *port);
+  LOG(INFO) << absl::StrFormat("dmapin-server: at most %zu connections (fd limit %llu)",
+                               listener.max_connections(),
+                               static_cast<unsigned long long>(fd_limit));
+  LOG(INFO) << absl::StrFormat("dmapin-server: epoch %llu, state %s, serving on %s (tcp port %d)",
+                               static_cast<unsigned long long>((*core)->epoch()), state_dir.c_str(),
+                               WithPort(address, *port).c_str(), *port);
 
   int signal = 0;
   sigwait(&signals, &signal);
-  std::fprintf(stderr, "dmapin-server: signal %d, shutting down\n", signal);
+  LOG(INFO) << absl::StrFormat("dmapin-server: signal %d, shutting down", signal);
   server->GetHealthCheckService()->SetServingStatus(false);
   listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -3,15 +3,16 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "agent/service/proto_convert.h"
+#include "agent/service/version.h"
 #include "common/errno_status.h"
+#include "common/logging.h"
+#include "common/region_key.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace dmapin::agent {
@@ -23,8 +24,6 @@ using Clock = std::chrono::steady_clock;
 // cancelling, and how long Stop() waits for the session thread before cancelling whatever blocks
 // it (a connect, or a write stalled by flow control).
 constexpr std::chrono::milliseconds kStopGrace{200};
-
-using RegionKeyTuple = std::tuple<std::string, uint64_t, uint64_t>;
 
 // The host's physical memory (0 when unknown).
 uint64_t HostMemoryBytes() {
@@ -38,7 +37,7 @@ uint64_t HostMemoryBytes() {
 struct ReportedState {
   std::map<std::string, v1::Context> contexts;
   std::map<std::string, v1::Container> containers;
-  std::map<RegionKeyTuple, v1::Region> regions;
+  std::map<RegionKey, v1::Region> regions;
   v1::RegistryCounters counters;
 };
 
@@ -52,10 +51,9 @@ absl::StatusOr<ReportedState> ReadState(const NodeAgent& agent) {
   }
   absl::StatusOr<std::vector<RegionView>> regions = agent.ListRegions("", /*with_hpas=*/false);
   if (!regions.ok()) return regions.status();
-  const uint64_t page_size = agent.registry().page_size();
+  const uint64_t page_size = agent.page_size();
   for (const RegionView& view : *regions) {
-    Fill(view, page_size,
-         &state.regions[RegionKeyTuple(view.context, view.info.ua, view.info.size)]);
+    Fill(view, page_size, &state.regions[RegionKey{view.context, view.info.ua, view.info.size}]);
   }
   Fill(agent.Status(), &state.counters);
   return state;
@@ -91,11 +89,11 @@ bool Diff(const ReportedState& from, const ReportedState& to, v1::Delta* delta) 
   DiffMaps(
       from.regions, to.regions,
       [&](const v1::Region& region) { *delta->add_upserted_regions() = region; },
-      [&](const RegionKeyTuple& key) {
+      [&](const RegionKey& key) {
         v1::RegionKey* removed = delta->add_removed_regions();
-        removed->set_context(std::get<0>(key));
-        removed->set_ua(std::get<1>(key));
-        removed->set_size(std::get<2>(key));
+        removed->set_context(key.context);
+        removed->set_ua(key.ua);
+        removed->set_size(key.size);
       });
   if (!Same(from.counters, to.counters)) *delta->mutable_counters() = to.counters;
   return delta->upserted_contexts_size() > 0 || delta->removed_contexts_size() > 0 ||
@@ -234,9 +232,9 @@ void ControlClient::Run() {
     const std::chrono::milliseconds delay = NextBackoff(failures);
     // Say so on the first failure and then at every doubling, not on every attempt.
     if (end.connected || (failures & (failures - 1)) == 0) {
-      std::fprintf(stderr, "dmapin-agent: control stream to %s: %s; retrying in %lld ms\n",
-                   options_.server_address.c_str(), stats_.last_error.c_str(),
-                   static_cast<long long>(delay.count()));
+      LOG(WARNING) << absl::StrFormat("dmapin-agent: control stream to %s: %s; retrying in %lld ms",
+                                      options_.server_address.c_str(), stats_.last_error.c_str(),
+                                      static_cast<long long>(delay.count()));
     }
     const Clock::time_point deadline = Clock::now() + delay;
     while (!stopping_ && Clock::now() < deadline) cv_.wait_until(mu_, deadline);
@@ -294,8 +292,8 @@ ControlClient::SessionEnd ControlClient::RunSession() {
       connected_ = true;
       ++stats_.connects;
     }
-    std::fprintf(stderr, "dmapin-agent: control stream to %s up (incarnation %s)\n",
-                 options_.server_address.c_str(), incarnation_.c_str());
+    LOG(INFO) << absl::StrFormat("dmapin-agent: control stream to %s up (incarnation %s)",
+                                 options_.server_address.c_str(), incarnation_.c_str());
     // Started only now, so decision results always follow our Snapshot on the stream.
     reader = std::thread([this, &session] { ReadLoop(&session); });
     ReportLoop(&session);
@@ -376,8 +374,8 @@ bool ControlClient::Write(Session* session, const v1::AgentMessage& message) {
 bool ControlClient::SendSnapshot(Session* session) {
   absl::StatusOr<ReportedState> state = ReadState(*agent_);
   if (!state.ok()) {
-    std::fprintf(stderr, "dmapin-agent: control: cannot read the agent's state: %s\n",
-                 state.status().ToString().c_str());
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: control: cannot read the agent's state: %s",
+                                  state.status().ToString().c_str());
     return false;
   }
   v1::AgentMessage message;
@@ -421,8 +419,8 @@ void ControlClient::ReportLoop(Session* session) {
       message.mutable_delta()->set_version(version_);
     } else {
       if (!state.ok()) {
-        std::fprintf(stderr, "dmapin-agent: control: cannot read the agent's state: %s\n",
-                     state.status().ToString().c_str());
+        LOG(ERROR) << absl::StrFormat("dmapin-agent: control: cannot read the agent's state: %s",
+                                      state.status().ToString().c_str());
       }
       message.mutable_heartbeat()->set_sequence(++heartbeat_sequence_);
     }

@@ -25,16 +25,17 @@ class BackedMemoryProvider final : public ContextMemoryProvider {
   explicit BackedMemoryProvider(std::string hugetlbfs_dir)
       : hugetlbfs_dir_(std::move(hugetlbfs_dir)) {}
 
-  absl::StatusOr<std::unique_ptr<ContextMemory>> Allocate(absl::string_view context, int backing,
-                                                          uint64_t size, uint64_t at) override {
+  absl::StatusOr<std::unique_ptr<ContextMemory>> Allocate(absl::string_view context,
+                                                          MemoryBacking backing, uint64_t size,
+                                                          uint64_t at) override {
     absl::StatusOr<BackedMemory> memory = [&]() -> absl::StatusOr<BackedMemory> {
       switch (backing) {
-        case kMemoryBackingUnspecified:
-        case kMemoryBackingAnonymous:
+        case MemoryBacking::kUnspecified:
+        case MemoryBacking::kAnonymous:
           return BackedMemory::Anonymous(size, at);
-        case kMemoryBackingMemfd:
+        case MemoryBacking::kMemfd:
           return BackedMemory::Memfd(absl::StrCat("dmapin:", context), size, at);
-        case kMemoryBackingHugetlbfs: {
+        case MemoryBacking::kHugetlbfs: {
           std::string dir = hugetlbfs_dir_;
           if (dir.empty()) {
             absl::StatusOr<std::string> found = BackedMemory::FindHugetlbfsMount();
@@ -44,7 +45,8 @@ class BackedMemoryProvider final : public ContextMemoryProvider {
           return BackedMemory::HugetlbfsFile(dir, size, at);
         }
         default:
-          return ErrnoStatus(EINVAL, absl::StrCat("unknown memory backing ", backing));
+          return ErrnoStatus(EINVAL,
+                             absl::StrCat("unknown memory backing ", static_cast<int>(backing)));
       }
     }();
     if (!memory.ok()) return memory.status();

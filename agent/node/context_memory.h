@@ -12,15 +12,20 @@
 
 namespace dmapin::agent {
 
-// dmapin.v1.MemoryBacking values (this layer has no proto dependency).
-inline constexpr int kMemoryBackingUnspecified = 0;
-inline constexpr int kMemoryBackingAnonymous = 1;
-inline constexpr int kMemoryBackingMemfd = 2;
-inline constexpr int kMemoryBackingHugetlbfs = 3;
+// The memory behind a context, with the values of dmapin.v1.MemoryBacking (this layer has no
+// proto dependency; the gRPC layer converts and checks the values agree). Like the proto's open
+// enum it may hold a value it does not name: CreateContext refuses those (IsMemoryBacking).
+enum class MemoryBacking : int {
+  kUnspecified = 0,  // the backend's default (anonymous memory)
+  kAnonymous = 1,
+  kMemfd = 2,
+  kHugetlbfs = 3,
+};
 
 // Whether `backing` is one of the values above.
-inline bool IsMemoryBacking(int backing) {
-  return backing >= kMemoryBackingUnspecified && backing <= kMemoryBackingHugetlbfs;
+inline bool IsMemoryBacking(MemoryBacking backing) {
+  return static_cast<int>(backing) >= static_cast<int>(MemoryBacking::kUnspecified) &&
+         static_cast<int>(backing) <= static_cast<int>(MemoryBacking::kHugetlbfs);
 }
 
 class ContextMemory {
@@ -33,11 +38,11 @@ class ContextMemory {
 class ContextMemoryProvider {
  public:
   virtual ~ContextMemoryProvider() = default;
-  // Maps `size` bytes of `backing` (dmapin.v1.MemoryBacking) memory for `context`, at `at` when
-  // non-zero (a restart puts memory back where registrations expect it; EEXIST if taken).
+  // Maps `size` bytes of `backing` memory for `context`, at `at` when non-zero (a restart puts
+  // memory back where registrations expect it; EEXIST if taken).
   virtual absl::StatusOr<std::unique_ptr<ContextMemory>> Allocate(absl::string_view context,
-                                                                  int backing, uint64_t size,
-                                                                  uint64_t at) = 0;
+                                                                  MemoryBacking backing,
+                                                                  uint64_t size, uint64_t at) = 0;
 };
 
 // BackedMemory-based provider: anonymous (default), memfd, or a file in a hugetlbfs mount.

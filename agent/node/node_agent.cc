@@ -251,7 +251,7 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
     return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": backing %d is not a MemoryBacking "
                                                "(0 unspecified, 1 anonymous, 2 memfd, 3 "
                                                "hugetlbfs)",
-                                               spec.name, spec.backing));
+                                               spec.name, static_cast<int>(spec.backing)));
   }
   if (spec.memory_bytes > options_.limits.max_pinned_bytes) {
     return ErrnoStatus(
@@ -280,7 +280,7 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
                                     .id = id,
                                     .memlock_limit_bytes = spec.memlock_limit_bytes,
                                     .cap_ipc_lock = spec.cap_ipc_lock,
-                                    .backing = spec.backing,
+                                    .backing = static_cast<int>(spec.backing),
                                     .mem_ua = memory != nullptr ? memory->ua() : 0,
                                     .mem_size = memory != nullptr ? memory->size() : 0});
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));

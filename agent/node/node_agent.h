@@ -67,7 +67,7 @@ struct ContextSpec {
   std::string name;
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
-  int backing = 0;  // dmapin.v1.MemoryBacking; other values are EINVAL
+  MemoryBacking backing = MemoryBacking::kUnspecified;  // values it does not name are EINVAL
   // Memory the agent maps for the context (0: none). Needs a memory provider; at most
   // limits.max_pinned_bytes (ENOMEM).
   uint64_t memory_bytes = 0;
@@ -201,8 +201,12 @@ class NodeAgent {
   // False once the store failed: the agent must be restarted (health reports NOT_SERVING).
   bool healthy() const { return !store_failed_.load(std::memory_order_acquire); }
 
+  // The registry's page size (its pin granularity), for callers that describe regions.
+  uint64_t page_size() const { return registry_->page_size(); }
+  // The limits registrations are checked against (--max_region_bytes, --max_pinned_bytes).
+  RegistryLimits registry_limits() const { return registry_->limits(); }
+
   // For tests and the invariant checks of the recovery path.
-  const Registry& registry() const { return *registry_; }
   absl::Status CheckInvariants() const { return registry_->CheckInvariants(); }
 
  private:

@@ -640,7 +640,9 @@ TEST_F(NodeAgentTest, NodeLimitCountsEveryContextAndALoweredLimitKeepsWhatWasAck
 
 TEST_F(NodeAgentTest, CreateContextRefusesUnknownBackingsAndMemoryOverTheNodeLimit) {
   for (int backing : {4, -1, 1000}) {
-    absl::Status status = agent_->CreateContext({.name = "vm", .backing = backing}).status();
+    absl::Status status =
+        agent_->CreateContext({.name = "vm", .backing = static_cast<MemoryBacking>(backing)})
+            .status();
     EXPECT_EQ(ErrnoOf(status), EINVAL) << "backing " << backing << ": " << status;
   }
   EXPECT_EQ(
@@ -650,9 +652,10 @@ TEST_F(NodeAgentTest, CreateContextRefusesUnknownBackingsAndMemoryOverTheNodeLim
   // Every MemoryBacking value is taken (the sim backend ignores it).
   for (int backing = 0; backing <= 3; ++backing) {
     const std::string name = "vm-" + std::to_string(backing);
-    absl::StatusOr<ContextView> view = agent_->CreateContext({.name = name, .backing = backing});
+    absl::StatusOr<ContextView> view =
+        agent_->CreateContext({.name = name, .backing = static_cast<MemoryBacking>(backing)});
     ASSERT_TRUE(view.ok()) << view.status();
-    EXPECT_EQ(view->spec.backing, backing);
+    EXPECT_EQ(static_cast<int>(view->spec.backing), backing);
   }
 }
 
@@ -722,7 +725,7 @@ TEST(NodeAgentMemlockTest, RestartRemapsMemoryAndRepinsExactly) {
     ASSERT_TRUE(agent.ok()) << agent.status();
     if (round == 0) {
       auto context = (*agent)->CreateContext(
-          {.name = "vm", .backing = 2 /* memfd */, .memory_bytes = 256 * ps});
+          {.name = "vm", .backing = MemoryBacking::kMemfd, .memory_bytes = 256 * ps});
       ASSERT_TRUE(context.ok()) << context.status();
       ua = context->memory_ua;
       ASSERT_NE(ua, 0u);

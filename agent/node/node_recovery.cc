@@ -45,7 +45,7 @@ absl::Status NodeAgent::RecoverLocked(
     ContextSpec spec{.name = stored.name,
                      .memlock_limit_bytes = stored.memlock_limit_bytes,
                      .cap_ipc_lock = stored.cap_ipc_lock,
-                     .backing = stored.backing,
+                     .backing = static_cast<MemoryBacking>(stored.backing),
                      .memory_bytes = stored.mem_size};
     if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
       return Annotate(status, absl::StrCat("recovery: context ", stored.name));

@@ -7,7 +7,7 @@
 
 #include <cstdlib>
 
-#include "absl/base/internal/raw_logging.h"
+#include "common/raw_check.h"
 
 namespace dmapin::agent {
 namespace {
@@ -95,7 +95,7 @@ void EpochDomain::EnterWithoutSlot() {
 }
 
 void EpochDomain::Synchronize() {
-  ABSL_RAW_CHECK(!InReadSection(), "EpochDomain::Synchronize called inside a read section");
+  DMAPIN_RAW_CHECK(!InReadSection(), "EpochDomain::Synchronize called inside a read section");
   // Readers entering from now on see the epoch after `retired` and anything published before.
   // (A seq_cst read-modify-write: the full barrier of the fallback path.)
   const uint64_t retired = global_epoch_.fetch_add(1, std::memory_order_seq_cst);

@@ -16,7 +16,7 @@
 #include <memory>
 #include <vector>
 
-#include "absl/base/internal/raw_logging.h"
+#include "common/raw_check.h"
 
 namespace dmapin::agent {
 
@@ -77,7 +77,7 @@ class PageIndex {
   // it, and adds the replaced nodes to `garbage`. Writers must be serialized by the caller.
   void Assign(uint64_t first, uint64_t count, T* value, Garbage* garbage) {
     if (count == 0) return;
-    ABSL_RAW_CHECK((reinterpret_cast<uintptr_t>(value) & kValueTag) == 0, "misaligned value");
+    DMAPIN_RAW_CHECK((reinterpret_cast<uintptr_t>(value) & kValueTag) == 0, "misaligned value");
     const uintptr_t leaf = value == nullptr ? 0 : (reinterpret_cast<uintptr_t>(value) | kValueTag);
     const uint64_t last = first + (count - 1);
     const uintptr_t old_root = root_.load(std::memory_order_relaxed);

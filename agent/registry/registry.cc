@@ -174,7 +174,9 @@ struct Registry::Topology {
   }
 };
 
-// Counters. The hot-path ones are sharded per thread so concurrent mappers do not share a line.
+// Counters. The hot-path ones are sharded per thread so concurrent mappers do not share a line:
+// maps_ok and unmaps are bumped in the shards only (their unsharded atomics, generated with the
+// others, stay 0; stats() adds both).
 struct Registry::AtomicStats {
   static constexpr int kShards = 16;
   struct alignas(64) HotShard {
@@ -182,10 +184,9 @@ struct Registry::AtomicStats {
     std::atomic<uint64_t> unmaps{0};
   };
   HotShard hot[kShards];
-  std::atomic<uint64_t> registers_ok{0}, registers_failed{0}, unregisters_ok{0},
-      unregisters_failed{0}, unregister_ebusy{0}, pin_failures{0}, registers_over_limit{0},
-      allocation_failures{0}, maps_failed{0}, map_rollbacks{0}, pending_releases_started{0},
-      pending_releases_completed{0}, grace_periods{0};
+#define DMAPIN_REGISTRY_ATOMIC(field, ...) std::atomic<uint64_t> field{0};
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_REGISTRY_ATOMIC, DMAPIN_REGISTRY_ATOMIC)
+#undef DMAPIN_REGISTRY_ATOMIC
 
   HotShard& Shard() {
     static std::atomic<uint32_t> next_shard{0};
@@ -264,6 +265,25 @@ struct Registry::Retired {
   PageIndex<Region>::Garbage nodes;
   std::vector<std::unique_ptr<Region>> regions;  // pages still pinned
   std::vector<const std::vector<ContainerId>*> holder_lists;
+
+  // Frees everything retired; the caller has waited for readers.
+  void Free(PinBackend* backend) {
+    nodes.Free();
+    for (auto& region : regions) {
+      backend->UnpinPages(region->context, region->ua,
+                          absl::MakeConstSpan(region->hpas.get(), region->entries));
+    }
+    regions.clear();
+    for (const auto* list : holder_lists) delete list;
+    holder_lists.clear();
+  }
+
+  // Publishes `holders` as the region's holder list; the old list is freed with the rest.
+  void SetHolders(Region* region, std::vector<ContainerId> holders) {
+    const auto* old = region->holders.exchange(new std::vector<ContainerId>(std::move(holders)),
+                                               std::memory_order_acq_rel);
+    if (old != nullptr) holder_lists.push_back(old);
+  }
 };
 
 // --- Construction -----------------------------------------------------------------------------
@@ -311,25 +331,6 @@ void Registry::WaitForReaders() const {
 }
 
 namespace {
-
-// Frees everything in `retired`; the caller has waited for readers.
-void FreeRetired(PinBackend* backend, Registry::Retired& retired) {
-  retired.nodes.Free();
-  for (auto& region : retired.regions) {
-    backend->UnpinPages(region->context, region->ua,
-                        absl::MakeConstSpan(region->hpas.get(), region->entries));
-  }
-  retired.regions.clear();
-  for (const auto* list : retired.holder_lists) delete list;
-  retired.holder_lists.clear();
-}
-
-void SetHolders(Registry::Region* region, std::vector<ContainerId> holders,
-                Registry::Retired* retired) {
-  const auto* old = region->holders.exchange(new std::vector<ContainerId>(std::move(holders)),
-                                             std::memory_order_acq_rel);
-  if (old != nullptr) retired->holder_lists.push_back(old);
-}
 
 absl::Status ReadSectionMisuse(const char* method) {
   return absl::FailedPreconditionError(absl::StrFormat(
@@ -417,7 +418,7 @@ absl::Status Registry::ReleaseContainer(ContainerId id) {
       // Another container still maps it: keep the reference as *pending release* (spec §4).
       std::vector<ContainerId> holders = region->Holders();
       EraseValue(holders, container->id);
-      SetHolders(region, std::move(holders), &retired);
+      retired.SetHolders(region, std::move(holders));
       region->pending_release.store(true, std::memory_order_release);
       AtomicStats::Bump(stats_->pending_releases_started);
     }
@@ -434,7 +435,7 @@ absl::Status Registry::ReleaseContainer(ContainerId id) {
     for (Region* region : completable) TryCompletePendingLocked(region, &retired);
   }
   WaitForReaders();
-  FreeRetired(backend_, retired);
+  retired.Free(backend_);
   return absl::OkStatus();
 }
 
@@ -753,11 +754,11 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
     region->used.fetch_add(1, std::memory_order_acq_rel);
     std::vector<ContainerId> holders = region->Holders();
     InsertSorted(holders, container_id);
-    SetHolders(region, std::move(holders), &retired);
+    retired.SetHolders(region, std::move(holders));
     container->held.push_back(region);
     bind();
     WaitForReaders();
-    FreeRetired(backend_, retired);
+    retired.Free(backend_);
     return absl::OkStatus();
   }
 
@@ -799,7 +800,7 @@ absl::Status Registry::RegisterImpl(ContainerId container_id, ContextId context_
   container->held.push_back(published);
   bind();
   WaitForReaders();
-  FreeRetired(backend_, retired);
+  retired.Free(backend_);
   return absl::OkStatus();
 }
 
@@ -810,7 +811,7 @@ absl::Status Registry::UnregisterLocked(Container* container, Region* region, bo
   if (holders.size() > 1 || region->pending_release.load(std::memory_order_acquire)) {
     // §3.3: other users remain (another container, or the pending reference of spec §4).
     EraseValue(holders, container->id);
-    SetHolders(region, std::move(holders), retired);
+    retired->SetHolders(region, std::move(holders));
     EraseValue(container->held, region);
     region->used.fetch_sub(1, std::memory_order_acq_rel);
     return absl::OkStatus();
@@ -826,13 +827,13 @@ absl::Status Registry::UnregisterLocked(Container* container, Region* region, bo
                                               expected == 0 ? 0 : expected - 1));
   }
   EraseValue(container->held, region);
-  SetHolders(region, {}, retired);
+  retired->SetHolders(region, {});
   RemoveRegionLocked(region, retired);
   return absl::OkStatus();
 }
 
 void Registry::RemoveRegionLocked(Region* region, Retired* retired) {
-  // §3.5: unpublish; pages are unpinned after the grace period (FreeRetired).
+  // §3.5: unpublish; pages are unpinned after the grace period (Retired::Free).
   region->used.store(0, std::memory_order_release);
   Context* context = topology()->contexts.at(region->context);
   context->index.Assign(region->ua >> page_shift_, region->entries, nullptr, &retired->nodes);
@@ -906,7 +907,7 @@ absl::Status Registry::UnregisterImpl(ContainerId container_id, uint64_t ua, uin
   absl::Status status = UnregisterLocked(container, region, &busy, &retired);
   if (!status.ok()) return status;
   WaitForReaders();
-  FreeRetired(backend_, retired);
+  retired.Free(backend_);
   return absl::OkStatus();
 }
 
@@ -926,7 +927,7 @@ void Registry::CompletePendingReleases(absl::Span<const PendingRelease> candidat
   }
   if (retired.regions.empty() && retired.holder_lists.empty() && retired.nodes.size() == 0) return;
   WaitForReaders();
-  FreeRetired(backend_, retired);
+  retired.Free(backend_);
 }
 
 // --- Map / unmap ------------------------------------------------------------------------------
@@ -1272,23 +1273,13 @@ std::vector<ContainerInfo> Registry::ListContainers() const {
 
 RegistryStats Registry::stats() const {
   RegistryStats stats;
+#define DMAPIN_REGISTRY_SUM(field, ...) stats.field = Sum(stats_->field);
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_REGISTRY_SUM, DMAPIN_REGISTRY_SUM)
+#undef DMAPIN_REGISTRY_SUM
   for (const auto& shard : stats_->hot) {
     stats.maps_ok += Sum(shard.maps_ok);
     stats.unmaps += Sum(shard.unmaps);
   }
-  stats.registers_ok = Sum(stats_->registers_ok);
-  stats.registers_failed = Sum(stats_->registers_failed);
-  stats.unregisters_ok = Sum(stats_->unregisters_ok);
-  stats.unregisters_failed = Sum(stats_->unregisters_failed);
-  stats.unregister_ebusy = Sum(stats_->unregister_ebusy);
-  stats.pin_failures = Sum(stats_->pin_failures);
-  stats.registers_over_limit = Sum(stats_->registers_over_limit);
-  stats.allocation_failures = Sum(stats_->allocation_failures);
-  stats.maps_failed = Sum(stats_->maps_failed);
-  stats.map_rollbacks = Sum(stats_->map_rollbacks);
-  stats.pending_releases_started = Sum(stats_->pending_releases_started);
-  stats.pending_releases_completed = Sum(stats_->pending_releases_completed);
-  stats.grace_periods = Sum(stats_->grace_periods);
   return stats;
 }
 

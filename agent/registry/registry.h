@@ -30,6 +30,7 @@
 #include "agent/registry/epoch.h"
 #include "agent/registry/pin_backend.h"
 #include "common/mutex.h"
+#include "common/registry_counters.h"
 
 namespace dmapin::agent {
 
@@ -105,24 +106,12 @@ struct ContainerInfo {
   uint64_t installed_entries = 0;
 };
 
-// Counts of degraded and notable paths, for metrics.
+// Counts of degraded and notable paths, for metrics: one field per counter of
+// DMAPIN_REGISTRY_COUNTERS (common/registry_counters.h), e.g. registers_ok, maps_ok.
 struct RegistryStats {
-  uint64_t registers_ok = 0;
-  uint64_t registers_failed = 0;
-  uint64_t unregisters_ok = 0;
-  uint64_t unregisters_failed = 0;
-  uint64_t unregister_ebusy = 0;
-  uint64_t pin_failures = 0;
-  // Registrations refused by RegistryLimits, and those whose bookkeeping could not be allocated.
-  uint64_t registers_over_limit = 0;
-  uint64_t allocation_failures = 0;
-  uint64_t maps_ok = 0;
-  uint64_t maps_failed = 0;
-  uint64_t map_rollbacks = 0;
-  uint64_t unmaps = 0;
-  uint64_t pending_releases_started = 0;
-  uint64_t pending_releases_completed = 0;
-  uint64_t grace_periods = 0;
+#define DMAPIN_REGISTRY_STATS_FIELD(field, ...) uint64_t field = 0;
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_REGISTRY_STATS_FIELD, DMAPIN_REGISTRY_STATS_FIELD)
+#undef DMAPIN_REGISTRY_STATS_FIELD
 };
 
 class Registry {
@@ -283,12 +272,9 @@ class Registry {
     uint64_t ua;
     uint64_t entries;
   };
-
- public:
-  // Internal; public only so helpers in registry.cc can name them.
+  // What writers unpublished, to be freed after one grace period (registry.cc).
   struct Retired;
 
- private:
   const Topology* topology() const;
   // Publishes a new topology and frees the old one after a grace period.
   void PublishTopology(std::unique_ptr<Topology> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

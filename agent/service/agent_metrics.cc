@@ -8,6 +8,7 @@
 #include "common/connection_metrics.h"
 #include "common/errno_status.h"
 #include "common/metrics_util.h"
+#include "common/registry_counters.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"
 #include "prometheus/text_serializer.h"
@@ -223,43 +224,13 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
               MetricType::Gauge, static_cast<double>(store.state_set_aside));
   }
 
+  // The registry's counters, as listed in common/registry_counters.h.
   const RegistryStats& c = status.counters;
-  const struct {
-    const char* name;
-    const char* help;
-    uint64_t value;
-  } kCounters[] = {
-      {"dmapin_agent_registers_total", "Successful region registrations.", c.registers_ok},
-      {"dmapin_agent_register_failures_total", "Failed region registrations.", c.registers_failed},
-      {"dmapin_agent_unregisters_total", "Successful region unregistrations.", c.unregisters_ok},
-      {"dmapin_agent_unregister_failures_total", "Failed region unregistrations (EBUSY included).",
-       c.unregisters_failed},
-      {"dmapin_agent_unregister_ebusy_total",
-       "Unregistrations refused with EBUSY because DMA mappings remained.", c.unregister_ebusy},
-      {"dmapin_agent_pin_failures_total", "Registrations whose pages could not be pinned.",
-       c.pin_failures},
-      {"dmapin_agent_register_limit_refusals_total",
-       "Registrations refused with ENOMEM by --max_region_bytes or --max_pinned_bytes.",
-       c.registers_over_limit},
-      {"dmapin_agent_allocation_failures_total",
-       "Registrations refused with ENOMEM because their bookkeeping could not be allocated.",
-       c.allocation_failures},
-      {"dmapin_agent_maps_total", "Successful DMA map calls.", c.maps_ok},
-      {"dmapin_agent_map_failures_total", "Failed DMA map calls.", c.maps_failed},
-      {"dmapin_agent_map_rollbacks_total",
-       "Failed DMA map calls that cleared entries they had installed.", c.map_rollbacks},
-      {"dmapin_agent_unmaps_total", "Successful DMA unmap calls.", c.unmaps},
-      {"dmapin_agent_pending_releases_started_total",
-       "Regions that became pending release (unheld, still mapped).", c.pending_releases_started},
-      {"dmapin_agent_pending_releases_completed_total",
-       "Pending-release regions released after their last unmap.", c.pending_releases_completed},
-      {"dmapin_agent_grace_periods_total", "Epoch grace periods the registry's writers waited for.",
-       c.grace_periods},
-  };
-  for (const auto& counter : kCounters) {
-    AddScalar(out, counter.name, counter.help, MetricType::Counter,
-              static_cast<double>(counter.value));
-  }
+#define DMAPIN_AGENT_COUNTER(field, metric, agent_help, ...)              \
+  AddScalar(out, "dmapin_agent_" metric, agent_help, MetricType::Counter, \
+            static_cast<double>(c.field));
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_AGENT_COUNTER, DMAPIN_AGENT_COUNTER)
+#undef DMAPIN_AGENT_COUNTER
 
   FamilyBuilder locked("dmapin_agent_context_locked_bytes", "Bytes the context has pinned.",
                        MetricType::Gauge);

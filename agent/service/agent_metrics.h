@@ -38,6 +38,7 @@
 //   _register_limit_refusals_total, _allocation_failures_total, _maps_total,
 //   _map_failures_total, _map_rollbacks_total, _unmaps_total, _pending_releases_started_total,
 //   _pending_releases_completed_total, _grace_periods_total      counters of the registry
+//                                                    (listed in common/registry_counters.h)
 //  Per context (label context)
 //   dmapin_agent_context_locked_bytes                gauge, bytes the context has pinned
 //   dmapin_agent_context_regions                     gauge
@@ -73,6 +74,7 @@
 
 #include "absl/strings/string_view.h"
 #include "agent/node/node_agent.h"
+#include "agent/service/version.h"
 #include "agent/store/state_store.h"
 #include "common/mutex.h"
 #include "common/server_limits.h"
@@ -117,7 +119,7 @@ struct AgentMetricsOptions {
   // Not owned; must outlive the metrics. nullptr: no dmapin_agent_grpc_connections* series.
   const ConnectionListener* listener = nullptr;
   // The version label of dmapin_agent_info.
-  std::string version = "dmapin-agent 0.1";
+  std::string version = kAgentVersion;
 };
 
 class AgentMetrics {

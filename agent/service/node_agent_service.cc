@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "agent/service/proto_convert.h"
+#include "agent/service/version.h"
 #include "common/errno_status.h"
 #include "common/grpc_status.h"
 
@@ -114,7 +115,7 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
   const AgentMetrics::Clock::time_point start = Start();
   ContextSpec spec{.name = request->name(),
                    .cap_ipc_lock = request->cap_ipc_lock(),
-                   .backing = request->backing(),
+                   .backing = FromProto(request->backing()),
                    .memory_bytes = request->memory_bytes()};
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
   absl::StatusOr<ContextView> view = agent_->CreateContext(spec);
@@ -194,7 +195,7 @@ grpc::ServerUnaryReactor* NodeAgentService::RegisterRegion(grpc::CallbackServerC
   const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<RegionView> view = agent_->RegisterRegion(request->container(), request->context(),
                                                            request->ua(), request->size());
-  if (view.ok()) Fill(*view, agent_->registry().page_size(), response);
+  if (view.ok()) Fill(*view, agent_->page_size(), response);
   return Finish(context, view.status(), RpcMethod::kRegisterRegion, start);
 }
 
@@ -238,7 +239,7 @@ grpc::ServerUnaryReactor* NodeAgentService::Lookup(grpc::CallbackServerContext* 
   absl::StatusOr<std::optional<RegionView>> view =
       agent_->Lookup(request->context(), request->ua(), request->size());
   if (view.ok() && view->has_value()) {
-    Fill(**view, agent_->registry().page_size(), response->mutable_region());
+    Fill(**view, agent_->page_size(), response->mutable_region());
   }
   return Finish(context, view.status(), RpcMethod::kLookup, start);
 }
@@ -251,7 +252,7 @@ grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerCont
       agent_->ListRegions(request->context(), request->with_hpas());
   if (views.ok()) {
     for (const RegionView& view : *views) {
-      Fill(view, agent_->registry().page_size(), response->add_regions());
+      Fill(view, agent_->page_size(), response->add_regions());
     }
   }
   return Finish(context, views.status(), RpcMethod::kListRegions, start);
@@ -273,23 +274,8 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
   response->set_regions(status.regions);
   response->set_locked_bytes(status.locked_bytes);
   response->set_installed_entries(status.installed_entries);
-  response->set_version("dmapin-agent 0.1");
-  v1::RegistryCounters* counters = response->mutable_counters();
-  counters->set_registers_ok(status.counters.registers_ok);
-  counters->set_registers_failed(status.counters.registers_failed);
-  counters->set_unregisters_ok(status.counters.unregisters_ok);
-  counters->set_unregisters_failed(status.counters.unregisters_failed);
-  counters->set_unregister_ebusy(status.counters.unregister_ebusy);
-  counters->set_pin_failures(status.counters.pin_failures);
-  counters->set_maps_ok(status.counters.maps_ok);
-  counters->set_maps_failed(status.counters.maps_failed);
-  counters->set_map_rollbacks(status.counters.map_rollbacks);
-  counters->set_unmaps(status.counters.unmaps);
-  counters->set_pending_releases_started(status.counters.pending_releases_started);
-  counters->set_pending_releases_completed(status.counters.pending_releases_completed);
-  counters->set_store_commit_failures(status.store_commit_failures);
-  counters->set_vfio_inconsistencies(status.vfio_inconsistencies);
-  counters->set_refused_change_undo_failures(status.refused_change_undo_failures);
+  response->set_version(kAgentVersion);
+  Fill(status, response->mutable_counters());
   response->set_store_failed(status.store_failed);
   return Finish(context, absl::OkStatus(), RpcMethod::kGetNodeStatus, start);
 }

@@ -2,14 +2,25 @@
 
 #include <string>
 
+#include "common/registry_counters.h"
+
 namespace dmapin::agent {
+
+static_assert(static_cast<int>(MemoryBacking::kUnspecified) == v1::MEMORY_BACKING_UNSPECIFIED);
+static_assert(static_cast<int>(MemoryBacking::kAnonymous) == v1::MEMORY_BACKING_ANONYMOUS);
+static_assert(static_cast<int>(MemoryBacking::kMemfd) == v1::MEMORY_BACKING_MEMFD);
+static_assert(static_cast<int>(MemoryBacking::kHugetlbfs) == v1::MEMORY_BACKING_HUGETLBFS);
+
+MemoryBacking FromProto(v1::MemoryBacking backing) { return static_cast<MemoryBacking>(backing); }
+
+v1::MemoryBacking ToProto(MemoryBacking backing) { return static_cast<v1::MemoryBacking>(backing); }
 
 void Fill(const ContextView& view, v1::Context* out) {
   out->set_name(view.name);
   out->set_memlock_unlimited(!view.spec.memlock_limit_bytes.has_value());
   out->set_memlock_limit_bytes(view.spec.memlock_limit_bytes.value_or(0));
   out->set_cap_ipc_lock(view.spec.cap_ipc_lock);
-  out->set_backing(static_cast<v1::MemoryBacking>(view.spec.backing));
+  out->set_backing(ToProto(view.spec.backing));
   out->set_locked_bytes(view.locked_bytes);
   out->set_regions(view.regions);
   out->set_memory_ua(view.memory_ua);
@@ -43,18 +54,10 @@ void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
 }
 
 void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
-  out->set_registers_ok(status.counters.registers_ok);
-  out->set_registers_failed(status.counters.registers_failed);
-  out->set_unregisters_ok(status.counters.unregisters_ok);
-  out->set_unregisters_failed(status.counters.unregisters_failed);
-  out->set_unregister_ebusy(status.counters.unregister_ebusy);
-  out->set_pin_failures(status.counters.pin_failures);
-  out->set_maps_ok(status.counters.maps_ok);
-  out->set_maps_failed(status.counters.maps_failed);
-  out->set_map_rollbacks(status.counters.map_rollbacks);
-  out->set_unmaps(status.counters.unmaps);
-  out->set_pending_releases_started(status.counters.pending_releases_started);
-  out->set_pending_releases_completed(status.counters.pending_releases_completed);
+  // The reported counters of common/registry_counters.h, each into its field of the same name.
+#define DMAPIN_SET_REPORTED(field, ...) out->set_##field(status.counters.field);
+  DMAPIN_REGISTRY_COUNTERS(DMAPIN_SET_REPORTED, DMAPIN_COUNTER_IGNORE)
+#undef DMAPIN_SET_REPORTED
   out->set_store_commit_failures(status.store_commit_failures);
   out->set_vfio_inconsistencies(status.vfio_inconsistencies);
   out->set_refused_change_undo_failures(status.refused_change_undo_failures);

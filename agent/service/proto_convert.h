@@ -5,13 +5,16 @@
 
 #include <cstdint>
 
+#include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
 #include "dmapin/v1/agent.pb.h"
 
 namespace dmapin::agent {
 
-// The agent's version string, as reported to clients and the central service.
-inline constexpr char kAgentVersion[] = "dmapin-agent 0.1";
+// The agent's MemoryBacking and the proto's have the same values: a wire value neither names
+// passes through unchanged (CreateContext refuses it with EINVAL).
+MemoryBacking FromProto(v1::MemoryBacking backing);
+v1::MemoryBacking ToProto(MemoryBacking backing);
 
 void Fill(const ContextView& view, v1::Context* out);
 void Fill(const ContainerView& view, v1::Container* out);

@@ -16,7 +16,6 @@
 #include <optional>
 #include <utility>
 
-#include "absl/base/internal/endian.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -37,6 +36,21 @@ constexpr char kTempSuffix[] = ".log.tmp";
 constexpr uint32_t kHeaderKind = 3;
 constexpr uint64_t kMagic = 0x31'4a'6e'69'70'61'6d'64;  // "dmapinJ1" little-endian
 
+// Little-endian fields of the journal's records, byte by byte (the same file on any host;
+// compilers make each a single load or store on little-endian ones).
+template <typename T>
+void StoreLittleEndian(char* out, T value) {
+  for (size_t i = 0; i < sizeof(T); ++i) out[i] = static_cast<char>(value >> (8 * i));
+}
+template <typename T>
+T LoadLittleEndian(const char* in) {
+  T value = 0;
+  for (size_t i = 0; i < sizeof(T); ++i) {
+    value |= static_cast<T>(static_cast<unsigned char>(in[i])) << (8 * i);
+  }
+  return value;
+}
+
 uint32_t Checksum(const char* data, size_t size) {
   return static_cast<uint32_t>(
       crc32(crc32(0, nullptr, 0), reinterpret_cast<const Bytef*>(data), static_cast<uInt>(size)));
@@ -44,13 +58,13 @@ uint32_t Checksum(const char* data, size_t size) {
 
 void EncodeSlot(uint32_t kind, uint64_t seq, uint64_t container_id, uint64_t iova, uint64_t size,
                 uint64_t ua, char* out) {
-  absl::little_endian::Store32(out + 4, kind);
-  absl::little_endian::Store64(out + 8, seq);
-  absl::little_endian::Store64(out + 16, container_id);
-  absl::little_endian::Store64(out + 24, iova);
-  absl::little_endian::Store64(out + 32, size);
-  absl::little_endian::Store64(out + 40, ua);
-  absl::little_endian::Store32(out, Checksum(out + 4, kRecordBytes - 4));
+  StoreLittleEndian<uint32_t>(out + 4, kind);
+  StoreLittleEndian<uint64_t>(out + 8, seq);
+  StoreLittleEndian<uint64_t>(out + 16, container_id);
+  StoreLittleEndian<uint64_t>(out + 24, iova);
+  StoreLittleEndian<uint64_t>(out + 32, size);
+  StoreLittleEndian<uint64_t>(out + 40, ua);
+  StoreLittleEndian<uint32_t>(out, Checksum(out + 4, kRecordBytes - 4));
 }
 
 enum class Slot {
@@ -61,18 +75,18 @@ enum class Slot {
 };
 
 Slot DecodeSlot(const char* in, JournalRecord* record) {
-  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4)) {
+  if (LoadLittleEndian<uint32_t>(in) != Checksum(in + 4, kRecordBytes - 4)) {
     return std::all_of(in, in + kRecordBytes, [](char c) { return c == 0; }) ? Slot::kZero
                                                                              : Slot::kBadSum;
   }
-  const uint32_t kind = absl::little_endian::Load32(in + 4);
+  const uint32_t kind = LoadLittleEndian<uint32_t>(in + 4);
   if (kind != JournalRecord::kMap && kind != JournalRecord::kClear) return Slot::kBadContent;
   record->kind = static_cast<JournalRecord::Kind>(kind);
-  record->seq = absl::little_endian::Load64(in + 8);
-  record->container_id = absl::little_endian::Load64(in + 16);
-  record->iova = absl::little_endian::Load64(in + 24);
-  record->size = absl::little_endian::Load64(in + 32);
-  record->ua = absl::little_endian::Load64(in + 40);
+  record->seq = LoadLittleEndian<uint64_t>(in + 8);
+  record->container_id = LoadLittleEndian<uint64_t>(in + 16);
+  record->iova = LoadLittleEndian<uint64_t>(in + 24);
+  record->size = LoadLittleEndian<uint64_t>(in + 32);
+  record->ua = LoadLittleEndian<uint64_t>(in + 40);
   return Slot::kRecord;
 }
 
@@ -80,12 +94,12 @@ Slot DecodeSlot(const char* in, JournalRecord* record) {
 std::optional<std::pair<uint64_t, uint64_t>> DecodeHeader(absl::string_view data) {
   if (data.size() < kRecordBytes) return std::nullopt;
   const char* in = data.data();
-  if (absl::little_endian::Load32(in) != Checksum(in + 4, kRecordBytes - 4) ||
-      absl::little_endian::Load32(in + 4) != kHeaderKind ||
-      absl::little_endian::Load64(in + 40) != kMagic) {
+  if (LoadLittleEndian<uint32_t>(in) != Checksum(in + 4, kRecordBytes - 4) ||
+      LoadLittleEndian<uint32_t>(in + 4) != kHeaderKind ||
+      LoadLittleEndian<uint64_t>(in + 40) != kMagic) {
     return std::nullopt;
   }
-  return std::make_pair(absl::little_endian::Load64(in + 8), absl::little_endian::Load64(in + 16));
+  return std::make_pair(LoadLittleEndian<uint64_t>(in + 8), LoadLittleEndian<uint64_t>(in + 16));
 }
 
 // Calls `visit(offset, slot)` for each whole 48-byte slot of the file at `path`, in order, until it

@@ -27,7 +27,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libsqlite3-0 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libcivetweb1 \
-      libre2-9 libc-ares2 libssl3 libatomic1 zlib1g \
+      libre2-9 libc-ares2 libssl3 libatomic1 zlib1g libgoogle-glog0v6 libgflags2.2 libunwind8 liblzma5 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/dmapin-agent /usr/local/bin/dmapin-agent
 # Fail the build if a library is missing.

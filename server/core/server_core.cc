@@ -360,7 +360,7 @@ NodeFacts ServerCore::FactsLocked(const std::string& name, const RegionKey& aske
   facts.regions = requirements_.Regions(name);
   facts.context_bytes[asked.context] = requirements_.ContextBytes(name, asked.context);
   if (requirements_.Requested(name, asked) || (node != nullptr && node->regions.count(asked) > 0)) {
-    facts.required_regions.insert(RequiredRegion{asked.context, asked.ua, asked.size});
+    facts.required_regions.insert(RegionKey{asked.context, asked.ua, asked.size});
   }
   return facts;
 }

@@ -9,26 +9,13 @@
 #include <optional>
 #include <set>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "absl/time/time.h"
+#include "common/region_key.h"
 #include "dmapin/v1/control.pb.h"
 
 namespace dmapin::server {
-
-// A region on a node: (context, ua, size).
-struct RegionKey {
-  std::string context;
-  uint64_t ua = 0;
-  uint64_t size = 0;
-  bool operator<(const RegionKey& other) const {
-    return std::tie(context, ua, size) < std::tie(other.context, other.ua, other.size);
-  }
-  bool operator==(const RegionKey& other) const {
-    return context == other.context && ua == other.ua && size == other.size;
-  }
-};
 
 struct NodeReport {
   std::string name;

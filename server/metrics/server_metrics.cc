@@ -12,6 +12,7 @@
 #include "absl/strings/strip.h"
 #include "common/connection_metrics.h"
 #include "common/metrics_util.h"
+#include "common/registry_counters.h"
 #include "dmapin/v1/admin.pb.h"
 #include "prometheus/client_metric.h"
 #include "prometheus/metric_type.h"
@@ -55,32 +56,15 @@ struct RegistryCounter {
   const char* help;
   uint64_t (v1::RegistryCounters::*get)() const;
 };
+// The reported counters of common/registry_counters.h, then the agent's store-commit failures.
+#define DMAPIN_FLEET_COUNTER(field, metric, agent_help, fleet_help) \
+  {metric, fleet_help, &v1::RegistryCounters::field},
 const RegistryCounter kRegistryCounters[] = {
-    {"registers_total", "Successful region registrations on the node.",
-     &v1::RegistryCounters::registers_ok},
-    {"register_failures_total", "Failed region registrations on the node.",
-     &v1::RegistryCounters::registers_failed},
-    {"unregisters_total", "Successful region unregistrations on the node.",
-     &v1::RegistryCounters::unregisters_ok},
-    {"unregister_failures_total", "Failed region unregistrations on the node (EBUSY included).",
-     &v1::RegistryCounters::unregisters_failed},
-    {"unregister_ebusy_total", "Unregistrations on the node refused with EBUSY.",
-     &v1::RegistryCounters::unregister_ebusy},
-    {"pin_failures_total", "Registrations on the node whose pages could not be pinned.",
-     &v1::RegistryCounters::pin_failures},
-    {"maps_total", "Successful DMA map calls on the node.", &v1::RegistryCounters::maps_ok},
-    {"map_failures_total", "Failed DMA map calls on the node.", &v1::RegistryCounters::maps_failed},
-    {"map_rollbacks_total", "Failed DMA map calls on the node that cleared entries they installed.",
-     &v1::RegistryCounters::map_rollbacks},
-    {"unmaps_total", "Successful DMA unmap calls on the node.", &v1::RegistryCounters::unmaps},
-    {"pending_releases_started_total", "Regions on the node that became pending release.",
-     &v1::RegistryCounters::pending_releases_started},
-    {"pending_releases_completed_total",
-     "Pending-release regions on the node released after their last unmap.",
-     &v1::RegistryCounters::pending_releases_completed},
+    DMAPIN_REGISTRY_COUNTERS(DMAPIN_FLEET_COUNTER, DMAPIN_COUNTER_IGNORE)  // and:
     {"store_commit_failures_total", "Failed commits of the node agent's state store.",
      &v1::RegistryCounters::store_commit_failures},
 };
+#undef DMAPIN_FLEET_COUNTER
 
 void CollectControlPlane(const FleetMetricsSnapshot& snapshot, std::vector<MetricFamily>& out) {
   const ServerCounters& c = snapshot.counters;

@@ -81,6 +81,7 @@
 //   _map_failures_total, _map_rollbacks_total, _unmaps_total, _pending_releases_started_total,
 //   _pending_releases_completed_total, _store_commit_failures_total
 //                                                    counters as the agent last reported them
+//                                                    (listed in common/registry_counters.h)
 //                                                    (they restart from 0 with the agent)
 //  Per context (labels node, context)
 //   dmapin_fleet_context_locked_bytes                gauge

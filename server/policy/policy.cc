@@ -371,7 +371,7 @@ absl::Status ValidateIntentRequest(const v1::CreateIntentRequest& request,
 // --- Admission ----------------------------------------------------------------------------------
 
 bool NodeFacts::AddRequiredRegion(absl::string_view context, uint64_t ua, uint64_t size) {
-  if (!required_regions.insert(RequiredRegion{std::string(context), ua, size}).second) {
+  if (!required_regions.insert(RegionKey{std::string(context), ua, size}).second) {
     return false;
   }
   required_bytes = SaturatingAdd(required_bytes, size);
@@ -483,7 +483,7 @@ AdmissionResult Admit(const v1::CreateIntentRequest& request, const NodeFacts& n
   }
 
   // What the intent costs on this node.
-  const RequiredRegion key{request.context(), request.ua(), request.size()};
+  const RegionKey key{request.context(), request.ua(), request.size()};
   const bool new_region = registers && node.required_regions.count(key) == 0;
   const uint64_t bytes = new_region ? request.size() : 0;
   const uint64_t regions = new_region ? 1 : 0;

@@ -17,7 +17,6 @@
 #include <map>
 #include <set>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "absl/random/bit_gen_ref.h"
@@ -25,6 +24,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "common/region_key.h"
 #include "dmapin/v1/admin.pb.h"
 
 namespace dmapin::server {
@@ -68,20 +68,6 @@ absl::Status ValidateIntentRequest(const v1::CreateIntentRequest& request, uint6
 
 // --- Admission ----------------------------------------------------------------------------------
 
-// A region an admitted REGISTER intent needs: the same region registered by a second container
-// pins nothing more, so regions are counted once per (context, ua, size).
-struct RequiredRegion {
-  std::string context;
-  uint64_t ua = 0;
-  uint64_t size = 0;
-};
-inline bool operator<(const RequiredRegion& a, const RequiredRegion& b) {
-  return std::tie(a.context, a.ua, a.size) < std::tie(b.context, b.ua, b.size);
-}
-inline bool operator==(const RequiredRegion& a, const RequiredRegion& b) {
-  return std::tie(a.context, a.ua, a.size) == std::tie(b.context, b.ua, b.size);
-}
-
 // What admission needs to know about a node. required_bytes, regions and context_bytes describe
 // required_regions; AddRequiredRegion keeps them consistent. Admit only looks up the request's
 // region in required_regions and its context in context_bytes: a caller keeping running totals
@@ -94,7 +80,9 @@ struct NodeFacts {
   uint64_t required_bytes = 0;                    // sum of the sizes of required_regions
   uint64_t regions = 0;                           // required_regions.size()
   std::map<std::string, uint64_t> context_bytes;  // per context, sum of sizes
-  std::set<RequiredRegion> required_regions;
+  // The regions admitted REGISTER intents need: the same region registered by a second
+  // container pins nothing more, so regions are counted once per RegionKey.
+  std::set<RegionKey> required_regions;
   // What the node can ever hold (0: unknown, or no limit): from the agent's Hello, and per
   // context the memlock limit where one applies (limited and without CAP_IPC_LOCK, as the agent
   // reports the context; Admit looks up the request's context only).

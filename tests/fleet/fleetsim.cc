@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/registry_counters.h"
 
 namespace dmapin {
 namespace fleetsim {
@@ -214,13 +215,9 @@ class FleetSim::Agent {
     s->contexts += contexts_.size();
     s->containers += containers_.size();
     v1::RegistryCounters& c = s->counters;
-    c.set_registers_ok(c.registers_ok() + counters_.registers_ok());
-    c.set_registers_failed(c.registers_failed() + counters_.registers_failed());
-    c.set_unregisters_ok(c.unregisters_ok() + counters_.unregisters_ok());
-    c.set_unregisters_failed(c.unregisters_failed() + counters_.unregisters_failed());
-    c.set_unregister_ebusy(c.unregister_ebusy() + counters_.unregister_ebusy());
-    c.set_maps_ok(c.maps_ok() + counters_.maps_ok());
-    c.set_unmaps(c.unmaps() + counters_.unmaps());
+#define DMAPIN_SUM_REPORTED(field, ...) c.set_##field(c.field() + counters_.field());
+    DMAPIN_REGISTRY_COUNTERS(DMAPIN_SUM_REPORTED, DMAPIN_COUNTER_IGNORE)
+#undef DMAPIN_SUM_REPORTED
   }
 
   void Applications(std::map<std::string, int>* out) const {
