@@ -338,6 +338,19 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
+std::string PaddedHealthCheckRequest(uint64_t bytes) {
+  std::string request = "\x7a";  // field 15, length-delimited
+  uint64_t length = bytes;
+  do {
+    uint8_t byte = length & 0x7f;
+    length >>= 7;
+    if (length != 0) byte |= 0x80;
+    request.push_back(static_cast<char>(byte));
+  } while (length != 0);
+  request.append(bytes, 'x');
+  return request;
+}
+
 absl::StatusOr<std::string> RawUnaryCall(const std::shared_ptr<grpc::Channel>& channel,
                                          const std::string& method, const std::string& request,
                                          absl::Duration timeout) {

@@ -119,6 +119,10 @@ class AgentProcess {
 // A channel to `target` ("unix:/path", "127.0.0.1:7470").
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
 
+// A serialized grpc.health.v1.HealthCheckRequest of about `bytes`: the padding is an unknown
+// field 15, which the server skips. For tests of request-size limits (RawUnaryCall sends it).
+std::string PaddedHealthCheckRequest(uint64_t bytes);
+
 // One unary call of `method` ("/pkg.Service/Method") with raw protobuf bytes.
 absl::StatusOr<std::string> RawUnaryCall(const std::shared_ptr<grpc::Channel>& channel,
                                          const std::string& method, const std::string& request,

@@ -25,35 +25,22 @@ namespace {
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr char kHealthCheck[] = "/grpc.health.v1.Health/Check";
 
-// A grpc.health.v1.HealthCheckRequest of about `bytes`: the padding is an unknown field 15.
-std::string PaddedRequest(uint64_t bytes) {
-  std::string request = "\x7a";  // field 15, length-delimited
-  uint64_t length = bytes;
-  do {
-    uint8_t byte = length & 0x7f;
-    length >>= 7;
-    if (length != 0) byte |= 0x80;
-    request.push_back(static_cast<char>(byte));
-  } while (length != 0);
-  request.append(bytes, 'x');
-  return request;
-}
-
 void RefusesOversizedRequestsCheaply(const std::string& target, pid_t pid) {
   auto channel = FreshChannel(target);
   // Under the limit: served.
-  EXPECT_TRUE(
-      harness::RawUnaryCall(channel, kHealthCheck, PaddedRequest(kMiB), absl::Seconds(10)).ok());
+  EXPECT_TRUE(harness::RawUnaryCall(channel, kHealthCheck, harness::PaddedHealthCheckRequest(kMiB),
+                                    absl::Seconds(10))
+                  .ok());
   // Over it (--max_receive_message_bytes=4 MiB): refused by gRPC.
-  absl::StatusOr<std::string> big =
-      harness::RawUnaryCall(channel, kHealthCheck, PaddedRequest(8 * kMiB), absl::Seconds(10));
+  absl::StatusOr<std::string> big = harness::RawUnaryCall(
+      channel, kHealthCheck, harness::PaddedHealthCheckRequest(8 * kMiB), absl::Seconds(10));
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
   EXPECT_TRUE(absl::StrContains(big.status().message(), "Received message larger than max"))
       << big.status();
 
   // Six at once of 100 MB, each on its own connection.
   const uint64_t before = fleetsim::ReadProcUsage(pid).rss_peak_bytes;
-  const std::string huge = PaddedRequest(100 * kMiB);
+  const std::string huge = harness::PaddedHealthCheckRequest(100 * kMiB);
   std::vector<absl::Status> results(6);
   std::vector<std::thread> threads;
   for (size_t i = 0; i < results.size(); ++i) {

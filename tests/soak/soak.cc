@@ -885,21 +885,6 @@ void Soak::VmmLoop(int index) {
 
 // --- Faults -------------------------------------------------------------------------------------
 
-// A grpc.health.v1.HealthCheckRequest of about `bytes` (padding in an unknown field 15), as
-// tests/limits builds it.
-std::string PaddedHealthRequest(uint64_t bytes) {
-  std::string request = "\x7a";
-  uint64_t length = bytes;
-  do {
-    uint8_t byte = length & 0x7f;
-    length >>= 7;
-    if (length != 0) byte |= 0x80;
-    request.push_back(static_cast<char>(byte));
-  } while (length != 0);
-  request.append(bytes, 'x');
-  return request;
-}
-
 // Requests over the 4 MiB receive limit, to the server and an agent, at once: `sizes`.
 void Soak::Oversized(const std::vector<uint64_t>& sizes) {
   const RealAgent& agent = *agents_[fault_index_.load() % agents_.size()];
@@ -911,7 +896,7 @@ void Soak::Oversized(const std::vector<uint64_t>& sizes) {
       threads.emplace_back([&, i, target = target] {
         results[i] =
             harness::RawUnaryCall(limits::FreshChannel(target), "/grpc.health.v1.Health/Check",
-                                  PaddedHealthRequest(sizes[i]), absl::Seconds(30))
+                                  harness::PaddedHealthCheckRequest(sizes[i]), absl::Seconds(30))
                 .status();
       });
     }
