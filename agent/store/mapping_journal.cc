@@ -311,6 +311,7 @@ absl::Status MappingJournal::RecoverLocked(std::vector<File> files, uint64_t min
   const size_t readable = damage.has_value() ? damage->first : files.size();
   uint64_t next_seq = 0;  // the seq the next file must start at; 0 before the first file read
   std::string previous;   // the file read before, for messages
+  std::vector<std::string> empties;
   for (size_t i = 0; i < readable; ++i) {
     File& file = files[i];
     if (i + 1 < files.size() && files[i + 1].first_seq <= min_seq) {
@@ -405,13 +406,16 @@ absl::Status MappingJournal::RecoverLocked(std::vector<File> files, uint64_t min
       if (i + 1 == files.size()) {
         empty_ = std::move(file);
       } else {
-        unlink(file.path.c_str());
+        empties.push_back(file.path);  // deleted once the journal is known whole
       }
       continue;
     }
     closed_.push_back(std::move(file));
   }
-  if (!damage.has_value()) return absl::OkStatus();
+  if (!damage.has_value()) {
+    for (const std::string& path : empties) unlink(path.c_str());
+    return absl::OkStatus();
+  }
   const std::string what = absl::StrCat("mapping journal damaged: ", damage->second);
   if (!options_.recover_damaged) {
     return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,

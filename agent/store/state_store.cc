@@ -433,6 +433,14 @@ absl::StatusOr<sqlite3*> OpenDatabase(const std::string& path) {
   return db;
 }
 
+// `status` with `more` added to its message, its errno payload kept.
+absl::Status WithMore(const absl::Status& status, absl::string_view more) {
+  absl::Status out(status.code(), absl::StrCat(status.message(), more));
+  status.ForEachPayload(
+      [&out](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
 constexpr absl::string_view kRecoverHint =
     "; or start with --recover_damaged_state to set the damaged files aside and start this node "
     "empty";
@@ -481,7 +489,7 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
     store.reset();
     if (status.code() != absl::StatusCode::kDataLoss) return status;
     if (!options.recover_damaged_state || attempt > 0) {
-      return absl::Status(status.code(), absl::StrCat(status.message(), kRecoverHint));
+      return WithMore(status, kRecoverHint);
     }
     report.push_back(absl::StrCat(status.message(), ". Recovering: starting empty; moved aside: ",
                                   absl::StrJoin(SetAsideStoreFiles(dir, path), ", ")));
@@ -515,9 +523,7 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
     uint64_t appending = 0;
     (void)store->journal_->TakeUnfolded(&appending);
     if (absl::Status status = store->FoldLocked(records, appending); !status.ok()) {
-      return absl::Status(status.code(), absl::StrCat(status.message(),
-                                                      " (at open: the journal "
-                                                      "left by the previous run)"));
+      return WithMore(status, " (at open: the journal left by the previous run)");
     }
     if (!store->journal_->recovered().empty()) {
       store->journal_->DropFolded(store->journal_->recovered().back().seq);
