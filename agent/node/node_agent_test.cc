@@ -704,6 +704,12 @@ namespace {
 // The memlock backend: real pins of memory the agent maps; a restart re-maps the memory at the
 // same address and re-pins exactly what was acknowledged (VmLck tells).
 TEST(NodeAgentMemlockTest, RestartRemapsMemoryAndRepinsExactly) {
+#if defined(__SANITIZE_ADDRESS__)
+  // The "restart" here is in one process: ASan's allocator may place its own mappings in the
+  // range the first agent released before the second re-maps it there (EEXIST). A real restart
+  // is a new process; tests/crash covers that one.
+  GTEST_SKIP() << "in-process re-map at a fixed address is unreliable under ASan";
+#endif
   absl::StatusOr<std::unique_ptr<MemlockBackend>> probe = MemlockBackend::Create();
   if (!probe.ok()) GTEST_SKIP() << "memlock backend unavailable (needs root): " << probe.status();
   const std::filesystem::path dir =

@@ -24,6 +24,7 @@
 // Missing bytes read as 0. tests/fuzz/make_seeds.py writes the seed corpus.
 //
 // REGISTRY_FUZZ_VERBOSE=1 prints every operation and its answer (to check what a seed does).
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -296,7 +297,7 @@ class Harness {
         return (uint64_t{1} << (b % 64)) + align * static_cast<uint64_t>(in_->Byte() % 5) -
                2 * align;
       case 5:  // in the simulated space
-        return PageUa(b % (kSpacePages + 16)) - kBase % align;
+        return PageUa(b % (kSpacePages + 16)) - kBase % std::max<uint64_t>(align, 1);
       case 6:  // unaligned near 2^64
         return 0 - uint64_t{b};
       default:  // around 2^63
