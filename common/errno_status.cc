@@ -83,4 +83,12 @@ std::optional<int> ErrnoFromName(absl::string_view name) {
   return std::nullopt;
 }
 
+absl::Status AppendToMessage(const absl::Status& status, absl::string_view more) {
+  if (status.ok()) return status;
+  absl::Status out(status.code(), absl::StrCat(status.message(), more));
+  status.ForEachPayload(
+      [&out](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
 }  // namespace dmapin

@@ -27,6 +27,10 @@ absl::Status ErrnoStatus(int err, absl::string_view reason);
 // (EFAULT from translate is OUT_OF_RANGE).
 absl::Status ErrnoStatus(int err, absl::StatusCode code, absl::string_view reason);
 
+// `status` with `more` appended to its message, its code and payloads (the errno) kept; OK stays
+// OK.
+absl::Status AppendToMessage(const absl::Status& status, absl::string_view more);
+
 // The errno carried by `status`: 0 for OK, the payload's errno when present, else EIO.
 int ErrnoOf(const absl::Status& status);
 

@@ -31,6 +31,15 @@ TEST(ErrnoStatusTest, OkAndForeignStatuses) {
   EXPECT_EQ(ErrnoOf(absl::InternalError("no payload")), EIO);
 }
 
+TEST(ErrnoStatusTest, AppendToMessageKeepsCodeAndErrno) {
+  const absl::Status damaged = ErrnoStatus(EIO, absl::StatusCode::kDataLoss, "bad page");
+  const absl::Status more = AppendToMessage(damaged, " (at open)");
+  EXPECT_EQ(more.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(more.message(), "EIO: bad page (at open)");
+  EXPECT_EQ(ErrnoOf(more), EIO);
+  EXPECT_TRUE(AppendToMessage(absl::OkStatus(), " (ignored)").ok());
+}
+
 TEST(ErrnoStatusTest, NamesRoundTrip) {
   for (int err : {EINVAL, EBUSY, ENOENT, ENOMEM, EFAULT, EPERM, ENXIO, EEXIST}) {
     EXPECT_EQ(ErrnoFromName(ErrnoName(err)), err) << ErrnoName(err);

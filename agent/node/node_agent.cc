@@ -15,12 +15,7 @@ namespace dmapin::agent {
 namespace node_internal {
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {
-  if (status.ok()) return status;
-  absl::Status annotated(status.code(), absl::StrCat(status.message(), " (", context, ")"));
-  status.ForEachPayload([&annotated](absl::string_view url, const absl::Cord& payload) {
-    annotated.SetPayload(url, payload);
-  });
-  return annotated;
+  return AppendToMessage(status, absl::StrCat(" (", context, ")"));
 }
 
 ContextOptions ToOptions(const ContextSpec& spec) {

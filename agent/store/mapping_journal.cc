@@ -596,6 +596,11 @@ std::vector<JournalRecord> MappingJournal::TakeUnfolded(uint64_t* file_seq) {
   return records;
 }
 
+uint64_t MappingJournal::current_file_seq() const {
+  MutexLock lock(&mu_);
+  return current_.first_seq;
+}
+
 size_t MappingJournal::unfolded() const {
   MutexLock lock(&mu_);
   return unfolded_.size();

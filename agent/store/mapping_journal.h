@@ -130,6 +130,8 @@ class MappingJournal {
   std::vector<JournalRecord> TakeUnfolded(uint64_t* file_seq = nullptr);
   // Records appended and not yet taken.
   size_t unfolded() const;
+  // The first seq of the file appends go to now.
+  uint64_t current_file_seq() const;
   // A copy of them (by seq), leaving them for TakeUnfolded.
   std::vector<JournalRecord> PeekUnfolded() const;
 

@@ -433,14 +433,6 @@ absl::StatusOr<sqlite3*> OpenDatabase(const std::string& path) {
   return db;
 }
 
-// `status` with `more` added to its message, its errno payload kept.
-absl::Status WithMore(const absl::Status& status, absl::string_view more) {
-  absl::Status out(status.code(), absl::StrCat(status.message(), more));
-  status.ForEachPayload(
-      [&out](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
-  return out;
-}
-
 constexpr absl::string_view kRecoverHint =
     "; or start with --recover_damaged_state to set the damaged files aside and start this node "
     "empty";
@@ -461,12 +453,11 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
   // First start, or state lost? Every Open leaves a journal file beside the database, so a
   // missing or empty database with journal files beside it is a node whose state went away.
   struct stat st;
-  const bool have_database = stat(path.c_str(), &st) == 0 && st.st_size > 0;
-  if (!have_database && !ListJournalFiles(dir).empty()) {
-    const std::string what =
-        absl::StrCat(path, stat(path.c_str(), &st) == 0 ? " is empty" : " is missing",
-                     " but the mapping journal of an earlier run is in ", dir,
-                     ": this node's state is lost, not new");
+  const bool database_exists = stat(path.c_str(), &st) == 0;
+  if ((!database_exists || st.st_size == 0) && !ListJournalFiles(dir).empty()) {
+    const std::string what = absl::StrCat(path, database_exists ? " is empty" : " is missing",
+                                          " but the mapping journal of an earlier run is in ", dir,
+                                          ": this node's state is lost, not new");
     if (!options.recover_damaged_state) {
       return ErrnoStatus(EIO, absl::StatusCode::kDataLoss,
                          absl::StrCat(what, ". Restore state.db", kRecoverHint));
@@ -489,7 +480,7 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
     store.reset();
     if (status.code() != absl::StatusCode::kDataLoss) return status;
     if (!options.recover_damaged_state || attempt > 0) {
-      return WithMore(status, kRecoverHint);
+      return AppendToMessage(status, kRecoverHint);
     }
     report.push_back(absl::StrCat(status.message(), ". Recovering: starting empty; moved aside: ",
                                   absl::StrJoin(SetAsideStoreFiles(dir, path), ", ")));
@@ -520,10 +511,9 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
       if (record.seq > *folded_seq) records.push_back(record);
     }
     // Also records the file appends now go to: a later Open must find it.
-    uint64_t appending = 0;
-    (void)store->journal_->TakeUnfolded(&appending);
-    if (absl::Status status = store->FoldLocked(records, appending); !status.ok()) {
-      return WithMore(status, " (at open: the journal left by the previous run)");
+    if (absl::Status status = store->FoldLocked(records, store->journal_->current_file_seq());
+        !status.ok()) {
+      return AppendToMessage(status, " (at open: the journal left by the previous run)");
     }
     if (!store->journal_->recovered().empty()) {
       store->journal_->DropFolded(store->journal_->recovered().back().seq);
