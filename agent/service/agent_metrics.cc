@@ -176,52 +176,62 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
             MetricType::Counter, static_cast<double>(status.vfio_inconsistencies));
   if (options_.store != nullptr) {
     const StoreStats store = options_.store->stats();
-    AddScalar(out, "dmapin_agent_store_commits_total", "Successful commits of the state store.",
-              MetricType::Counter, static_cast<double>(store.commits));
-    AddScalar(out, "dmapin_agent_store_failed_commits_total",
-              "Commits of the state store that were rejected, rolled back or failed.",
-              MetricType::Counter, static_cast<double>(store.failed_commits));
-    AddScalar(out, "dmapin_agent_store_transactions_total",
-              "SQLite transactions of the state store; fewer than commits when concurrent commits "
-              "were grouped into one transaction.",
-              MetricType::Counter, static_cast<double>(store.transactions));
-    AddScalar(out, "dmapin_agent_store_rows_written_total",
-              "Rows inserted, updated or deleted by successful state-store commits.",
-              MetricType::Counter, static_cast<double>(store.rows_written));
-    AddScalar(out, "dmapin_agent_store_journal_records_total",
-              "DMA map/unmap changes made durable by one append to the mapping journal.",
-              MetricType::Counter, static_cast<double>(store.journal_records));
-    AddScalar(out, "dmapin_agent_store_journal_failed_records_total",
-              "Mapping-journal appends that were refused or failed to write.", MetricType::Counter,
-              static_cast<double>(store.journal_failed_records));
-    AddScalar(out, "dmapin_agent_store_journal_folds_total",
-              "Transactions that folded mapping-journal records into the state database.",
-              MetricType::Counter, static_cast<double>(store.journal_folds));
-    AddScalar(out, "dmapin_agent_store_journal_records_folded_total",
-              "Mapping-journal records applied to the state database.", MetricType::Counter,
-              static_cast<double>(store.journal_records_folded));
-    AddScalar(out, "dmapin_agent_store_journal_records_coalesced_total",
-              "Folded mapping-journal records made moot by a later record of the same fold (a "
-              "map and its unmap), so never written to the state database.",
-              MetricType::Counter, static_cast<double>(store.journal_records_coalesced));
-    AddScalar(out, "dmapin_agent_store_journal_records_skipped_total",
-              "Mapping-journal records of containers deleted before the fold reached them.",
-              MetricType::Counter, static_cast<double>(store.journal_records_skipped));
-    AddScalar(out, "dmapin_agent_store_journal_torn_tail_bytes",
-              "Bytes of a torn last mapping-journal record found at start (a power loss or a "
-              "failed write in the previous run).",
-              MetricType::Gauge, static_cast<double>(store.journal_torn_tail_bytes));
-    AddScalar(out, "dmapin_agent_store_recovery_journal_files_set_aside",
-              "Damaged mapping-journal files set aside at start (--recover_damaged_state).",
-              MetricType::Gauge, static_cast<double>(store.journal_damaged_files));
-    AddScalar(out, "dmapin_agent_store_recovery_journal_records_dropped",
-              "Well-formed mapping-journal records after damage, dropped at start "
-              "(--recover_damaged_state): acknowledged DMA mappings this node lost.",
-              MetricType::Gauge, static_cast<double>(store.journal_damaged_records_dropped));
-    AddScalar(out, "dmapin_agent_store_recovery_state_set_aside",
-              "1 when a damaged or lost state.db was set aside at start and the node started "
-              "empty (--recover_damaged_state).",
-              MetricType::Gauge, static_cast<double>(store.state_set_aside));
+    const struct {
+      const char* name;
+      const char* help;
+      MetricType type;
+      uint64_t value;
+    } kStoreMetrics[] = {
+        {"dmapin_agent_store_commits_total", "Successful commits of the state store.",
+         MetricType::Counter, store.commits},
+        {"dmapin_agent_store_failed_commits_total",
+         "Commits of the state store that were rejected, rolled back or failed.",
+         MetricType::Counter, store.failed_commits},
+        {"dmapin_agent_store_transactions_total",
+         "SQLite transactions of the state store; fewer than commits when concurrent commits "
+         "were grouped into one transaction.",
+         MetricType::Counter, store.transactions},
+        {"dmapin_agent_store_rows_written_total",
+         "Rows inserted, updated or deleted by successful state-store commits.",
+         MetricType::Counter, store.rows_written},
+        {"dmapin_agent_store_journal_records_total",
+         "DMA map/unmap changes made durable by one append to the mapping journal.",
+         MetricType::Counter, store.journal_records},
+        {"dmapin_agent_store_journal_failed_records_total",
+         "Mapping-journal appends that were refused or failed to write.", MetricType::Counter,
+         store.journal_failed_records},
+        {"dmapin_agent_store_journal_folds_total",
+         "Transactions that folded mapping-journal records into the state database.",
+         MetricType::Counter, store.journal_folds},
+        {"dmapin_agent_store_journal_records_folded_total",
+         "Mapping-journal records applied to the state database.", MetricType::Counter,
+         store.journal_records_folded},
+        {"dmapin_agent_store_journal_records_coalesced_total",
+         "Folded mapping-journal records made moot by a later record of the same fold (a "
+         "map and its unmap), so never written to the state database.",
+         MetricType::Counter, store.journal_records_coalesced},
+        {"dmapin_agent_store_journal_records_skipped_total",
+         "Mapping-journal records of containers deleted before the fold reached them.",
+         MetricType::Counter, store.journal_records_skipped},
+        {"dmapin_agent_store_journal_torn_tail_bytes",
+         "Bytes of a torn last mapping-journal record found at start (a power loss or a "
+         "failed write in the previous run).",
+         MetricType::Gauge, store.journal_torn_tail_bytes},
+        {"dmapin_agent_store_recovery_journal_files_set_aside",
+         "Damaged mapping-journal files set aside at start (--recover_damaged_state).",
+         MetricType::Gauge, store.journal_damaged_files},
+        {"dmapin_agent_store_recovery_journal_records_dropped",
+         "Well-formed mapping-journal records after damage, dropped at start "
+         "(--recover_damaged_state): acknowledged DMA mappings this node lost.",
+         MetricType::Gauge, store.journal_damaged_records_dropped},
+        {"dmapin_agent_store_recovery_state_set_aside",
+         "1 when a damaged or lost state.db was set aside at start and the node started "
+         "empty (--recover_damaged_state).",
+         MetricType::Gauge, store.state_set_aside},
+    };
+    for (const auto& metric : kStoreMetrics) {
+      AddScalar(out, metric.name, metric.help, metric.type, static_cast<double>(metric.value));
+    }
   }
 
   // The registry's counters, as listed in common/registry_counters.h.
