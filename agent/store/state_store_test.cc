@@ -1079,8 +1079,6 @@ void CrashAfterThreeRecords(const std::string& dir) {
   ASSERT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0);
 }
 
-std::vector<std::string> JournalFiles(const std::string& dir) { return ListJournalFiles(dir); }
-
 void ExpectDataLoss(const absl::StatusOr<std::unique_ptr<StateStore>>& store,
                     const std::string& mentions) {
   ASSERT_FALSE(store.ok());
@@ -1095,7 +1093,7 @@ TEST_F(StateStoreTest, ADamagedJournalRecordIsDataLossUnlessRecoveryIsAsked) {
   Basic();
   store_.reset();
   CrashAfterThreeRecords(dir_);
-  const std::vector<std::string> files = JournalFiles(dir_);
+  const std::vector<std::string> files = ListJournalFiles(dir_);
   ASSERT_EQ(files.size(), 1u);
   {
     std::fstream file(files[0], std::ios::in | std::ios::out | std::ios::binary);
@@ -1121,7 +1119,7 @@ TEST_F(StateStoreTest, ADeletedOrTruncatedJournalIsDataLoss) {
   Basic();
   store_.reset();
   CrashAfterThreeRecords(dir_);
-  const std::vector<std::string> files = JournalFiles(dir_);
+  const std::vector<std::string> files = ListJournalFiles(dir_);
   ASSERT_EQ(files.size(), 1u);
   const std::string kept = dir_ + "/../kept.log";
   std::filesystem::copy_file(files[0], kept);

@@ -67,6 +67,8 @@
 #include "agent/registry/memlock_backend.h"
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
+#include "agent/store/mapping_journal.h"
+#include "agent/store/mapping_journal.h"
 #include "common/errno_status.h"
 #include "common/mutex.h"
 #include "dmapin/v1/agent.grpc.pb.h"
@@ -1615,15 +1617,8 @@ TEST(AgentKill9Repro, MappingOfContainerWithoutRegionsSurvivesKill9) {
 // The newest mapping-journal file in `dir` when its first two record slots are written (the maps
 // before a kill that beat the 100 ms fold), else "".
 std::string JournalWithRecords(const std::string& dir) {
-  std::vector<std::string> files;
-  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (absl::StartsWith(name, "mappings.") && absl::EndsWith(name, ".log")) {
-      files.push_back(entry.path().string());
-    }
-  }
+  const std::vector<std::string> files = ListJournalFiles(dir);  // by name: oldest first
   if (files.empty()) return "";
-  std::sort(files.begin(), files.end());
   std::ifstream in(files.back(), std::ios::binary);
   std::string slots(3 * 48, '\0');
   in.read(slots.data(), static_cast<std::streamsize>(slots.size()));
