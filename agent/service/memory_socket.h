@@ -1,0 +1,94 @@
+// The memory socket: the side channel next to the agent's gRPC socket through which a VMM hands
+// the agent descriptors of its guest memory (gRPC cannot carry file descriptors). Modelled on
+// vhost-user's SET_MEM_TABLE and vfio-user's DMA_MAP; the protocol is in api/README.md ("The
+// memory socket"):
+//
+//  - a SOCK_SEQPACKET Unix socket (--memory_socket_path): every message is one record, so a
+//    message arrives whole or not at all, with its descriptors;
+//  - request: one record holding a serialized dmapin.v1.AttachMemoryRequest (at most
+//    kMaxRequestBytes), with the slots' descriptors as SCM_RIGHTS (at most kMaxFds; slot i uses
+//    descriptor slots[i].fd_index);
+//  - reply: one record holding a serialized dmapin.v1.MemorySocketReply;
+//  - the peer is identified by SO_PEERCRED (pid, uid, gid) when it connects.
+// The server only frames: a Handler does the work. Every malformed record gets a reply with a
+// clear error (EINVAL, E2BIG, EMSGSIZE...) and the connection stays usable; every descriptor
+// received is closed once the handler returns, whatever happened.
+#ifndef DMAPIN_AGENT_SERVICE_MEMORY_SOCKET_H_
+#define DMAPIN_AGENT_SERVICE_MEMORY_SOCKET_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/mutex.h"
+#include "common/unique_fd.h"
+#include "dmapin/v1/agent.pb.h"
+
+namespace dmapin::agent {
+
+struct PeerCredentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+struct MemorySocketStats {
+  uint64_t connections = 0;       // accepted, in all
+  uint64_t open_connections = 0;  // now
+  uint64_t requests = 0;          // records answered
+  uint64_t bad_requests = 0;      // records refused before the handler (framing, too many fds)
+  uint64_t refused_connections = 0;  // over kMaxConnections
+};
+
+class MemorySocketServer {
+ public:
+  // What to do with one well-formed request. `fds` are the record's descriptors in order; the
+  // server closes them after the handler returns (the handler dups what it keeps, or maps it).
+  using Handler = std::function<v1::MemorySocketReply(
+      const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
+      const std::vector<UniqueFd>& fds)>;
+
+  static constexpr size_t kMaxRequestBytes = 64 << 10;
+  static constexpr size_t kMaxFds = 64;
+  static constexpr size_t kMaxConnections = 256;
+
+  // Binds and listens on `path` (a stale socket file there is replaced; mode 0660 unless the
+  // caller changes it) and serves on one thread.
+  static absl::StatusOr<std::unique_ptr<MemorySocketServer>> Start(const std::string& path,
+                                                                   Handler handler);
+  ~MemorySocketServer();  // stops, closes every connection, removes the socket file
+
+  MemorySocketStats stats() const;
+
+ private:
+  MemorySocketServer(std::string path, UniqueFd listen_fd, Handler handler);
+  void Loop();
+
+  // Constant after construction.
+  const std::string path_;
+  const UniqueFd listen_fd_;
+  const Handler handler_;
+  UniqueFd wake_;  // eventfd for the destructor
+  std::thread thread_;
+
+  std::atomic<uint64_t> connections_{0};
+  std::atomic<uint64_t> open_connections_{0};
+  std::atomic<uint64_t> requests_{0};
+  std::atomic<uint64_t> bad_requests_{0};
+  std::atomic<uint64_t> refused_connections_{0};
+};
+
+// The reply a handler gives for `status` (code, errno name, message).
+v1::MemorySocketReply ReplyFor(const absl::Status& status);
+
+}  // namespace dmapin::agent
+
+#endif  // DMAPIN_AGENT_SERVICE_MEMORY_SOCKET_H_
