@@ -1,0 +1,42 @@
+// The VMM's end of the agent's memory socket (agent/service/memory_socket.h, api/README.md "The
+// memory socket"): sends an AttachMemoryRequest with its descriptors, returns the reply as a
+// Status.
+#ifndef DMAPIN_CLIENT_MEMORY_SOCKET_CLIENT_H_
+#define DMAPIN_CLIENT_MEMORY_SOCKET_CLIENT_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/unique_fd.h"
+#include "dmapin/v1/agent.pb.h"
+
+namespace dmapin::client {
+
+class MemorySocketClient {
+ public:
+  // Connects to the agent's memory socket at `path`.
+  static absl::StatusOr<std::unique_ptr<MemorySocketClient>> Connect(const std::string& path);
+
+  // Sends `request` with `fds` (slot i names fds[request.slots(i).fd_index]) and waits for the
+  // reply. The agent's refusal comes back as its status (code and "EINVAL: ..." message, errno
+  // payload as common/errno_status); a broken connection is UNAVAILABLE.
+  absl::StatusOr<v1::Context> Attach(const v1::AttachMemoryRequest& request,
+                                     absl::Span<const int> fds);
+
+  // Sends raw bytes and descriptors as one record and returns the reply (tests of bad input).
+  absl::StatusOr<v1::MemorySocketReply> SendRaw(const std::string& bytes,
+                                                absl::Span<const int> fds);
+
+  int fd() const { return fd_.get(); }
+
+ private:
+  explicit MemorySocketClient(UniqueFd fd) : fd_(std::move(fd)) {}
+  UniqueFd fd_;
+};
+
+}  // namespace dmapin::client
+
+#endif  // DMAPIN_CLIENT_MEMORY_SOCKET_CLIENT_H_
