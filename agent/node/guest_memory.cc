@@ -315,6 +315,7 @@ struct RangeCover {
   MapsLine first;            // the mapping holding ua: its map_files entry is opened
   uint64_t covered_to = 0;   // the end of the covering mappings so far
   uint64_t next_offset = 0;  // the file offset a continuing mapping must start at
+  bool gap = false;          // a hole follows covered_to: the final check names it
   absl::Status error;
 };
 
@@ -326,7 +327,7 @@ std::string RangeName(size_t index, uint64_t ua, uint64_t size) {
 // of the same object at contiguous offsets (a VMA split by mprotect or madvise); the object is
 // opened once, through the first.
 void Extend(size_t index, const MapsLine& line, RangeCover* cover) {
-  if (!cover->error.ok()) return;
+  if (!cover->error.ok() || cover->gap) return;
   const uint64_t end = cover->ua + cover->size;
   if (!cover->started) {
     if (line.start > cover->ua || line.end <= cover->ua) return;
@@ -334,10 +335,13 @@ void Extend(size_t index, const MapsLine& line, RangeCover* cover) {
     cover->first = line;
   } else {
     if (cover->covered_to >= end || line.end <= cover->covered_to) return;
+    if (line.start > cover->covered_to) {
+      cover->gap = true;
+      return;
+    }
     const MapsLine& first = cover->first;
-    if (line.start != cover->covered_to || line.inode != first.inode ||
-        line.dev_major != first.dev_major || line.dev_minor != first.dev_minor ||
-        line.offset != cover->next_offset) {
+    if (line.inode != first.inode || line.dev_major != first.dev_major ||
+        line.dev_minor != first.dev_minor || line.offset != cover->next_offset) {
       cover->error = ErrnoStatus(
           EFAULT,
           absl::StrCat(RangeName(index, cover->ua, cover->size), ": ", Hex(cover->covered_to),

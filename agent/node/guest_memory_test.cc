@@ -257,7 +257,7 @@ TEST_F(AttachErrorTest, BadShapes) {
   // The index of the bad one, after good ones.
   ExpectRefused(
       {{kFree, kPage, 0, fd}, {kFree + kPage, kPage, 0, fd}, {kFree + 2 * kPage, 0, 0, fd}}, EINVAL,
-      "slot 2 (ua 0x7f0000102000, size 0x0)");
+      absl::StrCat("slot 2 (ua ", Hex(kFree + 2 * kPage), ", size 0x0)"));
 }
 
 TEST_F(AttachErrorTest, DescriptorsThatAreNoMemoryObject) {
@@ -279,7 +279,8 @@ TEST_F(AttachErrorTest, DescriptorsThatAreNoMemoryObject) {
   const int closed = null.release();
   close(closed);
   fds_ = CountFds();
-  ExpectRefused({{kFree, kPage, 0, closed}}, EBADF, "slot 0 (ua 0x7f0000100000, size 0x1000)");
+  ExpectRefused({{kFree, kPage, 0, closed}}, EBADF,
+                absl::StrCat("slot 0 (ua ", Hex(kFree), ", size ", Hex(kPage), ")"));
 }
 
 TEST_F(AttachErrorTest, ReadOnlyObject) {
@@ -292,21 +293,24 @@ TEST_F(AttachErrorTest, ReadOnlyObject) {
 TEST_F(AttachErrorTest, PastTheEndOfTheObject) {
   UniqueFd small = Memfd("small", kPage);
   fds_ = CountFds();
-  ExpectRefused({{kFree, 2 * kPage, 0, small.get()}}, ENXIO,
-                "slot 0 (ua 0x7f0000100000, size 0x2000): [0x0, 0x2000) reaches past the end of "
-                "the object (size 0x1000)");
+  ExpectRefused(
+      {{kFree, 2 * kPage, 0, small.get()}}, ENXIO,
+      absl::StrCat("slot 0 (ua ", Hex(kFree), ", size ", Hex(2 * kPage), "): [0x0, ",
+                   Hex(2 * kPage), ") reaches past the end of the object (size ", Hex(kPage), ")"));
   ExpectRefused({{kFree, kPage, 2 * kPage, small.get()}}, ENXIO,
-                "[0x2000, 0x3000) reaches past the end of the object (size 0x1000)");
+                absl::StrCat("[", Hex(2 * kPage), ", ", Hex(3 * kPage),
+                             ") reaches past the end of the object (size ", Hex(kPage), ")"));
 }
 
 TEST_F(AttachErrorTest, Overlaps) {
   const int fd = fd_.get();
   ExpectRefused({{kFree, 2 * kPage, 0, fd}, {kFree + kPage, kPage, 0, fd}}, EINVAL,
-                "slot 1 (ua 0x7f0000101000, size 0x1000) overlaps slot 0 (ua 0x7f0000100000, "
-                "size 0x2000)");
+                absl::StrCat("slot 1 (ua ", Hex(kFree + kPage), ", size ", Hex(kPage),
+                             ") overlaps slot 0 (ua ", Hex(kFree), ", size ", Hex(2 * kPage), ")"));
   ExpectRefused({{kFree, kPage, 0, fd}, {kBase + kPage, 2 * kPage, 0, fd}}, EINVAL,
-                "slot 1 (ua 0x7f0000001000, size 0x2000) overlaps attached slot "
-                "[0x7f0000000000, 0x7f0000002000) (memfd:guest-ram dev ");
+                absl::StrCat("slot 1 (ua ", Hex(kBase + kPage), ", size ", Hex(2 * kPage),
+                             ") overlaps attached slot [", Hex(kBase), ", ", Hex(kBase + 2 * kPage),
+                             ") (memfd:guest-ram dev "));
   ExpectRefused({{kBase - kPage, 2 * kPage, 0, fd}}, EINVAL, "overlaps attached slot");
   // Adjacent is fine.
   EXPECT_TRUE(memory_.Attach({{kBase + 2 * kPage, kPage, 0, fd}}).ok());
@@ -493,6 +497,27 @@ TEST(OpenProcessSlotsTest, UnmappedRangeIsEfault) {
   EXPECT_EQ(ErrnoOf(second), EFAULT);
   EXPECT_THAT(std::string(second.message()), HasSubstr("range 1"));
   EXPECT_EQ(CountFds(), fds);
+}
+
+TEST(OpenProcessSlotsTest, AdjacentMappingsOfOtherObjectsOrOffsetsAreEfault) {
+  Mapping area(mmap(nullptr, 3 * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), 3 * kPage);
+  ASSERT_NE(area.addr, MAP_FAILED);
+  UniqueFd a = Memfd("a", 4 * kPage);
+  UniqueFd b = Memfd("b", kPage);
+  const int prot = PROT_READ | PROT_WRITE;
+  ASSERT_EQ(mmap(area.addr, kPage, prot, MAP_SHARED | MAP_FIXED, a.get(), 0), area.addr);
+  ASSERT_NE(mmap(area.bytes() + kPage, kPage, prot, MAP_SHARED | MAP_FIXED, b.get(), 0),
+            MAP_FAILED);
+  // Object a again, at offset 3 pages: not contiguous with b's page nor with a's first.
+  ASSERT_NE(mmap(area.bytes() + 2 * kPage, kPage, prot, MAP_SHARED | MAP_FIXED, a.get(),
+                 static_cast<off_t>(3 * kPage)),
+            MAP_FAILED);
+  for (uint64_t start : {area.ua(), area.ua() + kPage}) {
+    absl::Status status = OpenProcessSlots(getpid(), {{start, 2 * kPage}}).status();
+    EXPECT_EQ(ErrnoOf(status), EFAULT) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr("spans different mappings"));
+    EXPECT_THAT(std::string(status.message()), HasSubstr(Hex(start + kPage)));
+  }
 }
 
 TEST(OpenProcessSlotsTest, BadRangesAndMissingProcess) {
