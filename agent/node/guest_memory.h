@@ -58,18 +58,22 @@ class GuestMemory {
   GuestMemory& operator=(const GuestMemory&) = delete;
   ~GuestMemory();  // unmaps every slot
 
-  // Maps every source and adds it, all or none. Errors name the slot by index and errno:
-  //  EINVAL: size 0, not page multiples, ua + size or offset + size wraps, slots overlapping each
-  //    other or a slot already attached, a descriptor that is not a regular file (socket, pipe,
-  //    directory, device) or cannot be mapped shared and writable, more than kMaxSlots in all;
+  // Maps every source and adds it, all or none. Errors name the slot by index (with its ua and
+  // size) and errno:
+  //  EINVAL: size 0, not page multiples, ua + size or offset + size wraps (an end of 2^64 counts),
+  //    slots overlapping each other or a slot already attached, a descriptor that is not a
+  //    regular file (socket, pipe, directory, device), more than kMaxSlots in all;
   //  EBADF: not an open descriptor; EFAULT... never (that is Resolve's);
+  //  EACCES (not open read-write), EPERM (e.g. a write-sealed memfd), ENOMEM...: mmap's errno;
   //  ENXIO: [offset, offset + size) reaches past the end of the object.
-  // Nothing of a failed call stays mapped.
+  // Nothing of a failed call stays mapped. The mmaps run outside mu_; overlap is checked again
+  // under it, so of two concurrent overlapping calls one fails.
   absl::Status Attach(absl::Span<const SlotSource> sources);
 
   // The pieces of [ua, ua + size) in the agent, in ascending order, split at slot boundaries.
-  // EFAULT naming the first byte no slot covers (spec §2.6); EINVAL for size 0 or a range that
-  // wraps.
+  // EFAULT (OUT_OF_RANGE, as translate's) naming the first byte no slot covers (spec §2.6); EINVAL
+  // for size 0 or a range that wraps. `pieces` is cleared first and left empty on an error; a
+  // success allocates only when `pieces` lacks the capacity.
   absl::Status Resolve(uint64_t ua, uint64_t size, std::vector<GuestPiece>* pieces) const;
 
   std::vector<GuestSlot> slots() const;
@@ -93,9 +97,12 @@ struct ProcessSlot {
 // through /proc/<pid>/maps and /proc/<pid>/map_files (needs CAP_SYS_ADMIN, as the agent has),
 // with the file offset of `ua` in it. Errors name the range:
 //  EFAULT: no mapping of the process covers the whole range (or two mappings of different
-//    objects or non-contiguous offsets do);
+//    objects or non-contiguous offsets do; adjacent mappings of one object at contiguous offsets,
+//    a mapping split by mprotect or madvise, are one range, opened through the first);
 //  EINVAL: the mapping is private (MAP_PRIVATE, e.g. anonymous memory: it cannot be shared);
+//  EINVAL also for a range of size 0 or that wraps;
 //  ESRCH: no such process; EACCES/EPERM from the kernel as they come.
+// /proc/<pid>/maps is read line by line through a fixed buffer. Nothing stays open on an error.
 absl::StatusOr<std::vector<ProcessSlot>> OpenProcessSlots(
     pid_t pid, absl::Span<const std::pair<uint64_t, uint64_t>> ranges);
 
