@@ -11,8 +11,10 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,12 +33,16 @@
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/service/agent_metrics.h"
+#include "agent/service/memory_socket.h"
 #include "agent/service/node_agent_service.h"
+#include "agent/service/proto_convert.h"
 #include "agent/store/state_store.h"
 #include "agent/vfio/vfio_container.h"
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
+#include "common/errno_status.h"
 #include "common/flags.h"
+#include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/server_limits.h"
@@ -52,6 +58,19 @@ ABSL_FLAG(std::string, tcp_address, "0.0.0.0:7470",
           "TCP address for the central service and admins (host:port); empty disables TCP.");
 ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock",
           "Unix socket for the VMMs on this node (the DMA hot path); empty disables it.");
+ABSL_FLAG(std::string, memory_socket_path, "/run/dmapin/memory.sock",
+          "The memory socket (SOCK_SEQPACKET, api/README.md \"The memory socket\"): VMMs on this "
+          "node send descriptors of their guest memory here (SCM_RIGHTS), which the agent maps "
+          "shared and pins in the VMM's own addresses. Empty disables it (VMMs can still attach "
+          "through the fd-less AttachMemory RPC).");
+ABSL_FLAG(std::vector<std::string>, manager_uids, {},
+          "Local uids that may act for VMMs (comma-separated): create a context for another "
+          "process (CreateContextRequest.owner_pid), attach its memory, register and tear down on "
+          "it; never map. E.g. the uid of a virt-handler-like management daemon. Default: none.");
+ABSL_FLAG(bool, insecure_dma_from_any_peer, false,
+          "INSECURE, for demos and tests only: let any caller, TCP peers included, map, unmap and "
+          "translate on any context. Without it only the process that owns a context may, over "
+          "the Unix socket (PERMISSION_DENIED otherwise).");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9470",
           "HTTP address (host:port) serving the agent's Prometheus metrics at /metrics: "
           "per-context and per-container pinned bytes, regions and mappings, registry and "
@@ -222,6 +241,45 @@ RegistryLimits LimitsFromFlags() {
   return limits;
 }
 
+absl::StatusOr<std::vector<uid_t>> ManagerUids() {
+  std::vector<uid_t> uids;
+  for (const std::string& text : absl::GetFlag(FLAGS_manager_uids)) {
+    uint32_t uid = 0;
+    if (!absl::SimpleAtoi(text, &uid)) {
+      return absl::InvalidArgumentError(absl::StrCat("--manager_uids: \"", text, "\" is not a uid"));
+    }
+    uids.push_back(uid);
+  }
+  return uids;
+}
+
+// The memory socket's requests: descriptors of a VMM's memory for one of its contexts.
+v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& peer,
+                                       const v1::AttachMemoryRequest& request,
+                                       const std::vector<UniqueFd>& fds) {
+  std::vector<SlotSource> sources;
+  sources.reserve(std::min<size_t>(request.slots_size(), GuestMemory::kMaxSlots + 1));
+  for (const v1::MemorySlot& slot : request.slots()) {
+    if (sources.size() > GuestMemory::kMaxSlots) break;  // Attach refuses it, naming the limit
+    if (slot.fd_index() >= fds.size()) {
+      return ReplyFor(ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
+                                                         "carries %d descriptors",
+                                                         sources.size(), slot.fd_index(),
+                                                         fds.size())));
+    }
+    sources.push_back({.ua = slot.ua(),
+                       .size = slot.size(),
+                       .offset = slot.offset(),
+                       .fd = fds[slot.fd_index()].get()});
+  }
+  absl::StatusOr<ContextView> view =
+      agent.AttachMemory(request.context(), sources, Caller::Local(peer.pid, peer.uid));
+  if (!view.ok()) return ReplyFor(WithErrno(view.status()));
+  v1::MemorySocketReply reply;
+  Fill(*view, reply.mutable_context());
+  return reply;
+}
+
 std::string NodeName() {
   std::string name = absl::GetFlag(FLAGS_node_name);
   if (!name.empty()) return name;
@@ -279,6 +337,16 @@ int Run() {
       return driver;
     };
   }
+  absl::StatusOr<std::vector<uid_t>> manager_uids = ManagerUids();
+  if (!manager_uids.ok()) {
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: %s", manager_uids.status().ToString().c_str());
+    return 2;
+  }
+  const bool dma_from_any_peer = absl::GetFlag(FLAGS_insecure_dma_from_any_peer);
+  if (dma_from_any_peer) {
+    LOG(WARNING) << "dmapin-agent: --insecure_dma_from_any_peer: ANY caller, TCP peers included, "
+                    "may map, unmap and translate on ANY context. Demos and tests only.";
+  }
   absl::StatusOr<std::unique_ptr<NodeAgent>> agent =
       NodeAgent::Create({.node_name = NodeName(),
                          .backend = backend->get(),
@@ -287,7 +355,10 @@ int Run() {
                          .available_backends = DetectBackends(),
                          .vfio_backend = IsVfioBackend(backend_flag) ? backend_flag : "",
                          .open_vfio_container = std::move(open_vfio_container),
-                         .limits = LimitsFromFlags()});
+                         .limits = LimitsFromFlags(),
+                         .vmm_memory = memory != nullptr,
+                         .manager_uids = std::move(*manager_uids),
+                         .dma_from_any_peer = dma_from_any_peer});
   if (!agent.ok()) {
     LOG(ERROR) << absl::StrFormat("dmapin-agent: recovery from %s failed, refusing to serve: %s",
                                   state_dir.c_str(), agent.status().ToString().c_str());
@@ -347,7 +418,32 @@ int Run() {
     if (!ports.empty()) metrics_port = ports.front();
   }
 
-  NodeAgentService service(agent->get(), metrics.get());
+  // Callers are known by their connection: a Unix-socket peer by SO_PEERCRED (a VMM, a manager),
+  // anything else is a TCP peer.
+  NodeAgentService service(agent->get(), metrics.get(), [&listener](const std::string& peer) {
+    if (std::optional<UnixPeer> local = listener.UnixPeerOf(FdOfGrpcPeer(peer))) {
+      return Caller::Local(local->pid, local->uid);
+    }
+    return Caller::Remote();
+  });
+  std::unique_ptr<MemorySocketServer> memory_socket;
+  if (const std::string path = absl::GetFlag(FLAGS_memory_socket_path); !path.empty()) {
+    std::error_code ignored;
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ignored);
+    NodeAgent* core = agent->get();
+    absl::StatusOr<std::unique_ptr<MemorySocketServer>> started = MemorySocketServer::Start(
+        path, [core](const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
+                     const std::vector<UniqueFd>& fds) {
+          return AttachFromSocket(*core, peer, request, fds);
+        });
+    if (!started.ok()) {
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: --memory_socket_path=%s: %s", path.c_str(),
+                                    started.status().ToString().c_str());
+      return 1;
+    }
+    memory_socket = std::move(*started);
+    LOG(INFO) << absl::StrFormat("dmapin-agent: memory socket on %s", path.c_str());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -426,6 +522,7 @@ int Run() {
   health->SetServingStatus(false);
   if (control != nullptr) control->Stop();
   listener.Stop();
+  memory_socket.reset();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // The exposer's threads read the metrics, which read the agent: stop them first.
   exposer.reset();

@@ -33,6 +33,11 @@ constexpr ErrnoEntry kErrnos[] = {
     {ENOBUFS, "ENOBUFS", absl::StatusCode::kResourceExhausted},
     {EOVERFLOW, "EOVERFLOW", absl::StatusCode::kOutOfRange},
     {ENOSYS, "ENOSYS", absl::StatusCode::kUnimplemented},
+    // The VMM's process and its memory: a process that is gone, too many descriptors or bytes.
+    {ESRCH, "ESRCH", absl::StatusCode::kNotFound},
+    {EMFILE, "EMFILE", absl::StatusCode::kResourceExhausted},
+    {E2BIG, "E2BIG", absl::StatusCode::kInvalidArgument},
+    {EMSGSIZE, "EMSGSIZE", absl::StatusCode::kInvalidArgument},
 };
 
 const ErrnoEntry* FindEntry(int err) {

@@ -274,10 +274,26 @@ ListenerStats ConnectionListener::stats() const {
   return stats;
 }
 
+int FdOfGrpcPeer(absl::string_view peer) {
+  int fd = -1;
+  if (!absl::ConsumePrefix(&peer, "fd:") || !absl::SimpleAtoi(peer, &fd) || fd < 0) return -1;
+  return fd;
+}
+
+std::optional<UnixPeer> ConnectionListener::UnixPeerOf(int fd) const {
+  if (fd < 0) return std::nullopt;
+  // No fstat to check the inode: this is on every DMA call, and during a call its connection's
+  // entry is the one written when it was accepted (a reused descriptor is rewritten at accept).
+  MutexLock lock(&mu_);
+  auto it = open_.find(fd);
+  if (it == open_.end()) return std::nullopt;
+  return it->second.peer;
+}
+
 void ConnectionListener::SweepClosedLocked() const {
   for (auto it = open_.begin(); it != open_.end();) {
     uint64_t inode = 0;
-    if (InodeOf(it->first, &inode) != 0 || inode != it->second) {
+    if (InodeOf(it->first, &inode) != 0 || inode != it->second.inode) {
       it = open_.erase(it);
     } else {
       ++it;
@@ -341,7 +357,17 @@ void ConnectionListener::AcceptFrom(const Socket& socket) {
       // A descriptor the kernel hands out again was closed by gRPC: not open any more.
       open_.erase(fd);
       admit = open_.size() < max_connections_;
-      if (admit) open_[fd] = inode;
+      if (admit) {
+        Connection& connection = open_[fd];
+        connection.inode = inode;
+        if (!socket.tcp) {
+          ucred cred{};
+          socklen_t length = sizeof(cred);
+          if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &length) == 0) {
+            connection.peer = UnixPeer{.pid = cred.pid, .uid = cred.uid, .gid = cred.gid};
+          }
+        }
+      }
     }
     if (!admit) {
       refused_.fetch_add(1, std::memory_order_relaxed);

@@ -19,12 +19,16 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <sys/types.h>
+
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/mutex.h"
 #include "grpcpp/grpcpp.h"
@@ -62,6 +66,16 @@ struct ListenerStats {
   uint64_t fd_exhausted = 0;  // closed at once: accept() failed for want of a descriptor
 };
 
+// The local process at the other end of a Unix-socket connection (SO_PEERCRED when it connected).
+struct UnixPeer {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+// The descriptor of a connection handed to gRPC, from a call's peer string ("fd:<n>"), or -1.
+int FdOfGrpcPeer(absl::string_view peer);
+
 // Accepts connections on its own sockets and hands each to a grpc::Server that was built without
 // listening ports (grpc::AddInsecureChannelFromFd). One thread.
 class ConnectionListener {
@@ -81,6 +95,12 @@ class ConnectionListener {
 
   size_t max_connections() const { return max_connections_; }
   ListenerStats stats() const;
+  // Who is at the other end of connection `fd` (FdOfGrpcPeer of a call's peer) when it is a
+  // Unix-socket connection this listener handed to gRPC. Only meaningful during a call on that
+  // connection: gRPC keeps a connection's descriptor open while any of its calls runs (the
+  // streams hold the transport, which holds the endpoint), so the descriptor cannot have been
+  // reused for another connection meanwhile.
+  std::optional<UnixPeer> UnixPeerOf(int fd) const;
 
  private:
   struct Socket {
@@ -103,7 +123,11 @@ class ConnectionListener {
   // Descriptor -> inode of each connection handed to gRPC: the kernel reusing a descriptor, or a
   // different inode behind it, means gRPC closed that connection.
   // mutable: stats() sweeps too.
-  mutable std::map<int, uint64_t> open_ ABSL_GUARDED_BY(mu_);
+  struct Connection {
+    uint64_t inode = 0;
+    std::optional<UnixPeer> peer;  // Unix-socket connections
+  };
+  mutable std::map<int, Connection> open_ ABSL_GUARDED_BY(mu_);
   mutable absl::Time last_sweep_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   std::atomic<uint64_t> accepted_{0};
   std::atomic<uint64_t> refused_{0};

@@ -17,6 +17,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "common/errno_status.h"
 
@@ -180,6 +181,22 @@ void Unmap(const std::vector<GuestSlot>& slots) {
 GuestMemory::~GuestMemory() {
   MutexLock lock(&mu_);
   Unmap(slots_);
+}
+
+absl::Status GuestMemory::Detach(uint64_t ua) {
+  std::vector<GuestSlot> removed;
+  {
+    MutexLock lock(&mu_);
+    auto it = std::find_if(slots_.begin(), slots_.end(),
+                           [ua](const GuestSlot& slot) { return slot.ua == ua; });
+    if (it == slots_.end()) {
+      return ErrnoStatus(ENOENT, absl::StrFormat("no memory slot starts at 0x%x", ua));
+    }
+    removed.push_back(*it);
+    slots_.erase(it);
+  }
+  Unmap(removed);
+  return absl::OkStatus();
 }
 
 absl::Status GuestMemory::Attach(absl::Span<const SlotSource> sources) {

@@ -76,6 +76,10 @@ class GuestMemory {
   // success allocates only when `pieces` lacks the capacity.
   absl::Status Resolve(uint64_t ua, uint64_t size, std::vector<GuestPiece>* pieces) const;
 
+  // Unmaps and removes the slot that starts at `ua` (ENOENT if none does). Only for memory
+  // nothing pins: the caller undoing an attach it could not make durable.
+  absl::Status Detach(uint64_t ua);
+
   std::vector<GuestSlot> slots() const;
   uint64_t bytes() const;  // the sum of the slots' sizes
 

@@ -1,5 +1,7 @@
 #include "agent/node/node_agent.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <utility>
@@ -10,6 +12,7 @@
 #include "agent/node/node_agent_internal.h"
 #include "agent/node/vfio_container_dma.h"
 #include "common/errno_status.h"
+#include "common/logging.h"
 
 namespace dmapin::agent {
 namespace node_internal {
@@ -55,8 +58,9 @@ absl::Status ValidateName(absl::string_view what, absl::string_view name) {
 // limits are now; Create applies them afterwards.
 NodeAgent::NodeAgent(NodeAgentOptions options)
     : options_(std::move(options)),
+      guest_backend_(options_.backend),
       registry_(std::make_unique<Registry>(
-          options_.backend,
+          &guest_backend_,
           RegistryLimits{.max_region_bytes = ~uint64_t{0}, .max_pinned_bytes = ~uint64_t{0}})) {}
 
 NodeAgent::~NodeAgent() = default;
@@ -66,7 +70,160 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions op
   std::unique_ptr<NodeAgent> agent(new NodeAgent(std::move(options)));
   if (absl::Status status = agent->Recover(); !status.ok()) return status;
   agent->registry_->SetLimits(agent->options_.limits);
+  if (agent->options_.watch_owners) {
+    NodeAgent* self = agent.get();
+    agent->watcher_ =
+        std::make_unique<ProcessWatcher>([self](const std::string& key) { self->OnOwnerExit(key); });
+    // The owners recovery found alive; one that exited since is torn down like any other.
+    std::vector<std::string> gone;
+    for (const ContextView& context : agent->ListContexts()) {
+      if (!context.owner.has_value()) continue;
+      const std::string key = WatchKey(context.name, agent->FindContext(context.name)->id);
+      if (!agent->watcher_->Watch(key, *context.owner).ok()) gone.push_back(key);
+    }
+    for (const std::string& key : gone) agent->OnOwnerExit(key);
+  }
   return agent;
+}
+
+std::string Caller::Describe() const {
+  switch (kind) {
+    case Kind::kInternal:
+      return "the agent";
+    case Kind::kRemote:
+      return "a TCP peer";
+    case Kind::kLocal:
+      break;
+  }
+  return absl::StrFormat("pid %d uid %d", pid, uid);
+}
+
+std::string NodeAgent::WatchKey(absl::string_view name, ContextId id) {
+  return absl::StrCat(name, "#", id);
+}
+
+void NodeAgent::OnOwnerExit(const std::string& key) {
+  const size_t hash = key.rfind('#');
+  if (hash == std::string::npos) return;
+  const std::string name = key.substr(0, hash);
+  std::shared_ptr<ContextEntry> entry = FindContext(name);
+  // Torn down already, or a new context of the same name: not this owner's.
+  if (entry == nullptr || WatchKey(name, entry->id) != key) return;
+  const std::string owner = entry->owner.has_value()
+                                ? absl::StrFormat("pid %d", entry->owner->pid)
+                                : std::string("its owner");
+  absl::Status status = TeardownContext(name);
+  if (status.ok()) {
+    owner_exit_teardowns_.fetch_add(1, std::memory_order_relaxed);
+    LOG(INFO) << absl::StrFormat("context \"%s\": its VMM (%s) exited; context torn down, its "
+                                 "containers released and every page it pinned unpinned",
+                                 name, owner);
+  } else if (ErrnoOf(status) != ENOENT) {
+    LOG(ERROR) << absl::StrFormat("context \"%s\": its VMM (%s) exited, but the teardown failed: "
+                                  "%s",
+                                  name, owner, status.ToString());
+  }
+}
+
+// --- Ownership --------------------------------------------------------------------------------
+
+bool NodeAgent::IsManager(const Caller& caller) const {
+  return caller.kind == Caller::Kind::kLocal &&
+         std::find(options_.manager_uids.begin(), options_.manager_uids.end(), caller.uid) !=
+             options_.manager_uids.end();
+}
+
+absl::Status NodeAgent::Denied(std::string message) const {
+  permission_denied_.fetch_add(1, std::memory_order_relaxed);
+  return ErrnoStatus(EPERM, absl::StatusCode::kPermissionDenied, message);
+}
+
+absl::Status NodeAgent::CheckDma(const ContextEntry* context, absl::string_view context_name,
+                                 const Caller& caller, absl::string_view what) const {
+  if (caller.kind == Caller::Kind::kInternal || options_.dma_from_any_peer) {
+    return absl::OkStatus();
+  }
+  if (caller.kind == Caller::Kind::kRemote) {
+    return Denied(absl::StrFormat("%s on context \"%s\": DMA calls are the owning VMM's, over "
+                                  "the agent's Unix socket; %s may not make them",
+                                  what, context_name, caller.Describe()));
+  }
+  if (context == nullptr || !context->owner.has_value()) {
+    return Denied(absl::StrFormat("%s on context \"%s\": the context has no owner process (it "
+                                  "was created over TCP), so no process may map on it",
+                                  what, context_name));
+  }
+  if (context->owner->pid != caller.pid) {
+    return Denied(absl::StrFormat("%s on context \"%s\": it belongs to pid %d, the caller is %s",
+                                  what, context_name, context->owner->pid, caller.Describe()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NodeAgent::CheckControl(const ContextEntry& context, absl::string_view context_name,
+                                     const Caller& caller, absl::string_view what) const {
+  // The central service and admins (TCP) keep the control-plane decisions.
+  if (caller.kind != Caller::Kind::kLocal || IsManager(caller)) return absl::OkStatus();
+  if (context.owner.has_value() && context.owner->pid == caller.pid) return absl::OkStatus();
+  return Denied(absl::StrFormat(
+      "%s context \"%s\": it belongs to %s, the caller is %s (not a manager: --manager_uids)", what,
+      context_name,
+      context.owner.has_value() ? absl::StrFormat("pid %d", context.owner->pid) : "no process",
+      caller.Describe()));
+}
+
+absl::Status NodeAgent::CheckContainerDma(const ContainerEntry& container, const Caller& caller,
+                                          absl::string_view what) const {
+  if (const ContextEntry* context = container.bound.load(std::memory_order_acquire)) {
+    return CheckDma(context, ContextName(context->id), caller, what);
+  }
+  if (caller.kind == Caller::Kind::kLocal && container.creator_pid == caller.pid) {
+    return absl::OkStatus();
+  }
+  if (caller.kind == Caller::Kind::kInternal || options_.dma_from_any_peer) {
+    return absl::OkStatus();
+  }
+  return Denied(absl::StrFormat("%s on container \"%s\": it is bound to no context yet and the "
+                                "caller (%s) did not create it",
+                                what, container.name, caller.Describe()));
+}
+
+absl::Status NodeAgent::CheckContainerControl(const ContainerEntry& container,
+                                              const Caller& caller, absl::string_view what) const {
+  if (const ContextEntry* context = container.bound.load(std::memory_order_acquire)) {
+    return CheckControl(*context, ContextName(context->id), caller, what);
+  }
+  if (caller.kind != Caller::Kind::kLocal || IsManager(caller) ||
+      container.creator_pid == 0 || container.creator_pid == caller.pid) {
+    return absl::OkStatus();
+  }
+  return Denied(absl::StrFormat("%s container \"%s\": pid %d created it, the caller is %s", what,
+                                container.name, container.creator_pid, caller.Describe()));
+}
+
+StoredContext NodeAgent::ToStored(const ContextEntry& entry, const std::string& name) const {
+  StoredContext stored{.name = name,
+                       .id = entry.id,
+                       .memlock_limit_bytes = entry.spec.memlock_limit_bytes,
+                       .cap_ipc_lock = entry.spec.cap_ipc_lock,
+                       .backing = static_cast<int>(entry.spec.backing),
+                       .mem_ua = entry.memory != nullptr ? entry.memory->ua() : 0,
+                       .mem_size = entry.memory != nullptr ? entry.memory->size() : 0};
+  if (entry.owner.has_value()) {
+    stored.owner_pid = entry.owner->pid;
+    stored.owner_uid = entry.owner->uid;
+    stored.owner_start_time = entry.owner->start_time;
+  }
+  if (entry.guest != nullptr) {
+    for (const GuestSlot& slot : entry.guest->slots()) {
+      stored.slots.push_back({.ua = slot.ua,
+                              .size = slot.size,
+                              .offset = slot.offset,
+                              .dev = slot.dev,
+                              .ino = slot.ino});
+    }
+  }
+  return stored;
 }
 
 // --- Helpers ----------------------------------------------------------------------------------
@@ -200,6 +357,8 @@ ContextView NodeAgent::ToView(const ContextInfo& info) const {
   if (std::shared_ptr<ContextEntry> entry = FindContext(view.name)) {
     view.spec = entry->spec;
     if (entry->memory != nullptr) view.memory_ua = entry->memory->ua();
+    view.owner = entry->owner;
+    if (entry->guest != nullptr) view.slots = entry->guest->slots();
   }
   view.locked_bytes = info.locked_bytes;
   view.regions = info.regions;
@@ -240,8 +399,34 @@ absl::StatusOr<std::unique_ptr<ContextMemory>> NodeAgent::AllocateMemory(absl::s
   return options_.memory_provider->Allocate(name, spec.backing, spec.memory_bytes, at);
 }
 
-absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
+absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
+                                                     const Caller& caller) {
   if (absl::Status status = ValidateName("context", spec.name); !status.ok()) return status;
+  // Whose context: the local caller's, or the process a manager names.
+  pid_t owner_pid = spec.owner_pid;
+  if (owner_pid < 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": owner_pid %d is not a pid",
+                                               spec.name, owner_pid));
+  }
+  if (owner_pid != 0 && caller.kind == Caller::Kind::kRemote) {
+    return Denied(absl::StrFormat("context \"%s\": a TCP peer cannot name a local owner (pid %d)",
+                                  spec.name, owner_pid));
+  }
+  if (owner_pid != 0 && caller.kind == Caller::Kind::kLocal && owner_pid != caller.pid &&
+      !IsManager(caller)) {
+    return Denied(absl::StrFormat("context \"%s\": only a manager (--manager_uids) may create a "
+                                  "context for another process (pid %d); the caller is %s",
+                                  spec.name, owner_pid, caller.Describe()));
+  }
+  if (owner_pid == 0 && caller.kind == Caller::Kind::kLocal) owner_pid = caller.pid;
+  std::optional<ProcessIdentity> owner;
+  if (owner_pid != 0) {
+    absl::StatusOr<ProcessIdentity> identity = IdentifyProcess(owner_pid);
+    if (!identity.ok()) {
+      return Annotate(identity.status(), absl::StrCat("owner of context \"", spec.name, "\""));
+    }
+    owner = *identity;
+  }
   if (!IsMemoryBacking(spec.backing)) {
     return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": backing %d is not a MemoryBacking "
                                                "(0 unspecified, 1 anonymous, 2 memfd, 3 "
@@ -267,32 +452,51 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec) {
     memory = std::move(*allocated);
   }
   const ContextId id = next_id_++;
+  auto entry = std::make_shared<ContextEntry>();
+  entry->id = id;
+  entry->spec = spec;
+  entry->spec.owner_pid = owner.has_value() ? owner->pid : 0;
+  entry->memory = std::move(memory);
+  entry->owner = owner;
+  // Another process's context works in that process's addresses, through the memory it
+  // attaches; the agent's own (and simulated VMM memory) in the agent's.
+  if (options_.vmm_memory && owner.has_value() && owner->pid != getpid() &&
+      entry->memory == nullptr) {
+    entry->guest = std::make_shared<GuestMemory>(registry_->page_size());
+  }
+  // Watched before anything is acknowledged: an owner that exits from now on is seen (its exit is
+  // handled once this call lets go of control_mu_).
+  if (owner.has_value() && watcher_ != nullptr) {
+    if (absl::Status status = watcher_->Watch(WatchKey(spec.name, id), *owner); !status.ok()) {
+      next_id_ = id;
+      return Annotate(status, absl::StrCat("owner of context \"", spec.name, "\""));
+    }
+  }
+  auto unwatch = [&] {
+    if (owner.has_value() && watcher_ != nullptr) watcher_->Unwatch(WatchKey(spec.name, id));
+  };
   if (absl::Status status = registry_->CreateContext(id, ToOptions(spec)); !status.ok()) {
+    unwatch();
+    next_id_ = id;
     return status;
   }
+  if (entry->guest != nullptr) guest_backend_.SetMemory(id, entry->guest);
   Mutation mutation;
-  mutation.PutContext(StoredContext{.name = spec.name,
-                                    .id = id,
-                                    .memlock_limit_bytes = spec.memlock_limit_bytes,
-                                    .cap_ipc_lock = spec.cap_ipc_lock,
-                                    .backing = static_cast<int>(spec.backing),
-                                    .mem_ua = memory != nullptr ? memory->ua() : 0,
-                                    .mem_size = memory != nullptr ? memory->size() : 0});
+  mutation.PutContext(ToStored(*entry, spec.name));
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
   if (absl::Status status = Persist(mutation); !status.ok()) {
-    // Refused: the context goes again (it has nothing yet), and so does its memory, with `memory`.
+    // Refused: the context goes again (it has nothing yet), and so does its memory, with `entry`.
     if (!registry_->TeardownContext(id).ok()) UndoFailed();
+    guest_backend_.SetMemory(id, nullptr);
+    unwatch();
     next_id_ = id;
     return status;
   }
   ContextView view;
   view.name = spec.name;
-  view.spec = spec;
-  view.memory_ua = memory != nullptr ? memory->ua() : 0;
-  auto entry = std::make_shared<ContextEntry>();
-  entry->id = id;
-  entry->spec = spec;
-  entry->memory = std::move(memory);
+  view.spec = entry->spec;
+  view.memory_ua = entry->memory != nullptr ? entry->memory->ua() : 0;
+  view.owner = owner;
   {
     MutexLock names(&names_mu_);
     contexts_[spec.name] = std::move(entry);
@@ -317,11 +521,15 @@ std::vector<ContextView> NodeAgent::ListContexts() const {
   return views;
 }
 
-absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTag* decision) {
+absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTag* decision,
+                                        const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContextEntry> context = FindContext(name);
   if (context == nullptr) return NoSuchContext(name);
+  if (absl::Status status = CheckControl(*context, name, caller, "tear down"); !status.ok()) {
+    return status;
+  }
   absl::StatusOr<ContextInfo> info = registry_->GetContext(context->id);
   if (!info.ok()) return info.status();
   // Stop the bound containers' DMA paths first (in id order, the only multi-lock order).
@@ -343,6 +551,11 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
     return MemoryBehindStore(status);
   }
   for (auto& entry : bound) MarkReleasedUnderTeardown(*entry);
+  // Nothing of it is pinned any more: its memory can go (unmapped when `context` goes).
+  guest_backend_.SetMemory(context->id, nullptr);
+  if (context->owner.has_value() && watcher_ != nullptr) {
+    watcher_->Unwatch(WatchKey(name, context->id));
+  }
   {
     MutexLock names(&names_mu_);
     for (auto& entry : bound) {
@@ -355,9 +568,89 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   return absl::OkStatus();
 }
 
+// --- The VMM's memory -------------------------------------------------------------------------
+
+absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, ContextEntry& context,
+                                                     absl::Span<const SlotSource> sources) {
+  if (context.guest == nullptr) {
+    std::string why;
+    if (!options_.vmm_memory) {
+      why = absl::StrFormat("the %s backend simulates memory: there is nothing to attach",
+                            options_.backend->name());
+    } else if (context.memory != nullptr) {
+      why = "it uses simulated VMM memory the agent allocated itself (memory_bytes)";
+    } else {
+      why = "it has no owner process other than the agent (created over TCP or by the agent), so "
+            "its addresses are the agent's own";
+    }
+    return ErrnoStatus(EINVAL, absl::StrFormat("attach memory to context \"%s\": %s", name, why));
+  }
+  if (absl::Status status = context.guest->Attach(sources); !status.ok()) {
+    return Annotate(status, absl::StrCat("attach memory to context \"", name, "\""));
+  }
+  Mutation mutation;
+  mutation.PutContext(ToStored(context, name));
+  if (absl::Status status = Persist(mutation); !status.ok()) {
+    // Refused: the new slots go again (nothing can have pinned them: control_mu_ is held).
+    for (const SlotSource& source : sources) {
+      if (!context.guest->Detach(source.ua).ok()) UndoFailed();
+    }
+    return status;
+  }
+  absl::StatusOr<ContextInfo> info = registry_->GetContext(context.id);
+  if (!info.ok()) return info.status();
+  return ToView(*info);
+}
+
+absl::StatusOr<ContextView> NodeAgent::AttachMemory(absl::string_view name,
+                                                    absl::Span<const SlotSource> sources,
+                                                    const Caller& caller) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContextEntry> context = FindContext(name);
+  if (context == nullptr) return NoSuchContext(name);
+  if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
+      !status.ok()) {
+    return status;
+  }
+  return AttachSources(std::string(name), *context, sources);
+}
+
+absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
+    absl::string_view name, absl::Span<const std::pair<uint64_t, uint64_t>> ranges,
+    const Caller& caller) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContextEntry> context = FindContext(name);
+  if (context == nullptr) return NoSuchContext(name);
+  if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
+      !status.ok()) {
+    return status;
+  }
+  if (!context->owner.has_value() || context->guest == nullptr) {
+    return AttachSources(std::string(name), *context, {});  // the reason it has nothing to attach
+  }
+  absl::StatusOr<std::vector<ProcessSlot>> opened = OpenProcessSlots(context->owner->pid, ranges);
+  if (!opened.ok()) {
+    return Annotate(opened.status(),
+                    absl::StrFormat("memory of pid %d for context \"%s\"", context->owner->pid,
+                                    name));
+  }
+  // Opened from the owner's /proc: still the same process, not another that took its pid?
+  if (!IsAlive(*context->owner)) {
+    return ErrnoStatus(ESRCH, absl::StrFormat("context \"%s\": its owner pid %d exited",
+                                              name, context->owner->pid));
+  }
+  std::vector<SlotSource> sources;
+  sources.reserve(opened->size());
+  for (const ProcessSlot& slot : *opened) sources.push_back(slot.source);
+  return AttachSources(std::string(name), *context, sources);
+}
+
 // --- Containers -------------------------------------------------------------------------------
 
-absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& spec) {
+absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& spec,
+                                                         const Caller& caller) {
   if (absl::Status status = ValidateName("container", spec.name); !status.ok()) return status;
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
@@ -394,6 +687,7 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   entry->id = id;
   entry->name = spec.name;
   entry->spec = spec;
+  entry->creator_pid = caller.kind == Caller::Kind::kLocal ? caller.pid : 0;
   {
     MutexLock names(&names_mu_);
     containers_[spec.name] = std::move(entry);
@@ -413,7 +707,8 @@ absl::StatusOr<std::unique_ptr<ContainerDma>> NodeAgent::NewContainerDma(
   }
   absl::StatusOr<std::unique_ptr<VfioContainerDriver>> driver = OpenVfioContainer(spec, options);
   if (!driver.ok()) return driver.status();
-  return NewVfioContainerDma(*registry_, id, *options, std::move(*driver), &vfio_inconsistencies_);
+  return NewVfioContainerDma(*registry_, id, *options, std::move(*driver), &vfio_inconsistencies_,
+                             &guest_backend_);
 }
 
 absl::StatusOr<std::unique_ptr<VfioContainerDriver>> NodeAgent::OpenVfioContainer(
@@ -470,11 +765,15 @@ std::vector<ContainerView> NodeAgent::ListContainers() const {
   return views;
 }
 
-absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionTag* decision) {
+absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionTag* decision,
+                                         const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> entry = FindContainer(name);
   if (entry == nullptr) return NoSuchContainer(name);
+  if (absl::Status status = CheckContainerControl(*entry, caller, "release"); !status.ok()) {
+    return status;
+  }
   MutexLock dma(&entry->dma_mu);
   ContextEntry* context = entry->bound.load(std::memory_order_acquire);
   // The store first: a release cannot be undone (the addresses of its mappings go with it), and
@@ -538,13 +837,22 @@ void NodeAgent::AddPendingDiffLocked(ContextEntry& context, Mutation& mutation) 
 
 absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container_name,
                                                      absl::string_view context_name, uint64_t ua,
-                                                     uint64_t size, const DecisionTag* decision) {
+                                                     uint64_t size, const DecisionTag* decision,
+                                                     const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
   std::shared_ptr<ContextEntry> context = FindContext(context_name);
   if (context == nullptr) return NoSuchContext(context_name);
+  if (absl::Status status = CheckControl(*context, context_name, caller, "register memory of");
+      !status.ok()) {
+    return status;
+  }
+  if (absl::Status status = CheckContainerControl(*container, caller, "register memory for");
+      !status.ok()) {
+    return status;
+  }
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
   if (absl::Status status = container->dma->Register(context->id, ua, size); !status.ok()) {
@@ -583,11 +891,16 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
 }
 
 absl::Status NodeAgent::UnregisterRegion(absl::string_view container_name, uint64_t ua,
-                                         uint64_t size, const DecisionTag* decision) {
+                                         uint64_t size, const DecisionTag* decision,
+                                         const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
+  if (absl::Status status = CheckContainerControl(*container, caller, "unregister memory of");
+      !status.ok()) {
+    return status;
+  }
   // Null only for a container that never registered memory, which the registry refuses below.
   ContextEntry* context = container->bound.load(std::memory_order_acquire);
   const ContextId context_id = context != nullptr ? context->id : 0;
@@ -656,10 +969,13 @@ DecisionOutcome NodeAgent::ApplyDecision(const DecisionSpec& decision) {
 // --- DMA --------------------------------------------------------------------------------------
 
 absl::Status NodeAgent::MapDma(absl::string_view container_name, uint64_t iova, uint64_t ua,
-                               uint64_t size) {
+                               uint64_t size, const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
+  if (absl::Status status = CheckContainerDma(*container, caller, "MapDma"); !status.ok()) {
+    return status;
+  }
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
   uint64_t cleared_bytes = 0;
@@ -722,10 +1038,14 @@ absl::StatusOr<std::vector<DmaMapping>> NodeAgent::AcknowledgedMappings(
   return mappings;
 }
 
-absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size) {
+absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova, uint64_t size,
+                                 const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   std::shared_ptr<ContainerEntry> container = FindContainer(container_name);
   if (container == nullptr) return NoSuchContainer(container_name);
+  if (absl::Status status = CheckContainerDma(*container, caller, "UnmapDma"); !status.ok()) {
+    return status;
+  }
   MutexLock dma(&container->dma_mu);
   if (container->released) return NoSuchContainer(container_name);
   // The device first (see ContainerDma::UnmapDevice), but only a range the registry would take.
@@ -760,9 +1080,14 @@ absl::Status NodeAgent::UnmapDma(absl::string_view container_name, uint64_t iova
 }
 
 absl::StatusOr<std::vector<uint64_t>> NodeAgent::Translate(absl::string_view context_name,
-                                                           absl::Span<const uint64_t> uas) const {
+                                                           absl::Span<const uint64_t> uas,
+                                                           const Caller& caller) const {
   std::shared_ptr<ContextEntry> context = FindContext(context_name);
   if (context == nullptr) return NoSuchContext(context_name);
+  if (absl::Status status = CheckDma(context.get(), context_name, caller, "Translate");
+      !status.ok()) {
+    return status;
+  }
   if (uas.size() > options_.max_translate_uas) {
     return ErrnoStatus(ENOMEM, absl::StrFormat("translate: %d addresses in one call, over the "
                                                "limit of %d; split the call",
@@ -792,12 +1117,24 @@ absl::StatusOr<std::optional<RegionView>> NodeAgent::Lookup(absl::string_view co
 }
 
 absl::StatusOr<std::vector<RegionView>> NodeAgent::ListRegions(absl::string_view context_name,
-                                                               bool with_hpas) const {
+                                                               bool with_hpas,
+                                                               const Caller& caller) const {
   std::optional<ContextId> context_id;
   if (!context_name.empty()) {
     std::shared_ptr<ContextEntry> context = FindContext(context_name);
     if (context == nullptr) return NoSuchContext(context_name);
+    if (with_hpas) {
+      if (absl::Status status =
+              CheckDma(context.get(), context_name, caller, "ListRegions with_hpas");
+          !status.ok()) {
+        return status;
+      }
+    }
     context_id = context->id;
+  } else if (with_hpas && caller.kind != Caller::Kind::kInternal && !options_.dma_from_any_peer) {
+    return Denied(absl::StrFormat("ListRegions with_hpas over every context: physical addresses "
+                                  "are each owner's; name a context you own (the caller is %s)",
+                                  caller.Describe()));
   }
   // With hpas the answer is 8 bytes per pinned page: bounded before anything is copied. The
   // control lock keeps registrations from growing it between the count and the copy.
@@ -845,6 +1182,10 @@ NodeStatusView NodeAgent::Status() const {
   status.vfio_inconsistencies = vfio_inconsistencies_.load(std::memory_order_relaxed);
   status.refused_change_undo_failures =
       refused_change_undo_failures_.load(std::memory_order_relaxed);
+  status.permission_denied = permission_denied_.load(std::memory_order_relaxed);
+  status.owner_exit_teardowns = owner_exit_teardowns_.load(std::memory_order_relaxed);
+  status.owner_exits_at_recovery = owner_exits_at_recovery_.load(std::memory_order_relaxed);
+  status.memory_lost_at_recovery = memory_lost_at_recovery_.load(std::memory_order_relaxed);
   return status;
 }
 

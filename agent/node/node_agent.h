@@ -25,6 +25,9 @@
 #include "absl/types/span.h"
 #include "agent/node/container_dma.h"
 #include "agent/node/context_memory.h"
+#include "agent/node/guest_address_backend.h"
+#include "agent/node/guest_memory.h"
+#include "agent/node/process_watch.h"
 #include "agent/registry/pin_backend.h"
 #include "agent/registry/registry.h"
 #include "agent/store/state_store.h"
@@ -32,6 +35,29 @@
 #include "common/mutex.h"
 
 namespace dmapin::agent {
+
+// Who makes a call, as the gRPC layer (or the memory socket) saw it. Ownership rules (README,
+// "Whose memory"): a context belongs to the local process that created it (or that a manager
+// named); only that process may map, unmap and translate on it. Register, unregister, release
+// and teardown are also open to managers and to the central service.
+struct Caller {
+  enum class Kind {
+    kInternal,  // the agent itself: the control stream's decisions, recovery, in-process tests
+    kRemote,    // a TCP peer: the central service or an admin (no local identity)
+    kLocal,     // a process on the node, over the Unix socket (SO_PEERCRED)
+  };
+  Kind kind = Kind::kInternal;
+  pid_t pid = 0;
+  uid_t uid = 0;
+
+  static Caller Internal() { return Caller{}; }
+  static Caller Remote() { return Caller{.kind = Kind::kRemote}; }
+  static Caller Local(pid_t pid, uid_t uid) {
+    return Caller{.kind = Kind::kLocal, .pid = pid, .uid = uid};
+  }
+  // "pid 4242 uid 107", "a TCP peer", "the agent".
+  std::string Describe() const;
+};
 
 struct NodeAgentOptions {
   std::string node_name;
@@ -61,6 +87,18 @@ struct NodeAgentOptions {
   // (8 bytes each, plus their encoding): ENOMEM above.
   uint64_t max_translate_uas = uint64_t{1} << 20;
   uint64_t max_listed_hpas = uint64_t{1} << 20;
+  // Real pinning (memlock, VFIO): a context owned by another process works in that process's
+  // addresses, through the memory it attaches (GuestMemory). False (sim): addresses are taken as
+  // given and there is nothing to attach.
+  bool vmm_memory = false;
+  // Local uids that may act for VMMs (create a context for a pid, attach its memory, register;
+  // never map): a virt-handler-like management daemon. dmapin-agent --manager_uids.
+  std::vector<uid_t> manager_uids;
+  // INSECURE, for demos and tests over TCP only: any caller may map, unmap and translate on any
+  // context (dmapin-agent --insecure_dma_from_any_peer).
+  bool dma_from_any_peer = false;
+  // Watch each owner's exit (pidfd) and tear its context down then.
+  bool watch_owners = true;
 };
 
 struct ContextSpec {
@@ -68,9 +106,12 @@ struct ContextSpec {
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
   MemoryBacking backing = MemoryBacking::kUnspecified;  // values it does not name are EINVAL
-  // Memory the agent maps for the context (0: none). Needs a memory provider; at most
-  // limits.max_pinned_bytes (ENOMEM).
+  // Simulated VMM memory: memory the agent allocates for the context itself (0: none). Needs a
+  // memory provider; at most limits.max_pinned_bytes (ENOMEM).
   uint64_t memory_bytes = 0;
+  // The process the context is for (0: the caller, when it is local). Naming another process
+  // takes a manager (EPERM otherwise).
+  pid_t owner_pid = 0;
 };
 
 struct ContainerSpec {
@@ -88,6 +129,8 @@ struct ContextView {
   std::string name;
   ContextSpec spec;
   uint64_t memory_ua = 0;  // where the agent mapped the context's memory, if it did
+  std::optional<ProcessIdentity> owner;
+  std::vector<GuestSlot> slots;  // the VMM's memory the agent mapped
   uint64_t locked_bytes = 0;
   uint64_t regions = 0;
   std::vector<std::string> containers;
@@ -128,6 +171,13 @@ struct NodeStatusView {
   // Changes the store refused that could not be undone in memory or in the kernel: until the
   // restart, reads may show some of what was never acknowledged (or miss what was).
   uint64_t refused_change_undo_failures = 0;
+  // Ownership: calls refused because the caller does not own the context (or is not local).
+  uint64_t permission_denied = 0;
+  // Contexts torn down because their owner exited: while the agent ran, and found at recovery.
+  uint64_t owner_exit_teardowns = 0;
+  uint64_t owner_exits_at_recovery = 0;
+  // Contexts torn down at recovery because their owner's memory could not be mapped again.
+  uint64_t memory_lost_at_recovery = 0;
 };
 
 // A central-service decision being applied: recorded in the same transaction as its effect, so a
@@ -168,34 +218,54 @@ class NodeAgent {
   static absl::StatusOr<std::unique_ptr<NodeAgent>> Create(NodeAgentOptions options);
   ~NodeAgent();
 
-  absl::StatusOr<ContextView> CreateContext(const ContextSpec& spec);
+  absl::StatusOr<ContextView> CreateContext(const ContextSpec& spec,
+                                            const Caller& caller = Caller::Internal());
   absl::StatusOr<ContextView> GetContext(absl::string_view name) const;
   std::vector<ContextView> ListContexts() const;
-  absl::Status TeardownContext(absl::string_view name, const DecisionTag* decision = nullptr);
+  absl::Status TeardownContext(absl::string_view name, const DecisionTag* decision = nullptr,
+                               const Caller& caller = Caller::Internal());
+  // Maps the owner's memory for the context (GuestMemory::Attach: all slots or none), from
+  // descriptors the VMM sent (the memory socket).
+  absl::StatusOr<ContextView> AttachMemory(absl::string_view context,
+                                           absl::Span<const SlotSource> sources,
+                                           const Caller& caller = Caller::Internal());
+  // The fd-less path: the same, from the owner's own mappings of [ua, ua + size) of each range
+  // (OpenProcessSlots).
+  absl::StatusOr<ContextView> AttachOwnerMemory(
+      absl::string_view context, absl::Span<const std::pair<uint64_t, uint64_t>> ranges,
+      const Caller& caller = Caller::Internal());
 
-  absl::StatusOr<ContainerView> CreateContainer(const ContainerSpec& spec);
+  absl::StatusOr<ContainerView> CreateContainer(const ContainerSpec& spec,
+                                                const Caller& caller = Caller::Internal());
   absl::StatusOr<ContainerView> GetContainer(absl::string_view name) const;
   std::vector<ContainerView> ListContainers() const;
-  absl::Status ReleaseContainer(absl::string_view name, const DecisionTag* decision = nullptr);
+  absl::Status ReleaseContainer(absl::string_view name, const DecisionTag* decision = nullptr,
+                                const Caller& caller = Caller::Internal());
 
   absl::StatusOr<RegionView> RegisterRegion(absl::string_view container, absl::string_view context,
                                             uint64_t ua, uint64_t size,
-                                            const DecisionTag* decision = nullptr);
+                                            const DecisionTag* decision = nullptr,
+                                            const Caller& caller = Caller::Internal());
   absl::Status UnregisterRegion(absl::string_view container, uint64_t ua, uint64_t size,
-                                const DecisionTag* decision = nullptr);
+                                const DecisionTag* decision = nullptr,
+                                const Caller& caller = Caller::Internal());
 
   // Applies a central-service decision at most once (see DecisionTag).
   DecisionOutcome ApplyDecision(const DecisionSpec& decision);
 
-  absl::Status MapDma(absl::string_view container, uint64_t iova, uint64_t ua, uint64_t size);
-  absl::Status UnmapDma(absl::string_view container, uint64_t iova, uint64_t size);
+  absl::Status MapDma(absl::string_view container, uint64_t iova, uint64_t ua, uint64_t size,
+                      const Caller& caller = Caller::Internal());
+  absl::Status UnmapDma(absl::string_view container, uint64_t iova, uint64_t size,
+                        const Caller& caller = Caller::Internal());
   absl::StatusOr<std::vector<uint64_t>> Translate(absl::string_view context,
-                                                  absl::Span<const uint64_t> uas) const;
+                                                  absl::Span<const uint64_t> uas,
+                                                  const Caller& caller = Caller::Internal()) const;
   absl::StatusOr<std::optional<RegionView>> Lookup(absl::string_view context, uint64_t ua,
                                                    uint64_t size) const;
   // Empty context: every context.
-  absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context,
-                                                      bool with_hpas) const;
+  // Physical addresses (with_hpas) only for a caller that may translate on every context listed.
+  absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context, bool with_hpas,
+                                                      const Caller& caller = Caller::Internal()) const;
   NodeStatusView Status() const;
 
   // False once the store failed: the agent must be restarted (health reports NOT_SERVING).
@@ -219,6 +289,9 @@ class NodeAgent {
     ContainerId id = 0;
     std::string name;
     ContainerSpec spec;
+    // The local process that created the container (0: the agent, a TCP peer, or recovered): it
+    // may map on the container until a registration binds it to a context, whose owner then may.
+    pid_t creator_pid = 0;
     // Where the container's registrations and mappings live (the driver serializes its own
     // ioctls; map/unmap reach it under dma_mu, registrations under control_mu_, the close of
     // release and teardown under both).
@@ -235,6 +308,10 @@ class NodeAgent {
     ContextId id = 0;
     ContextSpec spec;
     std::unique_ptr<ContextMemory> memory;  // null unless spec.memory_bytes > 0
+    std::optional<ProcessIdentity> owner;   // none: created over TCP or by the agent
+    // The owner's memory, when the context works in the owner's addresses (set before the entry
+    // is published; GuestMemory locks its own slots).
+    std::shared_ptr<GuestMemory> guest;
     // Regions of this context pending release, as last persisted ((ua, size) pairs).
     Mutex pending_mu;
     std::vector<std::pair<uint64_t, uint64_t>> pending ABSL_GUARDED_BY(pending_mu);
@@ -268,6 +345,35 @@ class NodeAgent {
   absl::StatusOr<std::unique_ptr<ContextMemory>> AllocateMemory(absl::string_view name,
                                                                 const ContextSpec& spec,
                                                                 uint64_t at);
+
+  // Ownership (see Caller). Count and answer EPERM (PERMISSION_DENIED) for a caller that may not
+  // map/unmap/translate on `context` (null: a container not bound yet, which nothing can map),
+  // or may not register, release or tear down on it.
+  absl::Status CheckDma(const ContextEntry* context, absl::string_view context_name,
+                        const Caller& caller, absl::string_view what) const;
+  absl::Status CheckControl(const ContextEntry& context, absl::string_view context_name,
+                            const Caller& caller, absl::string_view what) const;
+  // CheckDma/CheckControl for a container: by the context it is bound to, else by its creator.
+  absl::Status CheckContainerDma(const ContainerEntry& container, const Caller& caller,
+                                 absl::string_view what) const;
+  absl::Status CheckContainerControl(const ContainerEntry& container, const Caller& caller,
+                                     absl::string_view what) const;
+  bool IsManager(const Caller& caller) const;
+  absl::Status Denied(std::string message) const;
+  // The row of a context, as Persist writes it.
+  StoredContext ToStored(const ContextEntry& entry, const std::string& name) const;
+  // Adds `sources` to the context's memory and makes them durable (all or nothing).
+  absl::StatusOr<ContextView> AttachSources(const std::string& name, ContextEntry& context,
+                                            absl::Span<const SlotSource> sources)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  // The owner of `key` ("<name>#<id>") exited: the final cleanup of its context.
+  void OnOwnerExit(const std::string& key);
+  static std::string WatchKey(absl::string_view name, ContextId id);
+  // Recovery: tears down, in the store, the contexts whose owner is gone or whose memory cannot
+  // be mapped again, and maps the memory of the others (to `guests`, by context name).
+  absl::Status RecoverOwners(
+      PersistedState& state,
+      absl::flat_hash_map<std::string, std::shared_ptr<GuestMemory>>* guests);
 
   std::shared_ptr<ContainerEntry> FindContainer(absl::string_view name) const;
   std::shared_ptr<ContextEntry> FindContext(absl::string_view name) const;
@@ -318,6 +424,8 @@ class NodeAgent {
 
   // Constant after construction.
   const NodeAgentOptions options_;
+  // Between the registry and options_.backend: a VMM's addresses to the agent's.
+  GuestAddressBackend guest_backend_;
   const std::unique_ptr<Registry> registry_;
 
   // Serializes the control operations (everything but map/unmap/lookups) with their records.
@@ -340,6 +448,13 @@ class NodeAgent {
   // (counted by the containers' VfioContainerDma), and failed closes.
   std::atomic<uint64_t> vfio_inconsistencies_{0};
   std::atomic<uint64_t> refused_change_undo_failures_{0};
+  mutable std::atomic<uint64_t> permission_denied_{0};
+  std::atomic<uint64_t> owner_exit_teardowns_{0};
+  std::atomic<uint64_t> owner_exits_at_recovery_{0};
+  std::atomic<uint64_t> memory_lost_at_recovery_{0};
+
+  // Last: destroyed first, so no owner exit is handled while the rest goes.
+  std::unique_ptr<ProcessWatcher> watcher_;
 };
 
 }  // namespace dmapin::agent

@@ -7,12 +7,17 @@
 #include <utility>
 #include <vector>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "agent/node/container_dma.h"
 #include "agent/node/node_agent.h"
 #include "agent/node/node_agent_internal.h"
+#include "common/errno_status.h"
+#include "common/logging.h"
 
 namespace dmapin::agent {
 
@@ -24,10 +29,21 @@ absl::Status NodeAgent::Recover() {
   absl::StatusOr<PersistedState> state = options_.store->Load();
   if (!state.ok()) return Annotate(state.status(), "recovery: loading the state store");
   MutexLock control(&control_mu_);
+  absl::flat_hash_map<std::string, std::shared_ptr<GuestMemory>> guests;
+  if (absl::Status status = RecoverOwners(*state, &guests); !status.ok()) return status;
   std::vector<std::pair<ContextEntry*, StoredPending>> pending;
   {
     MutexLock names(&names_mu_);
+    for (const StoredContext& stored : state->contexts) {
+      // Before anything is re-pinned: the registrations are in the owner's addresses.
+      auto guest = guests.find(stored.name);
+      if (guest != guests.end()) guest_backend_.SetMemory(stored.id, guest->second);
+    }
     if (absl::Status status = RecoverLocked(*state, &pending); !status.ok()) return status;
+    for (const StoredContext& stored : state->contexts) {
+      auto guest = guests.find(stored.name);
+      if (guest != guests.end()) contexts_[stored.name]->guest = guest->second;
+    }
   }
   // After names_mu_: the agent takes a context's pending_mu first.
   for (auto& [context, row] : pending) {
@@ -35,6 +51,77 @@ absl::Status NodeAgent::Recover() {
     context->pending.emplace_back(row.ua, row.size);
     context->has_pending.store(true, std::memory_order_release);
   }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The owner's memory again, from its own mappings (the agent's were lost with its process): the
+// same objects at the same offsets, or an error saying what changed.
+absl::Status ReattachSlots(const StoredContext& stored, GuestMemory& guest) {
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const StoredSlot& slot : stored.slots) ranges.emplace_back(slot.ua, slot.size);
+  absl::StatusOr<std::vector<ProcessSlot>> opened =
+      OpenProcessSlots(static_cast<pid_t>(stored.owner_pid), ranges);
+  if (!opened.ok()) return opened.status();
+  std::vector<SlotSource> sources;
+  for (size_t i = 0; i < opened->size(); ++i) {
+    const ProcessSlot& slot = (*opened)[i];
+    const StoredSlot& was = stored.slots[i];
+    struct stat st;
+    if (fstat(slot.fd.get(), &st) != 0) return ErrnoStatus(errno, "fstat of a memory slot");
+    if (static_cast<uint64_t>(st.st_dev) != was.dev || static_cast<uint64_t>(st.st_ino) != was.ino ||
+        slot.source.offset != was.offset) {
+      return ErrnoStatus(
+          EFAULT, absl::StrFormat("slot ua=0x%x: the VMM now maps another object or offset there "
+                                  "(dev %d ino %d offset 0x%x, was dev %d ino %d offset 0x%x)",
+                                  was.ua, st.st_dev, st.st_ino, slot.source.offset, was.dev,
+                                  was.ino, was.offset));
+    }
+    sources.push_back(slot.source);
+  }
+  return guest.Attach(sources);
+}
+
+}  // namespace
+
+absl::Status NodeAgent::RecoverOwners(
+    PersistedState& state, absl::flat_hash_map<std::string, std::shared_ptr<GuestMemory>>* guests) {
+  // The final cleanup of a VMM that exited while the agent was down (or whose memory is gone) is
+  // a teardown, as when the agent sees the exit itself: recorded first, then the state reloaded.
+  Mutation gone;
+  for (const StoredContext& stored : state.contexts) {
+    if (stored.owner_pid == 0) continue;
+    const ProcessIdentity owner{.pid = static_cast<pid_t>(stored.owner_pid),
+                                .uid = stored.owner_uid,
+                                .start_time = stored.owner_start_time};
+    if (!IsAlive(owner)) {
+      gone.DeleteContext(stored.name);
+      owner_exits_at_recovery_.fetch_add(1, std::memory_order_relaxed);
+      LOG(WARNING) << absl::StrFormat("recovery: context \"%s\": its VMM (pid %d) exited while "
+                                      "the agent was down; torn down",
+                                      stored.name, owner.pid);
+      continue;
+    }
+    if (!options_.vmm_memory || owner.pid == getpid() || stored.mem_size != 0) continue;
+    auto guest = std::make_shared<GuestMemory>(registry_->page_size());
+    if (absl::Status status = ReattachSlots(stored, *guest); !status.ok()) {
+      gone.DeleteContext(stored.name);
+      memory_lost_at_recovery_.fetch_add(1, std::memory_order_relaxed);
+      LOG(ERROR) << absl::StrFormat("recovery: context \"%s\": the memory of its VMM (pid %d) "
+                                    "cannot be mapped again (%s); torn down",
+                                    stored.name, owner.pid, status.ToString());
+      continue;
+    }
+    (*guests)[stored.name] = std::move(guest);
+  }
+  if (gone.empty()) return absl::OkStatus();
+  if (absl::Status status = Persist(gone); !status.ok()) {
+    return Annotate(status, "recovery: tearing down the contexts of exited VMMs");
+  }
+  absl::StatusOr<PersistedState> reloaded = options_.store->Load();
+  if (!reloaded.ok()) return Annotate(reloaded.status(), "recovery: reloading the state store");
+  state = std::move(*reloaded);
   return absl::OkStatus();
 }
 
@@ -46,7 +133,8 @@ absl::Status NodeAgent::RecoverLocked(
                      .memlock_limit_bytes = stored.memlock_limit_bytes,
                      .cap_ipc_lock = stored.cap_ipc_lock,
                      .backing = static_cast<MemoryBacking>(stored.backing),
-                     .memory_bytes = stored.mem_size};
+                     .memory_bytes = stored.mem_size,
+                     .owner_pid = static_cast<pid_t>(stored.owner_pid)};
     if (absl::Status status = registry_->CreateContext(stored.id, ToOptions(spec)); !status.ok()) {
       return Annotate(status, absl::StrCat("recovery: context ", stored.name));
     }
@@ -62,6 +150,11 @@ absl::Status NodeAgent::RecoverLocked(
     }
     entry->id = stored.id;
     entry->spec = std::move(spec);
+    if (stored.owner_pid != 0) {
+      entry->owner = ProcessIdentity{.pid = static_cast<pid_t>(stored.owner_pid),
+                                     .uid = stored.owner_uid,
+                                     .start_time = stored.owner_start_time};
+    }
     contexts_[stored.name] = entry;
     context_names_[stored.id] = stored.name;
     max_id = std::max(max_id, stored.id);

@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "agent/node/container_dma.h"
+#include "agent/node/guest_address_backend.h"
 #include "agent/registry/registry.h"
 #include "agent/vfio/vfio_container.h"
 
@@ -24,9 +25,12 @@ namespace dmapin::agent {
 
 // Creates container `id` in the registry over the open `driver`, whose DMA window `options` must
 // be. `kernel_inconsistencies` must outlive the result. On failure `driver` is closed.
+// `translator` (may be null: addresses are the agent's; else it must outlive the result) gives
+// the agent's addresses of a context's memory, which is what the kernel's calls take.
 absl::StatusOr<std::unique_ptr<ContainerDma>> NewVfioContainerDma(
     Registry& registry, ContainerId id, const ContainerOptions& options,
-    std::unique_ptr<VfioContainerDriver> driver, std::atomic<uint64_t>* kernel_inconsistencies);
+    std::unique_ptr<VfioContainerDriver> driver, std::atomic<uint64_t>* kernel_inconsistencies,
+    const AddressTranslator* translator = nullptr);
 
 }  // namespace dmapin::agent
 

@@ -20,7 +20,7 @@ constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
     "CreateContext",   "GetContext",       "ListContexts",   "TeardownContext",
     "CreateContainer", "GetContainer",     "ListContainers", "ReleaseContainer",
     "RegisterRegion",  "UnregisterRegion", "MapDma",         "UnmapDma",
-    "Translate",       "Lookup",           "ListRegions",    "GetNodeStatus",
+    "Translate",       "Lookup",           "ListRegions",    "GetNodeStatus", "AttachMemory",
 };
 
 using prometheus::ClientMetric;

@@ -105,8 +105,9 @@ enum class RpcMethod : int {
   kLookup,
   kListRegions,
   kGetNodeStatus,
+  kAttachMemory,
 };
-inline constexpr int kRpcMethodCount = static_cast<int>(RpcMethod::kGetNodeStatus) + 1;
+inline constexpr int kRpcMethodCount = static_cast<int>(RpcMethod::kAttachMemory) + 1;
 
 // "MapDma" for RpcMethod::kMapDma.
 absl::string_view RpcMethodName(RpcMethod method);

@@ -1,7 +1,10 @@
 #include "agent/service/node_agent_service.h"
 
+#include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "agent/service/proto_convert.h"
@@ -29,18 +32,23 @@ grpc::ServerUnaryReactor* NodeAgentService::Finish(grpc::CallbackServerContext* 
   return FinishUnary(context, named);
 }
 
-absl::Status NodeAgentService::Serve(const v1::MapDmaRequest& request) {
+Caller NodeAgentService::CallerOf(grpc::CallbackServerContext* context) const {
+  if (resolve_caller_ == nullptr) return Caller::Remote();
+  return resolve_caller_(context->peer());
+}
+
+absl::Status NodeAgentService::Serve(const v1::MapDmaRequest& request, const Caller& caller) {
   const AgentMetrics::Clock::time_point start = Start();
-  absl::Status status =
-      WithErrno(agent_->MapDma(request.container(), request.iova(), request.ua(), request.size()));
+  absl::Status status = WithErrno(
+      agent_->MapDma(request.container(), request.iova(), request.ua(), request.size(), caller));
   Record(RpcMethod::kMapDma, start, status);
   return status;
 }
 
-absl::Status NodeAgentService::Serve(const v1::UnmapDmaRequest& request) {
+absl::Status NodeAgentService::Serve(const v1::UnmapDmaRequest& request, const Caller& caller) {
   const AgentMetrics::Clock::time_point start = Start();
   absl::Status status =
-      WithErrno(agent_->UnmapDma(request.container(), request.iova(), request.size()));
+      WithErrno(agent_->UnmapDma(request.container(), request.iova(), request.size(), caller));
   Record(RpcMethod::kUnmapDma, start, status);
   return status;
 }
@@ -51,7 +59,9 @@ absl::Status NodeAgentService::Serve(const v1::UnmapDmaRequest& request) {
 class NodeAgentService::DmaSessionReactor final
     : public grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse> {
  public:
-  explicit DmaSessionReactor(NodeAgentService* service) : service_(service) {
+  // The caller is the stream's: one connection, one peer.
+  DmaSessionReactor(NodeAgentService* service, Caller caller)
+      : service_(service), caller_(caller) {
     StartRead(&request_);
   }
 
@@ -64,10 +74,10 @@ class NodeAgentService::DmaSessionReactor final
     absl::Status status;
     switch (request_.op_case()) {
       case v1::DmaSessionRequest::kMap:
-        status = service_->Serve(request_.map());
+        status = service_->Serve(request_.map(), caller_);
         break;
       case v1::DmaSessionRequest::kUnmap:
-        status = service_->Serve(request_.unmap());
+        status = service_->Serve(request_.unmap(), caller_);
         break;
       default:
         status = ErrnoStatus(EINVAL, absl::StrCat("DmaSession request tag ", request_.tag(),
@@ -100,13 +110,14 @@ class NodeAgentService::DmaSessionReactor final
 
  private:
   NodeAgentService* const service_;
+  const Caller caller_;
   v1::DmaSessionRequest request_;
   v1::DmaSessionResponse response_;
 };
 
 grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse>*
-NodeAgentService::DmaSession(grpc::CallbackServerContext*) {
-  return new DmaSessionReactor(this);
+NodeAgentService::DmaSession(grpc::CallbackServerContext* context) {
+  return new DmaSessionReactor(this, CallerOf(context));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerContext* context,
@@ -118,7 +129,14 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
                    .backing = FromProto(request->backing()),
                    .memory_bytes = request->memory_bytes()};
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
-  absl::StatusOr<ContextView> view = agent_->CreateContext(spec);
+  if (request->owner_pid() < 0 || request->owner_pid() > std::numeric_limits<pid_t>::max()) {
+    return Finish(context,
+                  ErrnoStatus(EINVAL, absl::StrCat("owner_pid ", request->owner_pid(),
+                                                   " is not a pid")),
+                  RpcMethod::kCreateContext, start);
+  }
+  spec.owner_pid = static_cast<pid_t>(request->owner_pid());
+  absl::StatusOr<ContextView> view = agent_->CreateContext(spec, CallerOf(context));
   if (view.ok()) Fill(*view, response);
   return Finish(context, view.status(), RpcMethod::kCreateContext, start);
 }
@@ -144,8 +162,24 @@ grpc::ServerUnaryReactor* NodeAgentService::TeardownContext(
     grpc::CallbackServerContext* context, const v1::TeardownContextRequest* request,
     v1::TeardownContextResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
-  return Finish(context, agent_->TeardownContext(request->name()), RpcMethod::kTeardownContext,
-                start);
+  return Finish(context, agent_->TeardownContext(request->name(), nullptr, CallerOf(context)),
+                RpcMethod::kTeardownContext, start);
+}
+
+grpc::ServerUnaryReactor* NodeAgentService::AttachMemory(grpc::CallbackServerContext* context,
+                                                         const v1::AttachMemoryRequest* request,
+                                                         v1::Context* response) {
+  const AgentMetrics::Clock::time_point start = Start();
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  ranges.reserve(std::min<size_t>(request->slots_size(), GuestMemory::kMaxSlots + 1));
+  for (const v1::MemorySlot& slot : request->slots()) {
+    if (ranges.size() > GuestMemory::kMaxSlots) break;  // Attach refuses it, naming the limit
+    ranges.emplace_back(slot.ua(), slot.size());
+  }
+  absl::StatusOr<ContextView> view =
+      agent_->AttachOwnerMemory(request->context(), ranges, CallerOf(context));
+  if (view.ok()) Fill(*view, response);
+  return Finish(context, view.status(), RpcMethod::kAttachMemory, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::CreateContainer(
@@ -157,7 +191,8 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContainer(
        .iommu_page_size = request->iommu_page_size(),
        .window_start = request->window_start(),
        .window_size = request->window_size(),
-       .vfio_groups = {request->vfio_groups().begin(), request->vfio_groups().end()}});
+       .vfio_groups = {request->vfio_groups().begin(), request->vfio_groups().end()}},
+      CallerOf(context));
   if (view.ok()) Fill(*view, response);
   return Finish(context, view.status(), RpcMethod::kCreateContainer, start);
 }
@@ -185,16 +220,17 @@ grpc::ServerUnaryReactor* NodeAgentService::ReleaseContainer(
     grpc::CallbackServerContext* context, const v1::ReleaseContainerRequest* request,
     v1::ReleaseContainerResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
-  return Finish(context, agent_->ReleaseContainer(request->name()), RpcMethod::kReleaseContainer,
-                start);
+  return Finish(context, agent_->ReleaseContainer(request->name(), nullptr, CallerOf(context)),
+                RpcMethod::kReleaseContainer, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::RegisterRegion(grpc::CallbackServerContext* context,
                                                            const v1::RegisterRegionRequest* request,
                                                            v1::Region* response) {
   const AgentMetrics::Clock::time_point start = Start();
-  absl::StatusOr<RegionView> view = agent_->RegisterRegion(request->container(), request->context(),
-                                                           request->ua(), request->size());
+  absl::StatusOr<RegionView> view =
+      agent_->RegisterRegion(request->container(), request->context(), request->ua(),
+                             request->size(), nullptr, CallerOf(context));
   if (view.ok()) Fill(*view, agent_->page_size(), response);
   return Finish(context, view.status(), RpcMethod::kRegisterRegion, start);
 }
@@ -204,20 +240,21 @@ grpc::ServerUnaryReactor* NodeAgentService::UnregisterRegion(
     v1::UnregisterRegionResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
   return Finish(context,
-                agent_->UnregisterRegion(request->container(), request->ua(), request->size()),
+                agent_->UnregisterRegion(request->container(), request->ua(), request->size(),
+                                         nullptr, CallerOf(context)),
                 RpcMethod::kUnregisterRegion, start);
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::MapDma(grpc::CallbackServerContext* context,
                                                    const v1::MapDmaRequest* request,
                                                    v1::MapDmaResponse*) {
-  return FinishUnary(context, Serve(*request));
+  return FinishUnary(context, Serve(*request, CallerOf(context)));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::UnmapDma(grpc::CallbackServerContext* context,
                                                      const v1::UnmapDmaRequest* request,
                                                      v1::UnmapDmaResponse*) {
-  return FinishUnary(context, Serve(*request));
+  return FinishUnary(context, Serve(*request, CallerOf(context)));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::Translate(grpc::CallbackServerContext* context,
@@ -225,7 +262,8 @@ grpc::ServerUnaryReactor* NodeAgentService::Translate(grpc::CallbackServerContex
                                                       v1::TranslateResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<std::vector<uint64_t>> hpas = agent_->Translate(
-      request->context(), absl::MakeConstSpan(request->uas().data(), request->uas().size()));
+      request->context(), absl::MakeConstSpan(request->uas().data(), request->uas().size()),
+      CallerOf(context));
   if (hpas.ok()) {
     response->mutable_hpas()->Add(hpas->begin(), hpas->end());
   }
@@ -249,7 +287,7 @@ grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerCont
                                                         v1::ListRegionsResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
   absl::StatusOr<std::vector<RegionView>> views =
-      agent_->ListRegions(request->context(), request->with_hpas());
+      agent_->ListRegions(request->context(), request->with_hpas(), CallerOf(context));
   if (views.ok()) {
     for (const RegionView& view : *views) {
       Fill(view, agent_->page_size(), response->add_regions());

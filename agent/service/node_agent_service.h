@@ -3,6 +3,9 @@
 #ifndef DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_
 #define DMAPIN_AGENT_SERVICE_NODE_AGENT_SERVICE_H_
 
+#include <functional>
+#include <string>
+
 #include "absl/status/status.h"
 #include "agent/node/node_agent.h"
 #include "agent/service/agent_metrics.h"
@@ -16,8 +19,18 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
  public:
   // `agent` must outlive the service; so must `metrics` when given (nullptr: no metrics). With
   // metrics, every call records its method, handler latency and errno (AgentMetrics::RecordRpc).
-  explicit NodeAgentService(NodeAgent* agent, AgentMetrics* metrics = nullptr)
-      : agent_(agent), metrics_(metrics) {}
+  // Who is calling, from the call's peer string: dmapin-agent accepts connections itself and
+  // hands them to gRPC, so a peer is "fd:<n>", whose SO_PEERCRED says which local process it is
+  // (a TCP peer, or no resolver: Caller::Remote()).
+  using CallerResolver = std::function<Caller(const std::string& peer)>;
+
+  explicit NodeAgentService(NodeAgent* agent, AgentMetrics* metrics = nullptr,
+                            CallerResolver resolve_caller = nullptr)
+      : agent_(agent), metrics_(metrics), resolve_caller_(std::move(resolve_caller)) {}
+
+  grpc::ServerUnaryReactor* AttachMemory(grpc::CallbackServerContext* context,
+                                         const v1::AttachMemoryRequest* request,
+                                         v1::Context* response) override;
 
   grpc::ServerUnaryReactor* CreateContext(grpc::CallbackServerContext* context,
                                           const v1::CreateContextRequest* request,
@@ -79,8 +92,9 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
 
   // The DMA hot path, shared by the unary handlers and DmaSession: runs the call and records it
   // in the metrics.
-  absl::Status Serve(const v1::MapDmaRequest& request);
-  absl::Status Serve(const v1::UnmapDmaRequest& request);
+  absl::Status Serve(const v1::MapDmaRequest& request, const Caller& caller);
+  absl::Status Serve(const v1::UnmapDmaRequest& request, const Caller& caller);
+  Caller CallerOf(grpc::CallbackServerContext* context) const;
   void Record(RpcMethod method, AgentMetrics::Clock::time_point start, const absl::Status& status);
 
   // Finishes the call with `status` (naming the errno in the trailers too) and records it.
@@ -89,6 +103,7 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
 
   NodeAgent* const agent_;
   AgentMetrics* const metrics_;
+  const CallerResolver resolve_caller_;
 };
 
 }  // namespace dmapin::agent

@@ -26,6 +26,19 @@ void Fill(const ContextView& view, v1::Context* out) {
   out->set_memory_ua(view.memory_ua);
   out->set_memory_bytes(view.spec.memory_bytes);
   for (const std::string& container : view.containers) out->add_containers(container);
+  if (view.owner.has_value()) {
+    out->mutable_owner()->set_pid(view.owner->pid);
+    out->mutable_owner()->set_uid(view.owner->uid);
+    out->mutable_owner()->set_start_time(view.owner->start_time);
+  }
+  for (const GuestSlot& slot : view.slots) {
+    v1::MemorySlot* added = out->add_slots();
+    added->set_ua(slot.ua);
+    added->set_size(slot.size);
+    added->set_offset(slot.offset);
+    added->set_agent_ua(slot.agent_ua);
+    added->set_object(slot.object);
+  }
 }
 
 void Fill(const ContainerView& view, v1::Container* out) {

@@ -96,6 +96,23 @@ ALTER TABLE containers ADD COLUMN vfio_groups TEXT NOT NULL DEFAULT '';
 UPDATE containers SET context =
   (SELECT context FROM holds WHERE holds.container = containers.name ORDER BY seq LIMIT 1);
 )sql",
+    // Version 3: the VMM that owns a context (pid 0: none) and the slots of its memory the agent
+    // mapped.
+    R"sql(
+ALTER TABLE contexts ADD COLUMN owner_pid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE contexts ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
+-- Clock ticks after boot (/proc/<pid>/stat field 22).
+ALTER TABLE contexts ADD COLUMN owner_start_time INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE memory_slots (
+  context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
+  ua INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  dev INTEGER NOT NULL,
+  ino INTEGER NOT NULL,
+  PRIMARY KEY (context, ua)
+) WITHOUT ROWID;
+)sql",
 };
 
 constexpr int kCurrentSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
@@ -108,10 +125,17 @@ constexpr const char* kSqlText[] = {
     /* kCommit */ "COMMIT",
     /* kRollback */ "ROLLBACK",
     /* kUpsertContext */
-    "INSERT INTO contexts (name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
-    "memlock_limit_bytes = excluded.memlock_limit_bytes, cap_ipc_lock = excluded.cap_ipc_lock, "
-    "backing = excluded.backing, mem_ua = excluded.mem_ua, mem_size = excluded.mem_size",
+    "INSERT INTO contexts (name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size, "
+    "owner_pid, owner_uid, owner_start_time) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (name) DO UPDATE SET "
+    "id = excluded.id, memlock_limit_bytes = excluded.memlock_limit_bytes, "
+    "cap_ipc_lock = excluded.cap_ipc_lock, backing = excluded.backing, mem_ua = excluded.mem_ua, "
+    "mem_size = excluded.mem_size, owner_pid = excluded.owner_pid, "
+    "owner_uid = excluded.owner_uid, owner_start_time = excluded.owner_start_time",
+    /* kDeleteSlotsOfContext */ "DELETE FROM memory_slots WHERE context = ?1",
+    /* kInsertSlot */
+    "INSERT INTO memory_slots (context, ua, size, offset, dev, ino) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     /* kDeleteContainersOfContext */
     "DELETE FROM containers WHERE context = ?1",
     /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
@@ -145,7 +169,9 @@ constexpr const char* kSqlText[] = {
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     /* kSelectDecision */ "SELECT result FROM applied_decisions WHERE decision_id = ?1",
     /* kLoadContexts */
-    "SELECT name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size FROM contexts",
+    "SELECT name, id, memlock_limit_bytes, cap_ipc_lock, backing, mem_ua, mem_size, owner_pid, "
+    "owner_uid, owner_start_time FROM contexts",
+    /* kLoadSlots */ "SELECT context, ua, size, offset, dev, ino FROM memory_slots",
     /* kLoadContainers */
     "SELECT name, id, iommu_page_size, window_start, window_size, context, vfio_groups "
     "FROM containers",
@@ -217,6 +243,8 @@ enum StateStore::Sql : int {
   kCommit,
   kRollback,
   kUpsertContext,
+  kDeleteSlotsOfContext,
+  kInsertSlot,
   kDeleteContainersOfContext,
   kDeleteContext,
   kUpsertContainer,
@@ -235,6 +263,7 @@ enum StateStore::Sql : int {
   kUpsertMeta,
   kSelectDecision,
   kLoadContexts,
+  kLoadSlots,
   kLoadContainers,
   kLoadHolds,
   kLoadPending,
@@ -902,7 +931,31 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     sqlite3_bind_int(*stmt, 5, context->backing);
     BindU64(*stmt, 6, context->mem_ua);
     BindU64(*stmt, 7, context->mem_size);
-    return RunLocked(*stmt, absl::StrCat("put context \"", context->name, "\""), rows);
+    sqlite3_bind_int64(*stmt, 8, context->owner_pid);
+    BindU64(*stmt, 9, context->owner_uid);
+    BindU64(*stmt, 10, context->owner_start_time);
+    absl::Status status =
+        RunLocked(*stmt, absl::StrCat("put context \"", context->name, "\""), rows);
+    if (!status.ok()) return status;
+    absl::StatusOr<sqlite3_stmt*> clear = StatementLocked(kDeleteSlotsOfContext);
+    if (!clear.ok()) return clear.status();
+    BindText(*clear, 1, context->name);
+    status = RunLocked(*clear, absl::StrCat("clear the slots of context \"", context->name, "\""),
+                       rows);
+    for (const StoredSlot& slot : context->slots) {
+      if (!status.ok()) return status;
+      absl::StatusOr<sqlite3_stmt*> insert = StatementLocked(kInsertSlot);
+      if (!insert.ok()) return insert.status();
+      BindText(*insert, 1, context->name);
+      BindU64(*insert, 2, slot.ua);
+      BindU64(*insert, 3, slot.size);
+      BindU64(*insert, 4, slot.offset);
+      BindU64(*insert, 5, slot.dev);
+      BindU64(*insert, 6, slot.ino);
+      status = RunLocked(*insert,
+                         absl::StrCat("put a memory slot of context \"", context->name, "\""), rows);
+    }
+    return status;
   }
   if (const auto* del = std::get_if<Mutation::DeleteContextOp>(&op)) {
     // The containers first, explicitly: their holds and mappings go with them.
@@ -1099,9 +1152,32 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     c.backing = sqlite3_column_int(stmt, 4);
     c.mem_ua = ColumnU64(stmt, 5);
     c.mem_size = ColumnU64(stmt, 6);
+    c.owner_pid = sqlite3_column_int64(stmt, 7);
+    c.owner_uid = static_cast<uint32_t>(ColumnU64(stmt, 8));
+    c.owner_start_time = ColumnU64(stmt, 9);
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
+  {
+    absl::flat_hash_map<std::string, StoredContext*> by_name;
+    for (StoredContext& c : state->contexts) by_name[c.name] = &c;
+    status = each(kLoadSlots, [&](sqlite3_stmt* stmt) {
+      auto it = by_name.find(ColumnText(stmt, 0));
+      // The foreign key makes a slot of no context impossible; skip rather than trust it.
+      if (it == by_name.end()) return absl::OkStatus();
+      it->second->slots.push_back({.ua = ColumnU64(stmt, 1),
+                                   .size = ColumnU64(stmt, 2),
+                                   .offset = ColumnU64(stmt, 3),
+                                   .dev = ColumnU64(stmt, 4),
+                                   .ino = ColumnU64(stmt, 5)});
+      return absl::OkStatus();
+    });
+    if (!status.ok()) return status;
+    for (StoredContext& c : state->contexts) {
+      std::sort(c.slots.begin(), c.slots.end(),
+                [](const StoredSlot& a, const StoredSlot& b) { return a.ua < b.ua; });
+    }
+  }
   status = each(kLoadContainers, [&](sqlite3_stmt* stmt) {
     StoredContainer& c = state->containers.emplace_back();
     c.name = ColumnText(stmt, 0);

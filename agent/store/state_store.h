@@ -72,15 +72,32 @@ inline constexpr absl::string_view kMetaJournalFileSeq = "journal_file_seq";
 
 // --- Rows ------------------------------------------------------------------------------------
 
+// A slot of the VMM's memory the agent mapped (GuestMemory): [ua, ua + size) of the VMM is
+// [offset, offset + size) of the memory object (dev, ino).
+struct StoredSlot {
+  uint64_t ua = 0;
+  uint64_t size = 0;
+  uint64_t offset = 0;
+  uint64_t dev = 0;
+  uint64_t ino = 0;
+};
+
 struct StoredContext {
   std::string name;
   uint64_t id = 0;
   std::optional<uint64_t> memlock_limit_bytes;  // nullopt = unlimited
   bool cap_ipc_lock = false;
   int backing = 0;
-  // The agent's own backing mapping for the memlock backend; 0/0 when there is none.
+  // Simulated VMM memory the agent allocated itself (memlock demo mode); 0/0 when there is none.
   uint64_t mem_ua = 0;
   uint64_t mem_size = 0;
+  // The owning process (pid 0: none) and its start time, so that a restart finds a VMM that
+  // exited (or whose pid another process took) while the agent was down.
+  int64_t owner_pid = 0;
+  uint32_t owner_uid = 0;
+  uint64_t owner_start_time = 0;
+  // The VMM's memory, by ua. PutContext replaces the context's slots with these.
+  std::vector<StoredSlot> slots;
 };
 
 struct StoredContainer {
@@ -129,10 +146,15 @@ struct StoredDecision {
   absl::Time applied_at;  // commit time, millisecond precision
 };
 
+inline bool operator==(const StoredSlot& a, const StoredSlot& b) {
+  return std::tie(a.ua, a.size, a.offset, a.dev, a.ino) ==
+         std::tie(b.ua, b.size, b.offset, b.dev, b.ino);
+}
 inline bool operator==(const StoredContext& a, const StoredContext& b) {
   return std::tie(a.name, a.id, a.memlock_limit_bytes, a.cap_ipc_lock, a.backing, a.mem_ua,
-                  a.mem_size) == std::tie(b.name, b.id, b.memlock_limit_bytes, b.cap_ipc_lock,
-                                          b.backing, b.mem_ua, b.mem_size);
+                  a.mem_size, a.owner_pid, a.owner_uid, a.owner_start_time, a.slots) ==
+         std::tie(b.name, b.id, b.memlock_limit_bytes, b.cap_ipc_lock, b.backing, b.mem_ua,
+                  b.mem_size, b.owner_pid, b.owner_uid, b.owner_start_time, b.slots);
 }
 inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
   return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context,
@@ -173,7 +195,8 @@ struct PersistedState {
 // decision recorded twice, ...) fails the whole commit.
 class Mutation {
  public:
-  // Insert, or update every column but the name.
+  // Insert, or update every column but the name; the context's memory slots become
+  // context.slots.
   Mutation& PutContext(StoredContext context);
   // Deletes the context, its holds and pending regions, and every container bound to it (with that
   // container's holds and mappings), as Registry::TeardownContext releases the containers bound to
