@@ -1,6 +1,6 @@
 // The VMM's end of the agent's memory socket (agent/service/memory_socket.h, api/README.md "The
 // memory socket"): sends an AttachMemoryRequest with its descriptors, returns the reply as a
-// Status.
+// Status. One call at a time per client (replies are matched to requests by their order).
 #ifndef DMAPIN_CLIENT_MEMORY_SOCKET_CLIENT_H_
 #define DMAPIN_CLIENT_MEMORY_SOCKET_CLIENT_H_
 
@@ -22,11 +22,14 @@ class MemorySocketClient {
 
   // Sends `request` with `fds` (slot i names fds[request.slots(i).fd_index]) and waits for the
   // reply. The agent's refusal comes back as its status (code and "EINVAL: ..." message, errno
-  // payload as common/errno_status); a broken connection is UNAVAILABLE.
+  // name as payload as common/errno_status, kept as sent even for names errno_status does not
+  // know, such as E2BIG); a broken connection is UNAVAILABLE; the kernel's refusal to send (more
+  // than 253 descriptors: EINVAL) is INVALID_ARGUMENT.
   absl::StatusOr<v1::Context> Attach(const v1::AttachMemoryRequest& request,
                                      absl::Span<const int> fds);
 
-  // Sends raw bytes and descriptors as one record and returns the reply (tests of bad input).
+  // Sends raw bytes and descriptors as one record and returns the reply, whatever its code
+  // (tests of bad input).
   absl::StatusOr<v1::MemorySocketReply> SendRaw(const std::string& bytes,
                                                 absl::Span<const int> fds);
 

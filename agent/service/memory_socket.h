@@ -7,18 +7,21 @@
 //    message arrives whole or not at all, with its descriptors;
 //  - request: one record holding a serialized dmapin.v1.AttachMemoryRequest (at most
 //    kMaxRequestBytes), with the slots' descriptors as SCM_RIGHTS (at most kMaxFds; slot i uses
-//    descriptor slots[i].fd_index);
-//  - reply: one record holding a serialized dmapin.v1.MemorySocketReply;
+//    descriptor slots[i].fd_index, and every descriptor sent must be named by a slot);
+//  - reply: one record holding a serialized dmapin.v1.MemorySocketReply, never empty (an empty
+//    record cannot be told from the end of the connection);
 //  - the peer is identified by SO_PEERCRED (pid, uid, gid) when it connects.
 // The server only frames: a Handler does the work. Every malformed record gets a reply with a
-// clear error (EINVAL, E2BIG, EMSGSIZE...) and the connection stays usable; every descriptor
-// received is closed once the handler returns, whatever happened.
+// clear error (EINVAL, EBADF, E2BIG, EMSGSIZE; code INVALID_ARGUMENT) and the connection stays
+// usable; every descriptor received is closed once the handler returns and before the reply is
+// sent, whatever happened. A peer that does not read its replies, or hangs up, is dropped.
 #ifndef DMAPIN_AGENT_SERVICE_MEMORY_SOCKET_H_
 #define DMAPIN_AGENT_SERVICE_MEMORY_SOCKET_H_
 
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -28,7 +31,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/mutex.h"
 #include "common/unique_fd.h"
 #include "dmapin/v1/agent.pb.h"
 
@@ -41,42 +43,55 @@ struct PeerCredentials {
 };
 
 struct MemorySocketStats {
-  uint64_t connections = 0;       // accepted, in all
-  uint64_t open_connections = 0;  // now
-  uint64_t requests = 0;          // records answered
-  uint64_t bad_requests = 0;      // records refused before the handler (framing, too many fds)
-  uint64_t refused_connections = 0;  // over kMaxConnections
+  uint64_t connections = 0;          // accepted and served, in all
+  uint64_t open_connections = 0;     // now
+  uint64_t requests = 0;             // records answered (the reply was sent)
+  uint64_t bad_requests = 0;         // records refused before the handler (framing, descriptors)
+  uint64_t refused_connections = 0;  // over kMaxConnections: accepted and closed at once
 };
 
 class MemorySocketServer {
  public:
   // What to do with one well-formed request. `fds` are the record's descriptors in order; the
   // server closes them after the handler returns (the handler dups what it keeps, or maps it).
-  using Handler = std::function<v1::MemorySocketReply(
-      const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
-      const std::vector<UniqueFd>& fds)>;
+  using Handler = std::function<v1::MemorySocketReply(const PeerCredentials& peer,
+                                                      const v1::AttachMemoryRequest& request,
+                                                      const std::vector<UniqueFd>& fds)>;
 
   static constexpr size_t kMaxRequestBytes = 64 << 10;
   static constexpr size_t kMaxFds = 64;
   static constexpr size_t kMaxConnections = 256;
 
-  // Binds and listens on `path` (a stale socket file there is replaced; mode 0660 unless the
-  // caller changes it) and serves on one thread.
+  // Binds and listens on `path` (mode 0660 unless the caller changes it) and serves on one
+  // thread, which also runs the handler. A stale socket file at `path` (nobody listening) is
+  // replaced; a live one is EADDRINUSE and anything else there EEXIST.
   static absl::StatusOr<std::unique_ptr<MemorySocketServer>> Start(const std::string& path,
                                                                    Handler handler);
-  ~MemorySocketServer();  // stops, closes every connection, removes the socket file
+  // Stops, closes every connection, removes the socket file (unless another server has replaced
+  // it since).
+  ~MemorySocketServer();
 
   MemorySocketStats stats() const;
 
  private:
+  struct Connection;  // only the loop thread has any
+
   MemorySocketServer(std::string path, UniqueFd listen_fd, Handler handler);
   void Loop();
+  // Accepts what is pending; on running out of descriptors, pauses accepting until `*resume`.
+  void AcceptPending(std::vector<Connection>* connections,
+                     std::chrono::steady_clock::time_point* resume);
+  // Reads and answers one record; false when the connection is to be dropped.
+  bool Serve(Connection& connection, std::vector<char>& record);
 
   // Constant after construction.
   const std::string path_;
   const UniqueFd listen_fd_;
   const Handler handler_;
-  UniqueFd wake_;  // eventfd for the destructor
+  // Set by Start before the thread starts.
+  UniqueFd wake_;         // eventfd for the destructor
+  dev_t socket_dev_ = 0;  // the socket file bound, so the destructor removes only its own
+  ino_t socket_ino_ = 0;
   std::thread thread_;
 
   std::atomic<uint64_t> connections_{0};
@@ -86,7 +101,9 @@ class MemorySocketServer {
   std::atomic<uint64_t> refused_connections_{0};
 };
 
-// The reply a handler gives for `status` (code, errno name, message).
+// The reply a handler gives for `status`: code as a number, the errno name of its payload (EIO when
+// it has none), the message, prefixed with the errno name when it does not start with it. OK is
+// code 0 and nothing else.
 v1::MemorySocketReply ReplyFor(const absl::Status& status);
 
 }  // namespace dmapin::agent
