@@ -110,7 +110,9 @@ TEST_F(NodeAgentVmmTest, PinsTheVmmsOwnPagesAndReleasesThemWhenTheVmmExits) {
   ASSERT_TRUE(hpas.ok()) << hpas.status();
   absl::StatusOr<uint64_t> frame = vmm->Hpa(ua);
   ASSERT_TRUE(frame.ok()) << frame.status();
-  if (*frame != 0) EXPECT_EQ(hpas->front(), *frame);
+  if (*frame != 0) {
+    EXPECT_EQ(hpas->front(), *frame);
+  }
 
   // The same bytes: written through the agent's view, read in the VMM.
   const uint64_t agent_ua = agent->GetContext("vm")->slots[0].agent_ua;
@@ -120,19 +122,19 @@ TEST_F(NodeAgentVmmTest, PinsTheVmmsOwnPagesAndReleasesThemWhenTheVmmExits) {
   // Only the owner maps; the manager, another local process and TCP peers get EPERM, and
   // nothing changes.
   EXPECT_TRUE(agent->MapDma("vm/c", 0, vmm->ua(), 4 * kPage, owner).ok());
-  for (const Caller& other : {Caller::Local(getpid(), getuid()), Caller::Local(1, 0),
+  for (const Caller& other : {Caller::Local(getpid(), getuid()), Caller::Local(1, getuid() + 1),
                               Caller::Remote()}) {
     EXPECT_EQ(ErrnoOf(agent->MapDma("vm/c", 0x100000, vmm->ua(), kPage, other)), EPERM)
         << other.Describe();
     EXPECT_EQ(ErrnoOf(agent->UnmapDma("vm/c", 0, kPage, other)), EPERM) << other.Describe();
     EXPECT_EQ(ErrnoOf(agent->Translate("vm", {ua}, other).status()), EPERM) << other.Describe();
   }
-  EXPECT_EQ(ErrnoOf(agent->TeardownContext("vm", nullptr, Caller::Local(1, 0))), EPERM);
+  EXPECT_EQ(ErrnoOf(agent->TeardownContext("vm", nullptr, Caller::Local(1, getuid() + 1))), EPERM);
   EXPECT_EQ(ErrnoOf(agent->RegisterRegion("vm/c", "vm", vmm->ua() + 40 * kPage, kPage, nullptr,
-                                          Caller::Local(1, 0))
+                                          Caller::Local(1, getuid() + 1))
                         .status()),
             EPERM);
-  EXPECT_EQ(agent->Lookup("vm", vmm->ua(), kPage)->value().info.mapped, 2u);
+  EXPECT_EQ(agent->Lookup("vm", vmm->ua(), kPage)->value().info.mapped, 5u);  // 1 + 4 pages
   EXPECT_EQ(agent->Status().permission_denied, 11u);
 
   // Memory no slot covers: EFAULT (spec §2.6).
@@ -208,7 +210,7 @@ TEST_F(NodeAgentVmmTest, RestartReattachesALiveVmmAndTearsDownOneThatExited) {
   EXPECT_EQ(context->locked_bytes, 8 * kPage);
   ASSERT_EQ(context->slots.size(), 1u);
   EXPECT_EQ(*agent->Translate("alive", {alive->ua(), alive->ua() + 7 * kPage}), hpas_before);
-  EXPECT_EQ(agent->Lookup("alive", alive->ua(), kPage)->value().info.mapped, 2u);
+  EXPECT_EQ(agent->Lookup("alive", alive->ua(), kPage)->value().info.mapped, 3u);  // 1 + 2 pages
   EXPECT_EQ(*ReadVmLckBytes() - vmlck_before_, 8 * kPage);
   // And the recovered owner is watched again.
   alive->Kill();

@@ -60,7 +60,11 @@ class AgentMetricsTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
     auto agent =
-        NodeAgent::Create({.node_name = "node-a", .backend = sim_.get(), .store = store_.get()});
+        // In-process channel: no local peer to own contexts, so the calls are let through.
+        NodeAgent::Create({.node_name = "node-a",
+                           .backend = sim_.get(),
+                           .store = store_.get(),
+                           .dma_from_any_peer = true});
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
     metrics_ = std::make_unique<AgentMetrics>(
