@@ -58,11 +58,12 @@ ABSL_FLAG(std::string, tcp_address, "0.0.0.0:7470",
           "TCP address for the central service and admins (host:port); empty disables TCP.");
 ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock",
           "Unix socket for the VMMs on this node (the DMA hot path); empty disables it.");
-ABSL_FLAG(std::string, memory_socket_path, "/run/dmapin/memory.sock",
+ABSL_FLAG(std::string, memory_socket_path, "",
           "The memory socket (SOCK_SEQPACKET, api/README.md \"The memory socket\"): VMMs on this "
           "node send descriptors of their guest memory here (SCM_RIGHTS), which the agent maps "
-          "shared and pins in the VMM's own addresses. Empty disables it (VMMs can still attach "
-          "through the fd-less AttachMemory RPC).");
+          "shared and pins in the VMM's own addresses. Default: <uds_path>.memory (e.g. "
+          "/run/dmapin/agent.sock.memory), none without --uds_path; \"none\" disables it (VMMs "
+          "can still attach through the fd-less AttachMemory RPC).");
 ABSL_FLAG(std::vector<std::string>, manager_uids, {},
           "Local uids that may act for VMMs (comma-separated): create a context for another "
           "process (CreateContextRequest.owner_pid), attach its memory, register and tear down on "
@@ -427,7 +428,10 @@ int Run() {
     return Caller::Remote();
   });
   std::unique_ptr<MemorySocketServer> memory_socket;
-  if (const std::string path = absl::GetFlag(FLAGS_memory_socket_path); !path.empty()) {
+  std::string memory_socket_path = absl::GetFlag(FLAGS_memory_socket_path);
+  if (memory_socket_path.empty() && !uds.empty()) memory_socket_path = uds + ".memory";
+  if (memory_socket_path == "none") memory_socket_path.clear();
+  if (const std::string& path = memory_socket_path; !path.empty()) {
     std::error_code ignored;
     std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ignored);
     NodeAgent* core = agent->get();
