@@ -667,13 +667,22 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   ++next_id_;
   auto entry = std::make_shared<ContainerEntry>();
   entry->dma = std::move(*dma);
+  StoredContainer stored{.name = spec.name,
+                         .id = id,
+                         .iommu_page_size = options.iommu_page_size,
+                         .window_start = options.window_start,
+                         .window_size = options.window_size,
+                         .vfio_groups = spec.vfio_groups};
+  if (caller.kind == Caller::Kind::kLocal) {
+    // Its creator may map on it until it is bound; a restart knows it again by its start time.
+    absl::StatusOr<ProcessIdentity> creator = IdentifyProcess(caller.pid);
+    if (creator.ok()) {
+      stored.creator_pid = creator->pid;
+      stored.creator_start_time = creator->start_time;
+    }
+  }
   Mutation mutation;
-  mutation.PutContainer(StoredContainer{.name = spec.name,
-                                        .id = id,
-                                        .iommu_page_size = options.iommu_page_size,
-                                        .window_start = options.window_start,
-                                        .window_size = options.window_size,
-                                        .vfio_groups = spec.vfio_groups});
+  mutation.PutContainer(stored);
   mutation.PutMeta(kMetaNextId, absl::StrCat(next_id_));
   if (absl::Status status = Persist(mutation); !status.ok()) {
     // Refused: the container goes again, kernel side too (it has nothing yet).
@@ -687,7 +696,7 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   entry->id = id;
   entry->name = spec.name;
   entry->spec = spec;
-  entry->creator_pid = caller.kind == Caller::Kind::kLocal ? caller.pid : 0;
+  entry->creator_pid = static_cast<pid_t>(stored.creator_pid);
   {
     MutexLock names(&names_mu_);
     containers_[spec.name] = std::move(entry);
@@ -1132,9 +1141,18 @@ absl::StatusOr<std::vector<RegionView>> NodeAgent::ListRegions(absl::string_view
     }
     context_id = context->id;
   } else if (with_hpas && caller.kind != Caller::Kind::kInternal && !options_.dma_from_any_peer) {
-    return Denied(absl::StrFormat("ListRegions with_hpas over every context: physical addresses "
-                                  "are each owner's; name a context you own (the caller is %s)",
-                                  caller.Describe()));
+    // Physical addresses are each owner's: every context listed must be the caller's.
+    std::vector<std::pair<std::string, std::shared_ptr<ContextEntry>>> all;
+    {
+      MutexLock names(&names_mu_);
+      all.assign(contexts_.begin(), contexts_.end());
+    }
+    for (const auto& [name, entry] : all) {
+      if (absl::Status status = CheckDma(entry.get(), name, caller, "ListRegions with_hpas");
+          !status.ok()) {
+        return status;
+      }
+    }
   }
   // With hpas the answer is 8 bytes per pinned page: bounded before anything is copied. The
   // control lock keeps registrations from growing it between the count and the copy.

@@ -178,6 +178,12 @@ absl::Status NodeAgent::RecoverLocked(
     entry->dma = std::move(*dma);
     entry->id = stored.id;
     entry->name = stored.name;
+    // A creator that is gone (or whose pid another process took) no longer maps on it.
+    if (stored.creator_pid != 0 &&
+        IsAlive({.pid = static_cast<pid_t>(stored.creator_pid),
+                 .start_time = stored.creator_start_time})) {
+      entry->creator_pid = static_cast<pid_t>(stored.creator_pid);
+    }
     if (!stored.context.empty()) {
       // Bound by an earlier registration, possibly to regions it no longer holds.
       auto context = contexts_.find(stored.context);

@@ -103,6 +103,9 @@ ALTER TABLE contexts ADD COLUMN owner_pid INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE contexts ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
 -- Clock ticks after boot (/proc/<pid>/stat field 22).
 ALTER TABLE contexts ADD COLUMN owner_start_time INTEGER NOT NULL DEFAULT 0;
+-- The local process that created a container (pid 0: none), which may map on it while unbound.
+ALTER TABLE containers ADD COLUMN creator_pid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE containers ADD COLUMN creator_start_time INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE memory_slots (
   context TEXT NOT NULL REFERENCES contexts (name) ON DELETE CASCADE,
   ua INTEGER NOT NULL,
@@ -140,10 +143,12 @@ constexpr const char* kSqlText[] = {
     "DELETE FROM containers WHERE context = ?1",
     /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
     /* kUpsertContainer */
-    "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size, vfio_groups) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
+    "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size, vfio_groups, "
+    "creator_pid, creator_start_time) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
     "iommu_page_size = excluded.iommu_page_size, window_start = excluded.window_start, "
-    "window_size = excluded.window_size, vfio_groups = excluded.vfio_groups",
+    "window_size = excluded.window_size, vfio_groups = excluded.vfio_groups, "
+    "creator_pid = excluded.creator_pid, creator_start_time = excluded.creator_start_time",
     /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
     /* kBindContainer */ "UPDATE containers SET context = ?2 WHERE name = ?1",
     /* kInsertHold */ "INSERT INTO holds (container, context, ua, size) VALUES (?1, ?2, ?3, ?4)",
@@ -173,8 +178,8 @@ constexpr const char* kSqlText[] = {
     "owner_uid, owner_start_time FROM contexts",
     /* kLoadSlots */ "SELECT context, ua, size, offset, dev, ino FROM memory_slots",
     /* kLoadContainers */
-    "SELECT name, id, iommu_page_size, window_start, window_size, context, vfio_groups "
-    "FROM containers",
+    "SELECT name, id, iommu_page_size, window_start, window_size, context, vfio_groups, "
+    "creator_pid, creator_start_time FROM containers",
     /* kLoadHolds */ "SELECT container, context, ua, size, seq FROM holds ORDER BY seq",
     /* kLoadPending */ "SELECT context, ua, size FROM pending",
     /* kLoadMappings */ "SELECT container, iova, size, ua FROM mappings ORDER BY container, iova",
@@ -979,6 +984,8 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     BindU64(*stmt, 4, container->window_start);
     BindU64(*stmt, 5, container->window_size);
     BindText(*stmt, 6, absl::StrJoin(container->vfio_groups, ","));
+    sqlite3_bind_int64(*stmt, 7, container->creator_pid);
+    BindU64(*stmt, 8, container->creator_start_time);
     return RunLocked(*stmt, absl::StrCat("put container \"", container->name, "\""), rows);
   }
   if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
@@ -1188,6 +1195,8 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     if (sqlite3_column_type(stmt, 5) != SQLITE_NULL) c.context = ColumnText(stmt, 5);
     const std::string groups = ColumnText(stmt, 6);
     if (!groups.empty()) c.vfio_groups = absl::StrSplit(groups, ',');
+    c.creator_pid = sqlite3_column_int64(stmt, 7);
+    c.creator_start_time = ColumnU64(stmt, 8);
     return absl::OkStatus();
   });
   if (!status.ok()) return status;

@@ -111,6 +111,9 @@ struct StoredContainer {
   std::string context;
   // VFIO backends: the IOMMU group paths the container attaches; empty otherwise.
   std::vector<std::string> vfio_groups;
+  // The local process that created the container (pid 0: none) and its start time.
+  int64_t creator_pid = 0;
+  uint64_t creator_start_time = 0;
 };
 
 // One container holding one region. `seq` orders holds by commit: replay registers in seq order so
@@ -158,8 +161,9 @@ inline bool operator==(const StoredContext& a, const StoredContext& b) {
 }
 inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
   return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context,
-                  a.vfio_groups) == std::tie(b.name, b.id, b.iommu_page_size, b.window_start,
-                                             b.window_size, b.context, b.vfio_groups);
+                  a.vfio_groups, a.creator_pid, a.creator_start_time) ==
+         std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size, b.context,
+                  b.vfio_groups, b.creator_pid, b.creator_start_time);
 }
 inline bool operator==(const StoredHold& a, const StoredHold& b) {
   return std::tie(a.container, a.context, a.ua, a.size, a.seq) ==
