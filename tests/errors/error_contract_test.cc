@@ -96,7 +96,10 @@ class ErrorContractTest : public ::testing::Test {
     agent_ = std::move(*agent);
     admin_ = v1::Admin::NewStub(limits::FreshChannel(server_->target()));
     control_ = v1::Control::NewStub(limits::FreshChannel(server_->target()));
-    node_ = v1::NodeAgent::NewStub(limits::FreshChannel(agent_->target()));
+    // As a VMM calls the agent: over its Unix socket, owning the contexts it creates. TCP is the
+    // central service's and admins' (no DMA calls).
+    node_ = v1::NodeAgent::NewStub(limits::FreshChannel(agent_->process()->uds_target()));
+    node_tcp_ = v1::NodeAgent::NewStub(limits::FreshChannel(agent_->target()));
     // The server knows the node once the agent's control stream is up.
     const absl::Time deadline = absl::Now() + absl::Seconds(20);
     while (absl::Now() < deadline) {
@@ -197,6 +200,7 @@ class ErrorContractTest : public ::testing::Test {
   std::unique_ptr<v1::Admin::Stub> admin_;
   std::unique_ptr<v1::Control::Stub> control_;
   std::unique_ptr<v1::NodeAgent::Stub> node_;
+  std::unique_ptr<v1::NodeAgent::Stub> node_tcp_;
 };
 
 TEST_F(ErrorContractTest, EveryErrorPathAnswersAsTheReadmeTableSays) {
@@ -458,6 +462,32 @@ TEST_F(ErrorContractTest, EveryErrorPathAnswersAsTheReadmeTableSays) {
        }},
       {"RegisterRegion over memory that cannot be pinned", "EFAULT", grpc::StatusCode::INTERNAL,
        RegisterRegion("dev-3", "vm-1", 0x30000000, kPage)},
+      {"MapDma over TCP (DMA calls are the owning VMM's)", "EPERM", kDenied,
+       [this](grpc::ClientContext* context) {
+         v1::MapDmaRequest request;
+         request.set_container("dev-1");
+         request.set_iova(0x100000);
+         request.set_ua(0x10000000);
+         request.set_size(kPage);
+         v1::MapDmaResponse response;
+         return node_tcp_->MapDma(context, request, &response);
+       }},
+      {"CreateContext for another process over TCP", "EPERM", kDenied,
+       [this](grpc::ClientContext* context) {
+         v1::CreateContextRequest request;
+         request.set_name("vm-other");
+         request.set_owner_pid(1);
+         v1::Context response;
+         return node_tcp_->CreateContext(context, request, &response);
+       }},
+      {"AttachMemory on the sim backend (nothing to attach)", "EINVAL", kInvalid,
+       [this](grpc::ClientContext* context) {
+         v1::AttachMemoryRequest request;
+         request.set_context("vm-1");
+         request.add_slots()->set_size(kPage);
+         v1::Context response;
+         return node_->AttachMemory(context, request, &response);
+       }},
       {"a NodeAgent request over --max_receive_message_bytes", kNoErrno, kExhausted,
        create_context(std::string(5 * kMiB, 'v'), 0)},
   };
