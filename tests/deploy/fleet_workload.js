@@ -11,7 +11,7 @@
 // then keeps a light churn (map/unmap/translate, a register/unregister intent pair) going until
 // SIGTERM/SIGINT or --churn_seconds, so rates are non-zero while Prometheus scrapes.
 //
-// usage: fleet_workload.js --server=HOST:PORT --agents=NAME=HOST:PORT,... [--churn_seconds=N]
+// usage: fleet_workload.js --server=HOST:PORT --agents=NAME=unix:PATH,... [--churn_seconds=N]
 // Prints "workload: setup done" once the fleet is in its steady state.
 'use strict';
 

@@ -41,12 +41,13 @@ start_fleet() {
   done
 }
 
-# "node-a=127.0.0.1:P,node-b=..." for the workload's --agents.
+# "node-a=unix:DIR/node-a/agent.sock,node-b=..." for the workload's --agents: it calls the agents
+# as a VMM does, over their Unix sockets (DMA calls over TCP are refused).
 fleet_agents_arg() {
   local out="" entry name
   for entry in "${FLEET_NODES[@]}"; do
     name="${entry%%:*}"
-    out+="${out:+,}$name=${AGENT_GRPC[$name]}"
+    out+="${out:+,}$name=unix:$FLEET_DIR/$name/agent.sock"
   done
   echo "$out"
 }
