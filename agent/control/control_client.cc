@@ -39,6 +39,8 @@ struct ReportedState {
   std::map<std::string, v1::Container> containers;
   std::map<RegionKey, v1::Region> regions;
   v1::RegistryCounters counters;
+  // Contexts torn down lately because their owner exited (not diffed: read when one goes).
+  std::map<std::string, OwnerExit> owner_exits;
 };
 
 // Reads the agent's current state. The lists are read one after the other, not atomically: a
@@ -56,6 +58,10 @@ absl::StatusOr<ReportedState> ReadState(const NodeAgent& agent) {
     Fill(view, page_size, &state.regions[RegionKey{view.context, view.info.ua, view.info.size}]);
   }
   Fill(agent.Status(), &state.counters);
+  for (OwnerExit& exit : agent.RecentOwnerExits()) {
+    const std::string name = exit.context;
+    state.owner_exits[name] = std::move(exit);
+  }
   return state;
 }
 
@@ -81,7 +87,15 @@ bool Diff(const ReportedState& from, const ReportedState& to, v1::Delta* delta) 
   DiffMaps(
       from.contexts, to.contexts,
       [&](const v1::Context& context) { *delta->add_upserted_contexts() = context; },
-      [&](const std::string& name) { delta->add_removed_contexts(name); });
+      [&](const std::string& name) {
+        delta->add_removed_contexts(name);
+        if (auto exit = to.owner_exits.find(name); exit != to.owner_exits.end()) {
+          v1::EndedContext* ended = delta->add_ended_contexts();
+          ended->set_context(name);
+          ended->set_owner_pid(exit->second.pid);
+          ended->set_unpinned_bytes(exit->second.unpinned_bytes);
+        }
+      });
   DiffMaps(
       from.containers, to.containers,
       [&](const v1::Container& container) { *delta->add_upserted_containers() = container; },

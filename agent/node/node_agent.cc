@@ -112,9 +112,18 @@ void NodeAgent::OnOwnerExit(const std::string& key) {
   const std::string owner = entry->owner.has_value()
                                 ? absl::StrFormat("pid %d", entry->owner->pid)
                                 : std::string("its owner");
+  absl::StatusOr<ContextInfo> info = registry_->GetContext(entry->id);
+  const uint64_t locked = info.ok() ? info->locked_bytes : 0;
   absl::Status status = TeardownContext(name);
   if (status.ok()) {
     owner_exit_teardowns_.fetch_add(1, std::memory_order_relaxed);
+    {
+      MutexLock lock(&exits_mu_);
+      recent_exits_.push_back({.context = name,
+                               .pid = entry->owner.has_value() ? entry->owner->pid : 0,
+                               .unpinned_bytes = locked});
+      if (recent_exits_.size() > kRecentOwnerExits) recent_exits_.pop_front();
+    }
     LOG(INFO) << absl::StrFormat("context \"%s\": its VMM (%s) exited; context torn down, its "
                                  "containers released and every page it pinned unpinned",
                                  name, owner);
@@ -123,6 +132,11 @@ void NodeAgent::OnOwnerExit(const std::string& key) {
                                   "%s",
                                   name, owner, status.ToString());
   }
+}
+
+std::vector<OwnerExit> NodeAgent::RecentOwnerExits() const {
+  MutexLock lock(&exits_mu_);
+  return {recent_exits_.begin(), recent_exits_.end()};
 }
 
 // --- Ownership --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -180,6 +181,13 @@ struct NodeStatusView {
   uint64_t memory_lost_at_recovery = 0;
 };
 
+// A context the agent tore down because its owner exited (for the central service's events).
+struct OwnerExit {
+  std::string context;
+  pid_t pid = 0;
+  uint64_t unpinned_bytes = 0;
+};
+
 // A central-service decision being applied: recorded in the same transaction as its effect, so a
 // repeated id is answered from the record and never applied twice.
 struct DecisionTag {
@@ -267,6 +275,9 @@ class NodeAgent {
   absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context, bool with_hpas,
                                                       const Caller& caller = Caller::Internal()) const;
   NodeStatusView Status() const;
+  // The most recent owner-exit teardowns (at most kRecentOwnerExits, oldest first).
+  std::vector<OwnerExit> RecentOwnerExits() const;
+  static constexpr size_t kRecentOwnerExits = 1024;
 
   // False once the store failed: the agent must be restarted (health reports NOT_SERVING).
   bool healthy() const { return !store_failed_.load(std::memory_order_acquire); }
@@ -452,6 +463,9 @@ class NodeAgent {
   std::atomic<uint64_t> owner_exit_teardowns_{0};
   std::atomic<uint64_t> owner_exits_at_recovery_{0};
   std::atomic<uint64_t> memory_lost_at_recovery_{0};
+
+  mutable Mutex exits_mu_;
+  std::deque<OwnerExit> recent_exits_ ABSL_GUARDED_BY(exits_mu_);
 
   // Last: destroyed first, so no owner exit is handled while the rest goes.
   std::unique_ptr<ProcessWatcher> watcher_;

@@ -174,6 +174,32 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
             "VFIO backends: kernel calls that failed after the registry changed and could not be "
             "rolled back, and failed closes of released containers.",
             MetricType::Counter, static_cast<double>(status.vfio_inconsistencies));
+  // Ownership: who may call, and each VMM's final cleanup.
+  const struct {
+    const char* name;
+    const char* help;
+    uint64_t value;
+  } kOwnershipCounters[] = {
+      {"dmapin_agent_permission_denied_total",
+       "Calls refused with EPERM because the caller does not own the context (DMA calls), is "
+       "neither its owner nor a manager (control calls), or is a TCP peer making a DMA call.",
+       status.permission_denied},
+      {"dmapin_agent_owner_exit_teardowns_total",
+       "Contexts torn down because the VMM that owns them exited (their containers released, "
+       "every page they pinned unpinned).",
+       status.owner_exit_teardowns},
+      {"dmapin_agent_owner_exits_at_recovery_total",
+       "Contexts torn down at start because their VMM exited while the agent was down.",
+       status.owner_exits_at_recovery},
+      {"dmapin_agent_memory_lost_at_recovery_total",
+       "Contexts torn down at start because their VMM's memory could not be mapped again (it "
+       "no longer maps the same object at the same address).",
+       status.memory_lost_at_recovery},
+  };
+  for (const auto& counter : kOwnershipCounters) {
+    AddScalar(out, counter.name, counter.help, MetricType::Counter,
+              static_cast<double>(counter.value));
+  }
   if (options_.store != nullptr) {
     const StoreStats store = options_.store->stats();
     const struct {

@@ -74,6 +74,10 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_store_commit_failures(status.store_commit_failures);
   out->set_vfio_inconsistencies(status.vfio_inconsistencies);
   out->set_refused_change_undo_failures(status.refused_change_undo_failures);
+  out->set_permission_denied(status.permission_denied);
+  out->set_owner_exit_teardowns(status.owner_exit_teardowns);
+  out->set_owner_exits_at_recovery(status.owner_exits_at_recovery);
+  out->set_memory_lost_at_recovery(status.memory_lost_at_recovery);
 }
 
 }  // namespace dmapin::agent

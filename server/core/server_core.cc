@@ -208,6 +208,14 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
         break;
       case v1::AgentMessage::kDelta:
         ApplyRegionChangesLocked(node, fleet_.ApplyDelta(node, message.delta(), now));
+        for (const v1::EndedContext& ended : message.delta().ended_contexts()) {
+          EmitLocked("vmm_exited", node, "", "", "",
+                     absl::StrFormat("context %s: its VMM (pid %d) exited; the agent tore the "
+                                     "context down, released its containers and unpinned %d "
+                                     "bytes",
+                                     ended.context(), ended.owner_pid(), ended.unpinned_bytes()),
+                     now);
+        }
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
         wake = true;

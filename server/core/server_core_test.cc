@@ -536,6 +536,29 @@ TEST_F(ServerCoreTest, RegisterIntentIsKeptAndRestoredWhenTheRegionGoes) {
   EXPECT_EQ(MustGetIntent(created.id()).attempts(), 2u);
 }
 
+// A context the agent tore down because its VMM exited is an event watchers see.
+TEST_F(ServerCoreTest, AnEndedContextIsAVmmExitedEvent) {
+  auto a = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
+  auto events = *core_->Subscribe("node-a");
+  v1::AgentMessage delta;
+  delta.mutable_delta()->set_version(++snapshot_version_);
+  delta.mutable_delta()->add_removed_contexts("vm-1");
+  v1::EndedContext* ended = delta.mutable_delta()->add_ended_contexts();
+  ended->set_context("vm-1");
+  ended->set_owner_pid(4242);
+  ended->set_unpinned_bytes(kMiB);
+  core_->AgentMessage("node-a", a.get(), delta);
+  for (;;) {
+    std::optional<v1::Event> event = events->Next(absl::Seconds(10));
+    ASSERT_TRUE(event.has_value()) << "no vmm_exited event";
+    if (event->type() != "vmm_exited") continue;
+    EXPECT_EQ(event->node(), "node-a");
+    EXPECT_NE(event->message().find("vm-1"), std::string::npos) << event->message();
+    EXPECT_NE(event->message().find("pid 4242"), std::string::npos) << event->message();
+    break;
+  }
+}
+
 TEST_F(ServerCoreTest, AReportOlderThanTheIntentIsNotTrusted) {
   // The report says c1 holds the region; the VMM then unregisters it on the agent directly.
   auto a = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});

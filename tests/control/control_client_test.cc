@@ -24,6 +24,7 @@
 #include "dmapin/v1/control.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "testing/fake_vmm.h"
 #include "server/fleet/fleet_state.h"
 
 namespace dmapin::agent {
@@ -546,6 +547,32 @@ TEST_F(ControlClientTest, LocalChangesShowUpAsDeltas) {
     EXPECT_GE(v, version);
     version = v;
   }
+}
+
+// A VMM that exits: the agent tears its context down and the next delta says why, for the
+// server's "vmm_exited" event.
+TEST_F(ControlClientTest, AVmmThatExitsIsReportedAsAnEndedContext) {
+  absl::StatusOr<harness::FakeVmm> vmm = harness::FakeVmm::Start(1);
+  ASSERT_TRUE(vmm.ok()) << vmm.status();
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm-exits", .owner_pid = vmm->pid()}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "vm-exits/c"}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("vm-exits/c", "vm-exits", kBase, 2 * k64K).ok());
+  ConnectAndAwaitSnapshot();
+  size_t cursor = cursor_;
+  const pid_t pid = vmm->pid();
+  vmm->Kill();
+  std::optional<v1::AgentMessage> delta =
+      fake_->Next(0, &cursor, [](const v1::AgentMessage& m) {
+        return m.has_delta() && m.delta().ended_contexts_size() == 1;
+      });
+  ASSERT_TRUE(delta.has_value());
+  const v1::EndedContext& ended = delta->delta().ended_contexts(0);
+  EXPECT_EQ(ended.context(), "vm-exits");
+  EXPECT_EQ(ended.owner_pid(), pid);
+  EXPECT_EQ(ended.unpinned_bytes(), 2 * k64K);
+  ASSERT_EQ(delta->delta().removed_contexts_size(), 1);
+  EXPECT_EQ(delta->delta().removed_contexts(0), "vm-exits");
+  EXPECT_EQ(delta->delta().counters().owner_exit_teardowns(), 1u);
 }
 
 // (e)
