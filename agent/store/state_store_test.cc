@@ -227,6 +227,42 @@ TEST_F(StateStoreTest, RoundTripsEveryTable) {
   EXPECT_EQ(updated.meta["next_id"], "43");
 }
 
+// A VMM's context: its owner and the slots of its memory, replaced as a whole by PutContext and
+// gone with the context.
+TEST_F(StateStoreTest, OwnersAndMemorySlotsRoundTrip) {
+  StoredContext vm = Context("vm", 10);
+  vm.owner_pid = 4242;
+  vm.owner_uid = 107;
+  vm.owner_start_time = 123456789;
+  vm.slots = {{.ua = 0x7f0000000000, .size = 1 << 20, .offset = 0, .dev = 1, .ino = 77},
+              {.ua = 0x7f0000200000, .size = 2 << 20, .offset = 1 << 20, .dev = 1, .ino = 77}};
+  StoredContainer c1 = Container("c1", 1);
+  c1.creator_pid = 4242;
+  c1.creator_start_time = 123456789;
+  Commit(Mutation().PutContext(vm).PutContainer(c1));
+  PersistedState state = Load();
+  ASSERT_EQ(state.contexts.size(), 1u);
+  EXPECT_EQ(state.contexts[0], vm);
+  ASSERT_EQ(state.containers.size(), 1u);
+  EXPECT_EQ(state.containers[0], c1);
+
+  vm.slots.pop_back();
+  Commit(Mutation().PutContext(vm));
+  EXPECT_EQ(Load().contexts[0].slots, vm.slots);
+
+  Commit(Mutation().DeleteContext("vm"));
+  store_.reset();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ + "/state.db").c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* count = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT COUNT(*) FROM memory_slots", -1, &count, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(count), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(count, 0), 0) << "the slots went with their context";
+  sqlite3_finalize(count);
+  sqlite3_close(db);
+}
+
 TEST_F(StateStoreTest, ReopenPreservesEverything) {
   Basic();
   Commit(Mutation()
