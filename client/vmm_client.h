@@ -18,7 +18,8 @@
 //   auto client = VmmClient::Connect({.uds_path = "/run/dmapin/agent.sock"});
 //   auto ram = GuestRam::CreateMemfd("guest-ram", 64 << 20);
 //   client->CreateContext("vm-42", {});
-//   client->AttachMemory("vm-42", {ram->slot()});
+//   const GuestRamSlot slot = SlotOf(*ram);
+//   client->AttachMemory("vm-42", {&slot, 1});
 //   client->CreateContainer("vm-42/vfio-0", {});
 //   client->RegisterRegion("vm-42/vfio-0", "vm-42", ram->ua(), ram->size());
 //   auto session = client->StartDmaSession();
