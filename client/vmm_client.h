@@ -15,6 +15,7 @@
 // reads, so ErrnoOf(status) == EBUSY. Failures of the transport (agent unreachable, deadline)
 // carry no errno payload (ErrnoOf: EIO).
 //
+//   // (error checks and StatusOr unwrapping left out)
 //   auto client = VmmClient::Connect({.uds_path = "/run/dmapin/agent.sock"});
 //   auto ram = GuestRam::CreateMemfd("guest-ram", 64 << 20);
 //   client->CreateContext("vm-42", {});
