@@ -1,5 +1,7 @@
 #include "common/errno_status.h"
 
+#include <cstring>
+
 #include <cerrno>
 
 #include "absl/strings/cord.h"
@@ -78,6 +80,8 @@ int ErrnoOf(const absl::Status& status) {
 std::string ErrnoName(int err) {
   const ErrnoEntry* entry = FindEntry(err);
   if (entry != nullptr) return std::string(entry->name);
+  // Not one of the contract's errnos: glibc's name for it (EADDRINUSE, ...), else E<number>.
+  if (const char* name = strerrorname_np(err); name != nullptr) return name;
   return absl::StrCat("E", err);
 }
 

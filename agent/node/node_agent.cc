@@ -621,18 +621,25 @@ absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, Co
   return ToView(*info);
 }
 
-absl::StatusOr<ContextView> NodeAgent::AttachMemory(absl::string_view name,
-                                                    absl::Span<const SlotSource> sources,
-                                                    const Caller& caller) {
-  if (absl::Status status = CheckWritable(); !status.ok()) return status;
-  MutexLock control(&control_mu_);
+absl::StatusOr<std::shared_ptr<NodeAgent::ContextEntry>> NodeAgent::ContextToAttachTo(
+    absl::string_view name, const Caller& caller) const {
   std::shared_ptr<ContextEntry> context = FindContext(name);
   if (context == nullptr) return NoSuchContext(name);
   if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
       !status.ok()) {
     return status;
   }
-  return AttachSources(std::string(name), *context, sources);
+  return context;
+}
+
+absl::StatusOr<ContextView> NodeAgent::AttachMemory(absl::string_view name,
+                                                    absl::Span<const SlotSource> sources,
+                                                    const Caller& caller) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  absl::StatusOr<std::shared_ptr<ContextEntry>> context = ContextToAttachTo(name, caller);
+  if (!context.ok()) return context.status();
+  return AttachSources(std::string(name), **context, sources);
 }
 
 absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
@@ -640,12 +647,9 @@ absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
     const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
-  std::shared_ptr<ContextEntry> context = FindContext(name);
-  if (context == nullptr) return NoSuchContext(name);
-  if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
-      !status.ok()) {
-    return status;
-  }
+  absl::StatusOr<std::shared_ptr<ContextEntry>> found = ContextToAttachTo(name, caller);
+  if (!found.ok()) return found.status();
+  std::shared_ptr<ContextEntry> context = std::move(*found);
   if (!context->owner.has_value() || context->guest == nullptr) {
     return AttachSources(std::string(name), *context, {});  // the reason it has nothing to attach
   }

@@ -377,6 +377,9 @@ class NodeAgent {
   absl::StatusOr<ContextView> AttachSources(const std::string& name, ContextEntry& context,
                                             absl::Span<const SlotSource> sources)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  // The context `name`, when `caller` may attach memory to it.
+  absl::StatusOr<std::shared_ptr<ContextEntry>> ContextToAttachTo(absl::string_view name,
+                                                                  const Caller& caller) const;
   // The owner of `key` ("<name>#<id>") exited: the final cleanup of its context.
   void OnOwnerExit(const std::string& key);
   static std::string WatchKey(absl::string_view name, ContextId id);
