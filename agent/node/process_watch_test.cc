@@ -25,6 +25,7 @@
 #include "common/mutex.h"
 #include "common/unique_fd.h"
 #include "gtest/gtest.h"
+#include "testing/open_fds.h"
 
 namespace dmapin::agent {
 namespace {
@@ -96,16 +97,6 @@ void WaitForZombie(pid_t pid) {
   ASSERT_EQ(::waitid(P_PID, pid, &info, WEXITED | WNOWAIT), 0) << std::strerror(errno);
 }
 
-int CountOpenFds() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  if (dir == nullptr) return -1;
-  int count = 0;
-  while (const dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  ::closedir(dir);
-  return count - 1;  // the directory's own
-}
 
 // Whether `status` carries ESRCH. By its payload's name: ErrnoOf knows only the errnos of
 // common/errno_status's table, which has no ESRCH yet (its name is "E3" until it does).
@@ -459,7 +450,7 @@ TEST(ProcessWatcherTest, DestructionWithLiveProcessesIsClean) {
 }
 
 TEST(ProcessWatcherTest, LeaksNoFileDescriptors) {
-  const int before = CountOpenFds();
+  const int before = harness::CountOpenFds();
   ASSERT_GT(before, 0);
   {
     ExitRecorder recorder;
@@ -485,7 +476,7 @@ TEST(ProcessWatcherTest, LeaksNoFileDescriptors) {
     ASSERT_TRUE(recorder.WaitFor(5));
     EXPECT_EQ(watcher.watched(), 0u);
   }
-  EXPECT_EQ(CountOpenFds(), before);
+  EXPECT_EQ(harness::CountOpenFds(), before);
 }
 
 }  // namespace
