@@ -7,14 +7,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cstring>
 #include <csignal>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <functional>
-#include <algorithm>
 #include <map>
 #include <memory>
 #include <optional>
@@ -254,7 +254,8 @@ absl::StatusOr<std::vector<uid_t>> ManagerUids() {
   for (const std::string& text : absl::GetFlag(FLAGS_manager_uids)) {
     uint32_t uid = 0;
     if (!absl::SimpleAtoi(text, &uid)) {
-      return absl::InvalidArgumentError(absl::StrCat("--manager_uids: \"", text, "\" is not a uid"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--manager_uids: \"", text, "\" is not a uid"));
     }
     uids.push_back(uid);
   }
@@ -270,10 +271,10 @@ v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& 
   for (const v1::MemorySlot& slot : request.slots()) {
     if (sources.size() > GuestMemory::kMaxSlots) break;  // Attach refuses it, naming the limit
     if (slot.fd_index() >= fds.size()) {
-      return ReplyFor(ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
-                                                         "carries %d descriptors",
-                                                         sources.size(), slot.fd_index(),
-                                                         fds.size())));
+      return ReplyFor(
+          ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
+                                             "carries %d descriptors",
+                                             sources.size(), slot.fd_index(), fds.size())));
     }
     sources.push_back({.ua = slot.ua(),
                        .size = slot.size(),

@@ -51,12 +51,12 @@ absl::StatusOr<std::unique_ptr<MemorySocketClient>> MemorySocketClient::Connect(
   if (!fd.valid()) {
     const int err = errno;
     return ErrnoStatus(err, absl::StatusCode::kUnavailable,
-                            absl::StrCat("socket for memory socket ", path, ": ", strerror(err)));
+                       absl::StrCat("socket for memory socket ", path, ": ", strerror(err)));
   }
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
     const int err = errno;
     return ErrnoStatus(err, absl::StatusCode::kUnavailable,
-                            absl::StrCat("connect to memory socket ", path, ": ", strerror(err)));
+                       absl::StrCat("connect to memory socket ", path, ": ", strerror(err)));
   }
   return std::unique_ptr<MemorySocketClient>(new MemorySocketClient(std::move(fd)));
 }
@@ -119,9 +119,8 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
   } while (n < 0 && errno == EINTR);
   if (n < 0) {
     const int err = errno;
-    return ErrnoStatus(
-        err, absl::StatusCode::kUnavailable,
-        absl::StrCat("recv of the reply from the memory socket: ", strerror(err)));
+    return ErrnoStatus(err, absl::StatusCode::kUnavailable,
+                       absl::StrCat("recv of the reply from the memory socket: ", strerror(err)));
   }
   if (n == 0) {
     // The end of the connection or an empty record (which the agent never sends, and which
@@ -130,13 +129,13 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
     const int ready = ::poll(&pfd, 1, 0);
     if (ready < 0 || (ready == 1 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0)) {
       return ErrnoStatus(ECONNRESET, absl::StatusCode::kUnavailable,
-                              "the agent closed the memory socket connection (over its "
-                              "connection limit, or stopping)");
+                         "the agent closed the memory socket connection (over its "
+                         "connection limit, or stopping)");
     }
   }
   if (static_cast<size_t>(n) > buffer.size()) {
     return ErrnoStatus(EMSGSIZE, absl::StatusCode::kInternal,
-                            absl::StrCat("reply of ", n, " bytes; at most ", kMaxReplyBytes));
+                       absl::StrCat("reply of ", n, " bytes; at most ", kMaxReplyBytes));
   }
   v1::MemorySocketReply reply;
   if (!reply.ParseFromArray(buffer.data(), static_cast<int>(n))) {

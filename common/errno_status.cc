@@ -1,8 +1,7 @@
 #include "common/errno_status.h"
 
-#include <cstring>
-
 #include <cerrno>
+#include <cstring>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"

@@ -50,7 +50,6 @@ uint64_t InodeOf(int fd) {
   return st.st_ino;
 }
 
-
 // Lines of /proc/self/maps that map inode `ino`: what the agent mapped of one object.
 int MappingsOf(uint64_t ino) {
   std::ifstream maps("/proc/self/maps");

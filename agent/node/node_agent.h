@@ -272,8 +272,8 @@ class NodeAgent {
                                                    uint64_t size) const;
   // Empty context: every context.
   // Physical addresses (with_hpas) only for a caller that may translate on every context listed.
-  absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context, bool with_hpas,
-                                                      const Caller& caller = Caller::Internal()) const;
+  absl::StatusOr<std::vector<RegionView>> ListRegions(
+      absl::string_view context, bool with_hpas, const Caller& caller = Caller::Internal()) const;
   NodeStatusView Status() const;
   // The most recent owner-exit teardowns (at most kRecentOwnerExits, oldest first).
   std::vector<OwnerExit> RecentOwnerExits() const;

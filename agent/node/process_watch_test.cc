@@ -97,7 +97,6 @@ void WaitForZombie(pid_t pid) {
   ASSERT_EQ(::waitid(P_PID, pid, &info, WEXITED | WNOWAIT), 0) << std::strerror(errno);
 }
 
-
 // Whether `status` carries ESRCH. By its payload's name: ErrnoOf knows only the errnos of
 // common/errno_status's table, which has no ESRCH yet (its name is "E3" until it does).
 bool CarriesEsrch(const absl::Status& status) {

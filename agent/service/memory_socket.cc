@@ -41,7 +41,7 @@ absl::Status SystemError(int err, absl::string_view what, absl::string_view path
   absl::StatusCode code = StatusCodeForErrno(err);
   if (code == absl::StatusCode::kUnknown) code = absl::StatusCode::kInternal;
   return ErrnoStatus(err, code,
-                          absl::StrCat("memory socket ", path, ": ", what, ": ", strerror(err)));
+                     absl::StrCat("memory socket ", path, ": ", what, ": ", strerror(err)));
 }
 
 // Every descriptor of every SCM_RIGHTS message, owned at once so that none can leak.
@@ -75,8 +75,8 @@ absl::Status CheckDescriptors(const v1::AttachMemoryRequest& request, size_t cou
     const uint32_t index = request.slots(i).fd_index();
     if (index >= count) {
       return ErrnoStatus(EBADF, absl::StatusCode::kInvalidArgument,
-                              absl::StrCat("slot ", i, ": fd_index ", index, " but the record has ",
-                                           count, " descriptor(s)"));
+                         absl::StrCat("slot ", i, ": fd_index ", index, " but the record has ",
+                                      count, " descriptor(s)"));
     }
     named[index] = true;
   }

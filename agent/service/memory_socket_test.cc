@@ -34,7 +34,6 @@ using client::MemorySocketClient;
 
 constexpr uint64_t kSlotBytes = 64 << 10;
 
-
 UniqueFd MakeMemfd() {
   UniqueFd fd(::memfd_create("guest-ram", MFD_CLOEXEC));
   if (fd.valid() && ::ftruncate(fd.get(), 4 * kSlotBytes) != 0) fd.reset();
