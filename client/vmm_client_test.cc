@@ -12,7 +12,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <grp.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -210,6 +212,16 @@ std::string Env(const char* name) {
 // Another process of the same uid trying the owner-only calls on someone else's context; prints
 // "map <code> <errno>" and "translate <code> <errno>".
 int RunIntruder() {
+  // Another uid too: drop to it, keeping group 0 so the sockets (root:root, 0660) still let it in.
+  if (const std::string uid_text = Env("DMAPIN_TEST_AS_UID"); !uid_text.empty()) {
+    uint32_t uid = 0;
+    const gid_t groups[] = {0};
+    if (!absl::SimpleAtoi(uid_text, &uid) || setgroups(1, groups) != 0 || setgid(uid) != 0 ||
+        setuid(uid) != 0) {
+      std::cerr << "intruder: cannot become uid " << uid_text << ": " << strerror(errno) << "\n";
+      return 2;
+    }
+  }
   absl::StatusOr<std::unique_ptr<VmmClient>> client =
       VmmClient::Connect({.uds_path = Env("DMAPIN_TEST_UDS")});
   if (!client.ok()) {
@@ -243,6 +255,19 @@ int RunIntruder() {
       (*client)->AttachMemory(Env("DMAPIN_TEST_CONTEXT"), {&slot, 1}).status();
   std::cout << "attach " << static_cast<int>(attach.code()) << " " << ErrnoName(ErrnoOf(attach))
             << "\n";
+  // Nor change anything of the owner's by the control calls: each answers EPERM.
+  const std::string container = Env("DMAPIN_TEST_CONTAINER");
+  const std::string context = Env("DMAPIN_TEST_CONTEXT");
+  const std::pair<const char*, absl::Status> control[] = {
+      {"unary_unmap", (*client)->UnmapDma(container, 0, kPage)},
+      {"unregister", (*client)->UnregisterRegion(container, ua, 16 * kPage)},
+      {"release", (*client)->ReleaseContainer(container)},
+      {"teardown", (*client)->TeardownContext(context)},
+  };
+  for (const auto& [call, status] : control) {
+    std::cout << call << " " << static_cast<int>(status.code()) << " "
+              << ErrnoName(ErrnoOf(status)) << "\n";
+  }
   std::cout << "map " << static_cast<int>(map.code()) << " " << ErrnoName(ErrnoOf(map)) << "\n"
             << "translate " << static_cast<int>(translate.status().code()) << " "
             << ErrnoName(ErrnoOf(translate.status())) << "\n"
@@ -525,23 +550,37 @@ TEST_F(MemlockVmmClientTest, AttachedGuestRamIsPinnedInTheVmmsOwnFramesAndOwnerO
     EXPECT_EQ(hpas->front(), *frame);
   }
 
-  // Another process (same uid) may neither map on the context nor translate it.
-  absl::StatusOr<Child> intruder = Child::Spawn(
-      {"/proc/self/exe"},
-      {absl::StrCat(kRoleEnv, "=intruder"), "DMAPIN_TEST_UDS=" + uds_, "DMAPIN_TEST_CONTEXT=vm-m",
-       "DMAPIN_TEST_CONTAINER=vm-m/c", absl::StrCat("DMAPIN_TEST_UA=", ram->ua())});
-  ASSERT_TRUE(intruder.ok()) << intruder.status();
-  const int status = intruder->Finish(absl::Seconds(60));
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-      << DescribeWait(status) << ": " << intruder->output();
-  const int denied = static_cast<int>(absl::StatusCode::kPermissionDenied);
-  EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat("map ", denied, " EPERM\n")));
-  EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat("translate ", denied, " EPERM\n")));
-  EXPECT_THAT(intruder->output(), HasSubstr("map_message EPERM: "));
-  EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat("attach ", denied, " EPERM\n")));
-  EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat("own_container 0 register ", denied,
-                                                         " map ", denied, " EPERM\n")));
-  // Nothing changed for the owner.
+  // Another process, of the same uid and of another, may neither map on the context nor
+  // translate it, nor change anything of it.
+  // The scratch directory is the test's (0700): the other uid must reach the sockets in it.
+  ASSERT_EQ(chmod(std::string(uds_.substr(0, uds_.rfind('/'))).c_str(), 0711), 0);
+  for (const char* as_uid : {"", "65534"}) {
+    SCOPED_TRACE(absl::StrCat("intruder uid ", *as_uid == '\0' ? "the same" : as_uid));
+    absl::StatusOr<Child> intruder = Child::Spawn(
+        {"/proc/self/exe"},
+        {absl::StrCat(kRoleEnv, "=intruder"), "DMAPIN_TEST_UDS=" + uds_,
+         "DMAPIN_TEST_CONTEXT=vm-m", "DMAPIN_TEST_CONTAINER=vm-m/c",
+         absl::StrCat("DMAPIN_TEST_UA=", ram->ua()), absl::StrCat("DMAPIN_TEST_AS_UID=", as_uid)});
+    ASSERT_TRUE(intruder.ok()) << intruder.status();
+    const int status = intruder->Finish(absl::Seconds(60));
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << DescribeWait(status) << ": " << intruder->output();
+    const int denied = static_cast<int>(absl::StatusCode::kPermissionDenied);
+    for (const char* call : {"map", "translate", "attach", "unary_unmap", "unregister", "release",
+                             "teardown"}) {
+      EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat(call, " ", denied, " EPERM\n")));
+    }
+    EXPECT_THAT(intruder->output(), HasSubstr("map_message EPERM: "));
+    EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat("own_container 0 register ", denied,
+                                                           " map ", denied, " EPERM\n")));
+    // Nothing changed for the owner.
+    absl::StatusOr<v1::Context> after = client_->GetContext("vm-m");
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_EQ(after->slots_size(), 1);
+    EXPECT_EQ(after->regions(), 1u);
+    EXPECT_EQ(after->locked_bytes(), 16 * kPage);
+    EXPECT_EQ(AgentVmLck() - vmlck_before_, 16 * kPage);
+  }
   EXPECT_TRUE((*session)->Unmap("vm-m/c", 0, 4 * kPage).ok());
 
   EXPECT_TRUE(client_->TeardownContext("vm-m").ok());
