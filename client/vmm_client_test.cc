@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <grp.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -41,6 +43,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "client/memory_socket_client.h"
 #include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -200,6 +203,25 @@ std::string DescribeWait(int status) {
   if (WIFEXITED(status)) return absl::StrCat("exit status ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) return absl::StrCat("signal ", WTERMSIG(status));
   return absl::StrCat("wait status ", status);
+}
+
+// Sends one record of half a request with `fd` attached (a truncated message), as a peer that
+// dies mid-message would leave it.
+ssize_t sendmsg_fd(int socket, int fd) {
+  char half[] = {0x0a, 0x40, 'v'};  // a field 1 string of 64 bytes, cut after one
+  iovec iov{half, sizeof(half)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_iov = &iov;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof(control);
+  cmsghdr* cmsg = CMSG_FIRSTHDR(&message);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+  return sendmsg(socket, &message, MSG_NOSIGNAL);
 }
 
 // --- The child roles ----------------------------------------------------------------------------
@@ -495,6 +517,18 @@ class MemlockVmmClientTest : public VmmClientTest {
     vmlck_before_ = *vmlck;
   }
 
+  // The agent's open descriptors.
+  size_t AgentFds() {
+    size_t count = 0;
+    std::error_code error;
+    for (auto it = std::filesystem::directory_iterator(absl::StrCat("/proc/", agent_->pid(), "/fd"),
+                                                       error);
+         !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+      ++count;
+    }
+    return count;
+  }
+
   uint64_t AgentVmLck() {
     absl::StatusOr<uint64_t> vmlck = VmLckBytes(agent_->pid());
     EXPECT_TRUE(vmlck.ok()) << vmlck.status();
@@ -586,6 +620,102 @@ TEST_F(MemlockVmmClientTest, AttachedGuestRamIsPinnedInTheVmmsOwnFramesAndOwnerO
   EXPECT_TRUE(client_->TeardownContext("vm-m").ok());
   EXPECT_TRUE(Eventually([&] { return AgentVmLck() == vmlck_before_; }));
   EXPECT_EQ(AgentVmLck(), vmlck_before_);
+}
+
+// Bad input on the memory socket, against the real agent: each a clear error, the agent keeps
+// serving, nothing changes, and the agent holds no descriptor more afterwards.
+TEST_F(MemlockVmmClientTest, BadInputOnTheMemorySocketIsRefusedAndLeaksNothing) {
+  ASSERT_TRUE(client_->CreateContext("vm-bad").ok());
+  absl::StatusOr<std::unique_ptr<MemorySocketClient>> socket =
+      MemorySocketClient::Connect(uds_ + ".memory");
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  const size_t agent_fds_before = AgentFds();
+  absl::StatusOr<GuestRam> ram = GuestRam::CreateMemfd("bad-ram", 4 * kPage);
+  ASSERT_TRUE(ram.ok()) << ram.status();
+
+  auto attach = [&](uint64_t ua, uint64_t size, uint64_t offset, int fd) {
+    v1::AttachMemoryRequest request;
+    request.set_context("vm-bad");
+    v1::MemorySlot* slot = request.add_slots();
+    slot->set_ua(ua);
+    slot->set_size(size);
+    slot->set_offset(offset);
+    slot->set_fd_index(0);
+    return (*socket)->Attach(request, {&fd, 1}).status();
+  };
+  int sockets[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sockets), 0);
+  int pipe_fds[2];
+  ASSERT_EQ(pipe2(pipe_fds, O_CLOEXEC), 0);
+  const int directory = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(directory, 0);
+  const uint64_t ua = ram->ua();
+  const struct {
+    const char* what;
+    absl::Status status;
+    int err;
+  } cases[] = {
+      {"a socket", attach(ua, kPage, 0, sockets[0]), EINVAL},
+      {"a pipe", attach(ua, kPage, 0, pipe_fds[0]), EINVAL},
+      {"a directory", attach(ua, kPage, 0, directory), EINVAL},
+      {"a file smaller than the slot", attach(ua, 8 * kPage, 0, ram->fd()), ENXIO},
+      {"an offset past the end", attach(ua, kPage, 16 * kPage, ram->fd()), ENXIO},
+      {"a slot that wraps", attach(~uint64_t{0} - kPage + 1, 2 * kPage, 0, ram->fd()), EINVAL},
+      {"a misaligned slot", attach(ua + 1, kPage, 0, ram->fd()), EINVAL},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(ErrnoOf(c.status), c.err) << c.what << ": " << c.status;
+    EXPECT_THAT(std::string(c.status.message()), StartsWith(ErrnoName(c.err) + ": ")) << c.what;
+  }
+  // Overlapping slots in one request.
+  {
+    v1::AttachMemoryRequest request;
+    request.set_context("vm-bad");
+    for (int i = 0; i < 2; ++i) {
+      v1::MemorySlot* slot = request.add_slots();
+      slot->set_ua(ua + i * kPage);
+      slot->set_size(2 * kPage);
+      slot->set_offset(0);
+      slot->set_fd_index(0);
+    }
+    const int fd = ram->fd();
+    EXPECT_EQ(ErrnoOf((*socket)->Attach(request, {&fd, 1}).status()), EINVAL);
+  }
+  // 1,000 descriptors: more than one message may carry (the kernel refuses over 253), and 250 in
+  // one message, over the agent's 64.
+  {
+    std::vector<int> many(1000, ram->fd());
+    EXPECT_FALSE((*socket)->SendRaw("x", many).ok());
+    std::vector<int> some(250, ram->fd());
+    absl::StatusOr<v1::MemorySocketReply> reply = (*socket)->SendRaw("x", some);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->errno_name(), "E2BIG") << reply->message();
+  }
+  // A peer that goes away in the middle: connects, sends half a request's worth and leaves.
+  {
+    absl::StatusOr<std::unique_ptr<MemorySocketClient>> gone =
+        MemorySocketClient::Connect(uds_ + ".memory");
+    ASSERT_TRUE(gone.ok());
+    const int fd = ram->fd();
+    ASSERT_GE(sendmsg_fd((*gone)->fd(), fd), 0);
+    gone->reset();
+  }
+  close(sockets[0]);
+  close(sockets[1]);
+  close(pipe_fds[0]);
+  close(pipe_fds[1]);
+  close(directory);
+
+  // Nothing was attached, and the agent still serves: the good request succeeds.
+  absl::StatusOr<v1::Context> context = client_->GetContext("vm-bad");
+  ASSERT_TRUE(context.ok());
+  EXPECT_EQ(context->slots_size(), 0);
+  EXPECT_TRUE(attach(ua, 4 * kPage, 0, ram->fd()).ok());
+  EXPECT_TRUE(client_->TeardownContext("vm-bad").ok());
+  // The attach's mapping holds no descriptor; what the refusals received is closed. (Fewer is
+  // fine: the agent's own files come and go, e.g. a connection gRPC closed meanwhile.)
+  EXPECT_TRUE(Eventually([&] { return AgentFds() <= agent_fds_before; }))
+      << AgentFds() << " descriptors, " << agent_fds_before << " before";
 }
 
 TEST_F(MemlockVmmClientTest, VmmExitTearsItsContextDownAndUnpins) {
