@@ -610,6 +610,10 @@ absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, Co
     }
     return ErrnoStatus(EINVAL, absl::StrFormat("attach memory to context \"%s\": %s", name, why));
   }
+  if (sources.empty()) {
+    return ErrnoStatus(EINVAL,
+                       absl::StrFormat("attach memory to context \"%s\": no memory slots", name));
+  }
   if (absl::Status status = context.guest->Attach(sources); !status.ok()) {
     return Annotate(status, absl::StrCat("attach memory to context \"", name, "\""));
   }
