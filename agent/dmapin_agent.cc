@@ -101,7 +101,9 @@ ABSL_FLAG(bool, recover_damaged_state, false,
           "(DATA_LOSS naming the file and offset).");
 ABSL_FLAG(std::string, backend, "sim",
           "Pinning backend: 'sim' (simulated memory, no real pinning: demos and tests), "
-          "'memlock' (real mlock + /proc/self/pagemap of the agent's own memory; needs root), or "
+          "'memlock' (real mlock + /proc/self/pagemap of the VMMs' memory, which they share with "
+          "the agent; or, simulating VMMs, of memory the agent allocates itself for contexts "
+          "created with memory_bytes; needs root), or "
           "'vfio-type1' / 'vfio-spapr-v2' (memlock plus a real VFIO container per container, "
           "opened on the IOMMU groups CreateContainer names; needs /dev/vfio and root).");
 ABSL_FLAG(std::string, hugetlbfs_dir, "",
