@@ -4,14 +4,17 @@
 // see agent/service/agent_metrics.h). Every acknowledged change is durable in --state_dir before
 // the reply; on start the registry is rebuilt from it, checked, and only then served.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <functional>
-#include <algorithm>
 #include <map>
 #include <memory>
 #include <optional>
@@ -64,6 +67,10 @@ ABSL_FLAG(std::string, memory_socket_path, "",
           "shared and pins in the VMM's own addresses. Default: <uds_path>.memory (e.g. "
           "/run/dmapin/agent.sock.memory), none without --uds_path; \"none\" disables it (VMMs "
           "can still attach through the fd-less AttachMemory RPC).");
+ABSL_FLAG(int32_t, socket_gid, -1,
+          "Group of the Unix socket and the memory socket (mode 0660: owner and group may "
+          "connect): the gid the VMMs' pods run with (e.g. a supplemental group). -1: the "
+          "agent's own group.");
 ABSL_FLAG(std::vector<std::string>, manager_uids, {},
           "Local uids that may act for VMMs (comma-separated): create a context for another "
           "process (CreateContextRequest.owner_pid), attach its memory, register and tear down on "
@@ -247,7 +254,8 @@ absl::StatusOr<std::vector<uid_t>> ManagerUids() {
   for (const std::string& text : absl::GetFlag(FLAGS_manager_uids)) {
     uint32_t uid = 0;
     if (!absl::SimpleAtoi(text, &uid)) {
-      return absl::InvalidArgumentError(absl::StrCat("--manager_uids: \"", text, "\" is not a uid"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--manager_uids: \"", text, "\" is not a uid"));
     }
     uids.push_back(uid);
   }
@@ -263,10 +271,10 @@ v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& 
   for (const v1::MemorySlot& slot : request.slots()) {
     if (sources.size() > GuestMemory::kMaxSlots) break;  // Attach refuses it, naming the limit
     if (slot.fd_index() >= fds.size()) {
-      return ReplyFor(ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
-                                                         "carries %d descriptors",
-                                                         sources.size(), slot.fd_index(),
-                                                         fds.size())));
+      return ReplyFor(
+          ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
+                                             "carries %d descriptors",
+                                             sources.size(), slot.fd_index(), fds.size())));
     }
     sources.push_back({.ua = slot.ua(),
                        .size = slot.size(),
@@ -394,6 +402,21 @@ int Run() {
     }
     listening.push_back("unix:" + uds);
   }
+  // Who may connect: the owner and --socket_gid (a socket needs write permission to connect).
+  const int32_t socket_gid = absl::GetFlag(FLAGS_socket_gid);
+  auto restrict_socket = [socket_gid](const std::string& path) -> bool {
+    if (socket_gid >= 0 && chown(path.c_str(), static_cast<uid_t>(-1), socket_gid) != 0) {
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: chown %s to gid %d: %s", path.c_str(),
+                                    socket_gid, strerror(errno));
+      return false;
+    }
+    if (chmod(path.c_str(), 0660) != 0) {
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: chmod %s: %s", path.c_str(), strerror(errno));
+      return false;
+    }
+    return true;
+  };
+  if (!uds.empty() && !restrict_socket(uds)) return 1;
   if (listening.empty()) {
     LOG(ERROR) << "dmapin-agent: neither --tcp_address nor --uds_path is set";
     return 2;
@@ -446,6 +469,7 @@ int Run() {
       return 1;
     }
     memory_socket = std::move(*started);
+    if (!restrict_socket(path)) return 1;
     LOG(INFO) << absl::StrFormat("dmapin-agent: memory socket on %s", path.c_str());
   }
   grpc::EnableDefaultHealthCheckService(true);

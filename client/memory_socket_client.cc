@@ -21,20 +21,6 @@ namespace {
 // Bounds the reply's record: a Context of 512 slots is some 50 KiB.
 constexpr size_t kMaxReplyBytes = 1 << 20;
 
-// The errno's name; common/errno_status knows the registry's errnos only.
-std::string NameOf(int err) {
-  const char* name = strerrorname_np(err);
-  return name != nullptr ? std::string(name) : ErrnoName(err);
-}
-
-// "<ERRNO>: <reason>" with the errno name as payload, as common/errno_status builds statuses.
-absl::Status NamedErrnoStatus(int err, absl::StatusCode code, absl::string_view reason) {
-  std::string name = NameOf(err);
-  absl::Status status(code, absl::StrCat(name, ": ", reason));
-  status.SetPayload(kErrnoPayloadUrl, absl::Cord(name));
-  return status;
-}
-
 bool BrokenConnection(int err) {
   return err == EPIPE || err == ECONNRESET || err == ENOTCONN || err == ECONNREFUSED;
 }
@@ -64,13 +50,13 @@ absl::StatusOr<std::unique_ptr<MemorySocketClient>> MemorySocketClient::Connect(
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!fd.valid()) {
     const int err = errno;
-    return NamedErrnoStatus(err, absl::StatusCode::kUnavailable,
-                            absl::StrCat("socket for memory socket ", path, ": ", strerror(err)));
+    return ErrnoStatus(err, absl::StatusCode::kUnavailable,
+                       absl::StrCat("socket for memory socket ", path, ": ", strerror(err)));
   }
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
     const int err = errno;
-    return NamedErrnoStatus(err, absl::StatusCode::kUnavailable,
-                            absl::StrCat("connect to memory socket ", path, ": ", strerror(err)));
+    return ErrnoStatus(err, absl::StatusCode::kUnavailable,
+                       absl::StrCat("connect to memory socket ", path, ": ", strerror(err)));
   }
   return std::unique_ptr<MemorySocketClient>(new MemorySocketClient(std::move(fd)));
 }
@@ -114,13 +100,13 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
     std::string what = absl::StrCat("sendmsg of ", bytes.size(), " bytes and ", fds.size(),
                                     " descriptor(s) to the memory socket: ", strerror(err));
     if (BrokenConnection(err)) {
-      return NamedErrnoStatus(err, absl::StatusCode::kUnavailable, what);
+      return ErrnoStatus(err, absl::StatusCode::kUnavailable, what);
     }
     // The kernel's own limits (EINVAL: more than SCM_MAX_FD, 253, descriptors; EMSGSIZE: over
     // the send buffer; EBADF: not a descriptor) are the caller's mistakes; the rest is the
     // node's resources.
     const bool invalid = err == EINVAL || err == EMSGSIZE || err == EBADF;
-    return NamedErrnoStatus(
+    return ErrnoStatus(
         err, invalid ? absl::StatusCode::kInvalidArgument : absl::StatusCode::kResourceExhausted,
         what);
   }
@@ -133,9 +119,8 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
   } while (n < 0 && errno == EINTR);
   if (n < 0) {
     const int err = errno;
-    return NamedErrnoStatus(
-        err, absl::StatusCode::kUnavailable,
-        absl::StrCat("recv of the reply from the memory socket: ", strerror(err)));
+    return ErrnoStatus(err, absl::StatusCode::kUnavailable,
+                       absl::StrCat("recv of the reply from the memory socket: ", strerror(err)));
   }
   if (n == 0) {
     // The end of the connection or an empty record (which the agent never sends, and which
@@ -143,14 +128,14 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
     pollfd pfd{fd_.get(), POLLRDHUP, 0};
     const int ready = ::poll(&pfd, 1, 0);
     if (ready < 0 || (ready == 1 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0)) {
-      return NamedErrnoStatus(ECONNRESET, absl::StatusCode::kUnavailable,
-                              "the agent closed the memory socket connection (over its "
-                              "connection limit, or stopping)");
+      return ErrnoStatus(ECONNRESET, absl::StatusCode::kUnavailable,
+                         "the agent closed the memory socket connection (over its "
+                         "connection limit, or stopping)");
     }
   }
   if (static_cast<size_t>(n) > buffer.size()) {
-    return NamedErrnoStatus(EMSGSIZE, absl::StatusCode::kInternal,
-                            absl::StrCat("reply of ", n, " bytes; at most ", kMaxReplyBytes));
+    return ErrnoStatus(EMSGSIZE, absl::StatusCode::kInternal,
+                       absl::StrCat("reply of ", n, " bytes; at most ", kMaxReplyBytes));
   }
   v1::MemorySocketReply reply;
   if (!reply.ParseFromArray(buffer.data(), static_cast<int>(n))) {

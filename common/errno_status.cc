@@ -1,6 +1,7 @@
 #include "common/errno_status.h"
 
 #include <cerrno>
+#include <cstring>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
@@ -78,6 +79,8 @@ int ErrnoOf(const absl::Status& status) {
 std::string ErrnoName(int err) {
   const ErrnoEntry* entry = FindEntry(err);
   if (entry != nullptr) return std::string(entry->name);
+  // Not one of the contract's errnos: glibc's name for it (EADDRINUSE, ...), else E<number>.
+  if (const char* name = strerrorname_np(err); name != nullptr) return name;
   return absl::StrCat("E", err);
 }
 

@@ -16,11 +16,11 @@
 #ifndef DMAPIN_COMMON_SERVER_LIMITS_H_
 #define DMAPIN_COMMON_SERVER_LIMITS_H_
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <sys/types.h>
-
 #include <map>
 #include <optional>
 #include <string>

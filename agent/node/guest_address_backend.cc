@@ -86,8 +86,7 @@ void GuestAddressBackend::UnpinPages(ContextId context, uint64_t ua,
 
 absl::StatusOr<uint64_t> GuestAddressBackend::PinCount(ContextId context, uint64_t page_ua) const {
   std::vector<GuestPiece> pieces;
-  if (absl::Status status = ToAgent(context, page_ua, inner_->page_size(), &pieces);
-      !status.ok()) {
+  if (absl::Status status = ToAgent(context, page_ua, inner_->page_size(), &pieces); !status.ok()) {
     return status;
   }
   return inner_->PinCount(context, pieces.front().agent_ua);

@@ -23,6 +23,7 @@
 #include "common/errno_status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/open_fds.h"
 
 namespace dmapin::agent {
 namespace {
@@ -47,18 +48,6 @@ uint64_t InodeOf(int fd) {
   struct stat st;
   EXPECT_EQ(fstat(fd, &st), 0);
   return st.st_ino;
-}
-
-// Entries of /proc/self/fd (the directory's own descriptor counts the same each time).
-int CountFds() {
-  DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return -1;
-  int n = 0;
-  while (dirent* entry = readdir(dir)) {
-    if (entry->d_name[0] != '.') ++n;
-  }
-  closedir(dir);
-  return n;
 }
 
 // Lines of /proc/self/maps that map inode `ino`: what the agent mapped of one object.
@@ -124,13 +113,13 @@ TEST(GuestMemoryTest, AttachMapsTheSamePages) {
 TEST(GuestMemoryTest, AttachKeepsNoDescriptorAndDestructorUnmaps) {
   UniqueFd fd = Memfd("guest-ram", 2 * kPage);
   const uint64_t ino = InodeOf(fd.get());
-  const int fds = CountFds();
+  const int fds = harness::CountOpenFds();
   {
     GuestMemory memory(kPage);
     ASSERT_TRUE(
         memory.Attach({{kBase, kPage, 0, fd.get()}, {kBase + kPage, kPage, kPage, fd.get()}}).ok());
     EXPECT_GE(MappingsOf(ino), 1);
-    EXPECT_EQ(CountFds(), fds);
+    EXPECT_EQ(harness::CountOpenFds(), fds);
   }
   EXPECT_EQ(MappingsOf(ino), 0);
 }
@@ -219,7 +208,7 @@ class AttachErrorTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_TRUE(memory_.Attach({{kBase, 2 * kPage, 0, fd_.get()}}).ok());
     before_ = memory_.slots();
-    fds_ = CountFds();
+    fds_ = harness::CountOpenFds();
   }
 
   // Attach(sources) fails with `err` and a message that has `text`, and nothing changes.
@@ -235,7 +224,7 @@ class AttachErrorTest : public ::testing::Test {
       EXPECT_EQ(after[i].agent_ua, before_[i].agent_ua);
     }
     EXPECT_EQ(memory_.bytes(), 2 * kPage);
-    EXPECT_EQ(CountFds(), fds_);
+    EXPECT_EQ(harness::CountOpenFds(), fds_);
   }
 
   UniqueFd fd_ = Memfd("guest-ram", 4 * kPage);
@@ -269,7 +258,7 @@ TEST_F(AttachErrorTest, DescriptorsThatAreNoMemoryObject) {
   UniqueFd dir(open("/tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   UniqueFd null(open("/dev/null", O_RDWR | O_CLOEXEC));
   ASSERT_TRUE(dir.valid() && null.valid());
-  fds_ = CountFds();
+  fds_ = harness::CountOpenFds();
 
   ExpectRefused({{kFree, kPage, 0, socket0.get()}}, EINVAL, "is a socket");
   ExpectRefused({{kFree, kPage, 0, pipe1.get()}}, EINVAL, "is a pipe");
@@ -278,7 +267,7 @@ TEST_F(AttachErrorTest, DescriptorsThatAreNoMemoryObject) {
   ExpectRefused({{kFree, kPage, 0, -1}}, EBADF, "fd -1 is not an open descriptor");
   const int closed = null.release();
   close(closed);
-  fds_ = CountFds();
+  fds_ = harness::CountOpenFds();
   ExpectRefused({{kFree, kPage, 0, closed}}, EBADF,
                 absl::StrCat("slot 0 (ua ", Hex(kFree), ", size ", Hex(kPage), ")"));
 }
@@ -286,13 +275,13 @@ TEST_F(AttachErrorTest, DescriptorsThatAreNoMemoryObject) {
 TEST_F(AttachErrorTest, ReadOnlyObject) {
   UniqueFd read_only(open(absl::StrCat("/proc/self/fd/", fd_.get()).c_str(), O_RDONLY | O_CLOEXEC));
   ASSERT_TRUE(read_only.valid());
-  fds_ = CountFds();
+  fds_ = harness::CountOpenFds();
   ExpectRefused({{kFree, kPage, 0, read_only.get()}}, EACCES, "is open read-only");
 }
 
 TEST_F(AttachErrorTest, PastTheEndOfTheObject) {
   UniqueFd small = Memfd("small", kPage);
-  fds_ = CountFds();
+  fds_ = harness::CountOpenFds();
   ExpectRefused(
       {{kFree, 2 * kPage, 0, small.get()}}, ENXIO,
       absl::StrCat("slot 0 (ua ", Hex(kFree), ", size ", Hex(2 * kPage), "): [0x0, ",
@@ -335,7 +324,7 @@ TEST(GuestMemoryTest, FailedAttachLeavesNothingMapped) {
   const uint64_t ino = InodeOf(fd.get());
   UniqueFd read_only(open(absl::StrCat("/proc/self/fd/", fd.get()).c_str(), O_RDONLY | O_CLOEXEC));
   ASSERT_TRUE(read_only.valid());
-  const int fds = CountFds();
+  const int fds = harness::CountOpenFds();
   GuestMemory memory(kPage);
   // Slots 0 and 1 are mapped before slot 2 fails.
   absl::Status status = memory.Attach({{kBase, kPage, 0, fd.get()},
@@ -346,7 +335,7 @@ TEST(GuestMemoryTest, FailedAttachLeavesNothingMapped) {
   EXPECT_EQ(MappingsOf(ino), 0);
   EXPECT_TRUE(memory.slots().empty());
   EXPECT_EQ(memory.bytes(), 0u);
-  EXPECT_EQ(CountFds(), fds);
+  EXPECT_EQ(harness::CountOpenFds(), fds);
 }
 
 TEST(GuestMemoryTest, ConcurrentOverlappingAttachesOneWins) {
@@ -428,7 +417,7 @@ TEST(OpenProcessSlotsTest, SeveralRangesAndASplitMapping) {
   Mapping second(mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED, other.get(), 0), kPage);
   ASSERT_NE(second.addr, MAP_FAILED);
 
-  const int fds = CountFds();
+  const int fds = harness::CountOpenFds();
   {
     absl::StatusOr<std::vector<ProcessSlot>> slots =
         OpenProcessSlots(getpid(), {{vmm.ua() + kPage, 3 * kPage}, {second.ua(), kPage}});
@@ -441,7 +430,7 @@ TEST(OpenProcessSlotsTest, SeveralRangesAndASplitMapping) {
     EXPECT_EQ((*slots)[1].source.offset, 0u);
     EXPECT_EQ(InodeOf((*slots)[1].fd.get()), InodeOf(other.get()));
   }
-  EXPECT_EQ(CountFds(), fds);  // the descriptors went with the slots
+  EXPECT_EQ(harness::CountOpenFds(), fds);  // the descriptors went with the slots
 }
 
 TEST(OpenProcessSlotsTest, LowAddressHasNoPaddingInMapFiles) {
@@ -484,7 +473,7 @@ TEST(OpenProcessSlotsTest, UnmappedRangeIsEfault) {
             area.addr);
   ASSERT_EQ(munmap(area.bytes() + kPage, 2 * kPage), 0);
 
-  const int fds = CountFds();
+  const int fds = harness::CountOpenFds();
   absl::Status hole = OpenProcessSlots(getpid(), {{area.ua() + kPage, kPage}}).status();
   EXPECT_EQ(ErrnoOf(hole), EFAULT);
   EXPECT_THAT(std::string(hole.message()), HasSubstr(Hex(area.ua() + kPage)));
@@ -496,7 +485,7 @@ TEST(OpenProcessSlotsTest, UnmappedRangeIsEfault) {
       OpenProcessSlots(getpid(), {{area.ua(), kPage}, {area.ua() + kPage, kPage}}).status();
   EXPECT_EQ(ErrnoOf(second), EFAULT);
   EXPECT_THAT(std::string(second.message()), HasSubstr("range 1"));
-  EXPECT_EQ(CountFds(), fds);
+  EXPECT_EQ(harness::CountOpenFds(), fds);
 }
 
 TEST(OpenProcessSlotsTest, AdjacentMappingsOfOtherObjectsOrOffsetsAreEfault) {

@@ -72,8 +72,8 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions op
   agent->registry_->SetLimits(agent->options_.limits);
   if (agent->options_.watch_owners) {
     NodeAgent* self = agent.get();
-    agent->watcher_ =
-        std::make_unique<ProcessWatcher>([self](const std::string& key) { self->OnOwnerExit(key); });
+    agent->watcher_ = std::make_unique<ProcessWatcher>(
+        [self](const std::string& key) { self->OnOwnerExit(key); });
     // The owners recovery found alive; one that exited since is torn down like any other.
     std::vector<std::string> gone;
     for (const ContextView& context : agent->ListContexts()) {
@@ -109,9 +109,8 @@ void NodeAgent::OnOwnerExit(const std::string& key) {
   std::shared_ptr<ContextEntry> entry = FindContext(name);
   // Torn down already, or a new context of the same name: not this owner's.
   if (entry == nullptr || WatchKey(name, entry->id) != key) return;
-  const std::string owner = entry->owner.has_value()
-                                ? absl::StrFormat("pid %d", entry->owner->pid)
-                                : std::string("its owner");
+  const std::string owner = entry->owner.has_value() ? absl::StrFormat("pid %d", entry->owner->pid)
+                                                     : std::string("its owner");
   absl::StatusOr<ContextInfo> info = registry_->GetContext(entry->id);
   const uint64_t locked = info.ok() ? info->locked_bytes : 0;
   absl::Status status = TeardownContext(name);
@@ -124,13 +123,15 @@ void NodeAgent::OnOwnerExit(const std::string& key) {
                                .unpinned_bytes = locked});
       if (recent_exits_.size() > kRecentOwnerExits) recent_exits_.pop_front();
     }
-    LOG(INFO) << absl::StrFormat("context \"%s\": its VMM (%s) exited; context torn down, its "
-                                 "containers released and every page it pinned unpinned",
-                                 name, owner);
+    LOG(INFO) << absl::StrFormat(
+        "context \"%s\": its VMM (%s) exited; context torn down, its "
+        "containers released and every page it pinned unpinned",
+        name, owner);
   } else if (ErrnoOf(status) != ENOENT) {
-    LOG(ERROR) << absl::StrFormat("context \"%s\": its VMM (%s) exited, but the teardown failed: "
-                                  "%s",
-                                  name, owner, status.ToString());
+    LOG(ERROR) << absl::StrFormat(
+        "context \"%s\": its VMM (%s) exited, but the teardown failed: "
+        "%s",
+        name, owner, status.ToString());
   }
 }
 
@@ -158,14 +159,16 @@ absl::Status NodeAgent::CheckDma(const ContextEntry* context, absl::string_view 
     return absl::OkStatus();
   }
   if (caller.kind == Caller::Kind::kRemote) {
-    return Denied(absl::StrFormat("%s on context \"%s\": DMA calls are the owning VMM's, over "
-                                  "the agent's Unix socket; %s may not make them",
-                                  what, context_name, caller.Describe()));
+    return Denied(
+        absl::StrFormat("%s on context \"%s\": DMA calls are the owning VMM's, over "
+                        "the agent's Unix socket; %s may not make them",
+                        what, context_name, caller.Describe()));
   }
   if (context == nullptr || !context->owner.has_value()) {
-    return Denied(absl::StrFormat("%s on context \"%s\": the context has no owner process (it "
-                                  "was created over TCP), so no process may map on it",
-                                  what, context_name));
+    return Denied(
+        absl::StrFormat("%s on context \"%s\": the context has no owner process (it "
+                        "was created over TCP), so no process may map on it",
+                        what, context_name));
   }
   if (context->owner->pid != caller.pid) {
     return Denied(absl::StrFormat("%s on context \"%s\": it belongs to pid %d, the caller is %s",
@@ -189,6 +192,11 @@ absl::Status NodeAgent::CheckControl(const ContextEntry& context, absl::string_v
 absl::Status NodeAgent::CheckContainerDma(const ContainerEntry& container, const Caller& caller,
                                           absl::string_view what) const {
   if (const ContextEntry* context = container.bound.load(std::memory_order_acquire)) {
+    // The hot path: the owner maps. The context's name (a lookup) only for a refusal.
+    if (caller.kind == Caller::Kind::kLocal && context->owner.has_value() &&
+        context->owner->pid == caller.pid) {
+      return absl::OkStatus();
+    }
     return CheckDma(context, ContextName(context->id), caller, what);
   }
   if (caller.kind == Caller::Kind::kLocal && container.creator_pid == caller.pid) {
@@ -197,18 +205,19 @@ absl::Status NodeAgent::CheckContainerDma(const ContainerEntry& container, const
   if (caller.kind == Caller::Kind::kInternal || options_.dma_from_any_peer) {
     return absl::OkStatus();
   }
-  return Denied(absl::StrFormat("%s on container \"%s\": it is bound to no context yet and the "
-                                "caller (%s) did not create it",
-                                what, container.name, caller.Describe()));
+  return Denied(
+      absl::StrFormat("%s on container \"%s\": it is bound to no context yet and the "
+                      "caller (%s) did not create it",
+                      what, container.name, caller.Describe()));
 }
 
-absl::Status NodeAgent::CheckContainerControl(const ContainerEntry& container,
-                                              const Caller& caller, absl::string_view what) const {
+absl::Status NodeAgent::CheckContainerControl(const ContainerEntry& container, const Caller& caller,
+                                              absl::string_view what) const {
   if (const ContextEntry* context = container.bound.load(std::memory_order_acquire)) {
     return CheckControl(*context, ContextName(context->id), caller, what);
   }
-  if (caller.kind != Caller::Kind::kLocal || IsManager(caller) ||
-      container.creator_pid == 0 || container.creator_pid == caller.pid) {
+  if (caller.kind != Caller::Kind::kLocal || IsManager(caller) || container.creator_pid == 0 ||
+      container.creator_pid == caller.pid) {
     return absl::OkStatus();
   }
   return Denied(absl::StrFormat("%s container \"%s\": pid %d created it, the caller is %s", what,
@@ -419,8 +428,8 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
   // Whose context: the local caller's, or the process a manager names.
   pid_t owner_pid = spec.owner_pid;
   if (owner_pid < 0) {
-    return ErrnoStatus(EINVAL, absl::StrFormat("context \"%s\": owner_pid %d is not a pid",
-                                               spec.name, owner_pid));
+    return ErrnoStatus(
+        EINVAL, absl::StrFormat("context \"%s\": owner_pid %d is not a pid", spec.name, owner_pid));
   }
   if (owner_pid != 0 && caller.kind == Caller::Kind::kRemote) {
     return Denied(absl::StrFormat("context \"%s\": a TCP peer cannot name a local owner (pid %d)",
@@ -428,9 +437,10 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
   }
   if (owner_pid != 0 && caller.kind == Caller::Kind::kLocal && owner_pid != caller.pid &&
       !IsManager(caller)) {
-    return Denied(absl::StrFormat("context \"%s\": only a manager (--manager_uids) may create a "
-                                  "context for another process (pid %d); the caller is %s",
-                                  spec.name, owner_pid, caller.Describe()));
+    return Denied(
+        absl::StrFormat("context \"%s\": only a manager (--manager_uids) may create a "
+                        "context for another process (pid %d); the caller is %s",
+                        spec.name, owner_pid, caller.Describe()));
   }
   if (owner_pid == 0 && caller.kind == Caller::Kind::kLocal) owner_pid = caller.pid;
   std::optional<ProcessIdentity> owner;
@@ -594,8 +604,9 @@ absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, Co
     } else if (context.memory != nullptr) {
       why = "it uses simulated VMM memory the agent allocated itself (memory_bytes)";
     } else {
-      why = "it has no owner process other than the agent (created over TCP or by the agent), so "
-            "its addresses are the agent's own";
+      why =
+          "it has no owner process other than the agent (created over TCP or by the agent), so "
+          "its addresses are the agent's own";
     }
     return ErrnoStatus(EINVAL, absl::StrFormat("attach memory to context \"%s\": %s", name, why));
   }
@@ -616,18 +627,25 @@ absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, Co
   return ToView(*info);
 }
 
-absl::StatusOr<ContextView> NodeAgent::AttachMemory(absl::string_view name,
-                                                    absl::Span<const SlotSource> sources,
-                                                    const Caller& caller) {
-  if (absl::Status status = CheckWritable(); !status.ok()) return status;
-  MutexLock control(&control_mu_);
+absl::StatusOr<std::shared_ptr<NodeAgent::ContextEntry>> NodeAgent::ContextToAttachTo(
+    absl::string_view name, const Caller& caller) const {
   std::shared_ptr<ContextEntry> context = FindContext(name);
   if (context == nullptr) return NoSuchContext(name);
   if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
       !status.ok()) {
     return status;
   }
-  return AttachSources(std::string(name), *context, sources);
+  return context;
+}
+
+absl::StatusOr<ContextView> NodeAgent::AttachMemory(absl::string_view name,
+                                                    absl::Span<const SlotSource> sources,
+                                                    const Caller& caller) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  MutexLock control(&control_mu_);
+  absl::StatusOr<std::shared_ptr<ContextEntry>> context = ContextToAttachTo(name, caller);
+  if (!context.ok()) return context.status();
+  return AttachSources(std::string(name), **context, sources);
 }
 
 absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
@@ -635,25 +653,21 @@ absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
     const Caller& caller) {
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
-  std::shared_ptr<ContextEntry> context = FindContext(name);
-  if (context == nullptr) return NoSuchContext(name);
-  if (absl::Status status = CheckControl(*context, name, caller, "attach memory to");
-      !status.ok()) {
-    return status;
-  }
+  absl::StatusOr<std::shared_ptr<ContextEntry>> found = ContextToAttachTo(name, caller);
+  if (!found.ok()) return found.status();
+  std::shared_ptr<ContextEntry> context = std::move(*found);
   if (!context->owner.has_value() || context->guest == nullptr) {
     return AttachSources(std::string(name), *context, {});  // the reason it has nothing to attach
   }
   absl::StatusOr<std::vector<ProcessSlot>> opened = OpenProcessSlots(context->owner->pid, ranges);
   if (!opened.ok()) {
-    return Annotate(opened.status(),
-                    absl::StrFormat("memory of pid %d for context \"%s\"", context->owner->pid,
-                                    name));
+    return Annotate(opened.status(), absl::StrFormat("memory of pid %d for context \"%s\"",
+                                                     context->owner->pid, name));
   }
   // Opened from the owner's /proc: still the same process, not another that took its pid?
   if (!IsAlive(*context->owner)) {
-    return ErrnoStatus(ESRCH, absl::StrFormat("context \"%s\": its owner pid %d exited",
-                                              name, context->owner->pid));
+    return ErrnoStatus(ESRCH, absl::StrFormat("context \"%s\": its owner pid %d exited", name,
+                                              context->owner->pid));
   }
   std::vector<SlotSource> sources;
   sources.reserve(opened->size());

@@ -272,8 +272,8 @@ class NodeAgent {
                                                    uint64_t size) const;
   // Empty context: every context.
   // Physical addresses (with_hpas) only for a caller that may translate on every context listed.
-  absl::StatusOr<std::vector<RegionView>> ListRegions(absl::string_view context, bool with_hpas,
-                                                      const Caller& caller = Caller::Internal()) const;
+  absl::StatusOr<std::vector<RegionView>> ListRegions(
+      absl::string_view context, bool with_hpas, const Caller& caller = Caller::Internal()) const;
   NodeStatusView Status() const;
   // The most recent owner-exit teardowns (at most kRecentOwnerExits, oldest first).
   std::vector<OwnerExit> RecentOwnerExits() const;
@@ -377,6 +377,9 @@ class NodeAgent {
   absl::StatusOr<ContextView> AttachSources(const std::string& name, ContextEntry& context,
                                             absl::Span<const SlotSource> sources)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_);
+  // The context `name`, when `caller` may attach memory to it.
+  absl::StatusOr<std::shared_ptr<ContextEntry>> ContextToAttachTo(absl::string_view name,
+                                                                  const Caller& caller) const;
   // The owner of `key` ("<name>#<id>") exited: the final cleanup of its context.
   void OnOwnerExit(const std::string& key);
   static std::string WatchKey(absl::string_view name, ContextId id);

@@ -72,9 +72,8 @@ class NodeAgentVmmTest : public ::testing::Test {
     ASSERT_EQ(attached->slots.size(), 1u);
     EXPECT_EQ(attached->slots[0].ua, vmm.ua());
     ASSERT_TRUE(agent.CreateContainer({.name = name + "/c"}, manager).ok());
-    absl::StatusOr<RegionView> region =
-        agent.RegisterRegion(name + "/c", name, vmm.ua(), registered_pages * kPage, nullptr,
-                             manager);
+    absl::StatusOr<RegionView> region = agent.RegisterRegion(
+        name + "/c", name, vmm.ua(), registered_pages * kPage, nullptr, manager);
     ASSERT_TRUE(region.ok()) << region.status();
   }
 
@@ -122,16 +121,17 @@ TEST_F(NodeAgentVmmTest, PinsTheVmmsOwnPagesAndReleasesThemWhenTheVmmExits) {
   // Only the owner maps; the manager, another local process and TCP peers get EPERM, and
   // nothing changes.
   EXPECT_TRUE(agent->MapDma("vm/c", 0, vmm->ua(), 4 * kPage, owner).ok());
-  for (const Caller& other : {Caller::Local(getpid(), getuid()), Caller::Local(1, getuid() + 1),
-                              Caller::Remote()}) {
+  for (const Caller& other :
+       {Caller::Local(getpid(), getuid()), Caller::Local(1, getuid() + 1), Caller::Remote()}) {
     EXPECT_EQ(ErrnoOf(agent->MapDma("vm/c", 0x100000, vmm->ua(), kPage, other)), EPERM)
         << other.Describe();
     EXPECT_EQ(ErrnoOf(agent->UnmapDma("vm/c", 0, kPage, other)), EPERM) << other.Describe();
     EXPECT_EQ(ErrnoOf(agent->Translate("vm", {ua}, other).status()), EPERM) << other.Describe();
   }
   EXPECT_EQ(ErrnoOf(agent->TeardownContext("vm", nullptr, Caller::Local(1, getuid() + 1))), EPERM);
-  EXPECT_EQ(ErrnoOf(agent->RegisterRegion("vm/c", "vm", vmm->ua() + 40 * kPage, kPage, nullptr,
-                                          Caller::Local(1, getuid() + 1))
+  EXPECT_EQ(ErrnoOf(agent
+                        ->RegisterRegion("vm/c", "vm", vmm->ua() + 40 * kPage, kPage, nullptr,
+                                         Caller::Local(1, getuid() + 1))
                         .status()),
             EPERM);
   EXPECT_EQ(agent->Lookup("vm", vmm->ua(), kPage)->value().info.mapped, 5u);  // 1 + 4 pages
@@ -157,7 +157,8 @@ TEST_F(NodeAgentVmmTest, PrivateMemoryCannotBeAttached) {
   std::unique_ptr<NodeAgent> agent = StartAgent();
   ASSERT_NE(agent, nullptr);
   ASSERT_TRUE(agent->CreateContext({.name = "vm", .owner_pid = vmm->pid()}).ok());
-  absl::StatusOr<ContextView> attached = agent->AttachOwnerMemory("vm", {{vmm->ua(), vmm->bytes()}});
+  absl::StatusOr<ContextView> attached =
+      agent->AttachOwnerMemory("vm", {{vmm->ua(), vmm->bytes()}});
   EXPECT_EQ(ErrnoOf(attached.status()), EINVAL) << attached.status();
   EXPECT_TRUE(agent->GetContext("vm")->slots.empty());
 }
@@ -168,13 +169,15 @@ TEST_F(NodeAgentVmmTest, NamingAnotherProcessTakesAManager) {
   std::unique_ptr<NodeAgent> agent = StartAgent();
   ASSERT_NE(agent, nullptr);
   const uid_t not_a_manager = getuid() + 1;
-  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "vm", .owner_pid = vmm->pid()},
-                                         Caller::Local(getpid(), not_a_manager))
+  EXPECT_EQ(ErrnoOf(agent
+                        ->CreateContext({.name = "vm", .owner_pid = vmm->pid()},
+                                        Caller::Local(getpid(), not_a_manager))
                         .status()),
             EPERM);
-  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "vm", .owner_pid = vmm->pid()}, Caller::Remote())
-                        .status()),
-            EPERM);
+  EXPECT_EQ(
+      ErrnoOf(
+          agent->CreateContext({.name = "vm", .owner_pid = vmm->pid()}, Caller::Remote()).status()),
+      EPERM);
   // A process creating its own context owns it.
   absl::StatusOr<ContextView> own =
       agent->CreateContext({.name = "own"}, Caller::Local(vmm->pid(), not_a_manager));
@@ -193,9 +196,9 @@ TEST_F(NodeAgentVmmTest, RestartReattachesALiveVmmAndTearsDownOneThatExited) {
     ASSERT_NE(agent, nullptr);
     SetUpVmm(*agent, *alive, "alive", 8);
     SetUpVmm(*agent, *exits, "exits", 8);
-    ASSERT_TRUE(agent->MapDma("alive/c", 0, alive->ua(), 2 * kPage,
-                              Caller::Local(alive->pid(), getuid()))
-                    .ok());
+    ASSERT_TRUE(
+        agent->MapDma("alive/c", 0, alive->ua(), 2 * kPage, Caller::Local(alive->pid(), getuid()))
+            .ok());
     hpas_before = *agent->Translate("alive", {alive->ua(), alive->ua() + 7 * kPage});
   }  // the agent goes: its mappings and pins with it
   EXPECT_EQ(*ReadVmLckBytes(), vmlck_before_);

@@ -1,14 +1,14 @@
 // NodeAgent's recovery: rebuilds the registry (and the kernel's containers, for the VFIO
 // backends) and the name tables from what the store acknowledged, before anyone is served.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -70,8 +70,8 @@ absl::Status ReattachSlots(const StoredContext& stored, GuestMemory& guest) {
     const StoredSlot& was = stored.slots[i];
     struct stat st;
     if (fstat(slot.fd.get(), &st) != 0) return ErrnoStatus(errno, "fstat of a memory slot");
-    if (static_cast<uint64_t>(st.st_dev) != was.dev || static_cast<uint64_t>(st.st_ino) != was.ino ||
-        slot.source.offset != was.offset) {
+    if (static_cast<uint64_t>(st.st_dev) != was.dev ||
+        static_cast<uint64_t>(st.st_ino) != was.ino || slot.source.offset != was.offset) {
       return ErrnoStatus(
           EFAULT, absl::StrFormat("slot ua=0x%x: the VMM now maps another object or offset there "
                                   "(dev %d ino %d offset 0x%x, was dev %d ino %d offset 0x%x)",
@@ -98,9 +98,10 @@ absl::Status NodeAgent::RecoverOwners(
     if (!IsAlive(owner)) {
       gone.DeleteContext(stored.name);
       owner_exits_at_recovery_.fetch_add(1, std::memory_order_relaxed);
-      LOG(WARNING) << absl::StrFormat("recovery: context \"%s\": its VMM (pid %d) exited while "
-                                      "the agent was down; torn down",
-                                      stored.name, owner.pid);
+      LOG(WARNING) << absl::StrFormat(
+          "recovery: context \"%s\": its VMM (pid %d) exited while "
+          "the agent was down; torn down",
+          stored.name, owner.pid);
       continue;
     }
     if (!options_.vmm_memory || owner.pid == getpid() || stored.mem_size != 0) continue;
@@ -108,9 +109,10 @@ absl::Status NodeAgent::RecoverOwners(
     if (absl::Status status = ReattachSlots(stored, *guest); !status.ok()) {
       gone.DeleteContext(stored.name);
       memory_lost_at_recovery_.fetch_add(1, std::memory_order_relaxed);
-      LOG(ERROR) << absl::StrFormat("recovery: context \"%s\": the memory of its VMM (pid %d) "
-                                    "cannot be mapped again (%s); torn down",
-                                    stored.name, owner.pid, status.ToString());
+      LOG(ERROR) << absl::StrFormat(
+          "recovery: context \"%s\": the memory of its VMM (pid %d) "
+          "cannot be mapped again (%s); torn down",
+          stored.name, owner.pid, status.ToString());
       continue;
     }
     (*guests)[stored.name] = std::move(guest);
@@ -179,9 +181,8 @@ absl::Status NodeAgent::RecoverLocked(
     entry->id = stored.id;
     entry->name = stored.name;
     // A creator that is gone (or whose pid another process took) no longer maps on it.
-    if (stored.creator_pid != 0 &&
-        IsAlive({.pid = static_cast<pid_t>(stored.creator_pid),
-                 .start_time = stored.creator_start_time})) {
+    if (stored.creator_pid != 0 && IsAlive({.pid = static_cast<pid_t>(stored.creator_pid),
+                                            .start_time = stored.creator_start_time})) {
       entry->creator_pid = static_cast<pid_t>(stored.creator_pid);
     }
     if (!stored.context.empty()) {

@@ -25,6 +25,7 @@
 #include "common/mutex.h"
 #include "common/unique_fd.h"
 #include "gtest/gtest.h"
+#include "testing/open_fds.h"
 
 namespace dmapin::agent {
 namespace {
@@ -94,17 +95,6 @@ void KillAndReap(pid_t pid) {
 void WaitForZombie(pid_t pid) {
   siginfo_t info;
   ASSERT_EQ(::waitid(P_PID, pid, &info, WEXITED | WNOWAIT), 0) << std::strerror(errno);
-}
-
-int CountOpenFds() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  if (dir == nullptr) return -1;
-  int count = 0;
-  while (const dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  ::closedir(dir);
-  return count - 1;  // the directory's own
 }
 
 // Whether `status` carries ESRCH. By its payload's name: ErrnoOf knows only the errnos of
@@ -459,7 +449,7 @@ TEST(ProcessWatcherTest, DestructionWithLiveProcessesIsClean) {
 }
 
 TEST(ProcessWatcherTest, LeaksNoFileDescriptors) {
-  const int before = CountOpenFds();
+  const int before = harness::CountOpenFds();
   ASSERT_GT(before, 0);
   {
     ExitRecorder recorder;
@@ -485,7 +475,7 @@ TEST(ProcessWatcherTest, LeaksNoFileDescriptors) {
     ASSERT_TRUE(recorder.WaitFor(5));
     EXPECT_EQ(watcher.watched(), 0u);
   }
-  EXPECT_EQ(CountOpenFds(), before);
+  EXPECT_EQ(harness::CountOpenFds(), before);
 }
 
 }  // namespace

@@ -17,10 +17,10 @@ namespace dmapin::agent {
 namespace {
 
 constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
-    "CreateContext",   "GetContext",       "ListContexts",   "TeardownContext",
-    "CreateContainer", "GetContainer",     "ListContainers", "ReleaseContainer",
-    "RegisterRegion",  "UnregisterRegion", "MapDma",         "UnmapDma",
-    "Translate",       "Lookup",           "ListRegions",    "GetNodeStatus", "AttachMemory",
+    "CreateContext", "GetContext",     "ListContexts",     "TeardownContext", "CreateContainer",
+    "GetContainer",  "ListContainers", "ReleaseContainer", "RegisterRegion",  "UnregisterRegion",
+    "MapDma",        "UnmapDma",       "Translate",        "Lookup",          "ListRegions",
+    "GetNodeStatus", "AttachMemory",
 };
 
 using prometheus::ClientMetric;

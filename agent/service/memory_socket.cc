@@ -31,33 +31,17 @@ constexpr std::chrono::milliseconds kAcceptPause(100);
 // the connections already open.
 constexpr int kAcceptBurst = 64;
 
-// The errno's name. common/errno_status knows the registry's errnos only; the framing errors and
-// the socket calls' need more (E2BIG, EMSGSIZE, EADDRINUSE).
-std::string NameOf(int err) {
-  const char* name = strerrorname_np(err);
-  return name != nullptr ? std::string(name) : ErrnoName(err);
-}
-
-// "<ERRNO>: <reason>" with the errno name as payload, as common/errno_status builds statuses, for
-// any errno.
-absl::Status NamedErrnoStatus(int err, absl::StatusCode code, absl::string_view reason) {
-  std::string name = NameOf(err);
-  absl::Status status(code, absl::StrCat(name, ": ", reason));
-  status.SetPayload(kErrnoPayloadUrl, absl::Cord(name));
-  return status;
-}
-
 // A malformed record: the peer's mistake, which retrying cannot mend.
 absl::Status Refusal(int err, absl::string_view reason) {
-  return NamedErrnoStatus(err, absl::StatusCode::kInvalidArgument, reason);
+  return ErrnoStatus(err, absl::StatusCode::kInvalidArgument, reason);
 }
 
 // A failed call of Start.
 absl::Status SystemError(int err, absl::string_view what, absl::string_view path) {
   absl::StatusCode code = StatusCodeForErrno(err);
   if (code == absl::StatusCode::kUnknown) code = absl::StatusCode::kInternal;
-  return NamedErrnoStatus(err, code,
-                          absl::StrCat("memory socket ", path, ": ", what, ": ", strerror(err)));
+  return ErrnoStatus(err, code,
+                     absl::StrCat("memory socket ", path, ": ", what, ": ", strerror(err)));
 }
 
 // Every descriptor of every SCM_RIGHTS message, owned at once so that none can leak.
@@ -90,9 +74,9 @@ absl::Status CheckDescriptors(const v1::AttachMemoryRequest& request, size_t cou
   for (int i = 0; i < request.slots_size(); ++i) {
     const uint32_t index = request.slots(i).fd_index();
     if (index >= count) {
-      return NamedErrnoStatus(EBADF, absl::StatusCode::kInvalidArgument,
-                              absl::StrCat("slot ", i, ": fd_index ", index, " but the record has ",
-                                           count, " descriptor(s)"));
+      return ErrnoStatus(EBADF, absl::StatusCode::kInvalidArgument,
+                         absl::StrCat("slot ", i, ": fd_index ", index, " but the record has ",
+                                      count, " descriptor(s)"));
     }
     named[index] = true;
   }
@@ -116,7 +100,7 @@ bool SendReply(int fd, v1::MemorySocketReply reply) {
     if (errno == EINTR) continue;
     if (errno == EMSGSIZE && reply.code() == 0) {
       // Larger than the socket's send buffer can ever hold: say so instead.
-      reply = ReplyFor(NamedErrnoStatus(
+      reply = ReplyFor(ErrnoStatus(
           EMSGSIZE, absl::StatusCode::kResourceExhausted,
           absl::StrCat("reply of ", bytes.size(), " bytes is too large for the memory socket")));
       bytes = reply.SerializeAsString();

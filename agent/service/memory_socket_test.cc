@@ -25,6 +25,7 @@
 #include "common/unique_fd.h"
 #include "dmapin/v1/agent.pb.h"
 #include "gtest/gtest.h"
+#include "testing/open_fds.h"
 
 namespace dmapin::agent {
 namespace {
@@ -32,18 +33,6 @@ namespace {
 using client::MemorySocketClient;
 
 constexpr uint64_t kSlotBytes = 64 << 10;
-
-// The process's open descriptors (the directory's own not counted).
-int CountOpenFds() {
-  DIR* dir = ::opendir("/proc/self/fd");
-  if (dir == nullptr) return -1;
-  int count = 0;
-  while (const dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  ::closedir(dir);
-  return count - 1;
-}
 
 UniqueFd MakeMemfd() {
   UniqueFd fd(::memfd_create("guest-ram", MFD_CLOEXEC));
@@ -133,7 +122,7 @@ class MemorySocketTest : public ::testing::Test {
                       const std::vector<UniqueFd>& fds) { return Handle(peer, request, fds); });
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
-    baseline_fds_ = CountOpenFds();
+    baseline_fds_ = harness::CountOpenFds();
   }
 
   void TearDown() override {
@@ -157,7 +146,7 @@ class MemorySocketTest : public ::testing::Test {
       }
       call.inodes.push_back(st.st_ino);
     }
-    call.open_fds = CountOpenFds();
+    call.open_fds = harness::CountOpenFds();
     {
       MutexLock lock(&mu_);
       calls_.push_back(std::move(call));
@@ -210,7 +199,7 @@ class MemorySocketTest : public ::testing::Test {
     UniqueFd b = MakeMemfd();
     ASSERT_TRUE(a.valid() && b.valid());
     const size_t calls_before = Calls().size();
-    const int fds_before = CountOpenFds();
+    const int fds_before = harness::CountOpenFds();
     const int fds[] = {a.get(), b.get()};
     absl::StatusOr<v1::Context> context = client.Attach(Request("vm-1", 2), fds);
     ASSERT_TRUE(context.ok()) << context.status();
@@ -234,7 +223,7 @@ class MemorySocketTest : public ::testing::Test {
     EXPECT_EQ(call.inodes[1], InodeOf(b.get()));
     // The agent's two copies were open while the handler ran and were closed before the reply.
     EXPECT_EQ(call.open_fds, fds_before + 2);
-    EXPECT_EQ(CountOpenFds(), fds_before);
+    EXPECT_EQ(harness::CountOpenFds(), fds_before);
   }
 
   // `reply` refuses with INVALID_ARGUMENT, `errno_name`, and a message starting with `prefix`.
@@ -251,7 +240,7 @@ class MemorySocketTest : public ::testing::Test {
   // the server had started.
   void ExpectNoLeaks() {
     EXPECT_TRUE(WaitFor([](const MemorySocketStats& s) { return s.open_connections == 0; }));
-    EXPECT_EQ(CountOpenFds(), baseline_fds_);
+    EXPECT_EQ(harness::CountOpenFds(), baseline_fds_);
   }
 
   // The bad inputs, each answered on `client`, each followed by a good request on it.

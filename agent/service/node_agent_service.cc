@@ -60,8 +60,7 @@ class NodeAgentService::DmaSessionReactor final
     : public grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse> {
  public:
   // The caller is the stream's: one connection, one peer.
-  DmaSessionReactor(NodeAgentService* service, Caller caller)
-      : service_(service), caller_(caller) {
+  DmaSessionReactor(NodeAgentService* service, Caller caller) : service_(service), caller_(caller) {
     StartRead(&request_);
   }
 
@@ -130,10 +129,10 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
                    .memory_bytes = request->memory_bytes()};
   if (!request->memlock_unlimited()) spec.memlock_limit_bytes = request->memlock_limit_bytes();
   if (request->owner_pid() < 0 || request->owner_pid() > std::numeric_limits<pid_t>::max()) {
-    return Finish(context,
-                  ErrnoStatus(EINVAL, absl::StrCat("owner_pid ", request->owner_pid(),
-                                                   " is not a pid")),
-                  RpcMethod::kCreateContext, start);
+    return Finish(
+        context,
+        ErrnoStatus(EINVAL, absl::StrCat("owner_pid ", request->owner_pid(), " is not a pid")),
+        RpcMethod::kCreateContext, start);
   }
   spec.owner_pid = static_cast<pid_t>(request->owner_pid());
   absl::StatusOr<ContextView> view = agent_->CreateContext(spec, CallerOf(context));

@@ -945,8 +945,8 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     absl::StatusOr<sqlite3_stmt*> clear = StatementLocked(kDeleteSlotsOfContext);
     if (!clear.ok()) return clear.status();
     BindText(*clear, 1, context->name);
-    status = RunLocked(*clear, absl::StrCat("clear the slots of context \"", context->name, "\""),
-                       rows);
+    status =
+        RunLocked(*clear, absl::StrCat("clear the slots of context \"", context->name, "\""), rows);
     for (const StoredSlot& slot : context->slots) {
       if (!status.ok()) return status;
       absl::StatusOr<sqlite3_stmt*> insert = StatementLocked(kInsertSlot);
@@ -957,8 +957,8 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
       BindU64(*insert, 4, slot.offset);
       BindU64(*insert, 5, slot.dev);
       BindU64(*insert, 6, slot.ino);
-      status = RunLocked(*insert,
-                         absl::StrCat("put a memory slot of context \"", context->name, "\""), rows);
+      status = RunLocked(
+          *insert, absl::StrCat("put a memory slot of context \"", context->name, "\""), rows);
     }
     return status;
   }

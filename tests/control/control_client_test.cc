@@ -24,8 +24,8 @@
 #include "dmapin/v1/control.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
-#include "testing/fake_vmm.h"
 #include "server/fleet/fleet_state.h"
+#include "testing/fake_vmm.h"
 
 namespace dmapin::agent {
 namespace {
@@ -561,10 +561,9 @@ TEST_F(ControlClientTest, AVmmThatExitsIsReportedAsAnEndedContext) {
   size_t cursor = cursor_;
   const pid_t pid = vmm->pid();
   vmm->Kill();
-  std::optional<v1::AgentMessage> delta =
-      fake_->Next(0, &cursor, [](const v1::AgentMessage& m) {
-        return m.has_delta() && m.delta().ended_contexts_size() == 1;
-      });
+  std::optional<v1::AgentMessage> delta = fake_->Next(0, &cursor, [](const v1::AgentMessage& m) {
+    return m.has_delta() && m.delta().ended_contexts_size() == 1;
+  });
   ASSERT_TRUE(delta.has_value());
   const v1::EndedContext& ended = delta->delta().ended_contexts(0);
   EXPECT_EQ(ended.context(), "vm-exits");
