@@ -1,5 +1,7 @@
-// vfio-test-vmm: the VMM of the QEMU agent test (agent_guest_test.cc), test-only. It does what a
-// hypervisor does before its guest runs, against the real dmapin-agent over its Unix socket:
+// vfio-test-vmm: the VMM of the QEMU agent test (agent_guest_test.cc), test-only, on the client
+// library (client/vmm_client.h). It does what a hypervisor does before its guest runs, against
+// the real dmapin-agent over its Unix socket (dmapin-reference-vmm runs a random map/unmap
+// workload instead; this test needs fixed mappings that stay while a device DMAs):
 //
 //   guest RAM in a shared memfd -> CreateContext (owned by this process) -> the memfd over the
 //   memory socket (SCM_RIGHTS) -> CreateContainer with the edu's VFIO group -> RegisterRegion of
@@ -14,11 +16,8 @@
 //
 // and waits to be killed: cleaning up is left to the agent's watch of this process's exit. On a
 // failure it prints "FAILED <step>: <status>" on stderr and exits 1.
-#include <sys/mman.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -30,10 +29,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "client/memory_socket_client.h"
+#include "client/vmm_client.h"
 #include "common/flags.h"
-#include "dmapin/v1/agent.grpc.pb.h"
-#include "grpcpp/grpcpp.h"
 
 ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock", "The agent's Unix socket.");
 ABSL_FLAG(std::string, vfio_group, "", "The IOMMU group of the container (/dev/vfio/N).");
@@ -49,20 +46,10 @@ namespace {
 
 constexpr char kTag[] = "vfio-test-vmm";
 
-int Fail(const std::string& step, const std::string& what) {
-  std::fprintf(stderr, "%s: FAILED %s: %s\n", kTag, step.c_str(), what.c_str());
+int Fail(const std::string& step, const absl::Status& status) {
+  std::fprintf(stderr, "%s: FAILED %s: %s\n", kTag, step.c_str(), status.ToString().c_str());
   std::fflush(stderr);
   return 1;
-}
-
-int Fail(const std::string& step, const grpc::Status& status) {
-  return Fail(step, absl::StrCat("gRPC code ", status.error_code(), ": ", status.error_message()));
-}
-
-std::unique_ptr<grpc::ClientContext> Call() {
-  auto context = std::make_unique<grpc::ClientContext>();
-  context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  return context;
 }
 
 int Run() {
@@ -76,114 +63,66 @@ int Run() {
   const uint32_t pattern_bytes = absl::GetFlag(FLAGS_pattern_bytes);
   const uint32_t seed = absl::GetFlag(FLAGS_seed);
   if (2 * map_bytes > ram_bytes || pattern_bytes > map_bytes) {
-    return Fail("flags", "two --map_bytes must fit the guest RAM, the pattern one mapping");
+    return Fail("flags", absl::InvalidArgumentError(
+                             "two --map_bytes must fit the guest RAM, the pattern one mapping"));
   }
 
   // Guest RAM as QEMU's memory-backend-memfd,share=on keeps it, touched so it exists.
-  const int memfd = ::memfd_create("guest-ram", MFD_CLOEXEC);
-  if (memfd < 0 || ::ftruncate(memfd, static_cast<off_t>(ram_bytes)) != 0) {
-    return Fail("memfd", std::strerror(errno));
-  }
-  void* mapped = ::mmap(nullptr, ram_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-  if (mapped == MAP_FAILED) return Fail("mmap", std::strerror(errno));
-  auto* ram = static_cast<uint8_t*>(mapped);
-  std::memset(ram, 0, ram_bytes);
-  const uint64_t ua = reinterpret_cast<uint64_t>(ram);
+  absl::StatusOr<client::GuestRam> ram = client::GuestRam::CreateMemfd("guest-ram", ram_bytes);
+  if (!ram.ok()) return Fail("guest RAM", ram.status());
+  auto* bytes = static_cast<uint8_t*>(ram->data());
+  std::memset(bytes, 0, ram_bytes);
+  const uint64_t ua = ram->ua();
   // The source range is the RAM's first mapping, the destination its second.
   const uint64_t src_ua = ua;
   const uint64_t dst_ua = ua + map_bytes;
 
-  const std::string uds = absl::GetFlag(FLAGS_uds_path);
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel("unix:" + uds, grpc::InsecureChannelCredentials());
-  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(60))) {
-    return Fail("connect", "no agent on unix:" + uds);
-  }
-  std::unique_ptr<v1::NodeAgent::Stub> stub = v1::NodeAgent::NewStub(channel);
-
-  // A context owned by this process: the agent knows the caller by SO_PEERCRED.
-  v1::CreateContextRequest create;
-  create.set_name(name);
-  create.set_memlock_unlimited(true);
-  create.set_backing(v1::MEMORY_BACKING_MEMFD);
-  v1::Context context;
-  if (grpc::Status s = stub->CreateContext(Call().get(), create, &context); !s.ok()) {
-    return Fail("CreateContext", s);
-  }
-  if (context.owner().pid() != pid) {
+  // The connection is the VMM's identity: the agent knows it by SO_PEERCRED and makes it the
+  // context's owner.
+  absl::StatusOr<std::unique_ptr<client::VmmClient>> connected =
+      client::VmmClient::Connect({.uds_path = absl::GetFlag(FLAGS_uds_path),
+                                  .connect_timeout = absl::Seconds(60),
+                                  .rpc_timeout = absl::Seconds(120)});
+  if (!connected.ok()) return Fail("connect", connected.status());
+  client::VmmClient& agent = **connected;
+  absl::StatusOr<v1::Context> context =
+      agent.CreateContext(name, {.backing = v1::MEMORY_BACKING_MEMFD});
+  if (!context.ok()) return Fail("CreateContext", context.status());
+  if (context->owner().pid() != pid) {
     return Fail("CreateContext",
-                absl::StrFormat("owner pid %d, this process is %d", context.owner().pid(), pid));
+                absl::InternalError(absl::StrFormat("owner pid %d, this process is %d",
+                                                    context->owner().pid(), pid)));
   }
-
-  // The memfd by SCM_RIGHTS: the agent maps it MAP_SHARED, so ua is this process's address.
-  absl::StatusOr<std::unique_ptr<client::MemorySocketClient>> memory =
-      client::MemorySocketClient::Connect(uds + ".memory");
-  if (!memory.ok()) return Fail("memory socket", memory.status().ToString());
-  v1::AttachMemoryRequest attach;
-  attach.set_context(name);
-  v1::MemorySlot* slot = attach.add_slots();
-  slot->set_ua(ua);
-  slot->set_size(ram_bytes);
-  slot->set_offset(0);
-  slot->set_fd_index(0);
-  const int fds[] = {memfd};
-  absl::StatusOr<v1::Context> attached = (*memory)->Attach(attach, fds);
-  if (!attached.ok()) return Fail("AttachMemory", attached.status().ToString());
-  ::close(memfd);  // the mapping and the agent's copy keep the memory
+  // The memfd by SCM_RIGHTS over the memory socket: the agent maps it MAP_SHARED, so every ua
+  // below is this process's own address.
+  const client::GuestRamSlot slot = client::SlotOf(*ram);
+  absl::StatusOr<v1::Context> attached = agent.AttachMemory(name, {&slot, 1});
+  if (!attached.ok()) return Fail("AttachMemory", attached.status());
   uint64_t agent_ua = 0;
   for (const v1::MemorySlot& attached_slot : attached->slots()) {
     if (attached_slot.ua() == ua) agent_ua = attached_slot.agent_ua();
   }
-  if (agent_ua == 0) return Fail("AttachMemory", "the context lists no slot at this RAM's address");
-
-  v1::CreateContainerRequest create_container;
-  create_container.set_name(container);
-  create_container.add_vfio_groups(absl::GetFlag(FLAGS_vfio_group));
-  v1::Container created;
-  if (grpc::Status s = stub->CreateContainer(Call().get(), create_container, &created); !s.ok()) {
-    return Fail("CreateContainer", s);
+  if (agent_ua == 0) {
+    return Fail("AttachMemory", absl::InternalError("the context lists no slot at the RAM's ua"));
   }
-
-  v1::RegisterRegionRequest reg;
-  reg.set_container(container);
-  reg.set_context(name);
-  reg.set_ua(ua);
-  reg.set_size(ram_bytes);
-  v1::Region region;
-  if (grpc::Status s = stub->RegisterRegion(Call().get(), reg, &region); !s.ok()) {
-    return Fail("RegisterRegion", s);
-  }
+  const std::string group = absl::GetFlag(FLAGS_vfio_group);
+  absl::StatusOr<v1::Container> created = agent.CreateContainer(container, {&group, 1});
+  if (!created.ok()) return Fail("CreateContainer", created.status());
+  absl::StatusOr<v1::Region> region = agent.RegisterRegion(container, name, ua, ram_bytes);
+  if (!region.ok()) return Fail("RegisterRegion", region.status());
 
   // Both ways a VMM maps: a unary MapDma, and a request on a DmaSession stream.
-  v1::MapDmaRequest map;
-  map.set_container(container);
-  map.set_iova(src_iova);
-  map.set_ua(src_ua);
-  map.set_size(map_bytes);
-  v1::MapDmaResponse map_response;
-  if (grpc::Status s = stub->MapDma(Call().get(), map, &map_response); !s.ok()) {
+  if (absl::Status s = agent.MapDma(container, src_iova, src_ua, map_bytes); !s.ok()) {
     return Fail("MapDma", s);
   }
-  grpc::ClientContext session_context;
-  std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>> session =
-      stub->DmaSession(&session_context);
-  v1::DmaSessionRequest request;
-  request.set_tag(1);
-  request.mutable_map()->set_container(container);
-  request.mutable_map()->set_iova(dst_iova);
-  request.mutable_map()->set_ua(dst_ua);
-  request.mutable_map()->set_size(map_bytes);
-  v1::DmaSessionResponse response;
-  if (!session->Write(request) || !session->Read(&response)) {
-    return Fail("DmaSession", session->Finish());
-  }
-  if (response.tag() != 1 || response.code() != 0) {
-    return Fail("DmaSession map", absl::StrFormat("tag %d code %d: %s", response.tag(),
-                                                  response.code(), response.message()));
+  absl::StatusOr<std::unique_ptr<client::DmaSession>> session = agent.StartDmaSession();
+  if (!session.ok()) return Fail("DmaSession", session.status());
+  if (absl::Status s = (*session)->Map(container, dst_iova, dst_ua, map_bytes); !s.ok()) {
+    return Fail("DmaSession map", s);
   }
 
   // What the device is to read: written by this process, in its own memory.
-  for (uint32_t i = 0; i < pattern_bytes; ++i) ram[i] = static_cast<uint8_t>(seed + 7 * i);
+  for (uint32_t i = 0; i < pattern_bytes; ++i) bytes[i] = static_cast<uint8_t>(seed + 7 * i);
 
   std::printf(
       "READY pid=%d ua=0x%llx size=0x%llx src_iova=0x%llx src_ua=0x%llx dst_iova=0x%llx "
