@@ -2,21 +2,39 @@
 # Runs dmapin's VFIO container drivers against a real Linux kernel under QEMU (TCG, no KVM):
 #   x86_64  Debian's amd64 kernel on q35 with an emulated Intel IOMMU: VFIO_TYPE1v2_IOMMU
 #   ppc64   Debian's bookworm-backports ppc64el 64k kernel on pseries: VFIO_SPAPR_TCE_v2_IOMMU
-# The guest program (vfio_guest_test.cc, built here with -static from the project's own
-# agent/vfio and agent/registry sources) is the initramfs's /init; it prints one PASS/FAIL line per
-# step on the serial console. This script fails on any FAIL line, a missing end marker, or a
+#   x86_64-agent  as x86_64, but the real dmapin-agent binary (--backend=vfio-type1) and a VMM on
+#           it (vfio_test_vmm) run in the guest, with every shared library they need; the guest
+#           program (agent_guest_test.cc) drives the edu device's DMA into the VMM's memory
+# The guest program (vfio_guest_test.cc or agent_guest_test.cc, built here with -static from the
+# project's own sources) is the initramfs's /init; it prints one PASS/FAIL line per step on the
+# serial console. This script fails on any FAIL line, a missing end marker, or a
 # timeout, and prints how long the boot and the test took. It installs nothing: a missing tool is
 # an error naming the Debian package. Everything it writes goes to a temporary directory.
 #
-# usage: run_qemu_vfio.sh x86_64|ppc64 [--keep]
+# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]
 #   --keep                  keep the work directory (guest binary, initramfs, console log)
+#   --agent, --vmm          x86_64-agent: the dmapin-agent and vfio_test_vmm binaries (Bazel
+#                           passes them; by hand the default is bazel-bin's, so build
+#                           //agent:dmapin-agent //tests/qemu_vfio:vfio_test_vmm first)
 #   DMAPIN_QEMU_TIMEOUT     seconds for the whole QEMU run (default 300)
 #   DMAPIN_QEMU_KERNEL      a kernel release to use instead of the newest installed one
 set -euo pipefail
 
 ARCH="${1:-}"
 KEEP=0
-[[ "${2:-}" == "--keep" ]] && KEEP=1
+AGENT_BIN=""
+VMM_BIN=""
+for arg in "${@:2}"; do
+  case "$arg" in
+    --keep) KEEP=1 ;;
+    --agent=*) AGENT_BIN="${arg#--agent=}" ;;
+    --vmm=*) VMM_BIN="${arg#--vmm=}" ;;
+    *)
+      echo "usage: $0 x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+      exit 2
+      ;;
+  esac
+done
 TIMEOUT="${DMAPIN_QEMU_TIMEOUT:-300}"
 
 say() { echo "qemu_vfio[$ARCH]: $*"; }
@@ -32,7 +50,7 @@ SRC="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)"
 [[ -f "$SRC/agent/vfio/vfio_container.cc" ]] || die "sources not found under $SRC"
 
 case "$ARCH" in
-  x86_64)
+  x86_64 | x86_64-agent)
     CXX=g++
     CXX_PKG=g++
     LIBDIR=/usr/lib/x86_64-linux-gnu
@@ -42,6 +60,7 @@ case "$ARCH" in
     KERNEL_GLOB='/boot/vmlinuz-*-amd64'
     KERNEL_PKG=linux-image-amd64
     MODE=type1
+    [[ "$ARCH" == x86_64-agent ]] && MODE=agent
     MODULES=(vfio-pci vfio_iommu_type1)
     ;;
   ppc64)
@@ -57,7 +76,7 @@ case "$ARCH" in
     MODULES=(vfio-pci vfio_iommu_spapr_tce)
     ;;
   *)
-    echo "usage: $0 x86_64|ppc64 [--keep]" >&2
+    echo "usage: $0 x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]" >&2
     exit 2
     ;;
 esac
@@ -92,6 +111,18 @@ fi
 MODDIR="/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || die "$MODDIR/modules.dep not found: reinstall $KERNEL_PKG"
 if [[ "$ARCH" == ppc64 ]]; then need_cmd xz xz-utils; fi
+if [[ "$MODE" == agent ]]; then
+  need_cmd ldd libc-bin
+  need_cmd strip binutils
+  [[ -n "$AGENT_BIN" ]] || AGENT_BIN="$SRC/bazel-bin/agent/dmapin-agent"
+  [[ -n "$VMM_BIN" ]] || VMM_BIN="$SRC/bazel-bin/tests/qemu_vfio/vfio_test_vmm"
+  for bin in "$AGENT_BIN" "$VMM_BIN"; do
+    [[ -x "$bin" ]] ||
+      die "$bin not found: bazel build //agent:dmapin-agent //tests/qemu_vfio:vfio_test_vmm"
+  done
+  AGENT_BIN="$(readlink -f "$AGENT_BIN")"
+  VMM_BIN="$(readlink -f "$VMM_BIN")"
+fi
 
 WORK="$(mktemp -d "${TEST_TMPDIR:-${TMPDIR:-/tmp}}/qemu_vfio.XXXXXX")"
 cleanup() {
@@ -102,16 +133,25 @@ say "kernel $KERNEL, work dir $WORK"
 
 # --- The guest program: the project's real driver and registry sources, statically linked -------
 t0=$SECONDS
-GUEST_SRCS=(
-  tests/qemu_vfio/vfio_guest_test.cc
-  agent/vfio/vfio_container.cc
-  agent/vfio/vfio_kernel.cc
-  agent/vfio/vfio_detect.cc
-  common/errno_status.cc
-  agent/registry/registry.cc
-  agent/registry/epoch.cc
-  agent/registry/sim_backend.cc
-)
+if [[ "$MODE" == agent ]]; then
+  GUEST_SRCS=(
+    tests/qemu_vfio/agent_guest_test.cc
+    tests/qemu_vfio/guest_support.cc
+    common/errno_status.cc
+  )
+else
+  GUEST_SRCS=(
+    tests/qemu_vfio/vfio_guest_test.cc
+    tests/qemu_vfio/guest_support.cc
+    agent/vfio/vfio_container.cc
+    agent/vfio/vfio_kernel.cc
+    agent/vfio/vfio_detect.cc
+    common/errno_status.cc
+    agent/registry/registry.cc
+    agent/registry/epoch.cc
+    agent/registry/sim_backend.cc
+  )
+fi
 mkdir -p "$WORK/root/modules"
 (
   cd "$SRC"
@@ -162,11 +202,48 @@ for path in "${ORDERED[@]}"; do
   n=$((n + 1))
 done
 say "modules: ${names[*]}"
+
+# --- x86_64-agent: the agent and the VMM, dynamically linked, with what ldd says they load -------
+# The guest runs Debian's amd64 kernel, the host's userland ABI: the host's own libraries work
+# there unchanged. Copies only are stripped.
+if [[ "$MODE" == agent ]]; then
+  t0=$SECONDS
+  mkdir -p "$WORK/root/bin"
+  cp "$AGENT_BIN" "$WORK/root/bin/dmapin-agent"
+  cp "$VMM_BIN" "$WORK/root/bin/vfio-test-vmm"
+  libs=()
+  while read -r lib; do libs+=("$lib"); done < <(
+    for bin in "$AGENT_BIN" "$VMM_BIN"; do
+      ldd "$bin" || die "ldd $bin failed"
+    done | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | LC_ALL=C sort -u)
+  for lib in "${libs[@]}"; do
+    [[ -f "$lib" ]] || die "$lib (from ldd) not found"
+    mkdir -p "$WORK/root$(dirname "$lib")"
+    cp -L "$lib" "$WORK/root$lib"  # the file itself, under the name the loader asks for
+  done
+  [[ -f "$WORK/root/lib64/ld-linux-x86-64.so.2" ]] || die "ldd named no /lib64/ld-linux-x86-64.so.2"
+  payload=()
+  for dir in bin lib lib64 usr; do [[ -d "$WORK/root/$dir" ]] && payload+=("$WORK/root/$dir"); done
+  chmod -R u+w "${payload[@]}"
+  before=$(du -sb "$WORK/root" | cut -f1)
+  find "${payload[@]}" -type f -print0 | xargs -0 strip --strip-unneeded || die "strip failed"
+  after=$(du -sb "$WORK/root" | cut -f1)
+  say "agent and VMM: ${#libs[@]} libraries; guest root $((before >> 20)) MiB," \
+    "$((after >> 20)) MiB stripped; in $((SECONDS - t0)) s"
+fi
 (cd "$WORK/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$WORK/initrd" ||
   die "cpio failed"
 
 # --- Boot ---------------------------------------------------------------------------------------
 case "$ARCH" in
+  x86_64-agent)
+    # One edu; room for the agent's and the VMM's libraries (unpacked into RAM) and their memory.
+    QEMU_ARGS=(-accel tcg -machine q35,kernel-irqchip=split -cpu max -smp 1 -m 1024
+      -device intel-iommu,intremap=on,caching-mode=on
+      -device edu
+      -kernel "$KERNEL" -initrd "$WORK/initrd"
+      -append "console=ttyS0 intel_iommu=on panic=-1 quiet dmapin_mode=$MODE")
+    ;;
   x86_64)
     QEMU_ARGS=(-accel tcg -machine q35,kernel-irqchip=split -cpu max -smp 1 -m 512
       -device intel-iommu,intremap=on,caching-mode=on

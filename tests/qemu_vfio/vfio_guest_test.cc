@@ -16,17 +16,10 @@
 //   DIFF <mode> <step>: kernel=<errno> registry=<errno>: <why>   (an expected kernel-vs-spec
 //                                                                  difference; also a PASS line)
 // and finally "RESULT <mode> passed=N failed=M" and the marker line "DMAPIN-QEMU-VFIO-DONE".
-#include <dirent.h>
 #include <fcntl.h>
 #include <linux/capability.h>
-#include <linux/reboot.h>
-#include <linux/vfio.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
-#include <sys/reboot.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -38,12 +31,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <optional>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -57,36 +47,16 @@
 #include "agent/vfio/vfio_detect.h"
 #include "agent/vfio/vfio_kernel.h"
 #include "common/errno_status.h"
+#include "tests/qemu_vfio/guest_support.h"
 
 namespace dmapin::agent {
 namespace {
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1024 * kKiB;
-constexpr char kEduId[] = "1234 11e8";
-constexpr char kDoneMarker[] = "DMAPIN-QEMU-VFIO-DONE";
 
 // ---------------------------------------------------------------------------------------------
-// Reporting
-
-std::string g_mode = "?";
-int g_passed = 0;
-int g_failed = 0;
-
-void Line(const char* tag, const std::string& step, const std::string& detail) {
-  std::printf("%s %s %s: %s\n", tag, g_mode.c_str(), step.c_str(), detail.c_str());
-  std::fflush(stdout);
-}
-
-bool Check(bool ok, const std::string& step, const std::string& detail) {
-  Line(ok ? "PASS" : "FAIL", step, detail);
-  ++(ok ? g_passed : g_failed);
-  return ok;
-}
-
-void Info(const std::string& step, const std::string& detail) { Line("INFO", step, detail); }
-
-std::string Errno(int err) { return err == 0 ? "OK" : ErrnoName(err); }
+// Reporting (guest_support.h prints the lines)
 
 // One operation's answer: `got` must be `want` (an errno, 0 for OK).
 bool Expect(const std::string& step, const absl::Status& got, int want) {
@@ -119,64 +89,7 @@ bool Compare(const std::string& step, const absl::Status& kernel, int want_kerne
 // ---------------------------------------------------------------------------------------------
 // Small system helpers
 
-std::optional<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return std::nullopt;
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  std::string text = buffer.str();
-  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
-  return text;
-}
-
-bool WriteFile(const std::string& path, const std::string& text) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
-  ::close(fd);
-  return ok;
-}
-
-std::string ReadLink(const std::string& path) {
-  char buf[512];
-  const ssize_t n = ::readlink(path.c_str(), buf, sizeof(buf) - 1);
-  if (n < 0) return "";
-  return std::string(buf, n);
-}
-
-std::string Basename(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-std::vector<std::string> ListDir(const std::string& path) {
-  std::vector<std::string> names;
-  DIR* dir = ::opendir(path.c_str());
-  if (dir == nullptr) return names;
-  while (struct dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') names.push_back(entry->d_name);
-  }
-  ::closedir(dir);
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
-
-// A "<field>: <n> kB" line of /proc/self/status, in KiB; -1 if absent.
-int64_t StatusKb(const char* field) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  const std::string prefix = absl::StrCat(field, ":");
-  while (std::getline(in, line)) {
-    if (line.compare(0, prefix.size(), prefix) == 0) {
-      return std::strtoll(line.c_str() + prefix.size(), nullptr, 10);
-    }
-  }
-  return -1;
-}
-
-int64_t LockedKb() { return StatusKb("VmLck"); }
+int64_t LockedKb() { return StatusKb(0, "VmLck"); }
 
 // Expects VmLck - base == want_kb.
 bool ExpectLocked(const std::string& step, int64_t base_kb, int64_t want_kb,
@@ -184,7 +97,7 @@ bool ExpectLocked(const std::string& step, int64_t base_kb, int64_t want_kb,
   const int64_t now = LockedKb();
   return Check(now - base_kb == want_kb, step,
                absl::StrFormat("VmLck %d kB = baseline %+d kB (want %+d kB: %s); VmPin %d kB", now,
-                               now - base_kb, want_kb, why, StatusKb("VmPin")));
+                               now - base_kb, want_kb, why, StatusKb(0, "VmPin")));
 }
 
 // CAP_IPC_LOCK in the effective set on or off (the permitted set keeps it, so it can come back).
@@ -225,198 +138,6 @@ class Buffer {
  private:
   uint64_t size_;
   uint8_t* data_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Boot (PID 1 only)
-
-void Boot() {
-  ::mkdir("/proc", 0755);
-  ::mkdir("/sys", 0755);
-  ::mkdir("/dev", 0755);
-  ::mount("proc", "/proc", "proc", 0, nullptr);
-  ::mount("sysfs", "/sys", "sysfs", 0, nullptr);
-  ::mount("devtmpfs", "/dev", "devtmpfs", 0, nullptr);
-  // Keep kernel messages (DMAR faults, say) off the console lines the harness parses.
-  WriteFile("/proc/sys/kernel/printk", "1 4 1 7");
-  const int console = ::open("/dev/console", O_RDWR);
-  if (console >= 0) {
-    ::dup2(console, 1);
-    ::dup2(console, 2);
-    if (console > 2) ::close(console);
-  }
-}
-
-bool LoadModules(const std::string& dir) {
-  bool ok = true;
-  for (const std::string& name : ListDir(dir)) {
-    const std::string path = absl::StrCat(dir, "/", name);
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    const long result = fd < 0 ? -1 : ::syscall(SYS_finit_module, fd, "", 0);  // NOLINT
-    const int err = errno;
-    if (fd >= 0) ::close(fd);
-    if (result != 0 && err != EEXIST) {
-      Check(false, "load-module", absl::StrCat(name, ": ", Errno(err)));
-      ok = false;
-    }
-  }
-  if (ok) Check(true, "load-modules", absl::StrJoin(ListDir(dir), " "));
-  return ok;
-}
-
-struct EduDevice {
-  std::string bdf;    // "0000:00:03.0"
-  std::string group;  // "/dev/vfio/3"
-};
-
-// Binds every edu device to vfio-pci and waits for its group node.
-std::vector<EduDevice> BindEduDevices() {
-  std::vector<EduDevice> devices;
-  for (const std::string& bdf : ListDir("/sys/bus/pci/devices")) {
-    const std::string base = absl::StrCat("/sys/bus/pci/devices/", bdf);
-    if (ReadFile(base + "/vendor").value_or("") == "0x1234" &&
-        ReadFile(base + "/device").value_or("") == "0x11e8") {
-      devices.push_back(EduDevice{bdf, ""});
-    }
-  }
-  if (devices.empty()) {
-    Check(false, "find-edu", "no PCI device 1234:11e8 in /sys/bus/pci/devices");
-    return devices;
-  }
-  if (!WriteFile("/sys/bus/pci/drivers/vfio-pci/new_id", kEduId)) {
-    Check(false, "bind-vfio-pci",
-          absl::StrCat("write /sys/bus/pci/drivers/vfio-pci/new_id: ", Errno(errno)));
-    return {};
-  }
-  std::string detail;
-  for (EduDevice& device : devices) {
-    const std::string base = absl::StrCat("/sys/bus/pci/devices/", device.bdf);
-    bool bound = false;
-    for (int i = 0; i < 100 && !bound; ++i) {
-      bound = Basename(ReadLink(base + "/driver")) == "vfio-pci";
-      if (!bound) SleepMs(50);
-    }
-    const std::string group = Basename(ReadLink(base + "/iommu_group"));
-    device.group = absl::StrCat("/dev/vfio/", group);
-    struct stat st;
-    bool node = false;
-    for (int i = 0; i < 100 && bound && !group.empty() && !node; ++i) {
-      node = ::stat(device.group.c_str(), &st) == 0;
-      if (!node) SleepMs(50);
-    }
-    if (!bound || group.empty() || !node) {
-      Check(false, "bind-vfio-pci",
-            absl::StrFormat("%s: driver=%s group=%s node=%d", device.bdf,
-                            Basename(ReadLink(base + "/driver")), group, node));
-      return {};
-    }
-    absl::StrAppend(&detail, device.bdf, " -> ", device.group, " ");
-  }
-  Check(true, "bind-vfio-pci", detail);
-  return devices;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The edu device's DMA engine (QEMU docs/specs/edu.txt), through a VFIO device fd.
-
-class Edu {
- public:
-  static constexpr uint64_t kIdent = 0x00;
-  static constexpr uint64_t kDmaSrc = 0x80;
-  static constexpr uint64_t kDmaDst = 0x88;
-  static constexpr uint64_t kDmaCount = 0x90;
-  static constexpr uint64_t kDmaCmd = 0x98;
-  static constexpr uint32_t kCmdRun = 1;
-  static constexpr uint32_t kCmdToRam = 2;  // device buffer -> bus address
-  static constexpr uint64_t kDeviceBuffer = 0x40000;
-
-  ~Edu() { Close(); }
-  void Close() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
-  // Opens the device through the group descriptor the driver attached (a group can be open
-  // only once, so it is found in /proc/self/fd).
-  absl::Status Open(const std::string& group_path, const std::string& bdf) {
-    int group_fd = -1;
-    for (const std::string& fd : ListDir("/proc/self/fd")) {
-      if (ReadLink(absl::StrCat("/proc/self/fd/", fd)) == group_path)
-        group_fd = std::atoi(fd.c_str());
-    }
-    if (group_fd < 0) return ErrnoStatus(ENOENT, absl::StrCat(group_path, " is not open"));
-    fd_ = ::ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, bdf.c_str());
-    if (fd_ < 0) return ErrnoStatus(errno, "VFIO_GROUP_GET_DEVICE_FD " + bdf);
-    absl::StatusOr<uint64_t> bar0 = RegionOffset(VFIO_PCI_BAR0_REGION_INDEX);
-    if (!bar0.ok()) return bar0.status();
-    bar0_ = *bar0;
-    absl::StatusOr<uint64_t> config = RegionOffset(VFIO_PCI_CONFIG_REGION_INDEX);
-    if (!config.ok()) return config.status();
-    // Bus master on, through the config region (PCI_COMMAND at 0x4, bit 2).
-    uint16_t command = 0;
-    if (::pread(fd_, &command, 2, *config + 4) != 2) return ErrnoStatus(errno, "read PCI_COMMAND");
-    command |= 0x6;  // memory space + bus master
-    if (::pwrite(fd_, &command, 2, *config + 4) != 2) {
-      return ErrnoStatus(errno, "write PCI_COMMAND");
-    }
-    return absl::OkStatus();
-  }
-
-  // edu's registers are "native endian" in QEMU: big-endian under qemu-system-ppc64 whatever the
-  // guest runs. The identification register (0x010000ed for edu 1.0) tells which.
-  bool DetectEndianness() {
-    swap_ = false;
-    const uint32_t ident = Read(kIdent);
-    if ((ident & 0xff) == 0xed) return true;
-    swap_ = (ident >> 24) == 0xed;
-    return swap_;
-  }
-  bool swapped() const { return swap_; }
-
-  uint32_t Read(uint64_t reg) const {
-    uint32_t value = 0xffffffff;
-    if (::pread(fd_, &value, 4, bar0_ + reg) != 4) return 0xffffffff;
-    return swap_ ? __builtin_bswap32(value) : value;
-  }
-  bool Write(uint64_t reg, uint32_t value) const {
-    if (swap_) value = __builtin_bswap32(value);
-    return ::pwrite(fd_, &value, 4, bar0_ + reg) == 4;
-  }
-
-  // One DMA transfer; `bus` is the IOVA, `count` at most 4095 bytes (QEMU 7.2's edu aborts on
-  // 4096: an off-by-one in its range check).
-  absl::Status Dma(uint64_t bus, uint32_t count, bool to_ram) const {
-    const uint64_t src = to_ram ? kDeviceBuffer : bus;
-    const uint64_t dst = to_ram ? bus : kDeviceBuffer;
-    if (!Write(kDmaSrc, static_cast<uint32_t>(src)) ||
-        !Write(kDmaSrc + 4, static_cast<uint32_t>(src >> 32)) ||
-        !Write(kDmaDst, static_cast<uint32_t>(dst)) ||
-        !Write(kDmaDst + 4, static_cast<uint32_t>(dst >> 32)) || !Write(kDmaCount, count) ||
-        !Write(kDmaCmd, kCmdRun | (to_ram ? kCmdToRam : 0))) {
-      return ErrnoStatus(errno, "write edu DMA registers");
-    }
-    for (int i = 0; i < 400; ++i) {  // the transfer runs 100 ms (virtual) after the command
-      if ((Read(kDmaCmd) & kCmdRun) == 0) return absl::OkStatus();
-      SleepMs(25);
-    }
-    return ErrnoStatus(ETIMEDOUT, "edu DMA did not complete in 10 s");
-  }
-
- private:
-  absl::StatusOr<uint64_t> RegionOffset(uint32_t index) const {
-    struct vfio_region_info info;
-    std::memset(&info, 0, sizeof(info));
-    info.argsz = sizeof(info);
-    info.index = index;
-    if (::ioctl(fd_, VFIO_DEVICE_GET_REGION_INFO, &info) != 0) {
-      return ErrnoStatus(errno, absl::StrCat("VFIO_DEVICE_GET_REGION_INFO ", index));
-    }
-    return info.offset;
-  }
-
-  int fd_ = -1;
-  uint64_t bar0_ = 0;
-  bool swap_ = false;
 };
 
 // Writes a pattern at ua, DMAs it RAM -> device from `iova`, then device -> RAM to `iova_back`
@@ -825,7 +546,7 @@ int Main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string mode = argc > 1 ? argv[1] : "";
   if (mode.empty() && std::getenv("dmapin_mode") != nullptr) mode = std::getenv("dmapin_mode");
-  g_mode = mode.empty() ? "?" : mode;
+  SetMode(mode);
   const auto start = std::chrono::steady_clock::now();
 
   Info("start", absl::StrCat("kernel ", ReadFile("/proc/sys/kernel/osrelease").value_or("?"),
@@ -842,17 +563,7 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("RESULT %s passed=%d failed=%d test_seconds=%.1f\n", g_mode.c_str(), g_passed,
-              g_failed, seconds);
-  std::printf("%s\n", kDoneMarker);
-  std::fflush(stdout);
-  if (init) {
-    ::sync();
-    ::reboot(RB_AUTOBOOT);  // QEMU runs with -no-reboot: this ends it
-  }
-  return g_failed == 0 ? 0 : 1;
+  return Finish(start, init);
 }
 
 }  // namespace
