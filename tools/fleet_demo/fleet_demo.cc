@@ -17,10 +17,23 @@
 // Every --interval seconds it prints a table of the nodes from Admin/ListNodes and the intents by
 // state. It runs for --duration seconds (0: until Ctrl-C or SIGTERM), then stops the processes
 // with SIGTERM and exits 0. It exits 1 when something fails to start or a process dies.
+//
+// --backend=memlock (root only) pins real memory: the agents run the memlock backend and the
+// simulated VMMs are replaced by one dmapin-reference-vmm process per node (memfd guest RAM
+// attached over the memory socket, its own context and container, a DMA workload on a
+// DmaSession). The demo is not their owner: it reads their contexts (open reads), asks the server
+// for a registration inside each VMM's guest RAM, shows the policy refusals, kills one VMM with
+// SIGKILL to show the agent's cleanup and the server's "vmm_exited" event, and at the end stops
+// the others with SIGTERM and prints their summary lines. There is no EBUSY demonstration then:
+// the demo cannot make a real VMM unmap on command.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -31,6 +44,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -47,6 +61,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
@@ -84,6 +99,15 @@ ABSL_FLAG(double, ebusy_period, 5,
 ABSL_FLAG(int, vmm_ops_per_sec, 200,
           "MapDma/UnmapDma calls per second of each simulated VMM (0: as fast as possible).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the VMMs' random choices.");
+ABSL_FLAG(std::string, backend, "sim",
+          "The agents' backend: sim (simulated VMMs in this process) or memlock (pins real "
+          "memory, needs root: one dmapin-reference-vmm process per node).");
+ABSL_FLAG(std::string, reference_vmm_binary, "",
+          "--backend=memlock: the dmapin-reference-vmm executable (default: the one in this "
+          "binary's runfiles, or beside it in bazel-bin).");
+ABSL_FLAG(double, kill_vmm_at, -1,
+          "--backend=memlock: seconds into the workload when one VMM is killed with SIGKILL "
+          "(-1: at 2/3 of --duration, or after 10 s without one; 0: never).");
 
 namespace dmapin {
 namespace {
@@ -106,6 +130,12 @@ constexpr uint64_t kPoolABudget = 512 * kMiB;
 constexpr uint64_t kPoolAMaxRegions = 8;
 // How long an UNREGISTER keeps hitting EBUSY before the VMM unmaps.
 constexpr absl::Duration kEbusyHold = absl::Seconds(2);
+// --backend=memlock: each reference VMM's guest RAM and DMA mapping size, and pool-a's budget
+// (two VMMs' RAM and a half of another's fit; the refusal asks for more).
+constexpr uint64_t kVmmGuestRam = 64 * kMiB;
+constexpr uint64_t kVmmMapBytes = 64 * 1024;
+constexpr uint64_t kMemlockPoolABudget = 160 * kMiB;
+constexpr uint64_t kMemlockPoolBBudget = 256 * kMiB;
 
 // --- Output ------------------------------------------------------------------------------------
 
@@ -167,6 +197,111 @@ std::unique_ptr<grpc::ClientContext> Call() {
   return context;
 }
 
+std::string DescribeWait(int status) {
+  if (WIFEXITED(status)) return absl::StrCat("exit status ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    return absl::StrFormat("killed by signal %d (%s)", WTERMSIG(status),
+                           strsignal(WTERMSIG(status)));
+  }
+  return absl::StrCat("wait status ", status);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// --- Reference VMM processes (--backend=memlock) -----------------------------------------------
+
+// A dmapin-reference-vmm child: stdout (its summary line) and stderr go to files. Killed with
+// SIGKILL by the destructor if it still runs.
+class VmmChild {
+ public:
+  static absl::StatusOr<std::unique_ptr<VmmChild>> Spawn(std::vector<std::string> argv,
+                                                         std::string out_path,
+                                                         std::string log_path) {
+    // After fork() only async-signal-safe calls: everything is prepared here.
+    std::vector<char*> args;
+    for (std::string& arg : argv) args.push_back(arg.data());
+    args.push_back(nullptr);
+    const int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out < 0) return absl::InternalError(absl::StrCat("open ", out_path, ": ", strerror(errno)));
+    const int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (log < 0) {
+      close(out);
+      return absl::InternalError(absl::StrCat("open ", log_path, ": ", strerror(errno)));
+    }
+    const pid_t parent = getpid();
+    const pid_t pid = fork();
+    if (pid == 0) {
+      // Never outlive the demo; SIGTERM is blocked here (sigtimedwait), not in the VMM. Niced:
+      // the reference VMM has no rate limit, and the demo, server and agents come first.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      sigset_t none;
+      sigemptyset(&none);
+      sigprocmask(SIG_SETMASK, &none, nullptr);
+      setpriority(PRIO_PROCESS, 0, 10);
+      dup2(out, STDOUT_FILENO);
+      dup2(log, STDERR_FILENO);
+      execv(args[0], args.data());
+      static constexpr char kExecFailed[] = "fleet_demo: execv failed\n";
+      (void)!write(STDERR_FILENO, kExecFailed, sizeof(kExecFailed) - 1);
+      _exit(127);
+    }
+    const int fork_errno = errno;
+    close(out);
+    close(log);
+    if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", strerror(fork_errno)));
+    return std::unique_ptr<VmmChild>(new VmmChild(pid, std::move(out_path), std::move(log_path)));
+  }
+
+  VmmChild(const VmmChild&) = delete;
+  VmmChild& operator=(const VmmChild&) = delete;
+  ~VmmChild() {
+    if (!Exited()) {
+      kill(pid_, SIGKILL);
+      Wait(absl::InfiniteDuration());
+    }
+  }
+
+  pid_t pid() const { return pid_; }
+  // Reaps without blocking; true once it has exited (status() is then set).
+  bool Exited() {
+    if (status_.has_value()) return true;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) status_ = status;
+    return status_.has_value();
+  }
+  // Waits up to `timeout` for the exit; true when it exited.
+  bool Wait(absl::Duration timeout) {
+    const absl::Time end = absl::Now() + timeout;
+    while (!Exited()) {
+      if (absl::Now() >= end) return false;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return true;
+  }
+  void Signal(int signo) {
+    if (!Exited()) kill(pid_, signo);
+  }
+  std::optional<int> status() const { return status_; }
+  std::string Output() const { return ReadFile(out_path_); }
+  std::string LogTail(size_t max_bytes = 2000) const {
+    const std::string log = ReadFile(log_path_);
+    return log.size() > max_bytes ? log.substr(log.size() - max_bytes) : log;
+  }
+
+ private:
+  VmmChild(pid_t pid, std::string out_path, std::string log_path)
+      : pid_(pid), out_path_(std::move(out_path)), log_path_(std::move(log_path)) {}
+
+  const pid_t pid_;
+  const std::string out_path_;
+  const std::string log_path_;
+  std::optional<int> status_;
+};
+
 // --- The fleet's parts -------------------------------------------------------------------------
 
 enum RegionState : int {
@@ -222,6 +357,17 @@ struct DemoNode {
   std::atomic<uint64_t> errors{0};
   absl::Mutex error_mutex;
   std::string last_error ABSL_GUARDED_BY(error_mutex);
+
+  // --backend=memlock: the node's reference VMM, its context as the agent reports it (the VMM's
+  // own addresses), the second container the demo creates in it, the fleet's intent there.
+  std::unique_ptr<VmmChild> ref_vmm;
+  std::string vmm_context;
+  uint64_t ram_ua = 0;
+  uint64_t ram_bytes = 0;
+  std::string fleet_container;
+  std::string fleet_intent;
+  bool vmm_killed = false;
+  uint64_t last_dma_calls = 0;  // the agent's maps_ok + unmaps at the last table
 };
 
 struct RegionSpec {
@@ -294,8 +440,15 @@ bool PortFree(int port) {
 
 class FleetDemo {
  public:
-  FleetDemo(std::string agent_binary, std::string server_binary)
-      : agent_binary_(std::move(agent_binary)), server_binary_(std::move(server_binary)) {}
+  FleetDemo(std::string agent_binary, std::string server_binary, std::string vmm_binary,
+            std::string backend)
+      : agent_binary_(std::move(agent_binary)),
+        server_binary_(std::move(server_binary)),
+        vmm_binary_(std::move(vmm_binary)),
+        backend_(std::move(backend)),
+        memlock_(backend_ == "memlock"),
+        pool_a_budget_(memlock_ ? kMemlockPoolABudget : kPoolABudget),
+        pool_b_budget_(memlock_ ? kMemlockPoolBBudget : kGiB) {}
 
   // Everything; the exit status.
   int Run(const sigset_t& signals);
@@ -335,6 +488,22 @@ class FleetDemo {
   void EbusyCycle(DemoNode& node, DemoRegion& region);
 
   void PrintTable(absl::Duration window);
+
+  // --backend=memlock.
+  // Starts the node's reference VMM and reads its context once it has registered its RAM.
+  absl::Status StartVmm(DemoNode& node, int index);
+  // The fleet's registration inside each VMM's guest RAM, and the two refusals.
+  absl::Status RequestVmmRegistrations();
+  void PrintVmmTable(absl::Duration window);
+  // SIGKILL to the last node's VMM; shows the agent's cleanup and the server's event.
+  void KillOneVmm();
+  // UNREGISTER intents for the fleet's registrations in the VMMs still running: otherwise they
+  // would see the regions go with the VMMs' own cleanup and fail when sent again.
+  void WithdrawRegistrations();
+  // SIGTERM to the VMMs still running; prints their summaries. True when all exited with 0.
+  bool StopVmms();
+  // Collects the server's "vmm_exited" events (WatchEvents) until watch_context_ is cancelled.
+  void WatchEvents();
   // OK while the server and every agent run.
   absl::Status CheckProcesses();
   // SIGTERM to the agents, then the server; true when all exited cleanly.
@@ -346,6 +515,11 @@ class FleetDemo {
 
   const std::string agent_binary_;
   const std::string server_binary_;
+  const std::string vmm_binary_;
+  const std::string backend_;
+  const bool memlock_;
+  const uint64_t pool_a_budget_;
+  const uint64_t pool_b_budget_;
   int server_port_ = 0;
   int server_metrics_port_ = 0;
   std::string root_;
@@ -358,6 +532,10 @@ class FleetDemo {
   std::atomic<int> ebusy_completed_{0};
   // For the rates in the table.
   std::vector<uint64_t> last_ops_;
+  // --backend=memlock: the WatchEvents stream and the "vmm_exited" events it brought.
+  std::unique_ptr<grpc::ClientContext> watch_context_;
+  absl::Mutex events_mutex_;
+  std::vector<v1::Event> vmm_exits_ ABSL_GUARDED_BY(events_mutex_);
 };
 
 absl::Status FleetDemo::PreparePorts() {
@@ -455,8 +633,8 @@ absl::Status FleetDemo::StartAgent(DemoNode& node) {
       {.binary = agent_binary_,
        .args = {"--node_name=" + node.name, "--node_labels=pool=" + node.pool,
                 absl::StrCat("--server=127.0.0.1:", server_port_), "--report_interval_ms=500",
-                "--backend=sim", "--state_dir=" + node.dir + "/state", "--uds_path=" + node.uds,
-                absl::StrCat("--tcp_address=127.0.0.1:", node.tcp_port),
+                "--backend=" + backend_, "--state_dir=" + node.dir + "/state",
+                "--uds_path=" + node.uds, absl::StrCat("--tcp_address=127.0.0.1:", node.tcp_port),
                 absl::StrCat("--metrics_address=127.0.0.1:", node.metrics_port)},
        .log_path = node.dir + "/agent.log",
        .uds_path = node.uds,
@@ -497,8 +675,8 @@ void FleetDemo::PrintBanner() {
   const std::string agent = absl::StrCat("127.0.0.1:", first.tcp_port);
   std::vector<std::string> lines;
   lines.push_back(absl::StrFormat(
-      "dmapin local fleet: 1 server + %d agents (sim backend) on 127.0.0.1; state and logs in %s%s",
-      nodes_.size(), root_,
+      "dmapin local fleet: 1 server + %d agents (%s backend) on 127.0.0.1; state and logs in %s%s",
+      nodes_.size(), backend_, root_,
       scratch_ != nullptr ? " (removed at exit; --state_dir keeps them)" : ""));
   lines.push_back(absl::StrFormat("  %-8s pid %-7d gRPC %-16s metrics http://127.0.0.1:%d/metrics",
                                   "server", server_->pid(), server, server_metrics_port_));
@@ -520,16 +698,26 @@ void FleetDemo::PrintBanner() {
       "-d '{\"policy\":{\"name\":\"pool-b\",\"node_selector\":{\"pool\":\"b\"},"
       "\"pinned_bytes_budget\":\"",
       2 * kGiB, "\",\"max_regions_per_node\":\"16\"}}' ", server, " dmapin.v1.Admin/SetPolicy"));
-  lines.push_back(absl::StrCat(g, "-d '{\"kind\":\"INTENT_KIND_REGISTER\",\"node\":\"", last.name,
-                               "\",\"context\":\"vm-2\",\"container\":\"vm-2/vfio-0\",\"ua\":\"",
-                               kVm2Base + 256 * kMiB, "\",\"size\":\"", 16 * kMiB,
-                               "\",\"labels\":{\"tenant\":\"demo\"}}' ", server,
-                               " dmapin.v1.Admin/CreateIntent"));
+  if (memlock_) {
+    // The reference VMMs' contexts: open reads, over TCP too.
+    lines.push_back(absl::StrCat(g, agent, " dmapin.v1.NodeAgent/ListContexts"));
+    lines.push_back(
+        absl::StrCat(g, "-d '{\"name\":\"vmm-1\"}' ", agent, " dmapin.v1.NodeAgent/GetContext"));
+  } else {
+    lines.push_back(absl::StrCat(g, "-d '{\"kind\":\"INTENT_KIND_REGISTER\",\"node\":\"", last.name,
+                                 "\",\"context\":\"vm-2\",\"container\":\"vm-2/vfio-0\",\"ua\":\"",
+                                 kVm2Base + 256 * kMiB, "\",\"size\":\"", 16 * kMiB,
+                                 "\",\"labels\":{\"tenant\":\"demo\"}}' ", server,
+                                 " dmapin.v1.Admin/CreateIntent"));
+  }
   lines.push_back(absl::StrCat(g, "-d '{}' ", server, " dmapin.v1.Admin/WatchEvents"));
   lines.push_back(absl::StrCat(g, agent, " dmapin.v1.NodeAgent/ListRegions"));
-  lines.push_back(absl::StrCat(
-      g, "-d '{\"container\":\"vm-2/vfio-0\",\"context\":\"vm-2\",\"ua\":\"", kVm2Base + 512 * kMiB,
-      "\",\"size\":\"", kMiB, "\"}' ", agent, " dmapin.v1.NodeAgent/RegisterRegion"));
+  if (!memlock_) {
+    lines.push_back(
+        absl::StrCat(g, "-d '{\"container\":\"vm-2/vfio-0\",\"context\":\"vm-2\",\"ua\":\"",
+                     kVm2Base + 512 * kMiB, "\",\"size\":\"", kMiB, "\"}' ", agent,
+                     " dmapin.v1.NodeAgent/RegisterRegion"));
+  }
   lines.push_back(absl::StrFormat("  curl -s http://127.0.0.1:%d/metrics | grep ^dmapin_fleet_node",
                                   server_metrics_port_));
   lines.push_back(absl::StrFormat("  curl -s http://127.0.0.1:%d/metrics | grep ^dmapin_agent",
@@ -597,7 +785,7 @@ absl::Status FleetDemo::ApplyPolicies() {
   v1::Policy* policy = request.mutable_policy();
   policy->set_name("pool-a");
   (*policy->mutable_node_selector())["pool"] = "a";
-  policy->set_pinned_bytes_budget(kPoolABudget);
+  policy->set_pinned_bytes_budget(pool_a_budget_);
   policy->set_max_regions_per_node(kPoolAMaxRegions);
   v1::LabelRequirement* deny = policy->add_deny();
   deny->set_key("tenant");
@@ -610,19 +798,19 @@ absl::Status FleetDemo::ApplyPolicies() {
   Say(absl::StrFormat(
       "policy pool-a (revision %d): nodes pool=a, budget %s pinned, max %d regions/node, deny "
       "tenant=blocked, EBUSY backoff 50..400 ms",
-      stored.revision(), Human(kPoolABudget), kPoolAMaxRegions));
+      stored.revision(), Human(pool_a_budget_), kPoolAMaxRegions));
 
   request.Clear();
   policy = request.mutable_policy();
   policy->set_name("pool-b");
   (*policy->mutable_node_selector())["pool"] = "b";
-  policy->set_pinned_bytes_budget(kGiB);
+  policy->set_pinned_bytes_budget(pool_b_budget_);
   policy->mutable_ebusy_retry()->set_initial_backoff_ms(50);
   policy->mutable_ebusy_retry()->set_max_backoff_ms(400);
   status = admin_->SetPolicy(Call().get(), request, &stored);
   if (!status.ok()) return absl::InternalError("SetPolicy pool-b: " + Describe(status));
   Say(absl::StrFormat("policy pool-b (revision %d): nodes pool=b, budget %s pinned",
-                      stored.revision(), Human(kGiB)));
+                      stored.revision(), Human(pool_b_budget_)));
   return absl::OkStatus();
 }
 
@@ -1024,6 +1212,397 @@ void FleetDemo::PrintTable(absl::Duration window) {
   Say(absl::StrJoin(lines, "\n"));
 }
 
+// --- The reference VMMs (--backend=memlock) ----------------------------------------------------
+
+absl::Status FleetDemo::StartVmm(DemoNode& node, int index) {
+  node.vmm_context = absl::StrCat("vmm-", index + 1);
+  const uint64_t seed = absl::GetFlag(FLAGS_seed) * 1000003 + index + 1;
+  absl::StatusOr<std::unique_ptr<VmmChild>> child =
+      VmmChild::Spawn({vmm_binary_, "--uds_path=" + node.uds, "--name=" + node.vmm_context,
+                       absl::StrCat("--guest_ram_bytes=", kVmmGuestRam), "--duration_seconds=0",
+                       absl::StrCat("--map_bytes=", kVmmMapBytes), absl::StrCat("--seed=", seed)},
+                      node.dir + "/vmm.out", node.dir + "/vmm.log");
+  if (!child.ok()) return child.status();
+  node.ref_vmm = std::move(*child);
+  // Up once the agent reports its context with its RAM attached and registered.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  v1::Context context;
+  while (true) {
+    v1::GetContextRequest request;
+    request.set_name(node.vmm_context);
+    context.Clear();
+    if (node.vmm->GetContext(Call().get(), request, &context).ok() && context.regions() > 0 &&
+        context.slots_size() > 0) {
+      break;
+    }
+    if (node.ref_vmm->Exited() || absl::Now() >= deadline) {
+      return absl::InternalError(
+          absl::StrCat(node.name, ": dmapin-reference-vmm (", vmm_binary_, ") ",
+                       node.ref_vmm->Exited() ? DescribeWait(*node.ref_vmm->status())
+                                              : "registered no guest RAM within 30 s",
+                       "; its log ends:\n", node.ref_vmm->LogTail()));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const v1::MemorySlot& slot = context.slots(0);
+  node.ram_ua = slot.ua();
+  node.ram_bytes = slot.size();
+  Say(absl::StrFormat(
+      "  %s: VMM pid %d owns context %s (owner pid %d): slot [%s +%s) %s, %s pinned, containers "
+      "%s",
+      node.name, node.ref_vmm->pid(), context.name(), context.owner().pid(), Hex(slot.ua()),
+      Human(slot.size()), slot.object(), Human(context.locked_bytes()),
+      absl::StrJoin(context.containers(), ", ")));
+
+  // A second device of the VM, which the fleet (not the VMM) gives DMA access to guest RAM.
+  node.fleet_container = node.vmm_context + "/vfio-1";
+  v1::CreateContainerRequest create;
+  create.set_name(node.fleet_container);
+  v1::Container made;
+  grpc::Status result = node.vmm->CreateContainer(Call().get(), create, &made);
+  if (result.error_code() == grpc::StatusCode::ALREADY_EXISTS) {
+    v1::ReleaseContainerRequest release;
+    release.set_name(create.name());
+    v1::ReleaseContainerResponse released;
+    result = node.vmm->ReleaseContainer(Call().get(), release, &released);
+    if (result.ok()) result = node.vmm->CreateContainer(Call().get(), create, &made);
+  }
+  if (!result.ok()) {
+    return absl::InternalError(
+        absl::StrCat(node.name, ": CreateContainer ", create.name(), ": ", Describe(result)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FleetDemo::RequestVmmRegistrations() {
+  const std::map<std::string, std::string> tenant = {{"tenant", "demo"}};
+  Say("The fleet's registrations: for each VM's second device (container vmm-N/vfio-1), its "
+      "guest RAM as the VMM's context reports it. The VMM registered all of its slot itself and a "
+      "context's regions never overlap (spec 2.4), so the range is the slot's: a second user of "
+      "the VMM's region, which pins nothing more (spec 2.3) but counts in the pool's budget");
+  uint64_t pool_a_bytes = 0;
+  DemoNode* last_pool_a = nullptr;
+  for (auto& node : nodes_) {
+    auto region = std::make_unique<DemoRegion>();
+    region->context = node->vmm_context;
+    region->container = node->fleet_container;
+    region->ua = node->ram_ua;
+    region->size = node->ram_bytes;
+    v1::CreateIntentResponse response;
+    grpc::Status status =
+        CreateIntent(v1::INTENT_KIND_REGISTER, node->name, *region, tenant, &response);
+    if (!status.ok()) {
+      return absl::InternalError(absl::StrFormat("REGISTER %s %s [%s +%s): %s", node->name,
+                                                 region->context, Hex(region->ua),
+                                                 Human(region->size), Describe(status)));
+    }
+    node->fleet_intent = response.intent().id();
+    node->regions.push_back(std::move(region));
+    if (node->pool == "a") {
+      pool_a_bytes += node->ram_bytes;
+      last_pool_a = node.get();
+    }
+  }
+  Say(
+      absl::StrFormat("requested %d registrations (Admin/CreateIntent REGISTER, tenant=demo); "
+                      "pool-a asks for %s of its %s",
+                      nodes_.size(), Human(pool_a_bytes), Human(pool_a_budget_)));
+  for (auto& node : nodes_) {
+    const DemoRegion& region = *node->regions.front();
+    std::optional<v1::Intent> intent = AwaitIntent(
+        node->fleet_intent, {v1::INTENT_STATE_SATISFIED, v1::INTENT_STATE_FAILED}, kIntentTimeout);
+    if (!intent.has_value() || intent->state() != v1::INTENT_STATE_SATISFIED) {
+      return absl::InternalError(absl::StrCat(
+          "REGISTER intent ", node->fleet_intent, " on ", node->name,
+          " did not become SATISFIED: ", intent.has_value() ? intent->ShortDebugString() : "none",
+          "\n; the server's log ends:\n", server_->LogTail()));
+    }
+    if (!AwaitHeldByAgent(*node, region)) {
+      return absl::InternalError(absl::StrFormat(
+          "intent %s on %s is SATISFIED, but the agent does not list %s [%s +%s) for %s",
+          node->fleet_intent, node->name, region.context, Hex(region.ua), Human(region.size),
+          region.container));
+    }
+    // What the agent holds now: the region's users and what the context pins.
+    std::string users = "?";
+    v1::ListRegionsRequest list;
+    list.set_context(region.context);
+    v1::ListRegionsResponse regions;
+    if (node->vmm->ListRegions(Call().get(), list, &regions).ok()) {
+      for (const v1::Region& held : regions.regions()) {
+        if (held.ua() != region.ua || held.size() != region.size) continue;
+        users =
+            absl::StrFormat("used %d by %s", held.used(), absl::StrJoin(held.containers(), ", "));
+      }
+    }
+    v1::GetContextRequest get;
+    get.set_name(region.context);
+    v1::Context context;
+    const grpc::Status read = node->vmm->GetContext(Call().get(), get, &context);
+    Say(
+        absl::StrFormat("  %s: intent %s SATISFIED: %s [%s +%s) for %s; the agent's region: %s; "
+                        "%s pins %s",
+                        node->name, node->fleet_intent, region.context, Hex(region.ua),
+                        Human(region.size), region.container, users, region.context,
+                        read.ok() ? Human(context.locked_bytes()) : Describe(read)));
+  }
+
+  // Refused at admission, before any agent is asked: inside the VMM's slot, over the budget.
+  if (last_pool_a != nullptr) {
+    DemoRegion extra;
+    extra.context = last_pool_a->vmm_context;
+    extra.container = last_pool_a->fleet_container;
+    extra.ua = last_pool_a->ram_ua;
+    extra.size = pool_a_budget_ - std::min(pool_a_bytes, pool_a_budget_) + 16 * kMiB;
+    v1::CreateIntentResponse response;
+    grpc::Status status =
+        CreateIntent(v1::INTENT_KIND_REGISTER, last_pool_a->name, extra, tenant, &response);
+    Say(absl::StrFormat("REGISTER %s %s [%s +%s) over pool-a's budget -> %s", last_pool_a->name,
+                        extra.context, Hex(extra.ua), Human(extra.size), Describe(status)));
+    // Denied by label.
+    DemoNode& first = *nodes_.front();
+    extra.context = first.vmm_context;
+    extra.container = first.fleet_container;
+    extra.ua = first.ram_ua;
+    extra.size = 16 * kMiB;
+    status = CreateIntent(v1::INTENT_KIND_REGISTER, first.name, extra, {{"tenant", "blocked"}},
+                          &response);
+    Say(absl::StrFormat("REGISTER %s %s [%s +%s) as tenant=blocked -> %s", first.name,
+                        extra.context, Hex(extra.ua), Human(extra.size), Describe(status)));
+  }
+  return absl::OkStatus();
+}
+
+void FleetDemo::PrintVmmTable(absl::Duration window) {
+  v1::ListNodesResponse nodes;
+  grpc::Status status = admin_->ListNodes(Call().get(), {}, &nodes);
+  if (!status.ok()) {
+    Say(absl::StrCat(Stamp(), "Admin/ListNodes: ", Describe(status)));
+    return;
+  }
+  std::vector<std::string> lines;
+  lines.push_back(absl::StrFormat("%s%-7s %-4s %-4s %8s %9s %8s %7s %8s %-18s %10s %7s", Stamp(),
+                                  "NODE", "POOL", "CONN", "VMM PID", "GUEST RAM", "PINNED",
+                                  "REGIONS", "MAPPINGS", "BUDGET (pool use)", "DMA CALLS", "op/s"));
+  const double seconds = std::max(absl::ToDoubleSeconds(window), 1e-3);
+  for (const v1::Node& row : nodes.nodes()) {
+    DemoNode* node = nullptr;
+    for (auto& candidate : nodes_) {
+      if (candidate->name == row.name()) node = candidate.get();
+    }
+    if (node == nullptr) continue;
+    // The agent's own view over its Unix socket (open reads: the demo owns no context there).
+    std::string pid = "-", ram = "-", pinned = "?", calls = "?", rate = "?";
+    if (node->ref_vmm != nullptr) {
+      pid = node->vmm_killed ? "killed" : absl::StrCat(node->ref_vmm->pid());
+    }
+    v1::GetContextRequest get;
+    get.set_name(node->vmm_context);
+    v1::Context context;
+    if (node->vmm->GetContext(Call().get(), get, &context).ok()) {
+      uint64_t attached = 0;
+      for (const v1::MemorySlot& slot : context.slots()) attached += slot.size();
+      ram = Human(attached);
+    }
+    v1::NodeStatus agent;
+    if (node->vmm->GetNodeStatus(Call().get(), {}, &agent).ok()) {
+      pinned = Human(agent.locked_bytes());
+      const uint64_t total = agent.counters().maps_ok() + agent.counters().unmaps();
+      calls = absl::StrCat(total);
+      rate = absl::StrFormat("%.0f", (total - std::min(total, node->last_dma_calls)) / seconds);
+      node->last_dma_calls = total;
+    }
+    std::string budget = "-";
+    if (row.budget_bytes() != 0) {
+      budget =
+          absl::StrFormat("%s (%.0f%%)", Human(row.budget_bytes()), row.budget_used_ratio() * 100);
+    }
+    const char* connection = row.connection() == v1::CONNECTION_STATE_CONNECTED      ? "up"
+                             : row.connection() == v1::CONNECTION_STATE_DISCONNECTED ? "DOWN"
+                                                                                     : "?";
+    lines.push_back(absl::StrFormat("         %-7s %-4s %-4s %8s %9s %8s %7d %8d %-18s %10s %7s",
+                                    row.name(), node->pool, connection, pid, ram, pinned,
+                                    row.regions(), row.installed_mappings(), budget, calls, rate));
+  }
+  Say(absl::StrJoin(lines, "\n"));
+}
+
+void FleetDemo::WatchEvents() {
+  v1::Event event;
+  std::unique_ptr<grpc::ClientReader<v1::Event>> stream =
+      admin_->WatchEvents(watch_context_.get(), {});
+  while (stream->Read(&event)) {
+    if (event.type() != "vmm_exited") continue;
+    absl::MutexLock lock(&events_mutex_);
+    vmm_exits_.push_back(event);
+  }
+  stream->Finish().ok();  // cancelled at the end, or the server went away
+}
+
+void FleetDemo::KillOneVmm() {
+  DemoNode& node = *nodes_.back();
+  if (node.ref_vmm == nullptr || node.ref_vmm->Exited()) return;
+  v1::NodeStatus before;
+  grpc::Status status = node.vmm->GetNodeStatus(Call().get(), {}, &before);
+  v1::GetContextRequest get;
+  get.set_name(node.vmm_context);
+  v1::Context context;
+  grpc::Status read = node.vmm->GetContext(Call().get(), get, &context);
+  Say(absl::StrFormat(
+      "%sSIGKILL to %s's VMM (pid %d): its context %s pins %s of the agent's %s, containers %s; "
+      "the VMM cleans nothing up, the agent's watch of its exit must",
+      Stamp(), node.name, node.ref_vmm->pid(), node.vmm_context,
+      read.ok() ? Human(context.locked_bytes()) : Describe(read),
+      status.ok() ? Human(before.locked_bytes()) : Describe(status),
+      absl::StrJoin(context.containers(), ", ")));
+  const absl::Time killed_at = absl::Now();
+  node.ref_vmm->Signal(SIGKILL);
+  node.vmm_killed = true;
+  node.ref_vmm->Wait(absl::Seconds(5));
+  // The agent tears the context down once its pidfd says the VMM is gone.
+  const absl::Time deadline = killed_at + absl::Seconds(10);
+  do {
+    read = node.vmm->GetContext(Call().get(), get, &context);
+  } while (read.error_code() != grpc::StatusCode::NOT_FOUND && absl::Now() < deadline &&
+           Sleep(absl::Milliseconds(10)));
+  if (Stopping()) return;
+  const absl::Duration took = absl::Now() - killed_at;
+  v1::NodeStatus after;
+  status = node.vmm->GetNodeStatus(Call().get(), {}, &after);
+  v1::ListContainersResponse containers;
+  std::vector<std::string> left;
+  if (node.vmm->ListContainers(Call().get(), {}, &containers).ok()) {
+    for (const v1::Container& container : containers.containers()) {
+      left.push_back(container.name());
+    }
+  }
+  Say(absl::StrFormat(
+      "%s  %s: the VMM was %s; %d ms later: GetContext %s -> %s; agent pins %s -> %s (-%s); "
+      "containers left: %s; owner-exit teardowns %d",
+      Stamp(), node.name,
+      node.ref_vmm->status().has_value() ? DescribeWait(*node.ref_vmm->status()) : "not reaped",
+      absl::ToInt64Milliseconds(took), node.vmm_context, Describe(read),
+      Human(before.locked_bytes()), status.ok() ? Human(after.locked_bytes()) : Describe(status),
+      Human(before.locked_bytes() - std::min(before.locked_bytes(), after.locked_bytes())),
+      left.empty() ? "none" : absl::StrJoin(left, ", "), after.counters().owner_exit_teardowns()));
+  // The server hears of it in the agent's next delta.
+  std::optional<v1::Event> event;
+  const absl::Time event_deadline = absl::Now() + absl::Seconds(10);
+  while (!event.has_value() && absl::Now() < event_deadline && Sleep(absl::Milliseconds(20))) {
+    absl::MutexLock lock(&events_mutex_);
+    for (const v1::Event& candidate : vmm_exits_) {
+      if (candidate.node() == node.name) event = candidate;
+    }
+  }
+  if (Stopping()) return;
+  if (event.has_value()) {
+    Say(absl::StrFormat("%s  server WatchEvents: %s %s node=%s: %s", Stamp(), event->time(),
+                        event->type(), event->node(), event->message()));
+  } else {
+    Say(absl::StrFormat("%s  server WatchEvents: no vmm_exited event for %s within 10 s", Stamp(),
+                        node.name));
+  }
+  // The fleet's registration there went with the context.
+  if (!Sleep(absl::Seconds(1))) return;
+  std::optional<v1::Intent> intent = GetIntent(node.fleet_intent);
+  if (intent.has_value()) {
+    Say(absl::StrFormat("%s  intent %s (%s [%s +%s) for %s) is now %s%s", Stamp(),
+                        node.fleet_intent, node.vmm_context, Hex(node.ram_ua),
+                        Human(node.ram_bytes), node.fleet_container, StateName(intent->state()),
+                        intent->last_message().empty() ? "" : ": " + intent->last_message()));
+  }
+}
+
+void FleetDemo::WithdrawRegistrations() {
+  std::vector<DemoNode*> running;
+  for (auto& node : nodes_) {
+    if (node->ref_vmm != nullptr && !node->vmm_killed && !node->regions.empty()) {
+      running.push_back(node.get());
+    }
+  }
+  std::vector<std::pair<DemoNode*, std::string>> withdrawals;
+  for (DemoNode* node : running) {
+    v1::CreateIntentResponse response;
+    grpc::Status status = CreateIntent(v1::INTENT_KIND_UNREGISTER, node->name,
+                                       *node->regions.front(), {{"tenant", "demo"}}, &response);
+    if (status.ok()) {
+      withdrawals.emplace_back(node, response.intent().id());
+    } else {
+      Say(absl::StrCat("UNREGISTER on ", node->name, " -> ", Describe(status)));
+    }
+  }
+  std::vector<std::string> parts;
+  for (const auto& [node, id] : withdrawals) {
+    std::optional<v1::Intent> intent =
+        AwaitIntent(id, {v1::INTENT_STATE_SATISFIED, v1::INTENT_STATE_FAILED}, kIntentTimeout);
+    parts.push_back(absl::StrFormat("%s %s %s", node->name, id,
+                                    intent.has_value() ? StateName(intent->state()) : "?"));
+  }
+  if (withdrawals.empty()) return;
+  // The VMMs' own registrations stay: what the agents pin does not change.
+  std::vector<std::string> pinned;
+  for (DemoNode* node : running) {
+    v1::NodeStatus status;
+    grpc::Status read = node->vmm->GetNodeStatus(Call().get(), {}, &status);
+    pinned.push_back(
+        absl::StrCat(node->name, " ", read.ok() ? Human(status.locked_bytes()) : Describe(read)));
+  }
+  Say(absl::StrFormat(
+      "%sThe fleet withdraws its registrations (UNREGISTER of vmm-N/vfio-1's): %s; the VMMs' own "
+      "stay: agents pin %s",
+      Stamp(), absl::StrJoin(parts, ", "), absl::StrJoin(pinned, ", ")));
+}
+
+bool FleetDemo::StopVmms() {
+  std::vector<DemoNode*> running;
+  for (auto& node : nodes_) {
+    if (node->ref_vmm != nullptr && !node->vmm_killed) running.push_back(node.get());
+  }
+  Say(absl::StrFormat(
+      "Stopping %d VMMs (SIGTERM): each unmaps, unregisters, releases its container and tears its "
+      "context down, then prints its summary",
+      running.size()));
+  for (DemoNode* node : running) node->ref_vmm->Signal(SIGTERM);
+  bool clean = true;
+  for (DemoNode* node : running) {
+    if (!node->ref_vmm->Wait(absl::Seconds(20))) {
+      node->ref_vmm->Signal(SIGKILL);
+      node->ref_vmm->Wait(absl::Seconds(5));
+    }
+    const std::optional<int> wait = node->ref_vmm->status();
+    const bool ok = wait.has_value() && WIFEXITED(*wait) && WEXITSTATUS(*wait) == 0;
+    clean = clean && ok;
+    std::string summary = "(no summary line)";
+    for (absl::string_view line : absl::StrSplit(node->ref_vmm->Output(), '\n')) {
+      if (absl::StrContains(line, " summary ")) summary = std::string(line);
+    }
+    Say(absl::StrFormat("  %s pid %d, %s: %s", node->name, node->ref_vmm->pid(),
+                        wait.has_value() ? DescribeWait(*wait) : "still running", summary));
+    if (!ok) Say(absl::StrCat("  its log ends:\n", node->ref_vmm->LogTail()));
+  }
+  std::vector<std::string> pinned;
+  for (auto& node : nodes_) {
+    v1::NodeStatus status;
+    grpc::Status read = node->vmm->GetNodeStatus(Call().get(), {}, &status);
+    pinned.push_back(absl::StrCat(node->name, " ",
+                                  read.ok() ? Human(status.locked_bytes()) : Describe(read), " (",
+                                  status.contexts(), " contexts)"));
+  }
+  Say(absl::StrCat("agents now pin: ", absl::StrJoin(pinned, ", ")));
+  // Every intent of the demo, by state.
+  std::map<std::string, int> states;
+  v1::ListIntentsRequest list;
+  list.set_page_size(1000);
+  v1::ListIntentsResponse intents;
+  if (admin_->ListIntents(Call().get(), list, &intents).ok()) {
+    for (const v1::Intent& intent : intents.intents()) ++states[StateName(intent.state())];
+  }
+  std::vector<std::string> counts;
+  for (const auto& [state, count] : states) counts.push_back(absl::StrCat(count, " ", state));
+  Say(absl::StrCat("intents: ", counts.empty() ? "none" : absl::StrJoin(counts, ", ")));
+  return clean;
+}
+
 // --- Processes ---------------------------------------------------------------------------------
 
 absl::Status FleetDemo::CheckProcesses() {
@@ -1035,6 +1614,11 @@ absl::Status FleetDemo::CheckProcesses() {
       return absl::Status(status.code(),
                           absl::StrCat("dmapin-agent ", node->name, ": ", status.message()));
     }
+    if (node->ref_vmm != nullptr && !node->vmm_killed && node->ref_vmm->Exited()) {
+      return absl::InternalError(absl::StrCat("dmapin-reference-vmm on ", node->name, " ",
+                                              DescribeWait(*node->ref_vmm->status()),
+                                              "; its log ends:\n", node->ref_vmm->LogTail()));
+    }
   }
   return absl::OkStatus();
 }
@@ -1043,7 +1627,11 @@ bool FleetDemo::StopProcesses() {
   // Close this process's connections first: a gRPC server's graceful shutdown waits for its
   // open connections to go (up to its deadline), not only for calls in flight.
   admin_.reset();
-  for (auto& node : nodes_) node->vmm.reset();
+  for (auto& node : nodes_) {
+    node->vmm.reset();
+    // After a failure: no VMM outlives its agent.
+    node->ref_vmm.reset();
+  }
   std::atomic<bool> clean{true};
   auto stop = [&](AgentProcess* process, const std::string& what) {
     if (process == nullptr) return;
@@ -1070,6 +1658,11 @@ int FleetDemo::Run(const sigset_t& signals) {
     StopProcesses();
     return 1;
   };
+  if (memlock_ && vmm_binary_.empty()) {
+    return fail(absl::NotFoundError(
+        "no dmapin-reference-vmm binary found beside this one (--backend=memlock runs one per "
+        "node); build //tools/fleet_demo:fleet_demo or pass --reference_vmm_binary=PATH"));
+  }
   if (agent_binary_.empty() || server_binary_.empty()) {
     return fail(absl::NotFoundError(absl::StrCat(
         "no ", agent_binary_.empty() ? "dmapin-agent" : "dmapin-server",
@@ -1084,34 +1677,68 @@ int FleetDemo::Run(const sigset_t& signals) {
   }
   if (absl::Status status = AwaitConnected(); !status.ok()) return fail(status);
   PrintBanner();
-  Say("Setting up: on each node a VMM creates contexts vm-1, vm-2 and containers vm-1/vfio-0, "
-      "vm-2/vfio-0 over the agent's Unix socket");
-  for (auto& node : nodes_) {
-    if (absl::Status status = SetUpNode(*node); !status.ok()) return fail(status);
-  }
-  if (absl::Status status = ApplyPolicies(); !status.ok()) return fail(status);
-  if (absl::Status status = RequestRegistrations(); !status.ok()) return fail(status);
-
   const double duration = absl::GetFlag(FLAGS_duration);
   const absl::Duration interval = absl::Seconds(std::max(0.1, absl::GetFlag(FLAGS_interval)));
   const double ebusy_period = absl::GetFlag(FLAGS_ebusy_period);
-  Say(absl::StrFormat(
-      "Workload: %d VMMs map/unmap random pages over the Unix sockets (%d op/s each); %s; %s",
-      nodes_.size(), absl::GetFlag(FLAGS_vmm_ops_per_sec),
-      ebusy_period > 0
-          ? absl::StrFormat("an UNREGISTER of a mapped region every %.0f s", ebusy_period)
-          : "no UNREGISTERs",
-      duration > 0 ? absl::StrFormat("stops after %.0f s", duration) : "Ctrl-C stops"));
+  double kill_at = absl::GetFlag(FLAGS_kill_vmm_at);
+  if (kill_at < 0) kill_at = duration > 0 ? duration * 2 / 3 : 10;
+  if (memlock_) {
+    Say(absl::StrFormat(
+        "Setting up: on each node a reference VMM process (dmapin-reference-vmm) keeps %s of "
+        "guest RAM in a memfd, creates its context vmm-N and container vmm-N/dma, attaches the "
+        "RAM over the agent's memory socket and registers it",
+        Human(kVmmGuestRam)));
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (absl::Status status = StartVmm(*nodes_[i], static_cast<int>(i)); !status.ok()) {
+        return fail(status);
+      }
+    }
+    if (absl::Status status = ApplyPolicies(); !status.ok()) return fail(status);
+    if (absl::Status status = RequestVmmRegistrations(); !status.ok()) return fail(status);
+    Say(absl::StrFormat(
+        "Workload: %d reference VMMs map/unmap %s chunks of their RAM on a DmaSession as fast as "
+        "they can (niced: the reference VMM has no rate flag); no EBUSY demonstration (it needs "
+        "a VMM that unmaps on command); %s; %s",
+        nodes_.size(), Human(kVmmMapBytes),
+        kill_at > 0 && (duration <= 0 || kill_at < duration)
+            ? absl::StrFormat("%s's VMM is killed (SIGKILL) at %.0f s", nodes_.back()->name,
+                              kill_at)
+            : "no VMM is killed",
+        duration > 0 ? absl::StrFormat("stops after %.0f s", duration) : "Ctrl-C stops"));
+  } else {
+    Say("Setting up: on each node a VMM creates contexts vm-1, vm-2 and containers vm-1/vfio-0, "
+        "vm-2/vfio-0 over the agent's Unix socket");
+    for (auto& node : nodes_) {
+      if (absl::Status status = SetUpNode(*node); !status.ok()) return fail(status);
+    }
+    if (absl::Status status = ApplyPolicies(); !status.ok()) return fail(status);
+    if (absl::Status status = RequestRegistrations(); !status.ok()) return fail(status);
+    Say(absl::StrFormat(
+        "Workload: %d VMMs map/unmap random pages over the Unix sockets (%d op/s each); %s; %s",
+        nodes_.size(), absl::GetFlag(FLAGS_vmm_ops_per_sec),
+        ebusy_period > 0
+            ? absl::StrFormat("an UNREGISTER of a mapped region every %.0f s", ebusy_period)
+            : "no UNREGISTERs",
+        duration > 0 ? absl::StrFormat("stops after %.0f s", duration) : "Ctrl-C stops"));
+  }
   demo_start = absl::Now();
   std::vector<std::thread> threads;
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
-  for (size_t i = 0; i < nodes_.size(); ++i) {
-    threads.emplace_back([this, i, seed] { RunVmm(*nodes_[i], seed * 1000003 + i); });
+  if (memlock_) {
+    watch_context_ = std::make_unique<grpc::ClientContext>();
+    threads.emplace_back([this] { WatchEvents(); });
+  } else {
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      threads.emplace_back([this, i, seed] { RunVmm(*nodes_[i], seed * 1000003 + i); });
+    }
+    threads.emplace_back([this] { RunOperator(); });
   }
-  threads.emplace_back([this] { RunOperator(); });
 
   const absl::Time end =
       duration > 0 ? demo_start + absl::Seconds(duration) : absl::InfiniteFuture();
+  const absl::Time kill_time =
+      memlock_ && kill_at > 0 ? demo_start + absl::Seconds(kill_at) : absl::InfiniteFuture();
+  bool killed = false;
   absl::Time last_table = demo_start;
   absl::Time next_table = demo_start + interval;
   int rc = 0;
@@ -1119,7 +1746,8 @@ int FleetDemo::Run(const sigset_t& signals) {
   while (true) {
     const absl::Time now = absl::Now();
     if (now >= end) break;
-    const absl::Duration wait = std::min(next_table, end) - now;
+    const absl::Duration wait =
+        std::min({next_table, end, killed ? absl::InfiniteFuture() : kill_time}) - now;
     const timespec timeout = absl::ToTimespec(std::max(wait, absl::Milliseconds(1)));
     const int signal = sigtimedwait(&signals, nullptr, &timeout);
     if (signal > 0) {
@@ -1133,17 +1761,43 @@ int FleetDemo::Run(const sigset_t& signals) {
       break;
     }
     if (absl::Now() >= end) break;  // the last table follows
+    if (!killed && absl::Now() >= kill_time) {
+      killed = true;
+      KillOneVmm();
+      continue;
+    }
     if (absl::Now() >= next_table) {
-      PrintTable(absl::Now() - last_table);
+      if (memlock_) {
+        PrintVmmTable(absl::Now() - last_table);
+      } else {
+        PrintTable(absl::Now() - last_table);
+      }
       last_table = absl::Now();
       next_table += interval;
       if (next_table < last_table) next_table = last_table + interval;
     }
   }
   // After Ctrl-C the children got the SIGINT too and are on their way out: no last table then.
-  if (rc == 0 && !signaled) PrintTable(absl::Now() - last_table);
+  if (rc == 0 && !signaled) {
+    if (memlock_) {
+      PrintVmmTable(absl::Now() - last_table);
+      WithdrawRegistrations();
+    } else {
+      PrintTable(absl::Now() - last_table);
+    }
+  }
   stop_.Notify();
+  if (watch_context_ != nullptr) watch_context_->TryCancel();
   for (std::thread& thread : threads) thread.join();
+  // The context holds the call, and with it the connection the server's shutdown waits for.
+  watch_context_.reset();
+  if (memlock_) {
+    if (!StopVmms()) rc = 1;
+    Say("Stopping the agents and the server (SIGTERM)");
+    if (!StopProcesses()) rc = 1;
+    if (rc == 0) Say("done: every process exited cleanly");
+    return rc;
+  }
   uint64_t maps = 0, unmaps = 0, errors = 0;
   for (const auto& node : nodes_) {
     maps += node->maps.load();
@@ -1165,11 +1819,12 @@ int FleetDemo::Run(const sigset_t& signals) {
 int main(int argc, char** argv) {
   const std::vector<char*> positional = dmapin::InitBinary(
       argc, argv,
-      "A local dmapin fleet: dmapin-server and node agents (sim backend) on 127.0.0.1, simulated "
+      "A local dmapin fleet: dmapin-server and node agents (sim backend, or memlock with a "
+      "reference VMM process per node) on 127.0.0.1, simulated "
       "VMMs mapping DMA, policies and intents through the Admin API, EBUSY retries, and a live "
       "table of the nodes.\n"
-      "Usage: fleet_demo [--duration=SECONDS] [--interval=SECONDS] [--nodes=N] "
-      "[--base_port=PORT] [--state_dir=DIR]",
+      "Usage: fleet_demo [--backend=sim|memlock] [--duration=SECONDS] [--interval=SECONDS] "
+      "[--nodes=N] [--base_port=PORT] [--state_dir=DIR]",
       "fleet_demo");
   if (positional.size() > 1) {
     std::fprintf(stderr, "fleet_demo: unexpected argument: %s\n", positional[1]);
@@ -1182,8 +1837,25 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  if (backend != "sim" && backend != "memlock") {
+    std::fprintf(stderr, "fleet_demo: --backend=%s: sim or memlock\n", backend.c_str());
+    return 2;
+  }
+  if (backend == "memlock" && geteuid() != 0) {
+    // mlock of every VMM's guest RAM needs CAP_IPC_LOCK (or a large RLIMIT_MEMLOCK).
+    std::fprintf(stderr,
+                 "fleet_demo: --backend=memlock pins real memory (mlock) and needs root (euid "
+                 "%d); run it as root, or use the default --backend=sim\n",
+                 static_cast<int>(geteuid()));
+    return 2;
+  }
   dmapin::FleetDemo demo(
       dmapin::FindBinary(absl::GetFlag(FLAGS_agent_binary), "agent/dmapin-agent", argv[0]),
-      dmapin::FindBinary(absl::GetFlag(FLAGS_server_binary), "server/dmapin-server", argv[0]));
+      dmapin::FindBinary(absl::GetFlag(FLAGS_server_binary), "server/dmapin-server", argv[0]),
+      backend == "memlock" ? dmapin::FindBinary(absl::GetFlag(FLAGS_reference_vmm_binary),
+                                                "client/dmapin-reference-vmm", argv[0])
+                           : "",
+      backend);
   return demo.Run(signals);
 }
