@@ -533,6 +533,8 @@ absl::StatusOr<ContextView> NodeAgent::GetContext(absl::string_view name) const 
   std::shared_ptr<ContextEntry> entry = FindContext(name);
   if (entry == nullptr) return NoSuchContext(name);
   absl::StatusOr<ContextInfo> info = registry_->GetContext(entry->id);
+  // Torn down between the two lookups (the registry goes first): gone, by its name.
+  if (!info.ok() && ErrnoOf(info.status()) == ENOENT) return NoSuchContext(name);
   if (!info.ok()) return info.status();
   return ToView(*info);
 }

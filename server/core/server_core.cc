@@ -215,6 +215,7 @@ void ServerCore::AgentMessage(const std::string& node, const AgentSession* sessi
                                      "bytes",
                                      ended.context(), ended.owner_pid(), ended.unpinned_bytes()),
                      now);
+          WithdrawIntentsOfEndedContextLocked(node, ended.context(), now, &mutation);
         }
         awaiting_confirmation_.erase(node);
         dirty_nodes_.insert(node);
@@ -598,6 +599,24 @@ absl::StatusOr<v1::ListIntentsResponse> ServerCore::ListIntents(
     response.set_next_page_token(absl::StrCat(IntentNumber(selected[page - 1]->id())));
   }
   return response;
+}
+
+void ServerCore::WithdrawIntentsOfEndedContextLocked(const std::string& node,
+                                                     const std::string& context, absl::Time now,
+                                                     ServerMutation* mutation) {
+  for (auto& [id, entry] : intents_) {
+    const v1::IntentState state = entry.intent.state();
+    if (entry.intent.node() != node || entry.intent.context() != context ||
+        state == v1::INTENT_STATE_WITHDRAWN || state == v1::INTENT_STATE_FAILED ||
+        state == v1::INTENT_STATE_SUPERSEDED) {
+      continue;
+    }
+    // Nothing to pursue: the address space the intent is about is gone with its VMM.
+    SetStateLocked(entry, v1::INTENT_STATE_WITHDRAWN, now, mutation);
+    entry.inflight_decision.clear();
+    EmitLocked("intent_withdrawn", node, id, "", "",
+               absl::StrFormat("its context %s ended: its VMM exited", context), now);
+  }
 }
 
 absl::StatusOr<v1::Intent> ServerCore::WithdrawIntent(const std::string& id) {

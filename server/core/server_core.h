@@ -273,6 +273,10 @@ class ServerCore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Node NodeViewLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool NodeKnownLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The intents on `context` of `node` that are still pursued, after its VMM exited: withdrawn.
+  void WithdrawIntentsOfEndedContextLocked(const std::string& node, const std::string& context,
+                                           absl::Time now, ServerMutation* mutation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EmitLocked(const std::string& type, const std::string& node, const std::string& intent_id,
                   const std::string& decision_id, const std::string& result,
                   const std::string& message, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -537,8 +537,10 @@ TEST_F(ServerCoreTest, RegisterIntentIsKeptAndRestoredWhenTheRegionGoes) {
 }
 
 // A context the agent tore down because its VMM exited is an event watchers see.
-TEST_F(ServerCoreTest, AnEndedContextIsAVmmExitedEvent) {
+TEST_F(ServerCoreTest, AnEndedContextIsAVmmExitedEventAndItsIntentsAreWithdrawn) {
   auto a = Connect("node-a", {}, {MakeRegion("vm-1", 0x100000, kMiB, {"c1"})});
+  const v1::Intent held = MustCreate(Register("node-a", 0x100000, kMiB));
+  Settle();
   auto events = *core_->Subscribe("node-a");
   v1::AgentMessage delta;
   delta.mutable_delta()->set_version(++snapshot_version_);
@@ -556,6 +558,12 @@ TEST_F(ServerCoreTest, AnEndedContextIsAVmmExitedEvent) {
     EXPECT_NE(event->message().find("vm-1"), std::string::npos) << event->message();
     EXPECT_NE(event->message().find("pid 4242"), std::string::npos) << event->message();
     break;
+  }
+  // The registration it asked for is moot with the VMM gone: withdrawn, never re-sent.
+  EXPECT_EQ(MustGetIntent(held.id()).state(), v1::INTENT_STATE_WITHDRAWN);
+  Settle();
+  for (const v1::Decision& decision : a->Decisions()) {
+    EXPECT_NE(decision.kind(), v1::DECISION_KIND_REGISTER) << "re-sent after the VMM exited";
   }
 }
 
