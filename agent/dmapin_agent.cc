@@ -123,6 +123,19 @@ ABSL_FLAG(uint64_t, max_pinned_bytes, 0,
           "Most bytes the node's registrations may pin at once, summed over every context; 0: the "
           "node's physical memory. A RegisterRegion past it answers ENOMEM (RESOURCE_EXHAUSTED). "
           "Regions restored at start stay even when they exceed a lowered limit.");
+ABSL_FLAG(uint64_t, reserved_bytes, 0,
+          "Memory the node never pins, in bytes: the default --max_pinned_bytes is the node's "
+          "physical memory less this. 0: 1/16 of the physical memory, at least 1 GiB.");
+ABSL_FLAG(uint64_t, context_memlock_limit_bytes, 0,
+          "The most one context may pin (its RLIMIT_MEMLOCK), the node's decision: a VMM or a "
+          "network client may ask for less, never more, unlimited or the waiver (cap_ipc_lock), "
+          "which take a manager (--manager_uids); EPERM otherwise. 0: no per-context limit "
+          "(--max_pinned_bytes bounds all contexts together); the waiver still takes a manager.");
+ABSL_FLAG(uint64_t, max_contexts, 4096, "Most contexts on the node (ENOSPC beyond).");
+ABSL_FLAG(uint64_t, max_contexts_per_owner, 64, "Most contexts one VMM process may own (ENOSPC).");
+ABSL_FLAG(uint64_t, max_containers, 4096, "Most containers on the node (ENOSPC beyond).");
+ABSL_FLAG(uint64_t, max_regions_per_context, 65536,
+          "Most registered regions in one context (ENOSPC beyond).");
 ABSL_FLAG(std::string, server, "",
           "gRPC address of the central service (dmapin-server), e.g. dmapin-server:7480. The "
           "agent holds one control stream to it, reconnecting with backoff; it serves its node "
@@ -239,9 +252,15 @@ std::vector<std::string> DetectBackends() {
   return backends;
 }
 
-// --max_region_bytes and --max_pinned_bytes, 0 meaning the node's physical memory.
+// --max_region_bytes and --max_pinned_bytes, 0 meaning the node's physical memory less the
+// reserve it never pins (--reserved_bytes).
 RegistryLimits LimitsFromFlags() {
   RegistryLimits limits = DefaultRegistryLimits();
+  const uint64_t memory = limits.max_pinned_bytes;
+  uint64_t reserve = absl::GetFlag(FLAGS_reserved_bytes);
+  if (reserve == 0) reserve = std::max<uint64_t>(uint64_t{1} << 30, memory / 16);
+  limits.max_pinned_bytes = memory > reserve ? memory - reserve : memory / 2;
+  limits.max_region_bytes = std::min(limits.max_region_bytes, limits.max_pinned_bytes);
   if (const uint64_t region = absl::GetFlag(FLAGS_max_region_bytes); region != 0) {
     limits.max_region_bytes = region;
   }
@@ -249,6 +268,12 @@ RegistryLimits LimitsFromFlags() {
     limits.max_pinned_bytes = pinned;
   }
   return limits;
+}
+
+std::optional<uint64_t> ContextMemlockLimit() {
+  const uint64_t limit = absl::GetFlag(FLAGS_context_memlock_limit_bytes);
+  if (limit == 0) return std::nullopt;
+  return limit;
 }
 
 absl::StatusOr<std::vector<uid_t>> ManagerUids() {
@@ -369,7 +394,12 @@ int Run() {
                          .limits = LimitsFromFlags(),
                          .vmm_memory = memory != nullptr,
                          .manager_uids = std::move(*manager_uids),
-                         .dma_from_any_peer = dma_from_any_peer});
+                         .dma_from_any_peer = dma_from_any_peer,
+                         .context_memlock_limit_bytes = ContextMemlockLimit(),
+                         .max_contexts = absl::GetFlag(FLAGS_max_contexts),
+                         .max_contexts_per_owner = absl::GetFlag(FLAGS_max_contexts_per_owner),
+                         .max_containers = absl::GetFlag(FLAGS_max_containers),
+                         .max_regions_per_context = absl::GetFlag(FLAGS_max_regions_per_context)});
   if (!agent.ok()) {
     LOG(ERROR) << absl::StrFormat("dmapin-agent: recovery from %s failed, refusing to serve: %s",
                                   state_dir.c_str(), agent.status().ToString().c_str());

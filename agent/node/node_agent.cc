@@ -153,6 +153,34 @@ absl::Status NodeAgent::Denied(std::string message) const {
   return ErrnoStatus(EPERM, absl::StatusCode::kPermissionDenied, message);
 }
 
+absl::Status NodeAgent::OverLimit(absl::string_view what, absl::string_view flag,
+                                  uint64_t limit) {
+  limit_refusals_.fetch_add(1, std::memory_order_relaxed);
+  return ErrnoStatus(ENOSPC, absl::StrFormat("%s: at most %d (%s)", what, limit, flag));
+}
+
+absl::Status NodeAgent::CheckMemlockChoice(const ContextSpec& spec, const Caller& caller) const {
+  if (caller.kind == Caller::Kind::kInternal || IsManager(caller)) return absl::OkStatus();
+  if (spec.cap_ipc_lock) {
+    return Denied(absl::StrFormat("context \"%s\": the memlock waiver (cap_ipc_lock) is the node's "
+                                  "decision; only a manager (--manager_uids) may ask for it, the "
+                                  "caller is %s",
+                                  spec.name, caller.Describe()));
+  }
+  const std::optional<uint64_t>& node = options_.context_memlock_limit_bytes;
+  if (node.has_value() &&
+      (!spec.memlock_limit_bytes.has_value() || *spec.memlock_limit_bytes > *node)) {
+    return Denied(absl::StrFormat(
+        "context \"%s\": memlock limit %s is over the node's 0x%x bytes per context "
+        "(--context_memlock_limit_bytes); ask for that or less, or have a manager create it",
+        spec.name,
+        spec.memlock_limit_bytes.has_value() ? absl::StrFormat("0x%x", *spec.memlock_limit_bytes)
+                                             : std::string("unlimited"),
+        *node));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status NodeAgent::CheckDma(const ContextEntry* context, absl::string_view context_name,
                                  const Caller& caller, absl::string_view what) const {
   if (caller.kind == Caller::Kind::kInternal || options_.dma_from_any_peer) {
@@ -463,10 +491,33 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
                                 "node may pin, 0x%x bytes (--max_pinned_bytes)",
                                 spec.name, spec.memory_bytes, options_.limits.max_pinned_bytes));
   }
+  if (absl::Status status = CheckMemlockChoice(spec, caller); !status.ok()) return status;
   if (absl::Status status = CheckWritable(); !status.ok()) return status;
   MutexLock control(&control_mu_);
   if (FindContext(spec.name) != nullptr) {
     return ErrnoStatus(EEXIST, absl::StrFormat("memory context \"%s\" already exists", spec.name));
+  }
+  {
+    uint64_t contexts = 0;
+    uint64_t of_owner = 0;
+    {
+      MutexLock names(&names_mu_);
+      contexts = contexts_.size();
+      if (owner.has_value()) {
+        for (const auto& [name, entry] : contexts_) {
+          if (entry->owner.has_value() && entry->owner->pid == owner->pid) ++of_owner;
+        }
+      }
+    }
+    if (contexts >= options_.max_contexts) {
+      return OverLimit(absl::StrCat("context \"", spec.name, "\": contexts on the node"),
+                       "--max_contexts", options_.max_contexts);
+    }
+    if (of_owner >= options_.max_contexts_per_owner) {
+      return OverLimit(
+          absl::StrFormat("context \"%s\": contexts of pid %d", spec.name, owner->pid),
+          "--max_contexts_per_owner", options_.max_contexts_per_owner);
+    }
   }
   std::unique_ptr<ContextMemory> memory;
   if (spec.memory_bytes > 0) {
@@ -691,6 +742,13 @@ absl::StatusOr<ContainerView> NodeAgent::CreateContainer(const ContainerSpec& sp
   if (FindContainer(spec.name) != nullptr) {
     return ErrnoStatus(EEXIST, absl::StrFormat("container \"%s\" already exists", spec.name));
   }
+  {
+    MutexLock names(&names_mu_);
+    if (containers_.size() >= options_.max_containers) {
+      return OverLimit(absl::StrCat("container \"", spec.name, "\": containers on the node"),
+                       "--max_containers", options_.max_containers);
+    }
+  }
   ContainerOptions options{
       .iommu_page_size = spec.iommu_page_size != 0 ? spec.iommu_page_size : registry_->page_size(),
       .window_start = spec.window_start,
@@ -895,6 +953,11 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   if (absl::Status status = CheckContainerControl(*container, caller, "register memory for");
       !status.ok()) {
     return status;
+  }
+  if (absl::StatusOr<ContextInfo> info = registry_->GetContext(context->id);
+      info.ok() && info->regions >= options_.max_regions_per_context) {
+    return OverLimit(absl::StrCat("register in context \"", context_name, "\": its regions"),
+                     "--max_regions_per_context", options_.max_regions_per_context);
   }
   MutexLock pending(&context->pending_mu);
   const bool had_pending = context->has_pending.load(std::memory_order_acquire);
@@ -1238,6 +1301,7 @@ NodeStatusView NodeAgent::Status() const {
   status.owner_exit_teardowns = owner_exit_teardowns_.load(std::memory_order_relaxed);
   status.owner_exits_at_recovery = owner_exits_at_recovery_.load(std::memory_order_relaxed);
   status.memory_lost_at_recovery = memory_lost_at_recovery_.load(std::memory_order_relaxed);
+  status.limit_refusals = limit_refusals_.load(std::memory_order_relaxed);
   return status;
 }
 

@@ -100,6 +100,17 @@ struct NodeAgentOptions {
   bool dma_from_any_peer = false;
   // Watch each owner's exit (pidfd) and tear its context down then.
   bool watch_owners = true;
+  // What a caller may not choose (dmapin-agent --context_memlock_limit_bytes): the most a context
+  // may pin. A caller may ask for less; more, unlimited, or the waiver (cap_ipc_lock) take a
+  // manager (EPERM otherwise). nullopt: no per-context limit (the node's --max_pinned_bytes
+  // bounds everything).
+  std::optional<uint64_t> context_memlock_limit_bytes;
+  // How many of each a node, and one owner, may have (ENOSPC beyond; --max_contexts, ...): no
+  // caller decides how much memory, or how many metric series, the agent keeps.
+  uint64_t max_contexts = 4096;
+  uint64_t max_contexts_per_owner = 64;
+  uint64_t max_containers = 4096;
+  uint64_t max_regions_per_context = 65536;
 };
 
 struct ContextSpec {
@@ -179,6 +190,8 @@ struct NodeStatusView {
   uint64_t owner_exits_at_recovery = 0;
   // Contexts torn down at recovery because their owner's memory could not be mapped again.
   uint64_t memory_lost_at_recovery = 0;
+  // Creations and registrations refused for a count limit (max_contexts, ...).
+  uint64_t limit_refusals = 0;
 };
 
 // A context the agent tore down because its owner exited (for the central service's events).
@@ -371,6 +384,10 @@ class NodeAgent {
                                      absl::string_view what) const;
   bool IsManager(const Caller& caller) const;
   absl::Status Denied(std::string message) const;
+  // ENOSPC for a count limit `flag` of `limit`, counted.
+  absl::Status OverLimit(absl::string_view what, absl::string_view flag, uint64_t limit);
+  // The memlock limit and waiver `spec` asks for, checked against what `caller` may choose.
+  absl::Status CheckMemlockChoice(const ContextSpec& spec, const Caller& caller) const;
   // The row of a context, as Persist writes it.
   StoredContext ToStored(const ContextEntry& entry, const std::string& name) const;
   // Adds `sources` to the context's memory and makes them durable (all or nothing).
@@ -466,6 +483,7 @@ class NodeAgent {
   std::atomic<uint64_t> owner_exit_teardowns_{0};
   std::atomic<uint64_t> owner_exits_at_recovery_{0};
   std::atomic<uint64_t> memory_lost_at_recovery_{0};
+  std::atomic<uint64_t> limit_refusals_{0};
 
   mutable Mutex exits_mu_;
   std::deque<OwnerExit> recent_exits_ ABSL_GUARDED_BY(exits_mu_);

@@ -758,3 +758,62 @@ TEST(NodeAgentMemlockTest, RestartRemapsMemoryAndRepinsExactly) {
 
 }  // namespace
 }  // namespace dmapin::agent
+
+namespace dmapin::agent {
+namespace {
+
+constexpr uint64_t kLimitPage = 65536;
+
+// What a caller may choose: the memlock limit and its waiver are the node's; only managers (and
+// the agent itself) pick beyond them.
+TEST(NodeAgentChoiceTest, MemlockLimitAndWaiverAreTheNodesDecision) {
+  auto sim = *SimBackend::Create({.page_size = kLimitPage});
+  auto agent = *NodeAgent::Create({.node_name = "n",
+                                   .backend = sim.get(),
+                                   .manager_uids = {4000},
+                                   .context_memlock_limit_bytes = uint64_t{1} << 20});
+  const Caller vmm = Caller::Local(getpid(), 3000);
+  const Caller manager = Caller::Local(getpid(), 4000);
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "waiver", .cap_ipc_lock = true}, vmm).status()),
+            EPERM);
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "unlimited"}, vmm).status()), EPERM);
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "more", .memlock_limit_bytes = 2 << 20}, vmm)
+                        .status()),
+            EPERM);
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "tcp"}, Caller::Remote()).status()), EPERM);
+  EXPECT_TRUE(agent->ListContexts().empty()) << "a refusal created something";
+  EXPECT_EQ(agent->Status().permission_denied, 4u);
+  // Less than the node's limit is the VMM's to choose; beyond it, a manager's.
+  EXPECT_TRUE(agent->CreateContext({.name = "less", .memlock_limit_bytes = 512 << 10}, vmm).ok());
+  EXPECT_TRUE(agent->CreateContext({.name = "managed", .cap_ipc_lock = true}, manager).ok());
+  EXPECT_TRUE(agent->CreateContext({.name = "internal"}).ok());
+}
+
+TEST(NodeAgentChoiceTest, CountLimitsAreEnospcAndChangeNothing) {
+  auto sim = *SimBackend::Create({.page_size = kLimitPage});
+  auto agent = *NodeAgent::Create({.node_name = "n",
+                                   .backend = sim.get(),
+                                   .max_contexts = 3,
+                                   .max_contexts_per_owner = 2,
+                                   .max_containers = 1,
+                                   .max_regions_per_context = 1});
+  const Caller vmm = Caller::Local(getpid(), 3000);
+  ASSERT_TRUE(agent->CreateContext({.name = "a"}, vmm).ok());
+  ASSERT_TRUE(agent->CreateContext({.name = "b"}, vmm).ok());
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "c"}, vmm).status()), ENOSPC);  // per owner
+  ASSERT_TRUE(agent->CreateContext({.name = "d"}).ok());
+  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "e"}).status()), ENOSPC);  // per node
+  ASSERT_TRUE(agent->CreateContainer({.name = "c1"}).ok());
+  EXPECT_EQ(ErrnoOf(agent->CreateContainer({.name = "c2"}).status()), ENOSPC);
+  ASSERT_TRUE(agent->RegisterRegion("c1", "d", 0x10000000, kLimitPage).ok());
+  absl::StatusOr<RegionView> second = agent->RegisterRegion("c1", "d", 0x20000000, kLimitPage);
+  EXPECT_EQ(ErrnoOf(second.status()), ENOSPC) << second.status();
+  EXPECT_NE(second.status().message().find("--max_regions_per_context"), std::string::npos);
+  EXPECT_EQ(agent->ListContexts().size(), 3u);
+  EXPECT_EQ(agent->ListContainers().size(), 1u);
+  EXPECT_EQ(agent->GetContext("d")->regions, 1u);
+  EXPECT_EQ(agent->Status().limit_refusals, 4u);
+}
+
+}  // namespace
+}  // namespace dmapin::agent

@@ -195,6 +195,10 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
        "Contexts torn down at start because their VMM's memory could not be mapped again (it "
        "no longer maps the same object at the same address).",
        status.memory_lost_at_recovery},
+      {"dmapin_agent_limit_refusals_total",
+       "Creations and registrations refused (ENOSPC) for a count limit: --max_contexts, "
+       "--max_contexts_per_owner, --max_containers, --max_regions_per_context.",
+       status.limit_refusals},
   };
   for (const auto& counter : kOwnershipCounters) {
     AddScalar(out, counter.name, counter.help, MetricType::Counter,

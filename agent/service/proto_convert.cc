@@ -78,6 +78,7 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_owner_exit_teardowns(status.owner_exit_teardowns);
   out->set_owner_exits_at_recovery(status.owner_exits_at_recovery);
   out->set_memory_lost_at_recovery(status.memory_lost_at_recovery);
+  out->set_limit_refusals(status.limit_refusals);
 }
 
 }  // namespace dmapin::agent
