@@ -1,5 +1,7 @@
 #include "agent/conformance/grpc_target.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -104,6 +106,9 @@ std::vector<std::string> GrpcTarget::AgentArgs(const Case& node, absl::string_vi
       // and its HTTP server takes ~1.7 s to stop. --undefok keeps agents without the flag working.
       "--metrics_address=",
       "--undefok=metrics_address",
+      // The cases pick memlock limits and the waiver (cap_ipc_lock), the node's decision: the
+      // test is the node's manager as well as the VMM.
+      absl::StrCat("--manager_uids=", getuid()),
   };
 }
 

@@ -158,6 +158,8 @@ class AgentE2eTest : public testing::Test {
         absl::StrCat("--uds_path=", dir_->Join("agent.sock")),
         "--tcp_address=127.0.0.1:0",
         "--node_name=e2e-node",
+        // The test picks memlock limits and the waiver, the node's decision: it is the manager.
+        absl::StrCat("--manager_uids=", getuid()),
         // No metrics server (fixed default port; slow to stop); tolerated by agents without it.
         "--metrics_address=",
         "--undefok=metrics_address",

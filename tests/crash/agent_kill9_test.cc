@@ -1355,7 +1355,9 @@ absl::Status Kill9Harness::Run() {
       absl::StrCat("--uds_path=", socket_), "--tcp_address=", "--node_name=kill9",
       // No metrics listener (a fixed TCP port by default); --undefok keeps agents without the
       // flag working.
-      "--metrics_address=", "--undefok=metrics_address"};
+      "--metrics_address=", "--undefok=metrics_address",
+      // The workload picks memlock limits and the waiver: the test is the node's manager too.
+      absl::StrCat("--manager_uids=", getuid())};
   std::vector<SimRange> holes;
   if (!mode_.memlock()) {
     args.push_back(absl::StrCat("--sim_page_size=", mode_.page_size));
@@ -1535,7 +1537,8 @@ class ReproAgent {
                                      absl::StrCat("--uds_path=", socket_),
                                      "--tcp_address=",
                                      "--metrics_address=",
-                                     "--undefok=metrics_address"};
+                                     "--undefok=metrics_address",
+                                     absl::StrCat("--manager_uids=", getuid())};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     return std::make_unique<AgentProcess>(g_agent_binary == nullptr ? "" : g_agent_binary,
                                           std::move(args), dir_ + "/agent.log");

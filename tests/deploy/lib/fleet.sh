@@ -28,7 +28,7 @@ start_fleet() {
     # The Unix socket stays short (sun_path is 108 bytes): $dir is a mktemp dir under /tmp.
     NODE_NAME="$name" "$agent_bin" --backend=sim --server="$SERVER_GRPC" \
       --node_labels="pool=$pool" --tcp_address=127.0.0.1:0 --metrics_address=127.0.0.1:0 \
-      --uds_path="$dir/$name/agent.sock" --state_dir="$dir/$name" \
+      --uds_path="$dir/$name/agent.sock" --state_dir="$dir/$name" --manager_uids="$(id -u)" \
       >"$dir/$name.log" 2>&1 &
     STARTED_PIDS+=($!)
   done
