@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -116,6 +118,17 @@ absl::Status MapSource(size_t index, const SlotSource& source, GuestSlot* slot) 
     return ErrnoStatus(EINVAL,
                        absl::StrCat(name, ": fd ", source.fd, " is ", FileKind(st.st_mode),
                                     ", not a memory object (memfd, hugetlbfs or tmpfs file)"));
+  }
+  // Guest RAM lives in shared memory: a disk file's page cache is no place to pin for DMA (the
+  // kernel's long-term pins refuse it, and writeback would race the device).
+  struct statfs fs;
+  if (::fstatfs(source.fd, &fs) != 0) {
+    return ErrnoStatus(errno, absl::StrCat(name, ": fstatfs of fd ", source.fd));
+  }
+  if (fs.f_type != TMPFS_MAGIC && fs.f_type != HUGETLBFS_MAGIC) {
+    return ErrnoStatus(EINVAL, absl::StrCat(name, ": fd ", source.fd, " is a file on a ",
+                                            "filesystem of type 0x", absl::Hex(fs.f_type),
+                                            ", not shared memory (memfd, tmpfs or hugetlbfs)"));
   }
   const uint64_t object_size = static_cast<uint64_t>(st.st_size);
   if (source.offset + source.size > object_size) {

@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -515,6 +517,24 @@ TEST(OpenProcessSlotsTest, BadRangesAndMissingProcess) {
   // Above any pid_max (at most 2^22).
   ExpectEsrch(OpenProcessSlots(0x7ffffff0, {{kBase, kPage}}).status());
   ExpectEsrch(OpenProcessSlots(-1, {{kBase, kPage}}).status());
+}
+
+// A regular file on a disk filesystem is not guest memory: refused, nothing mapped.
+TEST(GuestMemoryFsTest, AFileOnDiskIsRefused) {
+  const std::string path = absl::StrCat(::testing::TempDir(), "/disk_file_", getpid());
+  UniqueFd file(open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  ASSERT_TRUE(file.valid()) << std::strerror(errno);
+  unlink(path.c_str());
+  struct statfs fs;
+  ASSERT_EQ(fstatfs(file.get(), &fs), 0);
+  if (fs.f_type == TMPFS_MAGIC) GTEST_SKIP() << "the test's temporary directory is on tmpfs";
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  ASSERT_EQ(ftruncate(file.get(), static_cast<off_t>(page)), 0);
+  GuestMemory memory(page);
+  const absl::Status status = memory.Attach({{.ua = 0x10000000, .size = page, .fd = file.get()}});
+  EXPECT_EQ(ErrnoOf(status), EINVAL) << status;
+  EXPECT_NE(status.message().find("not shared memory"), std::string::npos) << status;
+  EXPECT_TRUE(memory.slots().empty());
 }
 
 }  // namespace
