@@ -109,7 +109,8 @@ if (ds) {
   check(argValue(c, 'state_dir') === '/var/lib/dmapin/agent', `agent --state_dir ${argValue(c, 'state_dir')}`);
   check(path.dirname(argValue(c, 'uds_path') || '') === '/run/dmapin', `agent --uds_path ${argValue(c, 'uds_path')}`);
   const caps = ((c.securityContext || {}).capabilities || {});
-  for (const cap of ['IPC_LOCK', 'SYS_RESOURCE']) check((caps.add || []).includes(cap), `agent lacks capability ${cap}`);
+  for (const cap of ['IPC_LOCK', 'SYS_RESOURCE', 'SYS_ADMIN', 'SYS_PTRACE']) check((caps.add || []).includes(cap), `agent lacks capability ${cap}`);
+  check(pod.hostPID === true, 'agent does not share the host pid namespace (SO_PEERCRED pids, pidfds, /proc/<vmm>)');
   check((caps.drop || []).includes('ALL'), 'agent does not drop the other capabilities');
   check(!(c.securityContext || {}).privileged, 'agent is privileged');
   const nodeName = (c.env || []).find((e) => e.name === 'NODE_NAME');
@@ -195,6 +196,26 @@ if (pr) {
   const rules = YAML.parse(fs.readFileSync(path.join(root, 'deploy/prometheus/dmapin-rules.yaml'), 'utf8'));
   check(canonical(pr.spec) === canonical(rules),
     'PrometheusRule differs from deploy/prometheus/dmapin-rules.yaml: run node tests/deploy/make_prometheusrule.js > deploy/kubernetes/base/prometheusrule.yaml');
+}
+
+// NetworkPolicies: each TCP port of each component open only to the peers that need it.
+function ingressTo(podLabels, port) {
+  const policies = all('NetworkPolicy').filter((np) => matches(np.spec.podSelector.matchLabels || {}, podLabels));
+  return policies.flatMap((np) => (np.spec.ingress || [])
+    .filter((rule) => (rule.ports || []).some((p) => p.port === port)).flatMap((rule) => rule.from || []));
+}
+const agentPods = { 'app.kubernetes.io/name': 'dmapin-agent', 'app.kubernetes.io/component': 'node-agent' };
+const serverPods = { 'app.kubernetes.io/name': 'dmapin-server', 'app.kubernetes.io/component': 'control-plane' };
+const fromPods = (from, labels) => from.some((f) => f.podSelector && matches(f.podSelector.matchLabels || {}, labels) && !f.namespaceSelector);
+const fromAnywhere = (from) => from.some((f) => !f.podSelector && !f.namespaceSelector && !f.ipBlock);
+for (const [what, pods, port, peers] of [['agent gRPC', agentPods, 7470, [serverPods]],
+  ['server gRPC', serverPods, 7480, [agentPods]]]) {
+  const from = ingressTo(pods, port);
+  check(from.length > 0, `no NetworkPolicy admits ${what} (${port}) from anyone: it is open to every pod`);
+  for (const peer of peers) check(fromPods(from, peer), `${what} (${port}) does not admit ${peer['app.kubernetes.io/name']}`);
+  check(!fromAnywhere(from), `${what} (${port}) admits every pod`);
+  check(all('NetworkPolicy').some((np) => matches(np.spec.podSelector.matchLabels || {}, pods) &&
+    (np.spec.policyTypes || []).includes('Ingress')), `${what}: no Ingress NetworkPolicy selects its pods`);
 }
 
 // Dashboards.
