@@ -454,34 +454,6 @@ int Run() {
     return 2;
   }
 
-  // Metrics are recorded only when they are served.
-  const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
-  std::unique_ptr<AgentMetrics> metrics;
-  std::unique_ptr<prometheus::Exposer> exposer;
-  int metrics_port = 0;
-  if (!metrics_address.empty()) {
-    metrics = std::make_unique<AgentMetrics>(
-        AgentMetricsOptions{.agent = agent->get(), .store = store->get(), .listener = &listener});
-    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
-    if (!started.ok()) {
-      LOG(ERROR) << absl::StrFormat("dmapin-agent: --metrics_address=%s: %s",
-                                    metrics_address.c_str(), started.status().ToString().c_str());
-      return 1;
-    }
-    exposer = std::move(*started);
-    exposer->RegisterCollectable(metrics->collectable());
-    const std::vector<int> ports = exposer->GetListeningPorts();
-    if (!ports.empty()) metrics_port = ports.front();
-  }
-
-  // Callers are known by their connection: a Unix-socket peer by SO_PEERCRED (a VMM, a manager),
-  // anything else is a TCP peer.
-  NodeAgentService service(agent->get(), metrics.get(), [&listener](const std::string& peer) {
-    if (std::optional<UnixPeer> local = listener.UnixPeerOf(FdOfGrpcPeer(peer))) {
-      return Caller::Local(local->pid, local->uid);
-    }
-    return Caller::Remote();
-  });
   std::unique_ptr<MemorySocketServer> memory_socket;
   std::string memory_socket_path = absl::GetFlag(FLAGS_memory_socket_path);
   if (memory_socket_path.empty() && !uds.empty()) memory_socket_path = uds + ".memory";
@@ -504,6 +476,38 @@ int Run() {
     if (!restrict_socket(path)) return 1;
     LOG(INFO) << absl::StrFormat("dmapin-agent: memory socket on %s", path.c_str());
   }
+
+  // Metrics are recorded only when they are served.
+  const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  std::unique_ptr<AgentMetrics> metrics;
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int metrics_port = 0;
+  if (!metrics_address.empty()) {
+    metrics = std::make_unique<AgentMetrics>(
+        AgentMetricsOptions{.agent = agent->get(),
+                            .store = store->get(),
+                            .listener = &listener,
+                            .memory_socket = memory_socket.get()});
+    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
+    if (!started.ok()) {
+      LOG(ERROR) << absl::StrFormat("dmapin-agent: --metrics_address=%s: %s",
+                                    metrics_address.c_str(), started.status().ToString().c_str());
+      return 1;
+    }
+    exposer = std::move(*started);
+    exposer->RegisterCollectable(metrics->collectable());
+    const std::vector<int> ports = exposer->GetListeningPorts();
+    if (!ports.empty()) metrics_port = ports.front();
+  }
+
+  // Callers are known by their connection: a Unix-socket peer by SO_PEERCRED (a VMM, a manager),
+  // anything else is a TCP peer.
+  NodeAgentService service(agent->get(), metrics.get(), [&listener](const std::string& peer) {
+    if (std::optional<UnixPeer> local = listener.UnixPeerOf(FdOfGrpcPeer(peer))) {
+      return Caller::Local(local->pid, local->uid);
+    }
+    return Caller::Remote();
+  });
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -582,10 +586,11 @@ int Run() {
   health->SetServingStatus(false);
   if (control != nullptr) control->Stop();
   listener.Stop();
-  memory_socket.reset();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  // The exposer's threads read the metrics, which read the agent: stop them first.
+  // The exposer's threads read the metrics, which read the agent and the memory socket: stop
+  // them first.
   exposer.reset();
+  memory_socket.reset();
   return 0;
 }
 

@@ -338,6 +338,32 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
   container_installed.MoveTo(out);
 
   if (options_.listener != nullptr) AddConnectionMetrics(out, "dmapin_agent_", *options_.listener);
+  if (options_.memory_socket != nullptr) {
+    // The memory socket's connections and its refusals of malformed records.
+    const MemorySocketStats socket = options_.memory_socket->stats();
+    const struct {
+      const char* name;
+      const char* help;
+      MetricType type;
+      uint64_t value;
+    } kSocketMetrics[] = {
+        {"dmapin_agent_memory_socket_connections", "Open connections of the memory socket.",
+         MetricType::Gauge, socket.open_connections},
+        {"dmapin_agent_memory_socket_connections_total",
+         "Connections the memory socket accepted.", MetricType::Counter, socket.connections},
+        {"dmapin_agent_memory_socket_refused_connections_total",
+         "Connections the memory socket closed at once: its connection limit was reached.",
+         MetricType::Counter, socket.refused_connections},
+        {"dmapin_agent_memory_socket_requests_total", "Records the memory socket answered.",
+         MetricType::Counter, socket.requests},
+        {"dmapin_agent_memory_socket_bad_requests_total",
+         "Records refused before the handler: malformed, too large, too many descriptors.",
+         MetricType::Counter, socket.bad_requests},
+    };
+    for (const auto& metric : kSocketMetrics) {
+      AddScalar(out, metric.name, metric.help, metric.type, static_cast<double>(metric.value));
+    }
+  }
   AddProcessMetrics(out);
   return out;
 }

@@ -74,6 +74,7 @@
 
 #include "absl/strings/string_view.h"
 #include "agent/node/node_agent.h"
+#include "agent/service/memory_socket.h"
 #include "agent/service/version.h"
 #include "agent/store/state_store.h"
 #include "common/mutex.h"
@@ -119,6 +120,8 @@ struct AgentMetricsOptions {
   const StateStore* store = nullptr;
   // Not owned; must outlive the metrics. nullptr: no dmapin_agent_grpc_connections* series.
   const ConnectionListener* listener = nullptr;
+  // Not owned; must outlive the metrics. nullptr: no dmapin_agent_memory_socket_* series.
+  const MemorySocketServer* memory_socket = nullptr;
   // The version label of dmapin_agent_info.
   std::string version = kAgentVersion;
 };
