@@ -234,8 +234,14 @@ absl::Status Edu::Open(const std::string& group_path, const std::string& bdf) {
 }
 
 absl::Status Edu::OpenFromGroup(int group_fd, const std::string& bdf) {
-  fd_ = ::ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, bdf.c_str());
-  if (fd_ < 0) return ErrnoStatus(errno, "VFIO_GROUP_GET_DEVICE_FD " + bdf);
+  const int fd = ::ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, bdf.c_str());
+  if (fd < 0) return ErrnoStatus(errno, "VFIO_GROUP_GET_DEVICE_FD " + bdf);
+  return Adopt(fd);
+}
+
+absl::Status Edu::Adopt(int device_fd) {
+  Close();
+  fd_ = device_fd;
   absl::StatusOr<uint64_t> bar0 = RegionOffset(VFIO_PCI_BAR0_REGION_INDEX);
   if (!bar0.ok()) return bar0.status();
   bar0_ = *bar0;

@@ -94,6 +94,9 @@ class Edu {
   // Opens the device through `group_fd`, a descriptor of its group (whoever attached it to a
   // container), and enables memory space and bus mastering.
   absl::Status OpenFromGroup(int group_fd, const std::string& bdf);
+  // Takes over `device_fd`, a device fd got elsewhere (e.g. received over SCM_RIGHTS), and
+  // enables memory space and bus mastering.
+  absl::Status Adopt(int device_fd);
 
   // edu's registers are "native endian" in QEMU: big-endian under qemu-system-ppc64 whatever the
   // guest runs. The identification register (0x010000ed for edu 1.0) tells which.

@@ -5,13 +5,16 @@
 #   x86_64-agent  as x86_64, but the real dmapin-agent binary (--backend=vfio-type1) and a VMM on
 #           it (vfio_test_vmm) run in the guest, with every shared library they need; the guest
 #           program (agent_guest_test.cc) drives the edu device's DMA into the VMM's memory
+#   x86_64-survive  as x86_64 with one edu: survive_guest.cc, an experiment on what a type1
+#           container keeps when the process that mapped dies while another holds the device and
+#           container fds (OBSERVE lines; see SURVIVE.md)
 # The guest program (vfio_guest_test.cc or agent_guest_test.cc, built here with -static from the
 # project's own sources) is the initramfs's /init; it prints one PASS/FAIL line per step on the
 # serial console. This script fails on any FAIL line, a missing end marker, or a
 # timeout, and prints how long the boot and the test took. It installs nothing: a missing tool is
 # an error naming the Debian package. Everything it writes goes to a temporary directory.
 #
-# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]
+# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]
 #   --keep                  keep the work directory (guest binary, initramfs, console log)
 #   --agent, --vmm          x86_64-agent: the dmapin-agent and vfio_test_vmm binaries (Bazel
 #                           passes them; by hand the default is bazel-bin's, so build
@@ -30,7 +33,7 @@ for arg in "${@:2}"; do
     --agent=*) AGENT_BIN="${arg#--agent=}" ;;
     --vmm=*) VMM_BIN="${arg#--vmm=}" ;;
     *)
-      echo "usage: $0 x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+      echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
       exit 2
       ;;
   esac
@@ -50,7 +53,7 @@ SRC="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)"
 [[ -f "$SRC/agent/vfio/vfio_container.cc" ]] || die "sources not found under $SRC"
 
 case "$ARCH" in
-  x86_64 | x86_64-agent)
+  x86_64 | x86_64-agent | x86_64-survive)
     CXX=g++
     CXX_PKG=g++
     LIBDIR=/usr/lib/x86_64-linux-gnu
@@ -61,6 +64,7 @@ case "$ARCH" in
     KERNEL_PKG=linux-image-amd64
     MODE=type1
     [[ "$ARCH" == x86_64-agent ]] && MODE=agent
+    [[ "$ARCH" == x86_64-survive ]] && MODE=survive
     MODULES=(vfio-pci vfio_iommu_type1)
     ;;
   ppc64)
@@ -76,7 +80,7 @@ case "$ARCH" in
     MODULES=(vfio-pci vfio_iommu_spapr_tce)
     ;;
   *)
-    echo "usage: $0 x86_64|ppc64|x86_64-agent [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+    echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
     exit 2
     ;;
 esac
@@ -133,7 +137,13 @@ say "kernel $KERNEL, work dir $WORK"
 
 # --- The guest program: the project's real driver and registry sources, statically linked -------
 t0=$SECONDS
-if [[ "$MODE" == agent ]]; then
+if [[ "$MODE" == survive ]]; then
+  GUEST_SRCS=(
+    tests/qemu_vfio/survive_guest.cc
+    tests/qemu_vfio/guest_support.cc
+    common/errno_status.cc
+  )
+elif [[ "$MODE" == agent ]]; then
   GUEST_SRCS=(
     tests/qemu_vfio/agent_guest_test.cc
     tests/qemu_vfio/guest_support.cc
@@ -236,6 +246,14 @@ fi
 
 # --- Boot ---------------------------------------------------------------------------------------
 case "$ARCH" in
+  x86_64-survive)
+    # One edu; see survive_guest.cc and SURVIVE.md.
+    QEMU_ARGS=(-accel tcg -machine q35,kernel-irqchip=split -cpu max -smp 1 -m 512
+      -device intel-iommu,intremap=on,caching-mode=on
+      -device edu
+      -kernel "$KERNEL" -initrd "$WORK/initrd"
+      -append "console=ttyS0 intel_iommu=on panic=-1 quiet dmapin_mode=$MODE")
+    ;;
   x86_64-agent)
     # One edu; room for the agent's and the VMM's libraries (unpacked into RAM) and their memory.
     QEMU_ARGS=(-accel tcg -machine q35,kernel-irqchip=split -cpu max -smp 1 -m 1024
@@ -283,7 +301,7 @@ if [[ -z "$boot_ns" ]] && grep -q "^INFO $MODE start:" "$CONSOLE"; then boot_ns=
 
 # --- Verdict ------------------------------------------------------------------------------------
 tr -d '\r' <"$CONSOLE" >"$CONSOLE.txt"
-grep -E "^(PASS|FAIL|INFO|DIFF|RESULT) " "$CONSOLE.txt" || true
+grep -E "^(PASS|FAIL|INFO|DIFF|OBSERVE|RESULT) " "$CONSOLE.txt" || true
 passes=$(grep -c "^PASS " "$CONSOLE.txt" || true)
 fails=$(grep -c "^FAIL " "$CONSOLE.txt" || true)
 total_s=$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
