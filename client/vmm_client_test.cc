@@ -10,9 +10,9 @@
 #include "client/vmm_client.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
-#include <grp.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -48,6 +48,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/agent_process.h"
+#include "testing/proc_info.h"
 
 namespace dmapin::client {
 namespace {
@@ -84,33 +85,12 @@ testing::AssertionResult FailsWith(const absl::Status& status, absl::StatusCode 
   return testing::AssertionSuccess();
 }
 
-// VmLck of `pid` in bytes.
-absl::StatusOr<uint64_t> VmLckBytes(pid_t pid) {
-  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(status, line)) {
-    absl::string_view rest = line;
-    if (!absl::ConsumePrefix(&rest, "VmLck:")) continue;
-    rest = absl::StripAsciiWhitespace(rest);
-    absl::ConsumeSuffix(&rest, "kB");
-    uint64_t kib = 0;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(rest), &kib)) break;
-    return kib * 1024;
-  }
-  return absl::NotFoundError(absl::StrCat("no VmLck in /proc/", pid, "/status"));
-}
-
 // The frame (as a physical address) of this process's page at `ua`; 0 when the kernel hides
-// frame numbers (no CAP_SYS_ADMIN).
+// frame numbers (no CAP_SYS_ADMIN) or the page is not present.
 absl::StatusOr<uint64_t> OwnFrame(uint64_t ua) {
-  const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, "open /proc/self/pagemap");
-  uint64_t entry = 0;
-  const ssize_t n = pread(fd, &entry, sizeof(entry), static_cast<off_t>(ua / kPage * 8));
-  close(fd);
-  if (n != sizeof(entry)) return ErrnoStatus(EIO, "pread /proc/self/pagemap");
-  if ((entry >> 63) == 0) return ErrnoStatus(EFAULT, "page not present");
-  return (entry & ((uint64_t{1} << 55) - 1)) * kPage;
+  absl::StatusOr<uint64_t> frame = harness::PageFrame(getpid(), ua);
+  if (!frame.ok()) return frame.status();
+  return *frame * kPage;
 }
 
 // Waits (generously) until `done` holds.
@@ -287,8 +267,8 @@ int RunIntruder() {
       {"teardown", (*client)->TeardownContext(context)},
   };
   for (const auto& [call, status] : control) {
-    std::cout << call << " " << static_cast<int>(status.code()) << " "
-              << ErrnoName(ErrnoOf(status)) << "\n";
+    std::cout << call << " " << static_cast<int>(status.code()) << " " << ErrnoName(ErrnoOf(status))
+              << "\n";
   }
   std::cout << "map " << static_cast<int>(map.code()) << " " << ErrnoName(ErrnoOf(map)) << "\n"
             << "translate " << static_cast<int>(translate.status().code()) << " "
@@ -512,7 +492,7 @@ class MemlockVmmClientTest : public VmmClientTest {
     munmap(probe, kPage);
     if (!locked) GTEST_SKIP() << "mlock unavailable: " << strerror(err);
     ASSERT_NO_FATAL_FAILURE(StartAgent("memlock"));
-    absl::StatusOr<uint64_t> vmlck = VmLckBytes(agent_->pid());
+    absl::StatusOr<uint64_t> vmlck = harness::VmLckBytes(agent_->pid());
     ASSERT_TRUE(vmlck.ok()) << vmlck.status();
     vmlck_before_ = *vmlck;
   }
@@ -530,7 +510,7 @@ class MemlockVmmClientTest : public VmmClientTest {
   }
 
   uint64_t AgentVmLck() {
-    absl::StatusOr<uint64_t> vmlck = VmLckBytes(agent_->pid());
+    absl::StatusOr<uint64_t> vmlck = harness::VmLckBytes(agent_->pid());
     EXPECT_TRUE(vmlck.ok()) << vmlck.status();
     return vmlck.ok() ? *vmlck : 0;
   }
@@ -592,16 +572,16 @@ TEST_F(MemlockVmmClientTest, AttachedGuestRamIsPinnedInTheVmmsOwnFramesAndOwnerO
     SCOPED_TRACE(absl::StrCat("intruder uid ", *as_uid == '\0' ? "the same" : as_uid));
     absl::StatusOr<Child> intruder = Child::Spawn(
         {"/proc/self/exe"},
-        {absl::StrCat(kRoleEnv, "=intruder"), "DMAPIN_TEST_UDS=" + uds_,
-         "DMAPIN_TEST_CONTEXT=vm-m", "DMAPIN_TEST_CONTAINER=vm-m/c",
-         absl::StrCat("DMAPIN_TEST_UA=", ram->ua()), absl::StrCat("DMAPIN_TEST_AS_UID=", as_uid)});
+        {absl::StrCat(kRoleEnv, "=intruder"), "DMAPIN_TEST_UDS=" + uds_, "DMAPIN_TEST_CONTEXT=vm-m",
+         "DMAPIN_TEST_CONTAINER=vm-m/c", absl::StrCat("DMAPIN_TEST_UA=", ram->ua()),
+         absl::StrCat("DMAPIN_TEST_AS_UID=", as_uid)});
     ASSERT_TRUE(intruder.ok()) << intruder.status();
     const int status = intruder->Finish(absl::Seconds(60));
     ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
         << DescribeWait(status) << ": " << intruder->output();
     const int denied = static_cast<int>(absl::StatusCode::kPermissionDenied);
-    for (const char* call : {"map", "translate", "attach", "unary_unmap", "unregister", "release",
-                             "teardown"}) {
+    for (const char* call :
+         {"map", "translate", "attach", "unary_unmap", "unregister", "release", "teardown"}) {
       EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat(call, " ", denied, " EPERM\n")));
     }
     EXPECT_THAT(intruder->output(), HasSubstr("map_message EPERM: "));

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/errno_status.h"
 #include "common/unique_fd.h"
+#include "testing/proc_info.h"
 
 namespace dmapin::harness {
 
@@ -81,16 +82,9 @@ absl::StatusOr<std::string> FakeVmm::Read(uint64_t ua, size_t size) const {
 }
 
 absl::StatusOr<uint64_t> FakeVmm::Hpa(uint64_t ua) const {
-  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  UniqueFd pagemap(open(absl::StrCat("/proc/", pid_, "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
-  if (!pagemap.valid()) return ErrnoStatus(errno, "open /proc/<vmm>/pagemap");
-  uint64_t entry = 0;
-  if (pread(pagemap.get(), &entry, sizeof(entry), static_cast<off_t>(ua / page * 8)) !=
-      sizeof(entry)) {
-    return ErrnoStatus(errno, "pread /proc/<vmm>/pagemap");
-  }
-  if ((entry >> 63) == 0) return ErrnoStatus(EFAULT, "page not present");
-  return (entry & ((uint64_t{1} << 55) - 1)) * page;
+  absl::StatusOr<uint64_t> frame = PageFrame(pid_, ua);
+  if (!frame.ok()) return frame.status();
+  return *frame * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
 }
 
 }  // namespace dmapin::harness

@@ -32,7 +32,7 @@ class FakeVmm {
   // Reads `size` bytes of the VMM's memory at its address `ua` (/proc/<pid>/mem).
   absl::StatusOr<std::string> Read(uint64_t ua, size_t size) const;
   // The host physical address of the VMM's page at `ua` (/proc/<pid>/pagemap; 0 when the
-  // kernel hides frame numbers).
+  // page is not present or the kernel hides frame numbers).
   absl::StatusOr<uint64_t> Hpa(uint64_t ua) const;
 
  private:

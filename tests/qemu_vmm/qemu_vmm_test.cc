@@ -50,6 +50,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "testing/agent_process.h"
+#include "testing/proc_info.h"
 
 namespace dmapin::harness {
 namespace {
@@ -94,39 +95,6 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::stringstream text;
   text << in.rdbuf();
   return text.str();
-}
-
-// The VmLck of process `pid` in bytes.
-absl::StatusOr<uint64_t> VmLckBytes(pid_t pid) {
-  const std::string path = absl::StrCat("/proc/", pid, "/status");
-  absl::StatusOr<std::string> status = ReadFile(path);
-  if (!status.ok()) return status.status();
-  for (absl::string_view line : absl::StrSplit(*status, '\n')) {
-    if (!absl::ConsumePrefix(&line, "VmLck:")) continue;
-    line = absl::StripAsciiWhitespace(line);
-    uint64_t kib = 0;
-    if (!absl::ConsumeSuffix(&line, "kB") ||
-        !absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &kib)) {
-      return absl::DataLossError(absl::StrCat("bad VmLck line in ", path));
-    }
-    return kib * 1024;
-  }
-  return absl::NotFoundError(absl::StrCat("no VmLck line in ", path));
-}
-
-// The page frame number behind `va` in process `pid` (/proc/<pid>/pagemap); 0 when the page is
-// not present or the kernel hides frame numbers (it shows them to CAP_SYS_ADMIN).
-absl::StatusOr<uint64_t> Pfn(pid_t pid, uint64_t va) {
-  const std::string path = absl::StrCat("/proc/", pid, "/pagemap");
-  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) return ErrnoError(absl::StrCat("open ", path));
-  uint64_t entry = 0;
-  const off_t at = static_cast<off_t>(va / kPage * sizeof(entry));
-  if (pread(fd.get(), &entry, sizeof(entry), at) != sizeof(entry)) {
-    return ErrnoError(absl::StrCat("pread ", path));
-  }
-  const bool present = (entry >> 63) & 1;
-  return present ? entry & ((uint64_t{1} << 55) - 1) : 0;
 }
 
 // The /proc/<pid>/maps line of the mapping holding `va`, or "".
@@ -566,7 +534,7 @@ TEST_F(QemuVmmTest, PinsQemusGuestRamAndReleasesItWhenQemuDies) {
   std::cout << "agent pid " << agent_pid << " maps it at 0x" << absl::StrCat(absl::Hex(agent_ua))
             << " (" << slot.object() << "): " << MapsLineOf(agent_pid, agent_ua) << std::endl;
 
-  absl::StatusOr<uint64_t> vmlck_before = VmLckBytes(agent_pid);
+  absl::StatusOr<uint64_t> vmlck_before = harness::VmLckBytes(agent_pid);
   ASSERT_TRUE(vmlck_before.ok()) << vmlck_before.status();
   {
     v1::CreateContainerRequest request;
@@ -588,7 +556,7 @@ TEST_F(QemuVmmTest, PinsQemusGuestRamAndReleasesItWhenQemuDies) {
     EXPECT_EQ(region.size(), 2 * kMiB);
   }
   // The agent pinned (mlock) exactly the registered 2 MiB of its view of QEMU's RAM.
-  absl::StatusOr<uint64_t> vmlck_registered = VmLckBytes(agent_pid);
+  absl::StatusOr<uint64_t> vmlck_registered = harness::VmLckBytes(agent_pid);
   ASSERT_TRUE(vmlck_registered.ok()) << vmlck_registered.status();
   EXPECT_EQ(*vmlck_registered - *vmlck_before, 2 * kMiB);
   std::cout << "agent VmLck " << *vmlck_before / 1024 << " kB before the registration, "
@@ -625,8 +593,8 @@ TEST_F(QemuVmmTest, PinsQemusGuestRamAndReleasesItWhenQemuDies) {
     // QEMU itself reads the page, so that its page table maps it (pagemap shows only present
     // pages).
     ASSERT_TRUE(ReadGuestWords(*monitor_, gpa, 1).ok());
-    absl::StatusOr<uint64_t> agent_pfn = Pfn(agent_pid, agent_ua + gpa);
-    absl::StatusOr<uint64_t> qemu_pfn = Pfn(qemu_pid, hva0_ + gpa);
+    absl::StatusOr<uint64_t> agent_pfn = harness::PageFrame(agent_pid, agent_ua + gpa);
+    absl::StatusOr<uint64_t> qemu_pfn = harness::PageFrame(qemu_pid, hva0_ + gpa);
     ASSERT_TRUE(agent_pfn.ok()) << agent_pfn.status();
     ASSERT_TRUE(qemu_pfn.ok()) << qemu_pfn.status();
     EXPECT_NE(*agent_pfn, 0u);
@@ -697,10 +665,10 @@ TEST_F(QemuVmmTest, PinsQemusGuestRamAndReleasesItWhenQemuDies) {
     grpc::Status status = stub_->GetContainer(NewContext().get(), request, &container);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << Describe(status);
   }
-  absl::StatusOr<uint64_t> vmlck_after = VmLckBytes(agent_pid);
+  absl::StatusOr<uint64_t> vmlck_after = harness::VmLckBytes(agent_pid);
   while (vmlck_after.ok() && *vmlck_after != *vmlck_before && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(100));
-    vmlck_after = VmLckBytes(agent_pid);
+    vmlck_after = harness::VmLckBytes(agent_pid);
   }
   ASSERT_TRUE(vmlck_after.ok()) << vmlck_after.status();
   EXPECT_EQ(*vmlck_after, *vmlck_before);
