@@ -36,7 +36,7 @@ AGENT = {
     "GetNodeStatus": (17, "GetNodeStatusRequest"),
 }
 
-# server_service_fuzz.cc: method % 24 (Admin calls, then the Control streams' messages).
+# server_service_fuzz.cc: method % 20 (Admin calls, ReconcileNow, then the Control streams).
 SERVER = {
     "SetPolicy": (0, "SetPolicyRequest"),
     "GetPolicy": (1, "GetPolicyRequest"),
@@ -54,10 +54,10 @@ SERVER = {
     "ListRegions": (13, "ListRegionsFleetRequest"),
     "GetRegion": (14, "GetRegionFleetRequest"),
     "ListDecisions": (15, "ListDecisionsRequest"),
-    "Reconcile": (16, "ListNodesRequest"),  # runs ServerCore::ReconcileNow; bytes ignored
-    # Control: an AgentMessage on stream (caller byte % 2); 18/19 close/open the stream again.
-    "AgentMessage": (17, "AgentMessage"),
-    "CloseStream": (18, "ListNodesRequest"),
+    "Reconcile": (16, "ListNodesRequest"),  # ServerCore::ReconcileNow(); the bytes are ignored
+    "AgentMessage": (17, "AgentMessage"),  # on stream arg % 2
+    "CloseStream": (18, "ListNodesRequest"),  # stream arg % 2; the bytes are ignored
+    "Answer": (19, "DecisionResult"),  # on stream arg % 2, to its last decision
 }
 
 PROTO_OF = {
@@ -152,8 +152,9 @@ def agent_seeds():
     return seeds
 
 
-def server(name, text="", caller=0):
-    return record(SERVER, "control" if name == "AgentMessage" else "admin", name, text, caller)
+def server(name, text="", stream=0):
+    proto = "control" if name in ("AgentMessage", "Answer") else "admin"
+    return record(SERVER, proto, name, text, stream)
 
 
 HELLO = ('hello { node_name: "n1" agent_version: "fuzz" incarnation: "i1" page_size: 4096 '
@@ -162,35 +163,57 @@ HELLO = ('hello { node_name: "n1" agent_version: "fuzz" incarnation: "i1" page_s
 
 def server_seeds():
     seeds = {}
-    intent = ('intent { node: "n1" kind: INTENT_KIND_REGISTER context: "vm1" container: "c1" '
-              'ua: 268435456 size: 65536 labels { key: "tier" value: "gold" } }')
+    intent = ('kind: INTENT_KIND_REGISTER node: "n1" context: "vm1" container: "c1" '
+              'ua: 268435456 size: 65536 labels { key: "tier" value: "gold" }')
+    policy = ('policy { name: "p1" node_selector { key: "pool" value: "a" } '
+              'pinned_bytes_budget: 1048576 max_regions_per_node: 4 context_quota_bytes: 524288 '
+              'allow { key: "tier" values: "gold" } ebusy_retry { initial_backoff_ms: 1 } }')
+    snapshot = ('snapshot { version: 1 contexts { name: "vm1" memlock_unlimited: true } '
+                'containers { name: "c1" iommu_page_size: 4096 context: "vm1" } '
+                'regions { context: "vm1" ua: 268435456 size: 65536 entries: 16 used: 1 '
+                'page_size: 4096 containers: "c1" } }')
     seeds["01_policy_intent"] = b"".join([
-        server("SetPolicy", 'policy { name: "p1" selector { key: "pool" value: "a" } '
-               'budget_bytes: 1048576 max_regions_per_node: 4 }'),
-        server("GetPolicy", 'name: "p1"'), server("ListPolicies"),
-        server("CreateIntent", intent.replace("intent {", "dry_run: true intent {")),
-        server("CreateIntent", intent), server("ListIntents"), server("ListNodes"),
-        server("GetNode", 'name: "n1"'), server("CordonNode", 'name: "n1"'),
-        server("CreateIntent", intent), server("UncordonNode", 'name: "n1"'),
-        server("DrainNode", 'name: "n1"'), server("DeletePolicy", 'name: "p1"'),
-        server("ListDecisions"), server("ListRegions"),
+        server("SetPolicy", policy), server("GetPolicy", 'name: "p1"'), server("ListPolicies"),
+        server("CreateIntent", intent + " dry_run: true"), server("CreateIntent", intent),
+        server("ListIntents", "page_size: 1"), server("ListNodes"), server("GetNode", 'name: "n1"'),
+        server("CordonNode", 'name: "n1"'), server("CreateIntent", intent),
+        server("UncordonNode", 'name: "n1"'), server("DrainNode", 'name: "n1"'),
+        server("GetIntent", 'id: "$"'), server("WithdrawIntent", 'id: "$"'),
+        server("DeletePolicy", 'name: "p1"'), server("ListDecisions"), server("ListRegions"),
     ])
     seeds["02_agent_stream"] = b"".join([
-        server("AgentMessage", HELLO, 0), server("CreateIntent", intent), server("Reconcile"),
-        server("AgentMessage", 'heartbeat { }', 0), server("ListNodes"),
+        server("AgentMessage", HELLO), server("AgentMessage", snapshot),
+        server("CreateIntent", intent.replace("268435456", "268500992")), server("Reconcile"),
+        server("Answer", "errno_value: 0"), server("AgentMessage", "heartbeat { sequence: 1 }"),
+        server("Reconcile"), server("ListNodes"), server("GetIntent", 'id: "$"'),
         server("GetRegion", 'node: "n1" context: "vm1" ua: 268435456 size: 65536'),
-        server("CloseStream", "", 0), server("GetNode", 'name: "n1"'),
+        server("ListRegions", 'node: "n1"'), server("CloseStream"), server("GetNode", 'name: "n1"'),
     ])
     seeds["03_two_streams_one_node"] = b"".join([
         server("AgentMessage", HELLO, 0), server("AgentMessage", HELLO, 1),
         server("CreateIntent", intent), server("Reconcile"),
-        server("AgentMessage", 'heartbeat { }', 0), server("AgentMessage", 'heartbeat { }', 1),
-        server("WithdrawIntent", 'id: "1"'), server("CloseStream", "", 1),
+        server("Answer", 'errno_value: 16 errno_name: "EBUSY" message: "EBUSY: busy"', 1),
+        server("AgentMessage", "heartbeat { }", 0), server("AgentMessage", snapshot, 0),
+        server("Reconcile"), server("WithdrawIntent", 'id: "$"'), server("CloseStream", "", 1),
         server("Reconcile"), server("ListNodes"),
     ])
-    seeds["04_stream_without_hello"] = b"".join([
-        server("AgentMessage", 'heartbeat { }', 0), server("AgentMessage", HELLO, 1),
-        server("AgentMessage", HELLO, 1), server("GetNode", 'name: "n1"'),
+    seeds["04_stream_errors"] = b"".join([
+        server("AgentMessage", "heartbeat { }", 0), server("AgentMessage", HELLO, 1),
+        server("AgentMessage", HELLO, 1), server("AgentMessage", 'hello { }', 0),
+        server("GetNode", 'name: "n1"'), server("GetIntent", 'id: "nope"'),
+        server("SetPolicy", 'policy { name: "bad name!" }'),
+        server("CreateIntent", 'kind: INTENT_KIND_REGISTER node: "n1" ua: 1 size: 0'),
+        server("ListIntents", 'page_token: "garbage"'),
+    ])
+    seeds["05_delta_and_teardown"] = b"".join([
+        server("AgentMessage", HELLO), server("AgentMessage", snapshot),
+        server("AgentMessage", 'delta { version: 2 removed_regions { context: "vm1" '
+               'ua: 268435456 size: 65536 } ended_contexts { context: "vm1" owner_pid: 7 } }'),
+        server("CreateIntent", 'kind: INTENT_KIND_TEARDOWN_CONTEXT node: "n1" context: "vm1"'),
+        server("CreateIntent", 'kind: INTENT_KIND_RELEASE_CONTAINER node: "n1" container: "c1"'),
+        server("Reconcile"), server("Answer", 'errno_value: 2 errno_name: "ENOENT" '
+                                   'message: "ENOENT: no context"'),
+        server("Reconcile"), server("ListDecisions", 'node: "n1" page_size: 2'),
     ])
     return seeds
 
