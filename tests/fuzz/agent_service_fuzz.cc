@@ -56,7 +56,7 @@ constexpr uid_t kManagerUid = 4242;
 
 // Small limits: registrations stay cheap for the sim backend, and the ENOMEM paths are reachable.
 const RegistryLimits kLimits = {.max_region_bytes = 64 * kPageSize,
-                                    .max_pinned_bytes = 256 * kPageSize};
+                                .max_pinned_bytes = 256 * kPageSize};
 
 // The caller byte of the call in flight, for the resolver (which runs on gRPC's thread). Calls
 // are made one at a time, so one variable is enough.
@@ -93,8 +93,8 @@ void CheckError(absl::string_view method, int code, absl::string_view message,
   const absl::string_view name =
       colon == absl::string_view::npos ? absl::string_view() : message.substr(0, colon);
   if (name.empty() || !ErrnoFromName(name).has_value()) {
-    Fail(absl::StrCat(method, ": error (code ", code, ") without an errno name: \"", message,
-                      "\""));
+    Fail(
+        absl::StrCat(method, ": error (code ", code, ") without an errno name: \"", message, "\""));
   }
   if (trailer != nullptr && *trailer != name) {
     Fail(absl::StrCat(method, ": trailer ", kErrnoTrailer, "=\"", *trailer, "\" but message \"",
@@ -259,8 +259,7 @@ class Harness {
     if (!read) Fail("DmaSession: no response to a request");
     if (response.tag() != request.tag()) Fail("DmaSession: response tag differs");
     if (response.code() != 0) {
-      CheckError("DmaSession", response.code(), response.message(), nullptr,
-                 response.errno_name());
+      CheckError("DmaSession", response.code(), response.message(), nullptr, response.errno_name());
     }
     CheckAgent("DmaSession");
   }

@@ -81,7 +81,10 @@ compile() {
     if [[ -f "$cache/$key.o" ]]; then cp "$cache/$key.o" "$obj"; return 0; fi
   fi
   "$cxx" "$@" -c "$src" -o "$obj"
-  if [[ -n "$key" ]]; then cp "$obj" "$cache/$key.o.tmp$$" && mv "$cache/$key.o.tmp$$" "$cache/$key.o"; fi
+  # Into the cache under a temporary name first: another run may be reading it.
+  if [[ -n "$key" ]]; then
+    cp "$obj" "$cache/$key.o.tmp$$" && mv "$cache/$key.o.tmp$$" "$cache/$key.o"
+  fi
 }
 
 # Two compilers at a time: the machine has two cores.
@@ -98,13 +101,19 @@ for target in "${targets[@]}"; do
   declare -n srcs_ref="${target%_service}_srcs" gen_ref="${target%_service}_gen"
   for src in "${srcs_ref[@]}"; do
     obj="$work/build/$(echo "$src" | tr / _).o"
-    if [[ -z "${queued[$obj]:-}" ]]; then queued[$obj]=1; spawn "$src" "$obj" "${flags[@]}"; fi
+    if [[ -z "${queued[$obj]:-}" ]]; then
+      queued[$obj]=1
+      spawn "$src" "$obj" "${flags[@]}"
+    fi
   done
   for proto in "${gen_ref[@]}"; do
     for kind in pb grpc.pb; do
       src="$work/gen/dmapin/v1/$proto.$kind.cc"
       obj="$work/build/gen_$proto.$kind.o"
-      if [[ -z "${queued[$obj]:-}" ]]; then queued[$obj]=1; spawn "$src" "$obj" "${gen_flags[@]}"; fi
+      if [[ -z "${queued[$obj]:-}" ]]; then
+        queued[$obj]=1
+        spawn "$src" "$obj" "${gen_flags[@]}"
+      fi
     done
   done
   unset -n srcs_ref gen_ref
@@ -114,7 +123,9 @@ for target in "${targets[@]}"; do
   declare -n srcs_ref="${target%_service}_srcs" gen_ref="${target%_service}_gen"
   objs=()
   for src in "${srcs_ref[@]}"; do objs+=("$work/build/$(echo "$src" | tr / _).o"); done
-  for proto in "${gen_ref[@]}"; do objs+=("$work/build/gen_$proto.pb.o" "$work/build/gen_$proto.grpc.pb.o"); done
+  for proto in "${gen_ref[@]}"; do
+    objs+=("$work/build/gen_$proto.pb.o" "$work/build/gen_$proto.grpc.pb.o")
+  done
   "$cxx" "${link_flags[@]}" "${objs[@]}" "${libs[@]}" -o "$work/build/${target}_fuzz"
   unset -n srcs_ref gen_ref
 done
@@ -136,7 +147,8 @@ for target in "${targets[@]}"; do
   (cd "$work" && TMPDIR="$work" "$work/build/${target}_fuzz" -max_total_time="$seconds" \
     -timeout=20 -rss_limit_mb=4096 -max_len=8192 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "${extra[@]}" "$corpus") 2>&1 |
-    tee "$work/$target.log" | grep -v "^#[0-9].*\(NEW\|REDUCE\|pulse\)\|NEW_FUNC" || rc=${PIPESTATUS[0]}
+    tee "$work/$target.log" | grep -v "^#[0-9].*\(NEW\|REDUCE\|pulse\)\|NEW_FUNC" ||
+    rc=${PIPESTATUS[0]}
   executions=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$target.log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/$target.log" | tail -1)
   cov=$(grep -o 'cov: [0-9]*' "$work/$target.log" | tail -1)

@@ -132,9 +132,8 @@ class AgentStream {
   // Waits until `n` Welcomes came or the stream ended; false on a timeout.
   bool AwaitWelcomesOrEnd(uint64_t n) {
     absl::MutexLock lock(&mu_);
-    const auto done = [this, n]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return ended_ || welcomes_ >= n;
-    };
+    const auto done = [this, n]()
+                          ABSL_NO_THREAD_SAFETY_ANALYSIS { return ended_ || welcomes_ >= n; };
     return mu_.AwaitWithTimeout(absl::Condition(&done), kStepDeadline);
   }
   bool AwaitEnd() { return AwaitWelcomesOrEnd(UINT64_MAX); }
@@ -216,16 +215,16 @@ class Harness {
         Call<v1::GetIntentRequest, v1::Intent>("GetIntent", &v1::Admin::Stub::GetIntent, bytes);
         break;
       case 6:
-        Call<v1::ListIntentsRequest, v1::ListIntentsResponse>(
-            "ListIntents", &v1::Admin::Stub::ListIntents, bytes);
+        Call<v1::ListIntentsRequest, v1::ListIntentsResponse>("ListIntents",
+                                                              &v1::Admin::Stub::ListIntents, bytes);
         break;
       case 7:
         Call<v1::WithdrawIntentRequest, v1::Intent>("WithdrawIntent",
                                                     &v1::Admin::Stub::WithdrawIntent, bytes);
         break;
       case 8:
-        Call<v1::ListNodesRequest, v1::ListNodesResponse>("ListNodes",
-                                                          &v1::Admin::Stub::ListNodes, bytes);
+        Call<v1::ListNodesRequest, v1::ListNodesResponse>("ListNodes", &v1::Admin::Stub::ListNodes,
+                                                          bytes);
         break;
       case 9:
         Call<v1::GetNodeRequest, v1::Node>("GetNode", &v1::Admin::Stub::GetNode, bytes);
@@ -245,8 +244,8 @@ class Harness {
             "ListRegions", &v1::Admin::Stub::ListRegions, bytes);
         break;
       case 14:
-        Call<v1::GetRegionFleetRequest, v1::FleetRegion>("GetRegion",
-                                                         &v1::Admin::Stub::GetRegion, bytes);
+        Call<v1::GetRegionFleetRequest, v1::FleetRegion>("GetRegion", &v1::Admin::Stub::GetRegion,
+                                                         bytes);
         break;
       case 15:
         Call<v1::ListDecisionsRequest, v1::ListDecisionsResponse>(
@@ -293,7 +292,8 @@ class Harness {
       request.set_id(intent.id());
       v1::Intent got;
       const grpc::Status status = admin_->GetIntent(&context, request, &got);
-      if (!status.ok()) Fail(absl::StrCat("listed intent ", intent.id(), ": GetIntent ", status.error_message()));
+      if (!status.ok())
+        Fail(absl::StrCat("listed intent ", intent.id(), ": GetIntent ", status.error_message()));
       if (got.SerializeAsString() != intent.SerializeAsString()) {
         Fail(absl::StrCat("GetIntent ", intent.id(), " differs from ListIntents:\n  ",
                           got.ShortDebugString(), "\n  ", intent.ShortDebugString()));
@@ -307,7 +307,8 @@ class Harness {
       request.set_name(node.name());
       v1::Node got;
       const grpc::Status status = admin_->GetNode(&context, request, &got);
-      if (!status.ok()) Fail(absl::StrCat("listed node ", node.name(), ": GetNode ", status.error_message()));
+      if (!status.ok())
+        Fail(absl::StrCat("listed node ", node.name(), ": GetNode ", status.error_message()));
     }
 
     // Durability: a new core on the same store sees what the old one acknowledged.
