@@ -355,6 +355,7 @@ class Harness {
 
   void Close() {
     for (std::unique_ptr<AgentStream>& stream : streams_) stream.reset();
+    current_.clear();
     admin_.reset();
     control_.reset();
     if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now());
