@@ -28,7 +28,11 @@ cache=${FUZZ_OBJ_CACHE-$HOME/.cache/dmapin-fuzz-objs}
 targets=("$@")
 if (( ${#targets[@]} == 0 )); then targets=(agent_service server_service); fi
 mkdir -p "$work/build" "$work/gen"
-if [[ -n "$cache" ]]; then mkdir -p "$cache"; fi
+if [[ -n "$cache" ]]; then
+  mkdir -p "$cache"
+  # Objects of sources that changed since are never used again: unused for two weeks, gone.
+  find "$cache" -name '*.o' -mtime +14 -delete
+fi
 
 common_srcs=(common/errno_status.cc common/grpc_status.cc common/sqlite_util.cc common/logging.cc)
 agent_srcs=(tests/fuzz/agent_service_fuzz.cc "${common_srcs[@]}" common/server_limits.cc
@@ -77,8 +81,14 @@ compile() {
   shift 2
   local key=""
   if [[ -n "$cache" ]]; then
-    key=$( { echo "$header_key $*"; cat "$src"; } | sha256sum | cut -c1-40)
-    if [[ -f "$cache/$key.o" ]]; then cp "$cache/$key.o" "$obj"; return 0; fi
+    # The flags name the work directory (-I of the generated code): not part of the key.
+    local args="$*"
+    key=$( { echo "$header_key ${args//$work/WORK}"; cat "$src"; } | sha256sum | cut -c1-40)
+    if [[ -f "$cache/$key.o" ]]; then
+      touch "$cache/$key.o"
+      cp "$cache/$key.o" "$obj"
+      return 0
+    fi
   fi
   "$cxx" "$@" -c "$src" -o "$obj"
   # Into the cache under a temporary name first: another run may be reading it.
