@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of registry_fuzz (tests/fuzz/corpus/) in the harness's input format.
+"""Writes the seed corpus of registry_fuzz (tests/fuzz/corpus/registry/) in its input format.
 
 Byte 0 configures the run: bit 0 = 64 KiB pages (else 4 KiB); bits 1-3 = v, the memlock limit of
 context 1 is 4 + 4v pages; bit 4 = context 2 has CAP_IPC_LOCK with a 2-page limit (else unlimited);
@@ -13,7 +13,7 @@ Wide operands (64-bit values, see Harness::Wide) follow their record: wide(mode,
 1 = 2^b, 2 = 2^64 - align * (1 + b % 16), 3 = align * b, 7 = 2^63 - align * (b % 4), where align is
 the page size (register) or the container's IOMMU page size (map, unmap, windows).
 
-Usage: tests/fuzz/make_seeds.py [OUTPUT_DIR]   (default: tests/fuzz/corpus next to this file)
+Usage: tests/fuzz/make_seeds.py [OUTPUT_DIR]   (default: corpus/registry next to this file)
 """
 import os
 import sys
@@ -193,7 +193,7 @@ SEEDS = {
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus", "registry")
     os.makedirs(out, exist_ok=True)
     for name, data in SEEDS.items():
         with open(os.path.join(out, name), "wb") as f:

@@ -1,12 +1,14 @@
-// A standalone driver for registry_fuzz.cc without libFuzzer (any compiler, normal build).
+// A standalone driver for the fuzz targets without libFuzzer (any compiler, normal build), linked
+// with one harness: registry_fuzz.cc by default, or the one REPLAY_TARGET names
+// (-DREPLAY_TARGET=agent_service: its corpus is tests/fuzz/corpus/agent_service).
 //
-// With no arguments it runs every file of the seed corpus (tests/fuzz/corpus, relative to the
-// working directory, which is the workspace root under `bazel test`), then pseudo-random inputs
+// With no arguments it runs every file of the seed corpus (tests/fuzz/corpus/<target>, relative to
+// the working directory, which is the workspace root under `bazel test`), then pseudo-random inputs
 // from a fixed seed: fresh random bytes and mutations of the seeds. With arguments it runs each
 // named file, or every file of each named directory, and nothing else (to replay a crash).
 //
 // On a crash (the harness traps) a signal handler prints the name and bytes of the input that
-// was running and writes them to registry_fuzz_crash.bin in $TEST_UNDECLARED_OUTPUTS_DIR (or the
+// was running and writes them to <target>_fuzz_crash.bin in $TEST_UNDECLARED_OUTPUTS_DIR (or the
 // working directory), so the failure can be replayed with the libFuzzer binary too.
 #include <fcntl.h>
 #include <unistd.h>
@@ -28,15 +30,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
 
 namespace {
 
-constexpr int kRandomInputs = 2000;
-constexpr int kMutatedInputs = 2000;
+#ifndef REPLAY_TARGET
+#define REPLAY_TARGET registry
+#endif
+// Random and mutated inputs each (the slower harnesses run fewer).
+#ifndef REPLAY_INPUTS
+#define REPLAY_INPUTS 2000
+#endif
+#define REPLAY_STR(x) REPLAY_STR2(x)
+#define REPLAY_STR2(x) #x
+
+constexpr char kTarget[] = REPLAY_STR(REPLAY_TARGET);
+constexpr char kCorpus[] = "tests/fuzz/corpus/" REPLAY_STR(REPLAY_TARGET);
+constexpr int kRandomInputs = REPLAY_INPUTS;
+constexpr int kMutatedInputs = REPLAY_INPUTS;
 constexpr uint64_t kSeed = 0x5eed0f00d;
 
 // The input being run, for the crash handler.
 const char* g_name = "";
 const uint8_t* g_data = nullptr;
 size_t g_size = 0;
-char g_crash_path[4096] = "registry_fuzz_crash.bin";
+char g_crash_path[4096] = REPLAY_STR(REPLAY_TARGET) "_fuzz_crash.bin";
 
 void WriteAll(int fd, const void* buf, size_t len) {
   const char* p = static_cast<const char*>(buf);
@@ -52,7 +66,9 @@ void WriteString(int fd, const char* s) { WriteAll(fd, s, strlen(s)); }
 
 // Async-signal-safe: write(2) only.
 void OnCrash(int sig) {
-  WriteString(2, "\nregistry_fuzz_replay: crashed on input ");
+  WriteString(2, "\n");
+  WriteString(2, kTarget);
+  WriteString(2, "_fuzz_replay: crashed on input ");
   WriteString(2, g_name);
   WriteString(2, "\nbytes:");
   static const char kHex[] = "0123456789abcdef";
@@ -106,13 +122,13 @@ std::vector<std::filesystem::path> FilesOf(const std::string& arg) {
 int main(int argc, char** argv) {
   const char* out_dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
   if (out_dir != nullptr) {
-    snprintf(g_crash_path, sizeof(g_crash_path), "%s/registry_fuzz_crash.bin", out_dir);
+    snprintf(g_crash_path, sizeof(g_crash_path), "%s/%s_fuzz_crash.bin", out_dir, kTarget);
   }
   for (int sig : {SIGILL, SIGTRAP, SIGABRT, SIGSEGV, SIGBUS, SIGFPE}) signal(sig, OnCrash);
 
   std::vector<std::string> args(argv + 1, argv + argc);
   const bool explicit_inputs = !args.empty();
-  if (!explicit_inputs) args.push_back("tests/fuzz/corpus");
+  if (!explicit_inputs) args.push_back(kCorpus);
 
   std::vector<std::vector<uint8_t>> seeds;
   for (const std::string& arg : args) {
@@ -129,7 +145,7 @@ int main(int argc, char** argv) {
   printf("replayed %zu files\n", seeds.size());
   if (explicit_inputs) return 0;
   if (seeds.empty()) {
-    fprintf(stderr, "no seed corpus found under tests/fuzz/corpus\n");
+    fprintf(stderr, "no seed corpus found under %s\n", kCorpus);
     return 2;
   }
 

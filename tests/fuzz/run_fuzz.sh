@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds tests/fuzz/registry_fuzz.cc as a real libFuzzer binary (clang-14, ASan + UBSan, coverage
 # instrumentation on the registry sources too) and runs it for a bounded time on a copy of the seed
-# corpus. Everything it writes goes to a fresh directory under ${TMPDIR:-/tmp}, never the repo.
+# corpus; then runs the gRPC handler fuzzers (run_service_fuzz.sh: agent_service, server_service)
+# for the same time each. Everything it writes goes to a fresh directory under ${TMPDIR:-/tmp},
+# never the repo.
 #
-#   FUZZ_SECONDS=600 tests/fuzz/run_fuzz.sh [extra libFuzzer flags]
+#   FUZZ_SECONDS=600 tests/fuzz/run_fuzz.sh [extra libFuzzer flags for the registry fuzzer]
 #
-# Environment: FUZZ_SECONDS (default 60), FUZZ_CXX (default clang++-14), FUZZ_CXXFLAGS (extra
-# compiler flags, put first, e.g. -I of an overlay directory), FUZZ_WORKDIR (default: a new
-# mktemp directory). Exits with libFuzzer's status:
+# Environment: FUZZ_SECONDS (default 60: the whole step's fuzzing time, a third per target;
+# FUZZ_SERVICES=0 gives it all to the registry fuzzer), FUZZ_CXX (default clang++-14),
+# FUZZ_CXXFLAGS (extra compiler flags, put first, e.g. -I of an overlay directory; registry fuzzer
+# only), FUZZ_WORKDIR (default: a new mktemp directory). Exits with libFuzzer's status:
 # non-zero when it found a crash, whose input is left in the work directory's artifacts/.
 #
 # Abseil comes from Debian's shared libraries, which are built with gcc and without ASan. Mixing
@@ -18,7 +21,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root=$(pwd)
-seconds=${FUZZ_SECONDS:-60}
+total_seconds=${FUZZ_SECONDS:-60}
+services=${FUZZ_SERVICES:-1}
+seconds=$total_seconds
+if [[ "$services" != 0 ]]; then seconds=$(( (total_seconds + 2) / 3 )); fi
 cxx=${FUZZ_CXX:-clang++-14}
 work=${FUZZ_WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/registry_fuzz.XXXXXX")}
 mkdir -p "$work/build" "$work/corpus" "$work/artifacts"
@@ -52,7 +58,7 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 "$cxx" "${flags[@]}" "${objs[@]}" "${absl_libs[@]}" -o "$work/build/registry_fuzz"
 
-cp tests/fuzz/corpus/* "$work/corpus/"
+cp tests/fuzz/corpus/registry/* "$work/corpus/"
 count_files() { find "$1" -type f | wc -l; }
 echo "run_fuzz: fuzzing for ${seconds}s; working corpus $work/corpus ($(count_files "$work/corpus") seeds)"
 status=0
@@ -71,5 +77,12 @@ if (( status != 0 )); then
   find "$work/artifacts" -type f
 else
   echo "run_fuzz: PASS (no crash in ${seconds}s)"
+fi
+
+if [[ "$services" != 0 ]]; then
+  service_status=0
+  FUZZ_SECONDS=$seconds FUZZ_WORKDIR="$work/service" FUZZ_CXX="$cxx" tests/fuzz/run_service_fuzz.sh ||
+    service_status=$?
+  if (( status == 0 )); then status=$service_status; fi
 fi
 exit "$status"
