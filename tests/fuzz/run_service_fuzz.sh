@@ -38,6 +38,7 @@ common_srcs=(common/errno_status.cc common/grpc_status.cc common/sqlite_util.cc 
 agent_srcs=(tests/fuzz/agent_service_fuzz.cc "${common_srcs[@]}" common/server_limits.cc
   common/metrics_util.cc common/connection_metrics.cc
   agent/service/node_agent_service.cc agent/service/proto_convert.cc agent/service/agent_metrics.cc
+  agent/service/memory_socket.cc
   agent/node/node_agent.cc agent/node/node_recovery.cc agent/node/container_dma.cc
   agent/node/context_memory.cc agent/node/guest_address_backend.cc agent/node/guest_memory.cc
   agent/node/process_watch.cc agent/node/vfio_container_dma.cc
