@@ -1,5 +1,6 @@
 #include "agent/service/agent_metrics.h"
 
+#include <initializer_list>
 #include <map>
 #include <string>
 #include <utility>
@@ -15,6 +16,22 @@
 
 namespace dmapin::agent {
 namespace {
+
+// One scalar series of a table of them (the ownership counters, the store's, the memory
+// socket's): the tables list name, help, type and value once each.
+struct ScalarMetric {
+  const char* name;
+  const char* help;
+  prometheus::MetricType type;
+  uint64_t value;
+};
+
+void AddScalars(std::vector<prometheus::MetricFamily>& out,
+                std::initializer_list<ScalarMetric> metrics) {
+  for (const ScalarMetric& metric : metrics) {
+    AddScalar(out, metric.name, metric.help, metric.type, static_cast<double>(metric.value));
+  }
+}
 
 constexpr absl::string_view kMethodNames[kRpcMethodCount] = {
     "CreateContext", "GetContext",     "ListContexts",     "TeardownContext", "CreateContainer",
@@ -175,93 +192,81 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
             "rolled back, and failed closes of released containers.",
             MetricType::Counter, static_cast<double>(status.vfio_inconsistencies));
   // Ownership: who may call, and each VMM's final cleanup.
-  const struct {
-    const char* name;
-    const char* help;
-    uint64_t value;
-  } kOwnershipCounters[] = {
-      {"dmapin_agent_permission_denied_total",
-       "Calls refused with EPERM because the caller does not own the context (DMA calls), is "
-       "neither its owner nor a manager (control calls), or is a TCP peer making a DMA call.",
-       status.permission_denied},
-      {"dmapin_agent_owner_exit_teardowns_total",
-       "Contexts torn down because the VMM that owns them exited (their containers released, "
-       "every page they pinned unpinned).",
-       status.owner_exit_teardowns},
-      {"dmapin_agent_owner_exits_at_recovery_total",
-       "Contexts torn down at start because their VMM exited while the agent was down.",
-       status.owner_exits_at_recovery},
-      {"dmapin_agent_memory_lost_at_recovery_total",
-       "Contexts torn down at start because their VMM's memory could not be mapped again (it "
-       "no longer maps the same object at the same address).",
-       status.memory_lost_at_recovery},
-      {"dmapin_agent_limit_refusals_total",
-       "Creations and registrations refused (ENOSPC) for a count limit: --max_contexts, "
-       "--max_contexts_per_owner, --max_containers, --max_regions_per_context.",
-       status.limit_refusals},
-  };
-  for (const auto& counter : kOwnershipCounters) {
-    AddScalar(out, counter.name, counter.help, MetricType::Counter,
-              static_cast<double>(counter.value));
-  }
+  AddScalars(
+      out,
+      {
+          {"dmapin_agent_permission_denied_total",
+           "Calls refused with EPERM because the caller does not own the context (DMA calls), is "
+           "neither its owner nor a manager (control calls), or is a TCP peer making a DMA call.",
+           MetricType::Counter, status.permission_denied},
+          {"dmapin_agent_owner_exit_teardowns_total",
+           "Contexts torn down because the VMM that owns them exited (their containers released, "
+           "every page they pinned unpinned).",
+           MetricType::Counter, status.owner_exit_teardowns},
+          {"dmapin_agent_owner_exits_at_recovery_total",
+           "Contexts torn down at start because their VMM exited while the agent was down.",
+           MetricType::Counter, status.owner_exits_at_recovery},
+          {"dmapin_agent_memory_lost_at_recovery_total",
+           "Contexts torn down at start because their VMM's memory could not be mapped again (it "
+           "no longer maps the same object at the same address).",
+           MetricType::Counter, status.memory_lost_at_recovery},
+          {"dmapin_agent_limit_refusals_total",
+           "Creations and registrations refused (ENOSPC) for a count limit: --max_contexts, "
+           "--max_contexts_per_owner, --max_containers, --max_regions_per_context.",
+           MetricType::Counter, status.limit_refusals},
+      });
   if (options_.store != nullptr) {
     const StoreStats store = options_.store->stats();
-    const struct {
-      const char* name;
-      const char* help;
-      MetricType type;
-      uint64_t value;
-    } kStoreMetrics[] = {
-        {"dmapin_agent_store_commits_total", "Successful commits of the state store.",
-         MetricType::Counter, store.commits},
-        {"dmapin_agent_store_failed_commits_total",
-         "Commits of the state store that were rejected, rolled back or failed.",
-         MetricType::Counter, store.failed_commits},
-        {"dmapin_agent_store_transactions_total",
-         "SQLite transactions of the state store; fewer than commits when concurrent commits "
-         "were grouped into one transaction.",
-         MetricType::Counter, store.transactions},
-        {"dmapin_agent_store_rows_written_total",
-         "Rows inserted, updated or deleted by successful state-store commits.",
-         MetricType::Counter, store.rows_written},
-        {"dmapin_agent_store_journal_records_total",
-         "DMA map/unmap changes made durable by one append to the mapping journal.",
-         MetricType::Counter, store.journal_records},
-        {"dmapin_agent_store_journal_failed_records_total",
-         "Mapping-journal appends that were refused or failed to write.", MetricType::Counter,
-         store.journal_failed_records},
-        {"dmapin_agent_store_journal_folds_total",
-         "Transactions that folded mapping-journal records into the state database.",
-         MetricType::Counter, store.journal_folds},
-        {"dmapin_agent_store_journal_records_folded_total",
-         "Mapping-journal records applied to the state database.", MetricType::Counter,
-         store.journal_records_folded},
-        {"dmapin_agent_store_journal_records_coalesced_total",
-         "Folded mapping-journal records made moot by a later record of the same fold (a "
-         "map and its unmap), so never written to the state database.",
-         MetricType::Counter, store.journal_records_coalesced},
-        {"dmapin_agent_store_journal_records_skipped_total",
-         "Mapping-journal records of containers deleted before the fold reached them.",
-         MetricType::Counter, store.journal_records_skipped},
-        {"dmapin_agent_store_journal_torn_tail_bytes",
-         "Bytes of a torn last mapping-journal record found at start (a power loss or a "
-         "failed write in the previous run).",
-         MetricType::Gauge, store.journal_torn_tail_bytes},
-        {"dmapin_agent_store_recovery_journal_files_set_aside",
-         "Damaged mapping-journal files set aside at start (--recover_damaged_state).",
-         MetricType::Gauge, store.journal_damaged_files},
-        {"dmapin_agent_store_recovery_journal_records_dropped",
-         "Well-formed mapping-journal records after damage, dropped at start "
-         "(--recover_damaged_state): acknowledged DMA mappings this node lost.",
-         MetricType::Gauge, store.journal_damaged_records_dropped},
-        {"dmapin_agent_store_recovery_state_set_aside",
-         "1 when a damaged or lost state.db was set aside at start and the node started "
-         "empty (--recover_damaged_state).",
-         MetricType::Gauge, store.state_set_aside},
-    };
-    for (const auto& metric : kStoreMetrics) {
-      AddScalar(out, metric.name, metric.help, metric.type, static_cast<double>(metric.value));
-    }
+    AddScalars(
+        out,
+        {
+            {"dmapin_agent_store_commits_total", "Successful commits of the state store.",
+             MetricType::Counter, store.commits},
+            {"dmapin_agent_store_failed_commits_total",
+             "Commits of the state store that were rejected, rolled back or failed.",
+             MetricType::Counter, store.failed_commits},
+            {"dmapin_agent_store_transactions_total",
+             "SQLite transactions of the state store; fewer than commits when concurrent commits "
+             "were grouped into one transaction.",
+             MetricType::Counter, store.transactions},
+            {"dmapin_agent_store_rows_written_total",
+             "Rows inserted, updated or deleted by successful state-store commits.",
+             MetricType::Counter, store.rows_written},
+            {"dmapin_agent_store_journal_records_total",
+             "DMA map/unmap changes made durable by one append to the mapping journal.",
+             MetricType::Counter, store.journal_records},
+            {"dmapin_agent_store_journal_failed_records_total",
+             "Mapping-journal appends that were refused or failed to write.", MetricType::Counter,
+             store.journal_failed_records},
+            {"dmapin_agent_store_journal_folds_total",
+             "Transactions that folded mapping-journal records into the state database.",
+             MetricType::Counter, store.journal_folds},
+            {"dmapin_agent_store_journal_records_folded_total",
+             "Mapping-journal records applied to the state database.", MetricType::Counter,
+             store.journal_records_folded},
+            {"dmapin_agent_store_journal_records_coalesced_total",
+             "Folded mapping-journal records made moot by a later record of the same fold (a "
+             "map and its unmap), so never written to the state database.",
+             MetricType::Counter, store.journal_records_coalesced},
+            {"dmapin_agent_store_journal_records_skipped_total",
+             "Mapping-journal records of containers deleted before the fold reached them.",
+             MetricType::Counter, store.journal_records_skipped},
+            {"dmapin_agent_store_journal_torn_tail_bytes",
+             "Bytes of a torn last mapping-journal record found at start (a power loss or a "
+             "failed write in the previous run).",
+             MetricType::Gauge, store.journal_torn_tail_bytes},
+            {"dmapin_agent_store_recovery_journal_files_set_aside",
+             "Damaged mapping-journal files set aside at start (--recover_damaged_state).",
+             MetricType::Gauge, store.journal_damaged_files},
+            {"dmapin_agent_store_recovery_journal_records_dropped",
+             "Well-formed mapping-journal records after damage, dropped at start "
+             "(--recover_damaged_state): acknowledged DMA mappings this node lost.",
+             MetricType::Gauge, store.journal_damaged_records_dropped},
+            {"dmapin_agent_store_recovery_state_set_aside",
+             "1 when a damaged or lost state.db was set aside at start and the node started "
+             "empty (--recover_damaged_state).",
+             MetricType::Gauge, store.state_set_aside},
+        });
   }
 
   // The registry's counters, as listed in common/registry_counters.h.
@@ -341,28 +346,22 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
   if (options_.memory_socket != nullptr) {
     // The memory socket's connections and its refusals of malformed records.
     const MemorySocketStats socket = options_.memory_socket->stats();
-    const struct {
-      const char* name;
-      const char* help;
-      MetricType type;
-      uint64_t value;
-    } kSocketMetrics[] = {
-        {"dmapin_agent_memory_socket_connections", "Open connections of the memory socket.",
-         MetricType::Gauge, socket.open_connections},
-        {"dmapin_agent_memory_socket_connections_total",
-         "Connections the memory socket accepted.", MetricType::Counter, socket.connections},
-        {"dmapin_agent_memory_socket_refused_connections_total",
-         "Connections the memory socket closed at once: its connection limit was reached.",
-         MetricType::Counter, socket.refused_connections},
-        {"dmapin_agent_memory_socket_requests_total", "Records the memory socket answered.",
-         MetricType::Counter, socket.requests},
-        {"dmapin_agent_memory_socket_bad_requests_total",
-         "Records refused before the handler: malformed, too large, too many descriptors.",
-         MetricType::Counter, socket.bad_requests},
-    };
-    for (const auto& metric : kSocketMetrics) {
-      AddScalar(out, metric.name, metric.help, metric.type, static_cast<double>(metric.value));
-    }
+    AddScalars(
+        out,
+        {
+            {"dmapin_agent_memory_socket_connections", "Open connections of the memory socket.",
+             MetricType::Gauge, socket.open_connections},
+            {"dmapin_agent_memory_socket_connections_total",
+             "Connections the memory socket accepted.", MetricType::Counter, socket.connections},
+            {"dmapin_agent_memory_socket_refused_connections_total",
+             "Connections the memory socket closed at once: its connection limit was reached.",
+             MetricType::Counter, socket.refused_connections},
+            {"dmapin_agent_memory_socket_requests_total", "Records the memory socket answered.",
+             MetricType::Counter, socket.requests},
+            {"dmapin_agent_memory_socket_bad_requests_total",
+             "Records refused before the handler: malformed, too large, too many descriptors.",
+             MetricType::Counter, socket.bad_requests},
+        });
   }
   AddProcessMetrics(out);
   return out;
