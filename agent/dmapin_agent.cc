@@ -483,11 +483,11 @@ int Run() {
   std::unique_ptr<prometheus::Exposer> exposer;
   int metrics_port = 0;
   if (!metrics_address.empty()) {
-    metrics = std::make_unique<AgentMetrics>(
-        AgentMetricsOptions{.agent = agent->get(),
-                            .store = store->get(),
-                            .listener = &listener,
-                            .memory_socket = memory_socket.get()});
+    metrics =
+        std::make_unique<AgentMetrics>(AgentMetricsOptions{.agent = agent->get(),
+                                                           .store = store->get(),
+                                                           .listener = &listener,
+                                                           .memory_socket = memory_socket.get()});
     absl::StatusOr<std::unique_ptr<prometheus::Exposer>> started = StartExposer(metrics_address);
     if (!started.ok()) {
       LOG(ERROR) << absl::StrFormat("dmapin-agent: --metrics_address=%s: %s",

@@ -153,8 +153,7 @@ absl::Status NodeAgent::Denied(std::string message) const {
   return ErrnoStatus(EPERM, absl::StatusCode::kPermissionDenied, message);
 }
 
-absl::Status NodeAgent::OverLimit(absl::string_view what, absl::string_view flag,
-                                  uint64_t limit) {
+absl::Status NodeAgent::OverLimit(absl::string_view what, absl::string_view flag, uint64_t limit) {
   limit_refusals_.fetch_add(1, std::memory_order_relaxed);
   return ErrnoStatus(ENOSPC, absl::StrFormat("%s: at most %d (%s)", what, limit, flag));
 }
@@ -162,10 +161,11 @@ absl::Status NodeAgent::OverLimit(absl::string_view what, absl::string_view flag
 absl::Status NodeAgent::CheckMemlockChoice(const ContextSpec& spec, const Caller& caller) const {
   if (caller.kind == Caller::Kind::kInternal || IsManager(caller)) return absl::OkStatus();
   if (spec.cap_ipc_lock) {
-    return Denied(absl::StrFormat("context \"%s\": the memlock waiver (cap_ipc_lock) is the node's "
-                                  "decision; only a manager (--manager_uids) may ask for it, the "
-                                  "caller is %s",
-                                  spec.name, caller.Describe()));
+    return Denied(
+        absl::StrFormat("context \"%s\": the memlock waiver (cap_ipc_lock) is the node's "
+                        "decision; only a manager (--manager_uids) may ask for it, the "
+                        "caller is %s",
+                        spec.name, caller.Describe()));
   }
   const std::optional<uint64_t>& node = options_.context_memlock_limit_bytes;
   if (node.has_value() &&
@@ -514,9 +514,8 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
                        "--max_contexts", options_.max_contexts);
     }
     if (of_owner >= options_.max_contexts_per_owner) {
-      return OverLimit(
-          absl::StrFormat("context \"%s\": contexts of pid %d", spec.name, owner->pid),
-          "--max_contexts_per_owner", options_.max_contexts_per_owner);
+      return OverLimit(absl::StrFormat("context \"%s\": contexts of pid %d", spec.name, owner->pid),
+                       "--max_contexts_per_owner", options_.max_contexts_per_owner);
     }
   }
   std::unique_ptr<ContextMemory> memory;

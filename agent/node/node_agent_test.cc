@@ -777,9 +777,9 @@ TEST(NodeAgentChoiceTest, MemlockLimitAndWaiverAreTheNodesDecision) {
   EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "waiver", .cap_ipc_lock = true}, vmm).status()),
             EPERM);
   EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "unlimited"}, vmm).status()), EPERM);
-  EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "more", .memlock_limit_bytes = 2 << 20}, vmm)
-                        .status()),
-            EPERM);
+  EXPECT_EQ(
+      ErrnoOf(agent->CreateContext({.name = "more", .memlock_limit_bytes = 2 << 20}, vmm).status()),
+      EPERM);
   EXPECT_EQ(ErrnoOf(agent->CreateContext({.name = "tcp"}, Caller::Remote()).status()), EPERM);
   EXPECT_TRUE(agent->ListContexts().empty()) << "a refusal created something";
   EXPECT_EQ(agent->Status().permission_denied, 4u);

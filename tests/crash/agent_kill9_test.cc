@@ -68,7 +68,6 @@
 #include "agent/registry/registry.h"
 #include "agent/registry/sim_backend.h"
 #include "agent/store/mapping_journal.h"
-#include "agent/store/mapping_journal.h"
 #include "common/errno_status.h"
 #include "common/mutex.h"
 #include "dmapin/v1/agent.grpc.pb.h"
