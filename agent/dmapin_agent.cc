@@ -297,12 +297,7 @@ v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& 
   sources.reserve(std::min<size_t>(request.slots_size(), GuestMemory::kMaxSlots + 1));
   for (const v1::MemorySlot& slot : request.slots()) {
     if (sources.size() > GuestMemory::kMaxSlots) break;  // Attach refuses it, naming the limit
-    if (slot.fd_index() >= fds.size()) {
-      return ReplyFor(
-          ErrnoStatus(EBADF, absl::StrFormat("slot %d: fd_index %d, but the message "
-                                             "carries %d descriptors",
-                                             sources.size(), slot.fd_index(), fds.size())));
-    }
+    // fd_index is in range: the server checked it (MemorySocketServer::Handler).
     sources.push_back({.ua = slot.ua(),
                        .size = slot.size(),
                        .offset = slot.offset(),

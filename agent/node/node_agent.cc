@@ -75,13 +75,16 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeAgentOptions op
     agent->watcher_ = std::make_unique<ProcessWatcher>(
         [self](const std::string& key) { self->OnOwnerExit(key); });
     // The owners recovery found alive; one that exited since is torn down like any other.
-    std::vector<std::string> gone;
-    for (const ContextView& context : agent->ListContexts()) {
-      if (!context.owner.has_value()) continue;
-      const std::string key = WatchKey(context.name, agent->FindContext(context.name)->id);
-      if (!agent->watcher_->Watch(key, *context.owner).ok()) gone.push_back(key);
+    std::vector<std::pair<std::string, ProcessIdentity>> owners;
+    {
+      MutexLock names(&agent->names_mu_);
+      for (const auto& [name, entry] : agent->contexts_) {
+        if (entry->owner.has_value()) owners.emplace_back(WatchKey(name, entry->id), *entry->owner);
+      }
     }
-    for (const std::string& key : gone) agent->OnOwnerExit(key);
+    for (const auto& [key, owner] : owners) {
+      if (!agent->watcher_->Watch(key, owner).ok()) agent->OnOwnerExit(key);
+    }
   }
   return agent;
 }
@@ -646,22 +649,24 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
 
 // --- The VMM's memory -------------------------------------------------------------------------
 
+absl::Status NodeAgent::NothingToAttach(absl::string_view name, const ContextEntry& context) const {
+  std::string why;
+  if (!options_.vmm_memory) {
+    why = absl::StrFormat("the %s backend simulates memory: there is nothing to attach",
+                          options_.backend->name());
+  } else if (context.memory != nullptr) {
+    why = "it uses simulated VMM memory the agent allocated itself (memory_bytes)";
+  } else {
+    why =
+        "it has no owner process other than the agent (created over TCP or by the agent), so "
+        "its addresses are the agent's own";
+  }
+  return ErrnoStatus(EINVAL, absl::StrFormat("attach memory to context \"%s\": %s", name, why));
+}
+
 absl::StatusOr<ContextView> NodeAgent::AttachSources(const std::string& name, ContextEntry& context,
                                                      absl::Span<const SlotSource> sources) {
-  if (context.guest == nullptr) {
-    std::string why;
-    if (!options_.vmm_memory) {
-      why = absl::StrFormat("the %s backend simulates memory: there is nothing to attach",
-                            options_.backend->name());
-    } else if (context.memory != nullptr) {
-      why = "it uses simulated VMM memory the agent allocated itself (memory_bytes)";
-    } else {
-      why =
-          "it has no owner process other than the agent (created over TCP or by the agent), so "
-          "its addresses are the agent's own";
-    }
-    return ErrnoStatus(EINVAL, absl::StrFormat("attach memory to context \"%s\": %s", name, why));
-  }
+  if (context.guest == nullptr) return NothingToAttach(name, context);
   if (sources.empty()) {
     return ErrnoStatus(EINVAL,
                        absl::StrFormat("attach memory to context \"%s\": no memory slots", name));
@@ -712,9 +717,8 @@ absl::StatusOr<ContextView> NodeAgent::AttachOwnerMemory(
   absl::StatusOr<std::shared_ptr<ContextEntry>> found = ContextToAttachTo(name, caller);
   if (!found.ok()) return found.status();
   std::shared_ptr<ContextEntry> context = std::move(*found);
-  if (!context->owner.has_value() || context->guest == nullptr) {
-    return AttachSources(std::string(name), *context, {});  // the reason it has nothing to attach
-  }
+  // Only a context owned by another process has memory of its own (and so a guest).
+  if (context->guest == nullptr) return NothingToAttach(name, *context);
   absl::StatusOr<std::vector<ProcessSlot>> opened = OpenProcessSlots(context->owner->pid, ranges);
   if (!opened.ok()) {
     return Annotate(opened.status(), absl::StrFormat("memory of pid %d for context \"%s\"",

@@ -346,10 +346,13 @@ class NodeAgent {
   explicit NodeAgent(NodeAgentOptions options);
   // Recovery (node_recovery.cc): replays the store through the containers' ContainerDma.
   absl::Status Recover();
-  // Rebuilds the registry and the name tables from `state`; the regions still pending release
-  // go to `pending` (their rows are set by Recover, which may take the contexts' pending_mu).
-  absl::Status RecoverLocked(const PersistedState& state,
-                             std::vector<std::pair<ContextEntry*, StoredPending>>* pending)
+  // Rebuilds the registry and the name tables from `state`, each context with its owner's memory
+  // from `guests` (RecoverOwners); the regions still pending release go to `pending` (their rows
+  // are set by Recover, which may take the contexts' pending_mu).
+  absl::Status RecoverLocked(
+      const PersistedState& state,
+      const absl::flat_hash_map<std::string, std::shared_ptr<GuestMemory>>& guests,
+      std::vector<std::pair<ContextEntry*, StoredPending>>* pending)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(control_mu_, names_mu_);
   // Creates a new or recovered container in the registry, with its kernel side for the VFIO
   // backends (opened, and `options` fitted to its window).
@@ -390,6 +393,9 @@ class NodeAgent {
   absl::Status CheckMemlockChoice(const ContextSpec& spec, const Caller& caller) const;
   // The row of a context, as Persist writes it.
   StoredContext ToStored(const ContextEntry& entry, const std::string& name) const;
+  // EINVAL saying why `context` takes no memory of its owner (sim backend, simulated VMM memory,
+  // no owner but the agent).
+  absl::Status NothingToAttach(absl::string_view name, const ContextEntry& context) const;
   // Adds `sources` to the context's memory and makes them durable (all or nothing).
   absl::StatusOr<ContextView> AttachSources(const std::string& name, ContextEntry& context,
                                             absl::Span<const SlotSource> sources)

@@ -1,6 +1,5 @@
 // NodeAgent's recovery: rebuilds the registry (and the kernel's containers, for the VFIO
 // backends) and the name tables from what the store acknowledged, before anyone is served.
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -34,16 +33,7 @@ absl::Status NodeAgent::Recover() {
   std::vector<std::pair<ContextEntry*, StoredPending>> pending;
   {
     MutexLock names(&names_mu_);
-    for (const StoredContext& stored : state->contexts) {
-      // Before anything is re-pinned: the registrations are in the owner's addresses.
-      auto guest = guests.find(stored.name);
-      if (guest != guests.end()) guest_backend_.SetMemory(stored.id, guest->second);
-    }
-    if (absl::Status status = RecoverLocked(*state, &pending); !status.ok()) return status;
-    for (const StoredContext& stored : state->contexts) {
-      auto guest = guests.find(stored.name);
-      if (guest != guests.end()) contexts_[stored.name]->guest = guest->second;
-    }
+    if (absl::Status status = RecoverLocked(*state, guests, &pending); !status.ok()) return status;
   }
   // After names_mu_: the agent takes a context's pending_mu first.
   for (auto& [context, row] : pending) {
@@ -56,6 +46,14 @@ absl::Status NodeAgent::Recover() {
 
 namespace {
 
+// The owner of a stored context, if it has one.
+std::optional<ProcessIdentity> OwnerOf(const StoredContext& stored) {
+  if (stored.owner_pid == 0) return std::nullopt;
+  return ProcessIdentity{.pid = static_cast<pid_t>(stored.owner_pid),
+                         .uid = stored.owner_uid,
+                         .start_time = stored.owner_start_time};
+}
+
 // The owner's memory again, from its own mappings (the agent's were lost with its process): the
 // same objects at the same offsets, or an error saying what changed.
 absl::Status ReattachSlots(const StoredContext& stored, GuestMemory& guest) {
@@ -65,22 +63,21 @@ absl::Status ReattachSlots(const StoredContext& stored, GuestMemory& guest) {
       OpenProcessSlots(static_cast<pid_t>(stored.owner_pid), ranges);
   if (!opened.ok()) return opened.status();
   std::vector<SlotSource> sources;
-  for (size_t i = 0; i < opened->size(); ++i) {
-    const ProcessSlot& slot = (*opened)[i];
+  for (const ProcessSlot& slot : *opened) sources.push_back(slot.source);
+  if (absl::Status status = guest.Attach(sources); !status.ok()) return status;
+  // Both in ua order: what Attach recorded of each object against what was stored.
+  const std::vector<GuestSlot> now = guest.slots();
+  for (size_t i = 0; i < now.size(); ++i) {
     const StoredSlot& was = stored.slots[i];
-    struct stat st;
-    if (fstat(slot.fd.get(), &st) != 0) return ErrnoStatus(errno, "fstat of a memory slot");
-    if (static_cast<uint64_t>(st.st_dev) != was.dev ||
-        static_cast<uint64_t>(st.st_ino) != was.ino || slot.source.offset != was.offset) {
+    if (now[i].dev != was.dev || now[i].ino != was.ino || now[i].offset != was.offset) {
       return ErrnoStatus(
           EFAULT, absl::StrFormat("slot ua=0x%x: the VMM now maps another object or offset there "
                                   "(dev %d ino %d offset 0x%x, was dev %d ino %d offset 0x%x)",
-                                  was.ua, st.st_dev, st.st_ino, slot.source.offset, was.dev,
-                                  was.ino, was.offset));
+                                  was.ua, now[i].dev, now[i].ino, now[i].offset, was.dev, was.ino,
+                                  was.offset));
     }
-    sources.push_back(slot.source);
   }
-  return guest.Attach(sources);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -91,10 +88,9 @@ absl::Status NodeAgent::RecoverOwners(
   // a teardown, as when the agent sees the exit itself: recorded first, then the state reloaded.
   Mutation gone;
   for (const StoredContext& stored : state.contexts) {
-    if (stored.owner_pid == 0) continue;
-    const ProcessIdentity owner{.pid = static_cast<pid_t>(stored.owner_pid),
-                                .uid = stored.owner_uid,
-                                .start_time = stored.owner_start_time};
+    const std::optional<ProcessIdentity> owned = OwnerOf(stored);
+    if (!owned.has_value()) continue;
+    const ProcessIdentity& owner = *owned;
     if (!IsAlive(owner)) {
       gone.DeleteContext(stored.name);
       owner_exits_at_recovery_.fetch_add(1, std::memory_order_relaxed);
@@ -128,7 +124,9 @@ absl::Status NodeAgent::RecoverOwners(
 }
 
 absl::Status NodeAgent::RecoverLocked(
-    const PersistedState& state, std::vector<std::pair<ContextEntry*, StoredPending>>* pending) {
+    const PersistedState& state,
+    const absl::flat_hash_map<std::string, std::shared_ptr<GuestMemory>>& guests,
+    std::vector<std::pair<ContextEntry*, StoredPending>>* pending) {
   uint64_t max_id = 0;
   for (const StoredContext& stored : state.contexts) {
     ContextSpec spec{.name = stored.name,
@@ -152,10 +150,12 @@ absl::Status NodeAgent::RecoverLocked(
     }
     entry->id = stored.id;
     entry->spec = std::move(spec);
-    if (stored.owner_pid != 0) {
-      entry->owner = ProcessIdentity{.pid = static_cast<pid_t>(stored.owner_pid),
-                                     .uid = stored.owner_uid,
-                                     .start_time = stored.owner_start_time};
+    entry->owner = OwnerOf(stored);
+    // Before anything is re-pinned (the holds below): the registrations are in the owner's
+    // addresses.
+    if (auto guest = guests.find(stored.name); guest != guests.end()) {
+      entry->guest = guest->second;
+      guest_backend_.SetMemory(stored.id, entry->guest);
     }
     contexts_[stored.name] = entry;
     context_names_[stored.id] = stored.name;

@@ -52,7 +52,8 @@ struct MemorySocketStats {
 
 class MemorySocketServer {
  public:
-  // What to do with one well-formed request. `fds` are the record's descriptors in order; the
+  // What to do with one well-formed request: every slot's fd_index names one of `fds` (the
+  // server refused the record otherwise). `fds` are the record's descriptors in order; the
   // server closes them after the handler returns (the handler dups what it keeps, or maps it).
   using Handler = std::function<v1::MemorySocketReply(const PeerCredentials& peer,
                                                       const v1::AttachMemoryRequest& request,

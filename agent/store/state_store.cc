@@ -947,8 +947,8 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     BindText(*clear, 1, context->name);
     status =
         RunLocked(*clear, absl::StrCat("clear the slots of context \"", context->name, "\""), rows);
+    if (!status.ok()) return status;
     for (const StoredSlot& slot : context->slots) {
-      if (!status.ok()) return status;
       absl::StatusOr<sqlite3_stmt*> insert = StatementLocked(kInsertSlot);
       if (!insert.ok()) return insert.status();
       BindText(*insert, 1, context->name);
@@ -959,8 +959,9 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
       BindU64(*insert, 6, slot.ino);
       status = RunLocked(
           *insert, absl::StrCat("put a memory slot of context \"", context->name, "\""), rows);
+      if (!status.ok()) return status;
     }
-    return status;
+    return absl::OkStatus();
   }
   if (const auto* del = std::get_if<Mutation::DeleteContextOp>(&op)) {
     // The containers first, explicitly: their holds and mappings go with them.
