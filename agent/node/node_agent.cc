@@ -579,6 +579,14 @@ absl::StatusOr<ContextView> NodeAgent::CreateContext(const ContextSpec& spec,
     contexts_[spec.name] = std::move(entry);
     context_names_[id] = spec.name;
   }
+  {
+    // A new context of the name: an earlier one's exit no longer explains its removal.
+    MutexLock exits(&exits_mu_);
+    recent_exits_.erase(
+        std::remove_if(recent_exits_.begin(), recent_exits_.end(),
+                       [&](const OwnerExit& exit) { return exit.context == spec.name; }),
+        recent_exits_.end());
+  }
   return view;
 }
 

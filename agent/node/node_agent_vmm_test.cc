@@ -151,6 +151,22 @@ TEST_F(NodeAgentVmmTest, PinsTheVmmsOwnPagesAndReleasesThemWhenTheVmmExits) {
   EXPECT_TRUE(invariants.ok()) << invariants;
 }
 
+// An owner's exit is remembered for the central service's event until a new context takes the
+// name: that one's removal later is not a VMM exit.
+TEST_F(NodeAgentVmmTest, AnExitIsForgottenWhenTheNameIsTakenAgain) {
+  absl::StatusOr<FakeVmm> vmm = FakeVmm::Start(4);
+  ASSERT_TRUE(vmm.ok()) << vmm.status();
+  std::unique_ptr<NodeAgent> agent = StartAgent();
+  ASSERT_NE(agent, nullptr);
+  ASSERT_TRUE(agent->CreateContext({.name = "vm", .owner_pid = vmm->pid()}).ok());
+  vmm->Kill();
+  ASSERT_TRUE(Eventually([&] { return !agent->GetContext("vm").ok(); }));
+  ASSERT_EQ(agent->RecentOwnerExits().size(), 1u);
+  EXPECT_EQ(agent->RecentOwnerExits()[0].context, "vm");
+  ASSERT_TRUE(agent->CreateContext({.name = "vm"}).ok());
+  EXPECT_TRUE(agent->RecentOwnerExits().empty());
+}
+
 TEST_F(NodeAgentVmmTest, PrivateMemoryCannotBeAttached) {
   absl::StatusOr<FakeVmm> vmm = FakeVmm::Start(4, FakeVmm::Memory::kPrivateAnonymous);
   ASSERT_TRUE(vmm.ok()) << vmm.status();
