@@ -48,6 +48,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/agent_process.h"
+#include "testing/eventually.h"
 #include "testing/proc_info.h"
 
 namespace dmapin::client {
@@ -93,16 +94,7 @@ absl::StatusOr<uint64_t> OwnFrame(uint64_t ua) {
   return *frame * kPage;
 }
 
-// Waits (generously) until `done` holds.
-template <typename F>
-bool Eventually(F done, absl::Duration timeout = absl::Seconds(30)) {
-  const absl::Time end = absl::Now() + timeout;
-  while (absl::Now() < end) {
-    if (done()) return true;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return done();
-}
+using ::dmapin::harness::Eventually;
 
 // A child process with its stdout on a pipe (stderr is the test's).
 class Child {

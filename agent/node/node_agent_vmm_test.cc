@@ -3,11 +3,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <string>
-#include <thread>
 
 #include "agent/node/context_memory.h"
 #include "agent/node/node_agent.h"
@@ -15,6 +13,7 @@
 #include "agent/store/state_store.h"
 #include "common/errno_status.h"
 #include "gtest/gtest.h"
+#include "testing/eventually.h"
 #include "testing/fake_vmm.h"
 
 namespace dmapin::agent {
@@ -84,14 +83,10 @@ class NodeAgentVmmTest : public ::testing::Test {
   uint64_t vmlck_before_ = 0;
 };
 
-// Waits (generously) until `done` holds.
+// The agent's own threads (the exit watch) act within seconds.
 template <typename F>
 bool Eventually(F done) {
-  for (int i = 0; i < 1000; ++i) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return done();
+  return harness::Eventually(done, absl::Seconds(10));
 }
 
 TEST_F(NodeAgentVmmTest, PinsTheVmmsOwnPagesAndReleasesThemWhenTheVmmExits) {
