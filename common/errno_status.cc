@@ -39,6 +39,8 @@ constexpr ErrnoEntry kErrnos[] = {
     {EMFILE, "EMFILE", absl::StatusCode::kResourceExhausted},
     {E2BIG, "E2BIG", absl::StatusCode::kInvalidArgument},
     {EMSGSIZE, "EMSGSIZE", absl::StatusCode::kInvalidArgument},
+    // The device handoff: a container the kernel will not let another process take back.
+    {EOPNOTSUPP, "EOPNOTSUPP", absl::StatusCode::kUnimplemented},
 };
 
 const ErrnoEntry* FindEntry(int err) {

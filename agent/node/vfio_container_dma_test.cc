@@ -46,6 +46,7 @@ class NotingKernel final : public VfioKernel {
       : kernel_(kernel), registry_(registry) {}
   int Open(const char* path, int flags) override { return kernel_->Open(path, flags); }
   int Close(int fd) override { return kernel_->Close(fd); }
+  int Dup(int fd) override { return kernel_->Dup(fd); }
   int Ioctl(int fd, unsigned long request, void* arg) override {  // NOLINT(runtime/int)
     if (request == VFIO_IOMMU_MAP_DMA || request == VFIO_IOMMU_UNMAP_DMA ||
         request == VFIO_IOMMU_SPAPR_REGISTER_MEMORY ||

@@ -116,6 +116,14 @@ CREATE TABLE memory_slots (
   PRIMARY KEY (context, ua)
 ) WITHOUT ROWID;
 )sql",
+    // Version 4: VFIO containers whose VMM holds their descriptors (the device handoff), and where
+    // a type1 registration lives in its container's IOVA space, so that a restarted agent can
+    // take the kernel's state back without unmapping anything.
+    R"sql(
+ALTER TABLE containers ADD COLUMN handed_off INTEGER NOT NULL DEFAULT 0 CHECK (handed_off IN (0, 1));
+-- Type1: the first IOVA of the registration's pin range mapping (0: none, as for SPAPR).
+ALTER TABLE holds ADD COLUMN device_iova INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 constexpr int kCurrentSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
@@ -144,14 +152,16 @@ constexpr const char* kSqlText[] = {
     /* kDeleteContext */ "DELETE FROM contexts WHERE name = ?1",
     /* kUpsertContainer */
     "INSERT INTO containers (name, id, iommu_page_size, window_start, window_size, vfio_groups, "
-    "creator_pid, creator_start_time) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO UPDATE SET id = excluded.id, "
-    "iommu_page_size = excluded.iommu_page_size, window_start = excluded.window_start, "
-    "window_size = excluded.window_size, vfio_groups = excluded.vfio_groups, "
-    "creator_pid = excluded.creator_pid, creator_start_time = excluded.creator_start_time",
+    "creator_pid, creator_start_time, handed_off) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (name) DO UPDATE SET "
+    "id = excluded.id, iommu_page_size = excluded.iommu_page_size, "
+    "window_start = excluded.window_start, window_size = excluded.window_size, "
+    "vfio_groups = excluded.vfio_groups, creator_pid = excluded.creator_pid, "
+    "creator_start_time = excluded.creator_start_time, handed_off = excluded.handed_off",
     /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
     /* kBindContainer */ "UPDATE containers SET context = ?2 WHERE name = ?1",
-    /* kInsertHold */ "INSERT INTO holds (container, context, ua, size) VALUES (?1, ?2, ?3, ?4)",
+    /* kInsertHold */
+    "INSERT INTO holds (container, context, ua, size, device_iova) VALUES (?1, ?2, ?3, ?4, ?5)",
     /* kDeleteHold */
     "DELETE FROM holds WHERE container = ?1 AND context = ?2 AND ua = ?3 AND size = ?4",
     /* kInsertPending */
@@ -179,8 +189,9 @@ constexpr const char* kSqlText[] = {
     /* kLoadSlots */ "SELECT context, ua, size, offset, dev, ino FROM memory_slots",
     /* kLoadContainers */
     "SELECT name, id, iommu_page_size, window_start, window_size, context, vfio_groups, "
-    "creator_pid, creator_start_time FROM containers",
-    /* kLoadHolds */ "SELECT container, context, ua, size, seq FROM holds ORDER BY seq",
+    "creator_pid, creator_start_time, handed_off FROM containers",
+    /* kLoadHolds */
+    "SELECT container, context, ua, size, seq, device_iova FROM holds ORDER BY seq",
     /* kLoadPending */ "SELECT context, ua, size FROM pending",
     /* kLoadMappings */ "SELECT container, iova, size, ua FROM mappings ORDER BY container, iova",
     /* kLoadDecisions */
@@ -308,14 +319,15 @@ Mutation& Mutation::BindContainer(absl::string_view container, absl::string_view
 }
 
 Mutation& Mutation::AddHold(absl::string_view container, absl::string_view context, uint64_t ua,
-                            uint64_t size) {
-  ops_.emplace_back(HoldOp{true, std::string(container), std::string(context), ua, size});
+                            uint64_t size, uint64_t device_iova) {
+  ops_.emplace_back(
+      HoldOp{true, std::string(container), std::string(context), ua, size, device_iova});
   return *this;
 }
 
 Mutation& Mutation::RemoveHold(absl::string_view container, absl::string_view context, uint64_t ua,
                                uint64_t size) {
-  ops_.emplace_back(HoldOp{false, std::string(container), std::string(context), ua, size});
+  ops_.emplace_back(HoldOp{false, std::string(container), std::string(context), ua, size, 0});
   return *this;
 }
 
@@ -987,6 +999,7 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     BindText(*stmt, 6, absl::StrJoin(container->vfio_groups, ","));
     sqlite3_bind_int64(*stmt, 7, container->creator_pid);
     BindU64(*stmt, 8, container->creator_start_time);
+    sqlite3_bind_int64(*stmt, 9, container->handed_off ? 1 : 0);
     return RunLocked(*stmt, absl::StrCat("put container \"", container->name, "\""), rows);
   }
   if (const auto* del = std::get_if<Mutation::DeleteContainerOp>(&op)) {
@@ -1012,6 +1025,7 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
     BindText(*stmt, 2, hold->context);
     BindU64(*stmt, 3, hold->ua);
     BindU64(*stmt, 4, hold->size);
+    if (hold->add) BindU64(*stmt, 5, hold->device_iova);
     return RunLocked(*stmt,
                      absl::StrCat(hold->add ? "add" : "remove", " hold of container \"",
                                   hold->container, "\" on context \"", hold->context, "\" ua=0x",
@@ -1198,6 +1212,7 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     if (!groups.empty()) c.vfio_groups = absl::StrSplit(groups, ',');
     c.creator_pid = sqlite3_column_int64(stmt, 7);
     c.creator_start_time = ColumnU64(stmt, 8);
+    c.handed_off = sqlite3_column_int64(stmt, 9) != 0;
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
@@ -1208,6 +1223,7 @@ absl::Status StateStore::LoadLocked(PersistedState* state) const {
     h.ua = ColumnU64(stmt, 2);
     h.size = ColumnU64(stmt, 3);
     h.seq = sqlite3_column_int64(stmt, 4);
+    h.device_iova = ColumnU64(stmt, 5);
     return absl::OkStatus();
   });
   if (!status.ok()) return status;

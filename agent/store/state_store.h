@@ -114,6 +114,10 @@ struct StoredContainer {
   // The local process that created the container (pid 0: none) and its start time.
   int64_t creator_pid = 0;
   uint64_t creator_start_time = 0;
+  // VFIO: the VMM holds the container's devices and a descriptor of the container (the device
+  // handoff), so the kernel keeps its mappings when the agent exits and a restarted agent takes
+  // the container back from the VMM instead of opening it again.
+  bool handed_off = false;
 };
 
 // One container holding one region. `seq` orders holds by commit: replay registers in seq order so
@@ -124,6 +128,9 @@ struct StoredHold {
   uint64_t ua = 0;
   uint64_t size = 0;
   int64_t seq = 0;
+  // Type1: where the registration's pin range mapping starts in the container's IOVA space (0:
+  // none, as for SPAPR and the registry-only backends).
+  uint64_t device_iova = 0;
 };
 
 // A region pending release: held by no container, still mapped by some.
@@ -161,13 +168,13 @@ inline bool operator==(const StoredContext& a, const StoredContext& b) {
 }
 inline bool operator==(const StoredContainer& a, const StoredContainer& b) {
   return std::tie(a.name, a.id, a.iommu_page_size, a.window_start, a.window_size, a.context,
-                  a.vfio_groups, a.creator_pid, a.creator_start_time) ==
+                  a.vfio_groups, a.creator_pid, a.creator_start_time, a.handed_off) ==
          std::tie(b.name, b.id, b.iommu_page_size, b.window_start, b.window_size, b.context,
-                  b.vfio_groups, b.creator_pid, b.creator_start_time);
+                  b.vfio_groups, b.creator_pid, b.creator_start_time, b.handed_off);
 }
 inline bool operator==(const StoredHold& a, const StoredHold& b) {
-  return std::tie(a.container, a.context, a.ua, a.size, a.seq) ==
-         std::tie(b.container, b.context, b.ua, b.size, b.seq);
+  return std::tie(a.container, a.context, a.ua, a.size, a.seq, a.device_iova) ==
+         std::tie(b.container, b.context, b.ua, b.size, b.seq, b.device_iova);
 }
 inline bool operator==(const StoredPending& a, const StoredPending& b) {
   return std::tie(a.context, a.ua, a.size) == std::tie(b.context, b.ua, b.size);
@@ -215,7 +222,7 @@ class Mutation {
   Mutation& DeleteContainer(absl::string_view name);
   // The hold gets the next seq. Container and context must exist.
   Mutation& AddHold(absl::string_view container, absl::string_view context, uint64_t ua,
-                    uint64_t size);
+                    uint64_t size, uint64_t device_iova = 0);
   Mutation& RemoveHold(absl::string_view container, absl::string_view context, uint64_t ua,
                        uint64_t size);
   // Idempotent. The context must exist.
@@ -253,6 +260,7 @@ class Mutation {
     std::string context;
     uint64_t ua;
     uint64_t size;
+    uint64_t device_iova;  // add only
   };
   struct PendingOp {
     bool add;

@@ -36,7 +36,8 @@ FakeVfioKernelOptions FakeVfioKernelOptions::Default() {
   FakeVfioKernelOptions options;
   options.api_version = VFIO_API_VERSION;
   options.iommu_types = {VFIO_TYPE1v2_IOMMU, VFIO_SPAPR_TCE_v2_IOMMU};
-  options.groups = {{"/dev/vfio/7", true}, {"/dev/vfio/8", true}};
+  options.groups = {{"/dev/vfio/7", true, {"0000:00:07.0"}},
+                    {"/dev/vfio/8", true, {"0000:00:08.0"}}};
   options.type1_iova_ranges = {{0, 0xfedfffff}, {0xfef00000, (uint64_t{1} << 39) - 1}};
   return options;
 }
@@ -48,6 +49,8 @@ std::string FakeVfioCall::ToString() const {
       return absl::StrCat("open(", path, ")=", result_text);
     case Kind::kClose:
       return absl::StrCat("close(", fd, ")=", result_text);
+    case Kind::kDup:
+      return absl::StrCat("dup(", fd, ")=", result_text);
     case Kind::kIoctl:
       break;
   }
@@ -71,6 +74,8 @@ std::string FakeVfioKernel::IoctlName(unsigned long request, uint32_t iommu_type
       return "VFIO_GROUP_SET_CONTAINER";
     case VFIO_GROUP_UNSET_CONTAINER:
       return "VFIO_GROUP_UNSET_CONTAINER";
+    case VFIO_GROUP_GET_DEVICE_FD:
+      return "VFIO_GROUP_GET_DEVICE_FD";
     case VFIO_IOMMU_GET_INFO:  // == VFIO_IOMMU_SPAPR_TCE_GET_INFO
       if (IsSpapr(iommu_type)) return "VFIO_IOMMU_SPAPR_TCE_GET_INFO";
       if (IsType1(iommu_type)) return "VFIO_IOMMU_GET_INFO";
@@ -95,7 +100,10 @@ std::string FakeVfioKernel::IoctlName(unsigned long request, uint32_t iommu_type
 
 FakeVfioKernel::FakeVfioKernel(FakeVfioKernelOptions options) : options_(std::move(options)) {
   MutexLock lock(&mu_);
-  for (const FakeVfioGroupSpec& spec : options_.groups) groups_[spec.path].viable = spec.viable;
+  for (const FakeVfioGroupSpec& spec : options_.groups) {
+    groups_[spec.path].viable = spec.viable;
+    groups_[spec.path].devices = spec.devices;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,7 +223,8 @@ int FakeVfioKernel::OpenLocked(const std::string& path) {
   }
   auto group = groups_.find(path);
   if (group == groups_.end()) return -ENOENT;
-  if (group->second.fd >= 0) return -EBUSY;  // a group is opened once at a time
+  // A group is opened once at a time, and its device fds keep that open file.
+  if (group->second.fd >= 0 || group->second.device_fds > 0) return -EBUSY;
   const int fd = AllocateFd();
   group->second.fd = fd;
   fds_[fd] = FdEntry{FdKind::kGroup, -1, path};
@@ -254,9 +263,12 @@ int FakeVfioKernel::Close(int fd) {
     fds_.erase(entry);
     if (closed.kind == FdKind::kGroup) {
       groups_[closed.group].fd = -1;
-      if (groups_[closed.group].container >= 0) DetachGroup(closed.group);
+      MaybeDetachGroup(closed.group);
+    } else if (closed.kind == FdKind::kDevice) {
+      --groups_[closed.group].device_fds;
+      MaybeDetachGroup(closed.group);
     } else {
-      containers_[closed.container].fd_open = false;
+      --containers_[closed.container].fd_refs;
       MaybeDestroyContainer(closed.container);
     }
     call.result = 0;
@@ -269,7 +281,32 @@ int FakeVfioKernel::Close(int fd) {
   return call.result;
 }
 
+int FakeVfioKernel::Dup(int fd) {
+  MutexLock lock(&mu_);
+  FakeVfioCall call;
+  call.kind = FakeVfioCall::Kind::kDup;
+  call.fd = fd;
+  auto entry = fds_.find(fd);
+  if (entry == fds_.end()) {
+    call.result = -EBADF;
+  } else if (entry->second.kind == FdKind::kGroup) {
+    call.result = -EINVAL;  // not modelled: nothing dups a group
+  } else {
+    const FdEntry copy = entry->second;
+    call.result = AllocateFd();
+    fds_[call.result] = copy;
+    if (copy.kind == FdKind::kContainer) {
+      ++containers_[copy.container].fd_refs;
+    } else {
+      ++groups_[copy.group].device_fds;
+    }
+  }
+  calls_.push_back(call);
+  return call.result;
+}
+
 size_t FakeVfioKernel::ArgSize(unsigned long request, const FdEntry& entry) const {  // NOLINT
+  if (entry.kind == FdKind::kDevice) return 0;
   if (entry.kind == FdKind::kGroup) {
     if (request == VFIO_GROUP_GET_STATUS) return sizeof(struct vfio_group_status);
     if (request == VFIO_GROUP_SET_CONTAINER) return sizeof(int);
@@ -335,6 +372,7 @@ int FakeVfioKernel::Ioctl(int fd, unsigned long request, void* arg) {  // NOLINT
 }
 
 int FakeVfioKernel::Dispatch(const FdEntry& entry, unsigned long request, void* arg) {  // NOLINT
+  if (entry.kind == FdKind::kDevice) return -ENOTTY;  // device ioctls are not modelled
   if (entry.kind == FdKind::kGroup) return GroupIoctl(entry.group, request, arg);
   return ContainerIoctl(entry.container, request, arg);
 }
@@ -370,6 +408,18 @@ int FakeVfioKernel::GroupIoctl(const std::string& path, unsigned long request,  
       if (group.container < 0) return -EINVAL;
       DetachGroup(path);
       return 0;
+    case VFIO_GROUP_GET_DEVICE_FD: {
+      if (arg == nullptr) return -EFAULT;
+      if (group.container < 0 || containers_[group.container].iommu_type == 0) return -EINVAL;
+      const std::string name(static_cast<const char*>(arg));
+      if (std::find(group.devices.begin(), group.devices.end(), name) == group.devices.end()) {
+        return -ENODEV;
+      }
+      const int fd = AllocateFd();
+      fds_[fd] = FdEntry{FdKind::kDevice, -1, path};
+      ++group.device_fds;
+      return fd;
+    }
     default:
       return -ENOTTY;
   }
@@ -386,9 +436,14 @@ void FakeVfioKernel::DetachGroup(const std::string& path) {
   MaybeDestroyContainer(id);
 }
 
+void FakeVfioKernel::MaybeDetachGroup(const std::string& path) {
+  const Group& group = groups_[path];
+  if (group.fd < 0 && group.device_fds == 0 && group.container >= 0) DetachGroup(path);
+}
+
 void FakeVfioKernel::MaybeDestroyContainer(int id) {
   auto it = containers_.find(id);
-  if (it == containers_.end() || it->second.fd_open || !it->second.groups.empty()) return;
+  if (it == containers_.end() || it->second.fd_refs > 0 || !it->second.groups.empty()) return;
   if (it->second.iommu_type != 0) ReleaseIommu(it->second);
   containers_.erase(it);
 }
@@ -426,6 +481,7 @@ int FakeVfioKernel::ContainerIoctl(int id, unsigned long request, void* arg) {  
       return options_.api_version;
     case VFIO_CHECK_EXTENSION: {
       const uint64_t type = IoctlIntValue(arg);
+      if (type == VFIO_UPDATE_VADDR) return IsType1(c.iommu_type) ? 1 : 0;
       if (IsSpapr(c.iommu_type)) return IsSpapr(static_cast<uint32_t>(type)) ? 1 : 0;
       if (IsType1(c.iommu_type)) return IsType1(static_cast<uint32_t>(type)) ? 1 : 0;
       for (uint32_t known : options_.iommu_types) {
@@ -667,7 +723,11 @@ int FakeVfioKernel::Type1Ioctl(Container& c, unsigned long request, void* arg) {
       if (!CopyIn(&map, arg)) return -EFAULT;
       if (map.argsz < sizeof(map)) return -EINVAL;
       if ((map.flags & ~(kRw | VFIO_DMA_MAP_FLAG_VADDR)) != 0) return -EINVAL;
-      if ((map.flags & VFIO_DMA_MAP_FLAG_VADDR) != 0) return -EINVAL;  // not modelled
+      if ((map.flags & VFIO_DMA_MAP_FLAG_VADDR) != 0) {
+        // A new address for an existing mapping takes no protection flags.
+        if ((map.flags & kRw) != 0) return -EINVAL;
+        return Type1MapVaddr(c, map);
+      }
       if ((map.flags & kRw) == 0 || map.size == 0 || ((map.size | map.iova | map.vaddr) & mask)) {
         return -EINVAL;
       }
@@ -696,7 +756,7 @@ int FakeVfioKernel::Type1Ioctl(Container& c, unsigned long request, void* arg) {
       struct vfio_iommu_type1_dma_unmap unmap;
       if (!CopyIn(&unmap, arg)) return -EFAULT;
       if (unmap.argsz < sizeof(unmap)) return -EINVAL;
-      if (unmap.flags != 0) return -EINVAL;  // no flag modelled
+      if ((unmap.flags & ~VFIO_DMA_UNMAP_FLAG_VADDR) != 0) return -EINVAL;  // no other flag
       if ((unmap.iova & mask) != 0 || unmap.size == 0 || (unmap.size & mask) != 0) return -EINVAL;
       if (unmap.iova + unmap.size - 1 < unmap.iova) return -EINVAL;
       const uint64_t end = unmap.iova + unmap.size;
@@ -704,6 +764,11 @@ int FakeVfioKernel::Type1Ioctl(Container& c, unsigned long request, void* arg) {
         // v2 refuses to bisect a mapping at either end of the range.
         if (unmap.iova > iova && unmap.iova < iova + dma.size) return -EINVAL;
         if (end > iova && end < iova + dma.size) return -EINVAL;
+      }
+      if ((unmap.flags & VFIO_DMA_UNMAP_FLAG_VADDR) != 0) {
+        const int result = Type1UnmapVaddr(c, unmap);
+        if (result == 0) std::memcpy(arg, &unmap, sizeof(unmap));
+        return result;
       }
       uint64_t unmapped = 0;
       for (auto it = c.dmas.begin(); it != c.dmas.end();) {
@@ -724,6 +789,34 @@ int FakeVfioKernel::Type1Ioctl(Container& c, unsigned long request, void* arg) {
     default:
       return -ENOTTY;
   }
+}
+
+int FakeVfioKernel::Type1UnmapVaddr(Container& c, struct vfio_iommu_type1_dma_unmap& unmap) {
+  const uint64_t end = unmap.iova + unmap.size;
+  uint64_t invalidated = 0;
+  for (const auto& [iova, dma] : c.dmas) {
+    if (iova >= unmap.iova && iova + dma.size <= end && dma.vaddr_invalid) return -EINVAL;
+  }
+  for (auto& [iova, dma] : c.dmas) {
+    if (iova >= unmap.iova && iova + dma.size <= end) {
+      dma.vaddr_invalid = true;
+      invalidated += dma.size;
+    }
+  }
+  unmap.size = invalidated;
+  return 0;
+}
+
+int FakeVfioKernel::Type1MapVaddr(Container& c, const struct vfio_iommu_type1_dma_map& map) {
+  // vfio_find_dma: any mapping overlapping the range.
+  for (auto& [iova, dma] : c.dmas) {
+    if (!(map.iova < iova + dma.size && iova < map.iova + map.size)) continue;
+    if (!dma.vaddr_invalid || iova != map.iova || dma.size != map.size) return -EINVAL;
+    dma.vaddr = map.vaddr;
+    dma.vaddr_invalid = false;
+    return 0;
+  }
+  return -ENOENT;
 }
 
 }  // namespace dmapin::agent

@@ -6,8 +6,12 @@
 //   - container: GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU (EINVAL without a group or when
 //     already set, ENODEV for an unknown type); other ioctls before SET_IOMMU are EINVAL.
 //   - group: GET_STATUS, SET_CONTAINER (EPERM not viable, EINVAL already set, EBADF not a
-//     container), UNSET_CONTAINER; opening a group twice is EBUSY; closing a group detaches it and
-//     the last detach releases the container's IOMMU state (mappings, registrations).
+//     container), UNSET_CONTAINER, GET_DEVICE_FD (EINVAL before the container has an IOMMU,
+//     ENODEV for a name not in the group); opening a group while it or one of its device fds is
+//     open is EBUSY; the group detaches when its fd and every device fd are closed, and the last
+//     detach releases the container's IOMMU state (mappings, registrations). A container lives
+//     while any of its fds (Dup) or groups does: the kernel's open-file references, one fd table
+//     for every "process" of a test.
 //   - SPAPR TCE v2: TCE_GET_INFO; REGISTER_MEMORY (EINVAL misaligned/overlap/flags, EBUSY same
 //     region in the same container, ENOMEM memlock; a region of the process shared by containers
 //     counts `used`); UNREGISTER_MEMORY (EPERM before any register, ENOENT unknown/not held; the
@@ -18,11 +22,17 @@
 //   - Type1 v2: GET_INFO with a DMA_AVAIL and an optional IOVA_RANGE capability (and the argsz
 //     growing protocol); MAP_DMA (EINVAL flags/alignment/outside the IOVA ranges, EEXIST overlap,
 //     ENOSPC entry limit, ENOMEM memlock, accounted per mapping as type1 does); UNMAP_DMA (EINVAL
-//     when bisecting a mapping, writes back the unmapped size).
+//     when bisecting a mapping, writes back the unmapped size); VFIO_UPDATE_VADDR (Linux 5.12+):
+//     CHECK_EXTENSION answers 1 once the IOMMU is set, UNMAP_DMA(FLAG_VADDR) invalidates the
+//     vaddrs of the mappings inside the range (EINVAL, and nothing changed, if one already is),
+//     MAP_DMA(FLAG_VADDR) sets the vaddr of exactly one invalidated mapping (ENOENT none there,
+//     EINVAL another iova or size, or not invalidated).
 // Every call is recorded (with a copy of its argument struct as passed in), and a test can make
 // the n-th call of an ioctl fail with any errno without running it.
 #ifndef DMAPIN_AGENT_VFIO_FAKE_VFIO_KERNEL_H_
 #define DMAPIN_AGENT_VFIO_FAKE_VFIO_KERNEL_H_
+
+#include <linux/vfio.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,6 +51,7 @@ namespace dmapin::agent {
 struct FakeVfioGroupSpec {
   std::string path;  // e.g. "/dev/vfio/7"
   bool viable = true;
+  std::vector<std::string> devices;  // what GET_DEVICE_FD opens, e.g. "0000:00:07.0"
 };
 
 struct FakeVfioKernelOptions {
@@ -63,17 +74,17 @@ struct FakeVfioKernelOptions {
   std::vector<std::pair<uint64_t, uint64_t>> type1_iova_ranges;
   uint32_t type1_dma_entry_limit = 65535;
 
-  // Two groups, both viable, both IOMMU types, an x86-like IOVA space [0, 2^39) without the MSI
-  // window; SPAPR window [0, 1 GiB).
+  // Two groups (devices 0000:00:07.0 and 0000:00:08.0), both viable, both IOMMU types, an x86-like
+  // IOVA space [0, 2^39) without the MSI window; SPAPR window [0, 1 GiB).
   static FakeVfioKernelOptions Default();
 };
 
 struct FakeVfioCall {
-  enum class Kind { kOpen, kClose, kIoctl };
+  enum class Kind { kOpen, kClose, kDup, kIoctl };
   Kind kind = Kind::kIoctl;
   std::string path;           // kOpen
   int flags = 0;              // kOpen
-  int fd = -1;                // kClose, kIoctl
+  int fd = -1;                // kClose, kDup, kIoctl
   unsigned long request = 0;  // NOLINT(runtime/int): kIoctl
   std::string name;           // kIoctl: e.g. "VFIO_IOMMU_SPAPR_TCE_GET_INFO"
   uint64_t int_arg = 0;       // kIoctl with an integer argument
@@ -105,6 +116,7 @@ struct FakeType1Dma {
   uint64_t iova = 0;
   uint64_t vaddr = 0;
   uint64_t size = 0;
+  bool vaddr_invalid = false;  // UNMAP_DMA(FLAG_VADDR) since the last MAP_DMA(FLAG_VADDR)
 };
 
 class FakeVfioKernel final : public VfioKernel {
@@ -113,6 +125,7 @@ class FakeVfioKernel final : public VfioKernel {
 
   int Open(const char* path, int flags) override;
   int Close(int fd) override;
+  int Dup(int fd) override;
   int Ioctl(int fd, unsigned long request, void* arg) override;  // NOLINT(runtime/int)
 
   // The `nth` (1-based) call of `request` from now on fails with `err` and changes nothing.
@@ -151,7 +164,7 @@ class FakeVfioKernel final : public VfioKernel {
     uint64_t mapped = 1;
   };
   struct Container {
-    bool fd_open = true;
+    int fd_refs = 1;          // descriptors of the container (Dup adds one)
     uint32_t iommu_type = 0;  // 0 until SET_IOMMU
     std::set<std::string> groups;
     bool mm_set = false;                // SPAPR: bound to the process by the first REGISTER_MEMORY
@@ -165,12 +178,15 @@ class FakeVfioKernel final : public VfioKernel {
     bool viable = true;
     int fd = -1;  // -1: not open
     int container = -1;
+    std::vector<std::string> devices;
+    int device_fds = 0;  // open device descriptors: they keep the group's file, and so its
+                         // container
   };
-  enum class FdKind { kContainer, kGroup };
+  enum class FdKind { kContainer, kGroup, kDevice };
   struct FdEntry {
     FdKind kind;
     int container = -1;  // kContainer
-    std::string group;   // kGroup
+    std::string group;   // kGroup, kDevice
   };
   struct Injection {
     unsigned long request;  // NOLINT(runtime/int)
@@ -198,6 +214,12 @@ class FakeVfioKernel final : public VfioKernel {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SpaprClearTce(Container& c, uint64_t page) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DetachGroup(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Detaches the group once neither its fd nor a device fd keeps its file open.
+  void MaybeDetachGroup(const std::string& path) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int Type1UnmapVaddr(Container& c, struct vfio_iommu_type1_dma_unmap& unmap)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int Type1MapVaddr(Container& c, const struct vfio_iommu_type1_dma_map& map)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseIommu(Container& c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeDestroyContainer(int id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -10,8 +10,10 @@
 #include <utility>
 
 #include "absl/numeric/bits.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/errno_status.h"
 
 namespace dmapin::agent {
@@ -102,6 +104,7 @@ absl::Status VfioContainerDriver::OpenLocked(absl::Span<const std::string> group
     const int group_fd = kernel_->Open(path.c_str(), kOpenFlags);
     if (group_fd < 0) return KernelError(group_fd, absl::StrCat("open VFIO group ", path));
     group_fds_.push_back(group_fd);
+    group_paths_.push_back(path);
 
     struct vfio_group_status group_status;
     std::memset(&group_status, 0, sizeof(group_status));
@@ -161,6 +164,7 @@ absl::Status VfioContainerDriver::CloseLocked() {
     }
   }
   group_fds_.clear();
+  group_paths_.clear();
   if (container_fd_ >= 0) {
     const int result = kernel_->Close(container_fd_);
     if (result < 0 && first.ok()) {
@@ -171,6 +175,110 @@ absl::Status VfioContainerDriver::CloseLocked() {
   window_ = VfioDmaWindow();
   ResetState();
   return first;
+}
+
+absl::StatusOr<int> VfioContainerDriver::OpenDevice(absl::string_view name) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("OpenDevice");
+  if (!open.ok()) return open;
+  if (name.empty() || name.size() > 64 || name.find('\0') != absl::string_view::npos) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("OpenDevice: \"%s\" is not a device name (e.g. "
+                                               "0000:00:03.0)",
+                                               absl::CEscape(name.substr(0, 64))));
+  }
+  std::string buffer(name);
+  for (size_t i = 0; i < group_fds_.size(); ++i) {
+    const int fd = kernel_->Ioctl(group_fds_[i], VFIO_GROUP_GET_DEVICE_FD, buffer.data());
+    if (fd >= 0) return fd;
+    // ENODEV: not in this group; try the next one.
+    if (fd != -ENODEV) {
+      return KernelError(fd, absl::StrFormat("VFIO_GROUP_GET_DEVICE_FD(%s) on %s (fd %d)", name,
+                                             group_paths_[i], group_fds_[i]));
+    }
+  }
+  if (group_fds_.empty()) {
+    return ErrnoStatus(ENODEV, absl::StrFormat("OpenDevice(%s): the %s container was taken back "
+                                               "from its VMM, which holds its groups and devices",
+                                               name, name_));
+  }
+  return ErrnoStatus(ENODEV, absl::StrFormat("OpenDevice: device %s is in none of the container's "
+                                             "IOMMU groups (%s)",
+                                             name, absl::StrJoin(group_paths_, ", ")));
+}
+
+absl::StatusOr<int> VfioContainerDriver::DupContainer() {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("DupContainer");
+  if (!open.ok()) return open;
+  const int fd = kernel_->Dup(container_fd_);
+  if (fd < 0) return KernelError(fd, absl::StrFormat("dup of container fd %d", container_fd_));
+  return fd;
+}
+
+absl::Status VfioContainerDriver::Adopt(int container_fd) {
+  MutexLock lock(&mu_);
+  if (container_fd_ >= 0) {
+    kernel_->Close(container_fd);
+    return ErrnoStatus(EBUSY,
+                       absl::StrFormat("%s container already open (fd %d)", name_, container_fd_));
+  }
+  if (!can_adopt()) {
+    kernel_->Close(container_fd);
+    return ErrnoStatus(EOPNOTSUPP,
+                       absl::StrFormat("%s: a restarted agent cannot take a container back (the "
+                                       "kernel binds it to the process that first used it)",
+                                       name_));
+  }
+  absl::Status status = AdoptLocked(container_fd);
+  if (!status.ok()) CloseLocked().IgnoreError();  // The adopt error is the one that matters.
+  return status;
+}
+
+absl::Status VfioContainerDriver::AdoptLocked(int container_fd) {
+  container_fd_ = container_fd;
+  absl::StatusOr<int> version =
+      ContainerIoctl(VFIO_GET_API_VERSION, nullptr, "VFIO_GET_API_VERSION (not a VFIO container?)");
+  if (!version.ok()) return version.status();
+  if (*version != VFIO_API_VERSION) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("VFIO_GET_API_VERSION on the received fd is %d, "
+                                               "this build speaks %d",
+                                               *version, VFIO_API_VERSION));
+  }
+  const std::string check = absl::StrFormat("VFIO_CHECK_EXTENSION(%s)", IommuTypeName(iommu_type_));
+  absl::StatusOr<int> supported =
+      ContainerIoctl(VFIO_CHECK_EXTENSION, IoctlIntArg(iommu_type_), check);
+  if (!supported.ok()) return supported.status();
+  if (*supported <= 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s = 0 on the received container fd %d: not a "
+                                               "container of this IOMMU type",
+                                               check, container_fd_));
+  }
+  if (iommu_type_ == VFIO_TYPE1v2_IOMMU) {
+    // Answers 1 only on a container whose IOMMU is set and that still has a group (SURVIVE.md).
+    absl::StatusOr<int> vaddr = ContainerIoctl(VFIO_CHECK_EXTENSION, IoctlIntArg(VFIO_UPDATE_VADDR),
+                                               "VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR)");
+    if (!vaddr.ok()) return vaddr.status();
+    if (*vaddr <= 0) {
+      return ErrnoStatus(ENODEV, absl::StrFormat("VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR) = 0 on "
+                                                 "the received container fd %d: it has no IOMMU "
+                                                 "group any more (the VMM closed its devices) or "
+                                                 "the kernel predates Linux 5.12",
+                                                 container_fd_));
+    }
+  }
+  absl::StatusOr<VfioDmaWindow> window = QueryWindow();
+  if (!window.ok()) return window.status();
+  window_ = *window;
+  return absl::OkStatus();
+}
+
+absl::Status VfioContainerDriver::AdoptRegistration(uint64_t ua, uint64_t size,
+                                                    uint64_t device_iova) {
+  return ErrnoStatus(EOPNOTSUPP, absl::StrCat(name_, ": AdoptRegistration"));
+}
+
+absl::Status VfioContainerDriver::AdoptMapping(uint64_t iova, uint64_t ua, uint64_t size) {
+  return ErrnoStatus(EOPNOTSUPP, absl::StrCat(name_, ": AdoptMapping"));
 }
 
 bool VfioContainerDriver::is_open() const {
@@ -238,10 +346,13 @@ absl::Status SpaprTceV2Driver::RegisterMemory(uint64_t ua, uint64_t size) {
   reg.flags = 0;  // The kernel rejects any flag (EINVAL).
   reg.vaddr = ua;
   reg.size = size;
-  return ContainerIoctl(
-             VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg,
-             absl::StrFormat("VFIO_IOMMU_SPAPR_REGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
-      .status();
+  absl::Status status =
+      ContainerIoctl(
+          VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg,
+          absl::StrFormat("VFIO_IOMMU_SPAPR_REGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
+          .status();
+  if (status.ok()) registered_.emplace(ua, size);
+  return status;
 }
 
 absl::Status SpaprTceV2Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
@@ -257,10 +368,43 @@ absl::Status SpaprTceV2Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
   reg.flags = 0;
   reg.vaddr = ua;
   reg.size = size;
-  return ContainerIoctl(
-             VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
-             absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
-      .status();
+  absl::Status status =
+      ContainerIoctl(
+          VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
+          absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
+          .status();
+  if (status.ok()) registered_.erase({ua, size});
+  return status;
+}
+
+absl::Status SpaprTceV2Driver::ClearAll() {
+  MutexLock lock(&mu_);
+  if (container_fd_ < 0) return absl::OkStatus();
+  absl::Status first;
+  struct vfio_iommu_type1_dma_unmap unmap;
+  std::memset(&unmap, 0, sizeof(unmap));
+  unmap.argsz = sizeof(unmap);
+  unmap.iova = window_.start;
+  unmap.size = window_.size;
+  first = ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap,
+                         absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x) [all]",
+                                         window_.start, window_.size))
+              .status();
+  for (auto it = registered_.begin(); it != registered_.end();) {
+    struct vfio_iommu_spapr_register_memory reg;
+    std::memset(&reg, 0, sizeof(reg));
+    reg.argsz = sizeof(reg);
+    reg.vaddr = it->first;
+    reg.size = it->second;
+    absl::Status status =
+        ContainerIoctl(VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
+                       absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)",
+                                       it->first, it->second))
+            .status();
+    if (!status.ok() && first.ok()) first = status;
+    it = registered_.erase(it);
+  }
+  return first;
 }
 
 absl::Status SpaprTceV2Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
@@ -485,21 +629,177 @@ absl::Status Type1Driver::RegisterMemory(uint64_t ua, uint64_t size) {
   }
   absl::StatusOr<uint64_t> iova = AllocatePinIova(size);
   if (!iova.ok()) return iova.status();
+  return RegisterLocked(ua, size, *iova);
+}
 
+absl::StatusOr<uint64_t> Type1Driver::FreeDeviceIova(uint64_t size) const {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("FreeDeviceIova");
+  if (!open.ok()) return open;
+  return AllocatePinIova(size);
+}
+
+absl::Status Type1Driver::RegisterMemoryAt(uint64_t ua, uint64_t size, uint64_t device_iova) {
+  if (device_iova == 0) return RegisterMemory(ua, size);
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("RegisterMemory");
+  if (!open.ok()) return open;
+  const uint64_t mask = window_.iommu_page_size - 1;
+  if (size == 0 || ua + size < ua || ((ua | size | device_iova) & mask) != 0) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x) at pin iova "
+                                               "0x%x: not aligned to the IOMMU page 0x%x",
+                                               ua, size, device_iova, window_.iommu_page_size));
+  }
+  if (device_iova < reserved_.start || device_iova > reserved_.last ||
+      reserved_.last - device_iova + 1 < size) {
+    return ErrnoStatus(ENOSPC,
+                       absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): pin iova "
+                                       "0x%x is outside the pin range [0x%x, 0x%x]",
+                                       ua, size, device_iova, reserved_.start, reserved_.last));
+  }
+  for (const auto& [iova, pin] : pins_by_iova_) {
+    if (RangesOverlap(device_iova, size, iova, pin.size)) {
+      return ErrnoStatus(ENOSPC, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): pin iova "
+                                                 "0x%x overlaps the registration at 0x%x",
+                                                 ua, size, device_iova, iova));
+    }
+    if (RangesOverlap(ua, size, pin.ua, pin.size)) {
+      return ErrnoStatus(EINVAL, absl::StrFormat("RegisterMemory(vaddr=0x%x, size=0x%x): overlaps "
+                                                 "the registered region vaddr=0x%x size=0x%x",
+                                                 ua, size, pin.ua, pin.size));
+    }
+  }
+  return RegisterLocked(ua, size, device_iova);
+}
+
+absl::Status Type1Driver::RegisterLocked(uint64_t ua, uint64_t size, uint64_t iova) {
   struct vfio_iommu_type1_dma_map map;
   std::memset(&map, 0, sizeof(map));
   map.argsz = sizeof(map);
   map.flags = kMapFlags;
   map.vaddr = ua;
-  map.iova = *iova;
+  map.iova = iova;
   map.size = size;
   absl::StatusOr<int> result = ContainerIoctl(
       VFIO_IOMMU_MAP_DMA, &map,
-      absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x) [pin range]", *iova, ua,
+      absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x) [pin range]", iova, ua,
                       size));
   if (!result.ok()) return result.status();
-  pins_by_iova_[*iova] = Pin{ua, size};
+  pins_by_iova_[iova] = Pin{ua, size};
   return absl::OkStatus();
+}
+
+absl::Status Type1Driver::UnmapLocked(uint64_t iova, uint64_t size, uint32_t flags,
+                                      absl::string_view what, uint64_t* unmapped) {
+  struct vfio_iommu_type1_dma_unmap unmap;
+  std::memset(&unmap, 0, sizeof(unmap));
+  unmap.argsz = sizeof(unmap);
+  unmap.flags = flags;
+  unmap.iova = iova;
+  unmap.size = size;
+  absl::Status status =
+      ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap,
+                     absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(%siova=0x%x, size=0x%x)%s",
+                                     flags != 0 ? "FLAG_VADDR, " : "", iova, size, what))
+          .status();
+  *unmapped = status.ok() ? unmap.size : 0;
+  return status;
+}
+
+absl::Status Type1Driver::UpdateVaddrLocked(uint64_t iova, uint64_t ua, uint64_t size,
+                                            absl::string_view what) {
+  struct vfio_iommu_type1_dma_map map;
+  std::memset(&map, 0, sizeof(map));
+  map.argsz = sizeof(map);
+  map.flags = VFIO_DMA_MAP_FLAG_VADDR;  // a new address takes no protection flags
+  map.vaddr = ua;
+  map.iova = iova;
+  map.size = size;
+  const std::string call = absl::StrFormat(
+      "VFIO_IOMMU_MAP_DMA(FLAG_VADDR, iova=0x%x, vaddr=0x%x, size=0x%x)%s", iova, ua, size, what);
+  int result = kernel_->Ioctl(container_fd_, VFIO_IOMMU_MAP_DMA, &map);
+  if (result >= 0) return absl::OkStatus();  // the old process invalidated it before it exited
+  if (result != -EINVAL)
+    return KernelError(result, absl::StrCat(call, " on container fd ", container_fd_));
+  // EINVAL: the mapping still has the dead process's address (it crashed), or is not exactly
+  // this one. Invalidate it, then set ours.
+  uint64_t invalidated = 0;
+  absl::Status status = UnmapLocked(iova, size, VFIO_DMA_UNMAP_FLAG_VADDR, what, &invalidated);
+  if (!status.ok()) return status;
+  if (invalidated != size) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("%s: the kernel's mappings inside the range cover "
+                                               "0x%x bytes, not 0x%x (a different layout; their "
+                                               "addresses stay invalid until they are unmapped)",
+                                               call, invalidated, size));
+  }
+  result = kernel_->Ioctl(container_fd_, VFIO_IOMMU_MAP_DMA, &map);
+  if (result < 0)
+    return KernelError(result, absl::StrCat(call, " on container fd ", container_fd_));
+  return absl::OkStatus();
+}
+
+absl::Status Type1Driver::AdoptRegistration(uint64_t ua, uint64_t size, uint64_t device_iova) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("AdoptRegistration");
+  if (!open.ok()) return open;
+  if (device_iova < reserved_.start || device_iova > reserved_.last) {
+    return ErrnoStatus(ENXIO,
+                       absl::StrFormat("AdoptRegistration(vaddr=0x%x, size=0x%x): pin iova "
+                                       "0x%x is outside the pin range [0x%x, 0x%x]",
+                                       ua, size, device_iova, reserved_.start, reserved_.last));
+  }
+  absl::Status status = UpdateVaddrLocked(device_iova, ua, size, " [pin range]");
+  if (status.ok()) pins_by_iova_[device_iova] = Pin{ua, size};
+  return status;
+}
+
+absl::Status Type1Driver::AdoptMapping(uint64_t iova, uint64_t ua, uint64_t size) {
+  MutexLock lock(&mu_);
+  absl::Status open = CheckOpen("AdoptMapping");
+  if (!open.ok()) return open;
+  absl::Status range = CheckGuestRange("AdoptMapping", iova, size);
+  if (!range.ok()) return range;
+  absl::Status status = UpdateVaddrLocked(iova, ua, size, "");
+  if (status.ok()) guest_maps_[iova] = GuestMapping{.size = size, .ua = ua};
+  return status;
+}
+
+absl::Status Type1Driver::InvalidateAddresses() {
+  MutexLock lock(&mu_);
+  if (container_fd_ < 0) return absl::OkStatus();
+  std::vector<std::pair<uint64_t, uint64_t>> mappings;  // (iova, size): guest maps, then pins
+  for (const auto& [iova, mapping] : guest_maps_) mappings.emplace_back(iova, mapping.size);
+  for (const auto& [iova, pin] : pins_by_iova_) mappings.emplace_back(iova, pin.size);
+  absl::Status first;
+  for (const auto& [iova, size] : mappings) {
+    uint64_t invalidated = 0;
+    absl::Status status = UnmapLocked(iova, size, VFIO_DMA_UNMAP_FLAG_VADDR, "", &invalidated);
+    if (status.ok() && invalidated != size) {
+      status = ErrnoStatus(EIO, absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(FLAG_VADDR, iova=0x%x, "
+                                                "size=0x%x) invalidated 0x%x bytes",
+                                                iova, size, invalidated));
+    }
+    if (!status.ok() && first.ok()) first = status;
+  }
+  return first;
+}
+
+absl::Status Type1Driver::ClearAll() {
+  MutexLock lock(&mu_);
+  if (container_fd_ < 0) return absl::OkStatus();
+  absl::Status first;
+  // Guest mappings first: the device must not reach pages whose pin goes next.
+  for (auto it = guest_maps_.begin(); it != guest_maps_.end(); it = guest_maps_.erase(it)) {
+    uint64_t unmapped = 0;
+    absl::Status status = UnmapLocked(it->first, it->second.size, 0, "", &unmapped);
+    if (!status.ok() && first.ok()) first = status;
+  }
+  for (auto it = pins_by_iova_.begin(); it != pins_by_iova_.end(); it = pins_by_iova_.erase(it)) {
+    uint64_t unmapped = 0;
+    absl::Status status = UnmapLocked(it->first, it->second.size, 0, " [pin range]", &unmapped);
+    if (!status.ok() && first.ok()) first = status;
+  }
+  return first;
 }
 
 absl::Status Type1Driver::UnregisterMemory(uint64_t ua, uint64_t size) {

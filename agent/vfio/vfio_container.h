@@ -24,7 +24,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -81,8 +83,55 @@ class VfioContainerDriver {
   // Clears the IOMMU entries of [iova, iova + size).
   virtual absl::Status UnmapDma(uint64_t iova, uint64_t size) = 0;
 
+  // Where a registration of `size` bytes would go in the container's IOVA space (type1: the pin
+  // range; 0 for a driver that needs no IOVA for it, SPAPR), and the same registration at that
+  // IOVA (`device_iova` is ignored when 0): a registration split in pieces asks once for all of
+  // them and registers each at its offset, so one IOVA, stored with the hold, says where all of it
+  // is after a restart.
+  virtual absl::StatusOr<uint64_t> FreeDeviceIova(uint64_t size) const { return uint64_t{0}; }
+  virtual absl::Status RegisterMemoryAt(uint64_t ua, uint64_t size, uint64_t device_iova) {
+    return RegisterMemory(ua, size);
+  }
+
   // The window guest mappings may use, as read from the kernel by Open().
   absl::StatusOr<VfioDmaWindow> DmaWindow() const;
+
+  // --- The device handoff (README, "What happens when the agent dies") ------------------------
+  // The device `name` (e.g. "0000:00:03.0") of one of the container's groups, opened with
+  // VFIO_GROUP_GET_DEVICE_FD for the VMM. While a device fd is open its group stays attached and
+  // the container keeps its IOMMU state, whatever happens to the agent. ENODEV when no group of
+  // the container has the device. The caller owns the descriptor (close it with kernel()).
+  absl::StatusOr<int> OpenDevice(absl::string_view name);
+  // Another descriptor of the container (F_DUPFD_CLOEXEC), for the VMM to keep and to give back
+  // to a restarted agent. The caller owns it.
+  absl::StatusOr<int> DupContainer();
+  // Whether Adopt can work for this IOMMU type (type1: VFIO_UPDATE_VADDR; SPAPR binds a container
+  // to the mm of its first user, so another process cannot change it).
+  virtual bool can_adopt() const { return false; }
+  // Takes over `container_fd` (always: closed on failure, or by Close), a container this driver's
+  // IOMMU type configured in an earlier agent process and that its VMM kept: checks it is one
+  // (VFIO_GET_API_VERSION, the IOMMU type, and for type1 VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR),
+  // which answers 1 only while a group is attached) and reads its window. No group is opened
+  // (the VMM's device fds hold them: opening one is EBUSY). Then AdoptRegistration and
+  // AdoptMapping for everything the store says the container holds. EOPNOTSUPP unless
+  // can_adopt(); EBUSY if already open.
+  absl::Status Adopt(int container_fd);
+  // The kernel objects an earlier agent process made, now known by this process's address `ua`
+  // (type1: VFIO_DMA_MAP_FLAG_VADDR, after VFIO_DMA_UNMAP_FLAG_VADDR unless the old process did
+  // that before its planned exit). ENOENT when the kernel has no mapping there (it is not that
+  // container, or the earlier agent died before the kernel call), EINVAL when its size differs.
+  virtual absl::Status AdoptRegistration(uint64_t ua, uint64_t size, uint64_t device_iova);
+  virtual absl::Status AdoptMapping(uint64_t iova, uint64_t ua, uint64_t size);
+  // Before a planned exit with the VMM holding the container: the kernel forgets this process's
+  // addresses (VFIO_DMA_UNMAP_FLAG_VADDR of every mapping), so nothing uses them once it is gone;
+  // the device keeps its IOMMU entries. Type1 only (OK and nothing done otherwise). Returns the
+  // first error, after trying every mapping.
+  virtual absl::Status InvalidateAddresses() { return absl::OkStatus(); }
+  // Unmaps and unregisters everything the driver made or adopted: a release while the VMM still
+  // holds the devices (closing the descriptors would then drop nothing). Returns the first
+  // error, after trying everything.
+  virtual absl::Status ClearAll() = 0;
+  VfioKernel* kernel() const { return kernel_; }
 
   // Closes the groups (which detaches them from the container) and then the container. Once no
   // device fd of the groups is open either (a VMM holds those), the kernel drops every mapping
@@ -123,10 +172,12 @@ class VfioContainerDriver {
   absl::Status OpenLocked(absl::Span<const std::string> group_paths)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status AdoptLocked(int container_fd) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const uint32_t iommu_type_;
   const std::string name_;
   std::vector<int> group_fds_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> group_paths_ ABSL_GUARDED_BY(mu_);  // of group_fds_
 };
 
 // VFIO_SPAPR_TCE_v2_IOMMU (ppc64, Linux 4.2+): the kernel's own pre-registration cache.
@@ -151,9 +202,15 @@ class SpaprTceV2Driver final : public VfioContainerDriver {
   absl::Status UnregisterMemory(uint64_t ua, uint64_t size) override;
   absl::Status MapDma(uint64_t iova, uint64_t ua, uint64_t size) override;
   absl::Status UnmapDma(uint64_t iova, uint64_t size) override;
+  // Clears the whole window's TCEs, then unregisters every region.
+  absl::Status ClearAll() override;
 
  private:
   absl::StatusOr<VfioDmaWindow> QueryWindow() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ResetState() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { registered_.clear(); }
+
+  // The regions registered, for ClearAll.
+  std::set<std::pair<uint64_t, uint64_t>> registered_ ABSL_GUARDED_BY(mu_);
 };
 
 struct Type1Options {
@@ -206,6 +263,16 @@ class Type1Driver final : public VfioContainerDriver {
   absl::Status UnregisterMemory(uint64_t ua, uint64_t size) override;
   absl::Status MapDma(uint64_t iova, uint64_t ua, uint64_t size) override;
   absl::Status UnmapDma(uint64_t iova, uint64_t size) override;
+  // First fit in the pin range; RegisterMemoryAt: ENOSPC outside the pin range or over another
+  // registration, EINVAL misaligned.
+  absl::StatusOr<uint64_t> FreeDeviceIova(uint64_t size) const override;
+  absl::Status RegisterMemoryAt(uint64_t ua, uint64_t size, uint64_t device_iova) override;
+
+  bool can_adopt() const override { return true; }
+  absl::Status AdoptRegistration(uint64_t ua, uint64_t size, uint64_t device_iova) override;
+  absl::Status AdoptMapping(uint64_t iova, uint64_t ua, uint64_t size) override;
+  absl::Status InvalidateAddresses() override;
+  absl::Status ClearAll() override;
 
   // The pin range (valid after Open()).
   absl::StatusOr<VfioIovaRange> ReservedIovaRange() const;
@@ -237,6 +304,13 @@ class Type1Driver final : public VfioContainerDriver {
   // ENXIO unless [iova, iova + size) lies inside the guest window (and so outside the pin range).
   absl::Status CheckGuestRange(absl::string_view what, uint64_t iova, uint64_t size) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status RegisterLocked(uint64_t ua, uint64_t size, uint64_t iova)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Points the kernel's mapping [iova, iova + size) at `ua` of this process (VFIO_UPDATE_VADDR).
+  absl::Status UpdateVaddrLocked(uint64_t iova, uint64_t ua, uint64_t size, absl::string_view what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status UnmapLocked(uint64_t iova, uint64_t size, uint32_t flags, absl::string_view what,
+                           uint64_t* unmapped) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Type1Options options_;
   VfioIovaRange reserved_ ABSL_GUARDED_BY(mu_);

@@ -639,6 +639,139 @@ TEST_F(Type1Test, RegisterUnregisterRoundTripInTheReservedRange) {
   EXPECT_EQ(kernel_.locked_pages(), 0u);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The device handoff and a restarted agent taking the container back (one fake fd table plays
+// the agent and the VMM; destroying a driver is the agent's exit: its descriptors close).
+
+TEST_F(Type1Test, RegisterMemoryAtPutsThePinWhereAsked) {
+  const uint64_t at = *driver_.FreeDeviceIova(2 * kMiB);
+  EXPECT_EQ(at, reserved_.start);
+  ASSERT_TRUE(driver_.RegisterMemoryAt(kUa, 1 * kMiB, at + 1 * kMiB).ok());
+  ASSERT_TRUE(driver_.RegisterMemoryAt(kUa + 1 * kMiB, 1 * kMiB, at).ok());
+  EXPECT_EQ(*driver_.PinIova(kUa, 1 * kMiB), at + 1 * kMiB);
+  EXPECT_EQ(ErrnoOf(driver_.RegisterMemoryAt(kUa + 4 * kMiB, 1 * kMiB, at)), ENOSPC);  // taken
+  EXPECT_EQ(ErrnoOf(driver_.RegisterMemoryAt(kUa + 4 * kMiB, 1 * kMiB, 0x100000)), ENOSPC);
+  EXPECT_EQ(ErrnoOf(driver_.RegisterMemoryAt(kUa + 4 * kMiB, 1 * kMiB, at + 100)), EINVAL);
+  EXPECT_EQ(*driver_.FreeDeviceIova(4096), at + 2 * kMiB);
+}
+
+TEST_F(Type1Test, DevicesAndAContainerDuplicateKeepTheMappingsAfterTheAgentIsGone) {
+  ASSERT_TRUE(driver_.RegisterMemory(kUa, 2 * kMiB).ok());
+  ASSERT_TRUE(driver_.MapDma(0x100000, kUa, 64 * kKiB).ok());
+  EXPECT_EQ(ErrnoOf(driver_.OpenDevice("0000:00:08.0").status()), ENODEV);  // group 8's
+  EXPECT_EQ(ErrnoOf(driver_.OpenDevice("").status()), EINVAL);
+  const int device = *driver_.OpenDevice("0000:00:07.0");
+  const int container = *driver_.DupContainer();
+  // The agent exits: its group and container descriptors close.
+  ASSERT_TRUE(driver_.Close().ok());
+  EXPECT_THAT(kernel_.Type1Dmas(), SizeIs(2));       // kept for the device
+  EXPECT_EQ(kernel_.Open(kGroup7, O_RDWR), -EBUSY);  // the device holds it
+  EXPECT_EQ(kernel_.Close(device), 0);               // the VMM lets go
+  EXPECT_THAT(kernel_.Type1Dmas(), IsEmpty());       // and the mappings go
+  EXPECT_EQ(kernel_.Close(container), 0);
+}
+
+TEST_F(Type1Test, AdoptAfterACrashMovesEveryMappingToTheNewAddresses) {
+  const uint64_t pin = *driver_.FreeDeviceIova(2 * kMiB);
+  ASSERT_TRUE(driver_.RegisterMemoryAt(kUa, 2 * kMiB, pin).ok());
+  ASSERT_TRUE(driver_.MapDma(0x100000, kUa, 64 * kKiB).ok());
+  ASSERT_TRUE(driver_.MapDma(0x200000, kUa + 64 * kKiB, 64 * kKiB).ok());
+  const int device = *driver_.OpenDevice("0000:00:07.0");
+  const int kept = *driver_.DupContainer();
+  ASSERT_TRUE(driver_.Close().ok());  // kill -9: nothing invalidated
+
+  constexpr uint64_t kNewUa = 0x7e0000000000;
+  Type1Driver restarted(&kernel_);
+  ASSERT_TRUE(restarted.Adopt(kernel_.Dup(kept)).ok());
+  EXPECT_EQ(restarted.ReservedIovaRange()->start, reserved_.start);
+  EXPECT_EQ(restarted.ReservedIovaRange()->last, reserved_.last);
+  ASSERT_TRUE(restarted.AdoptRegistration(kNewUa, 2 * kMiB, pin).ok());
+  ASSERT_TRUE(restarted.AdoptMapping(0x100000, kNewUa, 64 * kKiB).ok());
+  // Not this container's mapping: ENOENT, and nothing changed.
+  EXPECT_EQ(ErrnoOf(restarted.AdoptMapping(0x300000, kNewUa, 64 * kKiB)), ENOENT);
+  // Another size than the kernel's: EINVAL.
+  EXPECT_EQ(ErrnoOf(restarted.AdoptMapping(0x200000, kNewUa + 64 * kKiB, 128 * kKiB)), EINVAL);
+  for (const FakeType1Dma& dma : kernel_.Type1Dmas()) {
+    if (dma.iova == 0x200000) {
+      EXPECT_TRUE(dma.vaddr_invalid);  // the failed adopt left it invalid, still mapped
+    } else {
+      EXPECT_FALSE(dma.vaddr_invalid) << dma.iova;
+      EXPECT_EQ(dma.vaddr, kNewUa);
+    }
+  }
+  // The restarted agent maps and unmaps as before, and its release clears what it adopted.
+  ASSERT_TRUE(restarted.MapDma(0x400000, kNewUa + 128 * kKiB, 64 * kKiB).ok());
+  ASSERT_TRUE(restarted.UnmapDma(0x100000, 64 * kKiB).ok());
+  EXPECT_EQ(ErrnoOf(restarted.OpenDevice("0000:00:07.0").status()), ENODEV);  // the VMM's
+  ASSERT_TRUE(restarted.ClearAll().ok());
+  std::vector<uint64_t> left;
+  for (const FakeType1Dma& dma : kernel_.Type1Dmas()) left.push_back(dma.iova);
+  EXPECT_THAT(left, ElementsAre(0x200000));  // what it could not adopt
+  ASSERT_TRUE(restarted.Close().ok());
+  EXPECT_EQ(kernel_.Close(device), 0);
+  EXPECT_EQ(kernel_.Close(kept), 0);
+  EXPECT_THAT(kernel_.Type1Dmas(), IsEmpty());
+  EXPECT_THAT(kernel_.OpenFds(), IsEmpty());
+}
+
+TEST_F(Type1Test, AdoptAfterAPlannedExitSetsTheInvalidatedAddresses) {
+  ASSERT_TRUE(driver_.RegisterMemory(kUa, 2 * kMiB).ok());
+  ASSERT_TRUE(driver_.MapDma(0x100000, kUa, 64 * kKiB).ok());
+  const uint64_t pin = *driver_.PinIova(kUa, 2 * kMiB);
+  const int device = *driver_.OpenDevice("0000:00:07.0");
+  const int kept = *driver_.DupContainer();
+  ASSERT_TRUE(driver_.InvalidateAddresses().ok());
+  for (const FakeType1Dma& dma : kernel_.Type1Dmas()) EXPECT_TRUE(dma.vaddr_invalid);
+  ASSERT_TRUE(driver_.Close().ok());
+
+  Type1Driver restarted(&kernel_);
+  ASSERT_TRUE(restarted.Adopt(kept).ok());
+  kernel_.ClearCalls();
+  ASSERT_TRUE(restarted.AdoptRegistration(kUa + 4 * kMiB, 2 * kMiB, pin).ok());
+  // One call: the address was invalid already.
+  EXPECT_THAT(kernel_.CallLog(), ElementsAre(::testing::EndsWith(", VFIO_IOMMU_MAP_DMA)=0")));
+  EXPECT_EQ(kernel_.calls().back().ArgAs<vfio_iommu_type1_dma_map>().flags,
+            static_cast<uint32_t>(VFIO_DMA_MAP_FLAG_VADDR));
+  ASSERT_TRUE(restarted.AdoptMapping(0x100000, kUa + 4 * kMiB, 64 * kKiB).ok());
+  for (const FakeType1Dma& dma : kernel_.Type1Dmas()) EXPECT_FALSE(dma.vaddr_invalid);
+  ASSERT_TRUE(restarted.Close().ok());
+  EXPECT_EQ(kernel_.Close(device), 0);
+}
+
+TEST_F(Type1Test, AdoptRefusesWhatIsNotALiveContainer) {
+  const int device = *driver_.OpenDevice("0000:00:07.0");
+  const int kept = *driver_.DupContainer();
+  // Not a container: a device fd answers ENOTTY.
+  Type1Driver restarted(&kernel_);
+  EXPECT_EQ(ErrnoOf(restarted.Adopt(kernel_.Dup(device))), ENOTTY);
+  EXPECT_FALSE(restarted.is_open());
+  // A container that lost its groups (the VMM closed its devices): ENODEV.
+  ASSERT_TRUE(driver_.Close().ok());
+  EXPECT_EQ(kernel_.Close(device), 0);
+  EXPECT_EQ(ErrnoOf(restarted.Adopt(kept)), ENODEV);
+  EXPECT_FALSE(restarted.is_open());
+  EXPECT_THAT(kernel_.OpenFds(), IsEmpty());  // every descriptor given to Adopt was closed
+}
+
+TEST(SpaprAdoptTest, ContainersCannotBeTakenBackButDevicesCanBeHandedOff) {
+  FakeVfioKernel kernel(OptionsFor(Kind::kSpapr));
+  SpaprTceV2Driver driver(&kernel);
+  ASSERT_TRUE(driver.Open({kGroup7}).ok());
+  ASSERT_TRUE(driver.RegisterMemory(0x7f0000000000, 1 * kMiB).ok());
+  ASSERT_TRUE(driver.MapDma(0, 0x7f0000000000, 64 * kKiB).ok());
+  const int device = *driver.OpenDevice("0000:00:07.0");
+  EXPECT_FALSE(driver.can_adopt());
+  SpaprTceV2Driver other(&kernel);
+  EXPECT_EQ(ErrnoOf(other.Adopt(*driver.DupContainer())), EOPNOTSUPP);
+  // A release while the VMM holds the device clears the TCEs and the registration itself.
+  ASSERT_TRUE(driver.ClearAll().ok());
+  EXPECT_THAT(kernel.SpaprTces(), IsEmpty());
+  EXPECT_THAT(kernel.SpaprRegions(), IsEmpty());
+  ASSERT_TRUE(driver.Close().ok());
+  EXPECT_EQ(kernel.Close(device), 0);
+  EXPECT_THAT(kernel.OpenFds(), IsEmpty());
+}
+
 TEST_F(Type1Test, PerContainerRulesAnsweredWithoutTheKernel) {
   ASSERT_TRUE(driver_.RegisterMemory(kUa, 2 * kMiB).ok());
   kernel_.ClearCalls();

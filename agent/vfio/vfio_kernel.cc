@@ -21,6 +21,11 @@ int RealVfioKernel::Close(int fd) {
   return ::close(fd) == 0 ? 0 : -errno;
 }
 
+int RealVfioKernel::Dup(int fd) {
+  const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  return copy >= 0 ? copy : -errno;
+}
+
 int RealVfioKernel::Ioctl(int fd, unsigned long request, void* arg) {  // NOLINT(runtime/int)
   const int result = ::ioctl(fd, request, arg);
   return result >= 0 ? result : -errno;

@@ -18,6 +18,9 @@ class VfioKernel {
   virtual int Open(const char* path, int flags) = 0;
   // close(2): 0, or -errno.
   virtual int Close(int fd) = 0;
+  // fcntl(fd, F_DUPFD_CLOEXEC): another descriptor of the same open file (a container handed to
+  // a VMM stays one container), or -errno.
+  virtual int Dup(int fd) = 0;
   // ioctl(2): the kernel's non-negative result, or -errno. VFIO ioctls that take an integer
   // (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU) receive it as the pointer value: see IoctlIntArg().
   virtual int Ioctl(int fd, unsigned long request, void* arg) = 0;  // NOLINT(runtime/int)
@@ -39,6 +42,7 @@ class RealVfioKernel final : public VfioKernel {
  public:
   int Open(const char* path, int flags) override;
   int Close(int fd) override;
+  int Dup(int fd) override;
   int Ioctl(int fd, unsigned long request, void* arg) override;  // NOLINT(runtime/int)
 };
 
