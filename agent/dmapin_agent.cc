@@ -289,9 +289,10 @@ absl::StatusOr<std::vector<uid_t>> ManagerUids() {
   return uids;
 }
 
-// The memory socket's requests: descriptors of a VMM's memory for one of its contexts.
+// The memory socket's requests: descriptors of a VMM's memory for one of its contexts, its
+// devices, and its container back after a restart.
 v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& peer,
-                                       const v1::AttachMemoryRequest& request,
+                                       const v1::MemorySocketRequest& request,
                                        const std::vector<UniqueFd>& fds) {
   std::vector<SlotSource> sources;
   sources.reserve(std::min<size_t>(request.slots_size(), GuestMemory::kMaxSlots + 1));
@@ -309,6 +310,38 @@ v1::MemorySocketReply AttachFromSocket(NodeAgent& agent, const PeerCredentials& 
   v1::MemorySocketReply reply;
   Fill(*view, reply.mutable_context());
   return reply;
+}
+
+v1::MemorySocketReply ServeMemorySocket(NodeAgent& agent, const PeerCredentials& peer,
+                                        const v1::MemorySocketRequest& request,
+                                        std::vector<UniqueFd>& fds,
+                                        std::vector<UniqueFd>* reply_fds) {
+  const Caller caller = Caller::Local(peer.pid, peer.uid);
+  if (request.has_open_devices()) {
+    const v1::OpenDevicesRequest& open = request.open_devices();
+    std::vector<std::string> devices(open.devices().begin(), open.devices().end());
+    absl::StatusOr<DeviceHandoff> handoff = agent.OpenDevices(open.container(), devices, caller);
+    if (!handoff.ok()) return ReplyFor(WithErrno(handoff.status()));
+    v1::MemorySocketReply reply;
+    Fill(handoff->container, reply.mutable_container());
+    // The real kernel's descriptors are the process's own.
+    for (VfioFd& fd : handoff->fds) reply_fds->emplace_back(fd.release());
+    return reply;
+  }
+  if (request.has_adopt_container()) {
+    const std::string& name = request.adopt_container().container();
+    absl::StatusOr<AdoptionReport> report = agent.AdoptContainer(name, fds[0].release(), caller);
+    if (!report.ok()) return ReplyFor(WithErrno(report.status()));
+    v1::MemorySocketReply reply;
+    reply.mutable_adoption()->set_registrations(report->registrations);
+    reply.mutable_adoption()->set_mappings(report->mappings);
+    reply.mutable_adoption()->set_inconsistencies(report->inconsistencies);
+    if (absl::StatusOr<ContainerView> view = agent.GetContainer(name); view.ok()) {
+      Fill(*view, reply.mutable_container());
+    }
+    return reply;
+  }
+  return AttachFromSocket(agent, peer, request, fds);
 }
 
 std::string NodeName() {
@@ -359,7 +392,11 @@ int Run() {
   std::function<absl::StatusOr<std::unique_ptr<VfioContainerDriver>>(
       const std::vector<std::string>&)>
       open_vfio_container;
+  std::function<std::unique_ptr<VfioContainerDriver>()> new_vfio_driver;
   if (IsVfioBackend(backend_flag)) {
+    new_vfio_driver = [&vfio_kernel, backend_flag] {
+      return NewVfioContainerDriver(backend_flag, &vfio_kernel);
+    };
     open_vfio_container = [&vfio_kernel, backend_flag](const std::vector<std::string>& groups)
         -> absl::StatusOr<std::unique_ptr<VfioContainerDriver>> {
       std::unique_ptr<VfioContainerDriver> driver =
@@ -386,6 +423,7 @@ int Run() {
                          .available_backends = DetectBackends(),
                          .vfio_backend = IsVfioBackend(backend_flag) ? backend_flag : "",
                          .open_vfio_container = std::move(open_vfio_container),
+                         .new_vfio_driver = std::move(new_vfio_driver),
                          .limits = LimitsFromFlags(),
                          .vmm_memory = memory != nullptr,
                          .manager_uids = std::move(*manager_uids),
@@ -458,9 +496,9 @@ int Run() {
     std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ignored);
     NodeAgent* core = agent->get();
     absl::StatusOr<std::unique_ptr<MemorySocketServer>> started = MemorySocketServer::Start(
-        path, [core](const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
-                     const std::vector<UniqueFd>& fds) {
-          return AttachFromSocket(*core, peer, request, fds);
+        path, [core](const PeerCredentials& peer, const v1::MemorySocketRequest& request,
+                     std::vector<UniqueFd>& fds, std::vector<UniqueFd>* reply_fds) {
+          return ServeMemorySocket(*core, peer, request, fds, reply_fds);
         });
     if (!started.ok()) {
       LOG(ERROR) << absl::StrFormat("dmapin-agent: --memory_socket_path=%s: %s", path.c_str(),
@@ -582,10 +620,12 @@ int Run() {
   if (control != nullptr) control->Stop();
   listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  // The exposer's threads read the metrics, which read the agent and the memory socket: stop
-  // them first.
-  exposer.reset();
   memory_socket.reset();
+  // A planned exit: nothing is served any more; the kernel forgets the agent's addresses of the
+  // containers the VMMs hold (their devices keep every IOVA mapping for the next agent).
+  (*agent)->PrepareForExit();
+  // The exposer's threads read the metrics, which read the agent: stop them first.
+  exposer.reset();
   return 0;
 }
 

@@ -20,6 +20,8 @@ namespace {
 
 // Bounds the reply's record: a Context of 512 slots is some 50 KiB.
 constexpr size_t kMaxReplyBytes = 1 << 20;
+// The agent sends at most this many descriptors with a reply (a container and 16 devices).
+constexpr size_t kMaxReplyFds = 64;
 
 bool BrokenConnection(int err) {
   return err == EPIPE || err == ECONNRESET || err == ENOTCONN || err == ECONNREFUSED;
@@ -63,6 +65,7 @@ absl::StatusOr<std::unique_ptr<MemorySocketClient>> MemorySocketClient::Connect(
 
 absl::StatusOr<v1::Context> MemorySocketClient::Attach(const v1::AttachMemoryRequest& request,
                                                        absl::Span<const int> fds) {
+  // A serialized AttachMemoryRequest is an attach MemorySocketRequest (the same fields).
   std::string bytes;
   if (!request.SerializeToString(&bytes)) {
     return ErrnoStatus(EINVAL, "AttachMemoryRequest does not serialize");
@@ -73,8 +76,39 @@ absl::StatusOr<v1::Context> MemorySocketClient::Attach(const v1::AttachMemoryReq
   return std::move(*reply->mutable_context());
 }
 
+absl::StatusOr<std::vector<UniqueFd>> MemorySocketClient::OpenDevices(
+    const v1::OpenDevicesRequest& request, v1::Container* container) {
+  v1::MemorySocketRequest envelope;
+  *envelope.mutable_open_devices() = request;
+  std::vector<UniqueFd> fds;
+  absl::StatusOr<v1::MemorySocketReply> reply = SendRaw(envelope.SerializeAsString(), {}, &fds);
+  if (!reply.ok()) return reply.status();
+  if (reply->code() != 0) return StatusOfReply(*reply);
+  if (fds.size() != static_cast<size_t>(request.devices_size()) + 1 ||
+      reply->descriptors() != fds.size()) {
+    return ErrnoStatus(
+        EIO, absl::StatusCode::kInternal,
+        absl::StrCat("the agent's device handoff carried ", fds.size(), " descriptor(s) (it says ",
+                     reply->descriptors(), "); ", request.devices_size() + 1, " expected"));
+  }
+  if (container != nullptr) *container = std::move(*reply->mutable_container());
+  return fds;
+}
+
+absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::AdoptContainer(
+    const std::string& container, int container_fd) {
+  v1::MemorySocketRequest envelope;
+  envelope.mutable_adopt_container()->set_container(container);
+  const int fds[] = {container_fd};
+  absl::StatusOr<v1::MemorySocketReply> reply = SendRaw(envelope.SerializeAsString(), fds);
+  if (!reply.ok()) return reply.status();
+  if (reply->code() != 0) return StatusOfReply(*reply);
+  return reply;
+}
+
 absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::string& bytes,
-                                                                  absl::Span<const int> fds) {
+                                                                  absl::Span<const int> fds,
+                                                                  std::vector<UniqueFd>* received) {
   iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -112,11 +146,33 @@ absl::StatusOr<v1::MemorySocketReply> MemorySocketClient::SendRaw(const std::str
   }
 
   std::string buffer(kMaxReplyBytes, '\0');
+  alignas(cmsghdr) char reply_control[CMSG_SPACE(kMaxReplyFds * sizeof(int))];
   ssize_t n;
+  msghdr reply_msg{};
   do {
+    iovec reply_iov{buffer.data(), buffer.size()};
+    reply_msg = msghdr{};
+    reply_msg.msg_iov = &reply_iov;
+    reply_msg.msg_iovlen = 1;
+    reply_msg.msg_control = reply_control;
+    reply_msg.msg_controllen = sizeof(reply_control);
     // MSG_TRUNC: the record's real length, to tell an oversized reply.
-    n = ::recv(fd_.get(), buffer.data(), buffer.size(), MSG_TRUNC);
+    n = ::recvmsg(fd_.get(), &reply_msg, MSG_TRUNC | MSG_CMSG_CLOEXEC);
   } while (n < 0 && errno == EINTR);
+  if (n >= 0) {
+    std::vector<UniqueFd> came;
+    for (cmsghdr* cmsg = CMSG_FIRSTHDR(&reply_msg); cmsg != nullptr;
+         cmsg = CMSG_NXTHDR(&reply_msg, cmsg)) {
+      if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+      const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < count; ++i) {
+        int one;
+        std::memcpy(&one, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(one));
+        came.emplace_back(one);
+      }
+    }
+    if (received != nullptr) *received = std::move(came);
+  }
   if (n < 0) {
     const int err = errno;
     return ErrnoStatus(err, absl::StatusCode::kUnavailable,

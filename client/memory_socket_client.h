@@ -28,10 +28,19 @@ class MemorySocketClient {
   absl::StatusOr<v1::Context> Attach(const v1::AttachMemoryRequest& request,
                                      absl::Span<const int> fds);
 
+  // The device handoff: the container's devices and a duplicate of the container's descriptor
+  // (descriptor 0 of the result; i + 1 is request.devices(i)); `*container` the container.
+  absl::StatusOr<std::vector<UniqueFd>> OpenDevices(const v1::OpenDevicesRequest& request,
+                                                    v1::Container* container);
+  // After the agent restarted: gives it `container_fd` (a descriptor OpenDevices handed out; it
+  // stays the caller's) back for `container`. The reply says what the agent found.
+  absl::StatusOr<v1::MemorySocketReply> AdoptContainer(const std::string& container,
+                                                       int container_fd);
+
   // Sends raw bytes and descriptors as one record and returns the reply, whatever its code
-  // (tests of bad input).
-  absl::StatusOr<v1::MemorySocketReply> SendRaw(const std::string& bytes,
-                                                absl::Span<const int> fds);
+  // (tests of bad input); the descriptors that came with it go to `received` (closed when null).
+  absl::StatusOr<v1::MemorySocketReply> SendRaw(const std::string& bytes, absl::Span<const int> fds,
+                                                std::vector<UniqueFd>* received = nullptr);
 
   int fd() const { return fd_.get(); }
 

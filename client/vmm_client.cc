@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "common/errno_status.h"
@@ -166,7 +167,23 @@ absl::Status DmaSession::RoundTrip(v1::DmaSessionRequest& request) {
     stream_->Finish();
     return *ended_;
   }
-  return StatusOfResponse(response_);
+  absl::Status status = StatusOfResponse(response_);
+  // After an agent restart: give the containers back, then once more.
+  if (AwaitsAdoption(status) && client_ != nullptr && client_->AdoptContainers().ok()) {
+    request.set_tag(next_tag_++);
+    if (!stream_->Write(request)) return Broken("write");
+    if (!stream_->Read(&response_)) return Broken("read");
+    if (response_.tag() != request.tag()) {
+      ended_ = ErrnoStatus(EIO, absl::StatusCode::kInternal,
+                           absl::StrCat("DmaSession: response tag ", response_.tag(),
+                                        " for request tag ", request.tag()));
+      context_->TryCancel();
+      stream_->Finish();
+      return *ended_;
+    }
+    status = StatusOfResponse(response_);
+  }
+  return status;
 }
 
 absl::Status DmaSession::Broken(absl::string_view what) {
@@ -291,19 +308,70 @@ absl::StatusOr<v1::Context> VmmClient::AttachMemory(absl::string_view context,
     out->set_fd_index(static_cast<uint32_t>(index));
   }
   MutexLock lock(&memory_mu_);
+  absl::StatusOr<MemorySocketClient*> socket = MemorySocketLocked();
+  if (!socket.ok()) return socket.status();
+  absl::StatusOr<v1::Context> attached = (*socket)->Attach(request, fds);
+  ResetIfBrokenLocked(attached.status());
+  return attached;
+}
+
+absl::StatusOr<MemorySocketClient*> VmmClient::MemorySocketLocked() {
   if (memory_socket_ == nullptr) {
     absl::StatusOr<std::unique_ptr<MemorySocketClient>> connected =
         MemorySocketClient::Connect(options_.memory_socket_path);
     if (!connected.ok()) return connected.status();
     memory_socket_ = std::move(*connected);
   }
-  absl::StatusOr<v1::Context> attached = memory_socket_->Attach(request, fds);
+  return memory_socket_.get();
+}
+
+void VmmClient::ResetIfBrokenLocked(const absl::Status& status) {
   // A broken connection (the agent restarted, or dropped us) is reopened by the next call; the
-  // agent's own refusals leave it usable.
-  if (!attached.ok() && attached.status().code() == absl::StatusCode::kUnavailable) {
-    memory_socket_.reset();
+  // agent's other refusals leave it usable.
+  if (status.code() == absl::StatusCode::kUnavailable) memory_socket_.reset();
+}
+
+bool AwaitsAdoption(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable && ErrnoOf(status) == EAGAIN &&
+         absl::StrContains(status.message(), "give its descriptor back");
+}
+
+absl::StatusOr<std::vector<OpenedDevice>> VmmClient::OpenDevices(
+    absl::string_view container, absl::Span<const std::string> devices) {
+  v1::OpenDevicesRequest request;
+  request.set_container(std::string(container));
+  for (const std::string& device : devices) request.add_devices(device);
+  MutexLock lock(&memory_mu_);
+  absl::StatusOr<MemorySocketClient*> socket = MemorySocketLocked();
+  if (!socket.ok()) return socket.status();
+  absl::StatusOr<std::vector<UniqueFd>> fds = (*socket)->OpenDevices(request, nullptr);
+  ResetIfBrokenLocked(fds.status());
+  if (!fds.ok()) return fds.status();
+  containers_[std::string(container)] = std::move((*fds)[0]);
+  std::vector<OpenedDevice> opened;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    opened.push_back({.name = devices[i], .fd = std::move((*fds)[i + 1])});
   }
-  return attached;
+  return opened;
+}
+
+absl::Status VmmClient::AdoptContainers() {
+  MutexLock lock(&memory_mu_);
+  absl::Status first;
+  for (const auto& [name, fd] : containers_) {
+    absl::StatusOr<MemorySocketClient*> socket = MemorySocketLocked();
+    if (!socket.ok()) return socket.status();
+    absl::StatusOr<v1::MemorySocketReply> reply = (*socket)->AdoptContainer(name, fd.get());
+    ResetIfBrokenLocked(reply.status());
+    if (!reply.ok() && ErrnoOf(reply.status()) != EBUSY && first.ok()) first = reply.status();
+  }
+  return first;
+}
+
+int VmmClient::container_fd(absl::string_view container) const {
+  MutexLock lock(&memory_mu_);
+  auto it = containers_.find(container);
+  return it == containers_.end() ? -1 : it->second.get();
 }
 
 absl::StatusOr<v1::Container> VmmClient::CreateContainer(
@@ -358,9 +426,14 @@ absl::Status VmmClient::MapDma(absl::string_view container, uint64_t iova, uint6
   request.set_iova(iova);
   request.set_ua(ua);
   request.set_size(size);
-  std::unique_ptr<grpc::ClientContext> context = NewContext();
-  v1::MapDmaResponse response;
-  return FromGrpcStatus(stub_->MapDma(context.get(), request, &response), *context);
+  for (int attempt = 0;; ++attempt) {
+    std::unique_ptr<grpc::ClientContext> context = NewContext();
+    v1::MapDmaResponse response;
+    absl::Status status =
+        FromGrpcStatus(stub_->MapDma(context.get(), request, &response), *context);
+    // After an agent restart: give the containers back, then once more.
+    if (attempt > 0 || !AwaitsAdoption(status) || !AdoptContainers().ok()) return status;
+  }
 }
 
 absl::Status VmmClient::UnmapDma(absl::string_view container, uint64_t iova, uint64_t size) {
@@ -368,9 +441,13 @@ absl::Status VmmClient::UnmapDma(absl::string_view container, uint64_t iova, uin
   request.set_container(std::string(container));
   request.set_iova(iova);
   request.set_size(size);
-  std::unique_ptr<grpc::ClientContext> context = NewContext();
-  v1::UnmapDmaResponse response;
-  return FromGrpcStatus(stub_->UnmapDma(context.get(), request, &response), *context);
+  for (int attempt = 0;; ++attempt) {
+    std::unique_ptr<grpc::ClientContext> context = NewContext();
+    v1::UnmapDmaResponse response;
+    absl::Status status =
+        FromGrpcStatus(stub_->UnmapDma(context.get(), request, &response), *context);
+    if (attempt > 0 || !AwaitsAdoption(status) || !AdoptContainers().ok()) return status;
+  }
 }
 
 absl::StatusOr<std::unique_ptr<DmaSession>> VmmClient::StartDmaSession() {
@@ -379,7 +456,7 @@ absl::StatusOr<std::unique_ptr<DmaSession>> VmmClient::StartDmaSession() {
   std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>> stream =
       stub_->DmaSession(context.get());
   if (stream == nullptr) return absl::UnavailableError("DmaSession: the stream did not start");
-  return std::unique_ptr<DmaSession>(new DmaSession(std::move(context), std::move(stream)));
+  return std::unique_ptr<DmaSession>(new DmaSession(this, std::move(context), std::move(stream)));
 }
 
 absl::StatusOr<std::vector<uint64_t>> VmmClient::Translate(absl::string_view context_name,

@@ -29,6 +29,8 @@
 #define DMAPIN_CLIENT_VMM_CLIENT_H_
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -114,6 +116,18 @@ struct ContextOptions {
   v1::MemoryBacking backing = v1::MEMORY_BACKING_UNSPECIFIED;
 };
 
+class VmmClient;
+
+// A device of a VFIO container, opened by the agent for this VMM (VmmClient::OpenDevices).
+struct OpenedDevice {
+  std::string name;  // e.g. "0000:00:03.0"
+  UniqueFd fd;       // the VFIO device descriptor: config space, BARs, interrupts, DMA
+};
+
+// Whether `status` is the agent's "EAGAIN: ... waits for its VMM to give its descriptor back":
+// a container this VMM holds, after the agent restarted.
+bool AwaitsAdoption(const absl::Status& status);
+
 // One DmaSession stream: each Map/Unmap is one synchronous round trip on it, cheaper than a
 // unary call. Thread-compatible: use one session per thread (e.g. per VMM I/O thread). A failed
 // request does not end the stream; a broken stream (agent gone) fails this and every later call
@@ -135,14 +149,15 @@ class DmaSession {
  private:
   friend class VmmClient;
   DmaSession(
-      std::unique_ptr<grpc::ClientContext> context,
+      VmmClient* client, std::unique_ptr<grpc::ClientContext> context,
       std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>>
           stream)
-      : context_(std::move(context)), stream_(std::move(stream)) {}
+      : client_(client), context_(std::move(context)), stream_(std::move(stream)) {}
   absl::Status RoundTrip(v1::DmaSessionRequest& request);
   // Ends the stream after a failed write or read: its final status, or UNAVAILABLE.
   absl::Status Broken(absl::string_view what);
 
+  VmmClient* const client_;  // gives its containers back when the agent restarted
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::DmaSessionRequest, v1::DmaSessionResponse>> stream_;
   uint64_t next_tag_ = 1;
@@ -188,6 +203,20 @@ class VmmClient {
                                                 absl::Span<const std::string> vfio_groups = {});
   absl::Status ReleaseContainer(absl::string_view name);
 
+  // --- The device handoff (VFIO backends; README, "What happens when the agent dies") ---------
+  // Opens `devices` (PCI addresses in the container's IOMMU groups) for this VMM. The client
+  // keeps a duplicate of the container's descriptor, and with the device descriptors (the
+  // caller's) it keeps the container's IOMMU state, whatever happens to the agent: a restarted
+  // agent takes the container back from this client (AdoptContainers), which the DMA calls do by
+  // themselves when the agent answers that it waits for it.
+  absl::StatusOr<std::vector<OpenedDevice>> OpenDevices(absl::string_view container,
+                                                        absl::Span<const std::string> devices);
+  // Gives every container this client holds back to the agent: OK when each was taken back or
+  // was served already (EBUSY from the agent). The first other error, after trying every one.
+  absl::Status AdoptContainers();
+  // The client's descriptor of a container it holds, -1 if none.
+  int container_fd(absl::string_view container) const;
+
   // Pins [ua, ua + size) of `context` for `container` (pre-registration).
   absl::StatusOr<v1::Region> RegisterRegion(absl::string_view container, absl::string_view context,
                                             uint64_t ua, uint64_t size);
@@ -211,14 +240,22 @@ class VmmClient {
  private:
   VmmClient(VmmClientOptions options, std::shared_ptr<grpc::Channel> channel);
   std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // The memory socket, connected if it is not (a broken connection was reset).
+  absl::StatusOr<MemorySocketClient*> MemorySocketLocked()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(memory_mu_);
+  // Drops the connection after a transport failure, so the next call reconnects.
+  void ResetIfBrokenLocked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(memory_mu_);
+  friend class DmaSession;
 
   const VmmClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;
   const std::unique_ptr<v1::NodeAgent::Stub> stub_;
 
-  Mutex memory_mu_;
+  mutable Mutex memory_mu_;
   // Connected on the first AttachMemory; reset after a broken connection, to reconnect.
   std::unique_ptr<MemorySocketClient> memory_socket_ ABSL_GUARDED_BY(memory_mu_);
+  // The containers whose devices this VMM holds: name -> a descriptor of the container.
+  std::map<std::string, UniqueFd, std::less<>> containers_ ABSL_GUARDED_BY(memory_mu_);
 };
 
 }  // namespace dmapin::client

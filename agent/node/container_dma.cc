@@ -1,15 +1,40 @@
 #include "agent/node/container_dma.h"
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <utility>
 
 #include "absl/base/optimization.h"
+#include "absl/strings/str_format.h"
+#include "common/errno_status.h"
 
 namespace dmapin::agent {
 
 absl::Status ContainerDma::Release() {
+  if (awaiting_adoption()) return AwaitingAdoption("release");
   if (absl::Status status = registry_.ReleaseContainer(id_); !status.ok()) return status;
   CloseDevice();
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<VfioFd>> ContainerDma::OpenDevices(
+    absl::Span<const std::string> devices) {
+  return ErrnoStatus(ENODEV, "the container has no devices: the node's backend is not VFIO");
+}
+
+absl::StatusOr<AdoptionReport> ContainerDma::Adopt(int container_fd) {
+  ::close(container_fd);
+  return ErrnoStatus(EINVAL,
+                     "the container is not waiting to be taken back (the node's backend "
+                     "is not VFIO)");
+}
+
+absl::Status ContainerDma::AwaitingAdoption(absl::string_view what) const {
+  return ErrnoStatus(EAGAIN, absl::StrFormat("%s: the container waits for its VMM to give its "
+                                             "descriptor back after the agent restarted "
+                                             "(AdoptContainer on the memory socket)",
+                                             what));
 }
 
 namespace {
@@ -59,7 +84,8 @@ class RegistryContainerDma final : public ContainerDma {
     return true;  // UnmapDevice changed nothing
   }
 
-  absl::Status ReplayRegistration(ContextId context, uint64_t ua, uint64_t size) override {
+  absl::Status ReplayRegistration(ContextId context, uint64_t ua, uint64_t size,
+                                  uint64_t device_iova) override {
     return registry_.Register(id_, context, ua, size);
   }
   absl::Status ReplayMapping(uint64_t iova, uint64_t ua, uint64_t size) override {

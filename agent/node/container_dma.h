@@ -15,14 +15,24 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "agent/registry/registry.h"
+#include "agent/vfio/vfio_container.h"
 
 namespace dmapin::agent {
+
+// What taking a handed-off container back found (ContainerDma::Adopt).
+struct AdoptionReport {
+  uint64_t registrations = 0;    // kernel pre-registrations re-associated (pieces)
+  uint64_t mappings = 0;         // kernel guest mappings re-associated (pieces)
+  uint64_t inconsistencies = 0;  // store rows the kernel did not have as recorded (each redone)
+};
 
 // A mapping as the store acknowledged it.
 struct DmaMapping {
@@ -54,6 +64,9 @@ class ContainerDma {
   virtual absl::Status Unregister(ContextId context, uint64_t ua, uint64_t size) = 0;
   // Undoes the binding of the first Register (see Registry::UnbindContainer).
   absl::Status Unbind() { return registry_.UnbindContainer(id_); }
+  // Where a registration made here lives in the device's IOVA space, for the store (type1's pin
+  // range; 0 for the others).
+  virtual uint64_t DeviceIova(uint64_t ua, uint64_t size) const { return 0; }
 
   // --- DMA (spec §7; the hot path: no allocation, no lock of its own) -------------------------
   // Maps [iova, iova + size) to [ua, ua + size). On failure the first *cleared_bytes of the range
@@ -83,13 +96,35 @@ class ContainerDma {
   // --- Recovery (a failed step fails the recovery, so nothing is undone) ----------------------
   // Binds a restored container that no hold binds (see Registry::BindContainer).
   absl::Status Bind(ContextId context) { return registry_.BindContainer(id_, context); }
-  // Replays an acknowledged registration and mapping: the registry first, then the device.
-  virtual absl::Status ReplayRegistration(ContextId context, uint64_t ua, uint64_t size) = 0;
+  // Replays an acknowledged registration (at `device_iova`, as DeviceIova said, when not 0) and
+  // mapping: the registry first, then the device. A container waiting for adoption notes what the
+  // device should already have instead (Adopt checks it).
+  virtual absl::Status ReplayRegistration(ContextId context, uint64_t ua, uint64_t size,
+                                          uint64_t device_iova) = 0;
   virtual absl::Status ReplayMapping(uint64_t iova, uint64_t ua, uint64_t size) = 0;
+
+  // --- The device handoff and restarts (VFIO; the others answer ENODEV / do nothing) ----------
+  // Opens `devices` for the VMM and duplicates the container: descriptor 0 is the container,
+  // i + 1 is devices[i]. MarkHandedOff once the store recorded it.
+  virtual absl::StatusOr<std::vector<VfioFd>> OpenDevices(absl::Span<const std::string> devices);
+  // From now on the VMM holds the container: its release clears the kernel's state itself (closing
+  // would drop nothing), and a planned exit invalidates the agent's addresses first.
+  virtual void MarkHandedOff() {}
+  virtual bool handed_off() const { return false; }
+  // Recovered from a handed-off container: it waits for the VMM's descriptor (Adopt); until then
+  // registrations, maps and releases answer EAGAIN (UNAVAILABLE).
+  virtual bool awaiting_adoption() const { return false; }
+  // Takes the container back from `container_fd` (always consumed) and checks and re-associates
+  // every registration and mapping the recovery replayed; what the kernel does not have as
+  // recorded is made again and counted. Only while awaiting_adoption().
+  virtual absl::StatusOr<AdoptionReport> Adopt(int container_fd);
+  // Before a planned exit (SIGTERM) of a handed-off container: see
+  // VfioContainerDriver::InvalidateAddresses.
+  virtual absl::Status PrepareForExit() { return absl::OkStatus(); }
 
   // --- Release ---------------------------------------------------------------------------------
   // Releases the container in the registry (spec §4) and, once it did, closes the device side.
-  // An error leaves both as they were.
+  // An error leaves both as they were (EAGAIN while awaiting adoption).
   absl::Status Release();
   // Closes the device side of a container the registry has let go already (a context teardown).
   // A close error is counted, not returned: the registry has already let the container go.
@@ -99,6 +134,8 @@ class ContainerDma {
   // `registry` must outlive this; the container `id` must exist in it.
   ContainerDma(Registry& registry, ContainerId id, const ContainerOptions& options)
       : registry_(registry), id_(id), options_(options) {}
+  // EAGAIN (UNAVAILABLE): `what` waits for the VMM's descriptor.
+  absl::Status AwaitingAdoption(absl::string_view what) const;
 
   // Constant after construction.
   Registry& registry_;

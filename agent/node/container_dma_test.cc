@@ -134,7 +134,7 @@ TEST_F(RegistryContainerDmaTest, UndosAskForTheAcknowledgedMappingsOnlyWhenTheyM
 TEST_F(RegistryContainerDmaTest, ReplayBindAndRelease) {
   ASSERT_TRUE(dma_->Bind(kContext).ok());
   EXPECT_EQ(registry_->GetContainer(kContainer)->context, kContext);
-  ASSERT_TRUE(dma_->ReplayRegistration(kContext, kBase, k1M).ok());
+  ASSERT_TRUE(dma_->ReplayRegistration(kContext, kBase, k1M, 0).ok());
   ASSERT_TRUE(dma_->ReplayMapping(0, kBase, 2 * k4K).ok());
   EXPECT_EQ(Installed(), 2u);
   ASSERT_TRUE(dma_->Release().ok());

@@ -9,6 +9,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "agent/node/node_agent_internal.h"
 #include "agent/node/vfio_container_dma.h"
 #include "common/errno_status.h"
@@ -431,6 +432,10 @@ ContainerView NodeAgent::ToView(const ContainerInfo& info) const {
   if (info.context.has_value()) view.context = ContextName(*info.context);
   view.held_regions = info.held_regions;
   view.installed_entries = info.installed_entries;
+  if (std::shared_ptr<ContainerEntry> entry = FindContainer(view.name)) {
+    view.handed_off = entry->dma->handed_off();
+    view.awaiting_adoption = entry->dma->awaiting_adoption();
+  }
   return view;
 }
 
@@ -623,6 +628,19 @@ absl::Status NodeAgent::TeardownContext(absl::string_view name, const DecisionTa
   std::vector<std::shared_ptr<ContainerEntry>> bound;
   for (ContainerId id : info->containers) {
     if (auto entry = FindContainer(ContainerName(id))) bound.push_back(std::move(entry));
+  }
+  // A container its live VMM still holds, not taken back yet: the agent could not take its
+  // mappings out of the kernel, so the teardown waits for the VMM (its exit is a teardown too).
+  if (context->owner.has_value() && IsAlive(*context->owner)) {
+    for (auto& entry : bound) {
+      if (entry->dma->awaiting_adoption()) {
+        return ErrnoStatus(EAGAIN,
+                           absl::StrFormat("tear down context \"%s\": its container \"%s\" waits "
+                                           "for its VMM (pid %d) to give its descriptor back after "
+                                           "the agent restarted",
+                                           name, entry->name, context->owner->pid));
+      }
+    }
   }
   std::vector<std::unique_ptr<MutexLock>> dma_locks;
   for (auto& entry : bound) dma_locks.push_back(std::make_unique<MutexLock>(&entry->dma_mu));
@@ -936,6 +954,96 @@ absl::Status NodeAgent::ReleaseContainerLocked(ContainerEntry& entry) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<DeviceHandoff> NodeAgent::OpenDevices(absl::string_view name,
+                                                     absl::Span<const std::string> devices,
+                                                     const Caller& caller) {
+  if (absl::Status status = CheckWritable(); !status.ok()) return status;
+  if (devices.empty() || devices.size() > kMaxHandoffDevices) {
+    return ErrnoStatus(EINVAL, absl::StrFormat("open devices of container \"%s\": %d devices "
+                                               "named; 1 to %d per request",
+                                               name, devices.size(), kMaxHandoffDevices));
+  }
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContainerEntry> entry = FindContainer(name);
+  if (entry == nullptr) return NoSuchContainer(name);
+  if (absl::Status status = CheckContainerDma(*entry, caller, "open devices"); !status.ok()) {
+    return status;
+  }
+  MutexLock dma(&entry->dma_mu);
+  if (entry->released) return NoSuchContainer(name);
+  absl::StatusOr<std::vector<VfioFd>> fds = entry->dma->OpenDevices(devices);
+  if (!fds.ok()) {
+    return Annotate(fds.status(), absl::StrCat("open devices of container \"", name, "\""));
+  }
+  if (!entry->dma->handed_off()) {
+    // Recorded before the VMM has them: a restart must not open groups the VMM holds (EBUSY).
+    Mutation mutation;
+    mutation.MarkHandedOff(name);
+    if (absl::Status status = Persist(mutation); !status.ok()) return status;  // `fds` close
+    entry->dma->MarkHandedOff();
+  }
+  LOG(INFO) << absl::StrFormat(
+      "container \"%s\": %d device(s) (%s) and the container handed to "
+      "%s",
+      name, devices.size(), absl::StrJoin(devices, ", "), caller.Describe());
+  absl::StatusOr<ContainerInfo> info = registry_->GetContainer(entry->id);
+  DeviceHandoff handoff;
+  if (info.ok()) {
+    handoff.container = ToView(*info);
+    handoff.container.handed_off = true;  // ToView reads it too, but the entry is ours here
+  }
+  handoff.fds = std::move(*fds);
+  return handoff;
+}
+
+absl::StatusOr<AdoptionReport> NodeAgent::AdoptContainer(absl::string_view name, int container_fd,
+                                                         const Caller& caller) {
+  MutexLock control(&control_mu_);
+  std::shared_ptr<ContainerEntry> entry = FindContainer(name);
+  absl::Status refused;
+  if (entry == nullptr) {
+    refused = NoSuchContainer(name);
+  } else {
+    refused = CheckContainerDma(*entry, caller, "give back");
+  }
+  if (!refused.ok()) {
+    ::close(container_fd);
+    return refused;
+  }
+  MutexLock dma(&entry->dma_mu);
+  absl::StatusOr<AdoptionReport> report = entry->dma->Adopt(container_fd);
+  if (!report.ok()) {
+    LOG(WARNING) << absl::StrFormat("container \"%s\": taking it back from %s failed: %s", name,
+                                    caller.Describe(), report.status().ToString());
+    return Annotate(report.status(), absl::StrCat("give back container \"", name, "\""));
+  }
+  containers_adopted_.fetch_add(1, std::memory_order_relaxed);
+  adoption_inconsistencies_.fetch_add(report->inconsistencies, std::memory_order_relaxed);
+  const std::string line = absl::StrFormat(
+      "container \"%s\": taken back from %s without unmapping anything: %d registration and %d "
+      "mapping piece(s) now at the agent's addresses, %d not found as recorded (made again)",
+      name, caller.Describe(), report->registrations, report->mappings, report->inconsistencies);
+  if (report->inconsistencies == 0) {
+    LOG(INFO) << line;
+  } else {
+    LOG(WARNING) << line;
+  }
+  return report;
+}
+
+void NodeAgent::PrepareForExit() {
+  MutexLock control(&control_mu_);
+  MutexLock names(&names_mu_);
+  for (const auto& [name, entry] : containers_) {
+    if (!entry->dma->handed_off()) continue;
+    MutexLock dma(&entry->dma_mu);
+    if (absl::Status status = entry->dma->PrepareForExit(); !status.ok()) {
+      LOG(WARNING) << absl::StrFormat("container \"%s\": before the exit: %s", name,
+                                      status.ToString());
+    }
+  }
+}
+
 void NodeAgent::MarkReleasedUnderTeardown(ContainerEntry& entry) {
   entry.released = true;
   entry.dma->CloseDevice();
@@ -978,7 +1086,7 @@ absl::StatusOr<RegionView> NodeAgent::RegisterRegion(absl::string_view container
   Mutation mutation;
   const bool binds = container->bound.exchange(context.get(), std::memory_order_acq_rel) == nullptr;
   if (binds) mutation.BindContainer(container_name, context_name);
-  mutation.AddHold(container_name, context_name, ua, size);
+  mutation.AddHold(container_name, context_name, ua, size, container->dma->DeviceIova(ua, size));
   std::vector<std::pair<uint64_t, uint64_t>> persisted_pending;
   if (had_pending) {
     persisted_pending = context->pending;
@@ -1313,6 +1421,16 @@ NodeStatusView NodeAgent::Status() const {
   status.owner_exits_at_recovery = owner_exits_at_recovery_.load(std::memory_order_relaxed);
   status.memory_lost_at_recovery = memory_lost_at_recovery_.load(std::memory_order_relaxed);
   status.limit_refusals = limit_refusals_.load(std::memory_order_relaxed);
+  status.containers_reopened_at_recovery =
+      containers_reopened_at_recovery_.load(std::memory_order_relaxed);
+  status.containers_adopted = containers_adopted_.load(std::memory_order_relaxed);
+  status.adoption_inconsistencies = adoption_inconsistencies_.load(std::memory_order_relaxed);
+  {
+    MutexLock names(&names_mu_);
+    for (const auto& [name, entry] : containers_) {
+      if (entry->dma->awaiting_adoption()) ++status.containers_awaiting_adoption;
+    }
+  }
   return status;
 }
 

@@ -81,6 +81,9 @@ struct NodeAgentOptions {
   std::function<absl::StatusOr<std::unique_ptr<VfioContainerDriver>>(
       const std::vector<std::string>& groups)>
       open_vfio_container;
+  // The VFIO backends: a driver not opened yet, to take back a container whose VMM held it while
+  // the agent restarted (ContainerDma::Adopt). Null: handed-off containers are opened again.
+  std::function<std::unique_ptr<VfioContainerDriver>()> new_vfio_driver;
   // What registrations may pin (dmapin-agent --max_region_bytes, --max_pinned_bytes). Applied
   // after recovery: what the store holds was acknowledged under the limits of its time.
   RegistryLimits limits = DefaultRegistryLimits();
@@ -155,6 +158,15 @@ struct ContainerView {
   std::string context;  // empty until bound
   uint64_t held_regions = 0;
   uint64_t installed_entries = 0;
+  bool handed_off = false;         // the VMM holds its devices and a descriptor of it
+  bool awaiting_adoption = false;  // recovered; waits for the VMM's descriptor
+};
+
+// The device handoff's answer: descriptor 0 is a duplicate of the container's, descriptor i + 1
+// the device i asked for. The caller passes them on (and they close when this goes).
+struct DeviceHandoff {
+  ContainerView container;
+  std::vector<VfioFd> fds;
 };
 
 struct RegionView {
@@ -192,6 +204,13 @@ struct NodeStatusView {
   uint64_t memory_lost_at_recovery = 0;
   // Creations and registrations refused for a count limit (max_contexts, ...).
   uint64_t limit_refusals = 0;
+  // Restarts: VFIO containers opened again at recovery (their DMA mappings were gone while the
+  // agent was down), containers waiting for their VMM's descriptor now, containers taken back,
+  // and kernel objects not found as recorded when taking them back.
+  uint64_t containers_reopened_at_recovery = 0;
+  uint64_t containers_awaiting_adoption = 0;
+  uint64_t containers_adopted = 0;
+  uint64_t adoption_inconsistencies = 0;
 };
 
 // A context the agent tore down because its owner exited (for the central service's events).
@@ -262,6 +281,23 @@ class NodeAgent {
   std::vector<ContainerView> ListContainers() const;
   absl::Status ReleaseContainer(absl::string_view name, const DecisionTag* decision = nullptr,
                                 const Caller& caller = Caller::Internal());
+
+  // --- The device handoff and restarts (README, "What happens when the agent dies") ----------
+  // VFIO: opens `devices` (1 to kMaxHandoffDevices PCI addresses in the container's groups) and
+  // duplicates the container, for the VMM that may map on it (its owner, or its creator while
+  // unbound), and records that the VMM holds them: from then on the container's IOMMU state lives
+  // as long as the VMM's descriptors, and a restarted agent takes it back (AdoptContainer).
+  absl::StatusOr<DeviceHandoff> OpenDevices(absl::string_view container,
+                                            absl::Span<const std::string> devices,
+                                            const Caller& caller = Caller::Internal());
+  static constexpr size_t kMaxHandoffDevices = 16;
+  // After a restart: takes the container back from `container_fd` (always consumed), the
+  // descriptor OpenDevices handed out, from the same caller as OpenDevices.
+  absl::StatusOr<AdoptionReport> AdoptContainer(absl::string_view container, int container_fd,
+                                                const Caller& caller = Caller::Internal());
+  // A planned exit (SIGTERM), once nothing is served any more: the kernel forgets the agent's
+  // addresses of every handed-off container (their IOMMU entries stay).
+  void PrepareForExit();
 
   absl::StatusOr<RegionView> RegisterRegion(absl::string_view container, absl::string_view context,
                                             uint64_t ua, uint64_t size,
@@ -490,6 +526,9 @@ class NodeAgent {
   std::atomic<uint64_t> owner_exits_at_recovery_{0};
   std::atomic<uint64_t> memory_lost_at_recovery_{0};
   std::atomic<uint64_t> limit_refusals_{0};
+  std::atomic<uint64_t> containers_reopened_at_recovery_{0};
+  std::atomic<uint64_t> containers_adopted_{0};
+  std::atomic<uint64_t> adoption_inconsistencies_{0};
 
   mutable Mutex exits_mu_;
   std::deque<OwnerExit> recent_exits_ ABSL_GUARDED_BY(exits_mu_);

@@ -12,9 +12,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "agent/node/container_dma.h"
 #include "agent/node/node_agent.h"
 #include "agent/node/node_agent_internal.h"
+#include "agent/node/vfio_container_dma.h"
 #include "common/errno_status.h"
 #include "common/logging.h"
 
@@ -170,21 +172,43 @@ absl::Status NodeAgent::RecoverLocked(
     ContainerOptions options{.iommu_page_size = stored.iommu_page_size,
                              .window_start = stored.window_start,
                              .window_size = stored.window_size};
-    // VFIO: the kernel dropped the container with the old process; it is opened again, on the
-    // same window (OpenVfioContainer refuses a window that changed).
-    absl::StatusOr<std::unique_ptr<ContainerDma>> dma =
-        stored.vfio_groups.empty() ? NewRegistryContainerDma(*registry_, stored.id, options)
-                                   : NewContainerDma(stored.id, spec, &options);
+    const bool creator_alive =
+        stored.creator_pid != 0 && IsAlive({.pid = static_cast<pid_t>(stored.creator_pid),
+                                            .start_time = stored.creator_start_time});
+    // A handed-off container whose VMM lives (its context survived RecoverOwners, or its creator
+    // lives while it is unbound): the kernel kept its mappings for the VMM's descriptors; the
+    // container waits for the VMM to give it back. Otherwise (VFIO) the kernel dropped it with
+    // the old process: it is opened again, on the same window (OpenVfioContainer refuses a
+    // window that changed), and its mappings are made again.
+    const bool adoptable = stored.handed_off && options_.new_vfio_driver != nullptr &&
+                           (!stored.context.empty() || creator_alive);
+    absl::StatusOr<std::unique_ptr<ContainerDma>> dma;
+    if (stored.vfio_groups.empty()) {
+      dma = NewRegistryContainerDma(*registry_, stored.id, options);
+    } else if (adoptable) {
+      dma = NewAdoptableVfioContainerDma(*registry_, stored.id, options, options_.new_vfio_driver(),
+                                         &vfio_inconsistencies_, &guest_backend_);
+      LOG(INFO) << absl::StrFormat(
+          "recovery: container \"%s\": its VMM holds it; the kernel keeps its DMA mappings "
+          "until the VMM gives its descriptor back",
+          stored.name);
+    } else {
+      dma = NewContainerDma(stored.id, spec, &options);
+      if (dma.ok()) {
+        containers_reopened_at_recovery_.fetch_add(1, std::memory_order_relaxed);
+        LOG(WARNING) << absl::StrFormat(
+            "recovery: container \"%s\" (VFIO groups %s) was not handed to its VMM: the kernel "
+            "dropped its DMA mappings with the old agent process; opened again and re-mapped",
+            stored.name, absl::StrJoin(stored.vfio_groups, ","));
+      }
+    }
     if (!dma.ok()) return Annotate(dma.status(), absl::StrCat("recovery: container ", stored.name));
     auto entry = std::make_shared<ContainerEntry>();
     entry->dma = std::move(*dma);
     entry->id = stored.id;
     entry->name = stored.name;
     // A creator that is gone (or whose pid another process took) no longer maps on it.
-    if (stored.creator_pid != 0 && IsAlive({.pid = static_cast<pid_t>(stored.creator_pid),
-                                            .start_time = stored.creator_start_time})) {
-      entry->creator_pid = static_cast<pid_t>(stored.creator_pid);
-    }
+    if (creator_alive) entry->creator_pid = static_cast<pid_t>(stored.creator_pid);
     if (!stored.context.empty()) {
       // Bound by an earlier registration, possibly to regions it no longer holds.
       auto context = contexts_.find(stored.context);
@@ -218,8 +242,8 @@ absl::Status NodeAgent::RecoverLocked(
       return absl::DataLossError(absl::StrFormat("recovery: hold of %s on %s names a missing row",
                                                  hold.container, hold.context));
     }
-    if (absl::Status status =
-            container->second->dma->ReplayRegistration((*context)->id, hold.ua, hold.size);
+    if (absl::Status status = container->second->dma->ReplayRegistration(
+            (*context)->id, hold.ua, hold.size, hold.device_iova);
         !status.ok()) {
       return Annotate(status, absl::StrFormat("recovery: re-registering ua=0x%x size=0x%x for "
                                               "container %s",

@@ -32,6 +32,15 @@ absl::StatusOr<std::unique_ptr<ContainerDma>> NewVfioContainerDma(
     std::unique_ptr<VfioContainerDriver> driver, std::atomic<uint64_t>* kernel_inconsistencies,
     const AddressTranslator* translator = nullptr);
 
+// The same for a container recovered after a restart whose VMM holds it (handed off): the kernel
+// still has its mappings, so nothing is opened; `closed_driver` takes the container back when the
+// VMM gives its descriptor (ContainerDma::Adopt). The window is the recorded one (`options`),
+// which Adopt checks against the kernel's.
+absl::StatusOr<std::unique_ptr<ContainerDma>> NewAdoptableVfioContainerDma(
+    Registry& registry, ContainerId id, const ContainerOptions& options,
+    std::unique_ptr<VfioContainerDriver> closed_driver,
+    std::atomic<uint64_t>* kernel_inconsistencies, const AddressTranslator* translator);
+
 }  // namespace dmapin::agent
 
 #endif  // DMAPIN_AGENT_NODE_VFIO_CONTAINER_DMA_H_

@@ -343,7 +343,7 @@ TEST_P(VfioContainerDmaTest, UndoUnmapDeviceMapsTheKernelBackOnly) {
 }
 
 TEST_P(VfioContainerDmaTest, ReplayGoesToTheRegistryThenTheKernel) {
-  ASSERT_TRUE(dma_->ReplayRegistration(kContext, kBase, k1M).ok());
+  ASSERT_TRUE(dma_->ReplayRegistration(kContext, kBase, k1M, 0).ok());
   ASSERT_EQ(noting_->calls.size(), 1u);
   EXPECT_EQ(noting_->calls[0].registry_regions, 1u);
   ASSERT_TRUE(dma_->ReplayMapping(0, kBase, 2 * k4K).ok());

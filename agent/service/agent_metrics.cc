@@ -214,6 +214,24 @@ std::vector<MetricFamily> AgentMetrics::CollectState() const {
            "Creations and registrations refused (ENOSPC) for a count limit: --max_contexts, "
            "--max_contexts_per_owner, --max_containers, --max_regions_per_context.",
            MetricType::Counter, status.limit_refusals},
+          // Restarts (README, "What happens when the agent dies").
+          {"dmapin_agent_containers_reopened_at_recovery_total",
+           "VFIO containers opened again at start because their VMM did not hold them: the "
+           "kernel dropped their DMA mappings while the agent was down (made again since).",
+           MetricType::Counter, status.containers_reopened_at_recovery},
+          {"dmapin_agent_containers_awaiting_adoption",
+           "VFIO containers whose VMM holds them across the agent's restart and has not given "
+           "their descriptor back yet: their DMA works, their registrations and maps answer "
+           "EAGAIN.",
+           MetricType::Gauge, status.containers_awaiting_adoption},
+          {"dmapin_agent_containers_adopted_total",
+           "VFIO containers taken back from their VMM after a restart without unmapping "
+           "anything.",
+           MetricType::Counter, status.containers_adopted},
+          {"dmapin_agent_adoption_inconsistencies_total",
+           "Registrations and mappings the store recorded that the kernel did not have as "
+           "recorded when their container was taken back (each made again).",
+           MetricType::Counter, status.adoption_inconsistencies},
       });
   if (options_.store != nullptr) {
     const StoreStats store = options_.store->stats();

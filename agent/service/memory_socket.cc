@@ -67,9 +67,27 @@ bool PeerHungUp(int fd) {
   return ready < 0 || (ready == 1 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0);
 }
 
-// Slot i must name one of the record's descriptors, and every descriptor must be named: an
-// unnamed one is a client's off-by-one more often than not.
-absl::Status CheckDescriptors(const v1::AttachMemoryRequest& request, size_t count) {
+// One kind of request per record, with the descriptors it takes. Slot i must name one of the
+// record's descriptors, and every descriptor must be named: an unnamed one is a client's
+// off-by-one more often than not.
+absl::Status CheckDescriptors(const v1::MemorySocketRequest& request, size_t count) {
+  const bool attach = !request.context().empty() || request.slots_size() > 0;
+  if (attach + request.has_open_devices() + request.has_adopt_container() != 1) {
+    return Refusal(EINVAL,
+                   "one request per record: an attach (context, slots), open_devices or "
+                   "adopt_container");
+  }
+  if (request.has_open_devices() && count != 0) {
+    return Refusal(EINVAL,
+                   absl::StrCat("open_devices takes no descriptor; the record has ", count));
+  }
+  if (request.has_adopt_container() && count != 1) {
+    return ErrnoStatus(EBADF, absl::StatusCode::kInvalidArgument,
+                       absl::StrCat("adopt_container takes exactly one descriptor (the "
+                                    "container's); the record has ",
+                                    count));
+  }
+  if (!attach) return absl::OkStatus();
   std::vector<bool> named(count, false);
   for (int i = 0; i < request.slots_size(); ++i) {
     const uint32_t index = request.slots(i).fd_index();
@@ -89,22 +107,39 @@ absl::Status CheckDescriptors(const v1::AttachMemoryRequest& request, size_t cou
   return absl::OkStatus();
 }
 
-// Sends `reply` without blocking the loop; false when the connection is to be dropped (the peer
-// does not read its replies, or is gone).
-bool SendReply(int fd, v1::MemorySocketReply reply) {
+// Sends `reply` with `fds` without blocking the loop; false when the connection is to be dropped
+// (the peer does not read its replies, or is gone).
+bool SendReply(int fd, v1::MemorySocketReply reply, const std::vector<UniqueFd>& fds) {
   // Never an empty record, which the peer could not tell from the end of the connection.
   if (reply.code() == 0) reply.mutable_context();
+  reply.set_descriptors(static_cast<uint32_t>(fds.size()));
   std::string bytes = reply.SerializeAsString();
+  alignas(cmsghdr) char control[CMSG_SPACE(MemorySocketServer::kMaxFds * sizeof(int))];
   for (;;) {
-    if (::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return true;
+    iovec iov{bytes.data(), bytes.size()};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (!fds.empty()) {
+      msg.msg_control = control;
+      msg.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+      cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+      cmsg->cmsg_level = SOL_SOCKET;
+      cmsg->cmsg_type = SCM_RIGHTS;
+      cmsg->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+      for (size_t i = 0; i < fds.size(); ++i) {
+        const int one = fds[i].get();
+        std::memcpy(CMSG_DATA(cmsg) + i * sizeof(int), &one, sizeof(one));
+      }
+    }
+    if (::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return true;
     if (errno == EINTR) continue;
     if (errno == EMSGSIZE && reply.code() == 0) {
       // Larger than the socket's send buffer can ever hold: say so instead.
       reply = ReplyFor(ErrnoStatus(
           EMSGSIZE, absl::StatusCode::kResourceExhausted,
           absl::StrCat("reply of ", bytes.size(), " bytes is too large for the memory socket")));
-      bytes = reply.SerializeAsString();
-      continue;
+      return SendReply(fd, std::move(reply), {});
     }
     return false;
   }
@@ -306,10 +341,11 @@ bool MemorySocketServer::Serve(Connection& connection, std::vector<char>& record
   const ssize_t n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT | MSG_TRUNC);
   if (n < 0) return errno == EAGAIN || errno == EINTR;
   v1::MemorySocketReply reply;
+  std::vector<UniqueFd> reply_fds;
   {
     std::vector<UniqueFd> fds = TakeDescriptors(msg);
     const size_t size = static_cast<size_t>(n);
-    v1::AttachMemoryRequest request;
+    v1::MemorySocketRequest request;
     absl::Status refusal;
     if ((msg.msg_flags & MSG_CTRUNC) != 0) {
       // The kernel closed the descriptors past kMaxFds; those that arrived close with `fds`.
@@ -320,16 +356,21 @@ bool MemorySocketServer::Serve(Connection& connection, std::vector<char>& record
     } else if (size == 0) {
       if (fds.empty() && PeerHungUp(fd)) return false;
       refusal =
-          Refusal(EINVAL, "empty record; expected a serialized dmapin.v1.AttachMemoryRequest");
+          Refusal(EINVAL, "empty record; expected a serialized dmapin.v1.MemorySocketRequest");
     } else if (!request.ParseFromArray(record.data(), static_cast<int>(size))) {
       refusal =
           Refusal(EINVAL, absl::StrCat("record of ", size,
-                                       " bytes is not a serialized dmapin.v1.AttachMemoryRequest"));
+                                       " bytes is not a serialized dmapin.v1.MemorySocketRequest"));
     } else {
       refusal = CheckDescriptors(request, fds.size());
     }
     if (refusal.ok()) {
-      reply = handler_(connection.peer, request, fds);
+      reply = handler_(connection.peer, request, fds, &reply_fds);
+      if (reply_fds.size() > kMaxFds) {
+        reply_fds.clear();
+        reply = ReplyFor(
+            ErrnoStatus(E2BIG, absl::StrCat("a reply carries at most ", kMaxFds, " descriptors")));
+      }
     } else {
       bad_requests_.fetch_add(1, std::memory_order_relaxed);
       reply = ReplyFor(refusal);
@@ -337,7 +378,7 @@ bool MemorySocketServer::Serve(Connection& connection, std::vector<char>& record
     // `fds` close here, before the reply: a peer holding the reply knows the agent holds only
     // what the handler kept.
   }
-  if (!SendReply(fd, std::move(reply))) return false;
+  if (!SendReply(fd, std::move(reply), reply_fds)) return false;
   requests_.fetch_add(1, std::memory_order_relaxed);
   return true;
 }

@@ -5,11 +5,14 @@
 //
 //  - a SOCK_SEQPACKET Unix socket (--memory_socket_path): every message is one record, so a
 //    message arrives whole or not at all, with its descriptors;
-//  - request: one record holding a serialized dmapin.v1.AttachMemoryRequest (at most
-//    kMaxRequestBytes), with the slots' descriptors as SCM_RIGHTS (at most kMaxFds; slot i uses
-//    descriptor slots[i].fd_index, and every descriptor sent must be named by a slot);
+//  - request: one record holding a serialized dmapin.v1.MemorySocketRequest (at most
+//    kMaxRequestBytes): an attach (a serialized AttachMemoryRequest is one) with the slots'
+//    descriptors as SCM_RIGHTS (at most kMaxFds; slot i uses descriptor slots[i].fd_index, and
+//    every descriptor sent must be named by a slot), an open_devices without descriptors, or an
+//    adopt_container with exactly one;
 //  - reply: one record holding a serialized dmapin.v1.MemorySocketReply, never empty (an empty
-//    record cannot be told from the end of the connection);
+//    record cannot be told from the end of the connection), with the descriptors the handler
+//    gives (open_devices) as SCM_RIGHTS;
 //  - the peer is identified by SO_PEERCRED (pid, uid, gid) when it connects.
 // The server only frames: a Handler does the work. Every malformed record gets a reply with a
 // clear error (EINVAL, EBADF, E2BIG, EMSGSIZE; code INVALID_ARGUMENT) and the connection stays
@@ -52,12 +55,14 @@ struct MemorySocketStats {
 
 class MemorySocketServer {
  public:
-  // What to do with one well-formed request: every slot's fd_index names one of `fds` (the
-  // server refused the record otherwise). `fds` are the record's descriptors in order; the
-  // server closes them after the handler returns (the handler dups what it keeps, or maps it).
-  using Handler = std::function<v1::MemorySocketReply(const PeerCredentials& peer,
-                                                      const v1::AttachMemoryRequest& request,
-                                                      const std::vector<UniqueFd>& fds)>;
+  // What to do with one well-formed request: exactly one kind, with the descriptors it takes
+  // (every slot's fd_index names one of `fds`; the server refused the record otherwise). `fds`
+  // are the record's descriptors in order; the server closes what is left of them after the
+  // handler returns (the handler takes, dups or maps what it keeps). The descriptors in
+  // `*reply_fds` go with the reply, and are closed once sent.
+  using Handler = std::function<v1::MemorySocketReply(
+      const PeerCredentials& peer, const v1::MemorySocketRequest& request,
+      std::vector<UniqueFd>& fds, std::vector<UniqueFd>* reply_fds)>;
 
   static constexpr size_t kMaxRequestBytes = 64 << 10;
   static constexpr size_t kMaxFds = 64;

@@ -118,8 +118,10 @@ class MemorySocketTest : public ::testing::Test {
     dir_ = dir;
     path_ = dir_ + "/memory.sock";
     absl::StatusOr<std::unique_ptr<MemorySocketServer>> server = MemorySocketServer::Start(
-        path_, [this](const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
-                      const std::vector<UniqueFd>& fds) { return Handle(peer, request, fds); });
+        path_, [this](const PeerCredentials& peer, const v1::MemorySocketRequest& request,
+                      std::vector<UniqueFd>& fds, std::vector<UniqueFd>* reply_fds) {
+          return Handle(peer, request, fds, reply_fds);
+        });
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     baseline_fds_ = harness::CountOpenFds();
@@ -132,8 +134,26 @@ class MemorySocketTest : public ::testing::Test {
 
   // The fake handler: records the call, refuses the context "missing", and answers the others
   // with the context and its slots as the agent would.
-  v1::MemorySocketReply Handle(const PeerCredentials& peer, const v1::AttachMemoryRequest& request,
-                               const std::vector<UniqueFd>& fds) {
+  // open_devices answers with two memfds; adopt_container with its descriptor's inode as the
+  // adoption's `registrations`.
+  v1::MemorySocketReply Handle(const PeerCredentials& peer, const v1::MemorySocketRequest& envelope,
+                               std::vector<UniqueFd>& fds, std::vector<UniqueFd>* reply_fds) {
+    if (envelope.has_open_devices()) {
+      reply_fds->push_back(MakeMemfd());
+      reply_fds->push_back(MakeMemfd());
+      v1::MemorySocketReply reply;
+      reply.mutable_container()->set_name(envelope.open_devices().container());
+      return reply;
+    }
+    if (envelope.has_adopt_container()) {
+      struct stat st;
+      v1::MemorySocketReply reply;
+      if (::fstat(fds[0].get(), &st) == 0) reply.mutable_adoption()->set_registrations(st.st_ino);
+      return reply;
+    }
+    v1::AttachMemoryRequest request;
+    request.set_context(envelope.context());
+    *request.mutable_slots() = envelope.slots();
     Call call;
     call.peer = peer;
     call.request = request;
@@ -252,7 +272,7 @@ class MemorySocketTest : public ::testing::Test {
 
     // Not a protobuf at all ('G' is field 8 with wire type 7, which does not exist).
     ExpectRefusal(client.SendRaw("GET / HTTP/1.1\r\n\r\n", {}), "EINVAL",
-                  "EINVAL: record of 18 bytes is not a serialized dmapin.v1.AttachMemoryRequest");
+                  "EINVAL: record of 18 bytes is not a serialized dmapin.v1.MemorySocketRequest");
     ExpectGoodAttach(client);
 
     // A valid request cut short: a truncated field.
@@ -424,6 +444,49 @@ TEST_F(MemorySocketTest, GoodRequestReachesTheHandlerWithItsDescriptorsAndPeer) 
   ExpectNoLeaks();
 }
 
+TEST_F(MemorySocketTest, DevicesComeWithTheReplyAndAContainerGoesBackAlone) {
+  {
+    std::unique_ptr<MemorySocketClient> client = Connect();
+    ASSERT_NE(client, nullptr);
+    v1::OpenDevicesRequest open;
+    open.set_container("vm-1/vfio");
+    open.add_devices("0000:00:03.0");
+    v1::Container container;
+    absl::StatusOr<std::vector<UniqueFd>> fds = client->OpenDevices(open, &container);
+    ASSERT_TRUE(fds.ok()) << fds.status();
+    ASSERT_EQ(fds->size(), 2u);
+    EXPECT_EQ(container.name(), "vm-1/vfio");
+    struct stat st;
+    ASSERT_EQ(::fstat((*fds)[0].get(), &st), 0);
+    EXPECT_TRUE(S_ISREG(st.st_mode));  // a real descriptor, the handler's memfd
+    EXPECT_TRUE((::fcntl((*fds)[0].get(), F_GETFD) & FD_CLOEXEC) != 0);
+
+    // adopt_container: exactly one descriptor.
+    absl::StatusOr<v1::MemorySocketReply> adopted =
+        client->AdoptContainer("vm-1/vfio", (*fds)[0].get());
+    ASSERT_TRUE(adopted.ok()) << adopted.status();
+    EXPECT_EQ(adopted->adoption().registrations(), st.st_ino);
+    v1::MemorySocketRequest envelope;
+    envelope.mutable_adopt_container()->set_container("vm-1/vfio");
+    const int two[] = {(*fds)[0].get(), (*fds)[1].get()};
+    ExpectRefusal(client->SendRaw(envelope.SerializeAsString(), two), "EBADF",
+                  "EBADF: adopt_container takes exactly one descriptor");
+    ExpectRefusal(client->SendRaw(envelope.SerializeAsString(), {}), "EBADF",
+                  "EBADF: adopt_container takes exactly one descriptor");
+    // open_devices: none; and one kind of request per record.
+    v1::MemorySocketRequest devices;
+    *devices.mutable_open_devices() = open;
+    const int one[] = {(*fds)[1].get()};
+    ExpectRefusal(client->SendRaw(devices.SerializeAsString(), one), "EINVAL",
+                  "EINVAL: open_devices takes no descriptor");
+    devices.set_context("vm-1");
+    ExpectRefusal(client->SendRaw(devices.SerializeAsString(), {}), "EINVAL",
+                  "EINVAL: one request per record");
+    ExpectGoodAttach(*client);
+  }
+  ExpectNoLeaks();
+}
+
 TEST_F(MemorySocketTest, TheMostDescriptorsOfOneMessage) {
   {
     std::unique_ptr<MemorySocketClient> client = Connect();
@@ -510,8 +573,8 @@ TEST(MemorySocketStartTest, ReplacesAStaleSocketAndRemovesItsOwnAtTheEnd) {
   dir += "memsock.XXXXXX";
   ASSERT_NE(::mkdtemp(dir.data()), nullptr);
   const std::string path = dir + "/memory.sock";
-  auto handler = [](const PeerCredentials&, const v1::AttachMemoryRequest&,
-                    const std::vector<UniqueFd>&) { return v1::MemorySocketReply(); };
+  auto handler = [](const PeerCredentials&, const v1::MemorySocketRequest&, std::vector<UniqueFd>&,
+                    std::vector<UniqueFd>*) { return v1::MemorySocketReply(); };
   {
     // A socket file nobody listens on, as an agent that died leaves it.
     UniqueFd stale(::socket(AF_UNIX, SOCK_SEQPACKET, 0));

@@ -50,6 +50,8 @@ void Fill(const ContainerView& view, v1::Container* out) {
   out->set_held_regions(view.held_regions);
   out->set_installed_entries(view.installed_entries);
   for (const std::string& group : view.vfio_groups) out->add_vfio_groups(group);
+  out->set_handed_off(view.handed_off);
+  out->set_awaiting_adoption(view.awaiting_adoption);
 }
 
 void Fill(const RegionView& view, uint64_t page_size, v1::Region* out) {
@@ -79,6 +81,10 @@ void Fill(const NodeStatusView& status, v1::RegistryCounters* out) {
   out->set_owner_exits_at_recovery(status.owner_exits_at_recovery);
   out->set_memory_lost_at_recovery(status.memory_lost_at_recovery);
   out->set_limit_refusals(status.limit_refusals);
+  out->set_containers_reopened_at_recovery(status.containers_reopened_at_recovery);
+  out->set_containers_awaiting_adoption(status.containers_awaiting_adoption);
+  out->set_containers_adopted(status.containers_adopted);
+  out->set_adoption_inconsistencies(status.adoption_inconsistencies);
 }
 
 }  // namespace dmapin::agent

@@ -160,6 +160,7 @@ constexpr const char* kSqlText[] = {
     "creator_start_time = excluded.creator_start_time, handed_off = excluded.handed_off",
     /* kDeleteContainer */ "DELETE FROM containers WHERE name = ?1",
     /* kBindContainer */ "UPDATE containers SET context = ?2 WHERE name = ?1",
+    /* kMarkHandedOff */ "UPDATE containers SET handed_off = 1 WHERE name = ?1",
     /* kInsertHold */
     "INSERT INTO holds (container, context, ua, size, device_iova) VALUES (?1, ?2, ?3, ?4, ?5)",
     /* kDeleteHold */
@@ -266,6 +267,7 @@ enum StateStore::Sql : int {
   kUpsertContainer,
   kDeleteContainer,
   kBindContainer,
+  kMarkHandedOff,
   kInsertHold,
   kDeleteHold,
   kInsertPending,
@@ -315,6 +317,11 @@ Mutation& Mutation::DeleteContainer(absl::string_view name) {
 
 Mutation& Mutation::BindContainer(absl::string_view container, absl::string_view context) {
   ops_.emplace_back(BindOp{std::string(container), std::string(context)});
+  return *this;
+}
+
+Mutation& Mutation::MarkHandedOff(absl::string_view container) {
+  ops_.emplace_back(HandOffOp{std::string(container)});
   return *this;
 }
 
@@ -389,6 +396,9 @@ absl::Status StateStore::Validate(const Mutation::Op& op) {
   if (const auto* bind = std::get_if<Mutation::BindOp>(&op)) {
     if (absl::Status s = CheckName("container", bind->container); !s.ok()) return s;
     return CheckName("context", bind->context);
+  }
+  if (const auto* handoff = std::get_if<Mutation::HandOffOp>(&op)) {
+    return CheckName("container", handoff->container);
   }
   if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
     if (absl::Status s = CheckName("container", hold->container); !s.ok()) return s;
@@ -1017,6 +1027,13 @@ absl::Status StateStore::ApplyLocked(const Mutation::Op& op, int64_t now_ms, uin
         *stmt,
         absl::StrCat("bind container \"", bind->container, "\" to context \"", bind->context, "\""),
         rows);
+  }
+  if (const auto* handoff = std::get_if<Mutation::HandOffOp>(&op)) {
+    absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(kMarkHandedOff);
+    if (!stmt.ok()) return stmt.status();
+    BindText(*stmt, 1, handoff->container);
+    return RunLocked(*stmt, absl::StrCat("mark container \"", handoff->container, "\" handed off"),
+                     rows);
   }
   if (const auto* hold = std::get_if<Mutation::HoldOp>(&op)) {
     absl::StatusOr<sqlite3_stmt*> stmt = StatementLocked(hold->add ? kInsertHold : kDeleteHold);

@@ -218,6 +218,8 @@ class Mutation {
   // Records that `container` is bound to `context` (its first registration). Deleting the context
   // deletes the container too.
   Mutation& BindContainer(absl::string_view container, absl::string_view context);
+  // Records that the container's VMM holds its devices and a descriptor of it (handed_off).
+  Mutation& MarkHandedOff(absl::string_view container);
   // Deletes the container with its holds and mappings.
   Mutation& DeleteContainer(absl::string_view name);
   // The hold gets the next seq. Container and context must exist.
@@ -254,6 +256,9 @@ class Mutation {
     std::string container;
     std::string context;
   };
+  struct HandOffOp {
+    std::string container;
+  };
   struct HoldOp {
     bool add;
     std::string container;
@@ -285,7 +290,7 @@ class Mutation {
     std::string value;
   };
   using Op = std::variant<StoredContext, DeleteContextOp, StoredContainer, DeleteContainerOp,
-                          BindOp, HoldOp, PendingOp, MappingOp, DecisionOp, MetaOp>;
+                          BindOp, HandOffOp, HoldOp, PendingOp, MappingOp, DecisionOp, MetaOp>;
 
   std::vector<Op> ops_;
 };

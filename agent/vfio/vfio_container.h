@@ -59,6 +59,41 @@ struct VfioIovaRange {
   uint64_t last = 0;  // inclusive
 };
 
+// A descriptor a VfioKernel handed out, closed through it (a fake kernel's are not the
+// process's). Move-only.
+class VfioFd {
+ public:
+  VfioFd() = default;
+  VfioFd(VfioKernel* kernel, int fd) : kernel_(kernel), fd_(fd) {}
+  VfioFd(VfioFd&& other) noexcept : kernel_(other.kernel_), fd_(other.release()) {}
+  VfioFd& operator=(VfioFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      kernel_ = other.kernel_;
+      fd_ = other.release();
+    }
+    return *this;
+  }
+  VfioFd(const VfioFd&) = delete;
+  VfioFd& operator=(const VfioFd&) = delete;
+  ~VfioFd() { reset(); }
+
+  int get() const { return fd_; }
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset() {
+    if (fd_ >= 0) kernel_->Close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  VfioKernel* kernel_ = nullptr;
+  int fd_ = -1;
+};
+
 class VfioContainerDriver {
  public:
   VfioContainerDriver(const VfioContainerDriver&) = delete;
