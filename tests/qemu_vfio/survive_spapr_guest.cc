@@ -338,6 +338,10 @@ int Holder(void* arg) {
   const int v2 = CheckV2(container);
   Assert(v2 == 1, p + "q2-agent2-check-extension",
          absl::StrFormat("CHECK_EXTENSION(SPAPR_TCE_v2): kernel %d, expected 1", v2));
+  // No way to hand a mapping to another process, as type1's VFIO_UPDATE_VADDR does.
+  const int vaddr = ::ioctl(container, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR);
+  Assert(vaddr == 0, p + "q5-agent2-check-update-vaddr",
+         absl::StrFormat("CHECK_EXTENSION(VFIO_UPDATE_VADDR): kernel %d, expected 0", vaddr));
   ExpectErr(p + "q2-agent2-get-info", "SPAPR_TCE_GET_INFO", GetInfo(container), EPERM);
   ExpectErr(p + "q2-agent2-register", "REGISTER_MEMORY of its own mapping (16 MiB)",
             Register(container, ua, kMemSize), EPERM);
