@@ -3,11 +3,14 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/vfio.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -129,6 +132,94 @@ int64_t StatusKb(pid_t pid, const char* field) {
     }
   }
   return -1;
+}
+
+int64_t MemInfoKb(const char* field) {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  const std::string prefix = absl::StrCat(field, ":");
+  while (std::getline(in, line)) {
+    if (line.compare(0, prefix.size(), prefix) == 0) {
+      return std::strtoll(line.c_str() + prefix.size(), nullptr, 10);
+    }
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages between the guest's processes
+
+bool SendFds(int sock, const std::string& text, const std::vector<int>& fds) {
+  if (fds.size() > 4) return false;
+  struct iovec iov = {const_cast<char*>(text.data()), text.size()};
+  char control[CMSG_SPACE(4 * sizeof(int))] = {};
+  struct msghdr msg = {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (!fds.empty()) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+    struct cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+    std::memcpy(CMSG_DATA(cmsg), fds.data(), fds.size() * sizeof(int));
+  }
+  return ::sendmsg(sock, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(text.size());
+}
+
+bool RecvFds(int sock, std::string* text, std::vector<int>* fds, int timeout_ms) {
+  struct pollfd p = {sock, POLLIN, 0};
+  if (::poll(&p, 1, timeout_ms) != 1) return false;
+  char buf[4096];
+  char control[CMSG_SPACE(4 * sizeof(int))] = {};
+  struct iovec iov = {buf, sizeof(buf)};
+  struct msghdr msg = {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  const ssize_t n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  if (n <= 0) return false;
+  text->assign(buf, n);
+  if (fds != nullptr) fds->clear();
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (fds != nullptr) {
+        fds->push_back(fd);
+      } else {
+        ::close(fd);
+      }
+    }
+  }
+  return true;
+}
+
+void SendLine(int sock, const char* tag, const std::string& step, const std::string& detail) {
+  SendFds(sock, absl::StrCat("LINE ", tag, " ", step, "\t", detail));
+}
+
+bool RecvPrintingLines(int sock, std::string* text, std::vector<int>* fds) {
+  while (RecvFds(sock, text, fds)) {
+    if (text->compare(0, 5, "LINE ") != 0) return true;
+    const std::string body = text->substr(5);
+    const size_t tab = body.find('\t');
+    const std::string tag_step = body.substr(0, tab);
+    const std::string detail = tab == std::string::npos ? "" : body.substr(tab + 1);
+    const size_t space = tag_step.find(' ');
+    const std::string tag = tag_step.substr(0, space);
+    const std::string step = space == std::string::npos ? "" : tag_step.substr(space + 1);
+    if (tag == "PASS" || tag == "FAIL") {
+      Check(tag == "PASS", step, detail);
+    } else {
+      Line(tag.c_str(), step, detail);
+    }
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-// What the QEMU VFIO guest programs (vfio_guest_test.cc, agent_guest_test.cc) share: the console
-// report the harness parses, small file helpers, the boot of an initramfs /init, binding the
-// emulated `edu` devices to vfio-pci, and edu's DMA engine through a VFIO device fd.
+// What the QEMU VFIO guest programs (vfio_guest_test.cc, agent_guest_test.cc, survive_guest.cc,
+// survive_spapr_guest.cc) share: the console report the harness parses, small file helpers,
+// messages with descriptors between the guest's processes, the boot of an initramfs /init,
+// binding the emulated `edu` devices to vfio-pci, and edu's DMA engine through a VFIO device fd.
 //
 // Everything here must link statically (the programs are /init): Abseil and libc only.
 #ifndef DMAPIN_TESTS_QEMU_VFIO_GUEST_SUPPORT_H_
@@ -51,6 +52,22 @@ std::vector<std::string> ListDir(const std::string& path);
 void SleepMs(int ms);
 // A "<field>: <n> kB" line of /proc/<pid>/status (pid 0: self), in KiB; -1 if absent.
 int64_t StatusKb(pid_t pid, const char* field);
+
+// A "<field>: <n> kB" line of /proc/meminfo ("MemFree"), in KiB; -1 if absent.
+int64_t MemInfoKb(const char* field);
+
+// ---------------------------------------------------------------------------------------------
+// Messages between the guest program's processes, over a SOCK_SEQPACKET socketpair: text plus up
+// to 4 descriptors (SCM_RIGHTS). A forked child reports its steps to the parent (PID 1, which
+// counts PASS/FAIL) as "LINE <tag> <step>\t<detail>" messages.
+
+bool SendFds(int sock, const std::string& text, const std::vector<int>& fds = {});
+// One message; false on timeout (ms), error or EOF. Received descriptors are close-on-exec.
+bool RecvFds(int sock, std::string* text, std::vector<int>* fds, int timeout_ms = 60000);
+// In a child: one report line, sent to the parent.
+void SendLine(int sock, const char* tag, const std::string& step, const std::string& detail);
+// In the parent: prints (PASS/FAIL: counts) every LINE message and returns the first other one.
+bool RecvPrintingLines(int sock, std::string* text, std::vector<int>* fds);
 
 // ---------------------------------------------------------------------------------------------
 // Boot (PID 1 only): mounts /proc, /sys and /dev, quiets the kernel's console messages and sends

@@ -8,13 +8,15 @@
 #   x86_64-survive  as x86_64 with one edu: survive_guest.cc, an experiment on what a type1
 #           container keeps when the process that mapped dies while another holds the device and
 #           container fds (OBSERVE lines; see SURVIVE.md)
+#   ppc64-survive  as ppc64 with one edu: survive_spapr_guest.cc, the same experiment on a SPAPR
+#           TCE v2 container, every answer asserted (PASS/FAIL lines; see SURVIVE.md)
 # The guest program (vfio_guest_test.cc or agent_guest_test.cc, built here with -static from the
 # project's own sources) is the initramfs's /init; it prints one PASS/FAIL line per step on the
 # serial console. This script fails on any FAIL line, a missing end marker, or a
 # timeout, and prints how long the boot and the test took. It installs nothing: a missing tool is
 # an error naming the Debian package. Everything it writes goes to a temporary directory.
 #
-# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]
+# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]
 #   --keep                  keep the work directory (guest binary, initramfs, console log)
 #   --agent, --vmm          x86_64-agent: the dmapin-agent and vfio_test_vmm binaries (Bazel
 #                           passes them; by hand the default is bazel-bin's, so build
@@ -33,7 +35,7 @@ for arg in "${@:2}"; do
     --agent=*) AGENT_BIN="${arg#--agent=}" ;;
     --vmm=*) VMM_BIN="${arg#--vmm=}" ;;
     *)
-      echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+      echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
       exit 2
       ;;
   esac
@@ -67,7 +69,7 @@ case "$ARCH" in
     [[ "$ARCH" == x86_64-survive ]] && MODE=survive
     MODULES=(vfio-pci vfio_iommu_type1)
     ;;
-  ppc64)
+  ppc64 | ppc64-survive)
     CXX=powerpc64le-linux-gnu-g++
     CXX_PKG=g++-powerpc64le-linux-gnu
     LIBDIR=/usr/lib/powerpc64le-linux-gnu
@@ -77,10 +79,11 @@ case "$ARCH" in
     KERNEL_GLOB='/boot/vmlinux-*-powerpc64le-64k'
     KERNEL_PKG="linux-image-powerpc64le-64k:ppc64el (6.12, from bookworm-backports; Debian 12's own ppc64el 6.1 kernel cannot bind vfio-pci on pseries)"
     MODE=spapr
+    [[ "$ARCH" == ppc64-survive ]] && MODE=spapr-survive
     MODULES=(vfio-pci vfio_iommu_spapr_tce)
     ;;
   *)
-    echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+    echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
     exit 2
     ;;
 esac
@@ -114,7 +117,7 @@ fi
 [[ -n "$KERNEL" && -f "$KERNEL" ]] || die "no kernel matching $KERNEL_GLOB: install $KERNEL_PKG"
 MODDIR="/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || die "$MODDIR/modules.dep not found: reinstall $KERNEL_PKG"
-if [[ "$ARCH" == ppc64 ]]; then need_cmd xz xz-utils; fi
+if [[ "$ARCH" == ppc64* ]]; then need_cmd xz xz-utils; fi
 if [[ "$MODE" == agent ]]; then
   need_cmd ldd libc-bin
   need_cmd strip binutils
@@ -140,6 +143,12 @@ t0=$SECONDS
 if [[ "$MODE" == survive ]]; then
   GUEST_SRCS=(
     tests/qemu_vfio/survive_guest.cc
+    tests/qemu_vfio/guest_support.cc
+    common/errno_status.cc
+  )
+elif [[ "$MODE" == spapr-survive ]]; then
+  GUEST_SRCS=(
+    tests/qemu_vfio/survive_spapr_guest.cc
     tests/qemu_vfio/guest_support.cc
     common/errno_status.cc
   )
@@ -275,6 +284,13 @@ case "$ARCH" in
     QEMU_ARGS=(-machine pseries -smp 1 -m 1G
       -device spapr-pci-host-bridge,index=1,id=phb1 -device edu,bus=phb1.0
       -device spapr-pci-host-bridge,index=2,id=phb2 -device edu,bus=phb2.0
+      -kernel "$KERNEL" -initrd "$WORK/initrd"
+      -append "console=hvc0 panic=-1 quiet dmapin_mode=$MODE")
+    ;;
+  ppc64-survive)
+    # One edu on its own PCI host bridge; see survive_spapr_guest.cc and SURVIVE.md.
+    QEMU_ARGS=(-machine pseries -smp 1 -m 1G
+      -device spapr-pci-host-bridge,index=1,id=phb1 -device edu,bus=phb1.0
       -kernel "$KERNEL" -initrd "$WORK/initrd"
       -append "console=hvc0 panic=-1 quiet dmapin_mode=$MODE")
     ;;
