@@ -114,6 +114,8 @@ class ContainerDma {
   // Recovered from a handed-off container: it waits for the VMM's descriptor (Adopt); until then
   // registrations, maps and releases answer EAGAIN (UNAVAILABLE).
   virtual bool awaiting_adoption() const { return false; }
+  // EAGAIN (UNAVAILABLE): `what` waits for the VMM's descriptor.
+  absl::Status AwaitingAdoption(absl::string_view what) const;
   // Takes the container back from `container_fd` (always consumed) and checks and re-associates
   // every registration and mapping the recovery replayed; what the kernel does not have as
   // recorded is made again and counted. Only while awaiting_adoption().
@@ -134,8 +136,6 @@ class ContainerDma {
   // `registry` must outlive this; the container `id` must exist in it.
   ContainerDma(Registry& registry, ContainerId id, const ContainerOptions& options)
       : registry_(registry), id_(id), options_(options) {}
-  // EAGAIN (UNAVAILABLE): `what` waits for the VMM's descriptor.
-  absl::Status AwaitingAdoption(absl::string_view what) const;
 
   // Constant after construction.
   Registry& registry_;

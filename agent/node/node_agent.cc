@@ -904,6 +904,11 @@ absl::Status NodeAgent::ReleaseContainer(absl::string_view name, const DecisionT
   if (absl::Status status = CheckContainerControl(*entry, caller, "release"); !status.ok()) {
     return status;
   }
+  // Before the store: the kernel's state is the VMM's until it gives the container back.
+  if (entry->dma->awaiting_adoption()) {
+    return Annotate(entry->dma->AwaitingAdoption("release"),
+                    absl::StrCat("container \"", name, "\""));
+  }
   MutexLock dma(&entry->dma_mu);
   ContextEntry* context = entry->bound.load(std::memory_order_acquire);
   // The store first: a release cannot be undone (the addresses of its mappings go with it), and

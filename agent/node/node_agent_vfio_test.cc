@@ -51,10 +51,12 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
   bool spapr() const { return std::string(GetParam()) == kVfioSpaprV2Backend; }
 
   // A restart: the process's pins and the kernel's containers die with it; the store stays.
-  void Restart(StateStoreOptions store_options = {}) {
+  // With `keep_kernel`, the kernel stays too: what a VMM's descriptors hold (the device
+  // handoff) outlives the agent, whose own descriptors close with it.
+  void Restart(StateStoreOptions store_options = {}, bool keep_kernel = false) {
     agent_.reset();
     store_.reset();
-    kernel_ = std::make_unique<FakeVfioKernel>();
+    if (!keep_kernel || kernel_ == nullptr) kernel_ = std::make_unique<FakeVfioKernel>();
     sim_ = *SimBackend::Create(sim_options_);
     store_ = *StateStore::Open(dir_.string(), std::move(store_options));
     const std::string backend = GetParam();
@@ -69,6 +71,9 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
                NewVfioContainerDriver(backend, kernel_.get());
            if (absl::Status status = driver->Open(groups); !status.ok()) return status;
            return driver;
+         },
+         .new_vfio_driver = [this, backend] {
+           return NewVfioContainerDriver(backend, kernel_.get());
          }});
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
@@ -300,6 +305,78 @@ TEST_P(NodeAgentVfioTest, RestartReopensTheContainersAndReplays) {
 }
 
 // Issue 11: a change the store refuses is undone in the kernel as in the registry.
+// The device handoff: the VMM (here: descriptors the test keeps in the fake kernel's table) holds
+// the device and a duplicate of the container, so a restart of the agent unmaps nothing; the new
+// agent waits for the container (EAGAIN), takes it back and serves it again.
+
+TEST_P(NodeAgentVfioTest, AHandedOffContainerKeepsItsMappingsAcrossARestart) {
+  ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
+  ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
+  ASSERT_TRUE(agent_->RegisterRegion("c", "vm", kBase, k1M).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 0, kBase, k64K).ok());
+  ASSERT_TRUE(agent_->MapDma("c", 2 * k64K, kBase + k64K, k64K).ok());
+  EXPECT_EQ(ErrnoOf(agent_->OpenDevices("c", {"0000:00:08.0"}).status()), ENODEV);  // not ours
+  EXPECT_EQ(ErrnoOf(agent_->OpenDevices("c", {}).status()), EINVAL);
+  absl::StatusOr<DeviceHandoff> handoff = agent_->OpenDevices("c", {"0000:00:07.0"});
+  ASSERT_TRUE(handoff.ok()) << handoff.status();
+  ASSERT_EQ(handoff->fds.size(), 2u);
+  EXPECT_TRUE(handoff->container.handed_off);
+  // The VMM's now: they stay in the fake kernel's table across the agent's restarts.
+  const int vmm_container = handoff->fds[0].release();
+  const int vmm_device = handoff->fds[1].release();
+  const std::map<uint64_t, uint64_t> pages = KernelPages();
+  const std::string before = testing::PrintToString(Regions());
+
+  for (const bool planned : {false, true}) {
+    SCOPED_TRACE(planned ? "planned exit" : "crash");
+    if (planned) agent_->PrepareForExit();
+    Restart({}, /*keep_kernel=*/true);
+    EXPECT_EQ(KernelPages().size(), pages.size());  // nothing unmapped
+    EXPECT_EQ(testing::PrintToString(Regions()), before);
+    ASSERT_TRUE(agent_->GetContainer("c")->awaiting_adoption);
+    EXPECT_EQ(agent_->Status().containers_awaiting_adoption, 1u);
+    // Until the VMM gives it back: EAGAIN for what would change the kernel.
+    EXPECT_EQ(ErrnoOf(agent_->MapDma("c", 4 * k64K, kBase, k64K)), EAGAIN);
+    EXPECT_EQ(ErrnoOf(agent_->UnmapDma("c", 0, k64K)), EAGAIN);
+    EXPECT_EQ(ErrnoOf(agent_->ReleaseContainer("c")), EAGAIN);
+    absl::Status registered = agent_->RegisterRegion("c", "vm", kBase + k1M, k1M).status();
+    EXPECT_EQ(ErrnoOf(registered), EAGAIN) << registered;
+
+    absl::StatusOr<AdoptionReport> adopted = agent_->AdoptContainer("c", kernel_->Dup(vmm_container));
+    if (spapr()) {
+      // The kernel binds a SPAPR container to the mm that first registered: no other process
+      // may change it. The container stays as the old agent left it.
+      EXPECT_EQ(ErrnoOf(adopted.status()), EOPNOTSUPP);
+      EXPECT_TRUE(agent_->GetContainer("c")->awaiting_adoption);
+      break;
+    }
+    ASSERT_TRUE(adopted.ok()) << adopted.status();
+    EXPECT_EQ(adopted->registrations, 1u);
+    EXPECT_EQ(adopted->mappings, 2u);
+    EXPECT_EQ(adopted->inconsistencies, 0u);
+    EXPECT_EQ(ErrnoOf(agent_->AdoptContainer("c", kernel_->Dup(vmm_container)).status()), EBUSY);
+    for (const FakeType1Dma& dma : kernel_->Type1Dmas()) EXPECT_FALSE(dma.vaddr_invalid);
+    EXPECT_EQ(KernelPages(), pages);
+    const NodeStatusView status = agent_->Status();
+    EXPECT_EQ(status.containers_awaiting_adoption, 0u);
+    EXPECT_EQ(status.containers_adopted, 1u);
+    EXPECT_FALSE(agent_->GetContainer("c")->awaiting_adoption);
+    EXPECT_TRUE(agent_->GetContainer("c")->handed_off);
+    // Served again: a map, an unmap.
+    absl::Status mapped = agent_->MapDma("c", 4 * k64K, kBase + 2 * k64K, k64K);
+    ASSERT_TRUE(mapped.ok()) << mapped;
+    ASSERT_TRUE(agent_->UnmapDma("c", 4 * k64K, k64K).ok());
+    EXPECT_EQ(KernelPages(), pages);
+  }
+  if (!spapr()) {
+    // A release while the VMM still holds the device takes everything out of the kernel itself.
+    ASSERT_TRUE(agent_->ReleaseContainer("c").ok());
+    EXPECT_TRUE(kernel_->Type1Dmas().empty());
+  }
+  EXPECT_EQ(kernel_->Close(vmm_device), 0);
+  EXPECT_EQ(kernel_->Close(vmm_container), 0);
+}
+
 TEST_P(NodeAgentVfioTest, ARefusedRegisterOrMapIsUndoneInTheKernelToo) {
   ASSERT_TRUE(agent_->CreateContext({.name = "vm"}).ok());
   ASSERT_TRUE(agent_->CreateContainer({.name = "c", .vfio_groups = kGroups}).ok());
