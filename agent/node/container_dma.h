@@ -32,6 +32,13 @@ struct AdoptionReport {
   uint64_t registrations = 0;    // kernel pre-registrations re-associated (pieces)
   uint64_t mappings = 0;         // kernel guest mappings re-associated (pieces)
   uint64_t inconsistencies = 0;  // store rows the kernel did not have as recorded (each redone)
+  // What each of the first kMaxDetails was, e.g. "mapping iova=0x180000 size=0x10000: ENOENT ...".
+  std::vector<std::string> details;
+  static constexpr size_t kMaxDetails = 16;
+  void Inconsistent(std::string detail) {
+    ++inconsistencies;
+    if (details.size() < kMaxDetails) details.push_back(std::move(detail));
+  }
 };
 
 // A mapping as the store acknowledged it.

@@ -1032,6 +1032,9 @@ absl::StatusOr<AdoptionReport> NodeAgent::AdoptContainer(absl::string_view name,
     LOG(INFO) << line;
   } else {
     LOG(WARNING) << line;
+    for (const std::string& detail : report->details) {
+      LOG(WARNING) << absl::StrFormat("container \"%s\": not as recorded: %s", name, detail);
+    }
   }
   return report;
 }

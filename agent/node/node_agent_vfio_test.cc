@@ -72,9 +72,8 @@ class NodeAgentVfioTest : public ::testing::TestWithParam<const char*> {
            if (absl::Status status = driver->Open(groups); !status.ok()) return status;
            return driver;
          },
-         .new_vfio_driver = [this, backend] {
-           return NewVfioContainerDriver(backend, kernel_.get());
-         }});
+         .new_vfio_driver = [this,
+                             backend] { return NewVfioContainerDriver(backend, kernel_.get()); }});
     ASSERT_TRUE(agent.ok()) << agent.status();
     agent_ = std::move(*agent);
   }
@@ -342,7 +341,8 @@ TEST_P(NodeAgentVfioTest, AHandedOffContainerKeepsItsMappingsAcrossARestart) {
     absl::Status registered = agent_->RegisterRegion("c", "vm", kBase + k1M, k1M).status();
     EXPECT_EQ(ErrnoOf(registered), EAGAIN) << registered;
 
-    absl::StatusOr<AdoptionReport> adopted = agent_->AdoptContainer("c", kernel_->Dup(vmm_container));
+    absl::StatusOr<AdoptionReport> adopted =
+        agent_->AdoptContainer("c", kernel_->Dup(vmm_container));
     if (spapr()) {
       // The kernel binds a SPAPR container to the mm that first registered: no other process
       // may change it. The container stays as the old agent left it.

@@ -177,39 +177,49 @@ class VfioContainerDma final : public ContainerDma {
     const ContextId context = bound_context_.load(std::memory_order_relaxed);
     for (const ExpectedRegistration& reg : expected_registrations_) {
       std::vector<GuestPiece> pieces;
-      if (!Pieces(context, reg.ua, reg.size, &pieces).ok()) {
-        ++report.inconsistencies;
+      if (absl::Status status = Pieces(context, reg.ua, reg.size, &pieces); !status.ok()) {
+        report.Inconsistent(absl::StrFormat("registration ua=0x%x size=0x%x: %s", reg.ua, reg.size,
+                                            status.ToString()));
         continue;
       }
       uint64_t offset = 0;
       for (const GuestPiece& piece : pieces) {
         const uint64_t at = reg.device_iova == 0 ? 0 : reg.device_iova + offset;
         offset += piece.size;
-        if (at != 0 && driver_->AdoptRegistration(piece.agent_ua, piece.size, at).ok()) {
+        absl::Status adopted =
+            at == 0 ? ErrnoStatus(ENOENT, "no pin IOVA recorded (a store older than schema 4)")
+                    : driver_->AdoptRegistration(piece.agent_ua, piece.size, at);
+        if (adopted.ok()) {
           ++report.registrations;
           continue;
         }
         // Not in the kernel as recorded: pin it again (counted either way).
-        ++report.inconsistencies;
+        report.Inconsistent(absl::StrFormat("registration ua=0x%x size=0x%x at pin iova 0x%x: %s",
+                                            reg.ua, reg.size, at, adopted.ToString()));
         if (!driver_->RegisterMemoryAt(piece.agent_ua, piece.size, at).ok()) Inconsistent();
       }
       device_iovas_[{reg.ua, reg.size}] = reg.device_iova;
     }
     for (const DmaMapping& mapping : expected_mappings_) {
       std::vector<GuestPiece> pieces;
-      if (!Pieces(context, mapping.ua, mapping.size, &pieces).ok()) {
-        ++report.inconsistencies;
+      if (absl::Status status = Pieces(context, mapping.ua, mapping.size, &pieces); !status.ok()) {
+        report.Inconsistent(absl::StrFormat("mapping iova=0x%x size=0x%x: %s", mapping.iova,
+                                            mapping.size, status.ToString()));
         continue;
       }
       uint64_t done = 0;
       for (const GuestPiece& piece : pieces) {
         const uint64_t iova = mapping.iova + done;
         done += piece.size;
-        if (driver_->AdoptMapping(iova, piece.agent_ua, piece.size).ok()) {
+        absl::Status adopted = driver_->AdoptMapping(iova, piece.agent_ua, piece.size);
+        if (adopted.ok()) {
           ++report.mappings;
           continue;
         }
-        ++report.inconsistencies;
+        // E.g. an unmap the old process had made in the kernel but not recorded when it died
+        // (never acknowledged): the recorded mapping is made again.
+        report.Inconsistent(absl::StrFormat("mapping iova=0x%x size=0x%x: %s", iova, piece.size,
+                                            adopted.ToString()));
         if (!driver_->MapDma(iova, piece.agent_ua, piece.size).ok()) Inconsistent();
       }
     }

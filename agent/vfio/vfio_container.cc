@@ -173,6 +173,7 @@ absl::Status VfioContainerDriver::CloseLocked() {
     container_fd_ = -1;
   }
   window_ = VfioDmaWindow();
+  adopted_ = false;
   ResetState();
   return first;
 }
@@ -269,6 +270,7 @@ absl::Status VfioContainerDriver::AdoptLocked(int container_fd) {
   absl::StatusOr<VfioDmaWindow> window = QueryWindow();
   if (!window.ok()) return window.status();
   window_ = *window;
+  adopted_ = true;
   return absl::OkStatus();
 }
 
@@ -901,7 +903,18 @@ absl::Status Type1Driver::MapDma(uint64_t iova, uint64_t ua, uint64_t size) {
   if (!range.ok()) return range;
   // A remap replaces what was there (spec §7.4), which type1 answers EEXIST to: clear first.
   if (absl::Status cleared = ClearGuestRangeLocked(iova, size); !cleared.ok()) return cleared;
-  return MapLocked(iova, ua, size);
+  absl::Status mapped = MapLocked(iova, ua, size);
+  if (ErrnoOf(mapped) == EEXIST && adopted_) {
+    // A mapping this driver does not know: one an earlier agent process made just before it
+    // died, before its record (the container was taken back from the VMM). It goes, as any
+    // mapping a new one replaces, if it lies inside the range (the kernel refuses a bisection).
+    uint64_t unmapped = 0;
+    if (UnmapLocked(iova, size, 0, " [not recorded]", &unmapped).ok() && unmapped > 0) {
+      ++unrecorded_mappings_replaced_;
+      mapped = MapLocked(iova, ua, size);
+    }
+  }
+  return mapped;
 }
 
 absl::Status Type1Driver::UnmapDma(uint64_t iova, uint64_t size) {

@@ -202,6 +202,8 @@ class VfioContainerDriver {
   mutable Mutex mu_;
   int container_fd_ ABSL_GUARDED_BY(mu_) = -1;
   VfioDmaWindow window_ ABSL_GUARDED_BY(mu_);
+  // Taken over from an earlier agent process (Adopt): the kernel may hold what no record says.
+  bool adopted_ ABSL_GUARDED_BY(mu_) = false;
 
  private:
   absl::Status OpenLocked(absl::Span<const std::string> group_paths)
@@ -315,6 +317,11 @@ class Type1Driver final : public VfioContainerDriver {
   absl::StatusOr<std::vector<VfioIovaRange>> UsableIovaRanges() const;
   // Where RegisterMemory put [ua, ua + size), or ENOENT.
   absl::StatusOr<uint64_t> PinIova(uint64_t ua, uint64_t size) const;
+  // Kernel mappings MapDma found where it maps and did not know (EEXIST), and replaced.
+  uint64_t unrecorded_mappings_replaced() const {
+    MutexLock lock(&mu_);
+    return unrecorded_mappings_replaced_;
+  }
 
  private:
   struct Pin {
@@ -358,6 +365,7 @@ class Type1Driver final : public VfioContainerDriver {
     uint64_t ua = 0;
   };
   std::map<uint64_t, GuestMapping> guest_maps_ ABSL_GUARDED_BY(mu_);
+  uint64_t unrecorded_mappings_replaced_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // A driver for a backend name from DetectVfioBackends() ("vfio-spapr-v2", "vfio-type1"), or

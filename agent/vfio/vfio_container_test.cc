@@ -714,6 +714,21 @@ TEST_F(Type1Test, AdoptAfterACrashMovesEveryMappingToTheNewAddresses) {
   EXPECT_THAT(kernel_.OpenFds(), IsEmpty());
 }
 
+TEST_F(Type1Test, AMappingTheRecordsMissAfterACrashIsReplacedByTheNextMapThere) {
+  ASSERT_TRUE(driver_.RegisterMemory(kUa, 2 * kMiB).ok());
+  ASSERT_TRUE(driver_.MapDma(0x100000, kUa, 64 * kKiB).ok());  // the agent died before recording it
+  const int device = *driver_.OpenDevice("0000:00:07.0");
+  const int kept = *driver_.DupContainer();
+  ASSERT_TRUE(driver_.Close().ok());
+  Type1Driver restarted(&kernel_);
+  ASSERT_TRUE(restarted.Adopt(kernel_.Dup(kept)).ok());
+  ASSERT_TRUE(restarted.MapDma(0x100000, kUa + 64 * kKiB, 64 * kKiB).ok());
+  EXPECT_EQ(restarted.unrecorded_mappings_replaced(), 1u);
+  ASSERT_TRUE(restarted.Close().ok());
+  EXPECT_EQ(kernel_.Close(device), 0);
+  EXPECT_EQ(kernel_.Close(kept), 0);
+}
+
 TEST_F(Type1Test, AdoptAfterAPlannedExitSetsTheInvalidatedAddresses) {
   ASSERT_TRUE(driver_.RegisterMemory(kUa, 2 * kMiB).ok());
   ASSERT_TRUE(driver_.MapDma(0x100000, kUa, 64 * kKiB).ok());

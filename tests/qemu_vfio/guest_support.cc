@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -393,6 +394,93 @@ absl::StatusOr<uint64_t> Edu::RegionOffset(uint32_t index) const {
     return ErrnoStatus(errno, absl::StrCat("VFIO_DEVICE_GET_REGION_INFO ", index));
   }
   return info.offset;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes of the guest
+
+// Makes every directory of `path` (mkdir -p).
+void MakeDirs(const std::string& path) {
+  for (size_t slash = path.find('/', 1);; slash = path.find('/', slash + 1)) {
+    ::mkdir(path.substr(0, slash).c_str(), 0755);
+    if (slash == std::string::npos) break;
+  }
+}
+
+// fork + execve of `argv` with stdout and stderr on `out_fd` (-1: this process's).
+pid_t Spawn(const std::vector<std::string>& argv, int out_fd) {
+  std::vector<char*> args;
+  for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
+  args.push_back(nullptr);
+  char* env[] = {const_cast<char*>("PATH=/bin"), const_cast<char*>("HOME=/"), nullptr};
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (out_fd >= 0) {
+      ::dup2(out_fd, 1);
+      ::dup2(out_fd, 2);
+    }
+    ::execve(args[0], args.data(), env);
+    std::fprintf(stderr, "execve %s: %s\n", args[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Whether `pid` (a child) still runs; reaps it and says how it ended otherwise.
+bool Running(pid_t pid, std::string* how) {
+  int status = 0;
+  const pid_t got = ::waitpid(pid, &status, WNOHANG);
+  if (got == 0) return true;
+  if (how != nullptr) {
+    if (got < 0) {
+      *how = absl::StrCat("waitpid: ", std::strerror(errno));
+    } else if (WIFEXITED(status)) {
+      *how = absl::StrCat("exited with ", WEXITSTATUS(status));
+    } else {
+      *how = absl::StrCat("killed by signal ", WTERMSIG(status));
+    }
+  }
+  return false;
+}
+
+int64_t LockedKb(pid_t pid) { return StatusKb(pid, "VmLck"); }
+
+// The descriptor number under which `pid` holds `path` open; -1 if none.
+int FdOf(pid_t pid, const std::string& path) {
+  const std::string dir = absl::StrCat("/proc/", pid, "/fd");
+  for (const std::string& fd : ListDir(dir)) {
+    if (ReadLink(absl::StrCat(dir, "/", fd)) == path) return std::atoi(fd.c_str());
+  }
+  return -1;
+}
+
+// `size` bytes of `pid`'s memory at its address `ua`.
+std::optional<std::string> ReadMemory(pid_t pid, uint64_t ua, size_t size) {
+  const int fd = ::open(absl::StrCat("/proc/", pid, "/mem").c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  std::string bytes(size, '\0');
+  const ssize_t n = ::pread(fd, bytes.data(), size, static_cast<off_t>(ua));
+  ::close(fd);
+  if (n != static_cast<ssize_t>(size)) return std::nullopt;
+  return bytes;
+}
+
+std::string Pattern(uint32_t seed, uint32_t bytes) {
+  std::string pattern(bytes, '\0');
+  for (uint32_t i = 0; i < bytes; ++i) pattern[i] = static_cast<char>(seed + 7 * i);
+  return pattern;
+}
+
+// Where the first difference is, for the report.
+std::string Compared(const std::string& got, const std::string& want) {
+  if (got == want) return "identical";
+  size_t i = 0;
+  while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
+  size_t zeros = 0;
+  for (char c : got) zeros += c == '\0';
+  return absl::StrFormat("differ from byte %d (got 0x%02x, want 0x%02x; %d of %d bytes zero)", i,
+                         i < got.size() ? static_cast<uint8_t>(got[i]) : 0,
+                         i < want.size() ? static_cast<uint8_t>(want[i]) : 0, zeros, got.size());
 }
 
 }  // namespace dmapin::agent

@@ -135,6 +135,25 @@ class Edu {
   bool swap_ = false;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Processes of the guest (the agent and VMM tests)
+
+// Makes every directory of `path` (mkdir -p).
+void MakeDirs(const std::string& path);
+// fork + execve of `argv` with stdout and stderr on `out_fd` (-1: this process's).
+pid_t Spawn(const std::vector<std::string>& argv, int out_fd);
+// Whether `pid` (a child) still runs; reaps it and says how it ended otherwise.
+bool Running(pid_t pid, std::string* how = nullptr);
+int64_t LockedKb(pid_t pid);
+// The descriptor number under which `pid` holds `path` open; -1 if none.
+int FdOf(pid_t pid, const std::string& path);
+// `size` bytes of `pid`'s memory at its address `ua`.
+std::optional<std::string> ReadMemory(pid_t pid, uint64_t ua, size_t size);
+// Byte i is seed + 7 * i.
+std::string Pattern(uint32_t seed, uint32_t bytes);
+// Where the first difference is, for the report.
+std::string Compared(const std::string& got, const std::string& want);
+
 }  // namespace dmapin::agent
 
 #endif  // DMAPIN_TESTS_QEMU_VFIO_GUEST_SUPPORT_H_

@@ -5,6 +5,9 @@
 #   x86_64-agent  as x86_64, but the real dmapin-agent binary (--backend=vfio-type1) and a VMM on
 #           it (vfio_test_vmm) run in the guest, with every shared library they need; the guest
 #           program (agent_guest_test.cc) drives the edu device's DMA into the VMM's memory
+#   x86_64-restart  as x86_64-agent, with restart_vmm as the VMM: it holds its edu device and
+#           container (the device handoff) and runs edu DMA transfers all the time while the guest
+#           program (restart_guest_test.cc) kills and restarts the agent 20 times
 #   x86_64-survive  as x86_64 with one edu: survive_guest.cc, an experiment on what a type1
 #           container keeps when the process that mapped dies while another holds the device and
 #           container fds (OBSERVE lines; see SURVIVE.md)
@@ -16,7 +19,7 @@
 # timeout, and prints how long the boot and the test took. It installs nothing: a missing tool is
 # an error naming the Debian package. Everything it writes goes to a temporary directory.
 #
-# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]
+# usage: run_qemu_vfio.sh x86_64|ppc64|x86_64-agent|x86_64-restart|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]
 #   --keep                  keep the work directory (guest binary, initramfs, console log)
 #   --agent, --vmm          x86_64-agent: the dmapin-agent and vfio_test_vmm binaries (Bazel
 #                           passes them; by hand the default is bazel-bin's, so build
@@ -35,7 +38,7 @@ for arg in "${@:2}"; do
     --agent=*) AGENT_BIN="${arg#--agent=}" ;;
     --vmm=*) VMM_BIN="${arg#--vmm=}" ;;
     *)
-      echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+      echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-restart|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
       exit 2
       ;;
   esac
@@ -55,7 +58,7 @@ SRC="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)"
 [[ -f "$SRC/agent/vfio/vfio_container.cc" ]] || die "sources not found under $SRC"
 
 case "$ARCH" in
-  x86_64 | x86_64-agent | x86_64-survive)
+  x86_64 | x86_64-agent | x86_64-restart | x86_64-survive)
     CXX=g++
     CXX_PKG=g++
     LIBDIR=/usr/lib/x86_64-linux-gnu
@@ -66,6 +69,7 @@ case "$ARCH" in
     KERNEL_PKG=linux-image-amd64
     MODE=type1
     [[ "$ARCH" == x86_64-agent ]] && MODE=agent
+    [[ "$ARCH" == x86_64-restart ]] && MODE=restart
     [[ "$ARCH" == x86_64-survive ]] && MODE=survive
     MODULES=(vfio-pci vfio_iommu_type1)
     ;;
@@ -83,7 +87,7 @@ case "$ARCH" in
     MODULES=(vfio-pci vfio_iommu_spapr_tce)
     ;;
   *)
-    echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
+    echo "usage: $0 x86_64|ppc64|x86_64-agent|x86_64-restart|x86_64-survive|ppc64-survive [--agent=PATH] [--vmm=PATH] [--keep]" >&2
     exit 2
     ;;
 esac
@@ -118,10 +122,13 @@ fi
 MODDIR="/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || die "$MODDIR/modules.dep not found: reinstall $KERNEL_PKG"
 if [[ "$ARCH" == ppc64* ]]; then need_cmd xz xz-utils; fi
-if [[ "$MODE" == agent ]]; then
+if [[ "$MODE" == agent || "$MODE" == restart ]]; then
   need_cmd ldd libc-bin
   need_cmd strip binutils
   [[ -n "$AGENT_BIN" ]] || AGENT_BIN="$SRC/bazel-bin/agent/dmapin-agent"
+  if [[ -z "$VMM_BIN" && "$MODE" == restart ]]; then
+    VMM_BIN="$SRC/bazel-bin/tests/qemu_vfio/restart_vmm"
+  fi
   [[ -n "$VMM_BIN" ]] || VMM_BIN="$SRC/bazel-bin/tests/qemu_vfio/vfio_test_vmm"
   for bin in "$AGENT_BIN" "$VMM_BIN"; do
     [[ -x "$bin" ]] ||
@@ -155,6 +162,12 @@ elif [[ "$MODE" == spapr-survive ]]; then
 elif [[ "$MODE" == agent ]]; then
   GUEST_SRCS=(
     tests/qemu_vfio/agent_guest_test.cc
+    tests/qemu_vfio/guest_support.cc
+    common/errno_status.cc
+  )
+elif [[ "$MODE" == restart ]]; then
+  GUEST_SRCS=(
+    tests/qemu_vfio/restart_guest_test.cc
     tests/qemu_vfio/guest_support.cc
     common/errno_status.cc
   )
@@ -225,7 +238,7 @@ say "modules: ${names[*]}"
 # --- x86_64-agent: the agent and the VMM, dynamically linked, with what ldd says they load -------
 # The guest runs Debian's amd64 kernel, the host's userland ABI: the host's own libraries work
 # there unchanged. Copies only are stripped.
-if [[ "$MODE" == agent ]]; then
+if [[ "$MODE" == agent || "$MODE" == restart ]]; then
   t0=$SECONDS
   mkdir -p "$WORK/root/bin"
   cp "$AGENT_BIN" "$WORK/root/bin/dmapin-agent"
@@ -263,7 +276,7 @@ case "$ARCH" in
       -kernel "$KERNEL" -initrd "$WORK/initrd"
       -append "console=ttyS0 intel_iommu=on panic=-1 quiet dmapin_mode=$MODE")
     ;;
-  x86_64-agent)
+  x86_64-agent | x86_64-restart)
     # One edu; room for the agent's and the VMM's libraries (unpacked into RAM) and their memory.
     QEMU_ARGS=(-accel tcg -machine q35,kernel-irqchip=split -cpu max -smp 1 -m 1024
       -device intel-iommu,intremap=on,caching-mode=on
