@@ -258,6 +258,20 @@ int RunIntruder() {
       {"release", (*client)->ReleaseContainer(container)},
       {"teardown", (*client)->TeardownContext(context)},
   };
+  // Nor take its devices, nor give it a container back (the memory socket's device handoff).
+  const std::string device = "0000:00:03.0";
+  absl::StatusOr<std::unique_ptr<MemorySocketClient>> socket =
+      MemorySocketClient::Connect(Env("DMAPIN_TEST_UDS") + ".memory");
+  if (!socket.ok()) return 1;
+  v1::OpenDevicesRequest open;
+  open.set_container(container);
+  open.add_devices(device);
+  const absl::Status devices = (*socket)->OpenDevices(open, nullptr).status();
+  const absl::Status adopt = (*socket)->AdoptContainer(container, ram->fd()).status();
+  std::cout << "open_devices " << static_cast<int>(devices.code()) << " "
+            << ErrnoName(ErrnoOf(devices)) << "\n"
+            << "adopt " << static_cast<int>(adopt.code()) << " " << ErrnoName(ErrnoOf(adopt))
+            << "\n";
   for (const auto& [call, status] : control) {
     std::cout << call << " " << static_cast<int>(status.code()) << " " << ErrnoName(ErrnoOf(status))
               << "\n";
@@ -572,8 +586,8 @@ TEST_F(MemlockVmmClientTest, AttachedGuestRamIsPinnedInTheVmmsOwnFramesAndOwnerO
     ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
         << DescribeWait(status) << ": " << intruder->output();
     const int denied = static_cast<int>(absl::StatusCode::kPermissionDenied);
-    for (const char* call :
-         {"map", "translate", "attach", "unary_unmap", "unregister", "release", "teardown"}) {
+    for (const char* call : {"map", "translate", "attach", "unary_unmap", "unregister", "release",
+                             "teardown", "open_devices", "adopt"}) {
       EXPECT_THAT(intruder->output(), HasSubstr(absl::StrCat(call, " ", denied, " EPERM\n")));
     }
     EXPECT_THAT(intruder->output(), HasSubstr("map_message EPERM: "));
@@ -688,6 +702,32 @@ TEST_F(MemlockVmmClientTest, BadInputOnTheMemorySocketIsRefusedAndLeaksNothing) 
   // fine: the agent's own files come and go, e.g. a connection gRPC closed meanwhile.)
   EXPECT_TRUE(Eventually([&] { return AgentFds() <= agent_fds_before; }))
       << AgentFds() << " descriptors, " << agent_fds_before << " before";
+}
+
+// The device handoff against the real agent without VFIO: ENODEV naming why, the container
+// served as before; a container fd given back that the agent does not wait for is refused and
+// closed (the agent's descriptors do not grow).
+TEST_F(MemlockVmmClientTest, DeviceHandoffWithoutVfioIsEnodevAndAStrayAdoptionIsRefused) {
+  ASSERT_TRUE(client_->CreateContext("vm-dev").ok());
+  ASSERT_TRUE(client_->CreateContainer("vm-dev/c").ok());
+  const std::string device = "0000:00:03.0";
+  absl::StatusOr<std::vector<OpenedDevice>> devices =
+      client_->OpenDevices("vm-dev/c", {&device, 1});
+  EXPECT_EQ(ErrnoOf(devices.status()), ENODEV) << devices.status();
+  EXPECT_THAT(std::string(devices.status().message()), HasSubstr("not VFIO"));
+  EXPECT_EQ(client_->container_fd("vm-dev/c"), -1);
+  EXPECT_TRUE(client_->AdoptContainers().ok());  // it holds none
+  EXPECT_EQ(ErrnoOf(client_->OpenDevices("missing", {&device, 1}).status()), ENOENT);
+
+  absl::StatusOr<std::unique_ptr<MemorySocketClient>> socket =
+      MemorySocketClient::Connect(uds_ + ".memory");
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  const size_t agent_fds_before = AgentFds();
+  absl::StatusOr<GuestRam> ram = GuestRam::CreateMemfd("not-a-container", kPage);
+  ASSERT_TRUE(ram.ok()) << ram.status();
+  absl::StatusOr<v1::MemorySocketReply> adopted = (*socket)->AdoptContainer("vm-dev/c", ram->fd());
+  EXPECT_EQ(ErrnoOf(adopted.status()), EINVAL) << adopted.status();
+  EXPECT_EQ(AgentFds(), agent_fds_before);
 }
 
 TEST_F(MemlockVmmClientTest, VmmExitTearsItsContextDownAndUnpins) {
