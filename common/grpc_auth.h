@@ -57,7 +57,8 @@ class AuthGate {
 
   uint64_t refused(Check check) const { return refused_[check].load(std::memory_order_relaxed); }
 
-  // The metrics above, with `prefix` ("dmapin_server"). Must not outlive the gate.
+  // The metrics above, with `prefix` ("dmapin_server"). Must not outlive the gate; keep it (an
+  // exposer holds its collectables weakly).
   std::shared_ptr<prometheus::Collectable> Collectable(std::string prefix) const;
 
  private:

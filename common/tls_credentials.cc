@@ -102,6 +102,8 @@ absl::StatusOr<TransportSecurity> TransportSecurityFromFlags() {
   return security;
 }
 
+bool InsecureFlag() { return absl::GetFlag(FLAGS_insecure); }
+
 std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const TransportSecurity& security) {
   if (security.insecure) return grpc::InsecureServerCredentials();
   grpc::experimental::TlsServerCredentialsOptions options(Provider(security));

@@ -40,6 +40,8 @@ struct TransportSecurity {
 
 // The flags above, checked (CheckTransportSecurity).
 absl::StatusOr<TransportSecurity> TransportSecurityFromFlags();
+// Whether --insecure was given (for a binary that has nothing on TCP and so checks nothing).
+bool InsecureFlag();
 
 // OK for --insecure alone, or for the three files set and readable PEM. Otherwise
 // INVALID_ARGUMENT (EINVAL) saying what to pass; --insecure with files is refused too (which one
