@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
@@ -27,10 +28,13 @@
 #include "gtest/gtest.h"
 #include "testing/agent_process.h"
 #include "testing/eventually.h"
+#include "tests/fleet/fleetsim.h"
 
 namespace dmapin {
 namespace {
 
+using fleetsim::FleetSim;
+using fleetsim::FleetSimOptions;
 using harness::AgentProcess;
 using harness::Eventually;
 using harness::MetricValue;
@@ -531,6 +535,42 @@ TEST_F(TlsTest, RotatedCertificatesServeNewHandshakesWhileOpenStreamsGoOn) {
   ASSERT_TRUE(node1_after.has_value());
   EXPECT_EQ(node1_after->incarnation(), node1->incarnation());
   EXPECT_EQ(node1_after->connection(), v1::CONNECTION_STATE_CONNECTED);
+}
+
+// The fleet simulator's agents under mutual TLS, each with its own node's certificate; one that
+// dials with another node's certificate is never welcomed.
+TEST_F(TlsTest, SimulatedAgentsEachNeedTheirOwnNodesCertificate) {
+  static constexpr int kHonest = 3;
+  for (int i = 0; i < kHonest; ++i) {
+    const std::string node = absl::StrFormat("tls-sim-%05d", i);
+    Certs(absl::StrCat("issue ", certs_, " ca ", node, " URI:spiffe://dmapin/node/", node));
+  }
+  const double mismatches =
+      ServerMetric("dmapin_server_auth_refused_total", {{"check", "control_node_mismatch"}});
+  FleetSimOptions options{.server_address = server_->tcp_target(),
+                          .agents = kHonest + 1,
+                          .name_prefix = "tls-sim-",
+                          .regions_per_node = 2};
+  options.credentials_for = [](const std::string& node) {
+    // The last agent holds the first one's certificate.
+    const std::string cert = node == absl::StrFormat("tls-sim-%05d", kHonest)
+                                 ? absl::StrFormat("tls-sim-%05d", 0)
+                                 : node;
+    return Credentials(cert);
+  };
+  FleetSim sim(options);
+  sim.Start();
+  EXPECT_TRUE(sim.AwaitWelcomed(kHonest, absl::Seconds(20)));
+  EXPECT_TRUE(Eventually([&] {
+    return ServerMetric("dmapin_server_auth_refused_total", {{"check", "control_node_mismatch"}}) >
+           mismatches;
+  }));
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(sim.Stats().welcomed, static_cast<uint64_t>(kHonest));
+  EXPECT_EQ(sim.AgentStats(kHonest).welcomed, 0u);
+  std::optional<v1::Node> impostor = NodeView(absl::StrFormat("tls-sim-%05d", kHonest));
+  EXPECT_FALSE(impostor.has_value() && impostor->connection() == v1::CONNECTION_STATE_CONNECTED);
+  sim.Stop();
 }
 
 // Secure by default: without certificates or --insecure neither binary starts; --insecure is
