@@ -545,7 +545,7 @@ int Run() {
         }
         return gate->AgentRemote(*context, method);
       });
-  // Before the reflection plugin, which every server built later gets.
+  // Plaintext, health only (HealthOnlyServer drops the reflection plugin).
   std::unique_ptr<HealthOnlyServer> health_only;
   if (const std::string health_address = absl::GetFlag(FLAGS_health_address);
       !health_address.empty()) {
@@ -556,7 +556,7 @@ int Run() {
       return 1;
     }
     health_only = *std::move(started);
-    LOG(INFO) << absl::StrFormat("dmapin-agent: plaintext health checks on %s (port %d)",
+    LOG(INFO) << absl::StrFormat("dmapin-agent: plaintext health checks on %s (health port %d)",
                                  WithPort(health_address, health_only->port()).c_str(),
                                  health_only->port());
   }

@@ -9,15 +9,15 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/grpcpp.h"
 
 namespace dmapin {
 
 class HealthOnlyServer {
  public:
-  // Listens on "host:port" (port 0 picks one). Must be called before
-  // grpc::reflection::InitProtoReflectionServerBuilderPlugin(), which adds reflection to every
-  // server built after it; calls grpc::EnableDefaultHealthCheckService(true).
+  // Listens on "host:port" (port 0 picks one), without any server builder plugin (reflection
+  // adds itself to every server otherwise). Calls grpc::EnableDefaultHealthCheckService(true).
   static absl::StatusOr<std::unique_ptr<HealthOnlyServer>> Start(const std::string& address);
   ~HealthOnlyServer();
 
@@ -25,9 +25,13 @@ class HealthOnlyServer {
   void SetServing(bool serving);
 
  private:
-  HealthOnlyServer(std::unique_ptr<grpc::Server> server, int port)
-      : server_(std::move(server)), port_(port) {}
+  HealthOnlyServer(std::unique_ptr<grpc::CallbackGenericService> unimplemented,
+                   std::unique_ptr<grpc::Server> server, int port)
+      : unimplemented_(std::move(unimplemented)), server_(std::move(server)), port_(port) {}
 
+  // Answers every other method UNIMPLEMENTED (gRPC builds no server without any service).
+  // Declared first: it outlives the server.
+  std::unique_ptr<grpc::CallbackGenericService> unimplemented_;
   std::unique_ptr<grpc::Server> server_;
   const int port_;
 };

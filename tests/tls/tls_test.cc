@@ -101,8 +101,8 @@ class TlsTest : public ::testing::Test {
         {.binary = ServerBinary(),
          .args = {"--grpc_address=127.0.0.1:0", "--metrics_address=127.0.0.1:0",
                   "--state_dir=" + dir_->Join("server"), "--report_interval_ms=100",
-                  "--tls_refresh_interval_s=1", TlsFlag("cert", "server"), TlsFlag("key", "server"),
-                  TlsFlag("ca", "server")},
+                  "--tls_refresh_interval_s=1", "--health_address=127.0.0.1:0",
+                  TlsFlag("cert", "server"), TlsFlag("key", "server"), TlsFlag("ca", "server")},
          .log_path = dir_->Join("server.log"),
          .tcp = true,
          .insecure = false,
@@ -144,7 +144,8 @@ class TlsTest : public ::testing::Test {
          .args = {"--node_name=" + node, "--backend=sim", "--server=" + server_->tcp_target(),
                   "--report_interval_ms=100", "--state_dir=" + dir_->Join(node),
                   "--uds_path=" + uds, "--tcp_address=127.0.0.1:0", "--metrics_address=127.0.0.1:0",
-                  TlsFlag("cert", node), TlsFlag("key", node), TlsFlag("ca", node)},
+                  "--health_address=127.0.0.1:0", TlsFlag("cert", node), TlsFlag("key", node),
+                  TlsFlag("ca", node)},
          .log_path = dir_->Join(node + ".log"),
          .uds_path = uds,
          .tcp = true,
@@ -233,6 +234,46 @@ TEST_F(TlsTest, AdminWithTheFleetsCertificateIsServed) {
   v1::ListPoliciesResponse policies;
   EXPECT_TRUE(ListPolicies(*Admin("admin"), &policies).ok());
   EXPECT_EQ(ServerMetric("dmapin_server_insecure"), 0);
+}
+
+// The plaintext health-only port (for probes that do not speak TLS) serves health and nothing
+// else: no dmapin service, no reflection.
+TEST_F(TlsTest, TheHealthPortServesOnlyHealth) {
+  for (const char* log : {"server.log", "node-1.log"}) {
+    const int port = PortFromLog(ReadFile(dir_->Join(log)), "health");
+    ASSERT_GT(port, 0) << log;
+    const std::string target = absl::StrCat("127.0.0.1:", port);
+    absl::StatusOr<int> health =
+        harness::HealthCheck(harness::MakeChannel(target), "", absl::Seconds(5));
+    ASSERT_TRUE(health.ok()) << log << ": " << health.status();
+    EXPECT_EQ(*health, harness::kHealthServing) << log;
+    auto admin = v1::Admin::NewStub(harness::MakeChannel(target));
+    grpc::ClientContext context;
+    context.set_deadline(In(absl::Seconds(5)));
+    v1::ListNodesResponse nodes;
+    EXPECT_EQ(admin->ListNodes(&context, {}, &nodes).error_code(), grpc::StatusCode::UNIMPLEMENTED)
+        << log;
+    auto agent = v1::NodeAgent::NewStub(harness::MakeChannel(target));
+    grpc::ClientContext agent_context;
+    agent_context.set_deadline(In(absl::Seconds(5)));
+    v1::ListContextsResponse contexts;
+    EXPECT_EQ(agent->ListContexts(&agent_context, {}, &contexts).error_code(),
+              grpc::StatusCode::UNIMPLEMENTED)
+        << log;
+    absl::StatusOr<std::vector<std::string>> reflection =
+        harness::RawBidiCall(harness::MakeChannel(target),
+                             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                             {std::string("\x3a\x00", 2)}, absl::Seconds(5));  // list_services = ""
+    EXPECT_EQ(reflection.status().code(), absl::StatusCode::kUnimplemented)
+        << log << ": " << reflection.status();
+  }
+  // The same reflection request on the TLS port, with a certificate, is served.
+  absl::StatusOr<std::vector<std::string>> served =
+      harness::RawBidiCall(Channel(server_->tcp_target(), Credentials("admin")),
+                           "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                           {std::string("\x3a\x00", 2)}, absl::Seconds(5));
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_EQ(served->size(), 1u);
 }
 
 TEST_F(TlsTest, HandshakesWithoutAValidClientCertificateAreRefused) {
