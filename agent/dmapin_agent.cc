@@ -45,10 +45,13 @@
 #include "agent/vfio/vfio_kernel.h"
 #include "common/errno_status.h"
 #include "common/flags.h"
+#include "common/grpc_auth.h"
 #include "common/grpc_status.h"
+#include "common/health_server.h"
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/server_limits.h"
+#include "common/tls_credentials.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -59,6 +62,9 @@ ABSL_FLAG(std::string, node_name, "",
           "name).");
 ABSL_FLAG(std::string, tcp_address, "0.0.0.0:7470",
           "TCP address for the central service and admins (host:port); empty disables TCP.");
+ABSL_FLAG(std::string, health_address, "",
+          "Plaintext gRPC address (host:port) serving only grpc.health.v1.Health, for probes "
+          "that do not speak TLS (Kubernetes' gRPC probes). Empty: none.");
 ABSL_FLAG(std::string, uds_path, "/run/dmapin/agent.sock",
           "Unix socket for the VMMs on this node (the DMA hot path); empty disables it.");
 ABSL_FLAG(std::string, memory_socket_path, "",
@@ -364,6 +370,25 @@ int Run() {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // Before anything opens a descriptor: connections are limited below what this allows.
   const uint64_t fd_limit = RaiseFdLimit();
+  // Secure by default: mutual TLS on the TCP port and to the server, or plaintext only when asked
+  // for. The Unix socket is local and known by SO_PEERCRED: never TLS.
+  // Without a TCP port and a server there is nothing to secure: only the Unix socket.
+  const bool uses_tcp =
+      !absl::GetFlag(FLAGS_tcp_address).empty() || !absl::GetFlag(FLAGS_server).empty();
+  absl::StatusOr<TransportSecurity> security =
+      uses_tcp ? TransportSecurityFromFlags() : TransportSecurity{.insecure = true};
+  if (!security.ok()) {
+    LOG(ERROR) << "dmapin-agent: " << security.status().message();
+    return 2;
+  }
+  // Only --insecure itself shows as insecure then (nothing on TCP is exposed otherwise).
+  if (!uses_tcp) security->insecure = InsecureFlag();
+  absl::StatusOr<std::unique_ptr<AuthGate>> auth = AuthGate::FromFlags(*security);
+  if (!auth.ok()) {
+    LOG(ERROR) << "dmapin-agent: " << auth.status().message();
+    return 2;
+  }
+  if (uses_tcp) LogTransportSecurity(*security, "dmapin-agent");
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<PinBackend>> backend = MakeBackend();
   if (!backend.ok()) {
@@ -445,7 +470,9 @@ int Run() {
   std::vector<std::string> listening;
   const std::string tcp = absl::GetFlag(FLAGS_tcp_address);
   int tcp_port = 0;
-  if (!tcp.empty()) {
+  // TLS: gRPC listens on the TCP port itself (it takes only plaintext connections from a
+  // descriptor), below; --max_connections then covers the Unix socket only.
+  if (!tcp.empty() && security->insecure) {
     absl::StatusOr<int> port = listener.Listen(tcp);
     if (!port.ok()) {
       LOG(ERROR) << absl::StrFormat("dmapin-agent: could not listen on %s: %s", tcp.c_str(),
@@ -453,8 +480,8 @@ int Run() {
       return 1;
     }
     tcp_port = *port;
-    listening.push_back(tcp);
   }
+  if (!tcp.empty()) listening.push_back(tcp);
   const std::string uds = absl::GetFlag(FLAGS_uds_path);
   if (!uds.empty()) {
     std::error_code ignored;
@@ -511,6 +538,9 @@ int Run() {
   }
 
   // Metrics are recorded only when they are served.
+  // The exposer holds collectables weakly: this one lives as long as Run.
+  const std::shared_ptr<prometheus::Collectable> auth_metrics =
+      (*auth)->Collectable("dmapin_agent");
   const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
   std::unique_ptr<AgentMetrics> metrics;
   std::unique_ptr<prometheus::Exposer> exposer;
@@ -529,27 +559,58 @@ int Run() {
     }
     exposer = std::move(*started);
     exposer->RegisterCollectable(metrics->collectable());
+    exposer->RegisterCollectable(auth_metrics);
     const std::vector<int> ports = exposer->GetListeningPorts();
     if (!ports.empty()) metrics_port = ports.front();
   }
 
   // Callers are known by their connection: a Unix-socket peer by SO_PEERCRED (a VMM, a manager),
   // anything else is a TCP peer.
-  NodeAgentService service(agent->get(), metrics.get(), [&listener](const std::string& peer) {
-    if (std::optional<UnixPeer> local = listener.UnixPeerOf(FdOfGrpcPeer(peer))) {
-      return Caller::Local(local->pid, local->uid);
+  NodeAgentService service(
+      agent->get(), metrics.get(),
+      [&listener](const std::string& peer) {
+        if (std::optional<UnixPeer> local = listener.UnixPeerOf(FdOfGrpcPeer(peer))) {
+          return Caller::Local(local->pid, local->uid);
+        }
+        return Caller::Remote();
+      },
+      // A Unix-socket caller is checked by SO_PEERCRED in the core; a TCP caller must hold the
+      // server's or an admin's certificate (everything passes with --insecure).
+      [&listener, gate = auth->get()](grpc::CallbackServerContext* context,
+                                      absl::string_view method) {
+        if (listener.UnixPeerOf(FdOfGrpcPeer(context->peer())).has_value()) {
+          return absl::OkStatus();
+        }
+        return gate->AgentRemote(*context, method);
+      });
+  // Plaintext, health only (HealthOnlyServer drops the reflection plugin).
+  std::unique_ptr<HealthOnlyServer> health_only;
+  if (const std::string health_address = absl::GetFlag(FLAGS_health_address);
+      !health_address.empty()) {
+    absl::StatusOr<std::unique_ptr<HealthOnlyServer>> started =
+        HealthOnlyServer::Start(health_address);
+    if (!started.ok()) {
+      LOG(ERROR) << "dmapin-agent: --health_address: " << started.status().message();
+      return 1;
     }
-    return Caller::Remote();
-  });
+    health_only = *std::move(started);
+    LOG(INFO) << absl::StrFormat("dmapin-agent: plaintext health checks on %s (health port %d)",
+                                 WithPort(health_address, health_only->port()).c_str(),
+                                 health_only->port());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  // No listening port: `listener` accepts the connections and hands them to the server.
+  if (!tcp.empty() && !security->insecure) {
+    builder.AddListeningPort(tcp, ServerCredentialsFor(*security), &tcp_port);
+  }
+  // Otherwise no listening port: `listener` accepts the connections and hands them over.
   ApplyServerLimits(limits, builder);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) {
-    LOG(ERROR) << "dmapin-agent: could not start the gRPC server";
+  if (server == nullptr || (!tcp.empty() && tcp_port == 0)) {
+    LOG(ERROR) << absl::StrFormat("dmapin-agent: could not start the gRPC server%s",
+                                  tcp.empty() ? "" : (" on " + tcp).c_str());
     return 1;
   }
   listener.Start(server.get());
@@ -570,6 +631,8 @@ int Run() {
             .report_interval = std::chrono::milliseconds(absl::GetFlag(FLAGS_report_interval_ms)),
             .max_region_bytes = (*agent)->registry_limits().max_region_bytes,
             .max_pinned_bytes = (*agent)->registry_limits().max_pinned_bytes,
+            .credentials = ChannelCredentialsFor(*security),
+            .tls_server_name = security->server_name,
             .keepalive_time = std::chrono::seconds(30)});
     if (absl::Status status = control->Start(); !status.ok()) {
       LOG(ERROR) << absl::StrFormat("dmapin-agent: control stream to %s: %s", address.c_str(),
@@ -581,6 +644,7 @@ int Run() {
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
+  if (health_only != nullptr) health_only->SetServing(true);
   if (exposer != nullptr) {
     LOG(INFO) << absl::StrFormat("dmapin-agent: metrics on http://%s/metrics (metrics port %d)",
                                  WithPort(metrics_address, metrics_port).c_str(), metrics_port);
@@ -606,6 +670,7 @@ int Run() {
       const bool healthy = (*agent)->healthy();
       if (healthy != serving) {
         health->SetServingStatus(healthy);
+        if (health_only != nullptr) health_only->SetServing(healthy);
         serving = healthy;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -617,6 +682,7 @@ int Run() {
   stopping = true;
   watchdog.join();
   health->SetServingStatus(false);
+  if (health_only != nullptr) health_only->SetServing(false);
   if (control != nullptr) control->Stop();
   listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -15,9 +15,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "common/flags.h"
+#include "common/grpc_auth.h"
+#include "common/health_server.h"
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/server_limits.h"
+#include "common/tls_credentials.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -31,6 +34,10 @@
 ABSL_FLAG(std::string, grpc_address, "0.0.0.0:7480",
           "gRPC address (host:port) for admins (dmapin.v1.Admin, reflection, health) and the node "
           "agents' control streams (dmapin.v1.Control). Port 0 picks a free port (logged).");
+ABSL_FLAG(std::string, health_address, "",
+          "Plaintext gRPC address (host:port) serving only grpc.health.v1.Health, for probes "
+          "that do not speak TLS (Kubernetes' gRPC probes). Empty: none (health is then on "
+          "--grpc_address only).");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9480",
           "HTTP address (host:port) serving the fleet's Prometheus metrics at /metrics. Port 0 "
           "picks a free port (logged). Empty disables metrics.");
@@ -89,6 +96,19 @@ int Run() {
   // Before anything opens a descriptor: connections are limited below what this allows.
   const uint64_t fd_limit = RaiseFdLimit();
 
+  // Secure by default: mutual TLS, or plaintext only when asked for.
+  absl::StatusOr<TransportSecurity> security = TransportSecurityFromFlags();
+  if (!security.ok()) {
+    LOG(ERROR) << "dmapin-server: " << security.status().message();
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<AuthGate>> auth = AuthGate::FromFlags(*security);
+  if (!auth.ok()) {
+    LOG(ERROR) << "dmapin-server: " << auth.status().message();
+    return 2;
+  }
+  LogTransportSecurity(*security, "dmapin-server");
+
   const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
   absl::StatusOr<std::unique_ptr<SqliteServerStore>> store = SqliteServerStore::Open(
       state_dir, SqliteServerStoreOptions{.sync_full = absl::GetFlag(FLAGS_state_sync_full)});
@@ -118,13 +138,22 @@ int Run() {
   const ServerLimits limits = ServerLimitsFromFlags();
   ConnectionListener listener(MaxConnectionsFor(limits.max_connections, fd_limit));
   const std::string address = absl::GetFlag(FLAGS_grpc_address);
-  absl::StatusOr<int> port = listener.Listen(address);
-  if (!port.ok()) {
-    LOG(ERROR) << absl::StrFormat("dmapin-server: could not listen on %s: %s", address.c_str(),
-                                  port.status().ToString().c_str());
-    return 1;
+  // Plaintext: `listener` accepts the connections and hands them to gRPC (connection limits).
+  // TLS: gRPC 1.51 takes only plaintext connections from a descriptor, so gRPC listens itself
+  // and --max_connections does not apply to that port (README "Security").
+  absl::StatusOr<int> port = 0;
+  if (security->insecure) {
+    port = listener.Listen(address);
+    if (!port.ok()) {
+      LOG(ERROR) << absl::StrFormat("dmapin-server: could not listen on %s: %s", address.c_str(),
+                                    port.status().ToString().c_str());
+      return 1;
+    }
   }
 
+  // The exposer holds collectables weakly: this one lives as long as Run.
+  const std::shared_ptr<prometheus::Collectable> auth_metrics =
+      (*auth)->Collectable("dmapin_server");
   const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
   std::unique_ptr<ServerMetrics> metrics;
   std::unique_ptr<prometheus::Exposer> exposer;
@@ -143,26 +172,47 @@ int Run() {
       return 1;
     }
     exposer->RegisterCollectable(metrics->collectable());
+    exposer->RegisterCollectable(auth_metrics);
     const std::vector<int> ports = exposer->GetListeningPorts();
     if (!ports.empty()) metrics_port = ports.front();
   }
 
-  AdminService admin(core->get());
-  ControlService control(core->get());
+  AdminService admin(core->get(), auth->get());
+  ControlService control(core->get(), ControlServiceOptions{.auth = auth->get()});
+  // Plaintext, health only (HealthOnlyServer drops the reflection plugin).
+  std::unique_ptr<HealthOnlyServer> health_only;
+  if (const std::string health_address = absl::GetFlag(FLAGS_health_address);
+      !health_address.empty()) {
+    absl::StatusOr<std::unique_ptr<HealthOnlyServer>> started =
+        HealthOnlyServer::Start(health_address);
+    if (!started.ok()) {
+      LOG(ERROR) << "dmapin-server: --health_address: " << started.status().message();
+      return 1;
+    }
+    health_only = *std::move(started);
+    LOG(INFO) << absl::StrFormat("dmapin-server: plaintext health checks on %s (health port %d)",
+                                 WithPort(health_address, health_only->port()).c_str(),
+                                 health_only->port());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  // No listening port: `listener` accepts the connections and hands them to the server.
+  if (!security->insecure) {
+    builder.AddListeningPort(address, ServerCredentialsFor(*security), &*port);
+  }
+  // Plaintext: no listening port; `listener` accepts the connections and hands them over.
   ApplyServerLimits(limits, builder);
   builder.RegisterService(&admin);
   builder.RegisterService(&control);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) {
-    LOG(ERROR) << "dmapin-server: could not start the gRPC server";
+  if (server == nullptr || (!security->insecure && *port == 0)) {
+    LOG(ERROR) << absl::StrFormat("dmapin-server: could not start the gRPC server on %s",
+                                  address.c_str());
     return 1;
   }
   listener.Start(server.get());
   server->GetHealthCheckService()->SetServingStatus(true);
+  if (health_only != nullptr) health_only->SetServing(true);
   if (exposer != nullptr) {
     LOG(INFO) << absl::StrFormat("dmapin-server: metrics on http://%s/metrics (metrics port %d)",
                                  WithPort(metrics_address, metrics_port).c_str(), metrics_port);
@@ -178,6 +228,7 @@ int Run() {
   sigwait(&signals, &signal);
   LOG(INFO) << absl::StrFormat("dmapin-server: signal %d, shutting down", signal);
   server->GetHealthCheckService()->SetServingStatus(false);
+  if (health_only != nullptr) health_only->SetServing(false);
   listener.Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // The exposer's threads read the metrics, which read the core: stop them first.

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -141,6 +142,12 @@ absl::StatusOr<std::unique_ptr<AgentProcess>> AgentProcess::Start(AgentProcessOp
   std::vector<std::string> argv_storage;
   argv_storage.push_back(options.binary);
   argv_storage.insert(argv_storage.end(), options.args.begin(), options.args.end());
+  if (options.insecure &&
+      std::none_of(options.args.begin(), options.args.end(), [](const std::string& arg) {
+        return absl::StartsWith(arg, "--insecure") || absl::StartsWith(arg, "--tls_cert_file");
+      })) {
+    argv_storage.push_back("--insecure");
+  }
   std::vector<char*> argv;
   for (std::string& arg : argv_storage) argv.push_back(arg.data());
   argv.push_back(nullptr);
@@ -265,7 +272,9 @@ absl::Status AgentProcess::AwaitServing() {
           tcp_port_ = port;
         }
         announced = true;
-        channel = MakeChannel(options_.uds_path.empty() ? tcp_target() : uds_target());
+        channel = options_.uds_path.empty()
+                      ? MakeChannel(tcp_target(), options_.credentials, options_.tls_server_name)
+                      : MakeChannel(uds_target());
       }
     }
     if (announced) {
@@ -331,6 +340,15 @@ std::string AgentProcess::LogTail(size_t max_bytes) const {
 
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   return grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(
+    const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
+    const std::string& tls_server_name) {
+  if (credentials == nullptr) return MakeChannel(target);
+  grpc::ChannelArguments args;
+  if (!tls_server_name.empty()) args.SetSslTargetNameOverride(tls_server_name);
+  return grpc::CreateCustomChannel(target, credentials, args);
 }
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {

@@ -47,7 +47,7 @@ class ScratchDir {
 struct AgentProcessOptions {
   // The dmapin-agent executable.
   std::string binary;
-  // Its command line after argv[0] (every flag; nothing is added).
+  // Its command line after argv[0] (every flag; nothing is added but --insecure, below).
   std::vector<std::string> args;
   // The agent's stdout and stderr are appended to this file.
   std::string log_path;
@@ -58,6 +58,15 @@ struct AgentProcessOptions {
   bool tcp = false;
   // How long Start() waits for the agent to serve.
   absl::Duration start_timeout = absl::Seconds(30);
+  // Plaintext gRPC: adds --insecure to `args` unless they carry --insecure or --tls_cert_file
+  // themselves. The tests of everything but transport security run plaintext; tests/tls sets it
+  // false and passes the --tls_* flags (the binaries refuse to start with neither).
+  bool insecure = true;
+  // Credentials of the health-check channel when it goes over TCP (the binary's own TLS
+  // --tls_* flags); nullptr: plaintext. With TLS, `tls_server_name` overrides the name checked
+  // in the server's certificate (empty: 127.0.0.1).
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  std::string tls_server_name;
 };
 
 class AgentProcess {
@@ -116,8 +125,12 @@ class AgentProcess {
   std::optional<int> exit_status_;
 };
 
-// A channel to `target` ("unix:/path", "127.0.0.1:7470").
+// A channel to `target` ("unix:/path", "127.0.0.1:7470"), plaintext or with `credentials` (and
+// then `tls_server_name` as the name the server's certificate must carry, when not empty).
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
+std::shared_ptr<grpc::Channel> MakeChannel(
+    const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
+    const std::string& tls_server_name = "");
 
 // A serialized grpc.health.v1.HealthCheckRequest of about `bytes`: the padding is an unknown
 // field 15, which the server skips. For tests of request-size limits (RawUnaryCall sends it).

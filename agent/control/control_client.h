@@ -59,6 +59,9 @@ struct ControlClientOptions {
   std::optional<uint64_t> physical_memory_bytes;
   // Null: insecure.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // With TLS credentials: the name the server's certificate must carry when it is not the host
+  // of server_address (GRPC_SSL_TARGET_NAME_OVERRIDE_ARG); empty: that host.
+  std::string tls_server_name;
   // HTTP/2 keepalive pings, to notice a server that vanished without closing the connection
   // (0: off). The server must permit pings this frequent on a stream it rarely writes to
   // (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS), or it answers with GOAWAY.

@@ -37,6 +37,12 @@ Caller NodeAgentService::CallerOf(grpc::CallbackServerContext* context) const {
   return resolve_caller_(context->peer());
 }
 
+absl::Status NodeAgentService::Authorize(grpc::CallbackServerContext* context,
+                                         absl::string_view method) const {
+  if (authorize_ == nullptr) return absl::OkStatus();
+  return authorize_(context, method);
+}
+
 absl::Status NodeAgentService::Serve(const v1::MapDmaRequest& request, const Caller& caller) {
   const AgentMetrics::Clock::time_point start = Start();
   absl::Status status = WithErrno(
@@ -114,8 +120,25 @@ class NodeAgentService::DmaSessionReactor final
   v1::DmaSessionResponse response_;
 };
 
+namespace {
+
+// A DmaSession refused before it started.
+class RefusedDmaSession final
+    : public grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse> {
+ public:
+  RefusedDmaSession(grpc::CallbackServerContext* context, const absl::Status& status) {
+    Finish(ServerStatus(context, status));
+  }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
 grpc::ServerBidiReactor<v1::DmaSessionRequest, v1::DmaSessionResponse>*
 NodeAgentService::DmaSession(grpc::CallbackServerContext* context) {
+  if (absl::Status denied = Authorize(context, "NodeAgent.DmaSession"); !denied.ok()) {
+    return new RefusedDmaSession(context, denied);
+  }
   return new DmaSessionReactor(this, CallerOf(context));
 }
 
@@ -123,6 +146,9 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContext(grpc::CallbackServerCo
                                                           const v1::CreateContextRequest* request,
                                                           v1::Context* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.CreateContext"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kCreateContext, start);
+  }
   ContextSpec spec{.name = request->name(),
                    .cap_ipc_lock = request->cap_ipc_lock(),
                    .backing = FromProto(request->backing()),
@@ -144,6 +170,9 @@ grpc::ServerUnaryReactor* NodeAgentService::GetContext(grpc::CallbackServerConte
                                                        const v1::GetContextRequest* request,
                                                        v1::Context* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.GetContext"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kGetContext, start);
+  }
   absl::StatusOr<ContextView> view = agent_->GetContext(request->name());
   if (view.ok()) Fill(*view, response);
   return Finish(context, view.status(), RpcMethod::kGetContext, start);
@@ -153,6 +182,9 @@ grpc::ServerUnaryReactor* NodeAgentService::ListContexts(grpc::CallbackServerCon
                                                          const v1::ListContextsRequest*,
                                                          v1::ListContextsResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.ListContexts"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kListContexts, start);
+  }
   for (const ContextView& view : agent_->ListContexts()) Fill(view, response->add_contexts());
   return Finish(context, absl::OkStatus(), RpcMethod::kListContexts, start);
 }
@@ -161,6 +193,9 @@ grpc::ServerUnaryReactor* NodeAgentService::TeardownContext(
     grpc::CallbackServerContext* context, const v1::TeardownContextRequest* request,
     v1::TeardownContextResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.TeardownContext"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kTeardownContext, start);
+  }
   return Finish(context, agent_->TeardownContext(request->name(), nullptr, CallerOf(context)),
                 RpcMethod::kTeardownContext, start);
 }
@@ -169,6 +204,9 @@ grpc::ServerUnaryReactor* NodeAgentService::AttachMemory(grpc::CallbackServerCon
                                                          const v1::AttachMemoryRequest* request,
                                                          v1::Context* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.AttachMemory"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kAttachMemory, start);
+  }
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   ranges.reserve(std::min<size_t>(request->slots_size(), GuestMemory::kMaxSlots + 1));
   for (const v1::MemorySlot& slot : request->slots()) {
@@ -185,6 +223,9 @@ grpc::ServerUnaryReactor* NodeAgentService::CreateContainer(
     grpc::CallbackServerContext* context, const v1::CreateContainerRequest* request,
     v1::Container* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.CreateContainer"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kCreateContainer, start);
+  }
   absl::StatusOr<ContainerView> view = agent_->CreateContainer(
       {.name = request->name(),
        .iommu_page_size = request->iommu_page_size(),
@@ -200,6 +241,9 @@ grpc::ServerUnaryReactor* NodeAgentService::GetContainer(grpc::CallbackServerCon
                                                          const v1::GetContainerRequest* request,
                                                          v1::Container* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.GetContainer"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kGetContainer, start);
+  }
   absl::StatusOr<ContainerView> view = agent_->GetContainer(request->name());
   if (view.ok()) Fill(*view, response);
   return Finish(context, view.status(), RpcMethod::kGetContainer, start);
@@ -209,6 +253,9 @@ grpc::ServerUnaryReactor* NodeAgentService::ListContainers(grpc::CallbackServerC
                                                            const v1::ListContainersRequest*,
                                                            v1::ListContainersResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.ListContainers"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kListContainers, start);
+  }
   for (const ContainerView& view : agent_->ListContainers()) {
     Fill(view, response->add_containers());
   }
@@ -219,6 +266,9 @@ grpc::ServerUnaryReactor* NodeAgentService::ReleaseContainer(
     grpc::CallbackServerContext* context, const v1::ReleaseContainerRequest* request,
     v1::ReleaseContainerResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.ReleaseContainer"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kReleaseContainer, start);
+  }
   return Finish(context, agent_->ReleaseContainer(request->name(), nullptr, CallerOf(context)),
                 RpcMethod::kReleaseContainer, start);
 }
@@ -227,6 +277,9 @@ grpc::ServerUnaryReactor* NodeAgentService::RegisterRegion(grpc::CallbackServerC
                                                            const v1::RegisterRegionRequest* request,
                                                            v1::Region* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.RegisterRegion"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kRegisterRegion, start);
+  }
   absl::StatusOr<RegionView> view =
       agent_->RegisterRegion(request->container(), request->context(), request->ua(),
                              request->size(), nullptr, CallerOf(context));
@@ -238,6 +291,9 @@ grpc::ServerUnaryReactor* NodeAgentService::UnregisterRegion(
     grpc::CallbackServerContext* context, const v1::UnregisterRegionRequest* request,
     v1::UnregisterRegionResponse*) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.UnregisterRegion"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kUnregisterRegion, start);
+  }
   return Finish(context,
                 agent_->UnregisterRegion(request->container(), request->ua(), request->size(),
                                          nullptr, CallerOf(context)),
@@ -247,12 +303,18 @@ grpc::ServerUnaryReactor* NodeAgentService::UnregisterRegion(
 grpc::ServerUnaryReactor* NodeAgentService::MapDma(grpc::CallbackServerContext* context,
                                                    const v1::MapDmaRequest* request,
                                                    v1::MapDmaResponse*) {
+  if (absl::Status denied = Authorize(context, "NodeAgent.MapDma"); !denied.ok()) {
+    return FinishUnary(context, WithErrno(denied));
+  }
   return FinishUnary(context, Serve(*request, CallerOf(context)));
 }
 
 grpc::ServerUnaryReactor* NodeAgentService::UnmapDma(grpc::CallbackServerContext* context,
                                                      const v1::UnmapDmaRequest* request,
                                                      v1::UnmapDmaResponse*) {
+  if (absl::Status denied = Authorize(context, "NodeAgent.UnmapDma"); !denied.ok()) {
+    return FinishUnary(context, WithErrno(denied));
+  }
   return FinishUnary(context, Serve(*request, CallerOf(context)));
 }
 
@@ -260,6 +322,9 @@ grpc::ServerUnaryReactor* NodeAgentService::Translate(grpc::CallbackServerContex
                                                       const v1::TranslateRequest* request,
                                                       v1::TranslateResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.Translate"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kTranslate, start);
+  }
   absl::StatusOr<std::vector<uint64_t>> hpas = agent_->Translate(
       request->context(), absl::MakeConstSpan(request->uas().data(), request->uas().size()),
       CallerOf(context));
@@ -273,6 +338,9 @@ grpc::ServerUnaryReactor* NodeAgentService::Lookup(grpc::CallbackServerContext* 
                                                    const v1::LookupRequest* request,
                                                    v1::LookupResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.Lookup"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kLookup, start);
+  }
   absl::StatusOr<std::optional<RegionView>> view =
       agent_->Lookup(request->context(), request->ua(), request->size());
   if (view.ok() && view->has_value()) {
@@ -285,6 +353,9 @@ grpc::ServerUnaryReactor* NodeAgentService::ListRegions(grpc::CallbackServerCont
                                                         const v1::ListRegionsRequest* request,
                                                         v1::ListRegionsResponse* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.ListRegions"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kListRegions, start);
+  }
   absl::StatusOr<std::vector<RegionView>> views =
       agent_->ListRegions(request->context(), request->with_hpas(), CallerOf(context));
   if (views.ok()) {
@@ -299,6 +370,9 @@ grpc::ServerUnaryReactor* NodeAgentService::GetNodeStatus(grpc::CallbackServerCo
                                                           const v1::GetNodeStatusRequest*,
                                                           v1::NodeStatus* response) {
   const AgentMetrics::Clock::time_point start = Start();
+  if (absl::Status denied = Authorize(context, "NodeAgent.GetNodeStatus"); !denied.ok()) {
+    return Finish(context, denied, RpcMethod::kGetNodeStatus, start);
+  }
   NodeStatusView status = agent_->Status();
   response->set_node_name(status.node_name);
   response->set_backend(status.backend);

@@ -24,9 +24,18 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   // (a TCP peer, or no resolver: Caller::Remote()).
   using CallerResolver = std::function<Caller(const std::string& peer)>;
 
+  // Whether a call may proceed at all, before its handler runs (the agent: a TCP caller must
+  // hold the server's or an admin's certificate, common/peer_identity.h); an error ends the call
+  // with it. `method` is "NodeAgent.<Method>". nullptr: every call proceeds.
+  using Authorizer =
+      std::function<absl::Status(grpc::CallbackServerContext* context, absl::string_view method)>;
+
   explicit NodeAgentService(NodeAgent* agent, AgentMetrics* metrics = nullptr,
-                            CallerResolver resolve_caller = nullptr)
-      : agent_(agent), metrics_(metrics), resolve_caller_(std::move(resolve_caller)) {}
+                            CallerResolver resolve_caller = nullptr, Authorizer authorize = nullptr)
+      : agent_(agent),
+        metrics_(metrics),
+        resolve_caller_(std::move(resolve_caller)),
+        authorize_(std::move(authorize)) {}
 
   grpc::ServerUnaryReactor* AttachMemory(grpc::CallbackServerContext* context,
                                          const v1::AttachMemoryRequest* request,
@@ -95,6 +104,7 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   absl::Status Serve(const v1::MapDmaRequest& request, const Caller& caller);
   absl::Status Serve(const v1::UnmapDmaRequest& request, const Caller& caller);
   Caller CallerOf(grpc::CallbackServerContext* context) const;
+  absl::Status Authorize(grpc::CallbackServerContext* context, absl::string_view method) const;
   void Record(RpcMethod method, AgentMetrics::Clock::time_point start, const absl::Status& status);
 
   // Finishes the call with `status` (naming the errno in the trailers too) and records it.
@@ -104,6 +114,7 @@ class NodeAgentService final : public v1::NodeAgent::CallbackService {
   NodeAgent* const agent_;
   AgentMetrics* const metrics_;
   const CallerResolver resolve_caller_;
+  const Authorizer authorize_;
 };
 
 }  // namespace dmapin::agent

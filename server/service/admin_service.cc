@@ -127,21 +127,39 @@ class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
 
 }  // namespace
 
+absl::Status AdminService::Authorize(grpc::CallbackServerContext* context, AdminAccess access,
+                                     absl::string_view method) const {
+  if (auth_ == nullptr) return absl::OkStatus();
+  return auth_->Admin(*context, access, method);
+}
+
 grpc::ServerUnaryReactor* AdminService::SetPolicy(grpc::CallbackServerContext* context,
                                                   const v1::SetPolicyRequest* request,
                                                   v1::Policy* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.SetPolicy");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->SetPolicy(request->policy()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::GetPolicy(grpc::CallbackServerContext* context,
                                                   const v1::GetPolicyRequest* request,
                                                   v1::Policy* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.GetPolicy");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->GetPolicy(request->name()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListPolicies(grpc::CallbackServerContext* context,
                                                      const v1::ListPoliciesRequest*,
                                                      v1::ListPoliciesResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.ListPolicies");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   for (v1::Policy& policy : core_->ListPolicies()) *response->add_policies() = std::move(policy);
   return FinishUnary(context, absl::OkStatus());
 }
@@ -149,36 +167,60 @@ grpc::ServerUnaryReactor* AdminService::ListPolicies(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* AdminService::DeletePolicy(grpc::CallbackServerContext* context,
                                                      const v1::DeletePolicyRequest* request,
                                                      v1::DeletePolicyResponse*) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.DeletePolicy");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return FinishUnary(context, core_->DeletePolicy(request->name()));
 }
 
 grpc::ServerUnaryReactor* AdminService::CreateIntent(grpc::CallbackServerContext* context,
                                                      const v1::CreateIntentRequest* request,
                                                      v1::CreateIntentResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.CreateIntent");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->CreateIntent(*request), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::GetIntent(grpc::CallbackServerContext* context,
                                                   const v1::GetIntentRequest* request,
                                                   v1::Intent* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.GetIntent");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->GetIntent(request->id()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListIntents(grpc::CallbackServerContext* context,
                                                     const v1::ListIntentsRequest* request,
                                                     v1::ListIntentsResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.ListIntents");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->ListIntents(*request), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::WithdrawIntent(grpc::CallbackServerContext* context,
                                                        const v1::WithdrawIntentRequest* request,
                                                        v1::Intent* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.WithdrawIntent");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->WithdrawIntent(request->id()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListNodes(grpc::CallbackServerContext* context,
                                                   const v1::ListNodesRequest*,
                                                   v1::ListNodesResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.ListNodes");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   for (v1::Node& node : core_->ListNodes()) *response->add_nodes() = std::move(node);
   return FinishUnary(context, absl::OkStatus());
 }
@@ -186,47 +228,78 @@ grpc::ServerUnaryReactor* AdminService::ListNodes(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* AdminService::GetNode(grpc::CallbackServerContext* context,
                                                 const v1::GetNodeRequest* request,
                                                 v1::Node* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.GetNode"); !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->GetNode(request->name()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::CordonNode(grpc::CallbackServerContext* context,
                                                    const v1::CordonNodeRequest* request,
                                                    v1::Node* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.CordonNode");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->SetCordon(request->name(), true), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::UncordonNode(grpc::CallbackServerContext* context,
                                                      const v1::UncordonNodeRequest* request,
                                                      v1::Node* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.UncordonNode");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->SetCordon(request->name(), false), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::DrainNode(grpc::CallbackServerContext* context,
                                                   const v1::DrainNodeRequest* request,
                                                   v1::Node* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kWrite, "Admin.DrainNode");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->DrainNode(request->name()), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListRegions(grpc::CallbackServerContext* context,
                                                     const v1::ListRegionsFleetRequest* request,
                                                     v1::ListRegionsFleetResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.ListRegions");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->ListRegions(*request), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::GetRegion(grpc::CallbackServerContext* context,
                                                   const v1::GetRegionFleetRequest* request,
                                                   v1::FleetRegion* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.GetRegion");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->GetRegion(*request), response);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListDecisions(grpc::CallbackServerContext* context,
                                                       const v1::ListDecisionsRequest* request,
                                                       v1::ListDecisionsResponse* response) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.ListDecisions");
+      !denied.ok()) {
+    return FinishUnary(context, denied);
+  }
   return Reply(context, core_->ListDecisions(*request), response);
 }
 
 grpc::ServerWriteReactor<v1::Event>* AdminService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
+  if (absl::Status denied = Authorize(context, AdminAccess::kRead, "Admin.WatchEvents");
+      !denied.ok()) {
+    return new RefusedWatch(context, denied);
+  }
   absl::StatusOr<std::shared_ptr<EventSubscription>> subscription =
       core_->Subscribe(request->node());
   if (!subscription.ok()) return new RefusedWatch(context, subscription.status());

@@ -3,6 +3,7 @@
 #ifndef DMAPIN_SERVER_SERVICE_ADMIN_SERVICE_H_
 #define DMAPIN_SERVER_SERVICE_ADMIN_SERVICE_H_
 
+#include "common/grpc_auth.h"
 #include "dmapin/v1/admin.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/core/server_core.h"
@@ -11,8 +12,10 @@ namespace dmapin::server {
 
 class AdminService final : public v1::Admin::CallbackService {
  public:
-  // `core` must outlive the service.
-  explicit AdminService(ServerCore* core) : core_(core) {}
+  // `core` must outlive the service, and so must `auth` when given. Every call is checked by
+  // `auth` first (role admin for writes, viewer or admin for reads and WatchEvents); nullptr
+  // checks nothing (in-process tests and fuzzers).
+  explicit AdminService(ServerCore* core, AuthGate* auth = nullptr) : core_(core), auth_(auth) {}
 
   grpc::ServerUnaryReactor* SetPolicy(grpc::CallbackServerContext* context,
                                       const v1::SetPolicyRequest* request,
@@ -67,7 +70,11 @@ class AdminService final : public v1::Admin::CallbackService {
                                                    const v1::WatchEventsRequest* request) override;
 
  private:
+  absl::Status Authorize(grpc::CallbackServerContext* context, AdminAccess access,
+                         absl::string_view method) const;
+
   ServerCore* const core_;
+  AuthGate* const auth_;
 };
 
 }  // namespace dmapin::server

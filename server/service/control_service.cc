@@ -56,6 +56,16 @@ class ControlService::Stream final
                           "node_name"));
         return;
       }
+      if (service_->options_.auth != nullptr) {
+        absl::Status denied =
+            service_->options_.auth->Control(*context_, incoming_.hello().node_name());
+        if (!denied.ok()) {
+          // node_ stays empty: OnDone leaves the named node's session alone.
+          service_->streams_denied_.fetch_add(1, std::memory_order_relaxed);
+          Close(denied);
+          return;
+        }
+      }
       node_ = incoming_.hello().node_name();
       v1::ServerMessage welcome;
       *welcome.mutable_welcome() = service_->core_->AgentConnected(incoming_.hello(), self_);
@@ -132,6 +142,7 @@ grpc::ServerBidiReactor<v1::AgentMessage, v1::ServerMessage>* ControlService::Co
 ControlServiceStats ControlService::stats() const {
   return {.streams_opened = streams_opened_.load(std::memory_order_relaxed),
           .streams_rejected = streams_rejected_.load(std::memory_order_relaxed),
+          .streams_denied = streams_denied_.load(std::memory_order_relaxed),
           .overflows = overflows_.load(std::memory_order_relaxed)};
 }
 

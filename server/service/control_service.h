@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/grpc_auth.h"
 #include "dmapin/v1/control.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/core/server_core.h"
@@ -20,11 +21,17 @@ struct ControlServiceOptions {
   // reconnects and resynchronises from a snapshot, and the reconciler sends again what is still
   // needed (level-triggered), so nothing is lost but memory stays bounded.
   size_t max_queued_messages = 65536;
+  // Checks each stream's Hello against the peer certificate (an agent speaks only for the node
+  // its certificate names) before the core sees it, so a refused stream never replaces, and never
+  // touches, the named node's session. nullptr checks nothing (in-process tests, fuzzers). Must
+  // outlive the service.
+  AuthGate* auth = nullptr;
 };
 
 struct ControlServiceStats {
   uint64_t streams_opened = 0;
   uint64_t streams_rejected = 0;  // no Hello first, or a Hello without a node name
+  uint64_t streams_denied = 0;    // the peer certificate does not name the Hello's node
   uint64_t overflows = 0;         // streams ended because the agent did not keep up
 };
 
@@ -46,6 +53,7 @@ class ControlService final : public v1::Control::CallbackService {
   const ControlServiceOptions options_;
   std::atomic<uint64_t> streams_opened_{0};
   std::atomic<uint64_t> streams_rejected_{0};
+  std::atomic<uint64_t> streams_denied_{0};
   std::atomic<uint64_t> overflows_{0};
 };
 

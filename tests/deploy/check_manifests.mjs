@@ -6,12 +6,20 @@
 //      they do not reject unknown fields (the property checks below read the fields that matter);
 //   2. the deployment's properties: the agent DaemonSet (system-node-critical, tolerations,
 //      hostPath /dev/vfio /dev/hugepages /var/lib/dmapin/agent /run/dmapin, IPC_LOCK and
-//      SYS_RESOURCE, NODE_NAME from spec.nodeName, gRPC probes on 7470, RollingUpdate with
-//      maxUnavailable and no maxSurge, --server at the server Service), the server StatefulSet
-//      (1 replica, PVC, non-root, gRPC probes on 7480), Services, no RBAC and no API token,
+//      SYS_RESOURCE, NODE_NAME from spec.nodeName, gRPC probes on the plaintext health port
+//      (--health_address, container port "health"; never the mutual-TLS port 7470), RollingUpdate
+//      with maxUnavailable and no maxSurge, --server at the server Service), the server
+//      StatefulSet (1 replica, PVC, non-root, gRPC probes on its health port, not 7480), mutual
+//      TLS on both (--tls_cert_file/--tls_key_file/--tls_ca_file inside mounted volumes, never
+//      --insecure; the server's from a Secret, the agent's node certificate from the host and
+//      only ca.crt of the CA Secret), Services, no RBAC and no API token,
 //      PodMonitor/ServiceMonitor selecting the right pods/ports with the labels the dashboards
 //      need, the PrometheusRule equal to deploy/prometheus/dmapin-rules.yaml, the dashboard
-//      ConfigMaps (grafana_dashboard: "1") equal to dashboards/*.json, app.kubernetes.io labels.
+//      ConfigMaps (grafana_dashboard: "1") equal to dashboards/*.json, app.kubernetes.io labels;
+//      with cert-manager resources (overlay cert-manager): every Certificate issued by an Issuer of
+//      the output, the server's mounted Secret from a Certificate naming spiffe://dmapin/server
+//      and the host agents dial, the agents' CA Secret from an isCA Certificate, node
+//      Certificates naming spiffe://dmapin/node/<name>.
 //
 // usage: check_manifests.mjs OVERLAY_NAME RENDERED.yaml REPO_ROOT
 import fs from 'fs';
@@ -38,12 +46,33 @@ const find = (kind, name) => docs.find((o) => o.kind === kind && (!name || o.met
 const all = (kind) => docs.filter((o) => o.kind === kind);
 
 // --- 1. Schemas --------------------------------------------------------------------------------
+// cert-manager's CRDs have no offline schema package here: their required fields by hand.
+function certManagerProblems(o) {
+  const s = o.spec || {};
+  if (o.kind === 'Issuer' || o.kind === 'ClusterIssuer') {
+    const kinds = ['selfSigned', 'ca', 'acme', 'vault', 'venafi'].filter((k) => s[k] !== undefined);
+    return kinds.length === 1 ? [] : [`needs exactly one issuer type, has ${kinds.join(',') || 'none'}`];
+  }
+  if (o.kind === 'Certificate') {
+    const p = [];
+    if (!s.secretName) p.push('no spec.secretName');
+    if (!s.issuerRef || !s.issuerRef.name) p.push('no spec.issuerRef.name');
+    if (!s.commonName && !(s.dnsNames || []).length && !(s.uris || []).length) p.push('names nothing');
+    return p;
+  }
+  return [`unknown kind ${o.kind}`];
+}
 function modulePath(apiVersion) {
   if (apiVersion.startsWith('monitoring.coreos.com/')) return `@kubernetes-models/prometheus-operator/${apiVersion}`;
   return `kubernetes-models/${apiVersion}`;
 }
 for (const o of docs) {
   const where = `${o.kind}/${o.metadata && o.metadata.name}`;
+  if (o.apiVersion === 'cert-manager.io/v1') {
+    for (const problem of certManagerProblems(o)) check(false, `${where}: ${problem}`);
+    checks++;
+    continue;
+  }
   let Model;
   try {
     Model = (await import(modulePath(o.apiVersion)))[o.kind];
@@ -85,8 +114,46 @@ const argValue = (c, flag) => {
   const a = (c.args || []).find((x) => x.startsWith(`--${flag}=`));
   return a === undefined ? undefined : a.slice(flag.length + 3);
 };
+// Mutual TLS of a workload: the three files inside mounted volumes, never --insecure, probes on
+// the plaintext health-only port. Returns {file flag: volume} for the caller's own checks.
+function checkTls(what, w, tlsPort) {
+  const c = container(w);
+  const pod = w.spec.template.spec;
+  check(!(c.args || []).some((a) => a === '--insecure' || a.startsWith('--insecure=')), `${what} runs --insecure`);
+  const volumes = Object.fromEntries((pod.volumes || []).map((v) => [v.name, v]));
+  const out = {};
+  for (const flag of ['tls_cert_file', 'tls_key_file', 'tls_ca_file']) {
+    const file = argValue(c, flag);
+    check(file, `${what} has no --${flag}`);
+    if (!file) continue;
+    const mount = (c.volumeMounts || []).find((m) => path.dirname(file) === m.mountPath);
+    check(mount, `${what} --${flag}=${file} is in no mounted volume`);
+    if (!mount) continue;
+    check(mount.readOnly === true, `${what}: the volume of --${flag} is not mounted read-only`);
+    const v = volumes[mount.name];
+    check(v && (v.secret || v.hostPath), `${what}: --${flag} is not from a Secret or the host`);
+    if (v && v.secret && v.secret.items) {
+      check(v.secret.items.some((i) => i.path === path.basename(file)),
+        `${what}: --${flag}=${file}: the Secret volume ${mount.name} does not project ${path.basename(file)}`);
+    }
+    out[flag] = v;
+  }
+  const health = argValue(c, 'health_address') || '';
+  const healthPort = Number(health.split(':').pop());
+  const ports = Object.fromEntries((c.ports || []).map((p) => [p.name, p.containerPort]));
+  check(health && ports.health === healthPort, `${what} --health_address=${health} is not its container port "health"`);
+  check(healthPort !== tlsPort, `${what}: the health port is the mutual-TLS port ${tlsPort}`);
+  for (const probe of ['startupProbe', 'livenessProbe', 'readinessProbe']) {
+    check(c[probe] && c[probe].grpc && c[probe].grpc.port === healthPort,
+      `${what} ${probe} is not a gRPC probe on the health port ${healthPort} (kubelet's probes do not speak TLS)`);
+  }
+  return out;
+}
 
 // The agent DaemonSet.
+let agentCaSecret;
+let serverTlsSecret;
+let agentServerHost;
 const ds = find('DaemonSet', 'dmapin-agent');
 check(ds, 'no DaemonSet dmapin-agent');
 if (ds) {
@@ -116,9 +183,15 @@ if (ds) {
   const nodeName = (c.env || []).find((e) => e.name === 'NODE_NAME');
   check(nodeName && nodeName.valueFrom && nodeName.valueFrom.fieldRef && nodeName.valueFrom.fieldRef.fieldPath === 'spec.nodeName',
     'agent NODE_NAME is not from the downward API spec.nodeName');
-  for (const probe of ['livenessProbe', 'readinessProbe']) {
-    check(c[probe] && c[probe].grpc && c[probe].grpc.port === 7470, `agent ${probe} is not a gRPC probe on 7470`);
-  }
+  const tls = checkTls('agent', ds, 7470);
+  // A node's certificate is the node's own: from the host, never a Secret every agent shares.
+  check(tls.tls_cert_file && tls.tls_cert_file.hostPath && tls.tls_key_file && tls.tls_key_file.hostPath,
+    'agent certificate/key are not the node\'s own (hostPath): one shared Secret would let any node claim another');
+  const caVolume = tls.tls_ca_file;
+  check(caVolume && caVolume.secret && (caVolume.secret.items || []).length > 0 &&
+    caVolume.secret.items.every((i) => i.key === 'ca.crt'),
+  'agent CA volume is not only ca.crt of a Secret (the CA Secret\'s key must not be mounted)');
+  agentCaSecret = caVolume && caVolume.secret && caVolume.secret.secretName;
   const ports = Object.fromEntries((c.ports || []).map((p) => [p.name, p.containerPort]));
   check(ports.grpc === 7470 && ports.metrics === 9470, `agent ports ${JSON.stringify(ports)}`);
   check(argValue(c, 'tcp_address') === '0.0.0.0:7470' && argValue(c, 'metrics_address') === '0.0.0.0:9470',
@@ -133,6 +206,7 @@ if (ds) {
   // --server names the server Service's gRPC port.
   const server = argValue(c, 'server') || '';
   const [svcHost, svcPort] = server.split(':');
+  agentServerHost = svcHost;
   const svc = find('Service', svcHost.split('.')[0]);
   check(svc && svc.spec.clusterIP !== 'None', `agent --server=${server} is not a ClusterIP Service of the output`);
   check(svc && svc.spec.ports.some((p) => p.port === Number(svcPort) && p.name === 'grpc'), `agent --server=${server}: no such grpc port`);
@@ -162,9 +236,11 @@ if (sts) {
   check(find('ServiceAccount', pod.serviceAccountName), `server service account ${pod.serviceAccountName} missing`);
   check((c.securityContext.capabilities.drop || []).includes('ALL') && c.securityContext.allowPrivilegeEscalation === false,
     'server keeps capabilities');
-  for (const probe of ['livenessProbe', 'readinessProbe']) {
-    check(c[probe] && c[probe].grpc && c[probe].grpc.port === 7480, `server ${probe} is not a gRPC probe on 7480`);
+  const tls = checkTls('server', sts, 7480);
+  for (const flag of ['tls_cert_file', 'tls_key_file', 'tls_ca_file']) {
+    check(tls[flag] && tls[flag].secret, `server --${flag} is not from a Secret`);
   }
+  serverTlsSecret = tls.tls_cert_file && tls.tls_cert_file.secret && tls.tls_cert_file.secret.secretName;
   const svc = find('Service', 'dmapin-server');
   check(svc && matches(svc.spec.selector, podLabels), 'Service dmapin-server does not select the server pods');
   const ports = Object.fromEntries(((svc && svc.spec.ports) || []).map((p) => [p.name, p.port]));
@@ -208,6 +284,9 @@ const agentPods = { 'app.kubernetes.io/name': 'dmapin-agent', 'app.kubernetes.io
 const serverPods = { 'app.kubernetes.io/name': 'dmapin-server', 'app.kubernetes.io/component': 'control-plane' };
 const fromPods = (from, labels) => from.some((f) => f.podSelector && matches(f.podSelector.matchLabels || {}, labels) && !f.namespaceSelector);
 const fromAnywhere = (from) => from.some((f) => !f.podSelector && !f.namespaceSelector && !f.ipBlock);
+for (const [what, pods, port] of [['agent health', agentPods, 7469], ['server health', serverPods, 7481]]) {
+  check(ingressTo(pods, port).length === 0, `${what} (${port}, plaintext) is admitted from pods: only the kubelet needs it`);
+}
 for (const [what, pods, port, peers] of [['agent gRPC', agentPods, 7470, [serverPods]],
   ['server gRPC', serverPods, 7480, [agentPods]]]) {
   const from = ingressTo(pods, port);
@@ -216,6 +295,35 @@ for (const [what, pods, port, peers] of [['agent gRPC', agentPods, 7470, [server
   check(!fromAnywhere(from), `${what} (${port}) admits every pod`);
   check(all('NetworkPolicy').some((np) => matches(np.spec.podSelector.matchLabels || {}, pods) &&
     (np.spec.policyTypes || []).includes('Ingress')), `${what}: no Ingress NetworkPolicy selects its pods`);
+}
+
+// cert-manager (overlay cert-manager): the certificates the workloads mount come from it.
+const certs = all('Certificate');
+if (certs.length > 0) {
+  for (const cert of certs) {
+    const ref = cert.spec.issuerRef || {};
+    check((ref.kind || 'Issuer') === 'Issuer' && find('Issuer', ref.name),
+      `Certificate/${cert.metadata.name}: issuer ${ref.kind}/${ref.name} is not in the output`);
+  }
+  const bySecret = (name) => certs.find((c) => c.spec.secretName === name);
+  const serverCert = bySecret(serverTlsSecret);
+  check(serverCert, `no Certificate issues the server's Secret ${serverTlsSecret}`);
+  if (serverCert) {
+    check((serverCert.spec.uris || []).includes('spiffe://dmapin/server'), 'the server Certificate does not name spiffe://dmapin/server');
+    check((serverCert.spec.dnsNames || []).includes(agentServerHost),
+      `the server Certificate does not name ${agentServerHost}, the host the agents dial (--server)`);
+  }
+  const caCert = bySecret(agentCaSecret);
+  check(caCert && caCert.spec.isCA === true, `the agents' CA Secret ${agentCaSecret} is not issued by an isCA Certificate`);
+  const caIssuer = all('Issuer').find((i) => i.spec.ca && i.spec.ca.secretName === agentCaSecret);
+  check(caIssuer, `no CA Issuer signs with ${agentCaSecret}`);
+  if (serverCert && caIssuer) check(serverCert.spec.issuerRef.name === caIssuer.metadata.name, 'the server Certificate is not signed by the agents\' CA');
+  const nodes = certs.filter((c) => (c.spec.uris || []).some((u) => u.startsWith('spiffe://dmapin/node/')));
+  check(nodes.length > 0, 'no node Certificate (spiffe://dmapin/node/<node>)');
+  for (const n of nodes) {
+    check(n.spec.uris.length === 1 && /^spiffe:\/\/dmapin\/node\/[^/]+$/.test(n.spec.uris[0]),
+      `Certificate/${n.metadata.name}: a node certificate names exactly one node`);
+  }
 }
 
 // Dashboards.

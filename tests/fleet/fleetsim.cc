@@ -771,7 +771,9 @@ FleetSim::FleetSim(FleetSimOptions options) : options_(std::move(options)) {
   interval_ms_.store(options_.report_interval.count() > 0
                          ? static_cast<uint64_t>(options_.report_interval.count())
                          : 1000);
-  const int channels = std::max(1, options_.channels);
+  // With TLS every agent has its own certificate, hence its own channel.
+  const bool tls = options_.credentials_for != nullptr;
+  const int channels = tls ? std::max(1, options_.agents) : std::max(1, options_.channels);
   for (int i = 0; i < channels; ++i) {
     grpc::ChannelArguments args;
     // Each channel its own subchannel, hence its own TCP connection.
@@ -779,8 +781,9 @@ FleetSim::FleetSim(FleetSimOptions options) : options_(std::move(options)) {
     args.SetInt("dmapin.fleetsim.channel", i);
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    channels_.push_back(grpc::CreateCustomChannel(options_.server_address,
-                                                  grpc::InsecureChannelCredentials(), args));
+    channels_.push_back(grpc::CreateCustomChannel(
+        options_.server_address,
+        tls ? options_.credentials_for(NodeName(i)) : grpc::InsecureChannelCredentials(), args));
     stubs_.push_back(v1::Control::NewStub(channels_.back()));
   }
   for (int i = 0; i < options_.agents; ++i) {

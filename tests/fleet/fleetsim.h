@@ -29,6 +29,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -73,6 +74,10 @@ struct FleetSimOptions {
   // Reconnect delay after the server ends a stream (scaled by a jitter factor in [0.5, 1.5]).
   std::chrono::milliseconds reconnect_delay{200};
   uint64_t seed = 1;
+  // Mutual TLS: the credentials of node `name`'s certificate (the server takes a node's stream
+  // only with that node's certificate), and then one channel per agent instead of `channels`
+  // shared ones. Empty: plaintext (a server run with --insecure).
+  std::function<std::shared_ptr<grpc::ChannelCredentials>(const std::string& name)> credentials_for;
 };
 
 // Sums over the agents (or one agent's values).

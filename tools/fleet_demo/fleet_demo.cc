@@ -69,6 +69,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/flags.h"
+#include "common/tls_credentials.h"
 #include "dmapin/v1/admin.grpc.pb.h"
 #include "dmapin/v1/agent.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -80,6 +81,10 @@ ABSL_FLAG(std::string, agent_binary, "",
 ABSL_FLAG(std::string, server_binary, "",
           "The dmapin-server executable (default: the one in this binary's runfiles, or beside "
           "it in bazel-bin).");
+ABSL_FLAG(std::string, make_dev_certs, "",
+          "tools/certs/make_dev_certs.sh, which makes the fleet's CA and certificates with "
+          "openssl (default: the one in this binary's runfiles). Not used with --insecure, which "
+          "runs the whole fleet plaintext.");
 ABSL_FLAG(int, nodes, 3, "Number of node agents, 1 to 9 (node-1 and node-2 are pool=a).");
 ABSL_FLAG(int, base_port, 7470,
           "Port base on 127.0.0.1: the server's gRPC port is base+10 (7480), the agents' TCP "
@@ -441,14 +446,16 @@ bool PortFree(int port) {
 class FleetDemo {
  public:
   FleetDemo(std::string agent_binary, std::string server_binary, std::string vmm_binary,
-            std::string backend)
+            std::string backend, std::string make_certs)
       : agent_binary_(std::move(agent_binary)),
         server_binary_(std::move(server_binary)),
         vmm_binary_(std::move(vmm_binary)),
         backend_(std::move(backend)),
         memlock_(backend_ == "memlock"),
         pool_a_budget_(memlock_ ? kMemlockPoolABudget : kPoolABudget),
-        pool_b_budget_(memlock_ ? kMemlockPoolBBudget : kGiB) {}
+        pool_b_budget_(memlock_ ? kMemlockPoolBBudget : kGiB),
+        make_certs_(std::move(make_certs)),
+        insecure_(InsecureFlag()) {}
 
   // Everything; the exit status.
   int Run(const sigset_t& signals);
@@ -456,6 +463,13 @@ class FleetDemo {
  private:
   absl::Status PreparePorts();
   absl::Status PrepareDirs();
+  // Secure by default: a CA and certificates for the server, every node, an admin and a viewer
+  // (make_dev_certs.sh), in root_/certs.
+  absl::Status MakeCertificates();
+  // The --tls_* flags of a process whose certificate is certs_/<name>.pem, or --insecure.
+  std::vector<std::string> TlsFlags(absl::string_view name) const;
+  // Channel credentials of the certificate certs_/<name>.pem (nullptr with --insecure).
+  std::shared_ptr<grpc::ChannelCredentials> CredentialsOf(absl::string_view name) const;
   absl::Status StartServer();
   absl::Status StartAgent(DemoNode& node);
   absl::Status AwaitConnected();
@@ -523,6 +537,9 @@ class FleetDemo {
   int server_port_ = 0;
   int server_metrics_port_ = 0;
   std::string root_;
+  const std::string make_certs_;
+  const bool insecure_;
+  std::string certs_;                             // root_/certs
   std::unique_ptr<harness::ScratchDir> scratch_;  // when no --state_dir was given
   std::unique_ptr<AgentProcess> server_;
   std::unique_ptr<v1::Admin::Stub> admin_;
@@ -609,36 +626,81 @@ absl::Status FleetDemo::PrepareDirs() {
   return absl::OkStatus();
 }
 
+absl::Status FleetDemo::MakeCertificates() {
+  certs_ = root_ + "/certs";
+  if (insecure_) return absl::OkStatus();
+  if (make_certs_.empty()) {
+    return absl::NotFoundError(
+        "tools/certs/make_dev_certs.sh not found: pass --make_dev_certs, or --insecure to run "
+        "the fleet plaintext");
+  }
+  std::string command = absl::StrCat("'", make_certs_, "' '", certs_, "'");
+  for (const auto& node : nodes_) absl::StrAppend(&command, " ", node->name);
+  absl::StrAppend(&command, " > '", root_, "/certs.log' 2>&1");
+  if (const int status = std::system(command.c_str()); status != 0) {
+    return absl::InternalError(absl::StrCat("making the fleet's certificates failed (", command,
+                                            ", status ", status, ")"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> FleetDemo::TlsFlags(absl::string_view name) const {
+  if (insecure_) return {"--insecure"};
+  return {absl::StrCat("--tls_cert_file=", certs_, "/", name, ".pem"),
+          absl::StrCat("--tls_key_file=", certs_, "/", name, ".key"),
+          absl::StrCat("--tls_ca_file=", certs_, "/ca.pem")};
+}
+
+std::shared_ptr<grpc::ChannelCredentials> FleetDemo::CredentialsOf(absl::string_view name) const {
+  if (insecure_) return nullptr;
+  return ChannelCredentialsFor(
+      TransportSecurity{.cert_file = absl::StrCat(certs_, "/", name, ".pem"),
+                        .key_file = absl::StrCat(certs_, "/", name, ".key"),
+                        .ca_file = certs_ + "/ca.pem"});
+}
+
 absl::Status FleetDemo::StartServer() {
-  absl::StatusOr<std::unique_ptr<AgentProcess>> server = AgentProcess::Start(
-      {.binary = server_binary_,
-       .args = {absl::StrCat("--grpc_address=127.0.0.1:", server_port_),
-                absl::StrCat("--metrics_address=127.0.0.1:", server_metrics_port_),
-                "--state_dir=" + root_ + "/server/state", "--report_interval_ms=500",
-                "--reconcile_interval_ms=20"},
-       .log_path = root_ + "/server/server.log",
-       .tcp = true});
+  std::vector<std::string> args = {
+      absl::StrCat("--grpc_address=127.0.0.1:", server_port_),
+      absl::StrCat("--metrics_address=127.0.0.1:", server_metrics_port_),
+      "--state_dir=" + root_ + "/server/state", "--report_interval_ms=500",
+      "--reconcile_interval_ms=20"};
+  for (std::string& flag : TlsFlags("server")) args.push_back(std::move(flag));
+  absl::StatusOr<std::unique_ptr<AgentProcess>> server =
+      AgentProcess::Start({.binary = server_binary_,
+                           .args = std::move(args),
+                           .log_path = root_ + "/server/server.log",
+                           .tcp = true,
+                           .insecure = insecure_,
+                           .credentials = CredentialsOf("admin")});
   if (!server.ok()) {
     return absl::Status(server.status().code(),
                         absl::StrCat("dmapin-server (", server_binary_,
                                      ") did not start: ", server.status().message()));
   }
   server_ = std::move(*server);
-  admin_ = v1::Admin::NewStub(harness::MakeChannel(server_->tcp_target()));
+  admin_ = v1::Admin::NewStub(harness::MakeChannel(server_->tcp_target(), CredentialsOf("admin")));
   return absl::OkStatus();
 }
 
 absl::Status FleetDemo::StartAgent(DemoNode& node) {
-  absl::StatusOr<std::unique_ptr<AgentProcess>> process = AgentProcess::Start(
-      {.binary = agent_binary_,
-       .args = {"--node_name=" + node.name, "--node_labels=pool=" + node.pool,
-                absl::StrCat("--server=127.0.0.1:", server_port_), "--report_interval_ms=500",
-                "--backend=" + backend_, "--state_dir=" + node.dir + "/state",
-                "--uds_path=" + node.uds, absl::StrCat("--tcp_address=127.0.0.1:", node.tcp_port),
-                absl::StrCat("--metrics_address=127.0.0.1:", node.metrics_port)},
-       .log_path = node.dir + "/agent.log",
-       .uds_path = node.uds,
-       .tcp = true});
+  std::vector<std::string> args = {"--node_name=" + node.name,
+                                   "--node_labels=pool=" + node.pool,
+                                   absl::StrCat("--server=127.0.0.1:", server_port_),
+                                   "--report_interval_ms=500",
+                                   "--backend=" + backend_,
+                                   "--state_dir=" + node.dir + "/state",
+                                   "--uds_path=" + node.uds,
+                                   absl::StrCat("--tcp_address=127.0.0.1:", node.tcp_port),
+                                   absl::StrCat("--metrics_address=127.0.0.1:", node.metrics_port)};
+  for (std::string& flag : TlsFlags(node.name)) args.push_back(std::move(flag));
+  absl::StatusOr<std::unique_ptr<AgentProcess>> process =
+      AgentProcess::Start({.binary = agent_binary_,
+                           .args = std::move(args),
+                           .log_path = node.dir + "/agent.log",
+                           .uds_path = node.uds,
+                           .tcp = true,
+                           .insecure = insecure_});
   if (!process.ok()) {
     return absl::Status(process.status().code(),
                         absl::StrCat("dmapin-agent ", node.name, " (", agent_binary_,
@@ -686,8 +748,22 @@ void FleetDemo::PrintBanner() {
         node->name, node->process->pid(), node->tcp_port, node->metrics_port, node->pool,
         node->process->uds_target()));
   }
+  if (insecure_) {
+    lines.push_back("PLAINTEXT (--insecure): no TLS, no authentication, no authorization");
+  } else {
+    lines.push_back(absl::StrFormat(
+        "mutual TLS: CA and certificates (server, %s, admin, viewer) in %s; the server and the "
+        "agents refuse callers without one",
+        absl::StrJoin(nodes_, ", ",
+                      [](std::string* out, const auto& node) { out->append(node->name); }),
+        certs_));
+  }
   lines.push_back("Try while it runs (grpcurl uses the servers' reflection):");
-  const std::string g = "  grpcurl -plaintext ";
+  const std::string g =
+      insecure_
+          ? std::string("  grpcurl -plaintext ")
+          : absl::StrFormat("  grpcurl -cacert %s/ca.pem -cert %s/admin.pem -key %s/admin.key ",
+                            certs_, certs_, certs_);
   lines.push_back(absl::StrCat(g, server, " list"));
   lines.push_back(absl::StrCat(g, server, " describe dmapin.v1.Admin"));
   lines.push_back(absl::StrCat(g, server, " dmapin.v1.Admin/ListNodes"));
@@ -1671,6 +1747,7 @@ int FleetDemo::Run(const sigset_t& signals) {
   }
   if (absl::Status status = PreparePorts(); !status.ok()) return fail(status);
   if (absl::Status status = PrepareDirs(); !status.ok()) return fail(status);
+  if (absl::Status status = MakeCertificates(); !status.ok()) return fail(status);
   if (absl::Status status = StartServer(); !status.ok()) return fail(status);
   for (auto& node : nodes_) {
     if (absl::Status status = StartAgent(*node); !status.ok()) return fail(status);
@@ -1856,6 +1933,8 @@ int main(int argc, char** argv) {
       backend == "memlock" ? dmapin::FindBinary(absl::GetFlag(FLAGS_reference_vmm_binary),
                                                 "client/dmapin-reference-vmm", argv[0])
                            : "",
-      backend);
+      backend,
+      dmapin::FindBinary(absl::GetFlag(FLAGS_make_dev_certs), "tools/certs/make_dev_certs.sh",
+                         argv[0]));
   return demo.Run(signals);
 }

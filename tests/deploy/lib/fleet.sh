@@ -11,7 +11,7 @@ start_fleet() {
   local server_bin="$1" agent_bin="$2" dir="$3"
   FLEET_DIR="$dir"
   mkdir -p "$dir/server"
-  "$server_bin" --grpc_address=127.0.0.1:0 --metrics_address=127.0.0.1:0 \
+  "$server_bin" --insecure --grpc_address=127.0.0.1:0 --metrics_address=127.0.0.1:0 \
     --state_dir="$dir/server" --report_interval_ms=500 >"$dir/server.log" 2>&1 &
   STARTED_PIDS+=($!)
   local p
@@ -26,7 +26,7 @@ start_fleet() {
     pool="${entry##*:}"
     mkdir -p "$dir/$name"
     # The Unix socket stays short (sun_path is 108 bytes): $dir is a mktemp dir under /tmp.
-    NODE_NAME="$name" "$agent_bin" --backend=sim --server="$SERVER_GRPC" \
+    NODE_NAME="$name" "$agent_bin" --insecure --backend=sim --server="$SERVER_GRPC" \
       --node_labels="pool=$pool" --tcp_address=127.0.0.1:0 --metrics_address=127.0.0.1:0 \
       --uds_path="$dir/$name/agent.sock" --state_dir="$dir/$name" --manager_uids="$(id -u)" \
       >"$dir/$name.log" 2>&1 &
