@@ -987,16 +987,12 @@ absl::StatusOr<DeviceHandoff> NodeAgent::OpenDevices(absl::string_view name,
     if (absl::Status status = Persist(mutation); !status.ok()) return status;  // `fds` close
     entry->dma->MarkHandedOff();
   }
-  LOG(INFO) << absl::StrFormat(
-      "container \"%s\": %d device(s) (%s) and the container handed to "
-      "%s",
-      name, devices.size(), absl::StrJoin(devices, ", "), caller.Describe());
+  LOG(INFO) << absl::StrFormat("container \"%s\": %d device(s) (%s) and the container handed to %s",
+                               name, devices.size(), absl::StrJoin(devices, ", "),
+                               caller.Describe());
   absl::StatusOr<ContainerInfo> info = registry_->GetContainer(entry->id);
   DeviceHandoff handoff;
-  if (info.ok()) {
-    handoff.container = ToView(*info);
-    handoff.container.handed_off = true;  // ToView reads it too, but the entry is ours here
-  }
+  if (info.ok()) handoff.container = ToView(*info);
   handoff.fds = std::move(*fds);
   return handoff;
 }
@@ -1041,12 +1037,17 @@ absl::StatusOr<AdoptionReport> NodeAgent::AdoptContainer(absl::string_view name,
 
 void NodeAgent::PrepareForExit() {
   MutexLock control(&control_mu_);
-  MutexLock names(&names_mu_);
-  for (const auto& [name, entry] : containers_) {
-    if (!entry->dma->handed_off()) continue;
+  std::vector<std::shared_ptr<ContainerEntry>> handed_off;
+  {
+    MutexLock names(&names_mu_);
+    for (const auto& [name, entry] : containers_) {
+      if (entry->dma->handed_off()) handed_off.push_back(entry);
+    }
+  }
+  for (const std::shared_ptr<ContainerEntry>& entry : handed_off) {
     MutexLock dma(&entry->dma_mu);
     if (absl::Status status = entry->dma->PrepareForExit(); !status.ok()) {
-      LOG(WARNING) << absl::StrFormat("container \"%s\": before the exit: %s", name,
+      LOG(WARNING) << absl::StrFormat("container \"%s\": before the exit: %s", entry->name,
                                       status.ToString());
     }
   }

@@ -291,8 +291,9 @@ class NodeAgent {
                                             absl::Span<const std::string> devices,
                                             const Caller& caller = Caller::Internal());
   static constexpr size_t kMaxHandoffDevices = 16;
-  // After a restart: takes the container back from `container_fd` (always consumed), the
-  // descriptor OpenDevices handed out, from the same caller as OpenDevices.
+  // After a restart: takes the container back from `container_fd` (always consumed: closed by
+  // the container's VFIO kernel, or with close(2) when refused before it), the descriptor
+  // OpenDevices handed out, from the same caller as OpenDevices.
   absl::StatusOr<AdoptionReport> AdoptContainer(absl::string_view container, int container_fd,
                                                 const Caller& caller = Caller::Internal());
   // A planned exit (SIGTERM), once nothing is served any more: the kernel forgets the agent's

@@ -15,7 +15,9 @@
 //      container descriptor) while one it never mapped is not;
 //   4. the VMM killed while the agent is down: the restarted agent tears its context down, its
 //      VmLck is back to nothing, and the group opens again (the kernel dropped the container);
-//   5. no DMAR fault in the guest kernel's log, at any point; the agent stopped with SIGTERM.
+//   5. no DMAR fault in the guest kernel's log, at any point (and, to show that a fault would be
+//      seen, one when the VMM is asked for a DMA to an IOVA nobody mapped); the agent stopped
+//      with SIGTERM.
 // Output: PASS/FAIL/INFO lines, "RESULT restart passed=N failed=M" and the end marker.
 #include <fcntl.h>
 #include <linux/vfio.h>
@@ -107,12 +109,15 @@ class VmmOutput {
     return false;
   }
   const std::string& ready() const { return ready_; }
+  const std::string& probe() const { return probe_; }
   uint64_t stats_lines() const { return stats_lines_; }
 
  private:
   void Line(const std::string& line) {
     if (line.rfind("READY ", 0) == 0) {
       ready_ = line;
+    } else if (line.rfind("PROBE ", 0) == 0) {
+      probe_ = line;
     } else if (line.rfind("STATS ", 0) == 0) {
       for (absl::string_view field : absl::StrSplit(line.substr(6), ' ')) {
         std::pair<std::string, std::string> kv = absl::StrSplit(field, '=');
@@ -128,6 +133,7 @@ class VmmOutput {
   const int fd_;
   std::string buffer_;
   std::string ready_;
+  std::string probe_;
   std::map<std::string, int64_t> stats_;
   uint64_t stats_lines_ = 0;
 };
@@ -394,6 +400,23 @@ void Run(const EduDevice& edu_device) {
                           rounds.size(), longest_down));
   }
   if (container >= 0) ::close(container);
+  // The fault check can fail: a DMA to an IOVA nobody mapped is a DMAR fault in the kernel's log.
+  if (ok) {
+    ::kill(vmm, SIGUSR1);
+    const bool probed = output.WaitFor([&] { return !output.probe().empty(); }, 10);
+    std::vector<std::string> faults;
+    const Clock::time_point start = Clock::now();
+    while (probed && faults.empty() && SecondsSince(start) < 5) {
+      SleepMs(100);
+      faults = kmsg.DmarFaults();
+    }
+    Check(probed && !faults.empty(), "dmar-fault-seen",
+          absl::StrFormat("%s; the kernel log: %s", probed ? output.probe() : "no PROBE line",
+                          faults.empty() ? "no DMAR fault" : faults.front()));
+    output.Poll();
+    Check(output.Stat("failed") == 0, "probe-not-a-transfer",
+          absl::StrFormat("%d failed transfers", output.Stat("failed")));
+  }
 
   // The VMM exits while the agent is down: its descriptors close, the kernel drops the
   // container, and the restarted agent tears its context down.

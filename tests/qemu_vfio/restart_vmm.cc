@@ -27,6 +27,9 @@
 //     inconsistencies=I vfio_inconsistencies=V entries=K
 //
 // (the last five from the agent serving now). A failed transfer also prints "FAILED transfer ...".
+// SIGUSR1 asks for one DMA to an IOVA nobody mapped (the test's check that DMAR faults are seen);
+// it prints "PROBE unmapped ..." and is not a transfer.
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -64,6 +67,10 @@ namespace {
 
 constexpr char kTag[] = "vfio-restart-vmm";
 constexpr uint64_t kFirstIova = 0x100000;  // edu reaches 28 bits of bus address
+constexpr uint64_t kNeverMapped = 0x8000000;
+
+volatile sig_atomic_t probe_requested = 0;
+void OnProbe(int) { probe_requested = 1; }
 
 int Fail(const std::string& step, const absl::Status& status) {
   std::fprintf(stderr, "%s: FAILED %s: %s\n", kTag, step.c_str(), status.ToString().c_str());
@@ -217,7 +224,17 @@ int Run() {
   churn.detach();
   report.detach();
 
+  struct sigaction action = {};
+  action.sa_handler = OnProbe;
+  sigaction(SIGUSR1, &action, nullptr);
   for (uint64_t n = 0;; ++n) {
+    if (probe_requested != 0) {
+      probe_requested = 0;
+      const absl::Status probe = edu.Dma(kNeverMapped, 64, /*to_ram=*/false);
+      std::printf("PROBE unmapped iova 0x%llx: %s\n", static_cast<unsigned long long>(kNeverMapped),
+                  probe.ToString().c_str());
+      std::fflush(stdout);
+    }
     const uint32_t pair = static_cast<uint32_t>(n % pairs);
     uint8_t* src = bytes + 2 * pair * map_bytes;
     uint8_t* dst = src + map_bytes;
