@@ -72,6 +72,8 @@ ABSL_FLAG(bool, per_region_metrics, false,
           "Export one series per region (bounded by --max_region_series). Off by default: at "
           "fleet scale per-region series are the cardinality that hurts Prometheus.");
 ABSL_FLAG(uint32_t, max_region_series, 1000, "Cap on per-region series when they are enabled.");
+ABSL_FLAG(uint32_t, max_policies, 1024,
+          "Most policies at once: SetPolicy of another name beyond it answers ENOSPC.");
 ABSL_FLAG(uint32_t, max_watchers, 256,
           "Most Admin.WatchEvents streams open at once; more are refused (RESOURCE_EXHAUSTED, "
           "ENOSPC).");
@@ -127,6 +129,7 @@ int Run() {
       .decision_history = absl::GetFlag(FLAGS_decision_history),
       .intent_history = absl::GetFlag(FLAGS_intent_history),
       .max_watchers = absl::GetFlag(FLAGS_max_watchers),
+      .max_policies = absl::GetFlag(FLAGS_max_policies),
       .watch_max_lag_events = absl::GetFlag(FLAGS_watch_max_lag_events),
       .watch_buffer_bytes = absl::GetFlag(FLAGS_watch_buffer_bytes)});
   if (!core.ok()) {

@@ -293,6 +293,13 @@ absl::StatusOr<v1::Policy> ServerCore::SetPolicy(v1::Policy policy) {
   const absl::Time now = absl::Now();
   MutexLock lock(&mu_);
   auto existing = policies_.find(policy.name());
+  if (existing == policies_.end() && policies_.size() >= options_.max_policies) {
+    ++counters_.policy_limit_refusals;
+    return ErrnoStatus(ENOSPC,
+                       absl::StrFormat("policy \"%s\": %d policies exist, at most %d "
+                                       "(--max_policies); delete one first",
+                                       policy.name(), policies_.size(), options_.max_policies));
+  }
   policy.set_revision(existing == policies_.end() ? 1 : existing->second.revision() + 1);
   policy.set_update_time(Rfc3339(now));
   ServerMutation mutation;

@@ -75,6 +75,9 @@ struct ServerCoreOptions {
   // (when full, the subscriber furthest behind is dropped). A dropped subscriber's stream ends
   // with RESOURCE_EXHAUSTED "ENOBUFS: ... fell N events behind; reconnect".
   size_t max_watchers = 256;
+  // Most policies at once (--max_policies): SetPolicy of another name beyond it answers ENOSPC
+  // (RESOURCE_EXHAUSTED), counted; every intent and node is matched against all of them.
+  size_t max_policies = 1024;
   size_t watch_max_lag_events = 10000;
   uint64_t watch_buffer_bytes = 64ull << 20;
 };
@@ -85,6 +88,8 @@ struct ServerCounters {
   std::map<std::string, uint64_t> decision_results;  // by "kind/RESULT" (RESULT = OK or errno)
   uint64_t ebusy_retries = 0;
   uint64_t decisions_timed_out = 0;
+  // SetPolicy refused for --max_policies.
+  uint64_t policy_limit_refusals = 0;
   // Decisions in flight when the agent's session ended or a new one replaced it.
   uint64_t decisions_session_lost = 0;
   // Intents FAILED after max_lost_decision_attempts decisions in a row without a result.

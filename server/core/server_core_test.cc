@@ -705,6 +705,23 @@ TEST_F(ServerCoreTest, OverPoolBudgetIsResourceExhaustedWithReason) {
   EXPECT_EQ(Intents().size(), 4u);
 }
 
+TEST_F(ServerCoreTest, PoliciesBeyondMaxPoliciesAreEnospcAndCounted) {
+  core_.reset();
+  StartCore([](ServerCoreOptions& options) { options.max_policies = 2; });
+  v1::Policy policy;
+  for (const char* name : {"a", "b"}) {
+    policy.set_name(name);
+    ASSERT_TRUE(core_->SetPolicy(policy).ok());
+  }
+  policy.set_name("c");
+  absl::StatusOr<v1::Policy> third = core_->SetPolicy(policy);
+  EXPECT_EQ(ErrnoOf(third.status()), ENOSPC) << third.status();
+  EXPECT_NE(third.status().message().find("--max_policies"), absl::string_view::npos);
+  policy.set_name("a");  // an existing one still changes
+  EXPECT_TRUE(core_->SetPolicy(policy).ok());
+  EXPECT_EQ(core_->MetricsSnapshot(0).counters.policy_limit_refusals, 1u);
+}
+
 TEST_F(ServerCoreTest, LabelPolicyDeniesWithPermissionDenied) {
   v1::Policy policy;
   policy.set_name("tenants");

@@ -121,6 +121,9 @@ void CollectControlPlane(const FleetMetricsSnapshot& snapshot, std::vector<Metri
   } kCounters[] = {
       {"dmapin_server_ebusy_retries_total",
        "EBUSY results after which the server scheduled a retry with backoff.", c.ebusy_retries},
+      {"dmapin_server_policy_limit_refusals_total",
+       "SetPolicy calls refused (ENOSPC) because --max_policies policies exist.",
+       c.policy_limit_refusals},
       {"dmapin_server_decisions_timed_out_total",
        "Decisions that got no result within the decision timeout.", c.decisions_timed_out},
       {"dmapin_server_decisions_session_lost_total",

@@ -239,6 +239,23 @@ absl::Status ValidatePolicy(const v1::Policy& policy) {
   bool name_ok = !name.empty() && name.size() <= kMaxPolicyName;
   for (char c : name) name_ok = name_ok && (IsAlnum(c) || c == '.' || c == '_' || c == '-');
   if (!name_ok) return BadPolicy("name", "must be 1-128 chars [A-Za-z0-9._-]");
+  if (policy.node_selector_size() > kMaxSelectorLabels) {
+    return BadPolicy("node_selector", absl::StrCat(policy.node_selector_size(), " labels; at most ",
+                                                   kMaxSelectorLabels));
+  }
+  for (const auto* list : {&policy.allow(), &policy.deny()}) {
+    const char* list_name = list == &policy.allow() ? "allow" : "deny";
+    if (list->size() > kMaxRules) {
+      return BadPolicy(list_name, absl::StrCat(list->size(), " rules; at most ", kMaxRules));
+    }
+    for (int i = 0; i < list->size(); ++i) {
+      if (list->Get(i).values_size() > kMaxRuleValues) {
+        return BadPolicy(
+            absl::StrCat(list_name, "[", i, "].values"),
+            absl::StrCat(list->Get(i).values_size(), " values; at most ", kMaxRuleValues));
+      }
+    }
+  }
 
   for (const auto& [key, value] : Sorted(policy.node_selector())) {
     const std::string field = absl::StrCat("node_selector[", Quote(key), "]");
@@ -355,6 +372,10 @@ absl::Status ValidateIntentRequest(const v1::CreateIntentRequest& request,
       return BadIntent("size",
                        absl::StrCat("ua=", Hex(ua), " size=", Hex(size), " wraps past 2^64"));
     }
+  }
+  if (request.labels_size() > kMaxSelectorLabels) {
+    return BadIntent("labels",
+                     absl::StrCat(request.labels_size(), " labels; at most ", kMaxSelectorLabels));
   }
   for (const auto& [key, value] : Sorted(request.labels())) {
     const std::string field = absl::StrCat("labels[", Quote(key), "]");

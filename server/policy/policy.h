@@ -38,6 +38,12 @@ inline constexpr uint32_t kDefaultJitterPercent = 20;
 inline constexpr uint64_t kBackoffLimitMs = 24 * 60 * 60 * 1000;
 // The largest pinned_bytes_budget, max_regions_per_node or context_quota_bytes accepted.
 inline constexpr uint64_t kMaxPolicyLimit = (uint64_t{1} << 63) - 1;
+// How much one policy or intent may say (EINVAL beyond): no caller decides how large the server's
+// policy table and its matching work grow. Label names and values are also bounded in size (63,
+// prefixes 253), as Kubernetes bounds them.
+inline constexpr int kMaxSelectorLabels = 32;  // policy.node_selector, intent labels
+inline constexpr int kMaxRules = 64;           // policy.allow and policy.deny, each
+inline constexpr int kMaxRuleValues = 256;     // values of one rule
 
 // Kubernetes label syntax. A key is an optional DNS-subdomain prefix (lowercase, <= 253
 // characters) and '/', then a name of 1-63 characters [A-Za-z0-9-_.] beginning and ending with

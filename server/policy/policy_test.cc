@@ -134,6 +134,36 @@ TEST(ValidatePolicyTest, Table) {
       {"name 129", [](v1::Policy* p) { p->set_name(std::string(129, 'n')); }, kNameRule},
       {"name space", [](v1::Policy* p) { p->set_name("pool a"); }, kNameRule},
       {"name slash", [](v1::Policy* p) { p->set_name("pool/a"); }, kNameRule},
+      {"selector labels at the limit",
+       [](v1::Policy* p) {
+         p->clear_node_selector();
+         for (int i = 0; i < kMaxSelectorLabels; ++i) {
+           (*p->mutable_node_selector())[absl::StrCat("k", i)] = "v";
+         }
+       },
+       ""},
+      {"selector labels over the limit",
+       [](v1::Policy* p) {
+         p->clear_node_selector();
+         for (int i = 0; i <= kMaxSelectorLabels; ++i) {
+           (*p->mutable_node_selector())[absl::StrCat("k", i)] = "v";
+         }
+       },
+       "policy.node_selector: 33 labels; at most 32"},
+      {"deny rules over the limit",
+       [](v1::Policy* p) {
+         p->clear_deny();
+         for (int i = 0; i <= kMaxRules; ++i) p->add_deny()->set_key("tenant");
+       },
+       "policy.deny: 65 rules; at most 64"},
+      {"rule values over the limit",
+       [](v1::Policy* p) {
+         p->clear_allow();
+         v1::LabelRequirement* rule = p->add_allow();
+         rule->set_key("tenant");
+         for (int i = 0; i <= kMaxRuleValues; ++i) rule->add_values(absl::StrCat("t", i));
+       },
+       "policy.allow[0].values: 257 values; at most 256"},
       {"selector key", [](v1::Policy* p) { (*p->mutable_node_selector())["bad key"] = "x"; },
        "policy.node_selector[\"bad key\"]: key: name may contain only"},
       {"selector empty key", [](v1::Policy* p) { (*p->mutable_node_selector())[""] = "x"; },
