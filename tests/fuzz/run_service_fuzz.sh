@@ -47,6 +47,7 @@ agent_srcs=(tests/fuzz/agent_service_fuzz.cc "${common_srcs[@]}" common/server_l
   agent/vfio/vfio_container.cc agent/vfio/vfio_kernel.cc)
 agent_gen=(agent)
 server_srcs=(tests/fuzz/server_service_fuzz.cc "${common_srcs[@]}"
+  common/grpc_auth.cc common/peer_identity.cc common/metrics_util.cc
   server/service/admin_service.cc server/service/control_service.cc
   server/core/server_core.cc server/core/server_core_reconcile.cc server/core/requirements.cc
   server/core/reconcile_loop.cc server/core/event_fanout.cc server/fleet/fleet_state.cc
