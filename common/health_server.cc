@@ -6,7 +6,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/errno_status.h"
+#include "common/logging.h"
+#include "common/net.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/impl/server_builder_plugin.h"
@@ -50,6 +53,19 @@ HealthOnlyServer::~HealthOnlyServer() {
 
 void HealthOnlyServer::SetServing(bool serving) {
   server_->GetHealthCheckService()->SetServingStatus(serving);
+}
+
+absl::StatusOr<std::unique_ptr<HealthOnlyServer>> StartHealthOnlyServer(
+    absl::string_view binary, const std::string& address) {
+  if (address.empty()) return std::unique_ptr<HealthOnlyServer>();
+  absl::StatusOr<std::unique_ptr<HealthOnlyServer>> started = HealthOnlyServer::Start(address);
+  if (!started.ok()) {
+    return absl::Status(started.status().code(),
+                        absl::StrCat("--health_address: ", started.status().message()));
+  }
+  LOG(INFO) << absl::StrFormat("%s: plaintext health checks on %s (health port %d)", binary,
+                               WithPort(address, (*started)->port()), (*started)->port());
+  return started;
 }
 
 }  // namespace dmapin

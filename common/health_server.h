@@ -36,6 +36,11 @@ class HealthOnlyServer {
   const int port_;
 };
 
+// A binary's --health_address: nullptr when `address` is empty, else the started server, its
+// address logged as `binary`'s; a failure names the flag.
+absl::StatusOr<std::unique_ptr<HealthOnlyServer>> StartHealthOnlyServer(absl::string_view binary,
+                                                                        const std::string& address);
+
 }  // namespace dmapin
 
 #endif  // DMAPIN_COMMON_HEALTH_SERVER_H_

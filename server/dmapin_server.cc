@@ -183,20 +183,13 @@ int Run() {
   AdminService admin(core->get(), auth->get());
   ControlService control(core->get(), ControlServiceOptions{.auth = auth->get()});
   // Plaintext, health only (HealthOnlyServer drops the reflection plugin).
-  std::unique_ptr<HealthOnlyServer> health_only;
-  if (const std::string health_address = absl::GetFlag(FLAGS_health_address);
-      !health_address.empty()) {
-    absl::StatusOr<std::unique_ptr<HealthOnlyServer>> started =
-        HealthOnlyServer::Start(health_address);
-    if (!started.ok()) {
-      LOG(ERROR) << "dmapin-server: --health_address: " << started.status().message();
-      return 1;
-    }
-    health_only = *std::move(started);
-    LOG(INFO) << absl::StrFormat("dmapin-server: plaintext health checks on %s (health port %d)",
-                                 WithPort(health_address, health_only->port()).c_str(),
-                                 health_only->port());
+  absl::StatusOr<std::unique_ptr<HealthOnlyServer>> health_started =
+      StartHealthOnlyServer("dmapin-server", absl::GetFlag(FLAGS_health_address));
+  if (!health_started.ok()) {
+    LOG(ERROR) << "dmapin-server: " << health_started.status().message();
+    return 1;
   }
+  std::unique_ptr<HealthOnlyServer> health_only = *std::move(health_started);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -297,17 +297,7 @@ void Run(const EduDevice& edu_device) {
     if (again >= 0) ::close(again);
   }
 
-  // A graceful stop of the agent.
-  if (Check(Running(agent, &how), "agent-alive", how.empty() ? "still serving" : how)) {
-    ::kill(agent, SIGTERM);
-    t = Clock::now();
-    while (Running(agent, &how) && SecondsSince(t) < 30) SleepMs(100);
-    if (how.empty()) {
-      ::kill(agent, SIGKILL);
-      how = "did not stop in 30 s: killed";
-    }
-    Check(how == "exited with 0", "agent-sigterm", how);
-  }
+  CheckGracefulStop(agent);
   PrintAgentLog();
 }
 

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/vfio.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -481,6 +482,29 @@ std::string Compared(const std::string& got, const std::string& want) {
   return absl::StrFormat("differ from byte %d (got 0x%02x, want 0x%02x; %d of %d bytes zero)", i,
                          i < got.size() ? static_cast<uint8_t>(got[i]) : 0,
                          i < want.size() ? static_cast<uint8_t>(want[i]) : 0, zeros, got.size());
+}
+
+bool Reaped(pid_t pid, double timeout_s, std::string* how) {
+  const auto start = std::chrono::steady_clock::now();
+  while (Running(pid, how)) {
+    if (std::chrono::steady_clock::now() - start > std::chrono::duration<double>(timeout_s)) {
+      return false;
+    }
+    SleepMs(20);
+  }
+  return true;
+}
+
+void CheckGracefulStop(pid_t agent) {
+  std::string how;
+  if (!Check(Running(agent, &how), "agent-alive", how.empty() ? "still serving" : how)) return;
+  ::kill(agent, SIGTERM);
+  if (!Reaped(agent, 30, &how)) {
+    ::kill(agent, SIGKILL);
+    ::waitpid(agent, nullptr, 0);
+    how = "did not stop in 30 s: killed";
+  }
+  Check(how == "exited with 0", "agent-sigterm", how);
 }
 
 }  // namespace dmapin::agent

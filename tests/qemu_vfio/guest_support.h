@@ -144,6 +144,11 @@ void MakeDirs(const std::string& path);
 pid_t Spawn(const std::vector<std::string>& argv, int out_fd);
 // Whether `pid` (a child) still runs; reaps it and says how it ended otherwise.
 bool Running(pid_t pid, std::string* how = nullptr);
+// Whether `pid` (a child) ended within `timeout_s`; how it ended in `*how`.
+bool Reaped(pid_t pid, double timeout_s, std::string* how);
+// The agent's graceful stop: "agent-alive" (it still runs), SIGTERM, then "agent-sigterm" (it
+// exited with 0 within 30 s; SIGKILL otherwise).
+void CheckGracefulStop(pid_t agent);
 int64_t LockedKb(pid_t pid);
 // The descriptor number under which `pid` holds `path` open; -1 if none.
 int FdOf(pid_t pid, const std::string& path);

@@ -176,16 +176,6 @@ pid_t StartAgent() {
   return agent;
 }
 
-// Whether `agent` ended within `timeout_s`; how it ended in `*how`.
-bool Reaped(pid_t agent, double timeout_s, std::string* how) {
-  const Clock::time_point start = Clock::now();
-  while (Running(agent, how)) {
-    if (SecondsSince(start) > timeout_s) return false;
-    SleepMs(20);
-  }
-  return true;
-}
-
 // Lines of the agents' log (every agent of the run appends to it) that contain `text`.
 int AgentLogCount(const std::string& text) {
   std::ifstream in(kAgentLog);
@@ -454,15 +444,7 @@ void Run(const EduDevice& edu_device) {
     ::waitpid(vmm, nullptr, 0);
   }
 
-  std::string how;
-  if (Check(Running(agent, &how), "agent-alive", how.empty() ? "still serving" : how)) {
-    ::kill(agent, SIGTERM);
-    if (!Reaped(agent, 30, &how)) {
-      ::kill(agent, SIGKILL);
-      how = "did not stop in 30 s: killed";
-    }
-    Check(how == "exited with 0", "agent-sigterm", how);
-  }
+  CheckGracefulStop(agent);
   PrintAgentLogTail(Failed() > 0 ? 200 : 30);
 }
 

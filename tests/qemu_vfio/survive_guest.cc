@@ -61,71 +61,10 @@ void Note(const std::string& q, const std::string& text) {
   absl::StrAppend(&r, r.empty() ? "" : "; ", text);
 }
 
-int64_t MemKb(const char* field) {
-  const std::optional<std::string> text = ReadFile("/proc/meminfo");
-  if (!text) return -1;
-  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-    if (absl::ConsumePrefix(&line, field) && absl::ConsumePrefix(&line, ":")) {
-      return std::strtoll(std::string(line).c_str(), nullptr, 10);
-    }
-  }
-  return -1;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Messages over a SOCK_SEQPACKET socketpair: text plus up to 4 descriptors.
-
-bool Send(int sock, const std::string& text, const std::vector<int>& fds = {}) {
-  struct iovec iov = {const_cast<char*>(text.data()), text.size()};
-  char control[CMSG_SPACE(4 * sizeof(int))] = {};
-  struct msghdr msg = {};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (!fds.empty()) {
-    msg.msg_control = control;
-    msg.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
-    struct cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
-    std::memcpy(CMSG_DATA(cmsg), fds.data(), fds.size() * sizeof(int));
-  }
-  return ::sendmsg(sock, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(text.size());
-}
-
-// One message; false on timeout (ms), error or EOF.
-bool Recv(int sock, std::string* text, std::vector<int>* fds, int timeout_ms = 60000) {
-  struct pollfd p = {sock, POLLIN, 0};
-  if (::poll(&p, 1, timeout_ms) != 1) return false;
-  char buf[4096];
-  char control[CMSG_SPACE(4 * sizeof(int))] = {};
-  struct iovec iov = {buf, sizeof(buf)};
-  struct msghdr msg = {};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof(control);
-  const ssize_t n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-  if (n <= 0) return false;
-  text->assign(buf, n);
-  if (fds != nullptr) fds->clear();
-  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-        if (fds != nullptr) fds->push_back(fd);
-      }
-    }
-  }
-  return true;
-}
-
 // A child reports with "LINE <tag> <step>\t<detail>" messages; the VMM prints them, and answers
 // the child's other messages in its own code. Returns the first message that is not a LINE.
 bool RecvSkippingLines(int sock, std::string* text, std::vector<int>* fds) {
-  while (Recv(sock, text, fds)) {
+  while (RecvFds(sock, text, fds)) {
     if (!absl::StartsWith(*text, "LINE ")) return true;
     std::vector<std::string> parts = absl::StrSplit(text->substr(5), absl::MaxSplits('\t', 1));
     const std::string tag_step = parts[0];
@@ -145,7 +84,7 @@ bool RecvSkippingLines(int sock, std::string* text, std::vector<int>* fds) {
 // In a child: its report to the VMM.
 int g_sock = -1;
 void ChildLine(const char* tag, const std::string& step, const std::string& detail) {
-  Send(g_sock, absl::StrCat("LINE ", tag, " ", step, "\t", detail));
+  SendFds(g_sock, absl::StrCat("LINE ", tag, " ", step, "\t", detail));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -221,14 +160,14 @@ uint8_t* MapMem(int memfd) {
                             "%s; VmLck %d kB",
                             GroupStatus(group), Errno(err), StatusKb(0, "VmLck")));
   if (err != 0) ::_exit(1);
-  Send(sock, absl::StrFormat("READY vaddr=%d", reinterpret_cast<uint64_t>(mem)),
-       {container, device});
+  SendFds(sock, absl::StrFormat("READY vaddr=%d", reinterpret_cast<uint64_t>(mem)),
+          {container, device});
   ::close(device);  // the VMM has its own copies now
   if (!planned) {
     for (;;) ::pause();
   }
   std::string go;
-  Recv(sock, &go, nullptr);  // the VMM has checked its copies
+  RecvFds(sock, &go, nullptr);  // the VMM has checked its copies
   for (int i = 0; i < 3; ++i) {
     uint64_t size = 0;
     const int e = UnmapDma(container, kIova[i], kRegion, VFIO_DMA_UNMAP_FLAG_VADDR, &size);
@@ -236,7 +175,7 @@ uint8_t* MapMem(int memfd) {
               absl::StrFormat("UNMAP_DMA(FLAG_VADDR) iova 0x%x: %s, size back 0x%x", kIova[i],
                               Errno(e), size));
   }
-  Send(sock, absl::StrCat("EXITING VmLck=", StatusKb(0, "VmLck")));
+  SendFds(sock, absl::StrCat("EXITING VmLck=", StatusKb(0, "VmLck")));
   ::_exit(0);
 }
 
@@ -246,8 +185,8 @@ uint8_t* MapMem(int memfd) {
   const std::string p = planned ? "planned-" : "crash-";
   std::string text;
   std::vector<int> fds;
-  Send(sock, "HELLO");
-  if (!Recv(sock, &text, &fds) || fds.size() != 1) {
+  SendFds(sock, "HELLO");
+  if (!RecvFds(sock, &text, &fds) || fds.size() != 1) {
     ChildLine("FAIL", p + "agent2-receive", "no container fd from the VMM");
     ::_exit(1);
   }
@@ -258,8 +197,8 @@ uint8_t* MapMem(int memfd) {
   ChildLine("OBSERVE", p + "q5-agent2-open-group",
             absl::StrCat("open ", edu.group, ": ", Errno(open_err),
                          group >= 0 ? absl::StrCat("; ", GroupStatus(group)) : ""));
-  Send(sock, absl::StrCat("Q5 open=", Errno(open_err),
-                          group >= 0 ? absl::StrCat(" ", GroupStatus(group)) : ""));
+  SendFds(sock, absl::StrCat("Q5 open=", Errno(open_err),
+                             group >= 0 ? absl::StrCat(" ", GroupStatus(group)) : ""));
   if (group >= 0) ::close(group);
   // Q3: the extension, on the received container fd.
   const int ext = ::ioctl(container, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR);
@@ -300,17 +239,17 @@ uint8_t* MapMem(int memfd) {
   const int unmap_err = UnmapDma(container, kIova[0], kRegion, 0, &unmapped);
   // And the new one of its own (region 3), in a second call after a re-map check below.
   const int64_t lck2 = StatusKb(0, "VmLck");
-  Send(sock, absl::StrFormat(
-                 "REPORT ext_update_vaddr=%d ext_type1v2=%d | map_new_r3=%s VmLck %d->%d kB | "
-                 "%s VmLck after=%d kB | unmap_old_r0=%s size_back=0x%x VmLck after=%d kB",
-                 ext, ext_v2, Errno(map_err), lck0, lck1, vaddr_report, lck_vaddr, Errno(unmap_err),
-                 unmapped, lck2));
+  SendFds(sock, absl::StrFormat(
+                    "REPORT ext_update_vaddr=%d ext_type1v2=%d | map_new_r3=%s VmLck %d->%d kB | "
+                    "%s VmLck after=%d kB | unmap_old_r0=%s size_back=0x%x VmLck after=%d kB",
+                    ext, ext_v2, Errno(map_err), lck0, lck1, vaddr_report, lck_vaddr,
+                    Errno(unmap_err), unmapped, lck2));
   // Wait for the VMM's DMA checks, then unmap region 3 (own) and exit.
-  Recv(sock, &text, nullptr);
+  RecvFds(sock, &text, nullptr);
   const int unmap3 = UnmapDma(container, kIova[3], kRegion, 0, &unmapped);
-  Send(sock, absl::StrFormat("BYE unmap_own_r3=%s size_back=0x%x VmLck=%d kB", Errno(unmap3),
-                             unmapped, StatusKb(0, "VmLck")));
-  Recv(sock, &text, nullptr);
+  SendFds(sock, absl::StrFormat("BYE unmap_own_r3=%s size_back=0x%x VmLck=%d kB", Errno(unmap3),
+                                unmapped, StatusKb(0, "VmLck")));
+  RecvFds(sock, &text, nullptr);
   ::_exit(0);
 }
 
@@ -355,7 +294,7 @@ bool GroupOpenable(const EduDevice& edu, int* err, std::string* status = nullptr
 void Scenario(const EduDevice& edu_device, bool planned) {
   const std::string p = planned ? "planned-" : "crash-";
   const std::string q = planned ? "planned " : "crash ";
-  const int64_t free0 = MemKb("MemFree");
+  const int64_t free0 = MemInfoKb("MemFree");
   const int memfd = static_cast<int>(::syscall(SYS_memfd_create, "guest-ram", 0));
   if (memfd < 0 || ::ftruncate(memfd, kMemSize) != 0) {
     Check(false, p + "memfd", Errno(errno));
@@ -385,7 +324,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
   const int64_t vmm_lck = StatusKb(0, "VmLck");
   Observe(p + "q4-before",
           absl::StrFormat("agent1 VmLck %d kB, VMM VmLck %d kB, MemFree %d kB (before memfd %d)",
-                          a1_lck, vmm_lck, MemKb("MemFree"), free0));
+                          a1_lck, vmm_lck, MemInfoKb("MemFree"), free0));
   Note("q4", absl::StrFormat("%sagent1 VmLck %d kB / VMM %d kB while mapped", q, a1_lck, vmm_lck));
   Edu edu;
   absl::Status s = edu.Adopt(device);
@@ -400,7 +339,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
     ::waitpid(agent1, &status, 0);
     Info(p + "agent1-killed", absl::StrFormat("SIGKILL, status 0x%x", status));
   } else {
-    Send(sv[0], "GO");
+    SendFds(sv[0], "GO");
     RecvSkippingLines(sv[0], &text, nullptr);
     Info(p + "agent1-exiting", text);
     int status = 0;
@@ -409,7 +348,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
   }
   ::close(sv[0]);
   Observe(p + "q4-after-agent1-exit", absl::StrFormat("VMM VmLck %d kB, MemFree %d kB",
-                                                      StatusKb(0, "VmLck"), MemKb("MemFree")));
+                                                      StatusKb(0, "VmLck"), MemInfoKb("MemFree")));
   // Q1
   std::string r[3];
   for (int i = 0; i < 3; ++i) {
@@ -437,7 +376,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
   if (!RecvSkippingLines(sv[0], &text, nullptr) || text != "HELLO") {
     Check(false, p + "agent2-hello", text);
   }
-  Send(sv[0], "CONTAINER", {container});
+  SendFds(sv[0], "CONTAINER", {container});
   RecvSkippingLines(sv[0], &text, nullptr);
   Observe(p + "q5", text);
   Note("q5", absl::StrCat(q, text.substr(3)));
@@ -451,12 +390,12 @@ void Scenario(const EduDevice& edu_device, bool planned) {
             absl::StrFormat("iova 0x%x: %s", kIova[i], res));
     Note("q2q3dma", absl::StrFormat("%sr%d %s", q, i, res));
   }
-  Send(sv[0], "DONE");
+  SendFds(sv[0], "DONE");
   RecvSkippingLines(sv[0], &text, nullptr);
   Observe(p + "agent2-own-unmap", text);
   Note("q2q3", absl::StrCat(q, text.substr(4)));
   Note("q4", absl::StrFormat("%sagent2 VmLck %d kB after its map (read by the VMM)", q, a2_lck));
-  Send(sv[0], "EXIT");
+  SendFds(sv[0], "EXIT");
   ::waitpid(agent2, nullptr, 0);
   ::close(sv[0]);
   {
@@ -468,7 +407,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
   // Q4: the VMM lets go.
   int err = 0;
   const bool open_while_held = GroupOpenable(edu_device, &err);
-  const int64_t free_held = MemKb("MemFree");
+  const int64_t free_held = MemInfoKb("MemFree");
   edu.Close();
   std::string status_after_device = "not opened";
   const bool open_after_device = GroupOpenable(edu_device, &err, &status_after_device);
@@ -485,7 +424,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
         "(%s, %s); on the container: UNMAP r1 %s size_back=0x%x, MAP_DMA %s, "
         "CHECK_EXTENSION(UPDATE_VADDR)=%d; MemFree %d kB",
         Errno(err_after_device), status_after_device, Errno(unmap_err), size, Errno(map_err), ext,
-        MemKb("MemFree"));
+        MemInfoKb("MemFree"));
     Observe(p + "q4-container-fd-alone", text);
     Note("q4", absl::StrCat(q, text));
   }
@@ -499,7 +438,7 @@ void Scenario(const EduDevice& edu_device, bool planned) {
   ::munmap(mem, kMemSize);
   ::close(memfd);
   SleepMs(200);
-  const int64_t free_end = MemKb("MemFree");
+  const int64_t free_end = MemInfoKb("MemFree");
   const std::string q4 = absl::StrFormat(
       "group openable: with device+container held %s, after closing the device fd %s (%s), after "
       "closing the container too %s (%s); MemFree %d kB before the memfd, %d kB with everything "
