@@ -624,7 +624,9 @@ int Run() {
             .report_interval = std::chrono::milliseconds(absl::GetFlag(FLAGS_report_interval_ms)),
             .max_region_bytes = (*agent)->registry_limits().max_region_bytes,
             .max_pinned_bytes = (*agent)->registry_limits().max_pinned_bytes,
-            .credentials = ChannelCredentialsFor(*security),
+            // Only the server's certificate (spiffe://<trust domain>/server, or a --tls_roles
+            // entry for role server) is the central service: not any certificate of the CA.
+            .credentials = ChannelCredentialsFor(*security, (*auth)->ServerVerifier()),
             .tls_server_name = security->server_name,
             .keepalive_time = std::chrono::seconds(30)});
     if (absl::Status status = control->Start(); !status.ok()) {

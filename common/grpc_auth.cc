@@ -116,4 +116,39 @@ std::shared_ptr<prometheus::Collectable> AuthGate::Collectable(std::string prefi
   return std::make_shared<AuthCollectable>(this, std::move(prefix));
 }
 
+namespace {
+
+// Resolves the server's certificate names after gRPC verified its chain; only role server passes.
+class ServerIdentityVerifier final : public grpc::experimental::ExternalCertificateVerifier {
+ public:
+  explicit ServerIdentityVerifier(IdentityPolicy policy) : policy_(std::move(policy)) {}
+
+  bool Verify(grpc::experimental::TlsCustomVerificationCheckRequest* request,
+              std::function<void(grpc::Status)> callback, grpc::Status* sync_status) override {
+    PeerNames names;
+    for (const grpc::string_ref& uri : request->uri_names()) {
+      names.uris.emplace_back(uri.data(), uri.size());
+    }
+    for (const grpc::string_ref& dns : request->dns_names()) {
+      names.dns.emplace_back(dns.data(), dns.size());
+    }
+    const absl::Status status = AuthorizeServer(policy_.Resolve(names));
+    *sync_status = status.ok() ? grpc::Status::OK
+                               : grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                                              std::string(status.message()));
+    return true;  // synchronous
+  }
+  void Cancel(grpc::experimental::TlsCustomVerificationCheckRequest*) override {}
+
+ private:
+  const IdentityPolicy policy_;
+};
+
+}  // namespace
+
+std::shared_ptr<grpc::experimental::CertificateVerifier> AuthGate::ServerVerifier() const {
+  if (insecure_ || !policy_.has_value()) return nullptr;
+  return grpc::experimental::ExternalCertificateVerifier::Create<ServerIdentityVerifier>(*policy_);
+}
+
 }  // namespace dmapin

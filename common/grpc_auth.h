@@ -27,6 +27,7 @@
 #include "common/peer_identity.h"
 #include "common/tls_credentials.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/security/tls_certificate_verifier.h"
 #include "prometheus/collectable.h"
 
 namespace dmapin {
@@ -56,6 +57,12 @@ class AuthGate {
   absl::Status AgentRemote(const grpc::ServerContextBase& context, absl::string_view method);
 
   uint64_t refused(Check check) const { return refused_[check].load(std::memory_order_relaxed); }
+
+  // For a client of the central service (the agent's control stream): a verifier that accepts
+  // the server's certificate only when it resolves to role server (AuthorizeServer), checked
+  // after gRPC verified its chain against the CA. It replaces gRPC's host name check: the
+  // identity, not the name dialled, is what is trusted. Null with --insecure.
+  std::shared_ptr<grpc::experimental::CertificateVerifier> ServerVerifier() const;
 
   // The metrics above, with `prefix` ("dmapin_server"). Must not outlive the gate; keep it (an
   // exposer holds its collectables weakly).

@@ -160,6 +160,13 @@ absl::Status AuthorizeControl(const Principal& peer, absl::string_view hello_nod
   return absl::OkStatus();
 }
 
+absl::Status AuthorizeServer(const Principal& peer) {
+  if (peer.role == PeerRole::kServer) return absl::OkStatus();
+  return ErrnoStatus(EACCES, absl::StrCat("the central service's certificate must be the "
+                                          "server's; ",
+                                          peer.Describe(), " is not"));
+}
+
 absl::Status AuthorizeAgentRemote(const Principal& peer, absl::string_view method) {
   if (peer.role == PeerRole::kServer || peer.role == PeerRole::kAdmin) return absl::OkStatus();
   return ErrnoStatus(EACCES, absl::StrCat(method, " over TCP is for the server and admins; ",

@@ -20,6 +20,7 @@
 //  - Admin service: admin may call everything; viewer only reads (Get*, List*) and WatchEvents.
 //  - Control service: only role node, and only for the node its certificate names.
 //  - NodeAgent over TCP: only role server and admin (the Unix socket is governed by SO_PEERCRED).
+//  - the agent's control stream: the peer it dials must be role server.
 //  - everything else: PERMISSION_DENIED (EACCES).
 #ifndef DMAPIN_COMMON_PEER_IDENTITY_H_
 #define DMAPIN_COMMON_PEER_IDENTITY_H_
@@ -83,6 +84,9 @@ enum class AdminAccess { kRead, kWrite };
 absl::Status AuthorizeAdmin(const Principal& peer, AdminAccess access, absl::string_view method);
 absl::Status AuthorizeControl(const Principal& peer, absl::string_view hello_node);
 absl::Status AuthorizeAgentRemote(const Principal& peer, absl::string_view method);
+// The other way round: an agent dialling the central service accepts only a server's
+// certificate (role server), not any certificate of the CA that carries the dialled name.
+absl::Status AuthorizeServer(const Principal& peer);
 
 }  // namespace dmapin
 

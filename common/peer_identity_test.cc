@@ -116,6 +116,11 @@ TEST(PeerIdentityTest, ControlRules) {
 
 TEST(PeerIdentityTest, AgentRemoteRules) {
   const IdentityPolicy policy = Default();
+  EXPECT_TRUE(AuthorizeServer(Uri(policy, "spiffe://dmapin/server")).ok());
+  for (const char* uri : {"spiffe://dmapin/admin/alice", "spiffe://dmapin/node/node-1",
+                          "spiffe://other/server", "spiffe://dmapin/server/x"}) {
+    EXPECT_EQ(AuthorizeServer(Uri(policy, uri)).code(), absl::StatusCode::kPermissionDenied) << uri;
+  }
   EXPECT_TRUE(AuthorizeAgentRemote(Uri(policy, "spiffe://dmapin/server"), "ListContexts").ok());
   EXPECT_TRUE(
       AuthorizeAgentRemote(Uri(policy, "spiffe://dmapin/admin/alice"), "ListContexts").ok());

@@ -113,13 +113,16 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const TransportSec
   return grpc::experimental::TlsServerCredentials(options);
 }
 
-std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const TransportSecurity& security) {
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(
+    const TransportSecurity& security,
+    std::shared_ptr<grpc::experimental::CertificateVerifier> verifier) {
   if (security.insecure) return grpc::InsecureChannelCredentials();
   grpc::experimental::TlsChannelCredentialsOptions options;
   options.set_certificate_provider(Provider(security));
   options.watch_root_certs();
   options.watch_identity_key_cert_pairs();
   options.set_verify_server_certs(true);
+  if (verifier != nullptr) options.set_certificate_verifier(std::move(verifier));
   return grpc::experimental::TlsCredentials(options);
 }
 

@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/security/tls_certificate_verifier.h"
 
 namespace dmapin {
 
@@ -50,7 +51,11 @@ absl::Status CheckTransportSecurity(const TransportSecurity& security);
 
 // Credentials for a listening port / a channel. Insecure ones with `insecure`.
 std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const TransportSecurity& security);
-std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const TransportSecurity& security);
+// `verifier` (may be null: gRPC's host name check) decides on the server's certificate after its
+// chain was verified against the CA (AuthGate::ServerVerifier: the server's identity).
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(
+    const TransportSecurity& security,
+    std::shared_ptr<grpc::experimental::CertificateVerifier> verifier = nullptr);
 // Adds what the channel needs beside its credentials (the expected server name).
 void AddChannelArguments(const TransportSecurity& security, grpc::ChannelArguments& args);
 

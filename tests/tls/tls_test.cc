@@ -439,6 +439,48 @@ TEST_F(TlsTest, AControlStreamForAnotherNodeIsRefusedAndTheRealSessionUntouched)
   EXPECT_EQ(ServerMetric("dmapin_server_agent_disconnects_total"), disconnects);
 }
 
+// The other direction: an agent dials only the server's identity. A process serving with a valid
+// certificate of the CA that carries the dialled address but names a node (here node-1's) is no
+// central service: the agent's handshake fails and it never says Hello there.
+TEST_F(TlsTest, AnAgentSpeaksOnlyToTheServersIdentity) {
+  absl::StatusOr<std::unique_ptr<AgentProcess>> impostor = AgentProcess::Start(
+      {.binary = ServerBinary(),
+       .args = {"--grpc_address=127.0.0.1:0",
+                "--metrics_address=", "--state_dir=" + dir_->Join("impostor"),
+                TlsFlag("cert", "node-1"), TlsFlag("key", "node-1"), TlsFlag("ca", "node-1")},
+       .log_path = dir_->Join("impostor.log"),
+       .tcp = true,
+       .insecure = false,
+       .credentials = Credentials("admin")});
+  ASSERT_TRUE(impostor.ok()) << impostor.status();
+  const std::string uds = dir_->Join("fooled.sock");
+  absl::StatusOr<std::unique_ptr<AgentProcess>> agent = AgentProcess::Start(
+      {.binary = AgentBinary(),
+       .args = {"--node_name=node-2", "--backend=sim", "--server=" + (*impostor)->tcp_target(),
+                "--report_interval_ms=100", "--state_dir=" + dir_->Join("fooled"),
+                "--uds_path=" + uds, "--tcp_address=", "--metrics_address=",
+                TlsFlag("cert", "node-2"), TlsFlag("key", "node-2"), TlsFlag("ca", "node-2")},
+       .log_path = dir_->Join("fooled.log"),
+       .uds_path = uds,
+       .insecure = false});
+  ASSERT_TRUE(agent.ok()) << agent.status();
+  // The refusal is the agent's, naming what the certificate is.
+  EXPECT_TRUE(Eventually([&] {
+    return absl::StrContains(ReadFile(dir_->Join("fooled.log")),
+                             "must be the server's; node node-1");
+  })) << ReadFile(dir_->Join("fooled.log"));
+  grpc::ClientContext context;
+  context.set_deadline(In(absl::Seconds(5)));
+  v1::ListNodesResponse nodes;
+  const grpc::Status listed =
+      v1::Admin::NewStub(Channel((*impostor)->tcp_target(), Credentials("admin")))
+          ->ListNodes(&context, {}, &nodes);
+  ASSERT_TRUE(listed.ok()) << listed.error_message();
+  EXPECT_EQ(nodes.nodes_size(), 0) << "the agent said Hello to a node's certificate";
+  EXPECT_TRUE((*agent)->Terminate().ok());
+  EXPECT_TRUE((*impostor)->Terminate().ok());
+}
+
 TEST_F(TlsTest, TheAgentsTcpApiIsForTheServerAndAdminsOnly) {
   const std::string target = agents_["node-1"]->tcp_target();
   const int agent_metrics = PortFromLog(ReadFile(dir_->Join("node-1.log")), "metrics");
