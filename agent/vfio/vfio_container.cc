@@ -364,19 +364,22 @@ absl::Status SpaprTceV2Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
   // No EBUSY check here on purpose: see the header. The registry refuses the last unregister of a
   // mapped region (spec §3.4) before it gets this far; a 0 from the kernel is not proof that no
   // TCE still points into the region.
+  absl::Status status = UnregisterLocked(ua, size);
+  if (status.ok()) registered_.erase({ua, size});
+  return status;
+}
+
+absl::Status SpaprTceV2Driver::UnregisterLocked(uint64_t ua, uint64_t size) {
   struct vfio_iommu_spapr_register_memory reg;
   std::memset(&reg, 0, sizeof(reg));
   reg.argsz = sizeof(reg);
   reg.flags = 0;
   reg.vaddr = ua;
   reg.size = size;
-  absl::Status status =
-      ContainerIoctl(
-          VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
-          absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
-          .status();
-  if (status.ok()) registered_.erase({ua, size});
-  return status;
+  return ContainerIoctl(
+             VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
+             absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)", ua, size))
+      .status();
 }
 
 absl::Status SpaprTceV2Driver::ClearAll() {
@@ -392,19 +395,9 @@ absl::Status SpaprTceV2Driver::ClearAll() {
                          absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x) [all]",
                                          window_.start, window_.size))
               .status();
-  for (auto it = registered_.begin(); it != registered_.end();) {
-    struct vfio_iommu_spapr_register_memory reg;
-    std::memset(&reg, 0, sizeof(reg));
-    reg.argsz = sizeof(reg);
-    reg.vaddr = it->first;
-    reg.size = it->second;
-    absl::Status status =
-        ContainerIoctl(VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg,
-                       absl::StrFormat("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY(vaddr=0x%x, size=0x%x)",
-                                       it->first, it->second))
-            .status();
+  for (auto it = registered_.begin(); it != registered_.end(); it = registered_.erase(it)) {
+    absl::Status status = UnregisterLocked(it->first, it->second);
     if (!status.ok() && first.ok()) first = status;
-    it = registered_.erase(it);
   }
   return first;
 }
@@ -675,6 +668,13 @@ absl::Status Type1Driver::RegisterMemoryAt(uint64_t ua, uint64_t size, uint64_t 
 }
 
 absl::Status Type1Driver::RegisterLocked(uint64_t ua, uint64_t size, uint64_t iova) {
+  absl::Status status = MapIoctlLocked(iova, ua, size, " [pin range]");
+  if (status.ok()) pins_by_iova_[iova] = Pin{ua, size};
+  return status;
+}
+
+absl::Status Type1Driver::MapIoctlLocked(uint64_t iova, uint64_t ua, uint64_t size,
+                                         absl::string_view what) {
   struct vfio_iommu_type1_dma_map map;
   std::memset(&map, 0, sizeof(map));
   map.argsz = sizeof(map);
@@ -682,13 +682,10 @@ absl::Status Type1Driver::RegisterLocked(uint64_t ua, uint64_t size, uint64_t io
   map.vaddr = ua;
   map.iova = iova;
   map.size = size;
-  absl::StatusOr<int> result = ContainerIoctl(
-      VFIO_IOMMU_MAP_DMA, &map,
-      absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x) [pin range]", iova, ua,
-                      size));
-  if (!result.ok()) return result.status();
-  pins_by_iova_[iova] = Pin{ua, size};
-  return absl::OkStatus();
+  return ContainerIoctl(VFIO_IOMMU_MAP_DMA, &map,
+                        absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)%s",
+                                        iova, ua, size, what))
+      .status();
 }
 
 absl::Status Type1Driver::UnmapLocked(uint64_t iova, uint64_t size, uint32_t flags,
@@ -823,39 +820,25 @@ absl::Status Type1Driver::UnregisterMemory(uint64_t ua, uint64_t size) {
   }
   // No EBUSY while guest mappings use the region: they hold their own pins in type1, so this only
   // drops the pin-range mapping. The registry enforces spec §3.4 before calling.
-  struct vfio_iommu_type1_dma_unmap unmap;
-  std::memset(&unmap, 0, sizeof(unmap));
-  unmap.argsz = sizeof(unmap);
-  unmap.flags = 0;
-  unmap.iova = it->first;
-  unmap.size = size;
-  const std::string what = absl::StrFormat(
-      "VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x) [pin range of vaddr=0x%x]", it->first, size, ua);
-  absl::StatusOr<int> result = ContainerIoctl(VFIO_IOMMU_UNMAP_DMA, &unmap, what);
-  if (!result.ok()) return result.status();
+  const uint64_t pin_iova = it->first;
+  const std::string what = absl::StrFormat(" [pin range of vaddr=0x%x]", ua);
+  uint64_t unmapped = 0;
+  if (absl::Status status = UnmapLocked(pin_iova, size, 0, what, &unmapped); !status.ok()) {
+    return status;
+  }
   pins_by_iova_.erase(it);
   // The kernel writes back how much it unmapped; anything but the whole region means the kernel's
   // view and ours disagreed (the record is dropped either way: the kernel no longer has it).
-  if (unmap.size != size) {
-    return ErrnoStatus(EIO, absl::StrFormat("%s on container fd %d unmapped 0x%x bytes", what,
-                                            container_fd_, unmap.size));
+  if (unmapped != size) {
+    return ErrnoStatus(EIO, absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)%s on "
+                                            "container fd %d unmapped 0x%x bytes",
+                                            pin_iova, size, what, container_fd_, unmapped));
   }
   return absl::OkStatus();
 }
 
 absl::Status Type1Driver::MapLocked(uint64_t iova, uint64_t ua, uint64_t size) {
-  struct vfio_iommu_type1_dma_map map;
-  std::memset(&map, 0, sizeof(map));
-  map.argsz = sizeof(map);
-  map.flags = kMapFlags;
-  map.vaddr = ua;
-  map.iova = iova;
-  map.size = size;
-  absl::Status status =
-      ContainerIoctl(
-          VFIO_IOMMU_MAP_DMA, &map,
-          absl::StrFormat("VFIO_IOMMU_MAP_DMA(iova=0x%x, vaddr=0x%x, size=0x%x)", iova, ua, size))
-          .status();
+  absl::Status status = MapIoctlLocked(iova, ua, size, "");
   if (status.ok()) guest_maps_[iova] = GuestMapping{.size = size, .ua = ua};
   return status;
 }
@@ -867,17 +850,10 @@ absl::Status Type1Driver::ClearGuestRangeLocked(uint64_t iova, uint64_t size) {
   while (it != guest_maps_.end() && it->first < end) {
     const uint64_t map_iova = it->first;
     const GuestMapping mapping = it->second;
-    struct vfio_iommu_type1_dma_unmap unmap;
-    std::memset(&unmap, 0, sizeof(unmap));
-    unmap.argsz = sizeof(unmap);
-    unmap.iova = map_iova;
-    unmap.size = mapping.size;
-    absl::Status status =
-        ContainerIoctl(
-            VFIO_IOMMU_UNMAP_DMA, &unmap,
-            absl::StrFormat("VFIO_IOMMU_UNMAP_DMA(iova=0x%x, size=0x%x)", map_iova, mapping.size))
-            .status();
-    if (!status.ok()) return status;
+    uint64_t unmapped = 0;
+    if (absl::Status status = UnmapLocked(map_iova, mapping.size, 0, "", &unmapped); !status.ok()) {
+      return status;
+    }
     it = guest_maps_.erase(it);
     // Type1 cannot unmap part of a mapping: map back what lies outside [iova, end).
     if (map_iova < iova) {

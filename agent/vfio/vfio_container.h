@@ -245,6 +245,7 @@ class SpaprTceV2Driver final : public VfioContainerDriver {
  private:
   absl::StatusOr<VfioDmaWindow> QueryWindow() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ResetState() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { registered_.clear(); }
+  absl::Status UnregisterLocked(uint64_t ua, uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // The regions registered, for ClearAll.
   std::set<std::pair<uint64_t, uint64_t>> registered_ ABSL_GUARDED_BY(mu_);
@@ -347,6 +348,9 @@ class Type1Driver final : public VfioContainerDriver {
   absl::Status CheckGuestRange(absl::string_view what, uint64_t iova, uint64_t size) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status RegisterLocked(uint64_t ua, uint64_t size, uint64_t iova)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // VFIO_IOMMU_MAP_DMA of [iova, iova + size) -> ua, read and write; `what` ends the message.
+  absl::Status MapIoctlLocked(uint64_t iova, uint64_t ua, uint64_t size, absl::string_view what)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Points the kernel's mapping [iova, iova + size) at `ua` of this process (VFIO_UPDATE_VADDR).
   absl::Status UpdateVaddrLocked(uint64_t iova, uint64_t ua, uint64_t size, absl::string_view what)

@@ -22,7 +22,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -204,11 +203,8 @@ void Run(const EduDevice& edu_device) {
   }
   int group_fd = -1;
   if (ok) {
-    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, agent, 0));
-    group_fd =
-        pidfd < 0 ? -1 : static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, agent_group_fd, 0));
+    group_fd = DupFdOf(agent, agent_group_fd);
     const int err = errno;
-    if (pidfd >= 0) ::close(pidfd);
     ok = Check(group_fd >= 0, "pidfd-getfd-group",
                group_fd >= 0 ? absl::StrFormat("fd %d here", group_fd)
                              : absl::StrCat("pidfd_open/pidfd_getfd: ", Errno(err)));

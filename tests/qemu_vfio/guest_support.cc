@@ -455,6 +455,17 @@ int FdOf(pid_t pid, const std::string& path) {
   return -1;
 }
 
+int DupFdOf(pid_t pid, int remote_fd) {
+  if (remote_fd < 0) return -1;
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) return -1;
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remote_fd, 0));
+  const int err = errno;
+  ::close(pidfd);
+  errno = err;
+  return fd;
+}
+
 // `size` bytes of `pid`'s memory at its address `ua`.
 std::optional<std::string> ReadMemory(pid_t pid, uint64_t ua, size_t size) {
   const int fd = ::open(absl::StrCat("/proc/", pid, "/mem").c_str(), O_RDONLY | O_CLOEXEC);

@@ -152,6 +152,9 @@ void CheckGracefulStop(pid_t agent);
 int64_t LockedKb(pid_t pid);
 // The descriptor number under which `pid` holds `path` open; -1 if none.
 int FdOf(pid_t pid, const std::string& path);
+// A duplicate in this process of `pid`'s descriptor `remote_fd` (pidfd_getfd: the same open
+// file, e.g. a group that can be open only once); -1 and errno on failure.
+int DupFdOf(pid_t pid, int remote_fd);
 // `size` bytes of `pid`'s memory at its address `ua`.
 std::optional<std::string> ReadMemory(pid_t pid, uint64_t ua, size_t size);
 // Byte i is seed + 7 * i.

@@ -25,7 +25,6 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -216,17 +215,6 @@ int ProbeIova(int container_fd, uint64_t iova, uint64_t size) {
   return ::ioctl(container_fd, VFIO_IOMMU_MAP_DMA, &map) == 0 ? 0 : errno;
 }
 
-// A duplicate of the descriptor `pid` holds for `path` (pidfd_getfd), -1 on failure.
-int DupFdOf(pid_t pid, const std::string& path) {
-  const int remote = FdOf(pid, path);
-  if (remote < 0) return -1;
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  if (pidfd < 0) return -1;
-  const int fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remote, 0));
-  ::close(pidfd);
-  return fd;
-}
-
 struct Round {
   int number = 0;
   bool planned = false;
@@ -276,7 +264,7 @@ void Run(const EduDevice& edu_device) {
                         "restart",
                         output.Stat("transfers"), output.Stat("failed"), output.Stat("churn_ok")));
   }
-  const int container = ok ? DupFdOf(vmm, "/dev/vfio/vfio") : -1;
+  const int container = ok ? DupFdOf(vmm, FdOf(vmm, "/dev/vfio/vfio")) : -1;
   if (ok) {
     ok = Check(
         container >= 0, "vmm-holds-container",
